@@ -1,0 +1,158 @@
+"""One configurable decoder-only transformer behind every GPT-family preset.
+
+Pre-norm blocks as in GPT-2 (Radford et al., 2019; HF ``modeling_gpt2.py``) and Llama
+(Touvron et al., 2023; HF ``modeling_llama.py``): ``x + attn(norm(x))``, then
+``x + mixer(norm(x))``. Config fields choose positions (learned | rope | none), the mixer
+pattern (mlp | glu, and the MoE kinds), heads (MHA or GQA), norm and init. Layers are stacked
+on a leading axis per position in the mixer pattern and run with ``lax.scan`` over the pattern
+repeats, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from jaxpt import nn
+from jaxpt.models._config import mixer_pattern
+
+AUX_KEYS = ("load_balance_loss", "z_loss")
+
+
+def zero_aux() -> dict[str, Array]:
+    """The auxiliary losses of a layer that has none."""
+    return {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS}
+
+
+class Mixer(NamedTuple):
+    """How one kind of feed-forward layer is built, applied and configured.
+
+    ``init(key, cfg) -> params``; ``apply(params, x, cfg, *, mask) -> (y, aux)`` with ``aux``
+    keyed by ``AUX_KEYS``; ``validate(cfg)`` raises ConfigError for the fields it reads.
+    """
+
+    init: Callable
+    apply: Callable
+    validate: Callable = lambda cfg: None
+
+
+def _dense(apply_fn: Callable) -> Callable:
+    return lambda p, x, cfg, *, mask: (apply_fn(p, x, cfg), zero_aux())
+
+
+MIXERS: dict[str, Mixer] = {
+    "mlp": Mixer(nn.init_mlp, _dense(nn.mlp)),
+    "glu": Mixer(nn.init_glu, _dense(nn.glu)),
+}
+
+
+class Block(eqx.Module):
+    """One pre-norm transformer layer."""
+
+    ln_1: nn.LayerNorm | nn.RMSNorm
+    attn: nn.Attention
+    ln_2: nn.LayerNorm | nn.RMSNorm
+    mixer: eqx.Module
+
+
+class Decoder(eqx.Module):
+    """All params of a decoder. ``blocks[i]`` holds pattern position ``i`` of every repeat."""
+
+    wte: nn.Embedding  # (V, D)
+    wpe: nn.Embedding | None  # (block_size, D), learned positions only
+    blocks: tuple[Block, ...]  # arrays (L // len(pattern), ...)
+    ln_f: nn.LayerNorm | nn.RMSNorm
+    lm_head: nn.Embedding | None  # (V, D), untied read-out only
+
+
+def init_block(key: Array, cfg, kind: str) -> Block:
+    """One layer whose feed-forward part is ``MIXERS[kind]``."""
+    k_attn, k_mixer = jax.random.split(key)
+    init_norm = nn.NORMS[cfg.norm][0]
+    return Block(
+        ln_1=init_norm(cfg.n_embed, cfg.param_dtype),
+        attn=nn.init_attention(k_attn, cfg),
+        ln_2=init_norm(cfg.n_embed, cfg.param_dtype),
+        mixer=MIXERS[kind].init(k_mixer, cfg),
+    )
+
+
+def init(key: Array, cfg) -> Decoder:
+    """Params for the model config ``cfg``, in ``cfg.param_dtype``."""
+    k_wte, k_wpe, k_blocks, k_head = jax.random.split(key, 4)
+    pattern = mixer_pattern(cfg)
+    repeats = cfg.n_layer // len(pattern)
+    block_keys = jax.random.split(k_blocks, len(pattern))
+    table = dict(std=cfg.init_stddev, dtype=cfg.param_dtype)
+    return Decoder(
+        wte=nn.init_embedding(k_wte, cfg.vocab_size, cfg.n_embed, axes=("vocab", "embed"), **table),
+        wpe=nn.init_embedding(k_wpe, cfg.block_size, cfg.n_embed, axes=(None, "embed"), **table)
+        if cfg.position == "learned"
+        else None,
+        blocks=tuple(
+            nn.stack_layers(lambda k, kind=kind: init_block(k, cfg, kind), key, repeats)
+            for kind, key in zip(pattern, block_keys, strict=True)
+        ),
+        ln_f=nn.NORMS[cfg.norm][0](cfg.n_embed, cfg.param_dtype),
+        lm_head=None
+        if cfg.tie_embeddings
+        else nn.init_embedding(
+            k_head, cfg.vocab_size, cfg.n_embed, axes=("vocab", "embed"), **table
+        ),
+    )
+
+
+def block(p: Block, x: Array, cfg, kind: str, *, positions: Array, mask: Array | None):
+    """``(B, T, D)`` -> ``(B, T, D)`` and the layer's auxiliary losses."""
+    norm = nn.NORMS[cfg.norm][1]
+    x = x + nn.attention(
+        p.attn, norm(p.ln_1, x, cfg.ln_epsilon), cfg, positions=positions, mask=mask
+    )
+    y, aux = MIXERS[kind].apply(p.mixer, norm(p.ln_2, x, cfg.ln_epsilon), cfg, mask=mask)
+    return x + y, aux
+
+
+def apply(
+    params: Decoder,
+    tokens: Array,
+    cfg,
+    *,
+    mask: Array | None = None,
+    positions: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """Next-token logits.
+
+    Args:
+        tokens: ``(B, T)`` int token ids, ``T <= block_size`` with learned positions.
+        mask: optional ``(B, T)`` bool padding mask, True for real tokens.
+        positions: optional ``(B, T)`` int positions; default ``0..T-1`` in every row.
+    Returns:
+        ``(logits, aux)``: float32 ``(B, T, V)`` and the auxiliary losses summed over layers
+        (``AUX_KEYS``; zero for dense models).
+    """
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    dtype = jnp.dtype(cfg.dtype)
+    x = nn.embed(params.wte, tokens, dtype)  # (B, T, D)
+    if params.wpe is not None:
+        x = x + nn.embed(params.wpe, positions, dtype)
+    pattern = mixer_pattern(cfg)
+
+    def repeat(x, blocks):  # one repeat of the pattern
+        auxes = []
+        for kind, p in zip(pattern, blocks, strict=True):
+            x, aux = block(p, x, cfg, kind, positions=positions, mask=mask)
+            auxes.append(aux)
+        return x, jax.tree.map(lambda *a: sum(a), *auxes)
+
+    repeat = nn.remat(repeat, cfg.remat_policy)
+    x, aux = nn.scan_layers(repeat, x, params.blocks, scan=cfg.scan_layers)
+    x = nn.NORMS[cfg.norm][1](params.ln_f, x, cfg.ln_epsilon)
+    logits = nn.unembed(params.wte if params.lm_head is None else params.lm_head, x)
+    return logits, jax.tree.map(lambda a: a.sum(0), aux)

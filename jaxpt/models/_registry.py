@@ -1,0 +1,170 @@
+"""The registry of named presets: each is one config of the decoder (or the bigram table)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import ml_collections
+from jax import Array
+
+from jaxpt.models import _bigram, _decoder
+from jaxpt.models._config import (
+    ConfigError,
+    decoder_config,
+    mixer_pattern,
+    validate_common,
+    validate_decoder,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A named preset: ``default_config()``, ``init(key, cfg)`` and ``apply(params, tokens, cfg)``.
+
+    ``apply`` always returns ``(logits, aux)``: float32 logits ``(B, T, V)`` and a dict of
+    auxiliary losses (MoE load balance and router z-loss; zeros for dense models).
+    """
+
+    name: str
+    summary: str
+    _default_config: Callable[[], ml_collections.ConfigDict]
+    _init: Callable
+    _apply: Callable
+    _validate: Callable
+
+    def default_config(self) -> ml_collections.ConfigDict:
+        """A fresh copy of this preset's model config."""
+        return self._default_config()
+
+    def validate(self, cfg) -> None:
+        """Raises ConfigError naming the first field of ``cfg`` that breaks a rule."""
+        validate_common(cfg, names())
+        self._validate(cfg)
+
+    def init(self, key: Array, cfg):
+        """Params for ``cfg`` (validated first)."""
+        self.validate(cfg)
+        return self._init(key, cfg)
+
+    def apply(self, params, tokens: Array, cfg, *, mask=None, positions=None):
+        """``(B, T)`` tokens -> ``(logits, aux)``; see the decoder's ``apply`` for arguments."""
+        self.validate(cfg)
+        return self._apply(params, tokens, cfg, mask=mask, positions=positions)
+
+
+def _validate_decoder(cfg) -> None:
+    validate_decoder(cfg, _decoder.MIXERS)
+    for kind in sorted(set(mixer_pattern(cfg))):
+        _decoder.MIXERS[kind].validate(cfg)
+
+
+def decoder_preset(name: str, summary: str, **overrides) -> Model:
+    """A registry entry for the decoder with ``overrides`` on the GPT-2 defaults."""
+    return Model(
+        name,
+        summary,
+        lambda: decoder_config(name=name, **overrides),
+        _decoder.init,
+        _decoder.apply,
+        _validate_decoder,
+    )
+
+
+def _bigram_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name="bigram",
+            vocab_size=256,  # set from the tokenizer; a (V, V) table, so keep V small
+            block_size=256,  # training window length
+            init_stddev=0.02,
+            dtype="float32",
+            param_dtype="float32",
+        )
+    )
+
+
+_GLU = dict(mixer="glu", activation="silu", mlp_bias=False)
+_ROPE = dict(position="rope")
+
+_MODELS = [
+    decoder_preset("gpt", "GPT-2 124M: learned positions, GELU MLP, LayerNorm, tied."),
+    decoder_preset(
+        "vgpt",
+        "GPT-2 shape at the exact GPT-2 vocab (50257, loads GPT-2 checkpoints unpadded) "
+        "with plain N(0, 0.02) init of every projection (no 1/sqrt(2L) residual scaling).",
+        vocab_size=50257,
+        proj_init="normal",
+    ),
+    decoder_preset(
+        "nope_gpt", "GPT without position embeddings, ReLU MLP.", position="none", activation="relu"
+    ),
+    decoder_preset("glu_gpt", "GPT with a SiLU-gated GLU.", **_GLU),
+    decoder_preset("rope_gpt", "GPT with rotary positions.", **_ROPE),
+    decoder_preset("glu_rope_gpt", "GPT with rotary positions and a GLU.", **_ROPE, **_GLU),
+    decoder_preset(
+        "gqa_gpt",
+        "GPT with grouped-query attention (9 query / 3 KV heads).",
+        n_head=9,
+        n_kv_head=3,
+        n_embed=576,
+        attention_bias=False,
+    ),
+    decoder_preset(
+        "gqa_glu_rope_gpt",
+        "GQA (12 / 4 heads) with rotary positions and a GLU.",
+        n_kv_head=4,
+        attention_bias=False,
+        **_ROPE,
+        **_GLU,
+    ),
+    decoder_preset(
+        "smollm",
+        "SmolLM-135M (Llama): GQA 9 / 3, rotary, SiLU GLU, RMSNorm, no biases, tied.",
+        vocab_size=49152,
+        block_size=2048,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        n_embed=576,
+        n_mlp_hidden=1536,
+        norm="rmsnorm",
+        attention_bias=False,
+        proj_init="normal",
+        **_ROPE,
+        **_GLU,
+    ),
+    decoder_preset(
+        "charformer",
+        "Character-level GPT: 30 layers, 960 wide, 15 heads, ReLU MLP, bfloat16 compute.",
+        vocab_size=256,
+        n_layer=30,
+        n_head=15,
+        n_kv_head=15,
+        n_embed=960,
+        n_mlp_hidden=3840,
+        activation="relu",
+        dtype="bfloat16",
+    ),
+    Model(
+        "bigram",
+        "Bigram table: next-token logits from the current token alone.",
+        _bigram_config,
+        _bigram.init,
+        _bigram.apply,
+        lambda cfg: None,
+    ),
+]
+_REGISTRY = {model.name: model for model in _MODELS}
+
+
+def names() -> tuple[str, ...]:
+    """Registry names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Model:
+    """The preset called ``name``."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"model.name={name!r} is not one of {list(_REGISTRY)}.")
+    return _REGISTRY[name]

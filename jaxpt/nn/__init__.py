@@ -1,0 +1,49 @@
+"""Functional layers: parameter pytrees (Equinox modules) plus pure functions.
+
+Shape alphabet used in comments and einsum strings across jaxpt:
+
+    B batch            T query positions     S key/value positions
+    D model width      H query heads         K key/value heads     G = H // K
+    Dh head width      F mlp hidden          V vocabulary          L layers
+    E experts          C expert capacity
+
+Every ``init_*`` takes a key first and returns params; every apply function takes the params
+first. Nothing holds state: jit, grad, vmap and eval_shape apply directly.
+"""
+
+from jaxpt.nn._attention import IMPLEMENTATIONS as IMPLEMENTATIONS
+from jaxpt.nn._attention import Attention as Attention
+from jaxpt.nn._attention import attend as attend
+from jaxpt.nn._attention import attention as attention
+from jaxpt.nn._attention import causal_mask as causal_mask
+from jaxpt.nn._attention import einsum_attention as einsum_attention
+from jaxpt.nn._attention import init_attention as init_attention
+from jaxpt.nn._axes import Axes as Axes
+from jaxpt.nn._axes import HasAxes as HasAxes
+from jaxpt.nn._axes import logical_axes as logical_axes
+from jaxpt.nn._linear import Embedding as Embedding
+from jaxpt.nn._linear import Linear as Linear
+from jaxpt.nn._linear import embed as embed
+from jaxpt.nn._linear import init_embedding as init_embedding
+from jaxpt.nn._linear import init_linear as init_linear
+from jaxpt.nn._linear import linear as linear
+from jaxpt.nn._linear import residual_out_std as residual_out_std
+from jaxpt.nn._linear import unembed as unembed
+from jaxpt.nn._loss import cross_entropy as cross_entropy
+from jaxpt.nn._mlp import ACTIVATIONS as ACTIVATIONS
+from jaxpt.nn._mlp import GLU as GLU
+from jaxpt.nn._mlp import MLP as MLP
+from jaxpt.nn._mlp import glu as glu
+from jaxpt.nn._mlp import init_glu as init_glu
+from jaxpt.nn._mlp import init_mlp as init_mlp
+from jaxpt.nn._mlp import mlp as mlp
+from jaxpt.nn._norm import NORMS as NORMS
+from jaxpt.nn._norm import LayerNorm as LayerNorm
+from jaxpt.nn._norm import RMSNorm as RMSNorm
+from jaxpt.nn._norm import layer_norm as layer_norm
+from jaxpt.nn._norm import rms_norm as rms_norm
+from jaxpt.nn._rope import apply_rope as apply_rope
+from jaxpt.nn._rope import rope_angles as rope_angles
+from jaxpt.nn._scan import remat as remat
+from jaxpt.nn._scan import scan_layers as scan_layers
+from jaxpt.nn._scan import stack_layers as stack_layers

@@ -1,0 +1,86 @@
+"""Dense layer and token/position embeddings."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from jaxpt.nn._axes import HasAxes
+
+
+def normal_or_zeros(key: Array, shape: tuple[int, ...], std: float, dtype) -> Array:
+    """N(0, std^2) samples, or zeros when ``std == 0`` (zero-initialised projections)."""
+    if std == 0.0:
+        return jnp.zeros(shape, dtype)
+    return std * jax.random.normal(key, shape, dtype)
+
+
+class Linear(HasAxes):
+    """``y = x @ weight + bias``; ``weight`` is stored ``(in, out)``."""
+
+    weight: Array  # (in, out)
+    bias: Array | None  # (out,)
+    axes: tuple[str | None, str | None] = eqx.field(static=True)  # logical names of (in, out)
+
+    def param_axes(self):
+        return {"weight": self.axes, "bias": self.axes[1:]}
+
+
+def init_linear(
+    key: Array,
+    d_in: int,
+    d_out: int,
+    *,
+    axes: tuple[str | None, str | None],
+    bias: bool,
+    std: float,
+    dtype,
+) -> Linear:
+    """A ``d_in -> d_out`` layer with N(0, std^2) weights and zero bias."""
+    weight = normal_or_zeros(key, (d_in, d_out), std, dtype)
+    return Linear(weight, jnp.zeros((d_out,), dtype) if bias else None, axes)
+
+
+def linear(p: Linear, x: Array) -> Array:
+    """Applies ``p`` in the dtype of ``x``. ``x``: ``(..., in)`` -> ``(..., out)``."""
+    y = x @ p.weight.astype(x.dtype)
+    return y if p.bias is None else y + p.bias.astype(x.dtype)
+
+
+class Embedding(HasAxes):
+    """A lookup table ``(rows, D)``: token embeddings (rows = V) or learned positions."""
+
+    weight: Array  # (rows, D)
+    axes: tuple[str, str] = eqx.field(static=True)
+
+    def param_axes(self):
+        return {"weight": self.axes}
+
+
+def init_embedding(key: Array, rows: int, d: int, *, axes, std: float, dtype) -> Embedding:
+    """An embedding table with N(0, std^2) entries."""
+    return Embedding(normal_or_zeros(key, (rows, d), std, dtype), axes)
+
+
+def embed(p: Embedding, ids: Array, dtype) -> Array:
+    """Rows ``ids`` of the table in ``dtype``. ``ids``: ``(...)`` int -> ``(..., D)``."""
+    return jnp.take(p.weight, ids, axis=0).astype(dtype)
+
+
+def unembed(p: Embedding, x: Array) -> Array:
+    """Tied read-out: float32 logits ``x @ weight.T``. ``x``: ``(B, T, D)`` -> ``(B, T, V)``."""
+    return jnp.einsum(
+        "btd,vd->btv", x, p.weight.astype(x.dtype), preferred_element_type=jnp.float32
+    )
+
+
+def residual_out_std(cfg) -> float:
+    """Init std of a projection that writes into the residual stream.
+
+    ``proj_init``: ``"normal"`` uses ``init_stddev``; ``"scaled"`` divides it by
+    ``sqrt(2 * n_layer)`` (GPT-2: two residual writes per layer); ``"zero"`` starts at zero.
+    """
+    scale = {"normal": 1.0, "scaled": (2 * cfg.n_layer) ** -0.5, "zero": 0.0}[cfg.proj_init]
+    return cfg.init_stddev * scale

@@ -1,0 +1,59 @@
+"""LayerNorm and RMSNorm. Statistics are computed in float32 whatever the compute dtype."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import Array
+
+from jaxpt.nn._axes import HasAxes
+
+
+class LayerNorm(HasAxes):
+    """Scale and shift over the last axis (Ba et al., 2016)."""
+
+    scale: Array  # (D,)
+    bias: Array  # (D,)
+
+    def param_axes(self):
+        return {"scale": ("norm",), "bias": ("norm",)}
+
+
+class RMSNorm(HasAxes):
+    """Root-mean-square scaling over the last axis, no shift (Zhang & Sennrich, 2019)."""
+
+    scale: Array  # (D,)
+
+    def param_axes(self):
+        return {"scale": ("norm",)}
+
+
+def init_layer_norm(d: int, dtype) -> LayerNorm:
+    """Unit scale, zero shift."""
+    return LayerNorm(jnp.ones((d,), dtype), jnp.zeros((d,), dtype))
+
+
+def init_rms_norm(d: int, dtype) -> RMSNorm:
+    """Unit scale."""
+    return RMSNorm(jnp.ones((d,), dtype))
+
+
+def layer_norm(p: LayerNorm, x: Array, eps: float) -> Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jnp.reciprocal(jnp.sqrt(var + eps))
+    return (y * p.scale + p.bias).astype(x.dtype)
+
+
+def rms_norm(p: RMSNorm, x: Array, eps: float) -> Array:
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jnp.reciprocal(jnp.sqrt(jnp.square(x32).mean(-1, keepdims=True) + eps))
+    return (y * p.scale).astype(x.dtype)
+
+
+NORMS = {
+    "layernorm": (init_layer_norm, layer_norm),
+    "rmsnorm": (init_rms_norm, rms_norm),
+}

@@ -1,0 +1,43 @@
+"""Stacked layers: init with ``vmap`` over keys, run with ``lax.scan`` (or an unrolled loop)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from jax import Array
+
+
+def stack_layers(init_fn: Callable[[Array], object], key: Array, n: int):
+    """``n`` independent inits of one layer, stacked on a leading axis of every array."""
+    return jax.vmap(init_fn)(jax.random.split(key, n))
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """Wraps ``fn`` in ``jax.checkpoint`` by policy name.
+
+    ``"none"`` keeps every activation; ``"full"`` recomputes everything in the backward pass;
+    any other name is a ``jax.checkpoint_policies`` member, e.g. ``"dots_saveable"``.
+    """
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
+
+
+def scan_layers(body: Callable, carry, stacked, *, scan: bool = True):
+    """Runs ``carry, out = body(carry, layer)`` over the leading axis of ``stacked``.
+
+    With ``scan=False`` the same params run in a Python loop (one compiled copy per layer),
+    which gives identical results and can help XLA schedule small models.
+    Returns the final carry and the per-layer outputs stacked on a leading axis.
+    """
+    if scan:
+        return jax.lax.scan(body, carry, stacked)
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    outs = []
+    for i in range(n):
+        carry, out = body(carry, jax.tree.map(lambda a, i=i: a[i], stacked))
+        outs.append(out)
+    return carry, jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
