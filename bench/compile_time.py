@@ -1,0 +1,70 @@
+"""Compile time of ``apply`` against depth: scanned layers keep it flat.
+
+    uv run python bench/compile_time.py --out=bench/results
+
+Prints a table last and writes compile_time.json to --out.
+"""
+
+import json
+import os
+import platform
+import time
+from datetime import date
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from jaxpt import models
+
+flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
+flags.DEFINE_string("model", "gpt", "Registry name.")
+flags.DEFINE_list("layers", ["2", "24"], "Depths to compile.")
+flags.DEFINE_integer("seq", 256, "Sequence length of the compiled call.")
+
+
+def compile_seconds(name: str, n_layer: int, scan: bool, seq: int) -> float:
+    """Seconds to lower and compile one jitted forward pass (params abstract, not allocated)."""
+    model = models.get(name)
+    cfg = model.default_config()
+    cfg.update(n_layer=n_layer, scan_layers=scan)
+    params = jax.eval_shape(lambda k: model.init(k, cfg), jax.random.key(0))
+    tokens = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+    start = time.perf_counter()
+    jax.jit(lambda p, t: model.apply(p, t, cfg)).lower(params, tokens).compile()
+    return time.perf_counter() - start
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    rows = []
+    for scan in (True, False):
+        for n_layer in map(int, f.layers):
+            rows.append(
+                dict(
+                    model=f.model,
+                    n_layer=n_layer,
+                    scan_layers=scan,
+                    compile_s=compile_seconds(f.model, n_layer, scan, f.seq),
+                )
+            )
+    result = dict(
+        date=date.today().isoformat(),
+        device=jax.devices()[0].device_kind,
+        backend=jax.default_backend(),
+        host=platform.processor() or platform.machine(),
+        jax=jax.__version__,
+        rows=rows,
+    )
+    os.makedirs(f.out, exist_ok=True)
+    with open(os.path.join(f.out, "compile_time.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"compile time of {f.model} apply, {result['device']}, {result['date']}")
+    print(f"{'n_layer':>8} {'scan':>6} {'compile s':>10}")
+    for r in rows:
+        print(f"{r['n_layer']:>8} {r['scan_layers']!s:>6} {r['compile_s']:>10.2f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,269 @@
+"""Preparation: text -> token shards + manifest, resume, the embedded corpus, bad input."""
+
+import json
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxpt import data
+from jaxpt.data import _prepare, _shards
+
+PANCHATANTRA = Path(__file__).resolve().parents[2] / "shared/data/panchatantra-ryder.txt"
+SHARD = 16_384  # ~130K GPT-2 tokens -> 8 shards
+
+
+@pytest.fixture(scope="module")
+def book() -> Path:
+    if not PANCHATANTRA.is_file():
+        pytest.skip(f"{PANCHATANTRA} is absent (shared test data)")
+    return PANCHATANTRA
+
+
+def tokens_of(manifest: data.Manifest) -> np.ndarray:
+    """Every token of a data directory, in stream order (N,)."""
+    shards = [
+        _shards.open_shard(manifest.directory / s.file, manifest.dtype, s.tokens)
+        for s in manifest.shards
+    ]
+    return np.concatenate(shards)
+
+
+def prepare(source, out, **kw) -> data.Manifest:
+    kw = {"shard_tokens": SHARD, "workers": 1, "progress": False, **kw}
+    return data.prepare_dataset(str(source), out, **kw)
+
+
+def files_in(directory: Path) -> dict[str, int]:
+    """name -> mtime_ns of every file in `directory`."""
+    return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+
+def test_text_file_round_trips(book, tmp_path):
+    manifest = prepare(book, tmp_path / "out")
+    tokens = tokens_of(manifest)
+    text = book.read_text(encoding="utf-8")
+    tok = data.tokenizer_for(manifest)
+    assert tokens[0] == tok.eot_id == manifest.eot_id  # each document starts with end-of-text
+    assert tok.decode(tokens[1:].tolist()) == text
+    assert manifest.documents == 1 and manifest.dtype == "uint16"
+    assert len(manifest.shards) == math.ceil(len(tokens) / SHARD) > 3
+    assert [s.tokens for s in manifest.shards[:-1]] == [SHARD] * (len(manifest.shards) - 1)
+    assert manifest.tokens() == len(tokens) == sum(s.tokens for s in manifest.shards)
+    assert [s.split for s in manifest.shards] == ["val"] + ["train"] * (len(manifest.shards) - 1)
+    assert manifest.max_token_id == tokens.max()
+    on_disk = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert on_disk["tokens"] == {"val": SHARD, "train": len(tokens) - SHARD}
+    assert on_disk["dtype"] == "uint16" and on_disk["tokenizer"] == {"kind": "gpt2"}
+    assert sorted(files_in(tmp_path / "out")) == sorted(["manifest.json"] + [
+        s.file for s in manifest.shards
+    ])
+    assert data.load_manifest(tmp_path / "out") == manifest
+
+
+def test_rerun_skips_finished_work(book, tmp_path, monkeypatch):
+    prepare(book, tmp_path / "out")
+    before = files_in(tmp_path / "out")
+    monkeypatch.setattr(_prepare, "write_shard", lambda *a: pytest.fail("rewrote a shard"))
+    prepare(book, tmp_path / "out")
+    assert files_in(tmp_path / "out") == before
+    with pytest.raises(data.DataError, match="other settings"):
+        prepare(book, tmp_path / "out", shard_tokens=SHARD // 2)
+
+
+def test_interrupted_run_resumes_and_ignores_stale_files(book, tmp_path, monkeypatch):
+    reference = tokens_of(prepare(book, tmp_path / "ref"))
+    out = tmp_path / "out"
+    write_shard = _prepare.write_shard
+
+    def interrupted(path, tokens):  # dies on the 4th shard after a full-size temp file
+        if len(list(out.glob("*.bin"))) == 3:
+            write_shard(path.with_name(path.name + ".partial"), np.zeros_like(tokens))
+            path.with_name(path.name + ".partial").rename(path.with_name(path.name + ".tmp"))
+            raise KeyboardInterrupt
+        write_shard(path, tokens)
+
+    monkeypatch.setattr(_prepare, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(book, out)
+    assert not (out / "manifest.json").exists() and (out / "train_000003.bin.tmp").exists()
+    with pytest.raises(data.DataError, match="did not finish; re-run"):
+        data.load_manifest(out)
+    # A complete-looking shard that progress.json does not record must be rewritten too.
+    (out / "train_000004.bin").write_bytes((tmp_path / "ref/train_000003.bin").read_bytes())
+    kept = {name: t for name, t in files_in(out).items() if name < "train_000003"}
+
+    written = []
+    monkeypatch.setattr(_prepare, "write_shard", lambda p, t: (written.append(p.name),
+                                                               write_shard(p, t)))
+    manifest = prepare(book, out)
+    assert written[0] == "train_000003.bin" and len(written) == len(manifest.shards) - 3
+    assert {name: files_in(out)[name] for name in kept} == kept  # shards 0-2 were not rewritten
+    np.testing.assert_array_equal(tokens_of(manifest), reference)
+    assert not list(out.glob("*.tmp")) and not (out / "progress.json").exists()
+
+
+def _paragraph_jsonl(text: str, path: Path, chars: int = 600) -> list[str]:
+    """`text` cut at sentence ends into documents of about `chars` characters, as jsonl."""
+    docs, start = [], 0
+    while start < len(text):
+        end = text.find(". ", start + chars)
+        end = len(text) if end < 0 else end + 2
+        docs.append(text[start:end])
+        start = end
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return docs
+
+
+def test_parallel_workers_give_the_serial_result(book, tmp_path):
+    docs = _paragraph_jsonl(book.read_text(encoding="utf-8")[:200_000], tmp_path / "d.jsonl")
+    serial = prepare(tmp_path / "d.jsonl", tmp_path / "serial", shard_tokens=4096)
+    parallel = prepare(tmp_path / "d.jsonl", tmp_path / "parallel", shard_tokens=4096, workers=2)
+    np.testing.assert_array_equal(tokens_of(parallel), tokens_of(serial))
+    assert parallel.documents == serial.documents == len(docs) > 2 * _prepare._BATCH_DOCS
+    tok = data.tokenizer_for(parallel)
+    assert tok.decode(tokens_of(parallel).tolist()) == "".join(data.EOT + d for d in docs)
+
+
+def test_char_tokenizer_and_parquet_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = data.embedded_documents()[:5]
+    pq.write_table(pa.table({"body": docs}), tmp_path / "docs.parquet")
+    manifest = prepare(tmp_path, tmp_path / "out", tokenizer="char", text_field="body")
+    tok = data.tokenizer_for(manifest)
+    assert isinstance(tok, data.CharTokenizer) and (tmp_path / "out/vocab.json").is_file()
+    assert tok.decode(tokens_of(manifest).tolist()) == "".join(data.EOT + d for d in docs)
+    assert manifest.vocab_size == len(set("".join(docs))) + 1
+
+
+def test_embedded_corpus_is_prepared_once(tmp_path):
+    docs = data.embedded_documents()
+    assert len(docs) > 50 and sum(map(len, docs)) > 300_000
+    manifest = data.prepare_embedded(tmp_path)
+    tok = data.tokenizer_for(manifest)
+    assert tok.decode(tokens_of(manifest).tolist()) == "".join(data.EOT + d for d in docs)
+    assert manifest.tokens("train") > 5 * manifest.tokens("val") > 0
+    before = files_in(manifest.directory)
+    config = types.SimpleNamespace(dataset="embedded", tokenizer="gpt2")
+    assert data.ensure_prepared(config, tmp_path) == manifest
+    assert files_in(manifest.directory) == before
+    assert [p.name for p in tmp_path.iterdir()] == [manifest.directory.name]  # no temp dirs
+    config = types.SimpleNamespace(dataset=str(manifest.directory), tokenizer="gpt2")
+    assert data.ensure_prepared(config) == manifest
+    chars = data.ensure_prepared(types.SimpleNamespace(dataset="embedded", tokenizer="char"),
+                                 tmp_path)
+    assert chars.tokenizer["kind"] == "char" and chars.directory != manifest.directory
+
+
+def test_cli(tmp_path):
+    source = tmp_path / "story.txt"
+    source.write_text("Once upon a time, a lion met a bull. They became friends.\n")
+    cmd = [sys.executable, "-m", "jaxpt.data.prepare", f"--dataset={source}",
+           f"--out={tmp_path / 'out'}", "--shard_tokens=5", "--workers=1"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "uint16 tokens (val 5, train 11) from 1 documents in 4 shards" in run.stdout
+    cmd[3] = f"--dataset={tmp_path / 'missing.txt'}"
+    cmd[4] = f"--out={tmp_path / 'out2'}"
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        f"error: dataset {str(tmp_path / 'missing.txt')!r} does not exist (no such file or "
+        "directory)"
+    ]
+    assert not (tmp_path / "out2").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _one_sentence(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message and message.count(". ") == 0, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "name, content, kw, error, match",
+    [
+        ("missing.txt", None, {}, data.DataNotFoundError, "does not exist"),
+        ("./nowhere/corpus", None, {}, data.DataNotFoundError, "does not exist"),
+        ("empty.txt", "", {}, data.DataError, "is empty"),
+        ("empty.jsonl", "", {}, data.DataError, "is empty"),
+        ("blank.jsonl", '{"text": ""}\n{"text": null}\n', {}, data.DataError, "is empty"),
+        ("blank.jsonl", '{"text": ""}\n', {"tokenizer": "char"}, data.DataError, "is empty"),
+        ("rows.jsonl", '{"body": "hi"}\n', {}, data.DataError, "no field 'text'"),
+        ("book.pdf", "%PDF", {}, data.DataError, "its type is not one of"),
+        ("ok.txt", "text", {"tokenizer": "bpe.json"}, data.DataNotFoundError, "neither 'gpt2'"),
+        ("ok.txt", "text", {"shard_tokens": 0}, data.DataError, "shard_tokens must be at least"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_writes_nothing(
+    tmp_path, monkeypatch, name, content, kw, error, match
+):
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        Path(name).write_text(content)
+    with pytest.raises(error, match=match) as e:
+        prepare(name, tmp_path / "out", **kw)
+    _one_sentence(e)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture()
+def small(tmp_path) -> data.Manifest:
+    source = tmp_path / "story.txt"
+    source.write_text("The lion and the bull were friends, until a jackal came along. " * 20)
+    return prepare(source, tmp_path / "out", shard_tokens=64)
+
+
+def test_wrong_dtype_shard(small):
+    path = small.directory / small.shards[1].file
+    tokens = _shards.open_shard(path, small.dtype, small.shards[1].tokens)
+    _shards.write_shard(path, np.array(tokens, np.uint32))
+    with pytest.raises(data.DataError, match="holds uint32 tokens but the manifest says uint16"):
+        data.load_manifest(small.directory)
+    with pytest.raises(data.DataError, match="uint32") as e:
+        data.Loader(small, "train", 2, 8)
+    _one_sentence(e)
+
+
+def test_truncated_and_missing_shards(small):
+    path = small.directory / small.shards[-1].file
+    path.write_bytes(path.read_bytes()[:-6])
+    with pytest.raises(data.DataError, match="it is truncated") as e:
+        data.load_manifest(small.directory)
+    _one_sentence(e)
+    path.unlink()
+    with pytest.raises(data.DataNotFoundError, match="is missing") as e:
+        data.load_manifest(small.directory)
+    _one_sentence(e)
+
+
+def test_vocab_check(small):
+    data.check_vocab(small, 50257)
+    data.check_vocab(small, small.max_token_id + 1)
+    with pytest.raises(data.DataError, match="model.vocab_size is 1000; set model") as e:
+        data.check_vocab(small, 1000)
+    _one_sentence(e)
+
+
+def test_ensure_prepared_errors(small, tmp_path):
+    def ensure(dataset, tokenizer="gpt2"):
+        config = types.SimpleNamespace(dataset=str(dataset), tokenizer=tokenizer)
+        with pytest.raises(data.DataError) as e:
+            data.ensure_prepared(config, tmp_path / "cache")
+        return _one_sentence(e)
+
+    assert "run `python -m jaxpt.data.prepare" in ensure(tmp_path / "nowhere")
+    assert "no manifest.json); run `python -m jaxpt.data.prepare" in ensure(tmp_path)
+    assert "prepared with the gpt2 tokenizer but data.tokenizer is 'char'" in ensure(
+        small.directory, "char"
+    )
+    assert not (tmp_path / "cache").exists()

@@ -1,0 +1,134 @@
+"""Layers against float64 numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpt import nn
+
+
+def numpy_attention(q, k, v, valid=None):
+    """float64 causal attention; query head h reads kv head h // (H // K)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, h, dh = q.shape
+    group = h // k.shape[2]
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            scores = q[bi, :, hi] @ k[bi, :, hi // group].T / np.sqrt(dh)  # (T, S)
+            allowed = np.tril(np.ones((t, t), bool))
+            if valid is not None:
+                allowed &= valid[bi][None, :]
+            scores = np.where(allowed, scores, -np.inf)
+            with np.errstate(invalid="ignore"):  # rows with no visible key become NaN
+                probs = np.exp(scores - scores.max(-1, keepdims=True))
+                probs /= probs.sum(-1, keepdims=True)
+            out[bi, :, hi] = probs @ v[bi, :, hi // group]
+    return out
+
+
+def random_qkv(h, k, *, b=2, t=7, dh=8, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (
+        jax.random.normal(keys[0], (b, t, h, dh)),
+        jax.random.normal(keys[1], (b, t, k, dh)),
+        jax.random.normal(keys[2], (b, t, k, dh)),
+    )
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla", "auto"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (4, 1)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_matches_float64_numpy(impl, heads, kv_heads, padded):
+    q, k, v = random_qkv(heads, kv_heads)
+    valid = None
+    mask = None
+    if padded:  # right padding in row 0, left padding in row 1
+        valid = np.array([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]], bool)
+        positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+        mask = nn.causal_mask(positions, positions, jnp.asarray(valid))
+    got = nn.attend(q, k, v, mask=mask, implementation=impl)
+    want = numpy_attention(q, k, v, valid)
+    if padded:  # outputs at padded queries are undefined; compare real tokens
+        got, want = np.asarray(got)[valid], want[valid]
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    q, k, v = random_qkv(6, 2, seed=1)
+    gqa = nn.attend(q, k, v, mask=None, implementation="einsum")
+    mha = nn.attend(
+        q, jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2), mask=None, implementation="einsum"
+    )
+    np.testing.assert_allclose(gqa, mha, atol=1e-6)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q, k, _ = random_qkv(2, 2, b=1, t=1, dh=16, seed=2)
+
+    def score(m, n):
+        rot = lambda x, pos: nn.apply_rope(x, *nn.rope_angles(jnp.array([[pos]]), 16, 10000.0))
+        return jnp.sum(rot(q, m) * rot(k, n), axis=-1)
+
+    np.testing.assert_allclose(score(5, 2), score(105, 102), atol=1e-4)
+    np.testing.assert_allclose(score(0, 0), jnp.sum(q * k, axis=-1), atol=1e-5)
+    assert not np.allclose(score(5, 2), score(5, 3), atol=1e-3)
+
+
+def test_rope_matches_numpy_rotate_half():
+    x = np.random.default_rng(0).normal(size=(1, 3, 1, 8))
+    pos = np.array([[0, 1, 7]])
+    inv = 10000.0 ** (-np.arange(0, 8, 2) / 8)
+    ang = pos[..., None] * inv  # (1, 3, 4)
+    cos, sin = np.concatenate([np.cos(ang)] * 2, -1), np.concatenate([np.sin(ang)] * 2, -1)
+    rotate_half = np.concatenate([-x[..., 4:], x[..., :4]], -1)
+    want = x * cos[:, :, None] + rotate_half * sin[:, :, None]
+    got = nn.apply_rope(jnp.asarray(x, jnp.float32), *nn.rope_angles(jnp.asarray(pos), 8, 1e4))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_norms_match_numpy():
+    x = np.random.default_rng(1).normal(size=(2, 3, 8)) * 3 + 1
+    ln = nn.LayerNorm(jnp.linspace(0.5, 2, 8), jnp.linspace(-1, 1, 8))
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    want = (x - mean) / np.sqrt(var + 1e-5) * np.linspace(0.5, 2, 8) + np.linspace(-1, 1, 8)
+    np.testing.assert_allclose(
+        nn.layer_norm(ln, jnp.asarray(x, jnp.float32), 1e-5), want, atol=1e-5
+    )
+    rms = nn.RMSNorm(jnp.linspace(0.5, 2, 8))
+    want = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * np.linspace(0.5, 2, 8)
+    np.testing.assert_allclose(nn.rms_norm(rms, jnp.asarray(x, jnp.float32), 1e-6), want, atol=1e-5)
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(2)
+    logits, targets = rng.normal(size=(2, 5, 11)), rng.integers(0, 11, size=(2, 5))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    got = nn.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
+    np.testing.assert_allclose(got, nll.mean(), rtol=1e-5)
+    mask = rng.random((2, 5)) > 0.3
+    got = nn.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), mask)
+    np.testing.assert_allclose(got, nll[mask].mean(), rtol=1e-5)
+
+
+def test_activations_match_definitions():
+    x = jnp.linspace(-3, 3, 13)
+    np.testing.assert_allclose(nn.ACTIVATIONS["squared_relu"](x), np.maximum(x, 0) ** 2)
+    gelu_tanh = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(nn.ACTIVATIONS["gelu_tanh"](x), gelu_tanh, atol=1e-6)
+
+
+def test_logical_axes_follow_stacking():
+    layer = nn.stack_layers(
+        lambda key: nn.init_linear(
+            key, 4, 6, axes=("embed", "mlp"), bias=True, std=0.02, dtype=jnp.float32
+        ),
+        jax.random.key(0),
+        3,
+    )
+    axes = nn.logical_axes(layer)
+    assert layer.weight.shape == (3, 4, 6)
+    assert tuple(axes.weight) == ("layers", "embed", "mlp")
+    assert tuple(axes.bias) == ("layers", "mlp")
