@@ -61,6 +61,8 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.train.b2 = 0.95
     config.train.grad_clip = 1.0  # global-norm clip
     config.train.seed = 0
+    config.train.load_balance_loss_coeff = 0.0  # times aux["load_balance_loss"] (MoE)
+    config.train.z_loss_coeff = 0.0  # times aux["z_loss"] (MoE router z-loss)
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices left over

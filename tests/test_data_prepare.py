@@ -95,11 +95,15 @@ def test_interrupted_run_resumes_and_ignores_stale_files(book, tmp_path, monkeyp
         data.load_manifest(out)
     # A complete-looking shard that progress.json does not record must be rewritten too.
     (out / "train_000004.bin").write_bytes((tmp_path / "ref/train_000003.bin").read_bytes())
-    kept = {name: t for name, t in files_in(out).items() if name < "train_000003"}
-
+    finished = ("val_000000.bin", "train_000001.bin", "train_000002.bin")
+    kept = {name: files_in(out)[name] for name in finished}
     written = []
-    monkeypatch.setattr(_prepare, "write_shard", lambda p, t: (written.append(p.name),
-                                                               write_shard(p, t)))
+
+    def recorded(path, tokens):
+        written.append(path.name)
+        write_shard(path, tokens)
+
+    monkeypatch.setattr(_prepare, "write_shard", recorded)
     manifest = prepare(book, out)
     assert written[0] == "train_000003.bin" and len(written) == len(manifest.shards) - 3
     assert {name: files_in(out)[name] for name in kept} == kept  # shards 0-2 were not rewritten
