@@ -14,7 +14,7 @@ from jaxpt import data
 from jaxpt.data import _prepare, _shards
 
 PANCHATANTRA = Path(__file__).resolve().parents[2] / "shared/data/panchatantra-ryder.txt"
-SHARD = 16_384  # ~130K GPT-2 tokens -> 8 shards
+SHARD = 16_384  # the book is ~124K GPT-2 tokens -> 8 shards
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ def test_text_file_round_trips(book, tmp_path):
     on_disk = json.loads((tmp_path / "out/manifest.json").read_text())
     assert on_disk["tokens"] == {"val": SHARD, "train": len(tokens) - SHARD}
     assert on_disk["dtype"] == "uint16" and on_disk["tokenizer"] == {"kind": "gpt2"}
-    assert sorted(files_in(tmp_path / "out")) == sorted(["manifest.json"] + [
-        s.file for s in manifest.shards
-    ])
+    assert sorted(files_in(tmp_path / "out")) == sorted(
+        ["manifest.json"] + [s.file for s in manifest.shards]
+    )
     assert data.load_manifest(tmp_path / "out") == manifest
 
 
@@ -160,19 +160,27 @@ def test_embedded_corpus_is_prepared_once(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [manifest.directory.name]  # no temp dirs
     config = types.SimpleNamespace(dataset=str(manifest.directory), tokenizer="gpt2")
     assert data.ensure_prepared(config) == manifest
-    chars = data.ensure_prepared(types.SimpleNamespace(dataset="embedded", tokenizer="char"),
-                                 tmp_path)
+    chars = data.ensure_prepared(
+        types.SimpleNamespace(dataset="embedded", tokenizer="char"), tmp_path
+    )
     assert chars.tokenizer["kind"] == "char" and chars.directory != manifest.directory
 
 
 def test_cli(tmp_path):
     source = tmp_path / "story.txt"
     source.write_text("Once upon a time, a lion met a bull. They became friends.\n")
-    cmd = [sys.executable, "-m", "jaxpt.data.prepare", f"--dataset={source}",
-           f"--out={tmp_path / 'out'}", "--shard_tokens=5", "--workers=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxpt.data.prepare",
+        f"--dataset={source}",
+        f"--out={tmp_path / 'out'}",
+        "--shard_tokens=5",
+        "--workers=1",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "uint16 tokens (val 5, train 11) from 1 documents in 4 shards" in run.stdout
+    assert ": 17 uint16 tokens (val 5, train 12) from 1 documents in 4 shards" in run.stdout
     cmd[3] = f"--dataset={tmp_path / 'missing.txt'}"
     cmd[4] = f"--out={tmp_path / 'out2'}"
     run = subprocess.run(cmd, capture_output=True, text=True)
@@ -238,8 +246,13 @@ def test_wrong_dtype_shard(small):
     _one_sentence(e)
 
 
-def test_truncated_and_missing_shards(small):
+def test_truncated_missing_and_foreign_shards(small):
     path = small.directory / small.shards[-1].file
+    original = path.read_bytes()
+    path.write_bytes(bytes(8) + original[8:])
+    with pytest.raises(data.DataError, match="is not a token shard"):
+        data.load_manifest(small.directory)
+    path.write_bytes(original)
     path.write_bytes(path.read_bytes()[:-6])
     with pytest.raises(data.DataError, match="it is truncated") as e:
         data.load_manifest(small.directory)
@@ -253,7 +266,7 @@ def test_truncated_and_missing_shards(small):
 def test_vocab_check(small):
     data.check_vocab(small, 50257)
     data.check_vocab(small, small.max_token_id + 1)
-    with pytest.raises(data.DataError, match="model.vocab_size is 1000; set model") as e:
+    with pytest.raises(data.DataError, match=r"model\.vocab_size is 1000; set model") as e:
         data.check_vocab(small, 1000)
     _one_sentence(e)
 
@@ -266,6 +279,8 @@ def test_ensure_prepared_errors(small, tmp_path):
         return _one_sentence(e)
 
     assert "run `python -m jaxpt.data.prepare" in ensure(tmp_path / "nowhere")
+    hub = ensure(data.DEFAULT_DATASET)
+    assert f"--dataset={data.DEFAULT_DATASET} --out=<dir>` and set data.dataset=<dir>" in hub
     assert "no manifest.json); run `python -m jaxpt.data.prepare" in ensure(tmp_path)
     assert "prepared with the gpt2 tokenizer but data.tokenizer is 'char'" in ensure(
         small.directory, "char"

@@ -165,8 +165,12 @@ def test_prepare_with_hf_tokenizer(tmp_path):
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     manifest = data.prepare_dataset(
-        str(source), tmp_path / "out", tokenizer=str(tokenizer_dir), shard_tokens=7,
-        workers=1, progress=False,
+        str(source),
+        tmp_path / "out",
+        tokenizer=str(tokenizer_dir),
+        shard_tokens=7,
+        workers=1,
+        progress=False,
     )
     assert manifest.tokenizer["kind"] == "hf" and (tmp_path / "out/tokenizer.json").is_file()
     tok = data.tokenizer_for(manifest)

@@ -1,0 +1,33 @@
+"""Data: tokenizers, corpus preparation into token shards, the embedded corpus, the loader.
+
+Prepare a corpus once (`python -m jaxpt.data.prepare --dataset=... --out=DIR`, or
+`prepare_dataset`), then train from DIR; `ensure_prepared` resolves a run's `data` config
+("embedded" or DIR) to a `Manifest`, and `Loader` reads batches from it.
+"""
+
+from jaxpt.data._embedded import EMBEDDED as EMBEDDED
+from jaxpt.data._embedded import DataConfig as DataConfig
+from jaxpt.data._embedded import default_cache_dir as default_cache_dir
+from jaxpt.data._embedded import embedded_documents as embedded_documents
+from jaxpt.data._embedded import ensure_prepared as ensure_prepared
+from jaxpt.data._embedded import prepare_embedded as prepare_embedded
+from jaxpt.data._errors import DataError as DataError
+from jaxpt.data._errors import DataNotFoundError as DataNotFoundError
+from jaxpt.data._loader import Loader as Loader
+from jaxpt.data._loader import LoaderState as LoaderState
+from jaxpt.data._loader import check_vocab as check_vocab
+from jaxpt.data._loader import process_rows as process_rows
+from jaxpt.data._loader import to_global as to_global
+from jaxpt.data._prepare import DEFAULT_DATASET as DEFAULT_DATASET
+from jaxpt.data._prepare import prepare_dataset as prepare_dataset
+from jaxpt.data._shards import Manifest as Manifest
+from jaxpt.data._shards import Shard as Shard
+from jaxpt.data._shards import load_manifest as load_manifest
+from jaxpt.data._tokenizers import EOT as EOT
+from jaxpt.data._tokenizers import CharTokenizer as CharTokenizer
+from jaxpt.data._tokenizers import Gpt2Tokenizer as Gpt2Tokenizer
+from jaxpt.data._tokenizers import HFTokenizer as HFTokenizer
+from jaxpt.data._tokenizers import Tokenizer as Tokenizer
+from jaxpt.data._tokenizers import get_tokenizer as get_tokenizer
+from jaxpt.data._tokenizers import seed_tiktoken_cache as seed_tiktoken_cache
+from jaxpt.data._tokenizers import tokenizer_for as tokenizer_for

@@ -1,0 +1,187 @@
+"""Loader: (B, T+1) token windows from memory-mapped shards, in a seeded, resumable order.
+
+A split's shards are read as one token stream of N tokens. Each epoch draws a shift in
+[0, T) and a permutation of the W = (N - 1) // T - 1 windows starting at shift + k*T, both from
+an RNG seeded by (seed, epoch); step s of the epoch is windows s*B ... s*B + B - 1 of that
+order. The loader holds no position: `next_batch(state)` returns the batch `state` points at
+and the state after it, so the state a checkpoint stores resumes exactly. The state is global
+(the same on every process); `rows` picks the rows of each global batch this process reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from jaxpt.data._errors import DataError
+from jaxpt.data._shards import Manifest, load_manifest, open_shard
+
+LoaderState = dict  # {"seed", "epoch", "step", "batch_size", "seq_len", "tokens"}: all ints
+
+
+class Loader:
+    """Batches of `batch_size` windows of `seq_len + 1` tokens from one split of prepared data."""
+
+    def __init__(
+        self,
+        data: Manifest | str | os.PathLike,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        *,
+        rows: Sequence[int] | None = None,
+    ) -> None:
+        """
+        Args:
+            data: a manifest, or a prepared data directory.
+            split: "train" or "val".
+            batch_size: B, the global batch size in sequences.
+            seq_len: T; each window holds T + 1 tokens (inputs [:-1], targets [1:]).
+            rows: the rows of each global batch this process reads (`process_rows`); all of
+                them by default.
+        """
+        self.manifest = data if isinstance(data, Manifest) else load_manifest(data)
+        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
+        self.rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
+        if batch_size < 1 or seq_len < 1:
+            raise DataError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+        if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= batch_size):
+            got = f"{self.rows.min()}..{self.rows.max()}"
+            raise DataError(f"rows must lie in [0, batch_size={batch_size}), got {got}")
+        shards = self.manifest.split(split)
+        if not shards:
+            raise DataError(
+                f"{self.manifest.directory} has no {split!r} shards; prepare it again with "
+                "a smaller shard_tokens (or val_shards >= 1 for validation data)"
+            )
+        directory, dtype = self.manifest.directory, self.manifest.dtype
+        self._shards = [open_shard(directory / s.file, dtype, s.tokens) for s in shards]
+        self._starts = np.cumsum([0] + [s.tokens for s in shards])  # (S + 1,) stream offsets
+        self.tokens = int(self._starts[-1])  # N
+        self.windows = max((self.tokens - 1) // seq_len - 1, 0)  # W, per epoch
+        self.steps_per_epoch = self.windows // batch_size
+        self._order_cache: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
+
+    def init_state(self, seed: int = 0) -> LoaderState:
+        """The state of a loader at the first step of epoch 0, for `seed`."""
+        if self.steps_per_epoch < 1:
+            raise DataError(self._too_small(self.windows))
+        return {"seed": seed, "epoch": 0, "step": 0, **self._shape()}
+
+    def next_batch(self, state: LoaderState) -> tuple[np.ndarray, LoaderState]:
+        """The batch at `state`: this process's rows, (len(rows), T + 1) int32; the next state."""
+        self._check(state)
+        shift, order = self._epoch_order(state["seed"], state["epoch"])
+        windows = order[state["step"] * self.batch_size + self.rows]  # (R,)
+        batch = self._read_windows(shift + windows * self.seq_len)
+        step, epoch = state["step"] + 1, state["epoch"]
+        if step == self.steps_per_epoch:
+            step, epoch = 0, epoch + 1
+        return batch, {**state, "epoch": epoch, "step": step}
+
+    def eval_batches(self, num_batches: int | None = None) -> Iterator[np.ndarray]:
+        """The first `num_batches` batches (default: all) of windows k*T in stream order.
+
+        Deterministic: the same batches on every call, (len(rows), T + 1) int32 each.
+        """
+        available = (self.tokens - 1) // self.seq_len // self.batch_size
+        num_batches = available if num_batches is None else num_batches
+        if num_batches > available or available < 1:
+            raise DataError(self._too_small((self.tokens - 1) // self.seq_len, num_batches))
+        for b in range(num_batches):
+            yield self._read_windows((b * self.batch_size + self.rows) * self.seq_len)
+
+    def _shape(self) -> dict:
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "tokens": self.tokens}
+
+    def _check(self, state: LoaderState) -> None:
+        saved = {k: state.get(k) for k in self._shape()}
+        if saved != self._shape():
+            raise DataError(
+                f"the loader state was saved for {saved} but this loader has {self._shape()}; "
+                "resume with the same data, batch size and sequence length"
+            )
+        if not 0 <= state["step"] < self.steps_per_epoch:
+            raise DataError(
+                f"loader state step {state['step']} is outside this epoch "
+                f"[0, {self.steps_per_epoch})"
+            )
+
+    def _too_small(self, windows: int, batches: int = 1) -> str:
+        return (
+            f"the {self.split!r} split of {self.manifest.directory} has {self.tokens} tokens, "
+            f"{windows} windows of {self.seq_len + 1}: too few for {batches} batch(es) of "
+            f"{self.batch_size}; lower the batch size or sequence length, or use more data"
+        )
+
+    def _epoch_order(self, seed: int, epoch: int) -> tuple[int, np.ndarray]:
+        """(shift, permutation (W,)) of an epoch; the current one is cached."""
+        if (seed, epoch) not in self._order_cache:
+            rng = np.random.default_rng([seed, epoch])
+            shift = int(rng.integers(self.seq_len))
+            self._order_cache = {(seed, epoch): (shift, rng.permutation(self.windows))}
+        return self._order_cache[(seed, epoch)]
+
+    def _read_windows(self, starts: np.ndarray) -> np.ndarray:
+        """Windows of T + 1 tokens at stream offsets `starts` (R,) -> (R, T + 1) int32."""
+        batch = np.empty((len(starts), self.seq_len + 1), np.int32)
+        for row, start in enumerate(starts):
+            batch[row] = self._read(int(start), self.seq_len + 1)
+        return batch
+
+    def _read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream, across shard boundaries."""
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pieces = []
+        while length > 0:
+            offset = start - int(self._starts[i])
+            piece = self._shards[i][offset : offset + length]
+            pieces.append(piece)
+            start, length, i = start + len(piece), length - len(piece), i + 1
+        return np.concatenate(pieces)
+
+
+def process_rows(sharding, global_shape: tuple[int, ...]) -> np.ndarray:
+    """The rows of a global batch of `global_shape` that this process's devices hold.
+
+    With the loader's `rows` set to these, `to_global` assembles the global array. Processes
+    whose devices hold the same rows (replicas) read the same rows.
+
+    Args:
+        sharding: the batch's `jax.sharding.Sharding`.
+        global_shape: (B, T), the global batch shape.
+
+    Returns:
+        Sorted row indices (R,).
+    """
+    batch_size = global_shape[0]
+    indices = sharding.addressable_devices_indices_map(tuple(global_shape)).values()
+    rows = {r for index in indices for r in range(*index[0].indices(batch_size))}
+    return np.array(sorted(rows), np.int64)
+
+
+def to_global(batch: np.ndarray, sharding, batch_size: int):
+    """Global (inputs, targets) arrays (B, T) from this process's rows (R, T + 1) of a batch.
+
+    `batch` must hold the rows `process_rows(sharding, (B, T))` in order.
+    """
+    import jax
+
+    shape = (batch_size, batch.shape[1] - 1)
+    inputs, targets = np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
+    make = jax.make_array_from_process_local_data
+    return make(sharding, inputs, shape), make(sharding, targets, shape)
+
+
+def check_vocab(data: Manifest | Loader, vocab_size: int) -> None:
+    """Raises DataError if the data holds a token id >= `vocab_size` (the model's)."""
+    manifest = data.manifest if isinstance(data, Loader) else data
+    if manifest.max_token_id >= vocab_size:
+        raise DataError(
+            f"the data in {manifest.directory} holds token ids up to {manifest.max_token_id} "
+            f"({manifest.tokenizer['kind']} tokenizer, {manifest.vocab_size} ids) but "
+            f"model.vocab_size is {vocab_size}; set model.vocab_size to at least "
+            f"{manifest.vocab_size}"
+        )

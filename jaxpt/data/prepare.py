@@ -1,0 +1,62 @@
+"""Prepares a corpus as token shards for training.
+
+  uv run python -m jaxpt.data.prepare --out=data/fineweb-edu   # FineWeb-Edu sample-10BT
+  uv run python -m jaxpt.data.prepare --dataset=book.txt --out=data/book --shard_tokens=1000000
+  uv run python -m jaxpt.data.prepare --dataset=corpus/ --tokenizer=char --out=data/chars
+
+Re-running the same command resumes an interrupted run (finished shards are kept) or, once
+finished, does nothing. See `prepare_dataset` for what each flag means.
+"""
+
+import sys
+
+from absl import app, flags
+
+from jaxpt.data._errors import DataError
+from jaxpt.data._prepare import DEFAULT_DATASET, DEFAULT_SHARD_TOKENS, prepare_dataset
+
+_DATASET = flags.DEFINE_string(
+    "dataset", DEFAULT_DATASET, "Hugging Face hub dataset, or a local file or directory."
+)
+_OUT = flags.DEFINE_string("out", None, "Data directory to write.", required=True)
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", "gpt2", "gpt2, char, or a tokenizer.json (or a directory holding one)."
+)
+_CONFIG_NAME = flags.DEFINE_string(
+    "config_name", None, "Hub dataset config (default: sample-10BT for FineWeb-Edu)."
+)
+_SPLIT = flags.DEFINE_string("split", "train", "Split to read (local files: train).")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Column holding each document's text.")
+_SHARD_TOKENS = flags.DEFINE_integer("shard_tokens", DEFAULT_SHARD_TOKENS, "Tokens per shard.")
+_VAL_SHARDS = flags.DEFINE_integer("val_shards", 1, "Leading shards that form the val split.")
+_WORKERS = flags.DEFINE_integer("workers", None, "Tokenizer processes (default: one per CPU).")
+_STREAMING = flags.DEFINE_bool("streaming", True, "Read lazily instead of converting to Arrow.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        manifest = prepare_dataset(
+            _DATASET.value,
+            _OUT.value,
+            tokenizer=_TOKENIZER.value,
+            config_name=_CONFIG_NAME.value,
+            split=_SPLIT.value,
+            text_field=_TEXT_FIELD.value,
+            shard_tokens=_SHARD_TOKENS.value,
+            val_shards=_VAL_SHARDS.value,
+            workers=_WORKERS.value,
+            streaming=_STREAMING.value,
+        )
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    splits = ", ".join(f"{s} {manifest.tokens(s):,}" for s in ("val", "train"))
+    print(
+        f"{manifest.directory}: {manifest.tokens():,} {manifest.dtype} tokens ({splits}) from "
+        f"{manifest.documents:,} documents in {len(manifest.shards)} shards"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
