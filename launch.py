@@ -4,7 +4,7 @@ uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/sm
 uv run python launch.py --config=configs/gpt.py --config.train.steps=100 --workdir=runs/gpt
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpt import launcher
@@ -14,11 +14,12 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
 flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
-flags.mark_flags_as_required(["config"])
+flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and absl narrate every save at INFO
     launcher.run(flags.FLAGS.config, workdir=flags.FLAGS.workdir, mode=flags.FLAGS.mode)
 
 

@@ -11,5 +11,7 @@ from jaxpt.config import preset_config
 def get_config(arg: str | None = None):
     """``arg``: empty for the full run, ``smoke`` for a one-minute CPU run."""
     config = preset_config("smollm", arg)
-    config.data.tokenizer = "gpt2"  # or a directory with SmolLM's tokenizer.json
+    # Trained from scratch on GPT-2 BPE; with SmolLM's own tokenizer (a directory holding its
+    # tokenizer.json) set data.tokenizer to it and model.vocab_size back to 49152.
+    config.model.vocab_size = 50304
     return config

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxpt import models
+from jaxpt import models, sharding
 from jaxpt.models._config import mixer_pattern
 
 
@@ -55,11 +55,15 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.train.lr = 6e-4  # peak learning rate
     config.train.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
     config.train.warmup_steps = 715
-    config.train.schedule = "cosine"  # cosine | wsd
+    config.train.schedule = "cosine"  # cosine | wsd (warmup-stable-decay)
+    config.train.decay_fraction = 0.2  # wsd: the last fraction of steps decays linearly
     config.train.weight_decay = 0.1
     config.train.b1 = 0.9
     config.train.b2 = 0.95
+    config.train.eps = 1e-8
+    config.train.decay_embeddings = False  # weight decay on embedding tables too
     config.train.grad_clip = 1.0  # global-norm clip
+    config.train.on_nonfinite = "stop"  # non-finite loss: stop | skip (the update)
     config.train.seed = 0
     config.train.load_balance_loss_coeff = 0.0  # times aux["load_balance_loss"] (MoE)
     config.train.z_loss_coeff = 0.0  # times aux["z_loss"] (MoE router z-loss)
@@ -69,6 +73,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
     config.mesh.expert = 1
+    config.mesh.rules = sharding.default_rules()  # logical axis name -> mesh axes
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000

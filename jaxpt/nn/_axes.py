@@ -9,6 +9,7 @@ structure as the params whose leaves are :class:`Axes` tuples, from which shardi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -28,19 +29,29 @@ class HasAxes(eqx.Module):
         raise NotImplementedError
 
 
-def _leaf_layer_axes(layer: HasAxes) -> HasAxes:
-    if not isinstance(layer, HasAxes):
-        raise TypeError(f"Every parameter must live in a layer that names its axes; got {layer!r}.")
-    replaced = {}
-    for name, names in layer.param_axes().items():
-        array = getattr(layer, name)
-        if array is None:
-            continue
-        stacked = ("layers",) * (array.ndim - len(names))  # leading axes added by stacking
-        replaced[name] = Axes(stacked + tuple(names))
-    return dataclasses.replace(layer, **replaced)
+def map_params(fn: Callable[[HasAxes, jax.Array, tuple], object], params):
+    """Replaces every array of ``params`` by ``fn(layer, array, names)``.
+
+    ``layer`` is the leaf layer holding the array and ``names`` the logical axes it declared
+    (without the leading ``"layers"`` axes that stacking adds).
+    """
+
+    def per_layer(layer):
+        if not isinstance(layer, HasAxes):
+            raise TypeError(f"Every parameter must live in a layer that names its axes: {layer!r}")
+        replaced = {
+            field: fn(layer, getattr(layer, field), tuple(names))
+            for field, names in layer.param_axes().items()
+            if getattr(layer, field) is not None
+        }
+        return dataclasses.replace(layer, **replaced)
+
+    return jax.tree.map(per_layer, params, is_leaf=lambda x: isinstance(x, HasAxes))
 
 
 def logical_axes(params):
     """The logical axis names of every array in ``params``, as a pytree of :class:`Axes`."""
-    return jax.tree.map(_leaf_layer_axes, params, is_leaf=lambda x: isinstance(x, HasAxes))
+    return map_params(
+        lambda layer, array, names: Axes(("layers",) * (array.ndim - len(names)) + names),
+        params,
+    )

@@ -1,0 +1,16 @@
+"""Training: optimizer and schedules, the jitted train step, checkpoints, metrics, the loop."""
+
+from jaxpt.train._checkpoint import Checkpoints as Checkpoints
+from jaxpt.train._loop import train as train
+from jaxpt.train._metrics import flops_per_token as flops_per_token
+from jaxpt.train._metrics import peak_flops as peak_flops
+from jaxpt.train._metrics import read_metrics as read_metrics
+from jaxpt.train._optimizer import decay_mask as decay_mask
+from jaxpt.train._optimizer import learning_rate as learning_rate
+from jaxpt.train._optimizer import optimizer as optimizer
+from jaxpt.train._optimizer import validate_train as validate_train
+from jaxpt.train._step import TrainState as TrainState
+from jaxpt.train._step import init_state as init_state
+from jaxpt.train._step import loss_fn as loss_fn
+from jaxpt.train._step import make_eval_step as make_eval_step
+from jaxpt.train._step import make_train_step as make_train_step

@@ -1,0 +1,171 @@
+"""Training metrics: FLOPs and MFU, console progress, metrics.jsonl, TensorBoard, loss plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s of one device, by a substring of jax's device_kind (datasheets).
+PEAK_FLOPS = {
+    "H100": 989.4e12,
+    "H200": 989.4e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a device kind, or None where unknown (e.g. CPUs)."""
+    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in device_kind.lower()), None)
+
+
+def flops_per_token(model_cfg, n_active_params: int) -> float:
+    """Training FLOPs per token: ``6 N + 12 L D T`` (PaLM appendix B; nanoGPT's MFU).
+
+    ``6 N`` is the forward and backward matmuls over the ``N`` parameters a token passes
+    through (tied embedding counted once, position table included, as the torch reference
+    counts); ``12 L D T`` is attention's scores and weighted sum at sequence length ``T``.
+    """
+    if model_cfg.name == "bigram":
+        return 6.0 * model_cfg.vocab_size
+    return 6.0 * n_active_params + 12.0 * model_cfg.n_layer * model_cfg.n_embed * (
+        model_cfg.block_size
+    )
+
+
+class MetricsLog:
+    """Writes one JSON record per step to ``metrics.jsonl`` and TensorBoard, prints progress."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        total_steps: int,
+        first_step: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        print_every: int,
+    ):
+        self.path = workdir / "metrics.jsonl"
+        _drop_records_after(self.path, first_step)  # steps a killed run logged past its last
+        self.total_steps, self.first_step = total_steps, first_step
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.print_every = print_every
+        self.peak = peak_flops(jax.devices()[0].device_kind)
+        self.n_devices = jax.device_count()
+        self.is_writer = jax.process_index() == 0
+        self.file = self.path.open("a") if self.is_writer else None
+        self.tensorboard = None
+        if self.is_writer:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+        self.start_time = self.last_time = time.perf_counter()
+        self.last_step = first_step
+
+    def train_steps(self, records: list[dict]) -> None:
+        """Records for consecutive steps just fetched from the device (each has ``step``)."""
+        if not records:
+            return
+        now = time.perf_counter()
+        steps_done = records[-1]["step"] - self.last_step
+        seconds_per_step = (now - self.last_time) / max(steps_done, 1)
+        tokens_per_s = self.tokens_per_step / seconds_per_step
+        mfu = (
+            tokens_per_s * self.flops_per_token / (self.peak * self.n_devices)
+            if self.peak
+            else None
+        )
+        for record in records:
+            record.update(tokens_per_s=tokens_per_s, mfu=mfu)
+            self._write(record, "train")
+        self.last_time, self.last_step = now, records[-1]["step"]
+        last = records[-1]
+        if last["step"] % self.print_every == 0 or last["step"] == self.total_steps:
+            eta = (self.total_steps - last["step"]) * seconds_per_step
+            mfu_text = f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
+            print(
+                f"step {last['step']:>6}/{self.total_steps} loss {last['loss']:.4f} "
+                f"grad_norm {last['grad_norm']:.3f} lr {last['lr']:.2e} "
+                f"{tokens_per_s:,.0f} tok/s{mfu_text} eta {_duration(eta)}",
+                flush=True,
+            )
+
+    def eval(self, step: int, metrics: dict) -> None:
+        """Validation metrics at ``step``."""
+        record = {"step": step, **{f"val_{k}": v for k, v in metrics.items()}}
+        self._write(record, "val")
+        print(f"step {step:>6} val_loss {metrics['loss']:.4f}", flush=True)
+
+    def _write(self, record: dict, group: str) -> None:
+        if not self.is_writer:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # what a killed run logged survives it
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                self.tensorboard.add_scalar(f"{group}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        """Flushes the files and draws the loss plot."""
+        if self.is_writer:
+            self.file.close()
+            self.tensorboard.close()
+            plot_losses(self.path, self.path.parent / "loss.png")
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    """Train and validation loss against step: the whole run, and its second half zoomed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = np.array([(r["step"], r["loss"]) for r in records if "loss" in r])
+    val = np.array([(r["step"], r["val_loss"]) for r in records if "val_loss" in r])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for data, label, style in ((train, "train", "-"), (val, "validation", "o-")):
+            if len(data) == 0:
+                continue
+            if zoom:
+                data = data[data[:, 0] >= data[-1, 0] / 2]
+            ax.plot(data[:, 0], data[:, 1], style, label=label, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("second half" if zoom else "loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

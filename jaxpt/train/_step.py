@@ -1,0 +1,88 @@
+"""The train state and the jitted train / eval steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax import Array
+
+from jaxpt import models, nn
+
+
+class TrainState(eqx.Module):
+    """Everything a step reads and writes."""
+
+    step: Array  # () int32, the number of steps taken
+    params: eqx.Module
+    opt_state: optax.OptState
+
+
+def init_state(key: Array, config, tx: optax.GradientTransformation) -> TrainState:
+    """Fresh params and optimizer state for ``config.model``."""
+    params = models.get(config.model.name).init(key, config.model)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def loss_fn(params, inputs: Array, targets: Array, config) -> tuple[Array, dict[str, Array]]:
+    """Next-token loss plus the weighted auxiliary losses.
+
+    Args:
+        inputs, targets: ``(B, T)`` token ids; ``targets`` are ``inputs`` shifted by one.
+    Returns:
+        ``(loss, metrics)`` with the cross-entropy ``ce`` and the raw auxiliary losses.
+    """
+    logits, aux = models.get(config.model.name).apply(params, inputs, config.model)
+    ce = nn.cross_entropy(logits, targets)
+    loss = (
+        ce
+        + config.train.load_balance_loss_coeff * aux["load_balance_loss"]
+        + config.train.z_loss_coeff * aux["z_loss"]
+    )
+    return loss, {"loss": loss, "ce": ce, **aux}
+
+
+def micro_batches(tokens: Array, n: int) -> Array:
+    """``(B, T)`` -> ``(n, B // n, T)``; micro-batch ``i`` takes rows ``i, i + n, ...`` so
+    that each device's rows of the global batch feed every micro-batch."""
+    b, t = tokens.shape
+    return tokens.reshape(b // n, n, t).swapaxes(0, 1)
+
+
+def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
+    """``step(state, inputs, targets) -> (state, metrics)``: accumulate gradients over
+    ``train.grad_accum_steps`` micro-batches, clip, update. A step whose loss or gradients are
+    not finite leaves params and optimizer state unchanged (``metrics["finite"]`` is False);
+    the loop then stops or goes on by ``train.on_nonfinite``."""
+    n_micro = config.train.grad_accum_steps
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, inputs: Array, targets: Array):
+        def accumulate(grads_sum, micro):
+            (_, metrics), grads = grad_fn(state.params, *micro, config)
+            return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        micro = (micro_batches(inputs, n_micro), micro_batches(targets, n_micro))
+        grads, metrics = jax.lax.scan(accumulate, zeros, micro)
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(
+            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)
+        )
+        return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
+
+    return step
+
+
+def make_eval_step(config) -> Callable:
+    """``eval_step(params, inputs, targets) -> metrics`` (the same losses, no update)."""
+    return lambda params, inputs, targets: loss_fn(params, inputs, targets, config)[1]

@@ -1,0 +1,259 @@
+"""Training: optimizer, gradient accumulation, the loop, checkpoints and exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpt import models, train
+from jaxpt.config import preset_config
+
+from .conftest import FAST_COMPILE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def char_config(preset="gpt", **train_overrides):
+    """A smoke config on the character-level embedded corpus (small vocab: fast)."""
+    config = preset_config(preset, "smoke")
+    config.data.tokenizer = "char"
+    config.model.vocab_size = 128
+    config.train.batch_size = 8
+    config.log.every_steps = 1
+    config.train.update(train_overrides)
+    return config
+
+
+def test_decay_mask_spares_norms_biases_and_embeddings():
+    cfg = char_config().model
+    params = jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
+    mask = train.decay_mask(params, decay_embeddings=False)
+    block = mask.blocks[0]
+    assert block.attn.q.weight and block.mixer.fc.weight and block.mixer.proj.weight
+    assert not block.attn.q.bias and not block.ln_1.scale and not block.ln_1.bias
+    assert not mask.wte.weight and not mask.wpe.weight and not mask.ln_f.scale
+    assert train.decay_mask(params, decay_embeddings=True).wte.weight
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_learning_rate_schedules(schedule):
+    cfg = char_config(
+        schedule=schedule, steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, decay_fraction=0.2
+    ).train
+    lr = train.learning_rate(cfg)
+    np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 0.5, 1.0], atol=1e-6)
+    np.testing.assert_allclose(lr(100), 0.1, atol=1e-6)
+    if schedule == "wsd":
+        np.testing.assert_allclose([lr(50), lr(80), lr(90)], [1.0, 1.0, 0.55], atol=1e-6)
+    else:
+        np.testing.assert_allclose(lr(55), 0.1 + 0.9 * 0.5, atol=1e-6)  # half way down
+
+
+def test_gradient_accumulation_equals_one_big_step():
+    config = char_config(batch_size=8)
+    tx = train.optimizer(
+        config.train,
+        jax.eval_shape(lambda k: models.get("gpt").init(k, config.model), jax.random.key(0)),
+    )
+    tokens = jax.random.randint(jax.random.key(1), (8, 65), 0, 128)
+    results = []
+    for accum in (1, 4):
+        config.train.grad_accum_steps = accum
+        state = train.init_state(jax.random.key(0), config, tx)
+        step = jax.jit(train.make_train_step(config, tx))
+        state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+        results.append((state.params, metrics["loss"], metrics["grad_norm"]))
+    (p1, loss1, norm1), (p4, loss4, norm4) = results
+    np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
+    np.testing.assert_allclose(norm1, norm4, rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), p1, p4)
+
+
+def test_non_finite_step_leaves_state_unchanged():
+    config = char_config()
+    tx = train.optimizer(
+        config.train,
+        jax.eval_shape(lambda k: models.get("gpt").init(k, config.model), jax.random.key(0)),
+    )
+    state = train.init_state(jax.random.key(0), config, tx)
+    poisoned = eqx.tree_at(
+        lambda s: s.params.wte.weight, state, state.params.wte.weight.at[3, 0].set(jnp.nan)
+    )
+    tokens = jnp.full((8, 65), 3)
+    step = jax.jit(train.make_train_step(config, tx))
+    new, metrics = step(poisoned, tokens[:, :-1], tokens[:, 1:])
+    assert not metrics["finite"]
+    assert int(new.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, new.params, poisoned.params)
+    jax.tree.map(np.testing.assert_array_equal, new.opt_state, poisoned.opt_state)
+
+
+def test_smoke_run_writes_metrics_plot_and_checkpoint(tmp_path):
+    config = char_config(steps=6)
+    config.checkpoint.every_steps = 3
+    config.eval.every_steps = 3
+    config.eval.batches = 2
+    train.train(config, tmp_path)
+    records = train.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert sorted(
+        int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
+    ) == [3, 6]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    config = char_config(steps=4)
+    config.checkpoint.every_steps = 2
+    train.train(config, tmp_path)
+    latest = tmp_path / "checkpoints" / "4"
+    for path in (latest / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 100:
+            path.write_bytes(path.read_bytes()[:50])  # truncate every data file
+    config.train.steps = 6
+    train.train(config, tmp_path)
+    assert "resumed from checkpoint 2" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "4.unreadable").is_dir()  # kept, not deleted
+    assert 6 in train.Checkpoints(tmp_path / "checkpoints", keep=3).steps()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            dict(batch_size=8, grad_accum_steps=3),
+            "train.batch_size=8 is not divisible by train.grad_accum_steps=3",
+        ),
+        (dict(batch_size=4), "does not divide over the 8 devices"),
+        (dict(schedule="linear"), "train.schedule='linear' is not one of"),
+    ],
+)
+def test_config_errors_come_before_compiling(tmp_path, overrides, message):
+    config = char_config(**overrides)
+    with pytest.raises(models.ConfigError, match=message):
+        train.train(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
+    config = char_config(steps=3, lr=1e38, warmup_steps=0, grad_clip=1e38)
+    config.checkpoint.every_steps = 1
+    with pytest.raises(FloatingPointError, match="not finite at step"):
+        train.train(config, tmp_path)
+
+
+def launch(workdir, *overrides):
+    args = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "--config=configs/gpt.py:smoke",
+        f"--workdir={workdir}",
+        "--config.data.tokenizer=char",
+        "--config.model.vocab_size=128",
+        "--config.train.batch_size=8",
+        "--config.log.every_steps=1",
+        "--config.eval.every_steps=1000",
+        *overrides,
+    ]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def final_params(workdir, step):
+    """The params arrays of checkpoint ``step`` as numpy, read without a template."""
+    import orbax.checkpoint as ocp
+
+    restored = ocp.StandardCheckpointer().restore(
+        Path(workdir) / "checkpoints" / str(step) / "state"
+    )
+    return jax.tree.leaves(restored["params"])
+
+
+def train_losses(workdir):
+    return {
+        r["step"]: r["loss"]
+        for r in train.read_metrics(Path(workdir) / "metrics.jsonl")
+        if "loss" in r
+    }
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    n = 15
+    steps = [
+        f"--config.train.steps={2 * n}",
+        f"--config.checkpoint.every_steps={n}",
+        "--config.eval.every_steps=1",
+        "--config.eval.batches=8",
+    ]  # slow steps: time to kill
+    straight = launch(tmp_path / "straight", *steps)
+    killed = launch(tmp_path / "killed", *steps)
+    done = tmp_path / "killed" / "checkpoints" / str(n)
+    deadline = time.time() + 300
+    while not done.is_dir() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = launch(tmp_path / "killed", *steps)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from checkpoint" in out
+    assert straight.wait(timeout=300) == 0
+    for a, b in zip(
+        final_params(tmp_path / "straight", 2 * n),
+        final_params(tmp_path / "killed", 2 * n),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    want, got = train_losses(tmp_path / "straight"), train_losses(tmp_path / "killed")
+    assert sorted(got) == list(range(1, 2 * n + 1))  # no step logged twice or missing
+    assert [got[s] for s in range(n + 1, 2 * n + 1)] == [want[s] for s in range(n + 1, 2 * n + 1)]
+
+
+def test_sigterm_saves_before_exiting(tmp_path):
+    run = launch(
+        tmp_path,
+        "--config.train.steps=100000",
+        "--config.checkpoint.every_steps=1000",
+        "--config.eval.every_steps=1000",
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or not metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0, out
+    assert "SIGTERM: saving step" in out
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    last = max(r["step"] for r in map(json.loads, metrics.read_text().splitlines()))
+    assert saved == [last]
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_preset_smoke_config_trains(name, tmp_path):
+    config = preset_config(name, "smoke")
+    config.train.steps = 2
+    config.eval.batches = 1
+    config.log.every_steps = 1
+    state = train.train(config, tmp_path)
+    assert int(state.step) == 2
+    assert all(
+        np.isfinite(r["loss"])
+        for r in train.read_metrics(tmp_path / "metrics.jsonl")
+        if "loss" in r
+    )
