@@ -3,7 +3,7 @@
 Pre-norm blocks as in GPT-2 (Radford et al., 2019; HF ``modeling_gpt2.py``) and Llama
 (Touvron et al., 2023; HF ``modeling_llama.py``): ``x + attn(norm(x))``, then
 ``x + mixer(norm(x))``. Config fields choose positions (learned | rope | none), the mixer
-pattern (mlp | glu, and the MoE kinds), heads (MHA or GQA), norm and init. Layers are stacked
+pattern (mlp | glu | moe | soft_moe), heads (MHA or GQA), norm and init. Layers are stacked
 on a leading axis per position in the mixer pattern and run with ``lax.scan`` over the pattern
 repeats, so compile time does not grow with depth.
 """
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxpt import nn
-from jaxpt.models._config import mixer_pattern
+from jaxpt.models._config import _choice, _require, mixer_pattern
 
 AUX_KEYS = ("load_balance_loss", "z_loss")
 
@@ -33,22 +33,74 @@ class Mixer(NamedTuple):
     """How one kind of feed-forward layer is built, applied and configured.
 
     ``init(key, cfg) -> params``; ``apply(params, x, cfg, *, mask) -> (y, aux)`` with ``aux``
-    keyed by ``AUX_KEYS``; ``validate(cfg)`` raises ConfigError for the fields it reads.
+    keyed by ``AUX_KEYS``; ``validate(cfg)`` raises ConfigError for the fields it reads;
+    ``causal(cfg)`` says whether the output at ``t`` is independent of the tokens after ``t``.
     """
 
     init: Callable
     apply: Callable
     validate: Callable = lambda cfg: None
+    causal: Callable = lambda cfg: True
 
 
 def _dense(apply_fn: Callable) -> Callable:
     return lambda p, x, cfg, *, mask: (apply_fn(p, x, cfg), zero_aux())
 
 
+def _soft_moe(p, x: Array, cfg, *, mask: Array | None) -> tuple[Array, dict[str, Array]]:
+    return nn.soft_moe(p, x, cfg, mask=mask), zero_aux()
+
+
+def _validate_experts(cfg, kind: str, fields: tuple[str, ...]) -> None:
+    for field in ("n_experts", "moe_expert", "moe_bias", *fields):
+        _require(
+            field in cfg,
+            f"model.mixer={cfg.mixer!r} uses {kind!r}, which needs model.{field}; start from "
+            "a MoE preset (tiny_moe, tiny_moe_2, tiny_moe_3).",
+        )
+    _require(
+        isinstance(cfg.n_experts, int) and cfg.n_experts > 0,
+        f"model.n_experts={cfg.n_experts!r} must be a positive integer.",
+    )
+    _choice(cfg, "moe_expert", ("glu", "mlp"))
+
+
+def _validate_moe(cfg) -> None:
+    _validate_experts(
+        cfg, "moe", ("top_k", "load_factor", "expert_weight_priority", "moe_router_bias")
+    )
+    _require(
+        isinstance(cfg.top_k, int) and 1 <= cfg.top_k <= cfg.n_experts,
+        f"model.top_k={cfg.top_k!r} must be an integer from 1 to model.n_experts={cfg.n_experts}.",
+    )
+    _require(
+        cfg.load_factor > 0,
+        f"model.load_factor={cfg.load_factor!r} must be positive: each expert holds "
+        "ceil(load_factor * top_k * max(1, T / n_experts)) tokens per sequence.",
+    )
+
+
+def _validate_soft_moe(cfg) -> None:
+    _validate_experts(cfg, "soft_moe", ())
+    _require(
+        cfg.block_size >= cfg.n_experts,
+        f"model.block_size={cfg.block_size} is smaller than model.n_experts={cfg.n_experts}: "
+        "Soft MoE gives each expert block_size // n_experts slots, at least one.",
+    )
+
+
 MIXERS: dict[str, Mixer] = {
     "mlp": Mixer(nn.init_mlp, _dense(nn.mlp)),
     "glu": Mixer(nn.init_glu, _dense(nn.glu)),
+    # Top-k routing is causal only in token order; see jaxpt/nn/_moe.py.
+    "moe": Mixer(nn.init_moe, nn.moe, _validate_moe, lambda cfg: not cfg.expert_weight_priority),
+    "soft_moe": Mixer(nn.init_soft_moe, _soft_moe, _validate_soft_moe, lambda cfg: False),
 }
+
+
+def is_causal(cfg) -> bool:
+    """Whether logits at ``t`` never depend on later tokens (false for some MoE configs)."""
+    return all(MIXERS[kind].causal(cfg) for kind in mixer_pattern(cfg))
 
 
 class Block(eqx.Module):

@@ -87,6 +87,31 @@ def _bigram_config() -> ml_collections.ConfigDict:
 _GLU = dict(mixer="glu", activation="silu", mlp_bias=False)
 _ROPE = dict(position="rope")
 
+
+def _tiny_moe(**overrides) -> dict:
+    """The Tiny_MoE family's shared shape (original defaults), updated with ``overrides``."""
+    return dict(
+        dict(
+            block_size=2048,
+            n_layer=32,
+            n_head=12,
+            n_kv_head=4,
+            n_embed=576,
+            n_mlp_hidden=2304,  # F of the dense GLU layers and of every expert
+            activation="silu",
+            mlp_bias=False,
+            norm="rmsnorm",
+            ln_epsilon=1e-6,
+            attention_bias=False,
+            dtype="bfloat16",
+            n_experts=8,
+            moe_bias=True,  # expert biases
+            **_ROPE,
+        ),
+        **overrides,
+    )
+
+
 _MODELS = [
     decoder_preset("gpt", "GPT-2 124M: learned positions, GELU MLP, LayerNorm, tied."),
     decoder_preset(
@@ -133,6 +158,46 @@ _MODELS = [
         proj_init="normal",
         **_ROPE,
         **_GLU,
+    ),
+    decoder_preset(
+        "tiny_moe",
+        "Tiny_MoE: GQA 12 / 4, rotary, RMSNorm; top-2 of 8 SiLU-GLU experts, capacity claimed "
+        "by router-weight priority, alternating with GLU layers.",
+        **_tiny_moe(
+            mixer="moe,glu",
+            moe_expert="glu",  # glu (gated) | mlp experts, activation from `activation`
+            top_k=2,  # experts per token
+            load_factor=1.1,  # slots per expert: ceil(load_factor * top_k * max(1, T / E))
+            expert_weight_priority=True,  # surest tokens claim slots first; not causal
+            moe_router_bias=False,
+        ),
+    ),
+    decoder_preset(
+        "tiny_moe_2",
+        "Tiny_MoE_2: MoE in every layer, top-2 of 8 squared-ReLU experts in token order, "
+        "QK-norm, zero-initialised residual projections.",
+        **_tiny_moe(
+            mixer="moe",
+            n_layer=30,
+            n_embed=672,
+            n_mlp_hidden=2048,
+            ln_epsilon=1e-5,
+            qk_norm=True,
+            proj_init="zero",
+            activation="squared_relu",
+            moe_expert="mlp",
+            moe_bias=False,
+            top_k=2,
+            load_factor=1.25,
+            expert_weight_priority=False,
+            moe_router_bias=True,
+        ),
+    ),
+    decoder_preset(
+        "tiny_moe_3",
+        "Tiny_MoE_3: Soft MoE over 8 SiLU-GLU experts (block_size // 8 slots each) "
+        "alternating with GLU layers.",
+        **_tiny_moe(mixer="soft_moe,glu", moe_expert="glu"),
     ),
     decoder_preset(
         "charformer",
