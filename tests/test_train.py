@@ -1,5 +1,6 @@
 """Training: optimizer, gradient accumulation, the loop, checkpoints and exact resume."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -244,9 +245,25 @@ def test_sigterm_saves_before_exiting(tmp_path):
     assert saved == [last]
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_every_preset_smoke_config_trains(name, tmp_path):
-    config = preset_config(name, "smoke")
+def load_config(path: Path, arg: str):
+    """``get_config(arg)`` of a config file, loaded the way config_flags loads it."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
+
+
+def test_every_registry_preset_has_a_config_file():
+    covered = {load_config(path, "smoke").model.name for path in CONFIG_FILES}
+    assert covered == set(models.names())
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_preset_smoke_config_trains(path, tmp_path):
+    config = load_config(path, "smoke")
     config.train.steps = 2
     config.eval.batches = 1
     config.log.every_steps = 1
