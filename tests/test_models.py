@@ -10,7 +10,6 @@ import pytest
 
 from jaxpt import models, nn
 from jaxpt.config import preset_config
-from jaxpt.models._decoder import is_causal
 
 VOCAB = 97
 
@@ -53,7 +52,7 @@ def test_logits_shape_finite_and_causal(name):
 
 def promises_causality(cfg) -> bool:
     """Every preset is causal except MoE routing that is not (see jaxpt/nn/_moe.py)."""
-    return "mixer" not in cfg or is_causal(cfg)
+    return "mixer" not in cfg or models.is_causal(cfg)
 
 
 @pytest.mark.parametrize("name", models.names())
