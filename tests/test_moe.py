@@ -74,9 +74,18 @@ def np_softmax(z, axis=-1):
     return np.exp(z) / np.exp(z).sum(axis, keepdims=True)
 
 
+def np_capacity(cfg, n_tokens):
+    """Slots per expert for a sequence of ``n_tokens`` real tokens."""
+    slots = cfg.load_factor * cfg.top_k * max(1, n_tokens / cfg.n_experts)
+    return min(math.ceil(round(slots, 9)), n_tokens)
+
+
 def np_route(probs, valid, top_k, capacity, priority):
-    """Loop reference: top-k experts and buffer slots (-1 dropped) per (b, t, k)."""
+    """Loop reference: top-k experts and buffer slots (-1 dropped) per (b, t, k).
+
+    ``capacity``: slots per expert, one int or one per sequence."""
     b_size, t_size, n_experts = probs.shape
+    capacity = np.broadcast_to(capacity, (b_size,))
     expert = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]
     slot = -np.ones(expert.shape, int)
     for b in range(b_size):
@@ -89,7 +98,7 @@ def np_route(probs, valid, top_k, capacity, priority):
         used = [0] * n_experts
         for t, k in order:
             e = expert[b, t, k]
-            if valid[b, t] and used[e] < capacity:
+            if valid[b, t] and used[e] < capacity[b]:
                 slot[b, t, k] = used[e]
                 used[e] += 1
     return expert, slot
@@ -100,8 +109,8 @@ def np_moe(p: nn.MoE, x, valid, cfg):
     x = f64(x)
     logits = x @ f64(p.router.weight) + (0 if p.router.bias is None else f64(p.router.bias))
     probs = np_softmax(logits)
-    t_size, n_experts = probs.shape[1:]
-    capacity = min(math.ceil(cfg.load_factor * cfg.top_k * max(1, t_size / n_experts)), t_size)
+    n_experts = probs.shape[-1]
+    capacity = [np_capacity(cfg, n) for n in valid.sum(1)]  # T counts each row's real tokens
     expert, slot = np_route(probs, valid, cfg.top_k, capacity, cfg.expert_weight_priority)
     y = np.zeros_like(x)
     frac_tokens = np.zeros(n_experts)
@@ -255,6 +264,18 @@ def test_padding_takes_no_capacity_and_no_loss(priority):
     _, unpadded = run_moe(params, x[1:], cfg)  # the losses do not depend on the capacity
     _, row1 = run_moe(params, x, cfg, mask.at[0].set(False))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), unpadded, row1)
+
+
+@pytest.mark.parametrize("priority", [False, True])
+def test_a_padded_sequence_routes_as_it_would_alone(priority):
+    cfg = moe_config(expert_weight_priority=priority)
+    assert nn.expert_capacity(cfg, 9) != nn.expert_capacity(cfg, 12)  # 5 vs 6 slots
+    params, x = setup_moe(cfg, seed=11)
+    y, _ = run_moe(params, x, cfg, jnp.asarray(LEFT_PADDED))
+    alone, _ = run_moe(params, x[:1, 3:], cfg)
+    np.testing.assert_allclose(y[0, 3:], alone[0], rtol=1e-5, atol=1e-6)
+    dropped = routing_of(params, x[:1, 3:], cfg, jnp.ones((1, 9), bool))[0].slot == -1
+    assert dropped.any(), "the case should drop some choices"
 
 
 def test_gradients_reach_router_and_every_expert():

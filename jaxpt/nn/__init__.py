@@ -53,6 +53,7 @@ from jaxpt.nn._moe import init_soft_moe as init_soft_moe
 from jaxpt.nn._moe import moe as moe
 from jaxpt.nn._moe import route as route
 from jaxpt.nn._moe import router_losses as router_losses
+from jaxpt.nn._moe import sequence_capacity as sequence_capacity
 from jaxpt.nn._moe import slots_per_expert as slots_per_expert
 from jaxpt.nn._moe import soft_moe as soft_moe
 from jaxpt.nn._moe import soft_moe_weights as soft_moe_weights

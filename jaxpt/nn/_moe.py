@@ -139,6 +139,16 @@ def expert_capacity(cfg, t: int) -> int:
     return min(math.ceil(round(slots, 9)), t)
 
 
+def sequence_capacity(cfg, valid: Array) -> Array:
+    """``(B, T)`` bool -> ``(B,)`` int: :func:`expert_capacity` of each row's real tokens.
+
+    T in the capacity formula counts a sequence's real tokens, so a padded sequence routes
+    exactly as it would alone.
+    """
+    table = jnp.asarray([expert_capacity(cfg, n) for n in range(valid.shape[1] + 1)])
+    return table[valid.sum(axis=1)]
+
+
 class Routing(NamedTuple):
     """Where each token's top-k choices go; ``k`` is the choice rank, best first."""
 
@@ -148,13 +158,19 @@ class Routing(NamedTuple):
 
 
 def route(
-    probs: Array, valid: Array, *, top_k: int, capacity: int, expert_weight_priority: bool
+    probs: Array,
+    valid: Array,
+    *,
+    top_k: int,
+    capacity: int | Array,
+    expert_weight_priority: bool,
 ) -> Routing:
     """Top-k choices per token and their expert-buffer slots, per sequence.
 
     Choices claim slots in priority order and a choice that finds its expert's ``capacity``
-    slots taken is dropped. Token order (``expert_weight_priority=False``): token by token,
-    each token's choices best first, so a token's slots depend only on earlier tokens (causal).
+    slots taken is dropped (``capacity``: one int, or ``(B,)`` per sequence). Token order
+    (``expert_weight_priority=False``): token by token, each token's choices best first, so a
+    token's slots depend only on earlier tokens (causal).
     Weight priority (vmoe's ``batch_priority``): tokens ranked by their top-1 probability,
     highest first (ties in token order), and every token's first choice is placed before any
     second choice. Padding (``valid`` False) takes no slot.
@@ -167,7 +183,8 @@ def route(
     chosen = chosen * valid[:, :, None, None]
     priority = weight[..., 0] if expert_weight_priority else None
     position = _position_in_expert(chosen, priority)  # (B, T, k), -1 for padding
-    return Routing(expert, weight, jnp.where(position < capacity, position, -1))
+    limit = jnp.reshape(jnp.asarray(capacity), (-1, 1, 1))  # (B or 1, 1, 1)
+    return Routing(expert, weight, jnp.where(position < limit, position, -1))
 
 
 def _position_in_expert(chosen: Array, priority: Array | None) -> Array:
@@ -227,7 +244,7 @@ def moe(p: MoE, x: Array, cfg, *, mask: Array | None) -> tuple[Array, dict[str, 
     Args:
         x: ``(B, T, D)`` in the compute dtype; the router runs in float32.
         mask: optional ``(B, T)`` bool, True for real tokens; padding takes no expert slot,
-            gets a zero output and is left out of the losses.
+            gets a zero output, is left out of the losses and of T in the capacity.
     Returns:
         ``(B, T, D)`` and ``{"load_balance_loss", "z_loss"}`` (:func:`router_losses`).
     """
@@ -235,12 +252,12 @@ def moe(p: MoE, x: Array, cfg, *, mask: Array | None) -> tuple[Array, dict[str, 
     valid = jnp.ones((b, t), bool) if mask is None else mask
     logits = linear(p.router, x.astype(jnp.float32))  # (B, T, E)
     probs = jax.nn.softmax(logits, axis=-1)
-    capacity = expert_capacity(cfg, t)
+    capacity = expert_capacity(cfg, t)  # buffer slots: the capacity of an unpadded row
     r = route(
         probs,
         valid,
         top_k=cfg.top_k,
-        capacity=capacity,
+        capacity=sequence_capacity(cfg, valid),
         expert_weight_priority=cfg.expert_weight_priority,
     )
     to_expert = jax.nn.one_hot(r.expert, cfg.n_experts, dtype=x.dtype)  # (B, T, k, E)
