@@ -2,25 +2,55 @@
 
 uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/smoke
 uv run python launch.py --config=configs/gpt.py --config.train.steps=100 --workdir=runs/gpt
+uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/smoke \\
+    --mode=generate --prompt="The" --num_samples=2 --max_new_tokens=40
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpt import launcher
+from jaxpt.data import DataError
+from jaxpt.models import ConfigError
+
+_DEFAULTS = launcher.SampleOptions()
 
 config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/gpt.py:smoke.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+flags.DEFINE_enum("mode", "train", launcher.MODES, "What to run.")
+flags.DEFINE_string(
+    "prompt", _DEFAULTS.prompt, "generate: text to continue (empty: a new document)."
+)
+flags.DEFINE_integer("num_samples", _DEFAULTS.num_samples, "generate: samples of the prompt.")
+flags.DEFINE_integer("max_new_tokens", _DEFAULTS.max_new_tokens, "generate: tokens per sample.")
+flags.DEFINE_float("temperature", _DEFAULTS.temperature, "generate: 0 is greedy.")
+flags.DEFINE_integer("top_k", _DEFAULTS.top_k, "generate: keep the k likeliest tokens (0: all).")
+flags.DEFINE_float("top_p", _DEFAULTS.top_p, "generate: nucleus mass to keep (1: all).")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "generate: sampling seed.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and absl narrate every save at INFO
-    launcher.run(flags.FLAGS.config, workdir=flags.FLAGS.workdir, mode=flags.FLAGS.mode)
+    f = flags.FLAGS
+    options = launcher.SampleOptions(
+        prompt=f.prompt,
+        num_samples=f.num_samples,
+        max_new_tokens=f.max_new_tokens,
+        temperature=f.temperature,
+        top_k=f.top_k,
+        top_p=f.top_p,
+        seed=f.seed,
+    )
+    try:
+        launcher.run(f.config, workdir=f.workdir, mode=f.mode, sample_options=options)
+    except (ConfigError, DataError) as error:  # bad input: one sentence, no traceback
+        sys.exit(f"launch.py: {error}")
 
 
 if __name__ == "__main__":

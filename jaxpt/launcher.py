@@ -2,11 +2,97 @@
 
 from __future__ import annotations
 
-from jaxpt import train
+import dataclasses
+from pathlib import Path
+
+import jax
+
+from jaxpt import data, models, sharding, train
+from jaxpt.generation import generate
+from jaxpt.models import ConfigError
+
+MODES = ("train", "generate")
 
 
-def run(config, *, workdir: str, mode: str) -> None:
-    """Runs ``mode`` (``train``) for ``config`` in ``workdir``."""
-    print(config, flush=True)
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """``--mode=generate`` options (launch.py flags of the same names)."""
+
+    prompt: str = ""  # empty: start from the end-of-text token, i.e. a new document
+    num_samples: int = 4
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    seed: int = 0
+
+
+def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None = None) -> None:
+    """Runs ``mode`` (one of ``MODES``) for ``config`` in ``workdir``."""
     if mode == "train":
+        print(config, flush=True)
         train.train(config, workdir)
+    elif mode == "generate":
+        for i, text in enumerate(sample(config, workdir, sample_options or SampleOptions())):
+            print(f"--- sample {i}\n{text}", flush=True)
+    else:
+        raise ConfigError(f"--mode={mode!r} is not one of {list(MODES)}.")
+
+
+def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
+    """Prompt plus completion, as text, for each of ``options.num_samples`` samples drawn
+    from the latest checkpoint in ``workdir``; each stops at end-of-text."""
+    models.get(config.model.name).validate(config.model)
+    tokenizer = tokenizer_of(config.data)
+    prompt = tokenizer.encode(options.prompt) if options.prompt else [tokenizer.eot_id]
+    params = latest_params(config, workdir)
+    generated = generate(
+        params,
+        config.model,
+        [prompt] * options.num_samples,
+        options.max_new_tokens,
+        temperature=options.temperature,
+        top_k=options.top_k or None,
+        top_p=options.top_p if options.top_p < 1 else None,
+        key=jax.random.key(options.seed),
+        stop_token=tokenizer.eot_id,
+        n_tokens=tokenizer.vocab_size,
+    )
+    return [tokenizer.decode(prompt + new) for new in generated.completions()]
+
+
+def tokenizer_of(data_config) -> data.Tokenizer:
+    """The tokenizer a run's data was prepared with (the char vocabulary lives there), or
+    ``data.tokenizer`` by name when the data directory is not on this machine."""
+    try:
+        return data.tokenizer_for(data.ensure_prepared(data_config))
+    except data.DataNotFoundError:
+        return data.get_tokenizer(data_config.tokenizer)
+
+
+def latest_params(config, workdir: str | Path):
+    """The params of the newest readable checkpoint in ``workdir/checkpoints``."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise ConfigError(
+            f"{directory} does not exist: train this config with --mode=train and "
+            f"--workdir={workdir} first."
+        )
+    checkpoints = train.Checkpoints(directory, keep=config.checkpoint.keep)
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+        abstract, shardings = train.abstract_state(config, mesh)
+        restored = checkpoints.restore_latest(
+            jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract,
+                shardings,
+            )
+        )
+    finally:
+        checkpoints.close()
+    if restored is None:
+        raise ConfigError(f"no checkpoint in {directory} could be read.")
+    step, state, _ = restored
+    print(f"sampling from checkpoint {step} of {workdir}", flush=True)
+    return state.params

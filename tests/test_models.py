@@ -105,7 +105,7 @@ def unrolled_by_hand(params, tokens, cfg):
     (stacked,) = params.blocks
     for i in range(cfg.n_layer):
         layer = jax.tree.map(lambda a, i=i: a[i], stacked)
-        x, _ = block(layer, x, cfg, cfg.mixer, positions=positions, mask=None)
+        x, _, _ = block(layer, x, cfg, cfg.mixer, positions=positions, mask=None)
     x = nn.NORMS[cfg.norm][1](params.ln_f, x, cfg.ln_epsilon)
     return nn.unembed(params.wte, x)
 

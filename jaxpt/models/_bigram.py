@@ -40,3 +40,25 @@ def apply(
     """
     del mask, positions
     return nn.embed(params.table, tokens, jnp.float32), zero_aux()
+
+
+def init_cache(cfg, batch_size: int, length: int) -> tuple:
+    """Nothing to cache: the next token depends on the current one alone."""
+    del cfg, batch_size, length
+    return ()
+
+
+def decode(
+    params: Bigram,
+    tokens: Array,
+    cfg,
+    *,
+    at: Array,
+    mask: Array | None = None,
+    positions: Array | None = None,
+    cache: tuple | None = None,
+) -> tuple[Array, tuple | None]:
+    """float32 ``(B, V)`` logits after ``tokens[b, at[b]]``; ``cache`` passes through."""
+    del cfg, mask, positions
+    current = jnp.take_along_axis(tokens, at[:, None], axis=1)[:, 0]  # (B,)
+    return nn.embed(params.table, current, jnp.float32), cache

@@ -34,13 +34,16 @@ class Mixer(NamedTuple):
 
     ``init(key, cfg) -> params``; ``apply(params, x, cfg, *, mask) -> (y, aux)`` with ``aux``
     keyed by ``AUX_KEYS``; ``validate(cfg)`` raises ConfigError for the fields it reads;
-    ``causal(cfg)`` says whether the output at ``t`` is independent of the tokens after ``t``.
+    ``causal(cfg)`` says whether the output at ``t`` is independent of the tokens after ``t``;
+    ``cacheable(cfg)`` says whether it also never changes as the sequence grows, so that the
+    keys and values of earlier tokens can be cached while generating.
     """
 
     init: Callable
     apply: Callable
     validate: Callable = lambda cfg: None
     causal: Callable = lambda cfg: True
+    cacheable: Callable = lambda cfg: True
 
 
 def _dense(apply_fn: Callable) -> Callable:
@@ -89,18 +92,42 @@ def _validate_soft_moe(cfg) -> None:
     )
 
 
+def _never_drops(cfg) -> bool:
+    """Whether every top-k choice always finds a slot: capacity >= T for every T."""
+    return cfg.load_factor * cfg.top_k >= cfg.n_experts
+
+
 MIXERS: dict[str, Mixer] = {
     "mlp": Mixer(nn.init_mlp, _dense(nn.mlp)),
     "glu": Mixer(nn.init_glu, _dense(nn.glu)),
-    # Top-k routing is causal only in token order; see jaxpt/nn/_moe.py.
-    "moe": Mixer(nn.init_moe, nn.moe, _validate_moe, lambda cfg: not cfg.expert_weight_priority),
-    "soft_moe": Mixer(nn.init_soft_moe, _soft_moe, _validate_soft_moe, lambda cfg: False),
+    # Top-k routing is causal only in token order; see jaxpt/nn/_moe.py. Its capacity grows
+    # with T, so a token dropped at length T may be kept at T + 1: no cache unless nothing
+    # can be dropped.
+    "moe": Mixer(
+        nn.init_moe,
+        nn.moe,
+        _validate_moe,
+        causal=lambda cfg: not cfg.expert_weight_priority or _never_drops(cfg),
+        cacheable=_never_drops,
+    ),
+    "soft_moe": Mixer(
+        nn.init_soft_moe,
+        _soft_moe,
+        _validate_soft_moe,
+        causal=lambda cfg: False,
+        cacheable=lambda cfg: False,
+    ),
 }
 
 
 def is_causal(cfg) -> bool:
     """Whether logits at ``t`` never depend on later tokens (false for some MoE configs)."""
     return all(MIXERS[kind].causal(cfg) for kind in mixer_pattern(cfg))
+
+
+def is_cacheable(cfg) -> bool:
+    """Whether every layer's output at ``t`` is fixed once tokens ``<= t`` are (KV cache)."""
+    return all(MIXERS[kind].cacheable(cfg) for kind in mixer_pattern(cfg))
 
 
 class Block(eqx.Module):
@@ -159,14 +186,82 @@ def init(key: Array, cfg) -> Decoder:
     )
 
 
-def block(p: Block, x: Array, cfg, kind: str, *, positions: Array, mask: Array | None):
-    """``(B, T, D)`` -> ``(B, T, D)`` and the layer's auxiliary losses."""
+def block(
+    p: Block,
+    x: Array,
+    cfg,
+    kind: str,
+    *,
+    positions: Array,
+    mask: Array | None,
+    cache: nn.KVCache | None = None,
+):
+    """``(B, T, D)`` -> ``(B, T, D)``, the layer's auxiliary losses and its updated cache.
+
+    With a ``cache`` the attention reads and extends it (see ``nn.cached_attention``).
+    """
     norm = nn.NORMS[cfg.norm][1]
-    x = x + nn.attention(
-        p.attn, norm(p.ln_1, x, cfg.ln_epsilon), cfg, positions=positions, mask=mask
-    )
+    h = norm(p.ln_1, x, cfg.ln_epsilon)
+    if cache is None:
+        y = nn.attention(p.attn, h, cfg, positions=positions, mask=mask)
+    else:
+        y, cache = nn.cached_attention(p.attn, h, cfg, cache, positions=positions)
+    x = x + y
     y, aux = MIXERS[kind].apply(p.mixer, norm(p.ln_2, x, cfg.ln_epsilon), cfg, mask=mask)
-    return x + y, aux
+    return x + y, aux, cache
+
+
+def init_cache(cfg, batch_size: int, length: int) -> tuple[nn.KVCache, ...] | None:
+    """An empty KV cache for ``length`` positions, stacked like ``Decoder.blocks``.
+
+    None when the config cannot be cached (MoE that can drop tokens, Soft MoE): an earlier
+    token's output there changes as the sequence grows; see ``is_cacheable``.
+    """
+    if not is_cacheable(cfg):
+        return None
+    pattern = mixer_pattern(cfg)
+    layers = cfg.n_layer // len(pattern)
+    return tuple(nn.init_kv_cache(cfg, batch_size, length, layers=layers) for _ in pattern)
+
+
+def features(
+    params: Decoder,
+    tokens: Array,
+    cfg,
+    *,
+    mask: Array | None = None,
+    positions: Array | None = None,
+    cache: tuple[nn.KVCache, ...] | None = None,
+):
+    """The final normalised hidden states: ``(B, T, D)``, summed aux losses, updated cache."""
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    dtype = jnp.dtype(cfg.dtype)
+    x = nn.embed(params.wte, tokens, dtype)  # (B, T, D)
+    if params.wpe is not None:
+        x = x + nn.embed(params.wpe, positions, dtype)
+    pattern = mixer_pattern(cfg)
+
+    caches = (None,) * len(pattern) if cache is None else cache
+
+    def repeat(x, layer):  # one repeat of the pattern
+        blocks, caches = layer
+        auxes, new_caches = [], []
+        for kind, p, c in zip(pattern, blocks, caches, strict=True):
+            x, aux, c = block(p, x, cfg, kind, positions=positions, mask=mask, cache=c)
+            auxes.append(aux)
+            new_caches.append(c)
+        return x, (jax.tree.map(lambda *a: sum(a), *auxes), tuple(new_caches))
+
+    repeat = nn.remat(repeat, cfg.remat_policy)
+    x, (aux, caches) = nn.scan_layers(repeat, x, (params.blocks, caches), scan=cfg.scan_layers)
+    x = nn.NORMS[cfg.norm][1](params.ln_f, x, cfg.ln_epsilon)
+    return x, jax.tree.map(lambda a: a.sum(0), aux), None if cache is None else caches
+
+
+def _read_out(params: Decoder, x: Array) -> Array:
+    return nn.unembed(params.wte if params.lm_head is None else params.lm_head, x)
 
 
 def apply(
@@ -187,24 +282,29 @@ def apply(
         ``(logits, aux)``: float32 ``(B, T, V)`` and the auxiliary losses summed over layers
         (``AUX_KEYS``; zero for dense models).
     """
-    b, t = tokens.shape
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    dtype = jnp.dtype(cfg.dtype)
-    x = nn.embed(params.wte, tokens, dtype)  # (B, T, D)
-    if params.wpe is not None:
-        x = x + nn.embed(params.wpe, positions, dtype)
-    pattern = mixer_pattern(cfg)
+    x, aux, _ = features(params, tokens, cfg, mask=mask, positions=positions)
+    return _read_out(params, x), aux
 
-    def repeat(x, blocks):  # one repeat of the pattern
-        auxes = []
-        for kind, p in zip(pattern, blocks, strict=True):
-            x, aux = block(p, x, cfg, kind, positions=positions, mask=mask)
-            auxes.append(aux)
-        return x, jax.tree.map(lambda *a: sum(a), *auxes)
 
-    repeat = nn.remat(repeat, cfg.remat_policy)
-    x, aux = nn.scan_layers(repeat, x, params.blocks, scan=cfg.scan_layers)
-    x = nn.NORMS[cfg.norm][1](params.ln_f, x, cfg.ln_epsilon)
-    logits = nn.unembed(params.wte if params.lm_head is None else params.lm_head, x)
-    return logits, jax.tree.map(lambda a: a.sum(0), aux)
+def decode(
+    params: Decoder,
+    tokens: Array,
+    cfg,
+    *,
+    at: Array,
+    mask: Array | None = None,
+    positions: Array | None = None,
+    cache: tuple[nn.KVCache, ...] | None = None,
+) -> tuple[Array, tuple[nn.KVCache, ...] | None]:
+    """The next-token logits at one position of each row, for generation.
+
+    Args:
+        tokens, mask, positions: as in ``apply``.
+        at: ``(B,)`` int, the index into T whose logits to return.
+        cache: from ``init_cache``; extended with the keys/values of ``tokens``.
+    Returns:
+        float32 ``(B, V)`` logits and the updated cache.
+    """
+    x, _, cache = features(params, tokens, cfg, mask=mask, positions=positions, cache=cache)
+    x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]  # (B, D)
+    return _read_out(params, x), cache

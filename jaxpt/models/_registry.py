@@ -24,6 +24,7 @@ class Model:
 
     ``apply`` always returns ``(logits, aux)``: float32 logits ``(B, T, V)`` and a dict of
     auxiliary losses (MoE load balance and router z-loss; zeros for dense models).
+    ``init_cache`` and ``decode`` serve generation (``jaxpt.generate``).
     """
 
     name: str
@@ -32,6 +33,8 @@ class Model:
     _init: Callable
     _apply: Callable
     _validate: Callable
+    _init_cache: Callable
+    _decode: Callable
 
     def default_config(self) -> ml_collections.ConfigDict:
         """A fresh copy of this preset's model config."""
@@ -52,6 +55,22 @@ class Model:
         self.validate(cfg)
         return self._apply(params, tokens, cfg, mask=mask, positions=positions)
 
+    def init_cache(self, cfg, batch_size: int, length: int):
+        """An empty generation cache for ``length`` positions of ``batch_size`` sequences.
+
+        None when the model cannot be cached (an earlier token's output changes as the
+        sequence grows: MoE that can drop tokens, Soft MoE); generation then re-runs the
+        whole sequence each step.
+        """
+        self.validate(cfg)
+        return self._init_cache(cfg, batch_size, length)
+
+    def decode(self, params, tokens: Array, cfg, *, at, mask=None, positions=None, cache=None):
+        """float32 ``(B, V)`` next-token logits at index ``at[b]`` of each row, and the cache
+        extended with ``tokens`` (``(B, T)`` at ``positions``; ``cache=None``: no cache)."""
+        self.validate(cfg)
+        return self._decode(params, tokens, cfg, at=at, mask=mask, positions=positions, cache=cache)
+
 
 def _validate_decoder(cfg) -> None:
     validate_decoder(cfg, _decoder.MIXERS)
@@ -68,6 +87,8 @@ def decoder_preset(name: str, summary: str, **overrides) -> Model:
         _decoder.init,
         _decoder.apply,
         _validate_decoder,
+        _decoder.init_cache,
+        _decoder.decode,
     )
 
 
@@ -218,6 +239,8 @@ _MODELS = [
         _bigram.init,
         _bigram.apply,
         lambda cfg: None,
+        _bigram.init_cache,
+        _bigram.decode,
     ),
 ]
 _REGISTRY = {model.name: model for model in _MODELS}

@@ -13,11 +13,14 @@ first. Nothing holds state: jit, grad, vmap and eval_shape apply directly.
 
 from jaxpt.nn._attention import IMPLEMENTATIONS as IMPLEMENTATIONS
 from jaxpt.nn._attention import Attention as Attention
+from jaxpt.nn._attention import KVCache as KVCache
 from jaxpt.nn._attention import attend as attend
 from jaxpt.nn._attention import attention as attention
+from jaxpt.nn._attention import cached_attention as cached_attention
 from jaxpt.nn._attention import causal_mask as causal_mask
 from jaxpt.nn._attention import einsum_attention as einsum_attention
 from jaxpt.nn._attention import init_attention as init_attention
+from jaxpt.nn._attention import init_kv_cache as init_kv_cache
 from jaxpt.nn._axes import Axes as Axes
 from jaxpt.nn._axes import HasAxes as HasAxes
 from jaxpt.nn._axes import logical_axes as logical_axes

@@ -73,6 +73,45 @@ def init_attention(key: Array, cfg) -> Attention:
     )
 
 
+class KVCache(eqx.Module):
+    """Keys and values of one attention layer for ``S`` positions of ``B`` sequences.
+
+    Position ``s`` of row ``b`` holds the key/value of that sequence's token at position
+    ``s`` (only the K KV heads: GQA caches ``K / H`` of what MHA would).
+    """
+
+    k: Array  # (..., B, S, K, Dh)
+    v: Array  # (..., B, S, K, Dh)
+
+
+def init_kv_cache(cfg, batch_size: int, length: int, *, layers: int) -> KVCache:
+    """Zeroed buffers for ``layers`` stacked attention layers, in the compute dtype."""
+    head_dim = cfg.n_embed // cfg.n_head
+    shape = (layers, batch_size, length, cfg.n_kv_head, head_dim)
+    return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
+def _project(p: Attention, x: Array, cfg, positions: Array) -> tuple[Array, Array, Array]:
+    """Queries ``(B, T, H, Dh)``, keys and values ``(B, T, K, Dh)``, QK-normed and rotated."""
+    b, t, _ = x.shape
+    head_dim = cfg.n_embed // cfg.n_head
+    q = linear(p.q, x).reshape(b, t, cfg.n_head, head_dim)
+    k = linear(p.k, x).reshape(b, t, cfg.n_kv_head, head_dim)
+    v = linear(p.v, x).reshape(b, t, cfg.n_kv_head, head_dim)
+    if cfg.qk_norm:
+        q, k = rms_norm(p.q_norm, q, cfg.ln_epsilon), rms_norm(p.k_norm, k, cfg.ln_epsilon)
+    if cfg.position == "rope":
+        cos, sin = rope_angles(positions, head_dim, cfg.rope_base)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k, v
+
+
+def _merge_heads(p: Attention, y: Array) -> Array:
+    """``(B, T, H, Dh)`` -> ``(B, T, D)`` through the output projection."""
+    b, t, h, head_dim = y.shape
+    return linear(p.o, y.reshape(b, t, h * head_dim))
+
+
 def attention(p: Attention, x: Array, cfg, *, positions: Array, mask: Array | None) -> Array:
     """Causal self-attention over a full sequence.
 
@@ -85,19 +124,40 @@ def attention(p: Attention, x: Array, cfg, *, positions: Array, mask: Array | No
     Returns:
         ``(B, T, D)``.
     """
-    b, t, _ = x.shape
-    head_dim = cfg.n_embed // cfg.n_head
-    q = linear(p.q, x).reshape(b, t, cfg.n_head, head_dim)  # (B, T, H, Dh)
-    k = linear(p.k, x).reshape(b, t, cfg.n_kv_head, head_dim)  # (B, T, K, Dh)
-    v = linear(p.v, x).reshape(b, t, cfg.n_kv_head, head_dim)
-    if cfg.qk_norm:
-        q, k = rms_norm(p.q_norm, q, cfg.ln_epsilon), rms_norm(p.k_norm, k, cfg.ln_epsilon)
-    if cfg.position == "rope":
-        cos, sin = rope_angles(positions, head_dim, cfg.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = _project(p, x, cfg, positions)
     full_mask = None if mask is None else causal_mask(positions, positions, mask)
-    y = attend(q, k, v, mask=full_mask, implementation=cfg.sdpa_implementation)
-    return linear(p.o, y.reshape(b, t, cfg.n_head * head_dim))
+    return _merge_heads(p, attend(q, k, v, mask=full_mask, implementation=cfg.sdpa_implementation))
+
+
+def cached_attention(
+    p: Attention, x: Array, cfg, cache: KVCache, *, positions: Array
+) -> tuple[Array, KVCache]:
+    """Causal self-attention of new tokens over a sequence's cached keys and values.
+
+    Writes the new tokens' keys/values at their positions, then each new token attends to
+    every cached position up to its own. Positions of a row must be filled in order (a
+    prefill, then one token at a time), so the positions a token reads all hold its
+    sequence's tokens.
+
+    Args:
+        x: ``(B, T, D)``, the new tokens (T = prompt length at prefill, 1 per decode step).
+        positions: ``(B, T)`` int, each below the cache length S.
+        cache: ``KVCache`` with ``(B, S, K, Dh)`` buffers.
+    Returns:
+        ``(B, T, D)`` and the updated cache.
+    """
+    q, k, v = _project(p, x, cfg, positions)
+    rows = jnp.arange(x.shape[0])[:, None]  # (B, 1)
+    cache = KVCache(
+        cache.k.at[rows, positions].set(k.astype(cache.k.dtype)),
+        cache.v.at[rows, positions].set(v.astype(cache.v.dtype)),
+    )
+    b, s = cache.k.shape[:2]
+    kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    mask = causal_mask(positions, kv_positions, jnp.ones((b, s), bool))  # (B, T, S)
+    implementation = "einsum" if cfg.sdpa_implementation == "einsum" else "xla"
+    y = attend(q, cache.k, cache.v, mask=mask, implementation=implementation)
+    return _merge_heads(p, y), cache
 
 
 def causal_mask(q_positions: Array, kv_positions: Array, kv_valid: Array) -> Array:

@@ -70,9 +70,9 @@ def embed(p: Embedding, ids: Array, dtype) -> Array:
 
 
 def unembed(p: Embedding, x: Array) -> Array:
-    """Tied read-out: float32 logits ``x @ weight.T``. ``x``: ``(B, T, D)`` -> ``(B, T, V)``."""
+    """Tied read-out: float32 logits ``x @ weight.T``. ``x``: ``(..., D)`` -> ``(..., V)``."""
     return jnp.einsum(
-        "btd,vd->btv", x, p.weight.astype(x.dtype), preferred_element_type=jnp.float32
+        "...d,vd->...v", x, p.weight.astype(x.dtype), preferred_element_type=jnp.float32
     )
 
 

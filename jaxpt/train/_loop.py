@@ -30,6 +30,16 @@ def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
     return TrainState(sharding.replicated(mesh), params, opt_state)
 
 
+def abstract_state(config, mesh) -> tuple[TrainState, TrainState]:
+    """The train state's shapes and dtypes (nothing allocated) and its shardings on ``mesh``."""
+    model = models.get(config.model.name)
+    key = jax.random.key(config.train.seed)
+    abstract_params = jax.eval_shape(lambda k: model.init(k, config.model), key)
+    tx = optimizer(config.train, abstract_params)
+    abstract = jax.eval_shape(lambda k: init_state(k, config, tx), key)
+    return abstract, state_shardings(abstract, mesh, config.mesh.rules, tx)
+
+
 def check_batch_fits_mesh(config, mesh) -> None:
     """Each micro-batch must split evenly over the devices that share the batch."""
     shards = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh, config.mesh.rules)]))
@@ -82,11 +92,9 @@ def train(config, workdir: str | Path) -> TrainState:
     batch_size, seq_len = config.train.batch_size, config.model.block_size
 
     key = jax.random.key(config.train.seed)
-    abstract_params = jax.eval_shape(lambda k: model.init(k, config.model), key)
-    tx = optimizer(config.train, abstract_params)
-    abstract = jax.eval_shape(lambda k: init_state(k, config, tx), key)
-    shardings = state_shardings(abstract, mesh, rules, tx)
-    n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+    abstract, shardings = abstract_state(config, mesh)
+    tx = optimizer(config.train, abstract.params)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     print(describe(config, n_params), flush=True)
 
     batch_sh = sharding.batch_sharding(mesh, rules)

@@ -1,0 +1,252 @@
+"""Sampling from any registry model: prefill, then one token at a time, in one jitted loop.
+
+Prompts of different lengths share a ``(B, P + N)`` token buffer, left-aligned: row ``b``
+holds its prompt at positions ``0 .. p_b - 1`` and its new tokens after it, so every sequence
+keeps its own positions (learned and rotary embeddings need no offsets) and its own length.
+
+Models whose earlier outputs never change as the sequence grows (``Model.init_cache`` is not
+None: every dense preset, MoE that cannot drop tokens, Bigram) prefill a KV cache with the
+prompts and then feed one token per step. Top-k MoE with a capacity and Soft MoE are not like
+that (a later token changes how earlier ones were routed), so for them each step re-runs the
+whole buffer under a padding mask: slower, but exactly what the model computes on the
+sequence so far.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax import Array
+
+from jaxpt import models
+from jaxpt.models import ConfigError
+
+
+class Sampling(NamedTuple):
+    """How the next token is drawn from the logits (hashable: a static jit argument)."""
+
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set whose probability reaches p
+    n_tokens: int | None = None  # draw only ids below this (a padded vocabulary's real part)
+
+
+class Generated(NamedTuple):
+    """Prompts and their continuations.
+
+    ``tokens[b, :lengths[b]]`` is prompt ``b`` (its first ``prompt_lengths[b]`` tokens)
+    followed by its new tokens, ending with the stop token when one was drawn; the rest of
+    the row is 0.
+    """
+
+    tokens: Array  # (B, P + N) int32
+    prompt_lengths: Array  # (B,) int32
+    lengths: Array  # (B,) int32
+
+    def completions(self) -> list[list[int]]:
+        """The new tokens of each prompt, as lists."""
+        tokens, starts, ends = map(np.asarray, self)
+        return [row[s:e].tolist() for row, s, e in zip(tokens, starts, ends, strict=True)]
+
+
+def filter_logits(logits: Array, sampling: Sampling) -> Array:
+    """Temperature-scaled logits with tokens outside the top-k / top-p sets at -inf.
+
+    Top-p keeps, in order of probability, the tokens until their mass first reaches ``p``
+    (the smallest such set); the most likely token is always kept.
+
+    Args:
+        logits: ``(B, V)`` float32, ``sampling.temperature > 0``.
+    """
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # (B, 1)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)  # (B, V) most likely first
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < sampling.top_p
+        keep = (
+            jnp.zeros_like(keep_sorted).at[jnp.arange(len(order))[:, None], order].set(keep_sorted)
+        )
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def sample(key: Array, logits: Array, sampling: Sampling) -> Array:
+    """One token per row: ``(B, V)`` logits -> ``(B,)`` int32."""
+    if sampling.n_tokens is not None:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < sampling.n_tokens, logits, -jnp.inf)
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, sampling)).astype(jnp.int32)
+
+
+def generate(
+    params,
+    model_config,
+    prompts: Sequence[Sequence[int]] | np.ndarray,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: Array | None = None,
+    stop_token: int | None = None,
+    n_tokens: int | None = None,
+) -> Generated:
+    """Continues each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+        params: the model's params; ``model_config.name`` names its registry entry.
+        prompts: token-id lists (lengths may differ), or a ``(B, P)`` int array.
+        temperature: 0 is greedy decoding; otherwise logits are divided by it and sampled,
+            after the optional ``top_k`` and ``top_p`` (nucleus) filters.
+        key: a ``jax.random.key``, required unless greedy; a fixed key gives fixed samples.
+        stop_token: a sequence stops after drawing it (it is kept in the output).
+        n_tokens: draw only ids below it, e.g. the tokenizer's vocabulary size when the
+            model's ``vocab_size`` is padded (GPT-2: 50257 of 50304).
+    Returns:
+        ``Generated``; ``.completions()`` lists the new tokens of each prompt.
+    """
+    model = models.get(model_config.name)
+    model.validate(model_config)
+    sampling = _check_sampling(temperature, top_k, top_p, key, n_tokens, model_config.vocab_size)
+    tokens, prompt_lengths = pad_prompts(prompts, max_new_tokens, model_config)
+    cfg = ml_collections.FrozenConfigDict(model_config)
+    if key is None:
+        key = jax.random.key(0)  # unused by greedy decoding
+    return _generate(
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(prompt_lengths),
+        key,
+        cfg=cfg,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_token=stop_token,
+    )
+
+
+def pad_prompts(prompts, max_new_tokens: int, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The left-aligned ``(B, P + max_new_tokens)`` int32 buffer and the prompt lengths.
+
+    Raises ConfigError for an empty prompt, a token id outside the vocabulary, or a total
+    length beyond the model's ``block_size``.
+    """
+    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    if not rows or min(len(r) for r in rows) == 0:
+        raise ConfigError("generate needs at least one prompt, each of at least one token.")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+    for i, row in enumerate(rows):
+        bad = row[(row < 0) | (row >= cfg.vocab_size)]
+        if bad.size:
+            raise ConfigError(
+                f"prompt {i} holds token id {int(bad[0])}, outside the model's vocabulary "
+                f"0..{cfg.vocab_size - 1}: encode it with the model's tokenizer."
+            )
+    length = max(len(r) for r in rows) + max_new_tokens
+    if "n_layer" in cfg and length > cfg.block_size:
+        raise ConfigError(
+            f"the longest prompt plus max_new_tokens is {length} tokens, beyond "
+            f"model.block_size={cfg.block_size}: shorten the prompt or ask for fewer tokens."
+        )
+    tokens = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+    return tokens, np.array([len(r) for r in rows], np.int32)
+
+
+def _check_sampling(temperature, top_k, top_p, key, n_tokens, vocab_size: int) -> Sampling:
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ConfigError(f"top_k={top_k} must be from 1 to the vocabulary size {vocab_size}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1].")
+    if temperature > 0 and key is None:
+        raise ConfigError("sampling with temperature > 0 needs key=jax.random.key(seed).")
+    if n_tokens is not None and not 1 <= n_tokens <= vocab_size:
+        raise ConfigError(
+            f"n_tokens={n_tokens} must be from 1 to model.vocab_size={vocab_size}: is the "
+            "tokenizer the model's?"
+        )
+    return Sampling(float(temperature), top_k, top_p, n_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_token"))
+def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampling, stop_token):
+    """The prefill and the decode loop. tokens: ``(B, L)``; prompt_lengths: ``(B,)``."""
+    model = models.get(cfg.name)
+    batch, length = tokens.shape
+    rows = jnp.arange(batch)
+    cache = model.init_cache(cfg, batch, length)
+
+    if cache is None:  # re-run the whole buffer, masked to each row's tokens so far
+
+        def next_logits(tokens, lengths, cache, first):
+            del first
+            mask = jnp.arange(length)[None, :] < lengths[:, None]  # (B, L)
+            return model.decode(params, tokens, cfg, at=lengths - 1, mask=mask)
+
+    else:  # prefill the prompts, then feed the newest token
+
+        def next_logits(tokens, lengths, cache, first):
+            if first:
+                prompt = length - max_new_tokens
+                positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
+                mask = positions < lengths[:, None]
+                return model.decode(
+                    params,
+                    tokens[:, :prompt],
+                    cfg,
+                    at=lengths - 1,
+                    mask=mask,
+                    positions=positions,
+                    cache=cache,
+                )
+            newest = tokens[rows, lengths - 1][:, None]  # (B, 1)
+            return model.decode(
+                params,
+                newest,
+                cfg,
+                at=jnp.zeros_like(lengths),
+                positions=(lengths - 1)[:, None],
+                cache=cache,
+            )
+
+    def append(i, tokens, lengths, done, key, logits):
+        token = sample(jax.random.fold_in(key, i), logits, sampling)  # (B,)
+        tokens = tokens.at[rows, lengths].set(jnp.where(done, tokens[rows, lengths], token))
+        lengths = lengths + (~done)
+        if stop_token is not None:
+            done = done | (token == stop_token)
+        return tokens, lengths, done
+
+    def body(state):
+        i, tokens, lengths, done, cache, logits = state
+        tokens, lengths, done = append(i, tokens, lengths, done, key, logits)
+        logits, cache = jax.lax.cond(
+            (i + 1 < max_new_tokens) & ~done.all(),
+            lambda: next_logits(tokens, lengths, cache, first=False),
+            lambda: (logits, cache),
+        )
+        return i + 1, tokens, lengths, done, cache, logits
+
+    def cond(state):
+        i, _, _, done, _, _ = state
+        return (i < max_new_tokens) & ~done.all()
+
+    logits, cache = next_logits(tokens, prompt_lengths, cache, first=True)
+    done = jnp.zeros((batch,), bool)
+    state = (jnp.int32(0), tokens, prompt_lengths, done, cache, logits)
+    _, tokens, lengths, _, _, _ = jax.lax.while_loop(cond, body, state)
+    return Generated(tokens, prompt_lengths, lengths)

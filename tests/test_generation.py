@@ -1,0 +1,170 @@
+"""Generation: cached decoding against full forward passes, padding, sampling filters, CLI."""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpt import generate, launcher, models, train
+from jaxpt.generation import Sampling, filter_logits
+from jaxpt.models import ConfigError
+from tests.test_models import tiny_config
+from tests.test_train import ROOT, load_config
+
+PROMPTS = [[5, 17, 3], [42, 7, 7, 1, 90]]  # different lengths: a padded batch
+NEW = 6
+
+
+def greedy_by_full_forward(apply, params, prompt, n):
+    """Reference: re-run the whole growing sequence (unpadded, no cache) for each token."""
+    tokens = list(prompt)
+    for _ in range(n):
+        logits, _ = apply(params, jnp.asarray([tokens]))
+        tokens.append(int(jnp.argmax(logits[0, -1])))
+    return tokens[len(prompt) :]
+
+
+def generation_cases():
+    cases = [(name, {}) for name in models.names()]
+    # top-k MoE whose capacity can never drop a choice is cacheable; check that path too
+    cases.append(("tiny_moe_2", dict(load_factor=4.0)))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "overrides"), generation_cases())
+def test_greedy_with_cache_equals_full_forward_and_padding_changes_nothing(name, overrides):
+    cfg = tiny_config(name, **overrides)
+    params = models.get(name).init(jax.random.key(0), cfg)
+    out = generate(params, cfg, PROMPTS, NEW, temperature=0)
+    apply = jax.jit(functools.partial(models.get(name).apply, cfg=cfg))
+    for prompt, completion in zip(PROMPTS, out.completions(), strict=True):
+        assert completion == greedy_by_full_forward(apply, params, prompt, NEW)
+    np.testing.assert_array_equal(out.lengths, [len(p) + NEW for p in PROMPTS])
+    for prompt, row, length in zip(PROMPTS, np.asarray(out.tokens), out.lengths, strict=True):
+        np.testing.assert_array_equal(row[: len(prompt)], prompt)
+        assert (row[length:] == 0).all()
+
+
+def test_which_models_use_the_cache():
+    cacheable = {
+        name
+        for name in models.names()
+        if models.get(name).init_cache(tiny_config(name), 1, 4) is not None
+    }
+    assert cacheable == set(models.names()) - {"tiny_moe", "tiny_moe_2", "tiny_moe_3"}
+    assert models.is_cacheable(tiny_config("tiny_moe_2", load_factor=4.0))
+
+
+def test_gqa_caches_only_the_kv_heads():
+    cfg = tiny_config("gqa_glu_rope_gpt")
+    assert cfg.n_kv_head < cfg.n_head
+    (cache,) = models.get("gqa_glu_rope_gpt").init_cache(cfg, 3, 12)
+    head_dim = cfg.n_embed // cfg.n_head
+    assert cache.k.shape == cache.v.shape == (cfg.n_layer, 3, 12, cfg.n_kv_head, head_dim)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    cfg = tiny_config("gpt")
+    return cfg, models.get("gpt").init(jax.random.key(1), cfg)
+
+
+def test_padded_batch_samples_like_each_prompt_alone_when_greedy(gpt):
+    cfg, params = gpt
+    together = generate(params, cfg, PROMPTS, NEW, temperature=0).completions()
+    alone = [generate(params, cfg, [p], NEW, temperature=0).completions()[0] for p in PROMPTS]
+    assert together == alone
+
+
+def test_top_k_1_is_greedy_and_a_key_fixes_the_samples(gpt):
+    cfg, params = gpt
+    greedy = generate(params, cfg, PROMPTS, NEW, temperature=0).completions()
+    top1 = generate(params, cfg, PROMPTS, NEW, top_k=1, key=jax.random.key(3)).completions()
+    assert top1 == greedy
+    draw = lambda seed: generate(
+        params, cfg, PROMPTS, NEW, temperature=1.5, key=jax.random.key(seed)
+    ).completions()
+    assert draw(4) == draw(4)
+    assert draw(4) != draw(5)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    probs = np.array([0.05, 0.5, 0.15, 0.3])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
+    logits = jnp.log(jnp.asarray([probs], jnp.float32))
+
+    def kept(p):
+        filtered = filter_logits(logits, Sampling(temperature=1.0, top_p=p))
+        return set(np.flatnonzero(np.isfinite(np.asarray(filtered[0]))).tolist())
+
+    assert kept(0.3) == {1}  # the most likely token alone already reaches 0.3
+    assert kept(0.5) == {1}
+    assert kept(0.6) == {1, 3}
+    assert kept(0.8) == {1, 3}
+    assert kept(0.81) == {1, 3, 2}
+    assert kept(1.0) == {0, 1, 2, 3}
+
+
+def test_top_k_filter_and_temperature():
+    logits = jnp.asarray([[1.0, 4.0, 2.0, 3.0]])
+    filtered = filter_logits(logits, Sampling(temperature=2.0, top_k=2))
+    np.testing.assert_array_equal(filtered, [[-np.inf, 2.0, -np.inf, 1.5]])
+
+
+def test_n_tokens_keeps_padded_ids_out(gpt):
+    cfg, params = gpt
+    out = generate(params, cfg, PROMPTS, NEW, temperature=3.0, key=jax.random.key(0), n_tokens=9)
+    assert max(max(c) for c in out.completions()) < 9
+
+
+def test_each_sequence_stops_at_the_stop_token():
+    # a bigram table that walks 1 -> 2 -> 3 -> 1 ... greedily, and 4 -> 5 -> 6 -> 7 ...
+    cfg = models.get("bigram").default_config()
+    cfg.vocab_size = 10
+    table = np.full((10, 10), -5.0, np.float32)
+    for a, b in [(1, 2), (2, 3), (3, 1), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 4)]:
+        table[a, b] = 5.0
+    params = models.get("bigram").init(jax.random.key(0), cfg)
+    params = eqx.tree_at(lambda p: p.table.weight, params, jnp.asarray(table))
+    out = generate(params, cfg, [[1], [4, 5]], 6, temperature=0, stop_token=3)
+    assert out.completions() == [[2, 3], [6, 7, 8, 9, 4, 5]]
+    np.testing.assert_array_equal(out.lengths, [3, 8])
+
+
+def test_bad_requests_get_one_clear_sentence(gpt):
+    cfg, params = gpt
+    with pytest.raises(ConfigError, match=r"token id 97, outside the model's vocabulary 0..96"):
+        generate(params, cfg, [[1, 97]], 2, temperature=0)
+    with pytest.raises(ConfigError, match=r"beyond model\.block_size=16"):
+        generate(params, cfg, [[1] * 10], 7, temperature=0)
+    with pytest.raises(ConfigError, match="needs key"):
+        generate(params, cfg, [[1]], 2)
+    with pytest.raises(ConfigError, match="at least one token"):
+        generate(params, cfg, [[1], []], 2, temperature=0)
+    with pytest.raises(ConfigError, match="top_p"):
+        generate(params, cfg, [[1]], 2, top_p=0.0, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", ["bigram", "charformer"])
+def test_generate_mode_samples_from_the_latest_checkpoint(name, tmp_path, capsys):
+    config = load_config(ROOT / "configs" / f"{name}.py", "smoke")
+    config.train.steps = 2
+    config.eval.batches = 1
+    train.train(config, tmp_path)
+    options = launcher.SampleOptions(prompt="The ", num_samples=2, max_new_tokens=5, seed=1)
+    launcher.run(config, workdir=str(tmp_path), mode="generate", sample_options=options)
+    printed = capsys.readouterr().out
+    assert "sampling from checkpoint 2" in printed
+    assert printed.count("--- sample") == 2
+    texts = launcher.sample(config, tmp_path, options)
+    assert len(texts) == 2 and all(t.startswith("The ") for t in texts)
+    assert texts == launcher.sample(config, tmp_path, options)  # the seed fixes them
+
+
+def test_generate_mode_without_a_checkpoint_says_what_to_do(tmp_path):
+    config = load_config(ROOT / "configs" / "bigram.py", "smoke")
+    with pytest.raises(ConfigError, match="train this config with --mode=train"):
+        launcher.sample(config, tmp_path, launcher.SampleOptions())
+    assert not (tmp_path / "checkpoints").exists()
