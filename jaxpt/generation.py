@@ -190,40 +190,37 @@ def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampl
     rows = jnp.arange(batch)
     cache = model.init_cache(cfg, batch, length)
 
-    if cache is None:  # re-run the whole buffer, masked to each row's tokens so far
+    if cache is None:  # every step re-runs the whole buffer, masked to each row's tokens
 
-        def next_logits(tokens, lengths, cache, first):
-            del first
+        def step(tokens, lengths, cache):
             mask = jnp.arange(length)[None, :] < lengths[:, None]  # (B, L)
             return model.decode(params, tokens, cfg, at=lengths - 1, mask=mask)
 
-    else:  # prefill the prompts, then feed the newest token
+        prefill = step
 
-        def next_logits(tokens, lengths, cache, first):
-            if first:
-                prompt = length - max_new_tokens
-                positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
-                mask = positions < lengths[:, None]
-                return model.decode(
-                    params,
-                    tokens[:, :prompt],
-                    cfg,
-                    at=lengths - 1,
-                    mask=mask,
-                    positions=positions,
-                    cache=cache,
-                )
-            newest = tokens[rows, lengths - 1][:, None]  # (B, 1)
+    else:
+
+        def prefill(tokens, lengths, cache):  # the prompts' keys/values into the cache
+            prompt = length - max_new_tokens
+            positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
+            mask = positions < lengths[:, None]
             return model.decode(
                 params,
-                newest,
+                tokens[:, :prompt],
                 cfg,
-                at=jnp.zeros_like(lengths),
-                positions=(lengths - 1)[:, None],
+                at=lengths - 1,
+                mask=mask,
+                positions=positions,
                 cache=cache,
             )
 
-    def append(i, tokens, lengths, done, key, logits):
+        def step(tokens, lengths, cache):  # the newest token of each row, at its position
+            newest = tokens[rows, lengths - 1][:, None]  # (B, 1)
+            at = jnp.zeros_like(lengths)
+            positions = (lengths - 1)[:, None]
+            return model.decode(params, newest, cfg, at=at, positions=positions, cache=cache)
+
+    def append(i, tokens, lengths, done, logits):  # draw token i of every unfinished row
         token = sample(jax.random.fold_in(key, i), logits, sampling)  # (B,)
         tokens = tokens.at[rows, lengths].set(jnp.where(done, tokens[rows, lengths], token))
         lengths = lengths + (~done)
@@ -231,22 +228,20 @@ def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampl
             done = done | (token == stop_token)
         return tokens, lengths, done
 
-    def body(state):
-        i, tokens, lengths, done, cache, logits = state
-        tokens, lengths, done = append(i, tokens, lengths, done, key, logits)
-        logits, cache = jax.lax.cond(
-            (i + 1 < max_new_tokens) & ~done.all(),
-            lambda: next_logits(tokens, lengths, cache, first=False),
-            lambda: (logits, cache),
-        )
-        return i + 1, tokens, lengths, done, cache, logits
+    def body(state):  # feed the newest token, then draw the next
+        i, tokens, lengths, done, cache = state
+        logits, cache = step(tokens, lengths, cache)
+        tokens, lengths, done = append(i, tokens, lengths, done, logits)
+        return i + 1, tokens, lengths, done, cache
 
     def cond(state):
-        i, _, _, done, _, _ = state
+        i, _, _, done, _ = state
         return (i < max_new_tokens) & ~done.all()
 
-    logits, cache = next_logits(tokens, prompt_lengths, cache, first=True)
+    logits, cache = prefill(tokens, prompt_lengths, cache)
     done = jnp.zeros((batch,), bool)
-    state = (jnp.int32(0), tokens, prompt_lengths, done, cache, logits)
-    _, tokens, lengths, _, _, _ = jax.lax.while_loop(cond, body, state)
+    tokens, lengths, done = append(0, tokens, prompt_lengths, done, logits)
+    _, tokens, lengths, _, _ = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), tokens, lengths, done, cache)
+    )
     return Generated(tokens, prompt_lengths, lengths)
