@@ -34,6 +34,8 @@ flags.DEFINE_integer("new", 256, "New tokens per sequence.")
 flags.DEFINE_integer("reps", 3, "Timed runs per row (median).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute.")
 flags.DEFINE_bool("reference", True, "Also time transformers (skipped if not installed).")
+flags.DEFINE_bool("scan_layers", True, "jaxpt: scan the layers (else unroll them).")
+flags.DEFINE_enum("sdpa", "auto", ["auto", "xla", "einsum"], "jaxpt: attention implementation.")
 
 VOCAB = 50257  # GPT-2's, as the reference
 
@@ -53,6 +55,7 @@ def jaxpt_row(batch: int, f) -> dict:
     """jaxpt.generate on the GPT-2 shape: new tokens/s of whole generate calls."""
     cfg = models.get("gpt").default_config()
     cfg.update(vocab_size=VOCAB, dtype=f.dtype, param_dtype=f.dtype)
+    cfg.update(scan_layers=f.scan_layers, sdpa_implementation=f.sdpa)
     params = jax.jit(lambda k: models.get("gpt").init(k, cfg))(jax.random.key(0))
     rng = np.random.default_rng(batch)
 

@@ -195,17 +195,19 @@ def block(
     positions: Array,
     mask: Array | None,
     cache: nn.KVCache | None = None,
+    layer: Array | int = 0,
 ):
     """``(B, T, D)`` -> ``(B, T, D)``, the layer's auxiliary losses and its updated cache.
 
-    With a ``cache`` the attention reads and extends it (see ``nn.cached_attention``).
+    With a ``cache`` (stacked over layers) the attention reads and extends its entry
+    ``layer`` (see ``nn.cached_attention``).
     """
     norm = nn.NORMS[cfg.norm][1]
     h = norm(p.ln_1, x, cfg.ln_epsilon)
     if cache is None:
         y = nn.attention(p.attn, h, cfg, positions=positions, mask=mask)
     else:
-        y, cache = nn.cached_attention(p.attn, h, cfg, cache, positions=positions)
+        y, cache = nn.cached_attention(p.attn, h, cfg, cache, positions=positions, layer=layer)
     x = x + y
     y, aux = MIXERS[kind].apply(p.mixer, norm(p.ln_2, x, cfg.ln_epsilon), cfg, mask=mask)
     return x + y, aux, cache
@@ -244,18 +246,24 @@ def features(
     pattern = mixer_pattern(cfg)
 
     caches = (None,) * len(pattern) if cache is None else cache
+    repeats = cfg.n_layer // len(pattern)
 
-    def repeat(x, layer):  # one repeat of the pattern
-        blocks, caches = layer
+    # The caches ride in the carry, whole, and each layer writes its rows in place: as scanned
+    # inputs/outputs they would be copied every step.
+    def repeat(carry, layer):  # one repeat of the pattern
+        x, caches = carry
+        blocks, index = layer
         auxes, new_caches = [], []
         for kind, p, c in zip(pattern, blocks, caches, strict=True):
-            x, aux, c = block(p, x, cfg, kind, positions=positions, mask=mask, cache=c)
+            x, aux, c = block(p, x, cfg, kind, positions=positions, mask=mask, cache=c, layer=index)
             auxes.append(aux)
             new_caches.append(c)
-        return x, (jax.tree.map(lambda *a: sum(a), *auxes), tuple(new_caches))
+        return (x, tuple(new_caches)), jax.tree.map(lambda *a: sum(a), *auxes)
 
     repeat = nn.remat(repeat, cfg.remat_policy)
-    x, (aux, caches) = nn.scan_layers(repeat, x, (params.blocks, caches), scan=cfg.scan_layers)
+    (x, caches), aux = nn.scan_layers(
+        repeat, (x, caches), (params.blocks, jnp.arange(repeats)), scan=cfg.scan_layers
+    )
     x = nn.NORMS[cfg.norm][1](params.ln_f, x, cfg.ln_epsilon)
     return x, jax.tree.map(lambda a: a.sum(0), aux), None if cache is None else caches
 

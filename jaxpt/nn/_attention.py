@@ -80,8 +80,8 @@ class KVCache(eqx.Module):
     ``s`` (only the K KV heads: GQA caches ``K / H`` of what MHA would).
     """
 
-    k: Array  # (..., B, S, K, Dh)
-    v: Array  # (..., B, S, K, Dh)
+    k: Array  # (layers, B, S, K, Dh)
+    v: Array  # (layers, B, S, K, Dh)
 
 
 def init_kv_cache(cfg, batch_size: int, length: int, *, layers: int) -> KVCache:
@@ -130,33 +130,34 @@ def attention(p: Attention, x: Array, cfg, *, positions: Array, mask: Array | No
 
 
 def cached_attention(
-    p: Attention, x: Array, cfg, cache: KVCache, *, positions: Array
+    p: Attention, x: Array, cfg, cache: KVCache, *, positions: Array, layer: Array | int = 0
 ) -> tuple[Array, KVCache]:
     """Causal self-attention of new tokens over a sequence's cached keys and values.
 
-    Writes the new tokens' keys/values at their positions, then each new token attends to
-    every cached position up to its own. Positions of a row must be filled in order (a
-    prefill, then one token at a time), so the positions a token reads all hold its
-    sequence's tokens.
+    Writes the new tokens' keys/values at their positions in entry ``layer`` of the stacked
+    cache (in place inside a loop), then each new token attends to every cached position up
+    to its own. Positions of a row must be filled in order (a prefill, then one token at a
+    time), so the positions a token reads all hold its sequence's tokens.
 
     Args:
         x: ``(B, T, D)``, the new tokens (T = prompt length at prefill, 1 per decode step).
         positions: ``(B, T)`` int, each below the cache length S.
-        cache: ``KVCache`` with ``(B, S, K, Dh)`` buffers.
+        cache: ``KVCache`` with ``(layers, B, S, K, Dh)`` buffers; layer: the entry to use.
     Returns:
         ``(B, T, D)`` and the updated cache.
     """
     q, k, v = _project(p, x, cfg, positions)
     rows = jnp.arange(x.shape[0])[:, None]  # (B, 1)
     cache = KVCache(
-        cache.k.at[rows, positions].set(k.astype(cache.k.dtype)),
-        cache.v.at[rows, positions].set(v.astype(cache.v.dtype)),
+        cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
+        cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)),
     )
-    b, s = cache.k.shape[:2]
+    keys, values = cache.k[layer], cache.v[layer]  # (B, S, K, Dh)
+    b, s = keys.shape[:2]
     kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
     mask = causal_mask(positions, kv_positions, jnp.ones((b, s), bool))  # (B, T, S)
     implementation = "einsum" if cfg.sdpa_implementation == "einsum" else "xla"
-    y = attend(q, cache.k, cache.v, mask=mask, implementation=implementation)
+    y = attend(q, keys, values, mask=mask, implementation=implementation)
     return _merge_heads(p, y), cache
 
 
