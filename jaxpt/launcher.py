@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 
-from jaxpt import data, models, sharding, train
+from jaxpt import data, hf, models, sharding, train
 from jaxpt.generation import generate
 from jaxpt.models import ConfigError
 
@@ -41,11 +41,11 @@ def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None
 
 def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     """Prompt plus completion, as text, for each of ``options.num_samples`` samples drawn
-    from the latest checkpoint in ``workdir``; each stops at end-of-text."""
+    from the latest checkpoint in ``workdir`` (or ``model.init_from``, see
+    ``params_and_tokenizer``); each stops at end-of-text."""
     models.get(config.model.name).validate(config.model)
-    tokenizer = tokenizer_of(config.data)
+    params, tokenizer = params_and_tokenizer(config, workdir)
     prompt = tokenizer.encode(options.prompt) if options.prompt else [tokenizer.eot_id]
-    params = latest_params(config, workdir)
     generated = generate(
         params,
         config.model,
@@ -61,6 +61,22 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     return [tokenizer.decode(prompt + new) for new in generated.completions()]
 
 
+def params_and_tokenizer(config, workdir: str | Path) -> tuple[object, data.Tokenizer]:
+    """The latest checkpoint's params and the run's tokenizer. In a workdir without
+    checkpoints, a config with ``model.init_from`` gets that HF checkpoint's params and the
+    tokenizer that came with it (else the run's)."""
+    directory = Path(workdir) / "checkpoints"  # orbax names each checkpoint by its step
+    trained = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    if trained or not hf.init_source(config.model):
+        step, params = latest_params(config, workdir)
+        print(f"sampling from checkpoint {step} of {workdir}", flush=True)
+        return params, tokenizer_of(config.data)
+    pretrained = hf.load_init_from(config.model)
+    print(f"sampling from model.init_from={config.model.init_from}", flush=True)
+    tokenizer = pretrained.tokenizer
+    return pretrained.params, tokenizer_of(config.data) if tokenizer is None else tokenizer
+
+
 def tokenizer_of(data_config) -> data.Tokenizer:
     """The tokenizer a run's data was prepared with (the char vocabulary lives there), or
     ``data.tokenizer`` by name when the data directory is not on this machine."""
@@ -70,8 +86,8 @@ def tokenizer_of(data_config) -> data.Tokenizer:
         return data.get_tokenizer(data_config.tokenizer)
 
 
-def latest_params(config, workdir: str | Path):
-    """The params of the newest readable checkpoint in ``workdir/checkpoints``."""
+def latest_params(config, workdir: str | Path) -> tuple[int, object]:
+    """The step and params of the newest readable checkpoint in ``workdir/checkpoints``."""
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise ConfigError(
@@ -94,5 +110,4 @@ def latest_params(config, workdir: str | Path):
     if restored is None:
         raise ConfigError(f"no checkpoint in {directory} could be read.")
     step, state, _ = restored
-    print(f"sampling from checkpoint {step} of {workdir}", flush=True)
-    return state.params
+    return step, state.params

@@ -46,6 +46,9 @@ def decoder_config(**overrides) -> ml_collections.ConfigDict:
             sdpa_implementation="auto",  # auto | xla | cudnn | einsum (reference)
             remat_policy="none",  # none | full | a jax.checkpoint_policies name
             scan_layers=True,  # lax.scan over layers (False: unrolled loop, same params)
+            # An HF checkpoint directory or hub name a run starts from when its workdir has no
+            # checkpoint yet (see jaxpt.hf); "" for none. init and apply never read it.
+            init_from="",
         )
     )
     cfg.update(overrides)
@@ -110,6 +113,11 @@ def validate_decoder(cfg, mixers) -> None:
     _choice(cfg, "norm", NORMS)
     _choice(cfg, "proj_init", PROJ_INITS)
     _choice(cfg, "sdpa_implementation", IMPLEMENTATIONS)
+    _require(
+        isinstance(cfg.init_from, str),
+        f"model.init_from={cfg.init_from!r} must be a checkpoint directory, a hub name or '' "
+        "(none).",
+    )
     if cfg.position == "rope":
         _require(
             (cfg.n_embed // cfg.n_head) % 2 == 0,

@@ -6,10 +6,11 @@ import signal
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpt import data, evals, models, sharding
+from jaxpt import data, evals, hf, models, sharding
 from jaxpt.models import ConfigError
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog, flops_per_token
@@ -52,6 +53,17 @@ def check_batch_fits_mesh(config, mesh) -> None:
         )
 
 
+def fresh_state(config, tx, shardings: TrainState, key) -> TrainState:
+    """The state of step 0: params from ``init`` or, with ``model.init_from``, from that HF
+    checkpoint (fine-tuning); the optimizer state is new either way."""
+    if not hf.init_source(config.model):
+        return jax.jit(lambda k: init_state(k, config, tx), out_shardings=shardings)(key)
+    params = jax.device_put(hf.load_init_from(config.model).params, shardings.params)
+    print(f"initialised params from {config.model.init_from}", flush=True)
+    start = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
+    return jax.jit(start, out_shardings=shardings)(params)
+
+
 def describe(config, n_params: int) -> str:
     """The start-of-run summary: parameters, tokens per step, FLOPs per token."""
     tokens = config.train.batch_size * config.model.block_size
@@ -79,10 +91,13 @@ class _StopRequest:
 
 
 def train(config, workdir: str | Path) -> TrainState:
-    """Trains ``config`` in ``workdir``, resuming from its latest readable checkpoint."""
+    """Trains ``config`` in ``workdir``, resuming from its latest readable checkpoint; without
+    one, from ``model.init_from`` when set, else from a fresh ``init``."""
     workdir = Path(workdir)
     model = models.get(config.model.name)
     model.validate(config.model)
+    if hf.init_source(config.model):
+        hf.check_init_from(config.model)
     validate_train(config.train)
     manifest = data.ensure_prepared(config.data)
     data.check_vocab(manifest, config.model.vocab_size)
@@ -110,7 +125,7 @@ def train(config, workdir: str | Path) -> TrainState:
         )
     )
     if restored is None:
-        state = jax.jit(lambda k: init_state(k, config, tx), out_shardings=shardings)(key)
+        state = fresh_state(config, tx, shardings, key)
         loader_state = train_data.init_state(config.train.seed)
     else:
         step, state, loader_state = restored

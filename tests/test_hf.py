@@ -1,0 +1,430 @@
+"""Hugging Face interop: logits and greedy generation against transformers, round trips,
+errors that name the offending key, init_from for training and sampling, the command line.
+
+Every model is a tiny random-init transformers model built here (no downloads), its weights
+perturbed so that norms and biases are not at their init values.
+"""
+
+import functools
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="HF parity needs torch (uv's test group)")
+transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
+
+from safetensors.numpy import load_file  # noqa: E402
+
+from jaxpt import data, generate, hf, launcher, models, train  # noqa: E402
+from jaxpt.models import ConfigError  # noqa: E402
+from tests.test_models import tiny_config  # noqa: E402
+from tests.test_train import ROOT, char_config  # noqa: E402
+
+NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def gpt2(**overrides):
+    sizes = dict(vocab_size=99, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return transformers.GPT2Config(**{**sizes, **NO_SPECIAL_TOKENS, **overrides})
+
+
+def llama(**overrides):
+    sizes = dict(
+        vocab_size=101,
+        max_position_embeddings=32,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return transformers.LlamaConfig(**{**sizes, **NO_SPECIAL_TOKENS, **overrides})
+
+
+HF_CONFIGS = {
+    "gpt2": gpt2(),
+    "gpt2_untied_relu": gpt2(tie_word_embeddings=False, activation_function="relu", n_inner=48),
+    "llama_gqa_untied_biases": llama(
+        rope_theta=5000.0, tie_word_embeddings=False, attention_bias=True, mlp_bias=True
+    ),
+    "llama_gqa_tied": llama(
+        vocab_size=99,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def hf_model(config, seed=0):
+    """A float32 eval-mode model with every weight perturbed by N(0, 0.1)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", dtype=torch.float32
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens))).logits.numpy()
+
+
+def jaxpt_logits(cfg, params, tokens):
+    apply = functools.partial(models.get(cfg.name).apply, cfg=cfg)
+    return np.asarray(jax.jit(apply)(params, jnp.asarray(tokens))[0])
+
+
+def random_tokens(cfg, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, cfg.block_size))
+
+
+def perturbed(params, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: a + rng.normal(0, 0.1, a.shape).astype(a.dtype), params)
+
+
+@pytest.mark.parametrize("case", HF_CONFIGS)
+def test_imported_logits_match_transformers(case):
+    model = hf_model(HF_CONFIGS[case])
+    cfg, params, tokenizer = hf.from_pretrained(model)
+    tokens = random_tokens(cfg)
+    np.testing.assert_allclose(
+        jaxpt_logits(cfg, params, tokens), hf_logits(model, tokens), atol=1e-4, rtol=0
+    )
+    assert tokenizer is None  # no tokenizer.json, and not GPT-2's vocabulary
+
+
+def test_config_fields_come_from_the_hf_config():
+    llama_cfg = hf.config_from_hf(HF_CONFIGS["llama_gqa_untied_biases"].to_dict())
+    assert llama_cfg.name == "smollm" and llama_cfg.dtype == llama_cfg.param_dtype == "float32"
+    assert (llama_cfg.n_head, llama_cfg.n_kv_head, llama_cfg.n_embed) == (4, 2, 64)
+    assert (llama_cfg.vocab_size, llama_cfg.block_size, llama_cfg.rope_base) == (101, 32, 5000.0)
+    assert not llama_cfg.tie_embeddings and llama_cfg.attention_bias and llama_cfg.mlp_bias
+    gpt2_cfg = hf.config_from_hf(HF_CONFIGS["gpt2_untied_relu"].to_dict(), dtype="bfloat16")
+    assert (gpt2_cfg.name, gpt2_cfg.activation, gpt2_cfg.n_mlp_hidden) == ("gpt", "relu", 48)
+    assert not gpt2_cfg.tie_embeddings and gpt2_cfg.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match=r"model\.n_layer comes from the checkpoint \(n_layer=2"):
+        hf.config_from_hf(HF_CONFIGS["gpt2"].to_dict(), n_layer=4)
+
+
+@pytest.mark.parametrize("case", HF_CONFIGS)
+def test_hf_to_jaxpt_to_hf_gives_identical_tensors(case, tmp_path):
+    model = hf_model(HF_CONFIGS[case])
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params, _ = hf.from_pretrained(tmp_path / "hf")
+    hf.save_pretrained(params, cfg, tmp_path / "back")
+    want = load_file(tmp_path / "hf" / "model.safetensors")
+    got = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "back", attn_implementation="eager"
+    ).eval()
+    tokens = random_tokens(cfg)
+    np.testing.assert_array_equal(hf_logits(back, tokens), hf_logits(model, tokens))
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [("gpt", {}), ("vgpt", {}), ("smollm", {}), ("smollm", dict(tie_embeddings=False))],
+)
+def test_saved_params_load_in_transformers_with_the_same_logits(preset, overrides, tmp_path):
+    cfg = tiny_config(preset, **overrides)
+    params = perturbed(models.get(preset).init(jax.random.key(0), cfg))
+    hf.save_pretrained(params, cfg, tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    ).eval()
+    assert type(model).__name__ == ("LlamaForCausalLM" if preset == "smollm" else "GPT2LMHeadModel")
+    tokens = random_tokens(cfg)
+    np.testing.assert_allclose(
+        hf_logits(model, tokens), jaxpt_logits(cfg, params, tokens), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama_gqa_untied_biases"])
+def test_greedy_generation_matches_transformers(case):
+    model = hf_model(HF_CONFIGS[case])
+    cfg, params, _ = hf.from_pretrained(model)
+    prompts, new = [[5, 17, 3], [42, 7, 7, 1, 90]], 12
+    ours = generate(params, cfg, prompts, new, temperature=0).completions()
+    assert len({t for row in ours for t in row}) > 4  # not a degenerate repeat of one token
+    longest = max(map(len, prompts))
+    padded = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    greedy = functools.partial(model.generate, do_sample=False, max_new_tokens=new, pad_token_id=0)
+    assert ours == greedy(padded, attention_mask=mask)[:, longest:].tolist()
+    alone = torch.tensor([prompts[0]])
+    assert ours[0] == greedy(alone, attention_mask=torch.ones_like(alone))[0, 3:].tolist()
+
+
+def test_pytorch_weights_read_like_safetensors(tmp_path):
+    model = hf_model(HF_CONFIGS["llama_gqa_tied"])
+    model.save_pretrained(tmp_path / "st")
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    from_bin, from_st = hf.from_pretrained(tmp_path / "bin"), hf.from_pretrained(tmp_path / "st")
+    jax.tree.map(np.testing.assert_array_equal, from_bin.params, from_st.params)
+
+
+def test_base_model_keys_and_mask_buffers_of_older_gpt2_checkpoints(tmp_path):
+    # The hub's gpt2 weights: keys without "transformer.", and causal-mask buffers
+    model = hf_model(HF_CONFIGS["gpt2"])
+    cfg, params, _ = hf.from_pretrained(model)
+    state = {k.removeprefix("transformer."): v.numpy() for k, v in model.state_dict().items()}
+    state |= {
+        f"h.{i}.attn.{name}": np.ones((1, 1, 32, 32))
+        for i in range(2)
+        for name in ("bias", "masked_bias")
+    }
+    jax.tree.map(np.testing.assert_array_equal, hf.from_state_dict(state, cfg), params)
+
+
+# SmolLM-135M's config.json as the hub serves it (transformers 4.x: rope_theta at the top)
+SMOLLM_135M = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_act="silu",
+    hidden_size=576,
+    intermediate_size=1536,
+    max_position_embeddings=2048,
+    num_attention_heads=9,
+    num_hidden_layers=30,
+    num_key_value_heads=3,
+    rms_norm_eps=1e-05,
+    rope_scaling=None,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    vocab_size=49152,
+    attention_bias=False,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+
+
+def test_smollm_135m_config_is_the_smollm_preset():
+    cfg = hf.config_from_hf(SMOLLM_135M)
+    preset = models.get("smollm").default_config()
+    for field in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embed", "n_mlp_hidden"):
+        assert cfg[field] == preset[field], field
+    assert (cfg.ln_epsilon, cfg.rope_base, cfg.tie_embeddings) == (1e-5, 10000.0, True)
+    abstract = jax.eval_shape(lambda k: models.get("smollm").init(k, cfg), jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(abstract)) == 134_515_008
+    assert hf.config_to_hf(cfg)["rope_theta"] == 10000.0
+
+
+def word_tokenizer(directory, vocab_size):
+    """A word-level tokenizer.json of ``vocab_size`` ids whose last is <|endoftext|>."""
+    import tokenizers
+
+    words = {f"w{i}": i for i in range(vocab_size - 1)} | {data.EOT: vocab_size - 1}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def test_tokenizer_json_comes_along_and_goes_back(tmp_path):
+    hf_model(HF_CONFIGS["llama_gqa_tied"]).save_pretrained(tmp_path / "hf")
+    word_tokenizer(tmp_path / "hf", 99)
+    cfg, params, tokenizer = hf.from_pretrained(tmp_path / "hf")
+    assert isinstance(tokenizer, data.HFTokenizer) and tokenizer.eot_id == 98
+    assert tokenizer.encode("w3 w5") == [3, 5]
+    hf.save_pretrained(params, cfg, tmp_path / "back", tokenizer=tokenizer)
+    tok_json = (tmp_path / "back" / "tokenizer.json").read_bytes()
+    assert tok_json == (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == 98
+
+
+def test_a_gpt2_vocabulary_brings_gpt2s_tokenizer_and_exports_it(tmp_path):
+    model = hf_model(gpt2(vocab_size=50257, n_embd=8, n_head=2, n_layer=1))
+    cfg, params, tokenizer = hf.from_pretrained(model)
+    assert isinstance(tokenizer, data.Gpt2Tokenizer)
+    hf.save_pretrained(params, cfg, tmp_path, tokenizer=tokenizer)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello world, said the tokenizer."
+    assert theirs(text)["input_ids"] == tokenizer.encode(text)
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 50256
+
+
+def with_keys(config, **entries):
+    return {**config.to_dict(), **entries}
+
+
+@pytest.mark.parametrize(
+    ("hf_config", "message"),
+    [
+        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "model_type='qwen2'"),
+        (
+            with_keys(llama(), rope_parameters={"rope_type": "linear", "factor": 2.0}),
+            "rope_parameters=",
+        ),
+        (
+            with_keys(llama(), rope_parameters=None, rope_scaling={"type": "dynamic"}),
+            "rope_scaling=",
+        ),
+        (with_keys(llama(), head_dim=32), "head_dim=32"),
+        (with_keys(llama(), hidden_act="gelu"), "hidden_act='gelu'"),
+        (
+            with_keys(gpt2(), scale_attn_by_inverse_layer_idx=True),
+            "scale_attn_by_inverse_layer_idx",
+        ),
+        (with_keys(gpt2(), activation_function="tanh"), "activation_function='tanh'"),
+    ],
+)
+def test_unsupported_hf_configs_name_the_key(hf_config, message):
+    with pytest.raises(hf.CheckpointError, match=re.escape(message)):
+        hf.config_from_hf(hf_config)
+
+
+def test_weights_that_do_not_fit_name_the_first_offending_key(tmp_path):
+    model = hf_model(HF_CONFIGS["gpt2"])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 48}))
+    with pytest.raises(
+        hf.CheckpointError,
+        match=re.escape(
+            "'transformer.wte.weight' has shape (99, 32), but the config needs (99, 48)"
+        ),
+    ):
+        hf.from_pretrained(tmp_path)
+    cfg = hf.config_from_hf(HF_CONFIGS["gpt2"].to_dict())
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    with pytest.raises(hf.CheckpointError, match=r"'score\.weight' \(1 such tensors\)"):
+        hf.from_state_dict({**state, "score.weight": np.zeros((2, 32))}, cfg)
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    with pytest.raises(hf.CheckpointError, match=r"no 'transformer\.h\.1\.mlp\.c_fc\.bias'"):
+        hf.from_state_dict(state, cfg)
+
+
+@pytest.mark.parametrize(
+    ("preset", "message"),
+    [
+        ("rope_gpt", "model.mixer='mlp' does not fit LlamaForCausalLM"),
+        ("gqa_gpt", "model.attention_bias=False does not fit GPT2LMHeadModel"),
+        ("nope_gpt", "model.position='none' has no Hugging Face layout"),
+        ("tiny_moe", "model.mixer='moe,glu' does not fit LlamaForCausalLM"),
+        ("bigram", "model.name='bigram' has no Hugging Face layout"),
+    ],
+)
+def test_configs_without_an_hf_layout_name_the_field(preset, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        hf.config_to_hf(tiny_config(preset))
+
+
+def test_init_from_is_validated_and_ignored_by_init_and_apply():
+    cfg = tiny_config("gpt", init_from="/nowhere")
+    params = models.get("gpt").init(jax.random.key(0), cfg)
+    assert jaxpt_logits(cfg, params, random_tokens(cfg)).shape == (2, 16, cfg.vocab_size)
+    with pytest.raises(ConfigError, match=r"model\.init_from=None must be"):
+        models.get("gpt").validate(tiny_config("gpt", init_from=None))
+
+
+def test_missing_sources_get_one_sentence(tmp_path, monkeypatch):
+    with pytest.raises(hf.CheckpointError, match="is not a checkpoint directory"):
+        hf.from_pretrained(tmp_path / "missing")
+    with pytest.raises(hf.CheckpointError, match=r"has no config\.json"):
+        hf.from_pretrained(tmp_path)
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(hf.CheckpointError, match="could not be fetched from the Hugging Face hub"):
+        hf.from_pretrained("someone/some-model")
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def smoke_gpt2_dir(path, **overrides):
+    """An HF GPT-2 of the gpt preset's smoke shape on the char corpus (char_config)."""
+    sizes = dict(vocab_size=128, n_positions=64, n_embd=64, n_head=4, n_layer=2)
+    config = gpt2(**{**sizes, **overrides})
+    hf_model(config).save_pretrained(path)
+    return str(path)
+
+
+def test_training_starts_from_init_from_and_exports(tmp_path, capsys):
+    config = char_config(steps=2, lr=1e-9, warmup_steps=0)  # lr ~ 0: params stay put
+    config.model.init_from = smoke_gpt2_dir(tmp_path / "hf")
+    config.eval.batches = 1
+    state = train.train(config, tmp_path / "run")
+    assert int(state.step) == 2
+    assert f"initialised params from {tmp_path / 'hf'}" in capsys.readouterr().out
+    imported = hf.from_pretrained(tmp_path / "hf").params
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), state.params, imported)
+    hf.export_checkpoint(config, tmp_path / "run", tmp_path / "out")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    want = load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(exported) == sorted(want)
+    np.testing.assert_allclose(
+        exported["transformer.wte.weight"], want["transformer.wte.weight"], atol=1e-6
+    )
+
+
+def test_init_from_that_does_not_fit_fails_before_compiling(tmp_path):
+    config = char_config()
+    config.model.init_from = smoke_gpt2_dir(tmp_path / "hf", n_embd=32)
+    with pytest.raises(
+        ConfigError, match=r"model\.n_embed=64 does not match .* 32 \(n_embd in its config.json\)"
+    ):
+        train.train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_mode_samples_from_init_from_without_a_checkpoint(tmp_path, capsys):
+    config = char_config()
+    config.model.init_from = smoke_gpt2_dir(tmp_path / "hf")
+    options = launcher.SampleOptions(prompt="The ", num_samples=1, max_new_tokens=6, temperature=0)
+    (text,) = launcher.sample(config, tmp_path / "run", options)
+    assert "sampling from model.init_from" in capsys.readouterr().out
+    tokenizer = launcher.tokenizer_of(config.data)
+    prompt = tokenizer.encode("The ")
+    params = hf.from_pretrained(tmp_path / "hf").params
+    new = generate(
+        params,
+        config.model,
+        [prompt],
+        6,
+        temperature=0,
+        stop_token=tokenizer.eot_id,
+        n_tokens=tokenizer.vocab_size,
+    )
+    assert text == tokenizer.decode(prompt + new.completions()[0])
+
+
+def test_command_line_imports_a_checkpoint(tmp_path):
+    source = smoke_gpt2_dir(tmp_path / "hf")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxpt.hf", "--to=jaxpt", f"--source={source}", "--out=out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"--config.model.init_from={tmp_path / 'out'}" in result.stdout
+    assert "--config.model.n_embed=64" in result.stdout
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(got) == sorted(load_file(f"{source}/model.safetensors"))
+    missing = subprocess.run(
+        [sys.executable, "-m", "jaxpt.hf", "--to=hf", "--out=x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0 and "--to=hf needs --config" in missing.stderr
