@@ -132,3 +132,41 @@ def test_logical_axes_follow_stacking():
     assert layer.weight.shape == (3, 4, 6)
     assert tuple(axes.weight) == ("layers", "embed", "mlp")
     assert tuple(axes.bias) == ("layers", "mlp")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cross_entropy_gradient_is_softmax_minus_one_hot(masked):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 5, 11)) * 3
+    targets = rng.integers(0, 11, (2, 5))
+    mask = rng.random((2, 5)) > 0.3 if masked else np.ones((2, 5), bool)
+    grad = jax.grad(nn.cross_entropy)(
+        jnp.asarray(logits, jnp.float32),
+        jnp.asarray(targets),
+        jnp.asarray(mask) if masked else None,
+    )
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = (p - np.eye(11)[targets]) * mask[..., None] / mask.sum()
+    np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
+def test_unembed_backward_runs_in_the_compute_dtype():
+    rng = np.random.default_rng(4)
+    table = nn.Embedding(jnp.asarray(rng.normal(size=(13, 8)), jnp.float32), ("vocab", "embed"))
+    x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 3, 13)), jnp.float32)
+
+    def vjp(table, x):
+        _, pullback = jax.vjp(nn.unembed, table, x)
+        return pullback(g)
+
+    d_table, dx = vjp(table, x)  # float32: the plain matmul transposes
+    np.testing.assert_allclose(dx, np.einsum("btv,vd->btd", g, table.weight), rtol=1e-5)
+    np.testing.assert_allclose(d_table.weight, np.einsum("btv,btd->vd", g, x), rtol=1e-5)
+    d_table16, dx16 = vjp(table, x.astype(jnp.bfloat16))  # bfloat16: cotangent cast first
+    g16, w16 = (np.asarray(a.astype(jnp.bfloat16), np.float32) for a in (g, table.weight))
+    assert dx16.dtype == jnp.bfloat16 and d_table16.weight.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(dx16, np.float32), np.einsum("btv,vd->btd", g16, w16), rtol=2e-2, atol=2e-2
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -69,11 +71,35 @@ def embed(p: Embedding, ids: Array, dtype) -> Array:
     return jnp.take(p.weight, ids, axis=0).astype(dtype)
 
 
-def unembed(p: Embedding, x: Array) -> Array:
-    """Tied read-out: float32 logits ``x @ weight.T``. ``x``: ``(..., D)`` -> ``(..., V)``."""
-    return jnp.einsum(
-        "...d,vd->...v", x, p.weight.astype(x.dtype), preferred_element_type=jnp.float32
-    )
+def unembed(p: Embedding, x: Array, dtype=jnp.float32) -> Array:
+    """Read-out through a ``(V, D)`` table: logits ``x @ weight.T``, accumulated in float32.
+
+    ``x``: ``(..., D)`` in the compute dtype -> ``(..., V)`` in ``dtype`` (float32 by default;
+    bfloat16 halves the bytes of the largest activation, as autocast does). The backward
+    matmuls run in the compute dtype (the logits' cotangent is cast to it first), as under
+    mixed-precision autocast: in bfloat16 they are the largest matmuls of a GPT-2 step.
+    """
+    return _logits(x, p.weight.astype(x.dtype), jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logits(x: Array, weight: Array, dtype) -> Array:
+    return jnp.einsum("...d,vd->...v", x, weight, preferred_element_type=dtype)
+
+
+def _logits_fwd(x: Array, weight: Array, dtype):
+    return _logits(x, weight, dtype), (x, weight)
+
+
+def _logits_bwd(dtype, residuals, grad: Array):
+    x, weight = residuals
+    grad = grad.astype(x.dtype)  # (..., V)
+    dx = jnp.einsum("...v,vd->...d", grad, weight)
+    dw = jnp.einsum("...v,...d->vd", grad, x, preferred_element_type=jnp.float32)
+    return dx, dw.astype(weight.dtype)
+
+
+_logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 def residual_out_std(cfg) -> float:

@@ -16,11 +16,38 @@ def cross_entropy(logits: Array, targets: Array, mask: Array | None = None) -> A
     Returns:
         A float32 scalar.
     """
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = log_z - target_logit
+    nll = token_nll(logits, targets)  # (B, T) float32
     if mask is None:
         return nll.mean()
     mask = mask.astype(jnp.float32)
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+@jax.custom_vjp
+def token_nll(logits: Array, targets: Array) -> Array:
+    """``logsumexp(logits) - logits[target]`` per position: ``(B, T, V)`` -> float32 ``(B, T)``.
+
+    The arithmetic is float32 whatever the logits' dtype (bfloat16 logits are read, not
+    copied). Its gradient ``softmax(logits) - one_hot(targets)`` is written as one
+    elementwise expression (no scatter into a zero ``(B, T, V)`` array, as the gradient of a
+    gather would be), so it fuses with whatever consumes it, e.g. a cast to bfloat16.
+    """
+    return _nll_fwd(logits, targets)[0]
+
+
+def _nll_fwd(logits: Array, targets: Array):
+    log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # (B, T)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit.astype(jnp.float32), (logits, log_z, targets)
+
+
+def _nll_bwd(residuals, grad: Array):
+    logits, log_z, targets = residuals
+    vocab = jnp.arange(logits.shape[-1])
+    one_hot = vocab == targets[..., None]  # (B, T, V) bool
+    probs = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
+    dlogits = (probs - one_hot) * grad[..., None]
+    return dlogits.astype(logits.dtype), None
+
+
+token_nll.defvjp(_nll_fwd, _nll_bwd)
