@@ -44,6 +44,9 @@ def decoder_config(**overrides) -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype (bfloat16 on GPU/TPU)
             param_dtype="float32",
             sdpa_implementation="auto",  # auto | xla | cudnn | einsum (reference)
+            # float32, or bfloat16 as under torch autocast: half the bytes of the largest
+            # activation; the loss's softmax statistics are float32 either way
+            logits_dtype="float32",
             remat_policy="none",  # none | full | a jax.checkpoint_policies name
             scan_layers=True,  # lax.scan over layers (False: unrolled loop, same params)
             # An HF checkpoint directory or hub name a run starts from when its workdir has no
@@ -113,6 +116,7 @@ def validate_decoder(cfg, mixers) -> None:
     _choice(cfg, "norm", NORMS)
     _choice(cfg, "proj_init", PROJ_INITS)
     _choice(cfg, "sdpa_implementation", IMPLEMENTATIONS)
+    _choice(cfg, "logits_dtype", ("float32", "bfloat16"))
     _require(
         isinstance(cfg.init_from, str),
         f"model.init_from={cfg.init_from!r} must be a checkpoint directory, a hub name or '' "

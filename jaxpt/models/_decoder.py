@@ -268,8 +268,9 @@ def features(
     return x, jax.tree.map(lambda a: a.sum(0), aux), None if cache is None else caches
 
 
-def _read_out(params: Decoder, x: Array) -> Array:
-    return nn.unembed(params.wte if params.lm_head is None else params.lm_head, x)
+def _read_out(params: Decoder, x: Array, cfg) -> Array:
+    table = params.wte if params.lm_head is None else params.lm_head
+    return nn.unembed(table, x, jnp.dtype(cfg.logits_dtype))
 
 
 def apply(
@@ -287,11 +288,12 @@ def apply(
         mask: optional ``(B, T)`` bool padding mask, True for real tokens.
         positions: optional ``(B, T)`` int positions; default ``0..T-1`` in every row.
     Returns:
-        ``(logits, aux)``: float32 ``(B, T, V)`` and the auxiliary losses summed over layers
+        ``(logits, aux)``: ``(B, T, V)`` in ``logits_dtype`` (float32 unless configured)
+        and the auxiliary losses summed over layers
         (``AUX_KEYS``; zero for dense models).
     """
     x, aux, _ = features(params, tokens, cfg, mask=mask, positions=positions)
-    return _read_out(params, x), aux
+    return _read_out(params, x, cfg), aux
 
 
 def decode(
@@ -315,4 +317,4 @@ def decode(
     """
     x, _, cache = features(params, tokens, cfg, mask=mask, positions=positions, cache=cache)
     x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]  # (B, D)
-    return _read_out(params, x), cache
+    return _read_out(params, x, cfg), cache

@@ -15,7 +15,13 @@ from jaxpt.models import ConfigError
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog, flops_per_token
 from jaxpt.train._optimizer import learning_rate, optimizer, validate_train
-from jaxpt.train._step import TrainState, init_state, make_eval_step, make_train_step
+from jaxpt.train._step import (
+    STEP_COMPILER_OPTIONS,
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_train_step,
+)
 
 
 def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
@@ -136,6 +142,7 @@ def train(config, workdir: str | Path) -> TrainState:
         in_shardings=(shardings, batch_sh, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=STEP_COMPILER_OPTIONS,
     )
     eval_fn = jax.jit(make_eval_step(config), in_shardings=(shardings.params, batch_sh, batch_sh))
     step = int(state.step)

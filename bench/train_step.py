@@ -1,0 +1,115 @@
+"""Training-step speed: jaxpt's own train step on the GPT-2 124M config.
+
+    python3 bench/train_step.py --out=$OUT                     # on a GPU
+    uv run python bench/train_step.py --batches=2 --seq=128      # a CPU smoke run
+
+The step ``launch.py`` runs (``jaxpt.train.make_train_step``: bf16 compute, float32 params and
+loss, AdamW with the weight-decay mask, global-norm clipping, donated state) on
+``configs/gpt.py`` (vocab 50304, 12 x 768), random tokens below 50257, micro-batch
+``--batches`` x ``--seq``, no accumulation. ``--warmup`` steps (compilation included), then
+``--steps`` timed steps, each waited for; median. MFU = tokens/s x (6 N + 12 L D T) / peak, the
+formula of ``../shared/bench/ref_torch_gpt2.py``, which is the reference to run in the same
+call. Prints a table last and writes train_step.json to --out.
+"""
+
+import json
+import os
+import statistics
+import time
+from datetime import date
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from jaxpt import models, train
+from jaxpt.config import preset_config
+
+flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
+flags.DEFINE_list("batches", ["16", "32"], "Micro-batch sizes (sequences).")
+flags.DEFINE_integer("seq", 1024, "Sequence length.")
+flags.DEFINE_integer("warmup", 5, "Untimed steps first (compilation included).")
+flags.DEFINE_integer("steps", 20, "Timed steps.")
+flags.DEFINE_string("sdpa", "auto", "model.sdpa_implementation.")
+flags.DEFINE_string("remat", "none", "model.remat_policy.")
+flags.DEFINE_bool("scan_layers", True, "model.scan_layers (else an unrolled loop).")
+flags.DEFINE_enum("logits_dtype", "float32", ["float32", "bfloat16"], "model.logits_dtype.")
+
+
+def time_steps(batch: int, f) -> dict:
+    """Median seconds of one train step at micro-batch ``batch``."""
+    config = preset_config("gpt", None)
+    config.model.update(
+        block_size=f.seq,
+        sdpa_implementation=f.sdpa,
+        remat_policy=f.remat,
+        scan_layers=f.scan_layers,
+        logits_dtype=f.logits_dtype,
+    )
+    config.train.update(batch_size=batch, grad_accum_steps=1)
+    model = models.get("gpt")
+    abstract_params = jax.eval_shape(lambda k: model.init(k, config.model), jax.random.key(0))
+    tx = train.optimizer(config.train, abstract_params)
+    state = jax.jit(lambda k: train.init_state(k, config, tx))(jax.random.key(0))
+    step = jax.jit(
+        train.make_train_step(config, tx),
+        donate_argnums=0,
+        compiler_options=train.STEP_COMPILER_OPTIONS,
+    )
+    rng = np.random.default_rng(0)
+    times = []
+    for i in range(f.warmup + f.steps):
+        tokens = rng.integers(0, 50257, (batch, f.seq + 1), dtype=np.int32)
+        start = time.perf_counter()
+        state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+        jax.block_until_ready(metrics["loss"])
+        if i >= f.warmup:
+            times.append(time.perf_counter() - start)
+    n_params = sum(a.size for a in jax.tree.leaves(abstract_params))
+    median = statistics.median(times)
+    tokens_per_s = batch * f.seq / median
+    flops = train.flops_per_token(config.model, n_params) * tokens_per_s
+    peak = train.peak_flops(jax.devices()[0].device_kind)
+    return dict(
+        batch=batch,
+        seq=f.seq,
+        median_step_s=median,
+        min_step_s=min(times),
+        tokens_per_s=tokens_per_s,
+        model_flops_per_s=flops,
+        mfu=None if peak is None else flops / peak,
+        final_loss=float(metrics["loss"]),
+    )
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    rows = [time_steps(int(b), f) for b in f.batches]
+    result = dict(
+        date=date.today().isoformat(),
+        device=jax.devices()[0].device_kind,
+        jax=jax.__version__,
+        sdpa=f.sdpa,
+        remat=f.remat,
+        scan_layers=f.scan_layers,
+        logits_dtype=f.logits_dtype,
+        rows=rows,
+    )
+    os.makedirs(f.out, exist_ok=True)
+    with open(os.path.join(f.out, "train_step.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(
+        f"jaxpt GPT-2 124M train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
+        f"remat={f.remat}, scan_layers={f.scan_layers}, logits={f.logits_dtype}"
+    )
+    print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
+    for r in rows:
+        mfu = "-" if r["mfu"] is None else f"{r['mfu'] * 100:.1f}%"
+        print(
+            f"{r['batch']:>6} {r['median_step_s'] * 1e3:>9.2f} {r['tokens_per_s']:>11,.0f} {mfu:>6}"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
