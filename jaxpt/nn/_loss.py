@@ -35,17 +35,24 @@ def token_nll(logits: Array, targets: Array) -> Array:
     return _nll_fwd(logits, targets)[0]
 
 
+def _shifted_exp(logits: Array, peak: Array) -> Array:
+    """``exp(logits - peak)`` in float32; forward and backward build the same expression, so
+    a CPU computes it once and a GPU recomputes it in place."""
+    return jnp.exp(logits.astype(jnp.float32) - peak[..., None])
+
+
 def _nll_fwd(logits: Array, targets: Array):
-    log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # (B, T)
+    peak = jax.lax.stop_gradient(logits.max(axis=-1).astype(jnp.float32))  # (B, T)
+    total = _shifted_exp(logits, peak).sum(axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit.astype(jnp.float32), (logits, log_z, targets)
+    nll = peak + jnp.log(total) - target_logit.astype(jnp.float32)
+    return nll, (logits, peak, total, targets)
 
 
 def _nll_bwd(residuals, grad: Array):
-    logits, log_z, targets = residuals
-    vocab = jnp.arange(logits.shape[-1])
-    one_hot = vocab == targets[..., None]  # (B, T, V) bool
-    probs = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
+    logits, peak, total, targets = residuals
+    one_hot = jnp.arange(logits.shape[-1]) == targets[..., None]  # (B, T, V) bool
+    probs = _shifted_exp(logits, peak) / total[..., None]
     dlogits = (probs - one_hot) * grad[..., None]
     return dlogits.astype(logits.dtype), None
 
