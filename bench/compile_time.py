@@ -5,12 +5,9 @@
 Prints a table last and writes compile_time.json to --out.
 """
 
-import json
-import os
-import platform
 import time
-from datetime import date
 
+import _report  # bench/_report.py, beside this script
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -49,17 +46,11 @@ def main(argv):
                     compile_s=compile_seconds(f.model, n_layer, scan, f.seq),
                 )
             )
-    result = dict(
-        date=date.today().isoformat(),
-        device=jax.devices()[0].device_kind,
-        backend=jax.default_backend(),
-        host=platform.processor() or platform.machine(),
-        jax=jax.__version__,
+    result = _report.save(
+        f.out,
+        "compile_time",
         rows=rows,
     )
-    os.makedirs(f.out, exist_ok=True)
-    with open(os.path.join(f.out, "compile_time.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
     print(f"compile time of {f.model} apply, {result['device']}, {result['date']}")
     print(f"{'n_layer':>8} {'scan':>6} {'compile s':>10}")
     for r in rows:

@@ -13,13 +13,10 @@ transformers are importable; ``../shared/bench/ref_hf_generate.py`` times its ot
 variants. Prints a table last and writes generate.json to --out.
 """
 
-import json
-import os
-import platform
 import statistics
 import time
-from datetime import date
 
+import _report  # bench/_report.py, beside this script
 import jax
 import numpy as np
 from absl import app, flags
@@ -112,20 +109,14 @@ def main(argv):
         for row in filter(None, candidates):
             row["new_tokens_per_s"] = batch * f.new / row["median_s"]
             rows.append(row)
-    result = dict(
-        date=date.today().isoformat(),
-        device=jax.devices()[0].device_kind,
-        backend=jax.default_backend(),
-        host=platform.processor() or platform.machine(),
-        jax=jax.__version__,
+    result = _report.save(
+        f.out,
+        "generate",
         dtype=f.dtype,
         prompt=f.prompt,
         new=f.new,
         rows=rows,
     )
-    os.makedirs(f.out, exist_ok=True)
-    with open(os.path.join(f.out, "generate.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
     print(
         f"greedy decode, GPT-2 124M shape, {f.dtype}, prompt {f.prompt} + {f.new} new, "
         f"{result['device']}, {result['date']}"

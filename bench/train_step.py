@@ -12,12 +12,10 @@ formula of ``../shared/bench/ref_torch_gpt2.py``, which is the reference to run 
 call. Prints a table last and writes train_step.json to --out.
 """
 
-import json
-import os
 import statistics
 import time
-from datetime import date
 
+import _report  # bench/_report.py, beside this script
 import jax
 import numpy as np
 from absl import app, flags
@@ -86,19 +84,15 @@ def main(argv):
     del argv
     f = flags.FLAGS
     rows = [time_steps(int(b), f) for b in f.batches]
-    result = dict(
-        date=date.today().isoformat(),
-        device=jax.devices()[0].device_kind,
-        jax=jax.__version__,
+    result = _report.save(
+        f.out,
+        "train_step",
         sdpa=f.sdpa,
         remat=f.remat,
         scan_layers=f.scan_layers,
         logits_dtype=f.logits_dtype,
         rows=rows,
     )
-    os.makedirs(f.out, exist_ok=True)
-    with open(os.path.join(f.out, "train_step.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
     print(
         f"jaxpt GPT-2 124M train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
         f"remat={f.remat}, scan_layers={f.scan_layers}, logits={f.logits_dtype}"

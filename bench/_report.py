@@ -1,0 +1,25 @@
+"""What every bench records: where and when it ran, and the JSON file it writes."""
+
+import json
+import os
+import platform
+from datetime import date
+
+import jax
+
+
+def save(out: str, name: str, **fields) -> dict:
+    """Writes ``fields`` plus the date, device, backend, host and jax version to
+    ``out/name.json`` and returns the whole record."""
+    result = dict(
+        date=date.today().isoformat(),
+        device=jax.devices()[0].device_kind,
+        backend=jax.default_backend(),
+        host=platform.processor() or platform.machine(),
+        jax=jax.__version__,
+        **fields,
+    )
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    return result
