@@ -22,6 +22,13 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
 flags.DEFINE_enum("mode", "train", launcher.MODES, "What to run.")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "One process of a multi-host run (one per host): jax.distributed.initialize() finds the "
+    "cluster (TPU pod, SLURM, MPI) or reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+    "JAX_PROCESS_ID.",
+)
 flags.DEFINE_string(
     "prompt", _DEFAULTS.prompt, "generate: text to continue (empty: a new document)."
 )
@@ -38,6 +45,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and absl narrate every save at INFO
     f = flags.FLAGS
+    if f.distributed:
+        launcher.init_distributed()
     options = launcher.SampleOptions(
         prompt=f.prompt,
         num_samples=f.num_samples,

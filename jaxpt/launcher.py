@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import jax
@@ -25,6 +26,22 @@ class SampleOptions:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1: no nucleus filter
     seed: int = 0
+
+
+def init_distributed() -> None:
+    """Joins a multi-process run before anything touches a device.
+
+    ``jax.distributed.initialize()`` finds the cluster itself on TPU pods, SLURM and Open MPI;
+    elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES``
+    and ``JAX_PROCESS_ID``. CPU processes exchange collectives through gloo (GPU and TPU use
+    their own).
+    """
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        num_processes=None if count is None else int(count),
+        process_id=None if index is None else int(index),
+    )
 
 
 def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None = None) -> None:

@@ -56,14 +56,15 @@ class MetricsLog:
         print_every: int,
     ):
         self.path = workdir / "metrics.jsonl"
-        _drop_records_after(self.path, first_step)  # steps a killed run logged past its last
+        self.is_writer = jax.process_index() == 0  # one process writes the logs
+        if self.is_writer:
+            _drop_records_after(self.path, first_step)  # steps a killed run logged past its last
         self.total_steps, self.first_step = total_steps, first_step
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.print_every = print_every
         self.peak = peak_flops(jax.devices()[0].device_kind)
         self.n_devices = jax.device_count()
-        self.is_writer = jax.process_index() == 0
         self.file = self.path.open("a") if self.is_writer else None
         self.tensorboard = None
         if self.is_writer:
