@@ -110,6 +110,15 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(batch_axes(mesh, rules) or None, *([None] * (ndim - 1))))
 
 
+def activation_sharding(mesh: Mesh, rules):
+    """A context in which layers pin the activations they name (``nn.constrain``) to the
+    sharding the rules give their logical axes. Enter it around the first call of a jitted
+    step (that is when it is traced)."""
+    return nn.shard_activations(
+        lambda shape, names: NamedSharding(mesh, spec_for(shape, names, mesh, rules))
+    )
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, P())

@@ -1,11 +1,14 @@
 """Sharded train steps (data, FSDP, tensor and expert parallel on 8 CPU devices) against the
 same steps on one device."""
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
-from jaxpt import models, sharding, train
+from jaxpt import models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.models import ConfigError
 
@@ -47,10 +50,25 @@ def run_steps(config, mesh=None):
             out_shardings=(shardings, sharding.replicated(mesh)),
         )
     losses = []
-    for tokens in batches(config):
-        state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
-        losses.append(float(metrics["loss"]))
+    with contextlib.nullcontext() if mesh is None else activations(mesh, config.mesh.rules):
+        for tokens in batches(config):
+            state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+            losses.append(float(metrics["loss"]))
     return state, losses
+
+
+@contextlib.contextmanager
+def activations(mesh, rules):
+    """The train loop's activation constraints, checking that attention asks for them."""
+    asked = []
+
+    def sharding_of(shape, names):
+        asked.append(names)
+        return NamedSharding(mesh, sharding.spec_for(shape, names, mesh, rules))
+
+    with nn.shard_activations(sharding_of):
+        yield
+    assert ("batch", None, "q_heads", None) in asked
 
 
 @pytest.mark.parametrize(

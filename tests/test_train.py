@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import models, train
+from jaxpt import data, models, train
 from jaxpt.config import preset_config
 
 from .conftest import FAST_COMPILE
@@ -146,6 +146,14 @@ def test_config_errors_come_before_compiling(tmp_path, overrides, message):
     with pytest.raises(models.ConfigError, match=message):
         train.train(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_too_little_validation_data_is_reported_before_compiling(tmp_path):
+    config = char_config(steps=3)
+    config.eval.batches = 10_000
+    with pytest.raises(data.DataError, match=r"too few for 10000 batch\(es\) of 8"):
+        train.train(config, tmp_path)
+    assert not list((tmp_path / "checkpoints").glob("*"))  # nothing trained, nothing saved
 
 
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):

@@ -86,12 +86,18 @@ class Loader:
 
         Deterministic: the same batches on every call, (len(rows), T + 1) int32 each.
         """
+        num_batches = self.check_eval(num_batches)
+        for b in range(num_batches):
+            yield self._read_windows((b * self.batch_size + self.rows) * self.seq_len)
+
+    def check_eval(self, num_batches: int | None = None) -> int:
+        """The number of evaluation batches (default: all there are); raises DataError when
+        the split holds fewer than ``num_batches``."""
         available = (self.tokens - 1) // self.seq_len // self.batch_size
         num_batches = available if num_batches is None else num_batches
         if num_batches > available or available < 1:
             raise DataError(self._too_small((self.tokens - 1) // self.seq_len, num_batches))
-        for b in range(num_batches):
-            yield self._read_windows((b * self.batch_size + self.rows) * self.seq_len)
+        return num_batches
 
     def _shape(self) -> dict:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len, "tokens": self.tokens}

@@ -23,8 +23,10 @@ from jaxpt.nn._attention import init_attention as init_attention
 from jaxpt.nn._attention import init_kv_cache as init_kv_cache
 from jaxpt.nn._axes import Axes as Axes
 from jaxpt.nn._axes import HasAxes as HasAxes
+from jaxpt.nn._axes import constrain as constrain
 from jaxpt.nn._axes import logical_axes as logical_axes
 from jaxpt.nn._axes import map_params as map_params
+from jaxpt.nn._axes import shard_activations as shard_activations
 from jaxpt.nn._linear import Embedding as Embedding
 from jaxpt.nn._linear import Linear as Linear
 from jaxpt.nn._linear import embed as embed

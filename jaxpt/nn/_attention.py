@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from jaxpt.nn._axes import constrain
 from jaxpt.nn._linear import Linear, init_linear, linear, residual_out_std
 from jaxpt.nn._norm import RMSNorm, init_rms_norm, rms_norm
 from jaxpt.nn._rope import apply_rope, rope_angles
@@ -125,6 +126,9 @@ def attention(p: Attention, x: Array, cfg, *, positions: Array, mask: Array | No
         ``(B, T, D)``.
     """
     q, k, v = _project(p, x, cfg, positions)
+    # q, k and v sharded alike (cuDNN's partitioner requires it): batch and heads
+    q = constrain(q, ("batch", None, "q_heads", None))
+    k, v = (constrain(a, ("batch", None, "kv_heads", None)) for a in (k, v))
     full_mask = None if mask is None else causal_mask(positions, positions, mask)
     return _merge_heads(p, attend(q, k, v, mask=full_mask, implementation=cfg.sdpa_implementation))
 

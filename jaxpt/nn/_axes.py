@@ -8,6 +8,8 @@ structure as the params whose leaves are :class:`Axes` tuples, from which shardi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Callable
 
@@ -55,3 +57,31 @@ def logical_axes(params):
         lambda layer, array, names: Axes(("layers",) * (array.ndim - len(names)) + names),
         params,
     )
+
+
+# ---------------------------------------------------------------- activations
+
+# How to shard an activation by its logical axis names: set by ``jaxpt.sharding``'s
+# ``activation_sharding`` while a sharded step is traced; None: leave it to the compiler.
+_ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "jaxpt_activation_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def shard_activations(sharding_of: Callable):
+    """While active, :func:`constrain` pins activations to ``sharding_of(shape, names)``."""
+    token = _ACTIVATION_SHARDING.set(sharding_of)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """``x`` constrained to the sharding its logical axis ``names`` map to, when a sharded
+    step is being traced (``jaxpt.sharding.activation_sharding``); otherwise ``x``."""
+    sharding_of = _ACTIVATION_SHARDING.get()
+    if sharding_of is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding_of(x.shape, names))

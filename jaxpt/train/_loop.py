@@ -122,6 +122,7 @@ def train(config, workdir: str | Path) -> TrainState:
     rows = data.process_rows(batch_sh, (batch_size, seq_len))
     train_data = data.Loader(manifest, "train", batch_size, seq_len, rows=rows)
     val_data = data.Loader(manifest, "val", batch_size, seq_len, rows=rows)
+    val_data.check_eval(config.eval.batches)  # before anything compiles
 
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
@@ -175,28 +176,29 @@ def train(config, workdir: str | Path) -> TrainState:
         checkpoints.save(s, state, loader_state, config)
 
     try:
-        while step < config.train.steps and stop.signal is None:
-            batch, loader_state = train_data.next_batch(loader_state)
-            state, metrics = step_fn(state, *data.to_global(batch, batch_sh, batch_size))
-            step += 1
-            pending.append((step, metrics))
-            if step % config.log.every_steps == 0:
-                flush()
-            if step % config.eval.every_steps == 0 or step == config.train.steps:
-                flush()
-                log.eval(
-                    step,
-                    evals.validation_loss(
-                        eval_fn, state.params, val_data, config.eval.batches, batch_sh
-                    ),
-                )
-            if step % config.checkpoint.every_steps == 0:
+        with sharding.activation_sharding(mesh, rules):  # the steps trace in here
+            while step < config.train.steps and stop.signal is None:
+                batch, loader_state = train_data.next_batch(loader_state)
+                state, metrics = step_fn(state, *data.to_global(batch, batch_sh, batch_size))
+                step += 1
+                pending.append((step, metrics))
+                if step % config.log.every_steps == 0:
+                    flush()
+                if step % config.eval.every_steps == 0 or step == config.train.steps:
+                    flush()
+                    log.eval(
+                        step,
+                        evals.validation_loss(
+                            eval_fn, state.params, val_data, config.eval.batches, batch_sh
+                        ),
+                    )
+                if step % config.checkpoint.every_steps == 0:
+                    save(step)
+            if stop.signal is not None:
+                print(f"{stop.signal}: saving step {step} before exiting", flush=True)
+            if step not in checkpoints.steps():
                 save(step)
-        if stop.signal is not None:
-            print(f"{stop.signal}: saving step {step} before exiting", flush=True)
-        if step not in checkpoints.steps():
-            save(step)
-        flush()
+            flush()
     finally:
         stop.restore()
         checkpoints.close()
