@@ -114,14 +114,7 @@ def latest_params(config, workdir: str | Path) -> tuple[int, object]:
     checkpoints = train.Checkpoints(directory, keep=config.checkpoint.keep)
     try:
         mesh = sharding.make_mesh(config.mesh)
-        abstract, shardings = train.abstract_state(config, mesh)
-        restored = checkpoints.restore_latest(
-            jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                abstract,
-                shardings,
-            )
-        )
+        restored = checkpoints.restore_latest(*train.abstract_state(config, mesh))
     finally:
         checkpoints.close()
     if restored is None:

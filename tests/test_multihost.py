@@ -1,15 +1,11 @@
 """Two launch.py processes of 4 CPU devices each train exactly as one process of 8 devices."""
 
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 
-from tests.conftest import FAST_COMPILE
-from tests.test_train import ROOT
+from tests.test_train import launch as launch_run
 
 STEPS = 6
 
@@ -21,34 +17,22 @@ def free_port() -> int:
 
 
 def launch(workdir, devices: int, process: tuple[int, int, int] | None = None):
-    """launch.py on ``devices`` CPU devices; ``process``: (id, count, coordinator port)."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "}
-    env["XLA_FLAGS"] += FAST_COMPILE
-    args = [
-        sys.executable,
-        str(ROOT / "launch.py"),
-        "--config=configs/gpt.py:smoke",
-        f"--workdir={workdir}",
-        "--config.data.tokenizer=char",
-        "--config.model.vocab_size=128",
-        "--config.train.batch_size=8",
+    """A short run on ``devices`` CPU devices; ``process``: (id, count, coordinator port)."""
+    overrides = [
         f"--config.train.steps={STEPS}",
-        "--config.log.every_steps=1",
         "--config.eval.every_steps=3",
         "--config.eval.batches=2",
         "--config.checkpoint.every_steps=3",
     ]
-    if process is not None:
-        index, count, port = process
-        env.update(
-            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-            JAX_NUM_PROCESSES=str(count),
-            JAX_PROCESS_ID=str(index),
-        )
-        args.append("--distributed")
-    return subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    if process is None:
+        return launch_run(workdir, *overrides, devices=devices)
+    index, count, port = process
+    env = dict(
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAX_NUM_PROCESSES=str(count),
+        JAX_PROCESS_ID=str(index),
     )
+    return launch_run(workdir, *overrides, "--distributed", devices=devices, env=env)
 
 
 def finish(process) -> str:

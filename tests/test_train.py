@@ -163,7 +163,8 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
         train.train(config, tmp_path)
 
 
-def launch(workdir, *overrides):
+def launch(workdir, *overrides, devices: int = 1, env: dict | None = None):
+    """launch.py on the char-level GPT smoke config, on ``devices`` CPU devices."""
     args = [
         sys.executable,
         str(ROOT / "launch.py"),
@@ -176,7 +177,8 @@ def launch(workdir, *overrides):
         "--config.eval.every_steps=1000",
         *overrides,
     ]
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}
+    xla_flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+    env = {**os.environ, "XLA_FLAGS": xla_flags, **(env or {})}
     return subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

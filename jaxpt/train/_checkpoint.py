@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,18 @@ class Checkpoints:
         """Complete checkpoints, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+    def restore_latest(self, abstract_state, shardings) -> tuple[int, object, dict] | None:
         """The newest readable checkpoint as ``(step, state, loader_state)``, or None.
 
-        ``abstract_state`` gives the tree, shapes, dtypes and shardings to restore onto (so a
-        checkpoint restores onto a different mesh). Unreadable newer checkpoints are moved
-        aside with a warning.
+        ``abstract_state`` gives the tree, shapes and dtypes, ``shardings`` (the same tree)
+        where each array goes, so a checkpoint restores onto a different mesh. Unreadable
+        newer checkpoints are moved aside with a warning.
         """
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            shardings,
+        )
         unreadable = []
         restored = None
         for step in reversed(self.steps()):
@@ -67,7 +73,7 @@ class Checkpoints:
                 items = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
+                        state=ocp.args.StandardRestore(target),
                         loader=ocp.args.JsonRestore(),
                     ),
                 )

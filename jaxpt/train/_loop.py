@@ -6,7 +6,6 @@ import signal
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -21,6 +20,7 @@ from jaxpt.train._step import (
     init_state,
     make_eval_step,
     make_train_step,
+    start_state,
 )
 
 
@@ -66,8 +66,7 @@ def fresh_state(config, tx, shardings: TrainState, key) -> TrainState:
         return jax.jit(lambda k: init_state(k, config, tx), out_shardings=shardings)(key)
     params = jax.device_put(hf.load_init_from(config.model).params, shardings.params)
     print(f"initialised params from {config.model.init_from}", flush=True)
-    start = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
-    return jax.jit(start, out_shardings=shardings)(params)
+    return jax.jit(lambda p: start_state(p, tx), out_shardings=shardings)(params)
 
 
 def describe(config, n_params: int) -> str:
@@ -126,11 +125,7 @@ def train(config, workdir: str | Path) -> TrainState:
 
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
-    restored = checkpoints.restore_latest(
-        jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-    )
+    restored = checkpoints.restore_latest(abstract, shardings)
     if restored is None:
         state = fresh_state(config, tx, shardings, key)
         loader_state = train_data.init_state(config.train.seed)

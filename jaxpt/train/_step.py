@@ -23,7 +23,11 @@ class TrainState(eqx.Module):
 
 def init_state(key: Array, config, tx: optax.GradientTransformation) -> TrainState:
     """Fresh params and optimizer state for ``config.model``."""
-    params = models.get(config.model.name).init(key, config.model)
+    return start_state(models.get(config.model.name).init(key, config.model), tx)
+
+
+def start_state(params, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0 from ``params`` (fresh or imported) with a fresh optimizer state."""
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
