@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="HF parity needs torch (uv's test group)")
+torch = pytest.importorskip(
+    "torch", reason="HF parity needs torch, which is not in the lock: see the README's Tests"
+)
 transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
 
 from safetensors.numpy import load_file  # noqa: E402
