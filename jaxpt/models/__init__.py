@@ -1,6 +1,8 @@
-"""The model registry: ``get(name)`` -> ``default_config()``, ``init``, ``apply``."""
+"""The model registry: ``get(name)`` -> ``default_config()``, ``init``, ``apply``; and the
+one-sentence ``ConfigError`` (with ``check_range``) every layer raises for a bad config value."""
 
 from jaxpt.models._config import ConfigError as ConfigError
+from jaxpt.models._config import check_range as check_range
 from jaxpt.models._config import decoder_config as decoder_config
 from jaxpt.models._decoder import AUX_KEYS as AUX_KEYS
 from jaxpt.models._decoder import MIXERS as MIXERS

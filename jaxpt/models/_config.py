@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -63,6 +66,41 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_range(
+    name: str,
+    value,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    below: float | None = None,
+    integer: bool = False,
+    note: str = "",
+) -> None:
+    """Raises ConfigError unless ``value`` is a finite number (an integer when ``integer``;
+    never a bool) within the bounds given, e.g. ``check_range("train.b1", b1, at_least=0,
+    below=1)``; the message names ``name``, the value and the rule, then ``note``."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (at_least is None or value >= at_least) and (above is None or value > above)
+    ok = ok and (at_most is None or value <= at_most) and (below is None or value < below)
+    if ok:
+        return
+    low = at_least if at_least is not None else above
+    high = at_most if at_most is not None else below
+    if low is not None and high is not None:
+        opening, closing = "[" if at_least is not None else "(", "]" if at_most is not None else ")"
+        bounds = f" in {opening}{low}, {high}{closing}"
+    elif low is not None:
+        bounds = f" {'>=' if at_least is not None else '>'} {low}"
+    elif high is not None:
+        bounds = f" {'<=' if at_most is not None else '<'} {high}"
+    else:
+        bounds = ""
+    number = "an integer" if integer else "a finite number"
+    raise ConfigError(f"{name}={value!r} must be {number}{bounds}{note}.")
+
+
 def _choice(cfg, field: str, choices) -> None:
     value = cfg[field]
     _require(
@@ -72,13 +110,11 @@ def _choice(cfg, field: str, choices) -> None:
 
 
 def validate_common(cfg, names) -> None:
-    """Checks the fields every model has: name, sizes and dtypes."""
+    """Checks the fields every model has: name, sizes, init scale and dtypes."""
     _choice(cfg, "name", names)
     for field in ("vocab_size", "block_size"):
-        _require(
-            isinstance(cfg[field], int) and cfg[field] > 0,
-            f"model.{field}={cfg[field]!r} must be a positive integer.",
-        )
+        check_range(f"model.{field}", cfg[field], at_least=1, integer=True)
+    check_range("model.init_stddev", cfg.init_stddev, at_least=0)
     _choice(cfg, "dtype", FLOAT_DTYPES)
     _choice(cfg, "param_dtype", FLOAT_DTYPES)
 
@@ -86,10 +122,9 @@ def validate_common(cfg, names) -> None:
 def validate_decoder(cfg, mixers) -> None:
     """Raises ConfigError naming the first decoder field that breaks a rule."""
     for field in ("n_layer", "n_head", "n_kv_head", "n_embed", "n_mlp_hidden"):
-        _require(
-            isinstance(cfg[field], int) and cfg[field] > 0,
-            f"model.{field}={cfg[field]!r} must be a positive integer.",
-        )
+        check_range(f"model.{field}", cfg[field], at_least=1, integer=True)
+    check_range("model.ln_epsilon", cfg.ln_epsilon, above=0)
+    check_range("model.rope_base", cfg.rope_base, above=0)
     _require(
         cfg.n_embed % cfg.n_head == 0,
         f"model.n_embed={cfg.n_embed} is not divisible by model.n_head={cfg.n_head}: "

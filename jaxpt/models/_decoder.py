@@ -10,6 +10,7 @@ repeats, so compile time does not grow with depth.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxpt import nn
-from jaxpt.models._config import _choice, _require, mixer_pattern
+from jaxpt.models._config import _choice, _require, check_range, mixer_pattern
 
 AUX_KEYS = ("load_balance_loss", "z_loss")
 
@@ -61,10 +62,7 @@ def _validate_experts(cfg, kind: str, fields: tuple[str, ...]) -> None:
             f"model.mixer={cfg.mixer!r} uses {kind!r}, which needs model.{field}; start from "
             "a MoE preset (tiny_moe, tiny_moe_2, tiny_moe_3).",
         )
-    _require(
-        isinstance(cfg.n_experts, int) and cfg.n_experts > 0,
-        f"model.n_experts={cfg.n_experts!r} must be a positive integer.",
-    )
+    check_range("model.n_experts", cfg.n_experts, at_least=1, integer=True)
     _choice(cfg, "moe_expert", ("glu", "mlp"))
 
 
@@ -77,8 +75,8 @@ def _validate_moe(cfg) -> None:
         f"model.top_k={cfg.top_k!r} must be an integer from 1 to model.n_experts={cfg.n_experts}.",
     )
     _require(
-        cfg.load_factor > 0,
-        f"model.load_factor={cfg.load_factor!r} must be positive: each expert holds "
+        math.isfinite(cfg.load_factor) and cfg.load_factor > 0,
+        f"model.load_factor={cfg.load_factor!r} must be positive and finite: each expert holds "
         "ceil(load_factor * top_k * max(1, T / n_experts)) tokens per sequence.",
     )
 
