@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpt import nn
-from jaxpt.models import ConfigError
+from jaxpt.models import ConfigError, check_range
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -39,15 +39,32 @@ def default_rules() -> ml_collections.ConfigDict:
     )
 
 
+def validate_mesh(mesh_cfg) -> None:
+    """Raises ConfigError naming the first ``config.mesh`` field that breaks a rule: sizes are
+    positive or -1 (the devices left over, on one axis at most), and rules name mesh axes."""
+    for axis in MESH_AXES:
+        size = mesh_cfg[axis]
+        if size != -1:
+            check_range(f"mesh.{axis}", size, at_least=1, integer=True, note=", or -1 (the rest)")
+    rest = [f"mesh.{axis}" for axis in MESH_AXES if mesh_cfg[axis] == -1]
+    if len(rest) > 1:
+        raise ConfigError(
+            f"{' and '.join(rest)} are all -1: at most one axis takes the devices left over."
+        )
+    for name, axes in mesh_cfg.rules.items():
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise ConfigError(
+                f"mesh.rules.{name}={tuple(axes)!r} names {unknown[0]!r}, not one of the mesh "
+                f"axes {list(MESH_AXES)}."
+            )
+
+
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
     """Sizes of MESH_AXES; one size may be -1 (the devices left over)."""
+    validate_mesh(mesh_cfg)
     sizes = [mesh_cfg[axis] for axis in MESH_AXES]
     fixed = math.prod(s for s in sizes if s != -1)
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(
-            f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} must be "
-            "positive, with at most one -1 (the rest of the devices)."
-        )
     if -1 in sizes:
         if n_devices % fixed:
             raise ConfigError(

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from jaxpt import data, evals, hf, models, sharding
-from jaxpt.models import ConfigError
+from jaxpt.models import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog, flops_per_token
 from jaxpt.train._optimizer import learning_rate, optimizer, validate_train
@@ -45,6 +45,22 @@ def abstract_state(config, mesh) -> tuple[TrainState, TrainState]:
     tx = optimizer(config.train, abstract_params)
     abstract = jax.eval_shape(lambda k: init_state(k, config, tx), key)
     return abstract, state_shardings(abstract, mesh, config.mesh.rules, tx)
+
+
+def validate_config(config) -> None:
+    """Raises ConfigError naming the first field of a run config that breaks a rule: the model
+    (its registry entry's ``validate``), train, mesh, and the checkpoint, eval and log counts.
+    Reads no file; ``train`` runs it first, the launcher before any mode."""
+    models.get(config.model.name).validate(config.model)
+    validate_train(config.train)
+    sharding.validate_mesh(config.mesh)
+    for section, field in (
+        ("checkpoint", "every_steps"),
+        ("eval", "every_steps"),
+        ("eval", "batches"),
+        ("log", "every_steps"),
+    ):
+        check_range(f"{section}.{field}", config[section][field], at_least=1, integer=True)
 
 
 def check_batch_fits_mesh(config, mesh) -> None:
@@ -99,11 +115,9 @@ def train(config, workdir: str | Path) -> TrainState:
     """Trains ``config`` in ``workdir``, resuming from its latest readable checkpoint; without
     one, from ``model.init_from`` when set, else from a fresh ``init``."""
     workdir = Path(workdir)
-    model = models.get(config.model.name)
-    model.validate(config.model)
+    validate_config(config)
     if hf.init_source(config.model):
         hf.check_init_from(config.model)
-    validate_train(config.train)
     manifest = data.ensure_prepared(config.data)
     data.check_vocab(manifest, config.model.vocab_size)
     mesh = sharding.make_mesh(config.mesh)

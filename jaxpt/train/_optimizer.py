@@ -5,7 +5,7 @@ from __future__ import annotations
 import optax
 
 from jaxpt import nn
-from jaxpt.models import ConfigError
+from jaxpt.models import ConfigError, check_range
 
 SCHEDULES = ("cosine", "wsd")
 
@@ -41,9 +41,11 @@ def decay_mask(params, *, decay_embeddings: bool):
 
 
 def optimizer(train_cfg, params) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW on the learning-rate schedule."""
+    """Clip by global norm (``grad_clip`` 0: no clipping), then AdamW on the learning-rate
+    schedule."""
+    clip = train_cfg.grad_clip
     return optax.chain(
-        optax.clip_by_global_norm(train_cfg.grad_clip),
+        optax.clip_by_global_norm(clip) if clip else optax.identity(),
         optax.adamw(
             learning_rate(train_cfg),
             b1=train_cfg.b1,
@@ -57,30 +59,38 @@ def optimizer(train_cfg, params) -> optax.GradientTransformation:
 
 def validate_train(train_cfg) -> None:
     """Raises ConfigError naming the first train field that breaks a rule."""
-    checks = [
-        (train_cfg.steps > 0, f"train.steps={train_cfg.steps} must be positive."),
-        (train_cfg.batch_size > 0, f"train.batch_size={train_cfg.batch_size} must be positive."),
-        (
-            train_cfg.grad_accum_steps > 0,
-            f"train.grad_accum_steps={train_cfg.grad_accum_steps} must be positive.",
-        ),
-        (
-            train_cfg.batch_size % train_cfg.grad_accum_steps == 0,
+    for field in ("steps", "batch_size", "grad_accum_steps"):
+        check_range(f"train.{field}", train_cfg[field], at_least=1, integer=True)
+    if train_cfg.batch_size % train_cfg.grad_accum_steps:
+        raise ConfigError(
             f"train.batch_size={train_cfg.batch_size} is not divisible by "
             f"train.grad_accum_steps={train_cfg.grad_accum_steps}: each micro-batch must have "
-            "the same number of sequences.",
-        ),
-        (
-            train_cfg.schedule in SCHEDULES,
-            f"train.schedule={train_cfg.schedule!r} is not one of {list(SCHEDULES)}.",
-        ),
-        (train_cfg.warmup_steps >= 0, f"train.warmup_steps={train_cfg.warmup_steps} must be >= 0."),
-        (train_cfg.lr > 0, f"train.lr={train_cfg.lr} must be positive."),
-        (
-            train_cfg.on_nonfinite in ("stop", "skip"),
-            f"train.on_nonfinite={train_cfg.on_nonfinite!r} is not 'stop' or 'skip'.",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+            "the same number of sequences."
+        )
+    check_range("train.warmup_steps", train_cfg.warmup_steps, at_least=0, integer=True)
+    check_range("train.seed", train_cfg.seed, at_least=0, at_most=2**32 - 1, integer=True)
+    check_range("train.lr", train_cfg.lr, above=0)
+    check_range(
+        "train.min_lr_ratio",
+        train_cfg.min_lr_ratio,
+        at_least=0,
+        at_most=1,
+        note=" (the final learning rate is lr * min_lr_ratio)",
+    )
+    if train_cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule={train_cfg.schedule!r} is not one of {list(SCHEDULES)}.")
+    check_range("train.decay_fraction", train_cfg.decay_fraction, at_least=0, at_most=1)
+    check_range("train.weight_decay", train_cfg.weight_decay, at_least=0)
+    for field in ("b1", "b2"):
+        check_range(f"train.{field}", train_cfg[field], at_least=0, below=1)
+    check_range("train.eps", train_cfg.eps, above=0)
+    check_range(
+        "train.grad_clip",
+        train_cfg.grad_clip,
+        at_least=0,
+        note=" (the largest global gradient norm; 0: no clipping)",
+    )
+    for field in ("load_balance_loss_coeff", "z_loss_coeff"):
+        check_range(f"train.{field}", train_cfg[field], at_least=0)
+    if train_cfg.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite={train_cfg.on_nonfinite!r} is not 'stop' or 'skip'.")
