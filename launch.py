@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpt import launcher
+from jaxpt.config import parse_flags
 from jaxpt.data import DataError
 from jaxpt.models import ConfigError
 
@@ -63,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags("launch.py"))

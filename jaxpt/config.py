@@ -1,15 +1,26 @@
-"""Run configs: the sections every preset shares, the ``:arg`` parser and the smoke shrink.
+"""Run configs: the sections every preset shares, the ``:arg`` parser and the smoke shrink;
+and the command-line checks ``launch.py`` and ``python -m jaxpt.hf`` share.
 
 A preset file ``configs/<name>.py`` is ``get_config(arg) -> preset_config("<name>", arg)``
 plus its own overrides. Sections: ``model`` (exactly what ``init``/``apply`` take), ``data``,
-``train``, ``mesh``, ``checkpoint``, ``eval``, ``log``.
+``train``, ``mesh``, ``checkpoint``, ``eval``, ``log``. Their range checks live beside the code
+that reads them; ``jaxpt.train.validate_config`` runs them all.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
 import ml_collections
+from absl import flags
 
 from jaxpt import models, sharding
+from jaxpt.models import ConfigError
 from jaxpt.models._config import mixer_pattern
 
 
@@ -17,24 +28,29 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses a config argument such as ``"smoke"`` or ``"smoke,steps=50"``.
 
     Bare words set a boolean default to True; ``key=value`` takes the type of the default.
-    Unknown keys raise ValueError.
+    Unknown keys and values that do not parse raise ConfigError.
     """
     parsed = ml_collections.ConfigDict(defaults)
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if key not in defaults:
-            raise ValueError(f"Config argument {key!r} is not one of {sorted(defaults)}.")
+            raise ConfigError(f"config argument {key!r} is not one of {sorted(defaults)}.")
         default = defaults[key]
         if not sep:
             if not isinstance(default, bool):
-                raise ValueError(f"Config argument {key!r} needs a value: {key}=...")
+                raise ConfigError(f"config argument {key!r} needs a value: {key}=...")
             parsed[key] = True
         elif isinstance(default, bool):
             if value.lower() not in ("true", "false"):
-                raise ValueError(f"Config argument {key}={value!r} must be true or false.")
+                raise ConfigError(f"config argument {key}={value!r} must be true or false.")
             parsed[key] = value.lower() == "true"
         else:
-            parsed[key] = type(default)(value)
+            try:
+                parsed[key] = type(default)(value)
+            except ValueError:
+                raise ConfigError(
+                    f"config argument {key}={value!r} is not a {type(default).__name__}."
+                ) from None
     return parsed
 
 
@@ -125,3 +141,95 @@ def preset_config(model_name: str, arg: str | None) -> ml_collections.ConfigDict
     if args.smoke:
         shrink_for_smoke(config)
     return config
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The config ``--config=<file>[:<arg>]`` names, loaded as ``config_flags`` loads it: the
+    file's ``get_config(arg)``, or ``get_config()`` without a colon.
+
+    Raises ConfigError for a file that does not exist or an argument ``get_config`` rejects.
+    """
+    path, colon, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"--config={spec}: {path!r} is not a file; name a preset file such as "
+            "configs/gpt.py, or configs/gpt.py:smoke for its tiny CPU variant."
+        )
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        return module.get_config(*([arg] if colon else []))
+    except ConfigError as error:
+        raise ConfigError(f"--config={spec}: {error}") from None
+
+
+def check_override(config: ml_collections.ConfigDict, path: str) -> None:
+    """Raises ConfigError unless ``--config.<path>`` (e.g. ``train.steps``, or
+    ``mesh.rules.batch[0]``) names a field of ``config``."""
+    node, where = config, "config"
+    for key in path.split("."):
+        key = key.split("[")[0]  # a tuple element: the field is the tuple
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{path}: {where} is a value, not a section.")
+        if key not in node:
+            raise ConfigError(
+                f"--config.{path}: {where} has no field {key!r}; its fields are "
+                f"{', '.join(sorted(node))}."
+            )
+        node, where = node[key], f"{where}.{key}"
+
+
+def check_config_flags(argv: Sequence[str]) -> None:
+    """Loads the config ``--config=...`` in ``argv`` names and checks that every
+    ``--config.<field>`` override names one of its fields; raises ConfigError where
+    ``config_flags`` would print a traceback (a missing file, a bad ``:arg``, an unknown field).
+    Does nothing without the flag (absl reports a required one missing)."""
+    spec, paths = None, []
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "--":  # absl parses no flags after it
+            break
+        flag, equals, value = arg.partition("=")
+        if flag in ("-config", "--config"):
+            spec = value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
+        elif match := re.fullmatch(r"--?(no)?config\.(.+)", flag):
+            paths.append(match.group(2))
+    if spec is None:
+        return
+    config = load_config_file(spec)
+    for path in paths:
+        check_override(config, path)
+
+
+def parse_flags(program: str) -> Callable[[list[str]], list[str]]:
+    """absl's flag parsing, for ``app.run(main, flags_parser=parse_flags("launch.py"))``: a bad
+    flag, config file, config argument or config field ends the program with one sentence,
+    ``<program>: ...``, and exit status 1, before anything else runs."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            check_config_flags(argv)
+            return flags.FLAGS(argv)
+        except (ConfigError, flags.Error) as error:
+            sys.exit(f"{program}: {error}")
+
+    return parse
+
+
+def check_writable_directory(path: str | os.PathLike, flag: str) -> None:
+    """Raises ConfigError naming ``flag`` (e.g. ``"--workdir"``) unless ``path`` is, or can be
+    made, a directory this process writes into. Creates nothing."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{flag}={path} cannot be a directory: {existing} is a file; choose another {flag}."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{flag}={path} is not writable ({existing} is read-only for this user); choose "
+            f"another {flag} or change its permissions."
+        )

@@ -25,7 +25,7 @@ import numpy as np
 from jax import Array
 
 from jaxpt import models
-from jaxpt.models import ConfigError
+from jaxpt.models import ConfigError, check_range
 
 
 class Sampling(NamedTuple):
@@ -144,8 +144,7 @@ def pad_prompts(prompts, max_new_tokens: int, cfg) -> tuple[np.ndarray, np.ndarr
     rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
     if not rows or min(len(r) for r in rows) == 0:
         raise ConfigError("generate needs at least one prompt, each of at least one token.")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+    check_range("max_new_tokens", max_new_tokens, at_least=1, integer=True)
     for i, row in enumerate(rows):
         bad = row[(row < 0) | (row >= cfg.vocab_size)]
         if bad.size:
@@ -166,12 +165,11 @@ def pad_prompts(prompts, max_new_tokens: int, cfg) -> tuple[np.ndarray, np.ndarr
 
 
 def _check_sampling(temperature, top_k, top_p, key, n_tokens, vocab_size: int) -> Sampling:
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise ConfigError(f"top_k={top_k} must be from 1 to the vocabulary size {vocab_size}.")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p={top_p} must be in (0, 1].")
+    check_range("temperature", temperature, at_least=0, note=" (0 is greedy)")
+    if top_k is not None:
+        check_range("top_k", top_k, at_least=1, at_most=vocab_size, integer=True)
+    if top_p is not None:
+        check_range("top_p", top_p, above=0, at_most=1)
     if temperature > 0 and key is None:
         raise ConfigError("sampling with temperature > 0 needs key=jax.random.key(seed).")
     if n_tokens is not None and not 1 <= n_tokens <= vocab_size:

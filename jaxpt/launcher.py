@@ -8,9 +8,10 @@ from pathlib import Path
 
 import jax
 
-from jaxpt import data, hf, models, sharding, train
+from jaxpt import data, hf, sharding, train
+from jaxpt.config import check_writable_directory
 from jaxpt.generation import generate
-from jaxpt.models import ConfigError
+from jaxpt.models import ConfigError, check_range
 
 MODES = ("train", "generate")
 
@@ -22,10 +23,19 @@ class SampleOptions:
     prompt: str = ""  # empty: start from the end-of-text token, i.e. a new document
     num_samples: int = 4
     max_new_tokens: int = 100
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1: no nucleus filter
     seed: int = 0
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first option (as its flag) out of range."""
+        check_range("--num_samples", self.num_samples, at_least=1, integer=True)
+        check_range("--max_new_tokens", self.max_new_tokens, at_least=1, integer=True)
+        check_range("--top_k", self.top_k, at_least=0, integer=True, note=" (0: no top-k filter)")
+        check_range("--temperature", self.temperature, at_least=0, note=" (0: greedy)")
+        check_range("--top_p", self.top_p, above=0, at_most=1, note=" (1: no nucleus filter)")
+        check_range("--seed", self.seed, at_least=0, at_most=2**32 - 1, integer=True)
 
 
 def init_distributed() -> None:
@@ -45,8 +55,11 @@ def init_distributed() -> None:
 
 
 def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None = None) -> None:
-    """Runs ``mode`` (one of ``MODES``) for ``config`` in ``workdir``."""
+    """Runs ``mode`` (one of ``MODES``) for ``config`` in ``workdir``, after checking every
+    config field (and, to train, that ``workdir`` can be written) before anything compiles."""
     if mode == "train":
+        train.validate_config(config)
+        check_writable_directory(workdir, "--workdir")
         print(config, flush=True)
         train.train(config, workdir)
     elif mode == "generate":
@@ -60,7 +73,8 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     """Prompt plus completion, as text, for each of ``options.num_samples`` samples drawn
     from the latest checkpoint in ``workdir`` (or ``model.init_from``, see
     ``params_and_tokenizer``); each stops at end-of-text."""
-    models.get(config.model.name).validate(config.model)
+    train.validate_config(config)
+    options.validate()
     params, tokenizer = params_and_tokenizer(config, workdir)
     prompt = tokenizer.encode(options.prompt) if options.prompt else [tokenizer.eot_id]
     generated = generate(
@@ -70,7 +84,7 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
         options.max_new_tokens,
         temperature=options.temperature,
         top_k=options.top_k or None,
-        top_p=options.top_p if options.top_p < 1 else None,
+        top_p=None if options.top_p == 1 else options.top_p,
         key=jax.random.key(options.seed),
         stop_token=tokenizer.eot_id,
         n_tokens=tokenizer.vocab_size,

@@ -145,6 +145,9 @@ def test_bad_requests_get_one_clear_sentence(gpt):
         generate(params, cfg, [[1], []], 2, temperature=0)
     with pytest.raises(ConfigError, match="top_p"):
         generate(params, cfg, [[1]], 2, top_p=0.0, key=jax.random.key(0))
+    for temperature in ("nan", "inf"):  # were garbage, and a padding id that crashed decoding
+        with pytest.raises(ConfigError, match=f"temperature={temperature} must be a finite"):
+            generate(params, cfg, [[1]], 2, temperature=float(temperature), key=jax.random.key(0))
 
 
 @pytest.mark.parametrize("name", ["bigram", "charformer"])

@@ -1,0 +1,172 @@
+"""Run configs: every field's range check before anything compiles, the optimizer's clipping
+switch, sampling options, and launch.py's one-sentence errors for bad flags and workdirs."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpt import launcher, models, train
+from jaxpt.models import ConfigError
+from tests.test_train import CONFIG_FILES, ROOT, char_config, load_config
+
+BAD_FIELDS = [
+    ("train.steps", 0),
+    ("train.batch_size", -8),
+    ("train.grad_accum_steps", 0),  # was a ZeroDivisionError inside the validation
+    ("train.warmup_steps", -1),
+    ("train.seed", -1),
+    ("train.lr", math.inf),  # passed, then every loss was NaN
+    ("train.lr", math.nan),
+    ("train.min_lr_ratio", 5.0),  # was accepted: the lr rose to 5x its peak
+    ("train.min_lr_ratio", -0.5),
+    ("train.decay_fraction", 1.5),
+    ("train.weight_decay", -0.1),
+    ("train.b1", 1.0),
+    ("train.b2", -0.1),
+    ("train.eps", 0.0),
+    ("train.grad_clip", -1.0),  # was gradient ascent
+    ("train.grad_clip", math.nan),
+    ("train.load_balance_loss_coeff", -1.0),
+    ("train.z_loss_coeff", math.inf),
+    ("mesh.tensor", 0),
+    ("mesh.fsdp", -2),
+    ("checkpoint.every_steps", 0),  # these three were a ZeroDivisionError after step 1
+    ("eval.every_steps", 0),
+    ("log.every_steps", 0),
+    ("eval.batches", 0),  # these two were a KeyError at the first evaluation
+    ("eval.batches", -1),
+    ("model.vocab_size", 0),
+    ("model.n_layer", 0),
+    ("model.init_stddev", -0.02),
+    ("model.ln_epsilon", 0.0),
+    ("model.rope_base", -1.0),
+]
+
+
+def small_config(**train_overrides):
+    return char_config(steps=2, **train_overrides)
+
+
+@pytest.mark.parametrize("path, value", BAD_FIELDS, ids=[f"{p}={v}" for p, v in BAD_FIELDS])
+def test_every_bad_field_is_one_sentence_before_anything_runs(path, value, tmp_path):
+    config = small_config()
+    section, field = path.split(".")
+    config[section][field] = value
+    with pytest.raises(ConfigError, match=f"^{path}={value!r} must be ") as caught:
+        train.train(config, tmp_path / "run")
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "run").exists()  # nothing written, nothing compiled
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (dict(data=-1, fsdp=-1), r"mesh\.data and mesh\.fsdp are all -1"),
+        (dict(rules=dict(batch=("dta",))), r"mesh\.rules\.batch=\('dta',\) names 'dta'"),
+    ],
+)
+def test_mesh_rules_and_sizes_name_the_field(mesh, message):
+    config = small_config()
+    config.mesh.update(mesh)
+    with pytest.raises(ConfigError, match=message):
+        train.validate_config(config)
+
+
+def test_every_preset_passes_as_shipped():
+    for path in CONFIG_FILES:
+        for arg in ("smoke", None):
+            train.validate_config(load_config(path, arg))
+
+
+def first_update(grad_clip: float):
+    """The first AdamW update of a bigram table for a large gradient, clipped by ``grad_clip``
+    (a large ``eps`` makes Adam's update depend on the gradient's scale)."""
+    config = small_config(grad_clip=grad_clip, warmup_steps=0, weight_decay=0.0, eps=1.0)
+    cfg = models.get("bigram").default_config()
+    cfg.vocab_size = 4
+    params = models.get("bigram").init(jax.random.key(0), cfg)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 10.0), params)
+    tx = train.optimizer(config.train, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return np.asarray(updates.table.weight)
+
+
+def test_grad_clip_0_is_no_clipping():
+    unclipped = first_update(1e30)
+    assert np.all(unclipped < 0)  # a step against the gradient
+    np.testing.assert_array_equal(first_update(0.0), unclipped)  # was no update at all
+    assert np.all(np.abs(first_update(1.0)) < np.abs(unclipped))  # clipping shrinks it
+
+
+@pytest.mark.parametrize(
+    "options, flag",
+    [
+        (dict(temperature=math.nan), "--temperature=nan"),  # printed garbage, exit 0
+        (dict(temperature=math.inf), "--temperature=inf"),  # drew a padding id and crashed
+        (dict(temperature=-1.0), "--temperature=-1.0"),
+        (dict(top_p=1.5), "--top_p=1.5"),  # was silently no filter
+        (dict(top_p=0.0), "--top_p=0.0"),
+        (dict(top_k=-1), "--top_k=-1"),
+        (dict(num_samples=0), "--num_samples=0"),
+        (dict(max_new_tokens=0), "--max_new_tokens=0"),
+        (dict(seed=-1), "--seed=-1"),
+    ],
+)
+def test_sampling_options_are_checked_before_loading_anything(options, flag, tmp_path):
+    with pytest.raises(ConfigError, match=f"^{flag} must be "):
+        launcher.sample(small_config(), tmp_path, launcher.SampleOptions(**options))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_workdir_is_one_sentence(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(ConfigError, match="is not writable"):
+            launcher.run(small_config(), workdir=str(tmp_path / "run"), mode="train")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def run_launch(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (
+            ["--config=configs/gpt.py:smoke", "--config.train.nosuch=1"],
+            "--config.train.nosuch: config.train has no field 'nosuch'; its fields are b1, b2,",
+        ),
+        (["--config=configs/nosuch.py"], "--config=configs/nosuch.py: 'configs/nosuch.py' is not"),
+        (
+            ["--config=configs/gpt.py:smok"],
+            "--config=configs/gpt.py:smok: config argument 'smok' is not one of ['smoke'].",
+        ),
+        (["--config=configs/gpt.py:smoke", "--workdir=a_file"], "is a file; choose another"),
+    ],
+    ids=["unknown field", "no such file", "bad config argument", "workdir is a file"],
+)
+def test_launch_errors_are_one_sentence_and_exit_1(args, words, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    configs = tmp_path / "configs"
+    configs.symlink_to(ROOT / "configs")
+    result = run_launch("--workdir=run", *args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("launch.py: ") and words in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1  # one line: no traceback, no usage dump
+    assert (tmp_path / "a_file").read_text() == "not a directory"
+    assert not (tmp_path / "run").exists()
