@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -39,6 +40,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpt import data, models
+from jaxpt.config import check_writable_directory, parse_flags
 from jaxpt.models import ConfigError
 
 
@@ -482,11 +484,21 @@ def _directory(source: str | os.PathLike) -> Path:
         ) from error
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error}): the checkpoint is damaged; fetch or export it "
+            "again."
+        ) from None
+
+
 def _read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json: is it a transformers checkpoint?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_json(path)
 
 
 def _to_numpy(tensor) -> np.ndarray:
@@ -496,8 +508,13 @@ def _to_numpy(tensor) -> np.ndarray:
 
 
 def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; fetch it again.")
     if path.suffix == ".safetensors":
-        return safetensors.numpy.load_file(path)
+        try:
+            return safetensors.numpy.load_file(path)
+        except safetensors.SafetensorError as error:
+            raise _damaged(path, error) from None
     try:
         import torch
     except ImportError:
@@ -505,8 +522,18 @@ def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
             f"{path} is a PyTorch file, and reading it needs torch: install torch, or convert "
             "the checkpoint to safetensors."
         ) from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise _damaged(path, error) from None
     return {k: _to_numpy(v) for k, v in state.items()}
+
+
+def _damaged(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0]}): it is "
+        "truncated or damaged; fetch or export the checkpoint again."
+    )
 
 
 def _read_weights(directory: Path) -> dict[str, np.ndarray]:
@@ -516,8 +543,10 @@ def _read_weights(directory: Path) -> dict[str, np.ndarray]:
         if not path.is_file():
             continue
         if name.endswith(".index.json"):
-            shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
-            files = [directory / shard for shard in sorted(shards)]
+            index = _read_json(path)
+            if not isinstance(index.get("weight_map"), dict):
+                raise CheckpointError(f"{path} has no weight_map: the index is damaged.")
+            files = [directory / shard for shard in sorted(set(index["weight_map"].values()))]
         else:
             files = [path]
         state = {}
@@ -708,6 +737,7 @@ def _main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # as launch.py: no absl/orbax narration at INFO
     f = flags.FLAGS
     try:
+        check_writable_directory(f.out, "--out")
         if f.to == "jaxpt":
             if not f.source:
                 raise ConfigError("--to=jaxpt needs --source=<checkpoint directory or hub name>.")
@@ -734,4 +764,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(_main)
+    app.run(_main, flags_parser=parse_flags("jaxpt.hf"))

@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -430,3 +431,22 @@ def test_command_line_imports_a_checkpoint(tmp_path):
         text=True,
     )
     assert missing.returncode != 0 and "--to=hf needs --config" in missing.stderr
+
+
+def test_a_damaged_checkpoint_is_one_sentence_naming_the_file(tmp_path):
+    source = Path(smoke_gpt2_dir(tmp_path / "hf"))
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # what an interrupted download leaves
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxpt.hf", "--to=jaxpt", f"--source={source}", "--out=out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"jaxpt.hf: {weights} cannot be read"), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    (source / "config.json").write_text('{"model_type": "gpt2",')
+    with pytest.raises(hf.CheckpointError, match=r"config\.json is not valid JSON"):
+        hf.from_pretrained(source)
