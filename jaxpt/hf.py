@@ -530,9 +530,10 @@ def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
 
 
 def _damaged(path: Path, error: Exception) -> CheckpointError:
+    first_line = str(error).partition("\n")[0]
     return CheckpointError(
-        f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0]}): it is "
-        "truncated or damaged; fetch or export the checkpoint again."
+        f"{path} cannot be read ({type(error).__name__}: {first_line}): it is truncated or "
+        "damaged; fetch or export the checkpoint again."
     )
 
 
