@@ -66,6 +66,9 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "HuggingFaceFW/fineweb-edu"  # HF name, local path or "embedded"
     config.data.tokenizer = "gpt2"  # gpt2 | char | a directory with tokenizer.json
+    # A hub dataset is prepared into $JAXPT_CACHE_DIR on first use: this many tokens (val +
+    # train); 0 or -1: exactly what train.steps and eval.batches read.
+    config.data.max_tokens = 0
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 19073  # ~10B tokens at 512 x 1024 tokens per step

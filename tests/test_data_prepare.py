@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 import types
@@ -38,6 +39,11 @@ def prepare(source, out, **kw) -> data.Manifest:
     return data.prepare_dataset(str(source), out, **kw)
 
 
+def run_data(dataset, tokenizer="gpt2", max_tokens=0) -> types.SimpleNamespace:
+    """A run config's data section."""
+    return types.SimpleNamespace(dataset=str(dataset), tokenizer=tokenizer, max_tokens=max_tokens)
+
+
 def files_in(directory: Path) -> dict[str, int]:
     """name -> mtime_ns of every file in `directory`."""
     return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
@@ -60,7 +66,7 @@ def test_text_file_round_trips(book, tmp_path):
     assert on_disk["tokens"] == {"val": SHARD, "train": len(tokens) - SHARD}
     assert on_disk["dtype"] == "uint16" and on_disk["tokenizer"] == {"kind": "gpt2"}
     assert sorted(files_in(tmp_path / "out")) == sorted(
-        ["manifest.json"] + [s.file for s in manifest.shards]
+        ["manifest.json", "progress.json"] + [s.file for s in manifest.shards]
     )
     assert data.load_manifest(tmp_path / "out") == manifest
 
@@ -108,10 +114,10 @@ def test_interrupted_run_resumes_and_ignores_stale_files(book, tmp_path, monkeyp
     assert written[0] == "train_000003.bin" and len(written) == len(manifest.shards) - 3
     assert {name: files_in(out)[name] for name in kept} == kept  # shards 0-2 were not rewritten
     np.testing.assert_array_equal(tokens_of(manifest), reference)
-    assert not list(out.glob("*.tmp")) and not (out / "progress.json").exists()
+    assert not list(out.glob("*.tmp"))
 
 
-def _paragraph_jsonl(text: str, path: Path, chars: int = 600) -> list[str]:
+def paragraph_jsonl(text: str, path: Path, chars: int = 600) -> list[str]:
     """`text` cut at sentence ends into documents of about `chars` characters, as jsonl."""
     docs, start = [], 0
     while start < len(text):
@@ -124,7 +130,7 @@ def _paragraph_jsonl(text: str, path: Path, chars: int = 600) -> list[str]:
 
 
 def test_parallel_workers_give_the_serial_result(book, tmp_path):
-    docs = _paragraph_jsonl(book.read_text(encoding="utf-8")[:200_000], tmp_path / "d.jsonl")
+    docs = paragraph_jsonl(book.read_text(encoding="utf-8")[:200_000], tmp_path / "d.jsonl")
     serial = prepare(tmp_path / "d.jsonl", tmp_path / "serial", shard_tokens=4096)
     parallel = prepare(tmp_path / "d.jsonl", tmp_path / "parallel", shard_tokens=4096, workers=2)
     np.testing.assert_array_equal(tokens_of(parallel), tokens_of(serial))
@@ -154,15 +160,13 @@ def test_embedded_corpus_is_prepared_once(tmp_path):
     assert tok.decode(tokens_of(manifest).tolist()) == "".join(data.EOT + d for d in docs)
     assert manifest.tokens("train") > 5 * manifest.tokens("val") > 0
     before = files_in(manifest.directory)
-    config = types.SimpleNamespace(dataset="embedded", tokenizer="gpt2")
+    config = run_data("embedded")
     assert data.ensure_prepared(config, tmp_path) == manifest
     assert files_in(manifest.directory) == before
     assert [p.name for p in tmp_path.iterdir()] == [manifest.directory.name]  # no temp dirs
-    config = types.SimpleNamespace(dataset=str(manifest.directory), tokenizer="gpt2")
+    config = run_data(manifest.directory)
     assert data.ensure_prepared(config) == manifest
-    chars = data.ensure_prepared(
-        types.SimpleNamespace(dataset="embedded", tokenizer="char"), tmp_path
-    )
+    chars = data.ensure_prepared(run_data("embedded", "char"), tmp_path)
     assert chars.tokenizer["kind"] == "char" and chars.directory != manifest.directory
 
 
@@ -190,12 +194,17 @@ def test_cli(tmp_path):
         "directory)"
     ]
     assert not (tmp_path / "out2").exists()
+    run = subprocess.run([*cmd[:4], "--shard_tokens=many"], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        "error: flag --shard_tokens=many: invalid literal for int() with base 10: 'many'; "
+        "see --help"
+    ]
 
 
 # ----------------------------------------------------------------------------- bad input
 
 
-def _one_sentence(error: pytest.ExceptionInfo) -> str:
+def one_sentence(error: pytest.ExceptionInfo) -> str:
     message = str(error.value)
     assert "\n" not in message and message.count(". ") == 0, message
     return message
@@ -224,7 +233,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(
         Path(name).write_text(content)
     with pytest.raises(error, match=match) as e:
         prepare(name, tmp_path / "out", **kw)
-    _one_sentence(e)
+    one_sentence(e)
     assert not (tmp_path / "out").exists()
 
 
@@ -243,7 +252,7 @@ def test_wrong_dtype_shard(small):
         data.load_manifest(small.directory)
     with pytest.raises(data.DataError, match="uint32") as e:
         data.Loader(small, "train", 2, 8)
-    _one_sentence(e)
+    one_sentence(e)
 
 
 def test_truncated_missing_and_foreign_shards(small):
@@ -256,11 +265,11 @@ def test_truncated_missing_and_foreign_shards(small):
     path.write_bytes(path.read_bytes()[:-6])
     with pytest.raises(data.DataError, match="it is truncated") as e:
         data.load_manifest(small.directory)
-    _one_sentence(e)
+    one_sentence(e)
     path.unlink()
     with pytest.raises(data.DataNotFoundError, match="is missing") as e:
         data.load_manifest(small.directory)
-    _one_sentence(e)
+    one_sentence(e)
 
 
 def test_vocab_check(small):
@@ -268,21 +277,103 @@ def test_vocab_check(small):
     data.check_vocab(small, small.max_token_id + 1)
     with pytest.raises(data.DataError, match=r"model\.vocab_size is 1000; set model") as e:
         data.check_vocab(small, 1000)
-    _one_sentence(e)
+    one_sentence(e)
 
 
 def test_ensure_prepared_errors(small, tmp_path):
     def ensure(dataset, tokenizer="gpt2"):
-        config = types.SimpleNamespace(dataset=str(dataset), tokenizer=tokenizer)
+        config = run_data(dataset, tokenizer)
         with pytest.raises(data.DataError) as e:
             data.ensure_prepared(config, tmp_path / "cache")
-        return _one_sentence(e)
+        return one_sentence(e)
 
-    assert "run `python -m jaxpt.data.prepare" in ensure(tmp_path / "nowhere")
-    hub = ensure(data.DEFAULT_DATASET)
-    assert f"--dataset={data.DEFAULT_DATASET} --out=<dir>` and set data.dataset=<dir>" in hub
-    assert "no manifest.json); run `python -m jaxpt.data.prepare" in ensure(tmp_path)
+    assert "does not exist; run `python -m jaxpt.data.prepare" in ensure(tmp_path / "nowhere")
+    assert "no manifest.json and no shards; run `python -m jaxpt.data.prepare" in ensure(tmp_path)
     assert "prepared with the gpt2 tokenizer but data.tokenizer is 'char'" in ensure(
         small.directory, "char"
     )
     assert not (tmp_path / "cache").exists()
+
+
+# ----------------------------------------------------------------------------- safety (issue 11)
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_prepare_writes_only_where_it_may(small, tmp_path):
+    source = tmp_path / "story.txt"
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "vocab.json").write_text('{"chars": "my own"}')
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "another tool"}')
+    kept = {d: contents(d) for d in (user, other)}
+    with pytest.raises(data.DataError, match=r"was not made by `jaxpt\.data\.prepare`") as e:
+        prepare(source, user, tokenizer="char", shard_tokens=64)
+    one_sentence(e)
+    with pytest.raises(data.DataError, match="is not a jaxpt manifest") as e:
+        prepare(source, other, shard_tokens=64)
+    one_sentence(e)
+    assert {d: contents(d) for d in (user, other)} == kept
+    (tmp_path / "empty").mkdir()
+    assert prepare(source, tmp_path / "empty", shard_tokens=64).tokens() == small.tokens()
+    assert prepare(source, small.directory, shard_tokens=64) == small  # its own: nothing to do
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_a_damaged_manifest_is_one_sentence_and_prepare_rewrites_it(small, tmp_path, damage):
+    path = small.directory / "manifest.json"
+    original = path.read_bytes()
+    path.write_bytes(
+        {"empty": b"", "garbage": b"\x89PNG\0\xff", "truncated": original[:50]}[damage]
+    )
+    with pytest.raises(data.DataError, match=r"manifest\.json cannot be read") as e:
+        data.ensure_prepared(run_data(small.directory), tmp_path / "cache")
+    assert "re-run the `python -m jaxpt.data.prepare` command that wrote" in one_sentence(e)
+    assert prepare(tmp_path / "story.txt", small.directory, shard_tokens=64) == small
+    assert path.read_bytes() == original
+    (small.directory / "progress.json").unlink()  # no longer recognisably prepare's own
+    path.write_bytes(original[:50])
+    with pytest.raises(data.DataError, match="prepare the data again into a new directory") as e:
+        prepare(tmp_path / "story.txt", small.directory, shard_tokens=64)
+    one_sentence(e)
+    assert path.read_bytes() == original[:50]
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [("Caf\xe9 au lait".encode("latin-1"), "is not UTF-8 text"), (b"ab\0\0cd", "is binary")],
+)
+def test_a_file_that_is_not_text_is_named(tmp_path, content, match):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus/good.txt").write_text("The lion and the bull.")
+    (tmp_path / "corpus/bad.txt").write_bytes(content)
+    with pytest.raises(data.DataError, match=match) as e:
+        prepare(tmp_path / "corpus", tmp_path / "out")
+    assert str(tmp_path / "corpus/bad.txt") in one_sentence(e)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_advice_for_a_damaged_shard_works(small, tmp_path):
+    shard = small.directory / small.shards[2].file
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-10])
+    with pytest.raises(data.DataError, match="it is truncated") as e:
+        data.ensure_prepared(run_data(small.directory), tmp_path / "cache")
+    assert "re-run the `python -m jaxpt.data.prepare` command that wrote" in one_sentence(e)
+    assert prepare(tmp_path / "story.txt", small.directory, shard_tokens=64) == small
+    assert shard.read_bytes() == original and data.load_manifest(small.directory) == small
+
+
+def test_the_advice_for_validation_only_data_works(tmp_path):
+    source = tmp_path / "story.txt"
+    source.write_text("The lion and the bull were friends, until a jackal came along. " * 20)
+    val_only = prepare(source, tmp_path / "out", shard_tokens=10_000)
+    with pytest.raises(data.DataError, match="no 'train' shards") as e:
+        data.Loader(val_only, "train", 2, 8)
+    advice = re.search(r"into a new directory with --shard_tokens=(\d+)", one_sentence(e))
+    fixed = prepare(source, tmp_path / "new", shard_tokens=int(advice.group(1)))
+    assert data.Loader(fixed, "train", 2, 8).steps_per_epoch > 5

@@ -1,25 +1,28 @@
 """Data: tokenizers, corpus preparation into token shards, the embedded corpus, the loader.
 
-Prepare a corpus once (`python -m jaxpt.data.prepare --dataset=... --out=DIR`, or
-`prepare_dataset`), then train from DIR; `ensure_prepared` resolves a run's `data` config
-("embedded" or DIR) to a `Manifest`, and `Loader` reads batches from it.
+`ensure_prepared` resolves a run's `data` config to a `Manifest`: "embedded", a directory
+prepared by `python -m jaxpt.data.prepare` (or `prepare_dataset`), a directory of llm.c `.bin`
+or `.npy` shards, or a Hugging Face hub name, prepared into the cache on first use as far as
+the run reads (`tokens_needed`). `Loader` reads batches from it.
 """
 
 from jaxpt.data._embedded import EMBEDDED as EMBEDDED
-from jaxpt.data._embedded import DataConfig as DataConfig
-from jaxpt.data._embedded import default_cache_dir as default_cache_dir
 from jaxpt.data._embedded import embedded_documents as embedded_documents
-from jaxpt.data._embedded import ensure_prepared as ensure_prepared
 from jaxpt.data._embedded import prepare_embedded as prepare_embedded
 from jaxpt.data._errors import DataError as DataError
 from jaxpt.data._errors import DataNotFoundError as DataNotFoundError
 from jaxpt.data._loader import Loader as Loader
 from jaxpt.data._loader import LoaderState as LoaderState
+from jaxpt.data._loader import TokenNeed as TokenNeed
 from jaxpt.data._loader import check_vocab as check_vocab
 from jaxpt.data._loader import process_rows as process_rows
 from jaxpt.data._loader import to_global as to_global
+from jaxpt.data._loader import tokens_needed as tokens_needed
 from jaxpt.data._prepare import DEFAULT_DATASET as DEFAULT_DATASET
 from jaxpt.data._prepare import prepare_dataset as prepare_dataset
+from jaxpt.data._resolve import DataConfig as DataConfig
+from jaxpt.data._resolve import default_cache_dir as default_cache_dir
+from jaxpt.data._resolve import ensure_prepared as ensure_prepared
 from jaxpt.data._shards import Manifest as Manifest
 from jaxpt.data._shards import Shard as Shard
 from jaxpt.data._shards import load_manifest as load_manifest

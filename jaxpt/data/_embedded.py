@@ -1,4 +1,4 @@
-"""The embedded corpus, and finding the prepared data a run's config names.
+"""The embedded corpus: real English text that needs no download.
 
 The embedded corpus is the Python Language Reference as shipped in every Python's standard
 library (`pydoc_data.topics`: 79 topics, about 465K characters of English prose with
@@ -16,22 +16,14 @@ import platform
 import shutil
 import uuid
 from pathlib import Path
-from typing import Protocol
 
-from jaxpt.data._errors import DataError, DataNotFoundError
+from jaxpt.data._errors import DataNotFoundError
 from jaxpt.data._prepare import prepare_documents, resolve_tokenizer_name
-from jaxpt.data._shards import MANIFEST, PROGRESS, Manifest, load_manifest
-from jaxpt.data._tokenizers import HFTokenizer
+from jaxpt.data._shards import MANIFEST, Manifest, load_manifest
+from jaxpt.data._tokenizers import tokenizer_key
 
 EMBEDDED = "embedded"
 EMBEDDED_SHARD_TOKENS = 2**14  # a handful of shards; the first is the validation split
-
-
-class DataConfig(Protocol):
-    """The fields of a run config's `data` section that choose its data."""
-
-    dataset: str  # "embedded", or a directory written by `python -m jaxpt.data.prepare`
-    tokenizer: str  # "gpt2", "char", or a tokenizer.json path
 
 
 def embedded_documents() -> list[str]:
@@ -46,14 +38,6 @@ def embedded_documents() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def default_cache_dir() -> Path:
-    """$JAXPT_CACHE_DIR, else $XDG_CACHE_HOME/jaxpt, else ~/.cache/jaxpt."""
-    if os.environ.get("JAXPT_CACHE_DIR"):
-        return Path(os.environ["JAXPT_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "jaxpt"
-
-
 def prepare_embedded(cache_dir: str | os.PathLike, tokenizer: str = "gpt2") -> Manifest:
     """The embedded corpus as shards under `cache_dir`, prepared on the first call.
 
@@ -62,8 +46,9 @@ def prepare_embedded(cache_dir: str | os.PathLike, tokenizer: str = "gpt2") -> M
     """
     texts = embedded_documents()
     name = resolve_tokenizer_name(tokenizer)
-    key = name if name in ("gpt2", "char") else "hf-" + HFTokenizer(name).spec()["sha256"][:12]
-    final = Path(cache_dir) / f"embedded-{key}-{_digest(chr(0).join(texts).encode())}"
+    final = (
+        Path(cache_dir) / f"embedded-{tokenizer_key(name)}-{_digest(chr(0).join(texts).encode())}"
+    )
     if not (final / MANIFEST).is_file():
         source = {
             "dataset": EMBEDDED,
@@ -78,7 +63,8 @@ def prepare_embedded(cache_dir: str | os.PathLike, tokenizer: str = "gpt2") -> M
                 source,
                 tmp,
                 shard_tokens=EMBEDDED_SHARD_TOKENS,
-                val_shards=1,
+                val_tokens=EMBEDDED_SHARD_TOKENS,
+                max_tokens=0,
                 workers=1,
                 progress=False,
             )
@@ -93,40 +79,3 @@ def prepare_embedded(cache_dir: str | os.PathLike, tokenizer: str = "gpt2") -> M
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
-
-
-def ensure_prepared(
-    data_config: DataConfig, cache_dir: str | os.PathLike | None = None
-) -> Manifest:
-    """The manifest of the data a run trains on, preparing the embedded corpus if needed.
-
-    Args:
-        data_config: `dataset` is "embedded" (prepared on the fly into `cache_dir`) or a data
-            directory written by `python -m jaxpt.data.prepare`; `tokenizer` must match it.
-        cache_dir: where the embedded corpus is prepared (default: `default_cache_dir()`).
-
-    Raises:
-        DataNotFoundError: `dataset` is not a prepared data directory (a hub name, say).
-        DataError: a shard is truncated or corrupt, or the tokenizer does not match.
-    """
-    dataset, tokenizer = data_config.dataset, data_config.tokenizer
-    if dataset == EMBEDDED:
-        return prepare_embedded(cache_dir or default_cache_dir(), tokenizer)
-    path = Path(dataset).expanduser()
-    if not (path / MANIFEST).is_file() and not (path / PROGRESS).is_file():
-        raise DataNotFoundError(
-            f"data.dataset={dataset!r} is not a prepared data directory (no {MANIFEST}); run "
-            f"`python -m jaxpt.data.prepare --dataset={dataset} --out=<dir>` and set "
-            "data.dataset=<dir>, or use data.dataset='embedded'"
-        )
-    try:
-        manifest = load_manifest(path)
-    except DataError as e:
-        raise type(e)(f"data.dataset={dataset!r}: {e}") from None
-    wanted = tokenizer if tokenizer in ("gpt2", "char") else "hf"
-    if manifest.tokenizer["kind"] != wanted:
-        raise DataError(
-            f"data.dataset={dataset!r} was prepared with the {manifest.tokenizer['kind']} "
-            f"tokenizer but data.tokenizer is {tokenizer!r}; make them match"
-        )
-    return manifest

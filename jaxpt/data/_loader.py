@@ -1,24 +1,43 @@
 """Loader: (B, T+1) token windows from memory-mapped shards, in a seeded, resumable order.
 
-A split's shards are read as one token stream of N tokens. Each epoch draws a shift in
-[0, T) and a permutation of the W = (N - 1) // T - 1 windows starting at shift + k*T, both from
-an RNG seeded by (seed, epoch); step s of the epoch is windows s*B ... s*B + B - 1 of that
-order. The loader holds no position: `next_batch(state)` returns the batch `state` points at
-and the state after it, so the state a checkpoint stores resumes exactly. The state is global
-(the same on every process); `rows` picks the rows of each global batch this process reads.
+A split's shards are read as one token stream of N tokens (the manifest's `max_tokens` may
+keep only a first part of it). Each epoch draws a shift in [0, T) and a permutation of the
+W = (N - 1) // T - 1 windows starting at shift + k*T, both from an RNG seeded by (seed, epoch);
+step s of the epoch is windows s*B ... s*B + B - 1 of that order. The loader holds no position:
+`next_batch(state)` returns the batch `state` points at and the state after it, so the state a
+checkpoint stores resumes exactly. The state records the N of its epoch: a run resumed on
+data that has grown since (a longer run extended its cache) finishes that epoch as it began,
+and the next epoch covers all N of this loader. The state is global (the same on every
+process); `rows` picks the rows of each global batch this process reads.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from jaxpt.data._errors import DataError
-from jaxpt.data._shards import Manifest, load_manifest, open_shard
+from jaxpt.data._shards import Manifest, load_manifest
 
 LoaderState = dict  # {"seed", "epoch", "step", "batch_size", "seq_len", "tokens"}: all ints
+
+
+class TokenNeed(NamedTuple):
+    """The tokens a run reads from each split."""
+
+    val: int  # the evaluation's batches, read from the start of the val split
+    train: int  # the training steps' batches, in one epoch
+
+
+def tokens_needed(steps: int, batch_size: int, seq_len: int, eval_batches: int) -> TokenNeed:
+    """The fewest tokens for `steps` training batches in one epoch (no window read twice) and
+    `eval_batches` validation batches, of `batch_size` windows of `seq_len` + 1 tokens."""
+    train = (steps * batch_size + 1) * seq_len + 1  # W = (N - 1) // T - 1 = steps * B
+    val = max(eval_batches, 1) * batch_size * seq_len + 1  # (N - 1) // T // B = eval_batches
+    return TokenNeed(val=val, train=train)
 
 
 class Loader:
@@ -52,34 +71,32 @@ class Loader:
             raise DataError(f"rows must lie in [0, batch_size={batch_size}), got {got}")
         shards = self.manifest.split(split)
         if not shards:
-            raise DataError(
-                f"{self.manifest.directory} has no {split!r} shards; prepare it again with "
-                "a smaller shard_tokens (or val_shards >= 1 for validation data)"
-            )
-        directory, dtype = self.manifest.directory, self.manifest.dtype
-        self._shards = [open_shard(directory / s.file, dtype, s.tokens) for s in shards]
+            raise DataError(self._missing_split())
+        self._shards = [self.manifest.open(s) for s in shards]
         self._starts = np.cumsum([0] + [s.tokens for s in shards])  # (S + 1,) stream offsets
-        self.tokens = int(self._starts[-1])  # N
-        self.windows = max((self.tokens - 1) // seq_len - 1, 0)  # W, per epoch
+        self.tokens = self.manifest.tokens(split)  # N, within the manifest's max_tokens
+        self.windows = self._windows(self.tokens)  # W, per epoch
         self.steps_per_epoch = self.windows // batch_size
-        self._order_cache: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
+        self._order_cache: dict[tuple[int, int, int], tuple[int, np.ndarray]] = {}
 
     def init_state(self, seed: int = 0) -> LoaderState:
         """The state of a loader at the first step of epoch 0, for `seed`."""
         if self.steps_per_epoch < 1:
             raise DataError(self._too_small(self.windows))
-        return {"seed": seed, "epoch": 0, "step": 0, **self._shape()}
+        return {"seed": seed, "epoch": 0, "step": 0, **self._shape(), "tokens": self.tokens}
 
     def next_batch(self, state: LoaderState) -> tuple[np.ndarray, LoaderState]:
         """The batch at `state`: this process's rows, (len(rows), T + 1) int32; the next state."""
         self._check(state)
-        shift, order = self._epoch_order(state["seed"], state["epoch"])
-        windows = order[state["step"] * self.batch_size + self.rows]  # (R,)
-        batch = self._read_windows(shift + windows * self.seq_len)
-        step, epoch = state["step"] + 1, state["epoch"]
-        if step == self.steps_per_epoch:
-            step, epoch = 0, epoch + 1
-        return batch, {**state, "epoch": epoch, "step": step}
+        windows = self._windows(state["tokens"])
+        shift, order = self._epoch_order(state["seed"], state["epoch"], windows)
+        batch = self._read_windows(
+            shift + order[state["step"] * self.batch_size + self.rows] * self.seq_len
+        )
+        step, epoch, tokens = state["step"] + 1, state["epoch"], state["tokens"]
+        if step == windows // self.batch_size:
+            step, epoch, tokens = 0, epoch + 1, self.tokens
+        return batch, {**state, "epoch": epoch, "step": step, "tokens": tokens}
 
     def eval_batches(self, num_batches: int | None = None) -> Iterator[np.ndarray]:
         """The first `num_batches` batches (default: all) of windows k*T in stream order.
@@ -99,8 +116,12 @@ class Loader:
             raise DataError(self._too_small((self.tokens - 1) // self.seq_len, num_batches))
         return num_batches
 
+    def _windows(self, tokens: int) -> int:
+        """W, the windows of an epoch over the split's first `tokens` tokens."""
+        return max((tokens - 1) // self.seq_len - 1, 0)
+
     def _shape(self) -> dict:
-        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "tokens": self.tokens}
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len}
 
     def _check(self, state: LoaderState) -> None:
         saved = {k: state.get(k) for k in self._shape()}
@@ -109,11 +130,32 @@ class Loader:
                 f"the loader state was saved for {saved} but this loader has {self._shape()}; "
                 "resume with the same data, batch size and sequence length"
             )
-        if not 0 <= state["step"] < self.steps_per_epoch:
+        if not 0 < state["tokens"] <= self._starts[-1]:
             raise DataError(
-                f"loader state step {state['step']} is outside this epoch "
-                f"[0, {self.steps_per_epoch})"
+                f"the loader state reads the first {state['tokens']} tokens of the "
+                f"{self.split!r} split but {self.manifest.directory} holds {self._starts[-1]}; "
+                "resume with the data the run started on"
             )
+        if not 0 <= state["step"] < self._windows(state["tokens"]) // self.batch_size:
+            raise DataError(
+                f"loader state step {state['step']} is outside its epoch "
+                f"[0, {self._windows(state['tokens']) // self.batch_size})"
+            )
+
+    def _missing_split(self) -> str:
+        """Why a split is missing and how to prepare data that has it."""
+        manifest, directory = self.manifest, self.manifest.directory
+        if self.split == "val":
+            return (
+                f"{directory} has no 'val' shards; prepare the source again into a new "
+                "directory with --val_shards=1"
+            )
+        total = manifest.tokens()
+        return (
+            f"{directory} has no 'train' shards (its {total} tokens all went to the 'val' "
+            f"split); prepare the source again into a new directory with "
+            f"--shard_tokens={max(total // 10, 1)} so that the val split is its first tenth"
+        )
 
     def _too_small(self, windows: int, batches: int = 1) -> str:
         return (
@@ -122,13 +164,14 @@ class Loader:
             f"{self.batch_size}; lower the batch size or sequence length, or use more data"
         )
 
-    def _epoch_order(self, seed: int, epoch: int) -> tuple[int, np.ndarray]:
-        """(shift, permutation (W,)) of an epoch; the current one is cached."""
-        if (seed, epoch) not in self._order_cache:
+    def _epoch_order(self, seed: int, epoch: int, windows: int) -> tuple[int, np.ndarray]:
+        """(shift, permutation (W,)) of an epoch of `windows`; the current one is cached."""
+        key = (seed, epoch, windows)
+        if key not in self._order_cache:
             rng = np.random.default_rng([seed, epoch])
             shift = int(rng.integers(self.seq_len))
-            self._order_cache = {(seed, epoch): (shift, rng.permutation(self.windows))}
-        return self._order_cache[(seed, epoch)]
+            self._order_cache = {key: (shift, rng.permutation(windows))}
+        return self._order_cache[key]
 
     def _read_windows(self, starts: np.ndarray) -> np.ndarray:
         """Windows of T + 1 tokens at stream offsets `starts` (R,) -> (R, T + 1) int32."""

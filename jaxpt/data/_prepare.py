@@ -1,15 +1,23 @@
 """Corpus preparation: documents from a `datasets` source -> end-of-text separated token shards.
 
 Documents are tokenized in worker processes, each prefixed with the end-of-text id, and the
-token stream is cut into shards of `shard_tokens` tokens; the first `val_shards` shards form the
-"val" split, the rest "train". After each shard, progress.json records where the next shard
-starts (document index, token offset in it), so a re-run skips finished shards and resumes
-there; manifest.json is written last and its presence means the preparation finished.
+token stream is cut into shards: the stream's first `val_tokens` tokens form the "val" split,
+the rest "train", each cut into shards of `shard_tokens`; with `max_tokens` the stream stops
+there. After each shard, progress.json records where the next shard starts (document index,
+token offset in it), so a re-run skips finished shards and resumes there; manifest.json is
+written last and its presence means the preparation finished. progress.json stays, so a later
+run with a larger `max_tokens` extends the data, and a re-run rewrites a damaged shard: the
+stream is deterministic, so either gives the bytes one uninterrupted run would have written.
+
+Preparation writes only into an empty or new directory, or one it made itself (its manifest or
+progress.json is there).
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
+import contextlib
 import functools
 import itertools
 import json
@@ -28,7 +36,8 @@ from jaxpt.data._shards import (
     PROGRESS,
     Manifest,
     Shard,
-    load_manifest,
+    parse_json,
+    read_manifest,
     save_manifest,
     shard_dtype,
     shard_is_complete,
@@ -48,9 +57,19 @@ _BUILDERS = {  # local file suffix -> `datasets` builder
     ".parquet": "parquet",
     ".csv": "csv",
 }
+_TEXT_BUILDERS = ("text", "json", "csv")  # builders whose files must be UTF-8 text
 _BATCH_DOCS = 64  # documents per task sent to a worker process
 
 Documents = Callable[[int], Iterable[str]]  # skip -> the texts of documents skip, skip + 1, ...
+
+
+class SourceError(DataError):
+    """A source that could not be loaded or read: the hub unreachable, a name that does not
+    exist, a file that does not parse."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause  # the underlying error, in a few words
 
 
 def prepare_dataset(
@@ -63,23 +82,26 @@ def prepare_dataset(
     text_field: str = "text",
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     val_shards: int = 1,
+    max_tokens: int = 0,
     workers: int | None = None,
     streaming: bool = True,
     progress: bool = True,
 ) -> Manifest:
-    """Tokenizes a dataset into shards under `out` (resuming an interrupted run there).
+    """Tokenizes a dataset into shards under `out` (resuming, extending or repairing what an
+    earlier run with the same settings left there).
 
     Args:
         dataset: a Hugging Face hub name (the CLI's default is DEFAULT_DATASET, FineWeb-Edu
             sample-10BT), or a local file or directory of .txt/.md (one document
             per file), .json/.jsonl/.parquet/.csv (one per row) files, or a `save_to_disk` dir.
-        out: the data directory to write.
+        out: the data directory to write: new, empty, or written by an earlier run.
         tokenizer: "gpt2", "char" (vocabulary built from the corpus), or a tokenizer.json path.
         config_name: the hub dataset's config; None picks "sample-10BT" for FineWeb-Edu.
         split: the split to read (local files have only "train").
         text_field: the column holding each document's text.
         shard_tokens: tokens per shard; the last shard holds the rest.
         val_shards: how many leading shards form the "val" split.
+        max_tokens: stop after this many tokens (val and train); 0: the whole source.
         workers: tokenizer processes (default: one per CPU).
         streaming: read the source lazily instead of first converting it to Arrow.
         progress: show a progress bar with tokens/s.
@@ -87,22 +109,53 @@ def prepare_dataset(
     Returns:
         The manifest of the finished data directory.
     """
+    _check_arguments(val_shards=(val_shards, 0))
+    source = dataset_source(dataset, tokenizer, config_name, split, text_field)
+    val_tokens = val_shards * shard_tokens
+    return prepare_source(
+        source, out, shard_tokens, val_tokens, max_tokens, workers, streaming, progress
+    )
+
+
+def dataset_source(
+    dataset: str,
+    tokenizer: str = "gpt2",
+    config_name: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+) -> dict:
+    """The description of a source that preparation records (local files are checked now)."""
     path = Path(dataset).expanduser()
     if path.exists():
         _local_source(path)  # fails early, before anything is written
         dataset, config_name = str(path.resolve()), None
-    elif _looks_like_path(dataset):
+    elif looks_like_path(dataset):
         raise DataNotFoundError(f"dataset {dataset!r} does not exist (no such file or directory)")
-    source = {
+    return {
         "dataset": dataset,
         "config_name": config_name or _DEFAULT_CONFIG_NAMES.get(dataset),
         "split": split,
         "text_field": text_field,
         "tokenizer": resolve_tokenizer_name(tokenizer),
     }
+
+
+def prepare_source(
+    source: dict,
+    out: str | os.PathLike,
+    shard_tokens: int,
+    val_tokens: int,
+    max_tokens: int = 0,
+    workers: int | None = None,
+    streaming: bool = True,
+    progress: bool = True,
+) -> Manifest:
+    """`prepare_documents` of the `datasets` source that `dataset_source` describes."""
     documents = functools.partial(_dataset_documents, source, streaming)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    return prepare_documents(documents, source, out, shard_tokens, val_shards, workers, progress)
+    return prepare_documents(
+        documents, source, out, shard_tokens, val_tokens, max_tokens, workers, progress
+    )
 
 
 def prepare_documents(
@@ -110,7 +163,8 @@ def prepare_documents(
     source: dict,
     out: str | os.PathLike,
     shard_tokens: int,
-    val_shards: int,
+    val_tokens: int,
+    max_tokens: int,
     workers: int,
     progress: bool,
 ) -> Manifest:
@@ -118,41 +172,58 @@ def prepare_documents(
 
     `documents(n)` must yield the same texts on every call, from document n on; `source`
     describes them (it goes into the manifest, and a re-run resumes only if it is unchanged).
+    The first `val_tokens` tokens form the val split; `max_tokens` > 0 stops the stream there.
     """
-    _check_arguments(shard_tokens, val_shards, workers)
+    _check_arguments(
+        shard_tokens=(shard_tokens, 1),
+        val_tokens=(val_tokens, 0),
+        max_tokens=(max_tokens, 0),
+        workers=(workers, 1),
+    )
+    if shard_tokens > MAX_SHARD_TOKENS:
+        raise DataError(f"shard_tokens must be at most {MAX_SHARD_TOKENS}, got {shard_tokens}")
     out = Path(out)
-    settings = {"source": source, "shard_tokens": shard_tokens, "val_shards": val_shards}
-    finished = _finished(out, settings)
+    settings = {"source": source, "shard_tokens": shard_tokens, "val_tokens": val_tokens}
+    finished = _finished(out, settings, max_tokens)
     if finished is not None:
         return finished
     records = _resumable_records(out, settings)
+    (out / MANIFEST).unlink(missing_ok=True)  # ours (_finished checked): written again at the end
     tok = _tokenizer(source, documents, out if records else None)
+    writer = _ShardWriter(out, tok, settings, records, max_tokens)
     start_doc, start_offset = records[-1]["end"] if records else (0, 0)
-    writer = _ShardWriter(out, tok, settings, records)
-    stream = _token_stream(tok, documents(start_doc), start_doc, workers)
-    docs = start_doc
-    for doc, tokens in _progress_bar(stream, writer.tokens, progress, out.name):
-        writer.add(tokens, doc, start_offset if doc == start_doc else 0)
-        docs = doc + 1
-    writer.finish(docs)
+    docs = start_doc + (start_offset > 0)
+    if progress:
+        print(_starting(out, source, records, writer.tokens, max_tokens), flush=True)
+    if not writer.full:
+        stream = _token_stream(tok, documents(start_doc), start_doc, workers)
+        bar = _progress_bar(stream, writer.tokens, max_tokens, progress, out.name)
+        with contextlib.closing(bar):  # stops the workers when the budget is reached
+            for doc, tokens in bar:
+                writer.add(tokens, doc, start_offset if doc == start_doc else 0)
+                docs = doc + 1
+                if writer.full:
+                    break
+        writer.finish(docs)
     if not writer.records:
         raise DataError(f"dataset {source['dataset']} is empty ({docs} documents, no text)")
     manifest = writer.manifest(docs)
     save_manifest(manifest)
-    (out / PROGRESS).unlink()
     return manifest
 
 
-def _check_arguments(shard_tokens: int, val_shards: int, workers: int) -> None:
-    for name, value, least in (
-        ("shard_tokens", shard_tokens, 1),
-        ("val_shards", val_shards, 0),
-        ("workers", workers, 1),
-    ):
+def _check_arguments(**values: tuple[int, int]) -> None:
+    """Each of `values` is (value, least allowed)."""
+    for name, (value, least) in values.items():
         if value < least:
             raise DataError(f"{name} must be at least {least}, got {value}")
-    if shard_tokens > MAX_SHARD_TOKENS:
-        raise DataError(f"shard_tokens must be at most {MAX_SHARD_TOKENS}, got {shard_tokens}")
+
+
+def _starting(out: Path, source: dict, records: list, tokens: int, max_tokens: int) -> str:
+    """The line said before preparing."""
+    goal = f"{max_tokens:,} tokens" if max_tokens else "all of it"
+    done = f"; {tokens:,} tokens in {len(records)} shards already there" if records else ""
+    return f"preparing {out} from {source['dataset']} ({goal}{done})"
 
 
 def resolve_tokenizer_name(name: str) -> str:
@@ -175,20 +246,53 @@ def _tokenizer(source: dict, documents: Documents, saved_in: Path | None) -> Tok
         raise DataError(f"dataset {source['dataset']} is empty (no text)") from None
 
 
-def _finished(out: Path, settings: dict) -> Manifest | None:
-    """The manifest already in `out` if it was prepared with `settings`."""
+# ----------------------------------------------------------------------------- the output
+
+
+def _check_ours(out: Path) -> None:
+    """Raises unless `out` is absent, an empty directory, or holds a manifest or progress.json."""
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} is a file, not a directory")
+    if not out.is_dir() or (out / MANIFEST).is_file() or (out / PROGRESS).is_file():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise DataError(
+            f"output {out} already holds files ({shown}) and was not made by "
+            f"`jaxpt.data.prepare` (no {MANIFEST} or {PROGRESS}); choose a new or empty directory"
+        )
+
+
+def _finished(out: Path, settings: dict, max_tokens: int) -> Manifest | None:
+    """The manifest already in `out` if it was prepared with `settings`, holds `max_tokens`
+    tokens (or the whole source) and its shards are intact; None if there is work to do."""
+    _check_ours(out)
     if not (out / MANIFEST).is_file():
         return None
-    manifest = load_manifest(out)
+    resumable = (out / PROGRESS).is_file()
+    try:
+        manifest = read_manifest(out)
+    except DataError:
+        if resumable:
+            return None  # a damaged manifest of ours: written again
+        raise
     _check_settings(out, settings, _settings_of(manifest))
-    logging.info("%s is already prepared; nothing to do", out)
-    return manifest
+    intact = all(shard_is_complete(out / s.file, manifest.dtype, s.tokens) for s in manifest.shards)
+    exhausted = not manifest.max_tokens or manifest.tokens() < manifest.max_tokens
+    if intact and (exhausted or manifest.max_tokens >= max_tokens > 0):
+        logging.info("%s is already prepared; nothing to do", out)
+        return manifest
+    if not resumable:
+        raise DataError(
+            f"{out} was prepared by an earlier version of jaxpt, which kept no {PROGRESS} to "
+            "extend or repair it from; prepare the data again into a new directory"
+        )
+    return None
 
 
 def _settings_of(manifest: Manifest) -> dict:
-    keys = ("source", "shard_tokens", "val_shards")
+    keys = ("source", "shard_tokens", "val_tokens")
     return {k: getattr(manifest, k) for k in keys}
 
 
@@ -197,16 +301,47 @@ def _check_settings(out: Path, wanted: dict, found: dict) -> None:
         diff = ", ".join(k for k in wanted if wanted[k] != found.get(k))
         raise DataError(
             f"{out} already holds data prepared with other settings ({diff} differ); "
-            "choose another output directory or delete it"
+            "choose another output directory"
         )
 
 
+_RECORD_TYPES = {"file": str, "split": str, "tokens": int, "max_token_id": int, "end": list}
+
+
+def _read_progress(path: Path) -> dict:
+    """progress.json: {"settings", "dtype", "shards": [record, ...]}; DataError if damaged."""
+    what = "prepare the data again into a new directory"
+    state = parse_json(path, what)
+    records = state.get("shards")
+    valid = (
+        isinstance(state.get("settings"), dict)
+        and isinstance(state.get("dtype"), str)
+        and isinstance(records, list)
+        and all(
+            isinstance(r, dict)
+            and all(isinstance(r.get(k), t) for k, t in _RECORD_TYPES.items())
+            and Path(r["file"]).name == r["file"]
+            for r in records
+        )
+    )
+    if not valid:
+        raise DataError(f"{path} is not a jaxpt progress file; {what}")
+    return state
+
+
+def _capacity(start: int, settings: dict) -> int:
+    """The size of a full shard that starts at stream offset `start`."""
+    val, size = settings["val_tokens"], settings["shard_tokens"]
+    return min(size, val - start) if start < val else size
+
+
 def _resumable_records(out: Path, settings: dict) -> list[dict]:
-    """The records of the finished shards of an interrupted run into `out` (leading, intact)."""
+    """The records of the intact leading shards in `out`, less a last one cut short (by the
+    end of the stream or `max_tokens`), which a longer run writes again in full."""
     path = out / PROGRESS
     if not path.is_file():
         return []
-    state = json.loads(path.read_text())
+    state = _read_progress(path)
     _check_settings(out, settings, state["settings"])
     records = list(
         itertools.takewhile(
@@ -214,6 +349,9 @@ def _resumable_records(out: Path, settings: dict) -> list[dict]:
             state["shards"],
         )
     )
+    start = sum(r["tokens"] for r in records[:-1])
+    if records and records[-1]["tokens"] < _capacity(start, settings):
+        records.pop()
     logging.info("resuming %s: %d finished shards are kept", out, len(records))
     return records
 
@@ -221,25 +359,35 @@ def _resumable_records(out: Path, settings: dict) -> list[dict]:
 class _ShardWriter:
     """Cuts the token stream into shards; after each, records where the next one starts."""
 
-    def __init__(self, out: Path, tok: Tokenizer, settings: dict, records: list[dict]) -> None:
+    def __init__(
+        self, out: Path, tok: Tokenizer, settings: dict, records: list[dict], max_tokens: int
+    ) -> None:
         self.out, self.tok, self.settings, self.records = out, tok, settings, records
+        self.max_tokens = max_tokens
         self.dtype = shard_dtype(tok.vocab_size)
         self.buffer = np.empty(settings["shard_tokens"], self.dtype)  # (shard_tokens,)
         self.fill = 0
+        self.tokens = sum(r["tokens"] for r in records)  # in finished shards
 
     @property
-    def tokens(self) -> int:
-        """Tokens in finished shards."""
-        return sum(r["tokens"] for r in self.records)
+    def full(self) -> bool:
+        """Whether the finished shards hold `max_tokens` (> 0) tokens."""
+        return 0 < self.max_tokens <= self.tokens
+
+    def _capacity(self) -> int:
+        """The size of the shard being filled."""
+        size = _capacity(self.tokens, self.settings)
+        return min(size, self.max_tokens - self.tokens) if self.max_tokens else size
 
     def add(self, tokens: np.ndarray, doc: int, start: int) -> None:
-        """Appends tokens[start:] of document `doc` (N,), writing every shard that fills up."""
+        """Appends tokens[start:] of document `doc` (N,), writing every shard that fills up,
+        until `full`."""
         pos = start
-        while pos < len(tokens):
-            take = min(len(tokens) - pos, len(self.buffer) - self.fill)
+        while pos < len(tokens) and not self.full:
+            take = min(len(tokens) - pos, self._capacity() - self.fill)
             self.buffer[self.fill : self.fill + take] = tokens[pos : pos + take]
             self.fill, pos = self.fill + take, pos + take
-            if self.fill == len(self.buffer):
+            if self.fill == self._capacity():
                 self._write((doc, pos) if pos < len(tokens) else (doc + 1, 0))
 
     def finish(self, docs: int) -> None:
@@ -250,6 +398,7 @@ class _ShardWriter:
     def manifest(self, docs: int) -> Manifest:
         """The manifest of the shards written."""
         keys = ("file", "split", "tokens", "max_token_id")
+        shards = tuple(Shard(**{k: r[k] for k in keys}) for r in self.records)
         return Manifest(
             directory=self.out,
             tokenizer=self.tok.spec(),
@@ -257,7 +406,9 @@ class _ShardWriter:
             eot_id=self.tok.eot_id,
             dtype=self.dtype,
             documents=docs,
-            shards=tuple(Shard(**{k: r[k] for k in keys}) for r in self.records),
+            shards=shards,
+            val_shards=sum(s.split == "val" for s in shards),
+            max_tokens=self.max_tokens,
             **self.settings,
         )
 
@@ -266,7 +417,7 @@ class _ShardWriter:
         if index == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.tok.save(self.out)
-        split = "val" if index < self.settings["val_shards"] else "train"
+        split = "val" if self.tokens < self.settings["val_tokens"] else "train"
         tokens = self.buffer[: self.fill]
         name = f"{split}_{index:06d}.bin"
         write_shard(self.out / name, tokens)
@@ -278,19 +429,28 @@ class _ShardWriter:
             "end": list(end),
         }
         self.records.append(record)
+        self.tokens += self.fill
         state = {"settings": self.settings, "dtype": self.dtype, "shards": self.records}
         write_atomic(self.out / PROGRESS, json.dumps(state, indent=1).encode())
         self.fill = 0
 
 
-def _progress_bar(stream: Iterator, initial: int, enabled: bool, name: str) -> Iterator:
-    """Passes `stream` through, counting its tokens on a tqdm bar (tokens/s)."""
+def _progress_bar(stream: Iterator, initial: int, total: int, enabled: bool, name: str) -> Iterator:
+    """Passes `stream` through, counting its tokens on a tqdm bar (tokens/s) up to `total`."""
     from tqdm import tqdm
 
-    with tqdm(desc=name, unit="tok", unit_scale=True, initial=initial, disable=not enabled) as bar:
+    bar = tqdm(
+        desc=name,
+        unit="tok",
+        unit_scale=True,
+        initial=initial,
+        total=total or None,
+        disable=not enabled,
+    )
+    with bar:
         for doc, tokens in stream:
+            bar.update(min(len(tokens), total - bar.n) if total else len(tokens))
             yield doc, tokens
-            bar.update(len(tokens))
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -350,7 +510,7 @@ def _encode_in_pool(
 # ----------------------------------------------------------------------------- sources
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """Whether `name` is meant as a local path rather than a hub name like "owner/name"."""
     return name.startswith(("/", ".", "~")) or Path(name).suffix in _BUILDERS or name.count("/") > 1
 
@@ -388,6 +548,8 @@ def _load(source: dict, streaming: bool):
     name, split = source["dataset"], source["split"]
     if Path(name).exists():
         builder, files = _local_source(Path(name))
+        if builder in _TEXT_BUILDERS:
+            _check_text_files(files)  # `datasets` would fail later, without the file's name
         if builder == "disk":
             ds = datasets.load_from_disk(name)
             return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
@@ -398,26 +560,53 @@ def _load(source: dict, streaming: bool):
     return datasets.load_dataset(name, source["config_name"], split=split, streaming=streaming)
 
 
+def _check_text_files(files: list[str]) -> None:
+    """Raises DataError naming the first of `files` that is not UTF-8 text."""
+    for name in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        with open(name, "rb") as f:
+            while chunk := f.read(2**22):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{name} is not UTF-8 text (byte {e.object[e.start]:#04x} near offset "
+                        f"{offset + e.start}); convert it to UTF-8 (with `iconv -f latin1 -t "
+                        "utf-8`, say) or move it out of the dataset"
+                    ) from None
+                if b"\0" in chunk:
+                    raise DataError(
+                        f"{name} is binary, not text (it holds NUL bytes); move it out of the "
+                        "dataset"
+                    )
+                offset += len(chunk)
+        if decoder.getstate()[0]:
+            raise DataError(f"{name} is not UTF-8 text (it ends inside a character); fix its end")
+
+
 def _dataset_documents(source: dict, streaming: bool, skip: int) -> Iterator[str]:
     """The texts of `source`'s documents from index `skip` on."""
+    field = source["text_field"]
     try:
         ds = _load(source, streaming)
+        for row in ds.skip(skip) if skip else ds:
+            if field not in row:
+                raise DataError(
+                    f"dataset {source['dataset']} has no field {field!r} (its fields: "
+                    f"{', '.join(row)}); pass the text column's name as text_field"
+                )
+            text = row[field] or ""
+            if not isinstance(text, str):
+                raise DataError(f"field {field!r} of dataset {source['dataset']} is not text")
+            yield text
     except DataError:
         raise
-    except Exception as e:
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"could not load dataset {source['dataset']!r} ({cause}); check its name, config "
-            "name and split, and the network"
+    except Exception as e:  # `datasets`, the hub and file parsers raise many kinds
+        text = str(e).strip()
+        cause = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(e).__name__
+        raise SourceError(
+            f"could not read dataset {source['dataset']!r} ({cause}); check its name, config "
+            "name and split, and the network",
+            cause,
         ) from e
-    field = source["text_field"]
-    for row in ds.skip(skip) if skip else ds:
-        if field not in row:
-            raise DataError(
-                f"dataset {source['dataset']} has no field {field!r} (its fields: "
-                f"{', '.join(row)}); pass the text column's name as text_field"
-            )
-        text = row[field] or ""
-        if not isinstance(text, str):
-            raise DataError(f"field {field!r} of dataset {source['dataset']} is not text")
-        yield text

@@ -298,6 +298,11 @@ def get_tokenizer(name: str | os.PathLike) -> Tokenizer:
     return HFTokenizer(path)
 
 
+def tokenizer_key(name: str) -> str:
+    """A short file-name-safe key of a resolved tokenizer name: "gpt2", "char" or "hf-<hash>"."""
+    return name if name in ("gpt2", "char") else "hf-" + HFTokenizer(name).spec()["sha256"][:12]
+
+
 def tokenizer_for(manifest: Manifest) -> Tokenizer:
     """The tokenizer prepared data was made with (its files are in the data directory)."""
     spec, directory = manifest.tokenizer, manifest.directory

@@ -4,8 +4,10 @@
   uv run python -m jaxpt.data.prepare --dataset=book.txt --out=data/book --shard_tokens=1000000
   uv run python -m jaxpt.data.prepare --dataset=corpus/ --tokenizer=char --out=data/chars
 
-Re-running the same command resumes an interrupted run (finished shards are kept) or, once
-finished, does nothing. See `prepare_dataset` for what each flag means.
+Re-running the same command resumes an interrupted run (finished shards are kept), rewrites
+a damaged shard, extends the data when --max_tokens grew, or else does nothing. --out must be
+new, empty, or written by this command. See `prepare_dataset` for what each flag means. Every
+error is one line, `error: <sentence>`, with exit status 1 (130 when interrupted).
 """
 
 import sys
@@ -29,13 +31,16 @@ _SPLIT = flags.DEFINE_string("split", "train", "Split to read (local files: trai
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Column holding each document's text.")
 _SHARD_TOKENS = flags.DEFINE_integer("shard_tokens", DEFAULT_SHARD_TOKENS, "Tokens per shard.")
 _VAL_SHARDS = flags.DEFINE_integer("val_shards", 1, "Leading shards that form the val split.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Stop after this many tokens (0: all).")
 _WORKERS = flags.DEFINE_integer("workers", None, "Tokenizer processes (default: one per CPU).")
 _STREAMING = flags.DEFINE_bool("streaming", True, "Read lazily instead of converting to Arrow.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        sys.exit(
+            f"error: unexpected arguments {' '.join(argv[1:])!r}; pass everything as --flag=value"
+        )
     try:
         manifest = prepare_dataset(
             _DATASET.value,
@@ -46,11 +51,19 @@ def main(argv: list[str]) -> None:
             text_field=_TEXT_FIELD.value,
             shard_tokens=_SHARD_TOKENS.value,
             val_shards=_VAL_SHARDS.value,
+            max_tokens=_MAX_TOKENS.value,
             workers=_WORKERS.value,
             streaming=_STREAMING.value,
         )
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(
+            f"error: {e.strerror or e} ({e.filename or _OUT.value}); check the paths and free space"
+        )
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
     splits = ", ".join(f"{s} {manifest.tokens(s):,}" for s in ("val", "train"))
     print(
         f"{manifest.directory}: {manifest.tokens():,} {manifest.dtype} tokens ({splits}) from "
@@ -58,5 +71,13 @@ def main(argv: list[str]) -> None:
     )
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad or missing flag as one sentence."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {str(e).rstrip('.')}; see --help")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -118,12 +118,13 @@ def train(config, workdir: str | Path) -> TrainState:
     validate_config(config)
     if hf.init_source(config.model):
         hf.check_init_from(config.model)
-    manifest = data.ensure_prepared(config.data)
+    batch_size, seq_len = config.train.batch_size, config.model.block_size
+    need = data.tokens_needed(config.train.steps, batch_size, seq_len, config.eval.batches)
+    manifest = data.ensure_prepared(config.data, need=need)
     data.check_vocab(manifest, config.model.vocab_size)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh)
     rules = config.mesh.rules
-    batch_size, seq_len = config.train.batch_size, config.model.block_size
 
     key = jax.random.key(config.train.seed)
     abstract, shardings = abstract_state(config, mesh)

@@ -1,0 +1,207 @@
+"""A hub dataset named in a run config is prepared into the cache on first use, as far as the
+run reads, resumably, extended by longer runs, under a lock; offline it is one sentence.
+
+The hub is replaced by a local streaming dataset behind the same `datasets.load_dataset` call.
+"""
+
+import json
+import threading
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from jaxpt import data, train
+from jaxpt.config import preset_config
+from jaxpt.data import _prepare, _resolve
+
+from . import test_data_prepare
+from .test_data_prepare import files_in, one_sentence, paragraph_jsonl, run_data, tokens_of
+
+book = test_data_prepare.book  # the shared test text (a fixture)
+
+HUB = "owner/corpus"
+SHARD = 1024  # the cache's shard size in these tests
+B, T = 4, 32
+
+
+class FakeHub:
+    """`datasets.load_dataset` for HUB: the book's paragraphs, streamed; counts calls and rows."""
+
+    def __init__(self, jsonl: Path) -> None:
+        self.jsonl, self.calls, self.rows = jsonl, [], 0
+        self.offline = False
+        self._load = datasets.load_dataset
+
+    def __call__(self, path, name=None, *, split=None, streaming=False, **kw):
+        if path != HUB:
+            return self._load(path, name, split=split, streaming=streaming, **kw)
+        self.calls.append({"name": name, "split": split, "streaming": streaming})
+        if self.offline:
+            raise ConnectionError(
+                "Couldn't reach 'owner/corpus' on the Hub (LocalEntryNotFoundError)"
+            )
+        ds = self._load("json", data_files=[str(self.jsonl)], split="train", streaming=True)
+        return ds.map(self._count)
+
+    def _count(self, row):
+        self.rows += 1
+        return row
+
+
+@pytest.fixture()
+def hub(book, tmp_path, monkeypatch) -> FakeHub:
+    docs = paragraph_jsonl(book.read_text(encoding="utf-8"), tmp_path / "hub.jsonl")
+    fake = FakeHub(tmp_path / "hub.jsonl")
+    fake.docs = docs
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(_resolve, "CACHE_SHARD_TOKENS", SHARD)
+    return fake
+
+
+def stream_of(docs: list[str]) -> np.ndarray:
+    """The token stream a preparation of `docs` holds: end-of-text, then each document."""
+    tok = data.get_tokenizer("gpt2")
+    return np.concatenate([[tok.eot_id, *tok.encode(d)] for d in docs])
+
+
+def ensure(cache, steps, max_tokens=0, eval_batches=2) -> data.Manifest:
+    need = data.tokens_needed(steps, B, T, eval_batches)
+    return data.ensure_prepared(run_data(HUB, max_tokens=max_tokens), cache, need=need)
+
+
+def test_prepares_what_the_run_reads_once_by_streaming(hub, tmp_path):
+    need = data.tokens_needed(20, B, T, 2)
+    manifest = ensure(tmp_path / "cache", 20)
+    assert hub.calls == [{"name": None, "split": "train", "streaming": True}]
+    assert manifest.directory == tmp_path / "cache" / f"owner--corpus-gpt2-val{need.val}"
+    assert manifest.tokens("val") == need.val and manifest.tokens("train") == need.train
+    np.testing.assert_array_equal(tokens_of(manifest), stream_of(hub.docs)[: sum(need)])
+    assert [s.tokens for s in manifest.shards] == [need.val, SHARD, SHARD, need.train - 2 * SHARD]
+    holding = np.searchsorted(np.cumsum([len(stream_of([d])) for d in hub.docs]), sum(need)) + 1
+    assert hub.rows <= _prepare._BATCH_DOCS * -(-holding // _prepare._BATCH_DOCS) < len(hub.docs)
+    loader = data.Loader(manifest, "train", B, T)  # one epoch is exactly the run's steps
+    assert loader.steps_per_epoch == 20 and data.Loader(manifest, "val", B, T).check_eval(2) == 2
+    before = files_in(manifest.directory)
+    hub.offline = True  # the cache holds it: no hub needed
+    assert ensure(tmp_path / "cache", 20) == manifest
+    assert len(hub.calls) == 1 and files_in(manifest.directory) == before
+
+
+def test_a_killed_preparation_resumes_to_the_same_bytes(hub, tmp_path, monkeypatch):
+    whole = ensure(tmp_path / "whole", 60).directory
+    write_shard = _prepare.write_shard
+
+    def killed_at_the_fourth(path, tokens):
+        if len(list(path.parent.glob("*.bin"))) == 3:
+            raise KeyboardInterrupt  # what a kill leaves: 3 shards and their progress.json
+        write_shard(path, tokens)
+
+    monkeypatch.setattr(_prepare, "write_shard", killed_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        ensure(tmp_path / "cache", 60)
+    monkeypatch.setattr(_prepare, "write_shard", write_shard)
+    resumed = ensure(tmp_path / "cache", 60)
+    assert resumed.directory.name == whole.name
+    assert_same_files(resumed.directory, whole)
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for path in a.iterdir():
+        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
+
+
+def test_a_longer_run_extends_the_cache_and_a_shorter_one_reads_its_part(hub, tmp_path):
+    short = ensure(tmp_path / "cache", 10)
+    loader = data.Loader(short, "train", B, T)
+    first, state = loader.next_batch(loader.init_state(seed=3))
+    for _ in range(5):
+        _, state = loader.next_batch(state)
+    long = ensure(tmp_path / "cache", 60)  # e.g. --config.train.steps raised on resume
+    assert long.directory == short.directory and long.tokens("train") > 5 * short.tokens("train")
+    assert_same_files(long.directory, ensure(tmp_path / "direct", 60).directory)
+    again = ensure(tmp_path / "cache", 10)  # a short run reads the same part of the longer cache
+    assert again.tokens() == short.tokens() and again.max_tokens == short.max_tokens
+    again_loader = data.Loader(again, "train", B, T)
+    np.testing.assert_array_equal(
+        again_loader.next_batch(again_loader.init_state(seed=3))[0], first
+    )
+    # Resumed on the grown cache, the short run finishes its epoch as it began, then reads all.
+    grown, reference = data.Loader(long, "train", B, T), state
+    for _ in range(loader.steps_per_epoch - 6):
+        batch, state = grown.next_batch(state)
+        expected, reference = loader.next_batch(reference)
+        np.testing.assert_array_equal(batch, expected)
+    assert state["epoch"] == 1 and state["tokens"] == long.tokens("train")
+    assert grown.next_batch(state)[1]["step"] == 1
+
+
+def test_offline_is_one_sentence_naming_what_to_do(hub, tmp_path):
+    hub.offline = True
+    with pytest.raises(data.DataError, match="could not be streamed from the hub") as e:
+        ensure(tmp_path / "cache", 20)
+    message = one_sentence(e)
+    assert "Couldn't reach 'owner/corpus'" in message
+    assert (
+        f"--dataset={HUB} --out=<dir>` where the hub is reachable and set data.dataset" in message
+    )
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+
+
+def test_processes_sharing_the_cache_take_turns(hub, tmp_path):
+    results = []
+
+    def run():
+        results.append(ensure(tmp_path / "cache", 20))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and results[0] == results[1] == results[2]
+    assert len(hub.calls) == 1  # one prepared; the others waited, then found it there
+
+
+@pytest.mark.parametrize(
+    "tokenizer, max_tokens, match",
+    [
+        ("char", 0, "builds its vocabulary from a whole corpus"),
+        ("gpt2", 100, "leaves no training tokens after the 257 validation tokens"),
+        ("gpt2", -2, "must be 0 or -1"),
+    ],
+)
+def test_config_errors(hub, tmp_path, tokenizer, max_tokens, match):
+    need = data.tokens_needed(20, B, T, 2)
+    with pytest.raises(data.DataError, match=match) as e:
+        data.ensure_prepared(run_data(HUB, tokenizer, max_tokens), tmp_path, need=need)
+    one_sentence(e)
+    assert not hub.calls
+
+
+def test_max_tokens_sets_how_much_is_prepared_and_read(hub, tmp_path):
+    manifest = ensure(tmp_path / "cache", 20, max_tokens=5000)
+    assert manifest.tokens() == 5000 and manifest.tokens("val") == 257
+    assert data.Loader(manifest, "train", B, T).steps_per_epoch == ((5000 - 257 - 1) // T - 1) // B
+    with pytest.raises(
+        data.DataError, match="a token count for a hub dataset prepared on first use"
+    ):
+        data.ensure_prepared(run_data("embedded", max_tokens=5000), tmp_path)
+
+
+def test_the_design_command_trains_on_a_hub_dataset(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXPT_CACHE_DIR", str(tmp_path / "cache"))
+    config = preset_config("gqa_glu_rope_gpt", "smoke")
+    config.data.dataset = HUB
+    config.train.update(steps=3, batch_size=8)
+    config.eval.update(batches=1, every_steps=3)
+    config.checkpoint.every_steps = 3
+    train.train(config, tmp_path / "run")
+    records = train.read_metrics(tmp_path / "run/metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    (cache,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    need = data.tokens_needed(3, 8, config.model.block_size, 1)
+    assert json.loads((cache / "manifest.json").read_text())["tokens"] == need._asdict()
