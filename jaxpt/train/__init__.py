@@ -1,6 +1,9 @@
 """Training: optimizer and schedules, the jitted train step, checkpoints, metrics, the loop."""
 
 from jaxpt.train._checkpoint import Checkpoints as Checkpoints
+from jaxpt.train._checkpoint import validate_checkpoint as validate_checkpoint
+from jaxpt.train._loop import Interrupted as Interrupted
+from jaxpt.train._loop import NonFiniteError as NonFiniteError
 from jaxpt.train._loop import abstract_state as abstract_state
 from jaxpt.train._loop import train as train
 from jaxpt.train._metrics import flops_per_token as flops_per_token
