@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxpt import launcher
+from jaxpt import launcher, train
 from jaxpt.config import parse_flags
 from jaxpt.data import DataError
 from jaxpt.models import ConfigError
@@ -59,8 +59,10 @@ def main(argv):
     )
     try:
         launcher.run(f.config, workdir=f.workdir, mode=f.mode, sample_options=options)
-    except (ConfigError, DataError) as error:  # bad input: one sentence, no traceback
+    except (ConfigError, DataError, train.NonFiniteError) as error:  # one sentence, no traceback
         sys.exit(f"launch.py: {error}")
+    except train.Interrupted as stop:  # saved; the shell's status for death by that signal
+        sys.exit(128 + stop.signal)
 
 
 if __name__ == "__main__":

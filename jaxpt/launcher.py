@@ -118,17 +118,18 @@ def tokenizer_of(data_config) -> data.Tokenizer:
 
 
 def latest_params(config, workdir: str | Path) -> tuple[int, object]:
-    """The step and params of the newest readable checkpoint in ``workdir/checkpoints``."""
+    """The step and params of the newest readable checkpoint in ``workdir/checkpoints``
+    (ConfigError when it holds another model than ``config.model``); reads only."""
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise ConfigError(
             f"{directory} does not exist: train this config with --mode=train and "
             f"--workdir={workdir} first."
         )
-    checkpoints = train.Checkpoints(directory, keep=config.checkpoint.keep)
+    checkpoints = train.Checkpoints(directory, keep=None)  # read only: nothing is touched
     try:
         mesh = sharding.make_mesh(config.mesh)
-        restored = checkpoints.restore_latest(*train.abstract_state(config, mesh))
+        restored = checkpoints.restore_latest(*train.abstract_state(config, mesh), config.model)
     finally:
         checkpoints.close()
     if restored is None:

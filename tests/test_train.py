@@ -115,21 +115,6 @@ def test_smoke_run_writes_metrics_plot_and_checkpoint(tmp_path):
     ) == [3, 6]
 
 
-def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
-    config = char_config(steps=4)
-    config.checkpoint.every_steps = 2
-    train.train(config, tmp_path)
-    latest = tmp_path / "checkpoints" / "4"
-    for path in (latest / "state").rglob("*"):
-        if path.is_file() and path.stat().st_size > 100:
-            path.write_bytes(path.read_bytes()[:50])  # truncate every data file
-    config.train.steps = 6
-    train.train(config, tmp_path)
-    assert "resumed from checkpoint 2" in capsys.readouterr().out
-    assert (tmp_path / "checkpoints" / "4.unreadable").is_dir()  # kept, not deleted
-    assert 6 in train.Checkpoints(tmp_path / "checkpoints", keep=3).steps()
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -154,13 +139,6 @@ def test_too_little_validation_data_is_reported_before_compiling(tmp_path):
     with pytest.raises(data.DataError, match=r"too few for 10000 batch\(es\) of 8"):
         train.train(config, tmp_path)
     assert not list((tmp_path / "checkpoints").glob("*"))  # nothing trained, nothing saved
-
-
-def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
-    config = char_config(steps=3, lr=1e38, warmup_steps=0, grad_clip=1e38)
-    config.checkpoint.every_steps = 1
-    with pytest.raises(FloatingPointError, match="not finite at step"):
-        train.train(config, tmp_path)
 
 
 def launch(workdir, *overrides, devices: int = 1, env: dict | None = None):
@@ -202,40 +180,7 @@ def train_losses(workdir):
     }
 
 
-def test_exact_resume_after_sigkill(tmp_path):
-    n = 15
-    steps = [
-        f"--config.train.steps={2 * n}",
-        f"--config.checkpoint.every_steps={n}",
-        "--config.eval.every_steps=1",
-        "--config.eval.batches=8",
-    ]  # slow steps: time to kill
-    straight = launch(tmp_path / "straight", *steps)
-    killed = launch(tmp_path / "killed", *steps)
-    done = tmp_path / "killed" / "checkpoints" / str(n)
-    deadline = time.time() + 300
-    while not done.is_dir() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = launch(tmp_path / "killed", *steps)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert "resumed from checkpoint" in out
-    assert straight.wait(timeout=300) == 0
-    for a, b in zip(
-        final_params(tmp_path / "straight", 2 * n),
-        final_params(tmp_path / "killed", 2 * n),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
-    want, got = train_losses(tmp_path / "straight"), train_losses(tmp_path / "killed")
-    assert sorted(got) == list(range(1, 2 * n + 1))  # no step logged twice or missing
-    assert [got[s] for s in range(n + 1, 2 * n + 1)] == [want[s] for s in range(n + 1, 2 * n + 1)]
-
-
-def test_sigterm_saves_before_exiting(tmp_path):
+def test_sigterm_saves_then_exits_143(tmp_path):
     run = launch(
         tmp_path,
         "--config.train.steps=100000",
@@ -248,7 +193,7 @@ def test_sigterm_saves_before_exiting(tmp_path):
         time.sleep(0.05)
     run.send_signal(signal.SIGTERM)
     out, _ = run.communicate(timeout=120)
-    assert run.returncode == 0, out
+    assert run.returncode == 128 + signal.SIGTERM, out  # 143: a scheduler sees preemption
     assert "SIGTERM: saving step" in out
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     last = max(r["step"] for r in map(json.loads, metrics.read_text().splitlines()))

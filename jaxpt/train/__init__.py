@@ -1,6 +1,8 @@
 """Training: optimizer and schedules, the jitted train step, checkpoints, metrics, the loop."""
 
 from jaxpt.train._checkpoint import Checkpoints as Checkpoints
+from jaxpt.train._loop import Interrupted as Interrupted
+from jaxpt.train._loop import NonFiniteError as NonFiniteError
 from jaxpt.train._loop import abstract_state as abstract_state
 from jaxpt.train._loop import train as train
 from jaxpt.train._loop import validate_config as validate_config

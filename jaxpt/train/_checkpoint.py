@@ -1,38 +1,70 @@
 """Orbax checkpoints in ``<workdir>/checkpoints/<step>/``: train state, loader state, config.
 
 Saves are asynchronous; orbax writes each one under a temporary name and renames it when
-complete, so a half-written checkpoint is never listed. A listed checkpoint that cannot be
-read (truncated, corrupted) is reported, moved aside to ``<step>.unreadable`` (nothing is
-deleted) and the previous one is used.
+complete, so a half-written checkpoint is never listed. Restoring first checks that a
+checkpoint holds the run's model (its stored model config, then its array shapes): a difference
+is a ConfigError naming it, and nothing on disk is touched. A checkpoint that cannot be read as
+written (truncated, missing files) is skipped for the previous one with a warning; only
+training moves it aside, to ``<step>.unreadable-<n>`` (nothing is deleted), since it saves that
+step again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import json
 import logging
+import os
+import sys
+import traceback
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxpt.models import ConfigError
+
 log = logging.getLogger(__name__)
+
+# Model fields that choose how the model is computed, not what it computes (and init_from,
+# where a new run starts): a run may change them on resume, e.g. to remat or compute in bf16.
+FREE_MODEL_FIELDS = frozenset(
+    {"dtype", "sdpa_implementation", "logits_dtype", "remat_policy", "scan_layers", "init_from"}
+)
 
 
 class Checkpoints:
-    """Save and restore ``(state, loader_state, config)`` under ``directory``."""
+    """Save and restore ``(state, loader_state, config)`` under ``directory``.
 
-    def __init__(self, directory: str | Path, *, keep: int):
+    ``keep`` is how many of the newest checkpoints saving keeps; ``None`` opens the directory
+    read only (sampling, export): nothing is written, moved or deleted.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int | None):
         self.directory = Path(directory).absolute()
         self.keep = keep
         self.manager = self._open()
 
+    @property
+    def read_only(self) -> bool:
+        return self.keep is None
+
     def _open(self) -> ocp.CheckpointManager:
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep, create=True, enable_async_checkpointing=True
-        )
-        return ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "loader", "config")
-        )
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "loader": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        }
+        if not self.read_only:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.keep, create=True, enable_async_checkpointing=True
+            )
+            return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        with _absl_level(logging.ERROR):  # orbax warns that read_only is read only
+            return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(self, step: int, state, loader_state: dict, config) -> None:
         """Starts an asynchronous save of ``step`` (waits for the previous one first)."""
@@ -54,12 +86,15 @@ class Checkpoints:
         """Complete checkpoints, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state, shardings) -> tuple[int, object, dict] | None:
+    def restore_latest(
+        self, abstract_state, shardings, model_config
+    ) -> tuple[int, object, dict] | None:
         """The newest readable checkpoint as ``(step, state, loader_state)``, or None.
 
         ``abstract_state`` gives the tree, shapes and dtypes, ``shardings`` (the same tree)
-        where each array goes, so a checkpoint restores onto a different mesh. Unreadable
-        newer checkpoints are moved aside with a warning.
+        where each array goes, so a checkpoint restores onto a different mesh. Raises
+        ConfigError when the checkpoint holds another model than ``model_config``. Unreadable
+        newer checkpoints are skipped with a warning (and, unless read only, moved aside).
         """
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -70,33 +105,80 @@ class Checkpoints:
         restored = None
         for step in reversed(self.steps()):
             try:
-                items = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target),
-                        loader=ocp.args.JsonRestore(),
-                    ),
-                )
-            except Exception as error:
+                restored = self._restore(step, target, model_config)
+                break
+            except _Unreadable as error:
                 log.warning(
-                    "Checkpoint %s is unreadable (%s: %s); trying the previous one.",
+                    "Checkpoint %s in %s cannot be read (%s); trying the previous one.",
                     step,
-                    type(error).__name__,
-                    str(error).splitlines()[0][:200],
+                    self.directory,
+                    error,
                 )
                 unreadable.append(step)
-                continue
-            restored = (step, items["state"], dict(items["loader"]))
-            break
-        if unreadable:
+        if unreadable and not self.read_only:
             self._move_aside(unreadable)
         return restored
+
+    def _restore(self, step: int, target, model_config) -> tuple[int, object, dict]:
+        """Checks that ``step`` holds the run's model, then restores it."""
+        with _unreadable_on_error(), _absl_level(logging.ERROR):  # ours says what is missing
+            stored = self.manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            )["config"]["model"]
+            arrays = jax.tree.leaves(self.manager.item_metadata(step)["state"])
+            if not arrays:
+                raise ValueError("the state's array metadata is missing")
+        self._check_model(step, stored, model_config)
+        self._check_arrays(step, {array.name: array.shape for array in arrays}, target)
+        with _unreadable_on_error(abandons_reads=True):
+            items = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()
+                ),
+            )
+        return step, items["state"], dict(items["loader"])
+
+    def _check_model(self, step: int, stored: dict, model_config) -> None:
+        """ConfigError naming the first model field whose value differs from checkpoint
+        ``step``'s (fields either side lacks, e.g. from another version, are not compared)."""
+        for field, value in model_config.items():
+            if field in FREE_MODEL_FIELDS or field not in stored or stored[field] == value:
+                continue
+            raise ConfigError(
+                f"model.{field}={value!r} differs from checkpoint {step} in {self.directory}, "
+                f"which was trained with model.{field}={stored[field]!r}: run with "
+                f"--config.model.{field}={stored[field]} to use it, or start the new model in "
+                "another --workdir (nothing was changed)."
+            )
+
+    def _check_arrays(self, step: int, stored_shapes: dict, target) -> None:
+        """ConfigError naming the first array whose shape differs from checkpoint ``step``'s
+        (``stored_shapes``: orbax's dotted array name -> shape)."""
+        names = ocp.tree.get_param_names(target, include_empty_nodes=False)
+        for name, array in zip(jax.tree.leaves(names), jax.tree.leaves(target), strict=True):
+            if stored_shapes.get(name) != array.shape:
+                held = (
+                    f"{name} with shape {stored_shapes[name]}"
+                    if name in stored_shapes
+                    else f"no {name}"
+                )
+                raise ConfigError(
+                    f"Checkpoint {step} in {self.directory} holds {held} where "
+                    f"this config's model needs shape {array.shape}: run with the config it "
+                    "was trained with, or start the new model in another --workdir (nothing "
+                    "was changed)."
+                )
 
     def _move_aside(self, steps: list[int]) -> None:
         self.manager.close()
         for step in steps:
             source = self.directory / str(step)
-            target = self.directory / f"{step}.unreadable"
+            target = next(
+                path
+                for n in itertools.count(1)
+                if not (path := self.directory / f"{step}.unreadable-{n}").exists()
+            )
             source.rename(target)
             log.warning("Moved unreadable checkpoint %s to %s.", source, target)
         self.manager = self._open()
@@ -105,3 +187,60 @@ class Checkpoints:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class _Unreadable(Exception):
+    """A checkpoint's files are missing or cannot be parsed."""
+
+
+@contextlib.contextmanager
+def _unreadable_on_error(*, abandons_reads: bool = False):
+    """Turns whatever orbax and tensorstore raise on missing or damaged files into
+    ``_Unreadable`` with the first line of the root cause. ``abandons_reads``: the block
+    reads arrays concurrently, and orbax leaves the others running when one fails."""
+    try:
+        yield
+    except Exception as error:  # orbax wraps tensorstore's errors in a bare Exception
+        if abandons_reads:
+            _drop_abandoned_read_errors()
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        first_line = (str(cause).splitlines() or [""])[0][:300]
+        raise _Unreadable(f"{type(cause).__name__}: {first_line}") from error
+
+
+@functools.cache  # once per process
+def _drop_abandoned_read_errors() -> None:
+    """The reads a failed restore abandoned fail too, later (often at exit, once orbax's event
+    loop is closed), and asyncio and the unraisable hook print each one's traceback: hundreds
+    of lines. The checkpoint was reported unreadable already, so those stay off the console."""
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage()
+    )
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not _abandoned_read_error(unraisable.exc_value):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _abandoned_read_error(error: BaseException | None) -> bool:
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
+@contextlib.contextmanager
+def _absl_level(level: int):
+    """Raises the absl logger's threshold (orbax logs through absl) for a block."""
+    logger = logging.getLogger("absl")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

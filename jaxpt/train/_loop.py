@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def validate_config(config) -> None:
     sharding.validate_mesh(config.mesh)
     for section, field in (
         ("checkpoint", "every_steps"),
+        ("checkpoint", "keep"),
         ("eval", "every_steps"),
         ("eval", "batches"),
         ("log", "every_steps"),
@@ -95,25 +97,107 @@ def describe(config, n_params: int) -> str:
     )
 
 
+class NonFiniteError(FloatingPointError):
+    """A step was not finite under ``train.on_nonfinite='stop'``; the message is one sentence
+    naming the step and the last good checkpoint."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT ended training after its current step was saved."""
+
+    def __init__(self, signum: signal.Signals, step: int):
+        super().__init__(f"{signum.name}: stopped at step {step}")
+        self.signal, self.step = signum, step
+
+
 class _StopRequest:
     """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
 
     def __init__(self):
-        self.signal = None
+        self.signal: signal.Signals | None = None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         del frame
-        self.signal = signal.Signals(signum).name
+        self.signal = signal.Signals(signum)
 
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
+class _PendingSteps:
+    """The metrics of the steps dispatched since the last fetch, the non-finite policy, and
+    whether a step changed the state since ``saved_step`` (the last step saved or restored).
+
+    Metrics are fetched together (at log, eval and save points), so the host runs ahead of the
+    device. Under ``on_nonfinite='stop'`` each step's ``finite`` flag is also read once the
+    next step is dispatched: a bad step stops the run one step later, while the device still
+    has work queued, rather than at the next log point.
+    """
+
+    def __init__(
+        self, log: MetricsLog, schedule, policy: str, checkpoints: Checkpoints, saved_step: int
+    ):
+        self.log, self.schedule, self.policy = log, schedule, policy
+        self.checkpoints, self.saved_step = checkpoints, saved_step
+        self.steps: list[tuple[int, dict]] = []
+        self.updated = False  # some step since saved_step was finite
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Queues ``step``'s metrics; raises NonFiniteError if the step before was not finite
+        and the policy is to stop."""
+        self.steps.append((step, metrics))
+        if self.policy == "stop" and len(self.steps) > 1 and not self.steps[-2][1]["finite"]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fetches and logs the queued steps, up to the first non-finite one under 'stop'."""
+        records = []
+        fetched, self.steps = jax.device_get(self.steps), []
+        for step, metrics in fetched:
+            record = {"step": step, **{k: float(v) for k, v in metrics.items() if k != "finite"}}
+            record["lr"] = float(self.schedule(step - 1))
+            records.append(record)
+            if metrics["finite"]:
+                self.updated = True
+            elif self.policy == "stop":
+                self.log.train_steps(records)
+                raise NonFiniteError(_stop_message(record, self.checkpoints))
+            else:
+                print(
+                    f"step {step} is not finite ({_losses(record)}): its update was skipped "
+                    "(train.on_nonfinite='skip')",
+                    flush=True,
+                )
+        self.log.train_steps(records)
+
+
+def _losses(record: dict) -> str:
+    return f"loss {record['loss']:.4g}, grad_norm {record['grad_norm']:.4g}"
+
+
+def _stop_message(record: dict, checkpoints: Checkpoints) -> str:
+    checkpoints.wait()  # name a checkpoint that is on disk
+    saved = checkpoints.steps()
+    last = (
+        f"the last good checkpoint is step {saved[-1]} in {checkpoints.directory}"
+        if saved
+        else "no checkpoint was saved before it"
+    )
+    return (
+        f"Step {record['step']} is not finite ({_losses(record)}), so training stopped "
+        f"(train.on_nonfinite='stop') and {last}; lower train.lr, or set "
+        "train.on_nonfinite='skip' to skip such steps."
+    )
+
+
 def train(config, workdir: str | Path) -> TrainState:
     """Trains ``config`` in ``workdir``, resuming from its latest readable checkpoint; without
-    one, from ``model.init_from`` when set, else from a fresh ``init``."""
+    one, from ``model.init_from`` when set, else from a fresh ``init``.
+
+    Raises NonFiniteError when a step is not finite under ``train.on_nonfinite='stop'``, and
+    Interrupted after saving when SIGTERM or SIGINT arrives."""
     workdir = Path(workdir)
     validate_config(config)
     if hf.init_source(config.model):
@@ -139,15 +223,6 @@ def train(config, workdir: str | Path) -> TrainState:
     val_data.check_eval(config.eval.batches)  # before anything compiles
 
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
-    restored = checkpoints.restore_latest(abstract, shardings)
-    if restored is None:
-        state = fresh_state(config, tx, shardings, key)
-        loader_state = train_data.init_state(config.train.seed)
-    else:
-        step, state, loader_state = restored
-        print(f"resumed from checkpoint {step}", flush=True)
-
     step_fn = jax.jit(
         make_train_step(config, tx),
         in_shardings=(shardings, batch_sh, batch_sh),
@@ -156,46 +231,51 @@ def train(config, workdir: str | Path) -> TrainState:
         compiler_options=STEP_COMPILER_OPTIONS,
     )
     eval_fn = jax.jit(make_eval_step(config), in_shardings=(shardings.params, batch_sh, batch_sh))
-    step = int(state.step)
-    log = MetricsLog(
-        workdir,
-        total_steps=config.train.steps,
-        first_step=step,
-        tokens_per_step=batch_size * seq_len,
-        flops_per_token=flops_per_token(config.model, n_params),
-        print_every=config.log.every_steps,
-    )
-    schedule = learning_rate(config.train)
-    stop = _StopRequest()
-    pending: list[tuple[int, dict]] = []
+    with contextlib.ExitStack() as cleanup:
+        checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
+        cleanup.callback(checkpoints.close)
+        restored = checkpoints.restore_latest(abstract, shardings, config.model)
+        if restored is None:
+            state = fresh_state(config, tx, shardings, key)
+            loader_state = train_data.init_state(config.train.seed)
+        else:
+            _, state, loader_state = restored
+            print(f"resumed from checkpoint {restored[0]}", flush=True)
+        step = int(state.step)
+        log = MetricsLog(
+            workdir,
+            total_steps=config.train.steps,
+            first_step=step,
+            tokens_per_step=batch_size * seq_len,
+            flops_per_token=flops_per_token(config.model, n_params),
+            print_every=config.log.every_steps,
+        )
+        cleanup.callback(log.close)
+        schedule = learning_rate(config.train)
+        pending = _PendingSteps(log, schedule, config.train.on_nonfinite, checkpoints, step)
+        stop = _StopRequest()
+        cleanup.callback(stop.restore)
 
-    def flush() -> None:
-        """Fetches the metrics of the steps run since the last flush and logs them."""
-        records = []
-        for s, metrics in jax.device_get(pending):
-            record = {"step": s, **{k: float(v) for k, v in metrics.items() if k != "finite"}}
-            record["lr"] = float(schedule(s - 1))
-            records.append(record)
-            if not metrics["finite"]:
-                _non_finite(s, record["loss"], config.train.on_nonfinite, checkpoints)
-        pending.clear()
-        log.train_steps(records)
+        def save(s: int) -> None:
+            """Saves step ``s`` unless every step since the last save was skipped (non-finite):
+            then the state is that save's, and a copy would only rotate older ones out."""
+            pending.flush()
+            if pending.updated:
+                checkpoints.save(s, state, loader_state, config)
+                pending.updated, pending.saved_step = False, s
+            else:
+                print(f"step {s}: unchanged since step {pending.saved_step}; not saved", flush=True)
 
-    def save(s: int) -> None:
-        flush()
-        checkpoints.save(s, state, loader_state, config)
-
-    try:
         with sharding.activation_sharding(mesh, rules):  # the steps trace in here
             while step < config.train.steps and stop.signal is None:
                 batch, loader_state = train_data.next_batch(loader_state)
                 state, metrics = step_fn(state, *data.to_global(batch, batch_sh, batch_size))
                 step += 1
-                pending.append((step, metrics))
+                pending.add(step, metrics)
                 if step % config.log.every_steps == 0:
-                    flush()
+                    pending.flush()
                 if step % config.eval.every_steps == 0 or step == config.train.steps:
-                    flush()
+                    pending.flush()
                     log.eval(
                         step,
                         evals.validation_loss(
@@ -205,24 +285,10 @@ def train(config, workdir: str | Path) -> TrainState:
                 if step % config.checkpoint.every_steps == 0:
                     save(step)
             if stop.signal is not None:
-                print(f"{stop.signal}: saving step {step} before exiting", flush=True)
+                print(f"{stop.signal.name}: saving step {step} before exiting", flush=True)
             if step not in checkpoints.steps():
                 save(step)
-            flush()
-    finally:
-        stop.restore()
-        checkpoints.close()
-        log.close()
+            pending.flush()
+    if stop.signal is not None:
+        raise Interrupted(stop.signal, step)
     return state
-
-
-def _non_finite(step: int, loss: float, policy: str, checkpoints: Checkpoints) -> None:
-    """Says that ``step`` had a non-finite loss; raises when the policy is to stop."""
-    last = checkpoints.steps()[-1] if checkpoints.steps() else None
-    if policy == "skip":
-        print(f"step {step}: loss {loss} is not finite; the update was skipped", flush=True)
-        return
-    raise FloatingPointError(
-        f"Loss {loss} is not finite at step {step}; stopped (train.on_nonfinite='stop'). "
-        f"The last good checkpoint is step {last}."
-    )

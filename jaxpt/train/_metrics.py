@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from jaxpt.models import ConfigError
 
 # Dense bf16 peak FLOP/s of one device, by a substring of jax's device_kind (datasheets).
 PEAK_FLOPS = {
@@ -126,12 +129,38 @@ class MetricsLog:
 
 
 def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrites ``path`` without the records after ``step`` (and a torn last line), through a
+    temporary file renamed over it, so a kill leaves the old or the new history."""
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    records = _parse(path, note=True)
+    kept = [record for record in records if record["step"] <= step]
+    if len(kept) == len(records) and path.read_bytes().endswith(b"\n"):
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    os.replace(temporary, path)
+
+
+def _parse(path: Path, *, note: bool) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a torn last line (a killed run's, or a full disk's)
+    is left out, with a note when ``note``. A damaged line elsewhere is a ConfigError."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ConfigError(
+                    f"{path} line {number} is not a JSON record: repair or remove that line "
+                    "(the run's history of logged steps)."
+                ) from None
+            if note:
+                print(f"{path}: dropped a torn last line (a run was cut off mid-write)")
+    return records
 
 
 def _duration(seconds: float) -> str:
@@ -140,8 +169,9 @@ def _duration(seconds: float) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The records of a ``metrics.jsonl`` (a torn last line, as a running or killed run may
+    leave, is left out)."""
+    return _parse(path, note=False)
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

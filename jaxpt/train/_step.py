@@ -63,11 +63,18 @@ def micro_batches(tokens: Array, n: int) -> Array:
     return tokens.reshape(b // n, n, t).swapaxes(0, 1)
 
 
+def all_finite(tree) -> Array:
+    """() bool: every element of every array in ``tree`` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
     """``step(state, inputs, targets) -> (state, metrics)``: accumulate gradients over
-    ``train.grad_accum_steps`` micro-batches, clip, update. A step whose loss or gradients are
-    not finite leaves params and optimizer state unchanged (``metrics["finite"]`` is False);
-    the loop then stops or goes on by ``train.on_nonfinite``."""
+    ``train.grad_accum_steps`` micro-batches, clip, update. A step whose loss, gradients or
+    updated params are not finite (an overflowing update, e.g. at a huge learning rate) leaves
+    params and optimizer state unchanged (``metrics["finite"]`` is False), so the state stays
+    finite; the loop then stops or goes on by ``train.on_nonfinite``. (The optimizer state
+    stays finite with the gradients: their global norm bounds every moment.)"""
     n_micro = config.train.grad_accum_steps
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -91,7 +98,7 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & all_finite(params)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = TrainState(
             state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)

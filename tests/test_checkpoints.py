@@ -1,0 +1,295 @@
+"""Checkpoints, resume and the metrics history under bad input and faults: nothing a command
+does may hide or delete a good checkpoint."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpt import hf, launcher, models, train
+from jaxpt.train import _metrics
+
+from .test_train import char_config, final_params, launch, train_losses
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir trained for 4 steps with checkpoints 2 and 4 (copy it before use)."""
+    workdir = tmp_path_factory.mktemp("trained")
+    train.train(trained_config(), workdir)
+    return workdir
+
+
+def trained_config(**train_overrides):
+    config = char_config(steps=4, **train_overrides)
+    config.checkpoint.every_steps = 2
+    config.eval.every_steps = 1000
+    config.eval.batches = 1
+    return config
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` and its bytes."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def export(config, workdir):
+    hf.export_checkpoint(config, workdir, workdir.parent / "exported")
+
+
+def generate(config, workdir):
+    launcher.sample(config, workdir, launcher.SampleOptions(num_samples=1, max_new_tokens=2))
+
+
+def resume(config, workdir):
+    config.train.steps = 6
+    train.train(config, workdir)
+
+
+@pytest.mark.parametrize(
+    "command, field, value",
+    [
+        # other shapes: these renamed every checkpoint to <step>.unreadable and started over
+        pytest.param(generate, "n_layer", 4, id="generate-n_layer"),
+        pytest.param(export, "n_layer", 4, id="export-n_layer"),
+        pytest.param(resume, "n_layer", 4, id="resume-n_layer"),
+        # the same shapes: these went on with the other model, silently
+        pytest.param(generate, "activation", "relu", id="generate-activation"),
+        pytest.param(resume, "activation", "relu", id="resume-activation"),
+        pytest.param(resume, "position", "rope", id="resume-position"),
+    ],
+)
+def test_a_changed_model_is_one_sentence_and_touches_nothing(workdir, command, field, value):
+    before = snapshot(workdir)
+    config = trained_config()
+    stored = config.model[field]
+    config.model[field] = value
+    with pytest.raises(
+        models.ConfigError,
+        match=rf"^model\.{field}={value!r} differs from checkpoint 4 in .*, which was trained "
+        rf"with model\.{field}={stored!r}: run with --config\.model\.{field}={stored} ",
+    ):
+        command(config, workdir)
+    assert snapshot(workdir) == before
+    assert not (workdir.parent / "exported").exists()
+
+
+def test_how_the_model_is_computed_may_change(workdir):
+    config = trained_config()
+    config.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
+    step, params = launcher.latest_params(config, workdir)
+    assert step == 4
+    assert jax.tree.leaves(params)[0].dtype == np.float32  # the stored params, as trained
+
+
+def test_a_checkpoint_whose_config_lacks_a_field_is_compared_by_shapes(workdir):
+    for step in (2, 4):  # as if written by a version without model.n_layer
+        path = workdir / "checkpoints" / str(step) / "config" / "metadata"
+        stored = json.loads(path.read_text())
+        del stored["model"]["n_layer"]
+        path.write_text(json.dumps(stored))
+    before = snapshot(workdir)
+    config = trained_config()
+    config.model.n_layer = 4
+    with pytest.raises(
+        models.ConfigError,
+        match=r"^Checkpoint 4 in .* holds params\.blocks\.0\.\S+ with shape \(2, .* where this "
+        r"config's model needs shape \(4, ",
+    ):
+        launcher.latest_params(config, workdir)
+    assert snapshot(workdir) == before
+
+
+def truncate_data_files(checkpoint: Path) -> None:
+    for path in (checkpoint / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 100:
+            path.write_bytes(path.read_bytes()[:50])
+
+
+def test_only_training_sets_aside_what_a_crash_left(workdir, capsys):
+    """A truncated newest checkpoint, a torn last metrics line, and set-aside directories
+    from before (the name of the previous version, and ours)."""
+    checkpoints, metrics = workdir / "checkpoints", workdir / "metrics.jsonl"
+    truncate_data_files(checkpoints / "4")
+    for earlier in ("4.unreadable", "4.unreadable-1"):
+        (checkpoints / earlier).mkdir()
+        (checkpoints / earlier / "kept").write_text(earlier)
+    with metrics.open("a") as f:
+        f.write('{"step": 5, "loss": 4.')  # a kill in mid-write
+    before = snapshot(workdir)
+
+    assert launcher.latest_params(trained_config(), workdir)[0] == 2
+    assert [r["step"] for r in train.read_metrics(metrics)][-1] == 4
+    assert snapshot(workdir) == before  # reading only: nothing moved or rewritten
+
+    resume(trained_config(), workdir)
+    out = capsys.readouterr().out
+    assert "resumed from checkpoint 2" in out
+    assert "dropped a torn last line" in out
+    assert (checkpoints / "4.unreadable-2" / "state").is_dir()  # kept, not deleted
+    for earlier in ("4.unreadable", "4.unreadable-1"):
+        assert (checkpoints / earlier / "kept").read_text() == earlier
+    assert checkpoint_steps(workdir) == [2, 4, 6]
+    logged = [r["step"] for r in train.read_metrics(metrics) if "loss" in r]
+    assert logged == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_keep_must_be_at_least_one(tmp_path, keep):
+    config = trained_config()
+    config.checkpoint.keep = keep
+    with pytest.raises(models.ConfigError, match=rf"^checkpoint\.keep={keep} must be .* >= 1"):
+        train.train(config, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def all_finite(workdir: Path, step: int) -> bool:
+    return all(np.isfinite(a).all() for a in final_params(workdir, step))
+
+
+# float32's largest is 3.4028e38: at a constant lr of 3.4e38 the next update overflows.
+OVERFLOWING_LR = 3.4e38
+
+
+def test_skipped_steps_never_rotate_out_the_last_finite_checkpoint(workdir):
+    # Step 5 makes the params finite garbage (~1e38); every later step is non-finite.
+    config = trained_config(lr=1e38, warmup_steps=0, on_nonfinite="skip")
+    config.checkpoint.keep = 2
+    config.train.steps = 12
+    train.train(config, workdir)
+    assert checkpoint_steps(workdir) == [4, 6]  # 6 holds step 5's update; no copies of it
+    assert all(all_finite(workdir, step) for step in (4, 6))
+
+
+def test_a_non_finite_step_stops_the_run_at_that_step(workdir):
+    config = trained_config(lr=OVERFLOWING_LR, warmup_steps=0, schedule="wsd")
+    config.train.steps = 30
+    config.log.every_steps = 100
+    config.checkpoint.every_steps = 100
+    with pytest.raises(
+        train.NonFiniteError,
+        match=r"^Step 5 is not finite \(loss \S+, grad_norm \S+\), so training stopped "
+        r"\(train.on_nonfinite='stop'\) and the last good checkpoint is step 4 in ",
+    ):
+        train.train(config, workdir)
+    logged = [r["step"] for r in train.read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+    assert logged == [1, 2, 3, 4, 5]  # the bad step is logged, and nothing after it
+    assert checkpoint_steps(workdir) == [2, 4]
+
+
+def test_launch_stops_on_a_non_finite_step_in_one_sentence(tmp_path):
+    run = launch(tmp_path, f"--config.train.lr={OVERFLOWING_LR}", "--config.train.warmup_steps=0")
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 1, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("launch.py: Step 1 is not finite"), out
+    assert "no checkpoint was saved before it" in last
+    assert "Traceback" not in out
+
+
+def test_a_damaged_metrics_line_is_one_sentence(workdir):
+    metrics = workdir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    before = snapshot(workdir)
+    with pytest.raises(models.ConfigError, match=r"metrics.jsonl line 2 is not a JSON record"):
+        resume(trained_config(), workdir)
+    assert snapshot(workdir) == before
+
+
+def test_the_history_rewrite_is_atomic(tmp_path, monkeypatch):
+    metrics = tmp_path / "metrics.jsonl"
+    history = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 9))
+    metrics.write_text(history)
+
+    def killed_mid_write(path, text):
+        with open(path, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        _metrics._drop_records_after(metrics, 4)  # resuming from step 4
+    monkeypatch.undo()
+    assert metrics.read_text() == history  # the old history, whole
+
+
+def test_sigint_saves_then_raises_interrupted(tmp_path):
+    config = char_config(steps=100_000)
+    config.checkpoint.every_steps = 100_000
+    metrics = tmp_path / "metrics.jsonl"
+
+    def interrupt_once_training():
+        while not metrics.exists() or not metrics.read_text().strip():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_training, daemon=True).start()
+    with pytest.raises(train.Interrupted) as stopped:
+        train.train(config, tmp_path)
+    assert stopped.value.signal == signal.SIGINT and 128 + stopped.value.signal == 130
+    assert checkpoint_steps(tmp_path) == [stopped.value.step]
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Five SIGKILLs at seeded random moments around checkpoint writes (a save every 2 steps,
+    each step slowed by an evaluation), each run resumed from what the last one left."""
+    steps = 16
+    flags = [
+        f"--config.train.steps={steps}",
+        "--config.checkpoint.every_steps=2",
+        "--config.checkpoint.keep=2",
+        "--config.eval.every_steps=1",
+        "--config.eval.batches=4",
+    ]
+    env = {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),  # compile once, not 7 times
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    straight = launch(tmp_path / "straight", *flags, env=env)
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out
+    rng = random.Random(11)
+    killed = tmp_path / "killed"
+    for target in sorted(rng.sample(range(3, steps - 2), 5)):
+        run = launch(killed, *flags, env=env)
+        for line in run.stdout:  # the live run's progress: "step  N/24 loss ..."
+            if re.match(r"step +\d+/", line) and int(line.split()[1].split("/")[0]) >= target:
+                break
+        time.sleep(rng.uniform(0.0, 0.05))
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        assert run.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = launch(killed, *flags, env=env)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    want, got = final_params(tmp_path / "straight", steps), final_params(killed, steps)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    records = train.read_metrics(killed / "metrics.jsonl")
+    assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, steps + 1))
+    assert sorted(r["step"] for r in records if "val_loss" in r) == list(range(1, steps + 1))
+    assert train_losses(killed) == train_losses(tmp_path / "straight")
