@@ -12,8 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpt import launcher
-from jaxpt.data import DataError
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError, DataError
 
 _DEFAULTS = launcher.SampleOptions()
 

@@ -25,7 +25,7 @@ import numpy as np
 from jax import Array
 
 from jaxpt import models
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError
 
 
 class Sampling(NamedTuple):

@@ -39,7 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpt import data, models
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError, DataError
 
 
 class CheckpointError(ConfigError):
@@ -716,7 +716,7 @@ def _main(argv) -> None:
             if f.config is None or not f.workdir:
                 raise ConfigError("--to=hf needs --config=<preset file> and --workdir=<run>.")
             export_checkpoint(f.config, f.workdir, f.out)
-    except (ConfigError, data.DataError) as error:
+    except (ConfigError, DataError) as error:
         sys.exit(f"jaxpt.hf: {error}")
 
 

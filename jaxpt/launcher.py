@@ -9,8 +9,8 @@ from pathlib import Path
 import jax
 
 from jaxpt import data, hf, models, sharding, train
+from jaxpt.errors import ConfigError
 from jaxpt.generation import generate
-from jaxpt.models import ConfigError
 
 MODES = ("train", "generate")
 

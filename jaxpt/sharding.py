@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpt import nn
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 

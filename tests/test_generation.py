@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jaxpt import generate, launcher, models, train
+from jaxpt.errors import ConfigError
 from jaxpt.generation import Sampling, filter_logits
-from jaxpt.models import ConfigError
 from tests.test_models import tiny_config
 from tests.test_train import ROOT, load_config
 

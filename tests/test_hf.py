@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers", reason="HF parity needs trans
 from safetensors.numpy import load_file  # noqa: E402
 
 from jaxpt import data, generate, hf, launcher, models, train  # noqa: E402
-from jaxpt.models import ConfigError  # noqa: E402
+from jaxpt.errors import ConfigError  # noqa: E402
 from tests.test_models import tiny_config  # noqa: E402
 from tests.test_train import ROOT, char_config  # noqa: E402
 

@@ -10,6 +10,7 @@ import pytest
 
 from jaxpt import models, nn
 from jaxpt.config import preset_config
+from jaxpt.errors import ConfigError
 
 VOCAB = 97
 
@@ -176,10 +177,10 @@ def test_bf16_compute_keeps_float32_params_and_logits():
 )
 def test_bad_config_gets_one_clear_sentence(overrides, words):
     cfg = tiny_config("gpt", **overrides)
-    with pytest.raises(models.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         models.get("gpt").init(jax.random.key(0), cfg)
 
 
 def test_unknown_model_name_is_a_config_error():
-    with pytest.raises(models.ConfigError, match=r"model.name=.nope. is not one of"):
+    with pytest.raises(ConfigError, match=r"model.name=.nope. is not one of"):
         models.get("nope")

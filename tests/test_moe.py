@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from jaxpt import models, nn
+from jaxpt.errors import ConfigError
 from jaxpt.models._decoder import is_causal
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -471,5 +472,5 @@ def test_expert_weights_carry_the_expert_axis():
 def test_bad_moe_config_gets_one_clear_sentence(name, overrides, words):
     cfg = models.get(name).default_config()
     cfg.update(overrides)
-    with pytest.raises(models.ConfigError, match=words):
+    with pytest.raises(ConfigError, match=words):
         models.get(name).validate(cfg)

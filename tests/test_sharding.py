@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 
 from jaxpt import models, nn, sharding, train
 from jaxpt.config import preset_config
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError
 
 STEPS = 3
 

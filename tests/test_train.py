@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import data, models, train
+from jaxpt import models, train
 from jaxpt.config import preset_config
+from jaxpt.errors import ConfigError, DataError
 
 from .conftest import FAST_COMPILE
 
@@ -143,7 +144,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
 )
 def test_config_errors_come_before_compiling(tmp_path, overrides, message):
     config = char_config(**overrides)
-    with pytest.raises(models.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         train.train(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -151,7 +152,7 @@ def test_config_errors_come_before_compiling(tmp_path, overrides, message):
 def test_too_little_validation_data_is_reported_before_compiling(tmp_path):
     config = char_config(steps=3)
     config.eval.batches = 10_000
-    with pytest.raises(data.DataError, match=r"too few for 10000 batch\(es\) of 8"):
+    with pytest.raises(DataError, match=r"too few for 10000 batch\(es\) of 8"):
         train.train(config, tmp_path)
     assert not list((tmp_path / "checkpoints").glob("*"))  # nothing trained, nothing saved
 

@@ -18,10 +18,10 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from jaxpt.data._errors import DataError, DataNotFoundError
 from jaxpt.data._prepare import prepare_documents, resolve_tokenizer_name
 from jaxpt.data._shards import MANIFEST, PROGRESS, Manifest, load_manifest
 from jaxpt.data._tokenizers import HFTokenizer
+from jaxpt.errors import DataError, DataNotFoundError
 
 EMBEDDED = "embedded"
 EMBEDDED_SHARD_TOKENS = 2**14  # a handful of shards; the first is the validation split

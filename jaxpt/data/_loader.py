@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from jaxpt.data._errors import DataError
 from jaxpt.data._shards import Manifest, load_manifest, open_shard
+from jaxpt.errors import DataError
 
 LoaderState = dict  # {"seed", "epoch", "step", "batch_size", "seq_len", "tokens"}: all ints
 

@@ -1,6 +1,6 @@
 """The model registry: ``get(name)`` -> ``default_config()``, ``init``, ``apply``."""
 
-from jaxpt.models._config import ConfigError as ConfigError
+from jaxpt.errors import ConfigError as ConfigError
 from jaxpt.models._config import decoder_config as decoder_config
 from jaxpt.models._decoder import AUX_KEYS as AUX_KEYS
 from jaxpt.models._decoder import MIXERS as MIXERS

@@ -6,15 +6,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxpt.errors import ConfigError
 from jaxpt.nn import ACTIVATIONS, IMPLEMENTATIONS, NORMS
 
 POSITIONS = ("learned", "rope", "none")
 PROJ_INITS = ("normal", "scaled", "zero")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A config value breaks a rule; the message names the field, the value and the rule."""
 
 
 def decoder_config(**overrides) -> ml_collections.ConfigDict:

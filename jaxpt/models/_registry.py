@@ -8,9 +8,9 @@ from collections.abc import Callable
 import ml_collections
 from jax import Array
 
+from jaxpt.errors import ConfigError
 from jaxpt.models import _bigram, _decoder
 from jaxpt.models._config import (
-    ConfigError,
     decoder_config,
     mixer_pattern,
     validate_common,

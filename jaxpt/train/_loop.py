@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from jaxpt import data, evals, hf, models, sharding
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog, flops_per_token
 from jaxpt.train._optimizer import learning_rate, optimizer, validate_train

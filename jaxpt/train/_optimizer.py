@@ -5,7 +5,7 @@ from __future__ import annotations
 import optax
 
 from jaxpt import nn
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd")
 
