@@ -60,14 +60,14 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     """Prompt plus completion, as text, for each of ``options.num_samples`` samples drawn
     from the latest checkpoint in ``workdir`` (or ``model.init_from``, see
     ``params_and_tokenizer``); each stops at end-of-text."""
-    models.get(config.model.name).validate(config.model)
+    model_cfg = models.config_from(config.model)
     params, tokenizer = params_and_tokenizer(config, workdir)
     prompt = tokenizer.encode(options.prompt) if options.prompt else [tokenizer.eot_id]
     generated = generate(
         params,
-        config.model,
         [prompt] * options.num_samples,
-        options.max_new_tokens,
+        model_cfg,
+        max_new_tokens=options.max_new_tokens,
         temperature=options.temperature,
         top_k=options.top_k or None,
         top_p=options.top_p if options.top_p < 1 else None,
