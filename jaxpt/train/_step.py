@@ -107,7 +107,7 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
 
     def step(state: TrainState, inputs: Array, targets: Array):
         grads, metrics = mean_gradients(state.params, inputs, targets)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
