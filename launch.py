@@ -13,8 +13,7 @@ from ml_collections import config_flags
 
 from jaxpt import launcher, train
 from jaxpt.config import parse_flags
-from jaxpt.data import DataError
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError, DataError
 
 _DEFAULTS = launcher.SampleOptions()
 

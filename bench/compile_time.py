@@ -5,6 +5,7 @@
 Prints a table last and writes compile_time.json to --out.
 """
 
+import dataclasses
 import time
 
 import _report  # bench/_report.py, beside this script
@@ -23,8 +24,7 @@ flags.DEFINE_integer("seq", 256, "Sequence length of the compiled call.")
 def compile_seconds(name: str, n_layer: int, scan: bool, seq: int) -> float:
     """Seconds to lower and compile one jitted forward pass (params abstract, not allocated)."""
     model = models.get(name)
-    cfg = model.default_config()
-    cfg.update(n_layer=n_layer, scan_layers=scan)
+    cfg = dataclasses.replace(model.default_config(), n_layer=n_layer, scan_layers=scan)
     params = jax.eval_shape(lambda k: model.init(k, cfg), jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((1, seq), jnp.int32)
     start = time.perf_counter()

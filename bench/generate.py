@@ -13,6 +13,7 @@ transformers are importable; ``../shared/bench/ref_hf_generate.py`` times its ot
 variants. Prints a table last and writes generate.json to --out.
 """
 
+import dataclasses
 import statistics
 import time
 
@@ -50,15 +51,20 @@ def median_seconds(run, reps: int) -> tuple[float, list[float]]:
 
 def jaxpt_row(batch: int, f) -> dict:
     """jaxpt.generate on the GPT-2 shape: new tokens/s of whole generate calls."""
-    cfg = models.get("gpt").default_config()
-    cfg.update(vocab_size=VOCAB, dtype=f.dtype, param_dtype=f.dtype)
-    cfg.update(scan_layers=f.scan_layers, sdpa_implementation=f.sdpa)
+    cfg = dataclasses.replace(
+        models.get("gpt").default_config(),
+        vocab_size=VOCAB,
+        dtype=f.dtype,
+        param_dtype=f.dtype,
+        scan_layers=f.scan_layers,
+        sdpa_implementation=f.sdpa,
+    )
     params = jax.jit(lambda k: models.get("gpt").init(k, cfg))(jax.random.key(0))
     rng = np.random.default_rng(batch)
 
     def run():
         prompts = rng.integers(0, VOCAB, (batch, f.prompt))
-        out = jaxpt.generate(params, cfg, prompts, f.new, temperature=0)
+        out = jaxpt.generate(params, prompts, cfg, max_new_tokens=f.new, temperature=0)
         lengths = np.asarray(jax.block_until_ready(out.lengths))
         assert (lengths == f.prompt + f.new).all(), "every row makes all its tokens"
 

@@ -45,10 +45,10 @@ def time_steps(batch: int, f) -> dict:
         logits_dtype=f.logits_dtype,
     )
     config.train.update(batch_size=batch, grad_accum_steps=1)
-    model = models.get("gpt")
-    abstract_params = jax.eval_shape(lambda k: model.init(k, config.model), jax.random.key(0))
+    cfg = models.config_from(config.model)
+    abstract_params = jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
     tx = train.optimizer(config.train, abstract_params)
-    state = jax.jit(lambda k: train.init_state(k, config, tx))(jax.random.key(0))
+    state = jax.jit(lambda k: train.init_state(k, cfg, tx))(jax.random.key(0))
     step = jax.jit(
         train.make_train_step(config, tx),
         donate_argnums=0,
@@ -63,10 +63,9 @@ def time_steps(batch: int, f) -> dict:
         jax.block_until_ready(metrics["loss"])
         if i >= f.warmup:
             times.append(time.perf_counter() - start)
-    n_params = sum(a.size for a in jax.tree.leaves(abstract_params))
     median = statistics.median(times)
     tokens_per_s = batch * f.seq / median
-    flops = train.flops_per_token(config.model, n_params) * tokens_per_s
+    flops = cfg.flops_per_token * tokens_per_s
     peak = train.peak_flops(jax.devices()[0].device_kind)
     return dict(
         batch=batch,

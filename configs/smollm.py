@@ -11,7 +11,10 @@ from jaxpt.config import preset_config
 def get_config(arg: str | None = None):
     """``arg``: empty for the full run, ``smoke`` for a one-minute CPU run."""
     config = preset_config("smollm", arg)
-    # Trained from scratch on GPT-2 BPE; with SmolLM's own tokenizer (a directory holding its
-    # tokenizer.json) set data.tokenizer to it and model.vocab_size back to 49152.
+    # The preset is SmolLM-135M as published (vocab 49152, its own tokenizer). This run trains
+    # it from scratch on GPT-2 BPE, a run-level choice, so the table holds GPT-2's 50257 ids
+    # padded to a multiple of 64. With SmolLM's tokenizer (a directory holding its
+    # tokenizer.json) set data.tokenizer to it and drop the vocab_size line.
+    config.data.tokenizer = "gpt2"
     config.model.vocab_size = 50304
     return config

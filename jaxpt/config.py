@@ -20,8 +20,7 @@ import ml_collections
 from absl import flags
 
 from jaxpt import models, sharding
-from jaxpt.models import ConfigError
-from jaxpt.models._config import mixer_pattern
+from jaxpt.errors import ConfigError
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -57,11 +56,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def base_config(model_name: str) -> ml_collections.ConfigDict:
     """Every section with its defaults, the model section from the registry preset."""
     config = ml_collections.ConfigDict()
-    config.model = models.get(model_name).default_config()
-    config.model.dtype = "bfloat16"  # full-size runs compute in bf16 on GPU/TPU
-    # An unrolled layer loop makes the GPT-2 train step 1.4x faster on an H100 than the
-    # scanned one (bench/train_step.py); compiling takes longer, once per run.
-    config.model.scan_layers = False
+    config.model = models.get(model_name).default_config().to_dict()
+    # An HF checkpoint directory or hub name a run starts from when its workdir has no
+    # checkpoint yet (see jaxpt.hf); "" for none. A run setting: models.config_from skips it.
+    config.model.init_from = ""
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "HuggingFaceFW/fineweb-edu"  # HF name, local path or "embedded"
@@ -117,15 +115,16 @@ def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
     block 64 and one or two repeats of its mixer pattern.
     """
     model = config.model
+    preset = models.config_from(model)
     model.block_size = 64
     model.dtype = "float32"
-    if model.name != "bigram":
+    if isinstance(preset, models.ModelConfig):
         group = model.n_head // model.n_kv_head
         model.n_kv_head = 2 if group > 1 else 4
         model.n_head = model.n_kv_head * group
         model.n_embed = 16 * model.n_head  # head width 16
         model.n_mlp_hidden = 4 * model.n_embed
-        model.n_layer = max(2, len(mixer_pattern(model)))
+        model.n_layer = max(2, len(preset.mixer_pattern))
     config.data.dataset = "embedded"
     config.train.steps = 200
     config.train.batch_size = 16

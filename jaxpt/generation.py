@@ -4,8 +4,8 @@ Prompts of different lengths share a ``(B, P + N)`` token buffer, left-aligned: 
 holds its prompt at positions ``0 .. p_b - 1`` and its new tokens after it, so every sequence
 keeps its own positions (learned and rotary embeddings need no offsets) and its own length.
 
-Models whose earlier outputs never change as the sequence grows (``Model.init_cache`` is not
-None: every dense preset, MoE that cannot drop tokens, Bigram) prefill a KV cache with the
+Models whose earlier outputs never change as the sequence grows (``cfg.is_cacheable``: every
+dense preset, MoE that cannot drop tokens, Bigram) prefill a KV cache with the
 prompts and then feed one token per step. Top-k MoE with a capacity and Soft MoE are not like
 that (a later token changes how earlier ones were routed), so for them each step re-runs the
 whole buffer under a padding mask: slower, but exactly what the model computes on the
@@ -20,12 +20,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax import Array
 
 from jaxpt import models
-from jaxpt.models import ConfigError, check_range
+from jaxpt.errors import ConfigError, check_range
 
 
 class Sampling(NamedTuple):
@@ -91,10 +90,10 @@ def sample(key: Array, logits: Array, sampling: Sampling) -> Array:
 
 def generate(
     params,
-    model_config,
     prompts: Sequence[Sequence[int]] | np.ndarray,
-    max_new_tokens: int,
+    cfg: models.ModelConfig | models.BigramConfig,
     *,
+    max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -105,8 +104,10 @@ def generate(
     """Continues each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
-        params: the model's params; ``model_config.name`` names its registry entry.
+        params: the model's params.
         prompts: token-id lists (lengths may differ), or a ``(B, P)`` int array.
+        cfg: the model's config; ``cfg.name`` names its registry entry.
+        max_new_tokens: the most tokens to add to each prompt.
         temperature: 0 is greedy decoding; otherwise logits are divided by it and sampled,
             after the optional ``top_k`` and ``top_p`` (nucleus) filters.
         key: a ``jax.random.key``, required unless greedy; a fixed key gives fixed samples.
@@ -116,11 +117,8 @@ def generate(
     Returns:
         ``Generated``; ``.completions()`` lists the new tokens of each prompt.
     """
-    model = models.get(model_config.name)
-    model.validate(model_config)
-    sampling = _check_sampling(temperature, top_k, top_p, key, n_tokens, model_config.vocab_size)
-    tokens, prompt_lengths = pad_prompts(prompts, max_new_tokens, model_config)
-    cfg = ml_collections.FrozenConfigDict(model_config)
+    sampling = _check_sampling(temperature, top_k, top_p, key, n_tokens, cfg.vocab_size)
+    tokens, prompt_lengths = pad_prompts(prompts, cfg, max_new_tokens=max_new_tokens)
     if key is None:
         key = jax.random.key(0)  # unused by greedy decoding
     return _generate(
@@ -135,11 +133,11 @@ def generate(
     )
 
 
-def pad_prompts(prompts, max_new_tokens: int, cfg) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(prompts, cfg, *, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """The left-aligned ``(B, P + max_new_tokens)`` int32 buffer and the prompt lengths.
 
     Raises ConfigError for an empty prompt, a token id outside the vocabulary, or a total
-    length beyond the model's ``block_size``.
+    length beyond the model's ``max_length``.
     """
     rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
     if not rows or min(len(r) for r in rows) == 0:
@@ -153,7 +151,7 @@ def pad_prompts(prompts, max_new_tokens: int, cfg) -> tuple[np.ndarray, np.ndarr
                 f"0..{cfg.vocab_size - 1}: encode it with the model's tokenizer."
             )
     length = max(len(r) for r in rows) + max_new_tokens
-    if "n_layer" in cfg and length > cfg.block_size:
+    if cfg.max_length is not None and length > cfg.max_length:
         raise ConfigError(
             f"the longest prompt plus max_new_tokens is {length} tokens, beyond "
             f"model.block_size={cfg.block_size}: shorten the prompt or ask for fewer tokens."
@@ -186,7 +184,7 @@ def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampl
     model = models.get(cfg.name)
     batch, length = tokens.shape
     rows = jnp.arange(batch)
-    cache = model.init_cache(cfg, batch, length)
+    cache = model.init_cache(batch, length, cfg)
 
     if cache is None:  # every step re-runs the whole buffer, masked to each row's tokens
 

@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import safetensors.numpy
 from absl import app, flags, logging
@@ -41,7 +40,7 @@ from ml_collections import config_flags
 
 from jaxpt import data, models
 from jaxpt.config import check_writable_directory, parse_flags
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError, DataError
 
 
 class CheckpointError(ConfigError):
@@ -51,7 +50,7 @@ class CheckpointError(ConfigError):
 class Pretrained(NamedTuple):
     """What ``from_pretrained`` returns."""
 
-    config: ml_collections.ConfigDict  # jaxpt model config: preset gpt or smollm
+    config: models.ModelConfig  # the preset gpt or smollm with the checkpoint's fields
     params: Any  # the decoder's params, in config.param_dtype
     tokenizer: data.Tokenizer | None  # tokenizer.json's, GPT-2's BPE for a GPT-2 vocab, or None
 
@@ -255,18 +254,20 @@ def _layout_of_hf(hf_config: Mapping) -> Layout:
 def _layout_of(cfg) -> Layout:
     """The layout that represents the jaxpt config ``cfg``, chosen by its positions."""
     by_position = {layout.fixed["position"]: layout for layout in LAYOUTS}
-    if "position" not in cfg or cfg.position not in by_position:
-        what = f"position={cfg.position!r}" if "position" in cfg else f"name={cfg.name!r}"
+    decoder = isinstance(cfg, models.ModelConfig)
+    if not decoder or cfg.position not in by_position:
+        what = f"position={cfg.position!r}" if decoder else f"name={cfg.name!r}"
         raise ConfigError(
             f"model.{what} has no Hugging Face layout: jaxpt writes GPT2LMHeadModel (learned "
             "positions) and LlamaForCausalLM (rope) checkpoints."
         )
     layout = by_position[cfg.position]
+    fields = cfg.to_dict()
     for field, value in layout.fixed.items():
-        if cfg[field] != value:
+        if fields[field] != value:
             raise ConfigError(
-                f"model.{field}={cfg[field]!r} does not fit {layout.architecture}, which needs "
-                f"{field}={value!r}."
+                f"model.{field}={fields[field]!r} does not fit {layout.architecture}, which "
+                f"needs {field}={value!r}."
             )
     return layout
 
@@ -295,7 +296,7 @@ def _fields_of_hf(layout: Layout, hf_config: Mapping) -> dict[str, Any]:
     return fields
 
 
-def config_from_hf(hf_config: Mapping, **overrides) -> ml_collections.ConfigDict:
+def config_from_hf(hf_config: Mapping, **overrides) -> models.ModelConfig:
     """The jaxpt model config of a transformers config (config.json as a dict).
 
     The registry preset ``gpt`` (GPT-2) or ``smollm`` (Llama) with the sizes, heads, epsilon,
@@ -312,12 +313,9 @@ def config_from_hf(hf_config: Mapping, **overrides) -> ml_collections.ConfigDict
                 f"model.{field} comes from the checkpoint ({key}={fields[field]!r}) and cannot "
                 "be overridden."
             )
-    cfg = models.get(layout.preset).default_config()
-    cfg.update(dtype="float32", param_dtype="float32")
-    cfg.update(fields)
-    cfg.update(overrides)
-    models.get(cfg.name).validate(cfg)
-    return cfg
+    preset = models.get(layout.preset).default_config()
+    float32 = dict(dtype="float32", param_dtype="float32")
+    return models.ModelConfig.from_dict({**preset.to_dict(), **float32, **fields, **overrides})
 
 
 def config_to_hf(cfg) -> dict[str, Any]:
@@ -329,8 +327,9 @@ def config_to_hf(cfg) -> dict[str, Any]:
     layout = _layout_of(cfg)
     hf = {"architectures": [layout.architecture], "model_type": layout.model_type}
     hf.update(layout.extra)
+    fields = cfg.to_dict()
     for field, key in layout.keys.items():
-        value = cfg[field]
+        value = fields[field]
         if field in layout.values:
             inverse = {}
             for hf_value, ours in layout.values[field].items():
@@ -682,8 +681,9 @@ def load_init_from(model_config) -> Pretrained:
     (checked first as by ``check_init_from``)."""
     directory = _directory(model_config.init_from)
     _check_fields(model_config, directory)
-    params = from_state_dict(_read_weights(directory), model_config)
-    return Pretrained(model_config, params, _tokenizer(directory, model_config))
+    cfg = models.config_from(model_config)
+    params = from_state_dict(_read_weights(directory), cfg)
+    return Pretrained(cfg, params, _tokenizer(directory, cfg))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -693,7 +693,8 @@ def _launch_flags(config, out: Path) -> str:
     """launch.py overrides that make a preset's run start from the checkpoint in ``out``."""
     layout = _layout_of(config)
     lines = [f"--config.model.init_from={out}"]
-    lines += [f"--config.model.{field}={config[field]}" for field in layout.keys]
+    fields = config.to_dict()
+    lines += [f"--config.model.{field}={fields[field]}" for field in layout.keys]
     if (out / data.HFTokenizer.file).is_file():
         lines.append(f"--config.data.tokenizer={out}")
     return " \\\n    ".join(lines)
@@ -719,15 +720,15 @@ def export_checkpoint(config, workdir: str | os.PathLike, out: str | os.PathLike
     with the run's tokenizer when it has an HF form (tokenizer.json or GPT-2's)."""
     from jaxpt import launcher  # here: the launcher imports this module for model.init_from
 
-    models.get(config.model.name).validate(config.model)
-    architecture = config_to_hf(config.model)["architectures"][0]  # fails before any reading
+    model_cfg = models.config_from(config.model)
+    architecture = config_to_hf(model_cfg)["architectures"][0]  # fails before any reading
     step, params = launcher.latest_params(config, workdir)
     print(f"exporting checkpoint {step} of {workdir}", flush=True)
     tokenizer = launcher.tokenizer_of(config.data)
     if not isinstance(tokenizer, (data.HFTokenizer, data.Gpt2Tokenizer)):
         print(f"the {type(tokenizer).__name__} has no Hugging Face form; not written", flush=True)
         tokenizer = None
-    path = save_pretrained(params, config.model, out, tokenizer=tokenizer)
+    path = save_pretrained(params, model_cfg, out, tokenizer=tokenizer)
     print(f"wrote {path} ({architecture})", flush=True)
     return path
 
@@ -747,7 +748,7 @@ def _main(argv) -> None:
             if f.config is None or not f.workdir:
                 raise ConfigError("--to=hf needs --config=<preset file> and --workdir=<run>.")
             export_checkpoint(f.config, f.workdir, f.out)
-    except (ConfigError, data.DataError) as error:
+    except (ConfigError, DataError) as error:
         sys.exit(f"jaxpt.hf: {error}")
 
 

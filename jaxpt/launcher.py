@@ -8,10 +8,10 @@ from pathlib import Path
 
 import jax
 
-from jaxpt import data, hf, sharding, train
+from jaxpt import data, hf, models, sharding, train
 from jaxpt.config import check_writable_directory
+from jaxpt.errors import ConfigError, check_range
 from jaxpt.generation import generate
-from jaxpt.models import ConfigError, check_range
 
 MODES = ("train", "generate")
 
@@ -79,9 +79,9 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     prompt = tokenizer.encode(options.prompt) if options.prompt else [tokenizer.eot_id]
     generated = generate(
         params,
-        config.model,
         [prompt] * options.num_samples,
-        options.max_new_tokens,
+        models.config_from(config.model),
+        max_new_tokens=options.max_new_tokens,
         temperature=options.temperature,
         top_k=options.top_k or None,
         top_p=None if options.top_p == 1 else options.top_p,

@@ -12,12 +12,11 @@ import math
 
 import jax
 import ml_collections
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpt import nn
-from jaxpt.models import ConfigError, check_range
+from jaxpt.errors import ConfigError, check_range
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -85,7 +84,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     """The device mesh described by ``config.mesh`` over ``devices`` (default: all)."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    # Auto axes: shardings come from the rules and the compiler, as jit's in/out_shardings say
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
 
 
 def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh, rules) -> P:

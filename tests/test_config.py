@@ -1,6 +1,7 @@
 """Run configs: every field's range check before anything compiles, the optimizer's clipping
 switch, sampling options, and launch.py's one-sentence errors for bad flags and workdirs."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxpt import launcher, models, train
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError
 from tests.test_train import CONFIG_FILES, ROOT, char_config, load_config
 
 BAD_FIELDS = [
@@ -88,8 +89,7 @@ def first_update(grad_clip: float):
     """The first AdamW update of a bigram table for a large gradient, clipped by ``grad_clip``
     (a large ``eps`` makes Adam's update depend on the gradient's scale)."""
     config = small_config(grad_clip=grad_clip, warmup_steps=0, weight_decay=0.0, eps=1.0)
-    cfg = models.get("bigram").default_config()
-    cfg.vocab_size = 4
+    cfg = dataclasses.replace(models.get("bigram").default_config(), vocab_size=4)
     params = models.get("bigram").init(jax.random.key(0), cfg)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 10.0), params)
     tx = train.optimizer(config.train, params)

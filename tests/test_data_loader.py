@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxpt import data
+from jaxpt import data, errors
 from jaxpt.data import _shards
 
 VAL, TRAIN = 1000, [997, 1013, 1000, 500, 3]  # shard sizes; windows cross shard boundaries
@@ -130,7 +130,7 @@ def test_eval_batches_are_fixed(manifest):
     assert len(list(loader.eval_batches(3))) == 3
     second_half = data.Loader(manifest, "val", B, T, rows=range(B // 2, B))
     np.testing.assert_array_equal(next(second_half.eval_batches(1)), batches[0][B // 2 :])
-    with pytest.raises(data.DataError, match="too few for 8 batch"):
+    with pytest.raises(errors.DataError, match="too few for 8 batch"):
         list(loader.eval_batches(8))
 
 
@@ -163,16 +163,16 @@ def test_embedded_corpus_batches_are_text(tmp_path):
 def test_loader_errors(manifest, tmp_path):
     loader = data.Loader(manifest, "train", B, T)
     state = loader.init_state()
-    with pytest.raises(data.DataError, match="resume with the same data, batch size"):
+    with pytest.raises(errors.DataError, match="resume with the same data, batch size"):
         data.Loader(manifest, "train", B // 2, T).next_batch(state)
-    with pytest.raises(data.DataError, match="rows must lie in"):
+    with pytest.raises(errors.DataError, match="rows must lie in"):
         data.Loader(manifest, "train", B, T, rows=[B])
-    with pytest.raises(data.DataError, match="too few for 1 batch"):
+    with pytest.raises(errors.DataError, match="too few for 1 batch"):
         data.Loader(manifest, "train", 1000, T).init_state()
-    with pytest.raises(data.DataError, match=r"model\.vocab_size is 10;"):
+    with pytest.raises(errors.DataError, match=r"model\.vocab_size is 10;"):
         data.check_vocab(loader, 10)
     no_val = synthetic(tmp_path / "no_val", TRAIN, val_shards=0)
-    with pytest.raises(data.DataError, match="has no 'val' shards") as e:
+    with pytest.raises(errors.DataError, match="has no 'val' shards") as e:
         data.Loader(no_val, "val", B, T)
     assert "\n" not in str(e.value)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpt import data
+from jaxpt import data, errors
 from jaxpt.data import _prepare, _shards
 
 PANCHATANTRA = Path(__file__).resolve().parents[2] / "shared/data/panchatantra-ryder.txt"
@@ -77,7 +77,7 @@ def test_rerun_skips_finished_work(book, tmp_path, monkeypatch):
     monkeypatch.setattr(_prepare, "write_shard", lambda *a: pytest.fail("rewrote a shard"))
     prepare(book, tmp_path / "out")
     assert files_in(tmp_path / "out") == before
-    with pytest.raises(data.DataError, match="other settings"):
+    with pytest.raises(errors.DataError, match="other settings"):
         prepare(book, tmp_path / "out", shard_tokens=SHARD // 2)
 
 
@@ -97,7 +97,7 @@ def test_interrupted_run_resumes_and_ignores_stale_files(book, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         prepare(book, out)
     assert not (out / "manifest.json").exists() and (out / "train_000003.bin.tmp").exists()
-    with pytest.raises(data.DataError, match="did not finish; re-run"):
+    with pytest.raises(errors.DataError, match="did not finish; re-run"):
         data.load_manifest(out)
     # A complete-looking shard that progress.json does not record must be rewritten too.
     (out / "train_000004.bin").write_bytes((tmp_path / "ref/train_000003.bin").read_bytes())
@@ -213,16 +213,16 @@ def one_sentence(error: pytest.ExceptionInfo) -> str:
 @pytest.mark.parametrize(
     "name, content, kw, error, match",
     [
-        ("missing.txt", None, {}, data.DataNotFoundError, "does not exist"),
-        ("./nowhere/corpus", None, {}, data.DataNotFoundError, "does not exist"),
-        ("empty.txt", "", {}, data.DataError, "is empty"),
-        ("empty.jsonl", "", {}, data.DataError, "is empty"),
-        ("blank.jsonl", '{"text": ""}\n{"text": null}\n', {}, data.DataError, "is empty"),
-        ("blank.jsonl", '{"text": ""}\n', {"tokenizer": "char"}, data.DataError, "is empty"),
-        ("rows.jsonl", '{"body": "hi"}\n', {}, data.DataError, "no field 'text'"),
-        ("book.pdf", "%PDF", {}, data.DataError, "its type is not one of"),
-        ("ok.txt", "text", {"tokenizer": "bpe.json"}, data.DataNotFoundError, "neither 'gpt2'"),
-        ("ok.txt", "text", {"shard_tokens": 0}, data.DataError, "shard_tokens must be at least"),
+        ("missing.txt", None, {}, errors.DataNotFoundError, "does not exist"),
+        ("./nowhere/corpus", None, {}, errors.DataNotFoundError, "does not exist"),
+        ("empty.txt", "", {}, errors.DataError, "is empty"),
+        ("empty.jsonl", "", {}, errors.DataError, "is empty"),
+        ("blank.jsonl", '{"text": ""}\n{"text": null}\n', {}, errors.DataError, "is empty"),
+        ("blank.jsonl", '{"text": ""}\n', {"tokenizer": "char"}, errors.DataError, "is empty"),
+        ("rows.jsonl", '{"body": "hi"}\n', {}, errors.DataError, "no field 'text'"),
+        ("book.pdf", "%PDF", {}, errors.DataError, "its type is not one of"),
+        ("ok.txt", "text", {"tokenizer": "bpe.json"}, errors.DataNotFoundError, "neither 'gpt2'"),
+        ("ok.txt", "text", {"shard_tokens": 0}, errors.DataError, "shard_tokens must be at least"),
     ],
 )
 def test_bad_input_is_one_sentence_and_writes_nothing(
@@ -248,9 +248,9 @@ def test_wrong_dtype_shard(small):
     path = small.directory / small.shards[1].file
     tokens = _shards.open_shard(path, small.dtype, small.shards[1].tokens)
     _shards.write_shard(path, np.array(tokens, np.uint32))
-    with pytest.raises(data.DataError, match="holds uint32 tokens but the manifest says uint16"):
+    with pytest.raises(errors.DataError, match="holds uint32 tokens but the manifest says uint16"):
         data.load_manifest(small.directory)
-    with pytest.raises(data.DataError, match="uint32") as e:
+    with pytest.raises(errors.DataError, match="uint32") as e:
         data.Loader(small, "train", 2, 8)
     one_sentence(e)
 
@@ -259,15 +259,15 @@ def test_truncated_missing_and_foreign_shards(small):
     path = small.directory / small.shards[-1].file
     original = path.read_bytes()
     path.write_bytes(bytes(8) + original[8:])
-    with pytest.raises(data.DataError, match="is not a token shard"):
+    with pytest.raises(errors.DataError, match="is not a token shard"):
         data.load_manifest(small.directory)
     path.write_bytes(original)
     path.write_bytes(path.read_bytes()[:-6])
-    with pytest.raises(data.DataError, match="it is truncated") as e:
+    with pytest.raises(errors.DataError, match="it is truncated") as e:
         data.load_manifest(small.directory)
     one_sentence(e)
     path.unlink()
-    with pytest.raises(data.DataNotFoundError, match="is missing") as e:
+    with pytest.raises(errors.DataNotFoundError, match="is missing") as e:
         data.load_manifest(small.directory)
     one_sentence(e)
 
@@ -275,7 +275,7 @@ def test_truncated_missing_and_foreign_shards(small):
 def test_vocab_check(small):
     data.check_vocab(small, 50257)
     data.check_vocab(small, small.max_token_id + 1)
-    with pytest.raises(data.DataError, match=r"model\.vocab_size is 1000; set model") as e:
+    with pytest.raises(errors.DataError, match=r"model\.vocab_size is 1000; set model") as e:
         data.check_vocab(small, 1000)
     one_sentence(e)
 
@@ -283,7 +283,7 @@ def test_vocab_check(small):
 def test_ensure_prepared_errors(small, tmp_path):
     def ensure(dataset, tokenizer="gpt2"):
         config = run_data(dataset, tokenizer)
-        with pytest.raises(data.DataError) as e:
+        with pytest.raises(errors.DataError) as e:
             data.ensure_prepared(config, tmp_path / "cache")
         return one_sentence(e)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxpt import data
+from jaxpt import data, errors
 
 PANCHATANTRA = Path(__file__).resolve().parents[2] / "shared/data/panchatantra-ryder.txt"
 
@@ -120,9 +120,9 @@ def test_char_round_trip(tmp_path):
     tok.save(tmp_path)
     loaded = data.CharTokenizer.load(tmp_path)
     assert loaded.encode(texts[1]) == tok.encode(texts[1])
-    with pytest.raises(data.DataError, match="'Z' is not in the char vocabulary"):
+    with pytest.raises(errors.DataError, match="'Z' is not in the char vocabulary"):
         tok.encode("Z")
-    with pytest.raises(data.DataError, match="built from a corpus"):
+    with pytest.raises(errors.DataError, match="built from a corpus"):
         data.get_tokenizer("char")
 
 
@@ -155,7 +155,7 @@ def test_hf_tokenizer_round_trip(tmp_path):
     assert 256 + 2 < tok.vocab_size <= 400  # bytes, 2 specials, some merges
     with_config = data.HFTokenizer(build_hf_tokenizer(tmp_path / "tok2", eos="</s>"))
     assert with_config.eot_id == 1
-    with pytest.raises(data.DataNotFoundError, match="neither 'gpt2', 'char' nor"):
+    with pytest.raises(errors.DataNotFoundError, match="neither 'gpt2', 'char' nor"):
         data.get_tokenizer(tmp_path / "missing")
 
 

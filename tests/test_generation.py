@@ -1,5 +1,6 @@
 """Generation: cached decoding against full forward passes, padding, sampling filters, CLI."""
 
+import dataclasses
 import functools
 
 import equinox as eqx
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from jaxpt import generate, launcher, models, train
+from jaxpt.errors import ConfigError
 from jaxpt.generation import Sampling, filter_logits
-from jaxpt.models import ConfigError
 from tests.test_models import tiny_config
 from tests.test_train import ROOT, load_config
 
@@ -38,7 +39,7 @@ def generation_cases():
 def test_greedy_with_cache_equals_full_forward_and_padding_changes_nothing(name, overrides):
     cfg = tiny_config(name, **overrides)
     params = models.get(name).init(jax.random.key(0), cfg)
-    out = generate(params, cfg, PROMPTS, NEW, temperature=0)
+    out = generate(params, PROMPTS, cfg, max_new_tokens=NEW, temperature=0)
     apply = jax.jit(functools.partial(models.get(name).apply, cfg=cfg))
     for prompt, completion in zip(PROMPTS, out.completions(), strict=True):
         assert completion == greedy_by_full_forward(apply, params, prompt, NEW)
@@ -52,18 +53,17 @@ def test_which_models_use_the_cache():
     cacheable = {
         name
         for name in models.names()
-        if models.get(name).init_cache(tiny_config(name), 1, 4) is not None
+        if models.get(name).init_cache(1, 4, tiny_config(name)) is not None
     }
     assert cacheable == set(models.names()) - {"tiny_moe", "tiny_moe_2", "tiny_moe_3"}
-    assert models.is_cacheable(tiny_config("tiny_moe_2", load_factor=4.0))
+    assert tiny_config("tiny_moe_2", load_factor=4.0).is_cacheable
 
 
 def test_gqa_caches_only_the_kv_heads():
     cfg = tiny_config("gqa_glu_rope_gpt")
     assert cfg.n_kv_head < cfg.n_head
-    (cache,) = models.get("gqa_glu_rope_gpt").init_cache(cfg, 3, 12)
-    head_dim = cfg.n_embed // cfg.n_head
-    assert cache.k.shape == cache.v.shape == (cfg.n_layer, 3, 12, cfg.n_kv_head, head_dim)
+    (cache,) = models.get("gqa_glu_rope_gpt").init_cache(3, 12, cfg)
+    assert cache.k.shape == cache.v.shape == (cfg.n_layer, 3, 12, cfg.n_kv_head, cfg.head_dim)
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +74,19 @@ def gpt():
 
 def test_padded_batch_samples_like_each_prompt_alone_when_greedy(gpt):
     cfg, params = gpt
-    together = generate(params, cfg, PROMPTS, NEW, temperature=0).completions()
-    alone = [generate(params, cfg, [p], NEW, temperature=0).completions()[0] for p in PROMPTS]
+    greedy = functools.partial(generate, params, cfg=cfg, max_new_tokens=NEW, temperature=0)
+    together = greedy(PROMPTS).completions()
+    alone = [greedy([p]).completions()[0] for p in PROMPTS]
     assert together == alone
 
 
 def test_top_k_1_is_greedy_and_a_key_fixes_the_samples(gpt):
     cfg, params = gpt
-    greedy = generate(params, cfg, PROMPTS, NEW, temperature=0).completions()
-    top1 = generate(params, cfg, PROMPTS, NEW, top_k=1, key=jax.random.key(3)).completions()
+    run = functools.partial(generate, params, PROMPTS, cfg, max_new_tokens=NEW)
+    greedy = run(temperature=0).completions()
+    top1 = run(top_k=1, key=jax.random.key(3)).completions()
     assert top1 == greedy
-    draw = lambda seed: generate(
-        params, cfg, PROMPTS, NEW, temperature=1.5, key=jax.random.key(seed)
-    ).completions()
+    draw = lambda seed: run(temperature=1.5, key=jax.random.key(seed)).completions()
     assert draw(4) == draw(4)
     assert draw(4) != draw(5)
 
@@ -115,20 +115,21 @@ def test_top_k_filter_and_temperature():
 
 def test_n_tokens_keeps_padded_ids_out(gpt):
     cfg, params = gpt
-    out = generate(params, cfg, PROMPTS, NEW, temperature=3.0, key=jax.random.key(0), n_tokens=9)
+    out = generate(
+        params, PROMPTS, cfg, max_new_tokens=NEW, temperature=3.0, key=jax.random.key(0), n_tokens=9
+    )
     assert max(max(c) for c in out.completions()) < 9
 
 
 def test_each_sequence_stops_at_the_stop_token():
     # a bigram table that walks 1 -> 2 -> 3 -> 1 ... greedily, and 4 -> 5 -> 6 -> 7 ...
-    cfg = models.get("bigram").default_config()
-    cfg.vocab_size = 10
+    cfg = dataclasses.replace(models.get("bigram").default_config(), vocab_size=10)
     table = np.full((10, 10), -5.0, np.float32)
     for a, b in [(1, 2), (2, 3), (3, 1), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 4)]:
         table[a, b] = 5.0
     params = models.get("bigram").init(jax.random.key(0), cfg)
     params = eqx.tree_at(lambda p: p.table.weight, params, jnp.asarray(table))
-    out = generate(params, cfg, [[1], [4, 5]], 6, temperature=0, stop_token=3)
+    out = generate(params, [[1], [4, 5]], cfg, max_new_tokens=6, temperature=0, stop_token=3)
     assert out.completions() == [[2, 3], [6, 7, 8, 9, 4, 5]]
     np.testing.assert_array_equal(out.lengths, [3, 8])
 
@@ -136,18 +137,25 @@ def test_each_sequence_stops_at_the_stop_token():
 def test_bad_requests_get_one_clear_sentence(gpt):
     cfg, params = gpt
     with pytest.raises(ConfigError, match=r"token id 97, outside the model's vocabulary 0..96"):
-        generate(params, cfg, [[1, 97]], 2, temperature=0)
+        generate(params, [[1, 97]], cfg, max_new_tokens=2, temperature=0)
     with pytest.raises(ConfigError, match=r"beyond model\.block_size=16"):
-        generate(params, cfg, [[1] * 10], 7, temperature=0)
+        generate(params, [[1] * 10], cfg, max_new_tokens=7, temperature=0)
     with pytest.raises(ConfigError, match="needs key"):
-        generate(params, cfg, [[1]], 2)
+        generate(params, [[1]], cfg, max_new_tokens=2)
     with pytest.raises(ConfigError, match="at least one token"):
-        generate(params, cfg, [[1], []], 2, temperature=0)
+        generate(params, [[1], []], cfg, max_new_tokens=2, temperature=0)
     with pytest.raises(ConfigError, match="top_p"):
-        generate(params, cfg, [[1]], 2, top_p=0.0, key=jax.random.key(0))
+        generate(params, [[1]], cfg, max_new_tokens=2, top_p=0.0, key=jax.random.key(0))
     for temperature in ("nan", "inf"):  # were garbage, and a padding id that crashed decoding
         with pytest.raises(ConfigError, match=f"temperature={temperature} must be a finite"):
-            generate(params, cfg, [[1]], 2, temperature=float(temperature), key=jax.random.key(0))
+            generate(
+                params,
+                [[1]],
+                cfg,
+                max_new_tokens=2,
+                temperature=float(temperature),
+                key=jax.random.key(0),
+            )
 
 
 @pytest.mark.parametrize("name", ["bigram", "charformer"])

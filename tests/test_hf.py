@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers", reason="HF parity needs trans
 from safetensors.numpy import load_file  # noqa: E402
 
 from jaxpt import data, generate, hf, launcher, models, train  # noqa: E402
-from jaxpt.models import ConfigError  # noqa: E402
+from jaxpt.errors import ConfigError  # noqa: E402
 from tests.test_models import tiny_config  # noqa: E402
 from tests.test_train import ROOT, char_config  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_greedy_generation_matches_transformers(case):
     model = hf_model(HF_CONFIGS[case])
     cfg, params, _ = hf.from_pretrained(model)
     prompts, new = [[5, 17, 3], [42, 7, 7, 1, 90]], 12
-    ours = generate(params, cfg, prompts, new, temperature=0).completions()
+    ours = generate(params, prompts, cfg, max_new_tokens=new, temperature=0).completions()
     assert len({t for row in ours for t in row}) > 4  # not a degenerate repeat of one token
     longest = max(map(len, prompts))
     padded = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])  # left padding
@@ -222,7 +222,7 @@ def test_smollm_135m_config_is_the_smollm_preset():
     cfg = hf.config_from_hf(SMOLLM_135M)
     preset = models.get("smollm").default_config()
     for field in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embed", "n_mlp_hidden"):
-        assert cfg[field] == preset[field], field
+        assert cfg.to_dict()[field] == preset.to_dict()[field], field
     assert (cfg.ln_epsilon, cfg.rope_base, cfg.tie_embeddings) == (1e-5, 10000.0, True)
     abstract = jax.eval_shape(lambda k: models.get("smollm").init(k, cfg), jax.random.key(0))
     assert sum(x.size for x in jax.tree.leaves(abstract)) == 134_515_008
@@ -330,11 +330,12 @@ def test_configs_without_an_hf_layout_name_the_field(preset, message):
 
 
 def test_init_from_is_validated_and_ignored_by_init_and_apply():
-    cfg = tiny_config("gpt", init_from="/nowhere")
+    section = {**tiny_config("gpt").to_dict(), "init_from": "/nowhere"}  # a run's model section
+    cfg = models.config_from(section)
     params = models.get("gpt").init(jax.random.key(0), cfg)
     assert jaxpt_logits(cfg, params, random_tokens(cfg)).shape == (2, 16, cfg.vocab_size)
     with pytest.raises(ConfigError, match=r"model\.init_from=None must be"):
-        models.get("gpt").validate(tiny_config("gpt", init_from=None))
+        models.config_from({**section, "init_from": None})
 
 
 def test_missing_sources_get_one_sentence(tmp_path, monkeypatch):
@@ -401,9 +402,9 @@ def test_generate_mode_samples_from_init_from_without_a_checkpoint(tmp_path, cap
     params = hf.from_pretrained(tmp_path / "hf").params
     new = generate(
         params,
-        config.model,
         [prompt],
-        6,
+        models.config_from(config.model),
+        max_new_tokens=6,
         temperature=0,
         stop_token=tokenizer.eot_id,
         n_tokens=tokenizer.vocab_size,

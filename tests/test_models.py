@@ -1,6 +1,9 @@
-"""Every registry preset: shapes, causality, learning, scan/remat equivalence, validation."""
+"""Every registry preset: shapes, causality, learning, scan/remat equivalence, validation;
+the typed config and registering a preset."""
 
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,19 +11,18 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpt import models, nn
+import jaxpt
+from jaxpt import hf, models, nn
 from jaxpt.config import preset_config
+from jaxpt.errors import ConfigError
 
 VOCAB = 97
 
 
 def tiny_config(preset: str, **overrides):
     """The preset's smoke-size model config with a small vocabulary."""
-    cfg = preset_config(preset, "smoke").model
-    cfg.vocab_size = VOCAB
-    cfg.block_size = 16
-    cfg.update(overrides)
-    return cfg
+    cfg = models.config_from(preset_config(preset, "smoke").model)
+    return dataclasses.replace(cfg, vocab_size=VOCAB, block_size=16, **overrides)
 
 
 def forward(name, cfg, params, tokens, **kwargs):
@@ -52,7 +54,7 @@ def test_logits_shape_finite_and_causal(name):
 
 def promises_causality(cfg) -> bool:
     """Every preset is causal except MoE routing that is not (see jaxpt/nn/_moe.py)."""
-    return "mixer" not in cfg or models.is_causal(cfg)
+    return cfg.is_causal
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -84,7 +86,7 @@ def test_training_steps_lower_the_loss(name):
 
 @pytest.mark.parametrize("name", ["gpt", "gqa_glu_rope_gpt", "smollm"])
 def test_scanned_layers_equal_unrolled_loop(name):
-    cfg = tiny_config(name, n_layer=4)
+    cfg = tiny_config(name, n_layer=4, scan_layers=True)
     params = models.get(name).init(jax.random.key(3), cfg)
     tokens = random_tokens(4)
     scanned, _ = forward(name, cfg, params, tokens)
@@ -96,8 +98,6 @@ def test_scanned_layers_equal_unrolled_loop(name):
 
 def unrolled_by_hand(params, tokens, cfg):
     """The decoder written as a plain loop over layer slices, independent of scan_layers."""
-    from jaxpt.models._decoder import block
-
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = nn.embed(params.wte, tokens, jnp.float32)
     if params.wpe is not None:
@@ -105,8 +105,8 @@ def unrolled_by_hand(params, tokens, cfg):
     (stacked,) = params.blocks
     for i in range(cfg.n_layer):
         layer = jax.tree.map(lambda a, i=i: a[i], stacked)
-        x, _, _ = block(layer, x, cfg, cfg.mixer, positions=positions, mask=None)
-    x = nn.NORMS[cfg.norm][1](params.ln_f, x, cfg.ln_epsilon)
+        x, _, _ = models.block(layer, x, cfg, cfg.mixer, positions=positions, mask=None)
+    x = nn.NORMS[cfg.norm].apply(params.ln_f, x, cfg.ln_epsilon)
     return nn.unembed(params.wte, x)
 
 
@@ -141,16 +141,23 @@ def test_padding_mask_hides_padded_tokens():
 
 
 def count(name, **overrides):
-    cfg = models.get(name).default_config()
-    cfg.update(overrides)
+    cfg = dataclasses.replace(models.get(name).default_config(), **overrides)
     shapes = jax.eval_shape(lambda k: models.get(name).init(k, cfg), jax.random.key(0))
-    return sum(leaf.size for leaf in jax.tree.leaves(shapes))
+    counted = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+    assert cfg.n_params == counted
+    return counted
 
 
 def test_parameter_counts_match_the_published_models():
     assert count("gpt", vocab_size=50257) == 124_439_808  # GPT-2 124M
     assert count("gpt") == 124_475_904  # vocab padded to 50304
     assert count("smollm") == 134_515_008  # SmolLM-135M
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    gpt = models.get("gpt").default_config()  # nanoGPT's estimate for GPT-2 124M at T = 1024
+    assert gpt.flops_per_token == 6 * 124_475_904 + 12 * 12 * 768 * 1024
+    assert models.get("bigram").default_config().flops_per_token == 6 * 256
 
 
 def test_bf16_compute_keeps_float32_params_and_logits():
@@ -172,14 +179,107 @@ def test_bf16_compute_keeps_float32_params_and_logits():
         (dict(n_layer=3, mixer="mlp,glu"), "model.n_layer=3 is not a multiple"),
         (dict(remat_policy="sometimes"), "model.remat_policy='sometimes'"),
         (dict(dtype="float8"), "model.dtype='float8' is not one of"),
+        (dict(n_layer="4"), "model.n_layer='4' must be an integer."),
+        (dict(qk_norm=1), "model.qk_norm=1 must be True or False."),
+        (dict(n_layers=4), "model.n_layers is not a ModelConfig field: did you mean n_layer?"),
     ],
 )
 def test_bad_config_gets_one_clear_sentence(overrides, words):
-    cfg = tiny_config("gpt", **overrides)
-    with pytest.raises(models.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        models.get("gpt").init(jax.random.key(0), cfg)
+    section = {**tiny_config("gpt").to_dict(), **overrides}  # a run config's model section
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        models.config_from(section)
 
 
 def test_unknown_model_name_is_a_config_error():
-    with pytest.raises(models.ConfigError, match=r"model.name=.nope. is not one of"):
+    with pytest.raises(ConfigError, match=r"model.name=.nope. is not one of"):
         models.get("nope")
+
+
+def test_config_is_validated_when_built_and_converts_both_ways():
+    cfg = tiny_config("tiny_moe")
+    with pytest.raises(ConfigError, match=r"model\.n_head=4 is not divisible by model\.n_kv"):
+        dataclasses.replace(cfg, n_head=4, n_kv_head=3)
+    with pytest.raises(ConfigError, match=r"model\.top_k=9 must be an integer from 1"):
+        dataclasses.replace(cfg, top_k=9)
+    assert models.config_from(cfg.to_dict()) == cfg
+    assert models.ModelConfig.from_dict(cfg.to_dict()) == cfg
+    dense = tiny_config("gpt")
+    assert "n_experts" not in dense.to_dict()  # None fields: a run config cannot override them
+    assert models.config_from({**dense.to_dict(), "init_from": "hf/gpt2"}) == dense
+    assert models.config_from({"name": "smollm"}) == models.get("smollm").default_config()
+    with pytest.raises(ConfigError, match=r"model\.init_from=None must be a checkpoint directory"):
+        models.config_from({**dense.to_dict(), "init_from": None})
+    with pytest.raises(ConfigError, match="takes a ModelConfig, not a ConfigDict"):
+        models.get("gpt").init(jax.random.key(0), preset_config("gpt", "smoke").model)
+
+
+def test_a_changed_config_is_a_new_config_never_a_stale_trace():
+    cfg = tiny_config("gpt")
+    model = models.get("gpt")
+    params = model.init(jax.random.key(0), cfg)
+    tokens = random_tokens(0)
+    assert jax.jit(functools.partial(model.apply, cfg=cfg))(params, tokens)[0].dtype == jnp.float32
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.logits_dtype = "bfloat16"  # a traced function can never hold a stale copy
+    bf16 = dataclasses.replace(cfg, logits_dtype="bfloat16")
+    logits, _ = jax.jit(functools.partial(model.apply, cfg=bf16))(params, tokens)
+    assert logits.dtype == jnp.bfloat16
+    static = jax.jit(model.apply, static_argnames="cfg")  # hashable: a static argument
+    assert static(params, tokens, cfg=cfg)[0].dtype == jnp.float32
+    assert static(params, tokens, cfg=bf16)[0].dtype == jnp.bfloat16
+    back = dataclasses.replace(bf16, logits_dtype="float32")
+    assert back == cfg and hash(back) == hash(cfg)
+    assert static(params, tokens, cfg=back)[0].dtype == jnp.float32
+
+
+def test_profiles_name_the_layers():
+    cfg = tiny_config("tiny_moe", n_layer=2)  # one MoE and one GLU layer
+    model = models.get("tiny_moe")
+    params = jax.eval_shape(lambda k: model.init(k, cfg), jax.random.key(0))
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    lowered = jax.jit(functools.partial(model.apply, cfg=cfg)).lower(params, tokens)
+    op_names = re.findall(r'loc\("(jit\(apply\)/[^"]*)"', lowered.as_text(debug_info=True))
+    scopes = {scope for name in op_names for scope in name.split("/")[1:-1]}
+    assert {"embed", "block", "attention", "moe", "experts", "glu", "unembed"} <= scopes
+
+
+@pytest.fixture
+def registered():
+    """A preset research code adds: a small Llama-style decoder, registered for one test."""
+    small = dataclasses.replace(
+        models.get("smollm").default_config(),
+        vocab_size=VOCAB,
+        block_size=16,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embed=32,
+        n_mlp_hidden=48,
+        dtype="float32",
+    )
+    model = models.register("test_small_llama", small, summary="A two-layer SmolLM.")
+    yield model
+    models.unregister("test_small_llama")
+
+
+def test_a_registered_preset_inits_applies_generates_and_exports(registered, tmp_path):
+    assert models.get("test_small_llama") is registered
+    cfg = registered.default_config()
+    assert cfg.name == "test_small_llama" and cfg.n_layer == 2
+    run_model = preset_config("test_small_llama", None).model  # what launch.py's config holds
+    assert models.config_from(run_model) == cfg
+    params = registered.init(jax.random.key(0), cfg)
+    apply = jax.jit(functools.partial(registered.apply, cfg=cfg))
+    prompts = [[5, 17, 3], [42, 7]]
+    out = jaxpt.generate(params, prompts, cfg, max_new_tokens=3, temperature=0)
+    for prompt, completion in zip(prompts, out.completions(), strict=True):
+        tokens = list(prompt)
+        for _ in range(3):
+            tokens.append(int(jnp.argmax(apply(params, jnp.asarray([tokens]))[0][0, -1])))
+        assert completion == tokens[len(prompt) :]
+    hf.save_pretrained(params, cfg, tmp_path)
+    back = hf.from_pretrained(tmp_path)
+    assert (back.config.n_layer, back.config.n_kv_head, back.config.vocab_size) == (2, 2, VOCAB)
+    jax.tree.map(np.testing.assert_array_equal, back.params, params)
+    with pytest.raises(ConfigError, match="already registered"):
+        models.register("test_small_llama", cfg)

@@ -1,5 +1,6 @@
 """MoE layers against float64 numpy loops: routing, capacity, outputs, losses, Soft MoE."""
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -8,13 +9,12 @@ import pathlib
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from jaxpt import models, nn
-from jaxpt.models._decoder import is_causal
+from jaxpt.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -22,7 +22,10 @@ ROOT = pathlib.Path(__file__).parent.parent
 def moe_config(**overrides):
     """A small model config with every MoE field."""
     fields = dict(
+        mixer="moe",
         n_embed=8,
+        n_head=2,
+        n_kv_head=2,
         n_mlp_hidden=12,
         block_size=16,
         n_layer=1,
@@ -36,14 +39,14 @@ def moe_config(**overrides):
         activation="silu",
         proj_init="normal",
     )
-    return models.decoder_config(**{**fields, **overrides})
+    return models.ModelConfig(**{**fields, **overrides})
 
 
-def random_setup(init_fn, cfg, seed, shape):
-    """Params shaped by ``init_fn`` with every array N(0, 1) (nonzero biases, decisive
+def random_setup(kind, cfg, seed, shape):
+    """Params of mixer ``kind`` for ``cfg`` with every array N(0, 1) (nonzero biases, decisive
     routing), and inputs ``(*shape, D)``. numpy draws them: no random kernels to compile."""
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: init_fn(key, cfg), jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: models.MIXERS[kind].init(key, cfg), jax.random.key(0))
     normal = lambda size: jnp.asarray(rng.normal(size=size), jnp.float32)
     return jax.tree.map(lambda a: normal(a.shape), shapes), normal((*shape, cfg.n_embed))
 
@@ -127,38 +130,38 @@ def np_moe(p: nn.MoE, x, valid, cfg):
 
 
 def setup_moe(cfg, *, seed=0, shape=(2, 12)):
-    return random_setup(nn.init_moe, cfg, seed, shape)
+    return random_setup("moe", cfg, seed, shape)
 
 
-_moe = jax.jit(nn.moe, static_argnames="cfg")
-_soft_moe = jax.jit(nn.soft_moe, static_argnames="cfg")
+_moe = jax.jit(nn.moe, static_argnames=("spec", "activation"))
+_soft_moe = jax.jit(nn.soft_moe, static_argnames="activation")
 
 
 def run_moe(params, x, cfg, mask=None):
     """``nn.moe`` compiled once per config and shape."""
-    return _moe(params, x, cfg=ml_collections.FrozenConfigDict(cfg), mask=mask)
+    return _moe(params, x, cfg.moe_spec, activation=cfg.activation, mask=mask)
 
 
 def run_soft_moe(params, x, cfg, mask=None):
-    return _soft_moe(params, x, cfg=ml_collections.FrozenConfigDict(cfg), mask=mask)
+    return _soft_moe(params, x, activation=cfg.activation, mask=mask)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _routing(params, x, mask, cfg):
+@functools.partial(jax.jit, static_argnames="spec")
+def _routing(params, x, mask, spec):
     probs = jax.nn.softmax(nn.linear(params.router, x), axis=-1)
     r = nn.route(
         probs,
         mask,
-        top_k=cfg.top_k,
-        capacity=nn.expert_capacity(cfg, x.shape[1]),
-        expert_weight_priority=cfg.expert_weight_priority,
+        top_k=spec.top_k,
+        capacity=nn.expert_capacity(spec, x.shape[1]),
+        expert_weight_priority=spec.expert_weight_priority,
     )
     return r, probs
 
 
 def routing_of(params, x, cfg, mask):
     """The routing and router probabilities ``nn.moe`` computes inside."""
-    return _routing(params, x, mask, cfg=ml_collections.FrozenConfigDict(cfg))
+    return _routing(params, x, mask, spec=cfg.moe_spec)
 
 
 LEFT_PADDED = np.array([[False] * 3 + [True] * 9, [True] * 12])  # (2, 12)
@@ -169,7 +172,7 @@ LEFT_PADDED = np.array([[False] * 3 + [True] * 9, [True] * 12])  # (2, 12)
 
 def test_capacity_rounds_up_and_is_at_most_t():
     cap = lambda t, lf, k, e: nn.expert_capacity(
-        moe_config(load_factor=lf, top_k=k, n_experts=e), t
+        moe_config(load_factor=lf, top_k=k, n_experts=e).moe_spec, t
     )
     assert cap(64, 1.1, 2, 8) == 18  # ceil(1.1 * 2 * 8) = ceil(17.6)
     assert cap(2048, 1.25, 2, 8) == 640
@@ -269,7 +272,7 @@ def test_padding_takes_no_capacity_and_no_loss(priority):
 @pytest.mark.parametrize("priority", [False, True])
 def test_a_padded_sequence_routes_as_it_would_alone(priority):
     cfg = moe_config(expert_weight_priority=priority)
-    assert nn.expert_capacity(cfg, 9) != nn.expert_capacity(cfg, 12)  # 5 vs 6 slots
+    assert nn.expert_capacity(cfg.moe_spec, 9) != nn.expert_capacity(cfg.moe_spec, 12)  # 5 vs 6
     params, x = setup_moe(cfg, seed=11)
     y, _ = run_moe(params, x, cfg, jnp.asarray(LEFT_PADDED))
     alone, _ = run_moe(params, x[:1, 3:], cfg)
@@ -284,7 +287,7 @@ def test_gradients_reach_router_and_every_expert():
     target = np.random.default_rng(9).normal(size=x.shape)
 
     def loss(p):
-        y, aux = nn.moe(p, x, cfg, mask=None)
+        y, aux = nn.moe(p, x, cfg.moe_spec, activation=cfg.activation, mask=None)
         return jnp.sum(y * target) + aux["load_balance_loss"] + aux["z_loss"]
 
     grads = jax.jit(jax.grad(loss))(params)
@@ -299,7 +302,7 @@ def test_gradients_reach_router_and_every_expert():
 
 
 def setup_soft_moe(cfg, seed=0, shape=(2, 12)):
-    return random_setup(nn.init_soft_moe, cfg, seed, shape)
+    return random_setup("soft_moe", cfg, seed, shape)
 
 
 def np_soft_moe(p: nn.SoftMoE, x, valid, cfg):
@@ -338,7 +341,8 @@ def test_soft_moe_weights_are_distributions_and_output_matches_einsums():
 def test_soft_moe_gradients_reach_phi_and_every_expert():
     cfg = moe_config(block_size=12)
     params, x = setup_soft_moe(cfg)
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(nn.soft_moe(p, x, cfg, mask=None) ** 2)))(params)
+    soft_moe = functools.partial(nn.soft_moe, activation=cfg.activation, mask=None)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(soft_moe(p, x) ** 2)))(params)
     assert jnp.all(jnp.abs(grads.phi.weight).sum(0) > 0)  # every slot
     for layer in (grads.experts.up, grads.experts.gate, grads.experts.down):
         assert jnp.all(jnp.abs(layer.weight).sum((1, 2)) > 0)
@@ -386,11 +390,10 @@ def test_soft_moe_reads_later_tokens():
 
 
 def test_presets_declare_their_causality():
-    configs = {name: models.get(name).default_config() for name in models.names()}
-    causal = {name: is_causal(cfg) for name, cfg in configs.items() if "mixer" in cfg}
+    causal = {name: models.get(name).default_config().is_causal for name in models.names()}
     assert causal.pop("tiny_moe") is False  # weight priority
     assert causal.pop("tiny_moe_3") is False  # Soft MoE
-    assert all(causal.values())  # tiny_moe_2 (token order) and every dense preset
+    assert all(causal.values())  # tiny_moe_2 (token order), every dense preset and the bigram
 
 
 # ---------------------------------------------------------------- presets and configs
@@ -412,13 +415,12 @@ def test_configs_set_the_original_loss_coefficients(preset, lb, z):
     assert (config.train.load_balance_loss_coeff, config.train.z_loss_coeff) == (lb, z)
     smoke = load_config(preset, "smoke").model
     assert (smoke.block_size, smoke.n_experts, smoke.mixer) == (64, 8, config.model.mixer)
-    models.get(preset).validate(smoke)
+    assert models.config_from(smoke).n_experts == 8
 
 
 def test_smoke_config_training_lowers_the_loss_with_aux_losses():
     config = load_config("tiny_moe", "smoke")
-    cfg = config.model
-    cfg.vocab_size, cfg.block_size = 97, 16
+    cfg = dataclasses.replace(models.config_from(config.model), vocab_size=97, block_size=16)
     model = models.get("tiny_moe")
     params = model.init(jax.random.key(0), cfg)
     tokens = jnp.tile(jax.random.randint(jax.random.key(1), (1, 8), 0, 97), (2, 3))[:, :17]
@@ -448,7 +450,7 @@ def test_smoke_config_training_lowers_the_loss_with_aux_losses():
 
 
 def test_expert_weights_carry_the_expert_axis():
-    cfg = load_config("tiny_moe_2", "smoke").model
+    cfg = models.config_from(load_config("tiny_moe_2", "smoke").model)
     shapes = jax.eval_shape(lambda k: models.get("tiny_moe_2").init(k, cfg), jax.random.key(0))
     axes = nn.logical_axes(shapes).blocks[0].mixer
     assert shapes.blocks[0].mixer.experts.up.weight.shape == (2, 8, 96, 384)
@@ -469,7 +471,5 @@ def test_expert_weights_carry_the_expert_axis():
     ],
 )
 def test_bad_moe_config_gets_one_clear_sentence(name, overrides, words):
-    cfg = models.get(name).default_config()
-    cfg.update(overrides)
-    with pytest.raises(models.ConfigError, match=words):
-        models.get(name).validate(cfg)
+    with pytest.raises(ConfigError, match=words):
+        dataclasses.replace(models.get(name).default_config(), **overrides)

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 
 from jaxpt import models, nn, sharding, train
 from jaxpt.config import preset_config
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError
 
 STEPS = 3
 
@@ -33,10 +33,10 @@ def batches(config):
 
 def run_steps(config, mesh=None):
     """Params and losses after STEPS steps, on ``mesh`` or on one device (mesh=None)."""
-    model = models.get(config.model.name)
-    params = jax.eval_shape(lambda k: model.init(k, config.model), jax.random.key(0))
+    cfg = models.config_from(config.model)
+    params = jax.eval_shape(lambda k: models.get(cfg.name).init(k, cfg), jax.random.key(0))
     tx = train.optimizer(config.train, params)
-    state = jax.jit(lambda k: train.init_state(k, config, tx))(jax.random.key(0))
+    state = jax.jit(lambda k: train.init_state(k, cfg, tx))(jax.random.key(0))
     step = train.make_train_step(config, tx)
     if mesh is None:
         step = jax.jit(step)

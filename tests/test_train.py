@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import data, models, train
+from jaxpt import models, train
 from jaxpt.config import preset_config
+from jaxpt.errors import ConfigError, DataError
 
 from .conftest import FAST_COMPILE
 
@@ -35,7 +36,7 @@ def char_config(preset="gpt", **train_overrides):
 
 
 def test_decay_mask_spares_norms_biases_and_embeddings():
-    cfg = char_config().model
+    cfg = models.config_from(char_config().model)
     params = jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
     mask = train.decay_mask(params, decay_embeddings=False)
     block = mask.blocks[0]
@@ -61,15 +62,15 @@ def test_learning_rate_schedules(schedule):
 
 def test_gradient_accumulation_equals_one_big_step():
     config = char_config(batch_size=8)
+    cfg = models.config_from(config.model)
     tx = train.optimizer(
-        config.train,
-        jax.eval_shape(lambda k: models.get("gpt").init(k, config.model), jax.random.key(0)),
+        config.train, jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
     )
     tokens = jax.random.randint(jax.random.key(1), (8, 65), 0, 128)
     results = []
     for accum in (1, 4):
         config.train.grad_accum_steps = accum
-        state = train.init_state(jax.random.key(0), config, tx)
+        state = train.init_state(jax.random.key(0), cfg, tx)
         step = jax.jit(train.make_train_step(config, tx))
         state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
         results.append((state.params, metrics["loss"], metrics["grad_norm"]))
@@ -81,11 +82,11 @@ def test_gradient_accumulation_equals_one_big_step():
 
 def test_non_finite_step_leaves_state_unchanged():
     config = char_config()
+    cfg = models.config_from(config.model)
     tx = train.optimizer(
-        config.train,
-        jax.eval_shape(lambda k: models.get("gpt").init(k, config.model), jax.random.key(0)),
+        config.train, jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
     )
-    state = train.init_state(jax.random.key(0), config, tx)
+    state = train.init_state(jax.random.key(0), cfg, tx)
     poisoned = eqx.tree_at(
         lambda s: s.params.wte.weight, state, state.params.wte.weight.at[3, 0].set(jnp.nan)
     )
@@ -128,7 +129,7 @@ def test_smoke_run_writes_metrics_plot_and_checkpoint(tmp_path):
 )
 def test_config_errors_come_before_compiling(tmp_path, overrides, message):
     config = char_config(**overrides)
-    with pytest.raises(models.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         train.train(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -136,7 +137,7 @@ def test_config_errors_come_before_compiling(tmp_path, overrides, message):
 def test_too_little_validation_data_is_reported_before_compiling(tmp_path):
     config = char_config(steps=3)
     config.eval.batches = 10_000
-    with pytest.raises(data.DataError, match=r"too few for 10000 batch\(es\) of 8"):
+    with pytest.raises(DataError, match=r"too few for 10000 batch\(es\) of 8"):
         train.train(config, tmp_path)
     assert not list((tmp_path / "checkpoints").glob("*"))  # nothing trained, nothing saved
 

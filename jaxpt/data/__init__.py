@@ -9,8 +9,6 @@ the run reads (`tokens_needed`). `Loader` reads batches from it.
 from jaxpt.data._embedded import EMBEDDED as EMBEDDED
 from jaxpt.data._embedded import embedded_documents as embedded_documents
 from jaxpt.data._embedded import prepare_embedded as prepare_embedded
-from jaxpt.data._errors import DataError as DataError
-from jaxpt.data._errors import DataNotFoundError as DataNotFoundError
 from jaxpt.data._loader import Loader as Loader
 from jaxpt.data._loader import LoaderState as LoaderState
 from jaxpt.data._loader import TokenNeed as TokenNeed
@@ -34,3 +32,5 @@ from jaxpt.data._tokenizers import Tokenizer as Tokenizer
 from jaxpt.data._tokenizers import get_tokenizer as get_tokenizer
 from jaxpt.data._tokenizers import seed_tiktoken_cache as seed_tiktoken_cache
 from jaxpt.data._tokenizers import tokenizer_for as tokenizer_for
+from jaxpt.errors import DataError as DataError
+from jaxpt.errors import DataNotFoundError as DataNotFoundError

@@ -17,10 +17,10 @@ import shutil
 import uuid
 from pathlib import Path
 
-from jaxpt.data._errors import DataNotFoundError
 from jaxpt.data._prepare import prepare_documents, resolve_tokenizer_name
 from jaxpt.data._shards import MANIFEST, Manifest, load_manifest
 from jaxpt.data._tokenizers import tokenizer_key
+from jaxpt.errors import DataNotFoundError
 
 EMBEDDED = "embedded"
 EMBEDDED_SHARD_TOKENS = 2**14  # a handful of shards; the first is the validation split

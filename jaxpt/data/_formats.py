@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxpt.data._errors import DataError
 from jaxpt.data._shards import Manifest, Shard, ShardProblem, open_shard, shard_info, write_atomic
 from jaxpt.data._tokenizers import HFTokenizer, Tokenizer, get_tokenizer
+from jaxpt.errors import DataError
 
 SUFFIXES = {".bin": "llm.c", ".npy": "npy"}  # shard file suffix -> Manifest.source["format"]
 _SPLIT_WORDS = {"val": "val", "valid": "val", "validation": "val", "train": "train"}

@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxpt.data._errors import DataError
 from jaxpt.data._shards import Manifest, load_manifest
+from jaxpt.errors import DataError
 
 LoaderState = dict  # {"seed", "epoch", "step", "batch_size", "seq_len", "tokens"}: all ints
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from jaxpt.data._errors import DataError, DataNotFoundError
 from jaxpt.data._shards import (
     MANIFEST,
     MAX_SHARD_TOKENS,
@@ -45,6 +44,7 @@ from jaxpt.data._shards import (
     write_shard,
 )
 from jaxpt.data._tokenizers import CharTokenizer, Tokenizer, get_tokenizer
+from jaxpt.errors import DataError, DataNotFoundError
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Protocol
 
 from jaxpt.data._embedded import EMBEDDED, prepare_embedded
-from jaxpt.data._errors import DataError, DataNotFoundError
 from jaxpt.data._formats import read_shard_directory, shard_files
 from jaxpt.data._loader import TokenNeed
 from jaxpt.data._prepare import SourceError, dataset_source, looks_like_path, prepare_source
 from jaxpt.data._shards import MANIFEST, PROGRESS, Manifest, load_manifest
 from jaxpt.data._tokenizers import tokenizer_key
+from jaxpt.errors import DataError, DataNotFoundError
 
 CACHE_SHARD_TOKENS = 2**24  # tokens per shard of a hub dataset's cache (32 MiB of uint16)
 _SERIAL_TOKENS = 2**22  # below this, one process tokenizes before a pool of them has started

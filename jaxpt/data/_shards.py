@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxpt.data._errors import DataError, DataNotFoundError
+from jaxpt.errors import DataError, DataNotFoundError
 
 FORMAT = "jaxpt.shards.v1"
 MANIFEST = "manifest.json"

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from jaxpt.data._errors import DataError, DataNotFoundError
+from jaxpt.errors import DataError, DataNotFoundError
 
 if TYPE_CHECKING:
     from jaxpt.data._shards import Manifest

@@ -14,8 +14,8 @@ import sys
 
 from absl import app, flags
 
-from jaxpt.data._errors import DataError
 from jaxpt.data._prepare import DEFAULT_DATASET, DEFAULT_SHARD_TOKENS, prepare_dataset
+from jaxpt.errors import DataError
 
 _DATASET = flags.DEFINE_string(
     "dataset", DEFAULT_DATASET, "Hugging Face hub dataset, or a local file or directory."

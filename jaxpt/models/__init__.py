@@ -1,15 +1,23 @@
-"""The model registry: ``get(name)`` -> ``default_config()``, ``init``, ``apply``; and the
-one-sentence ``ConfigError`` (with ``check_range``) every layer raises for a bad config value."""
+"""The models: typed configs, the decoder and bigram, and the registry of named presets.
 
-from jaxpt.models._config import ConfigError as ConfigError
-from jaxpt.models._config import check_range as check_range
-from jaxpt.models._config import decoder_config as decoder_config
-from jaxpt.models._decoder import AUX_KEYS as AUX_KEYS
-from jaxpt.models._decoder import MIXERS as MIXERS
-from jaxpt.models._decoder import Mixer as Mixer
-from jaxpt.models._decoder import is_cacheable as is_cacheable
-from jaxpt.models._decoder import is_causal as is_causal
+``get(name)`` -> ``default_config()``, ``init(key, cfg)``, ``apply(params, tokens, cfg)``;
+``register(name, cfg)`` adds a preset; ``config_from(config.model)`` converts a run config's
+model section.
+"""
+
+from jaxpt.errors import ConfigError as ConfigError
+from jaxpt.errors import check_range as check_range
+from jaxpt.models._config import BigramConfig as BigramConfig
+from jaxpt.models._config import ModelConfig as ModelConfig
+from jaxpt.models._decoder import Block as Block
+from jaxpt.models._decoder import Decoder as Decoder
+from jaxpt.models._decoder import block as block
+from jaxpt.models._mixers import AUX_KEYS as AUX_KEYS
+from jaxpt.models._mixers import MIXERS as MIXERS
+from jaxpt.models._mixers import Mixer as Mixer
 from jaxpt.models._registry import Model as Model
-from jaxpt.models._registry import decoder_preset as decoder_preset
+from jaxpt.models._registry import config_from as config_from
 from jaxpt.models._registry import get as get
 from jaxpt.models._registry import names as names
+from jaxpt.models._registry import register as register
+from jaxpt.models._registry import unregister as unregister

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import equinox as eqx
 import jax.numpy as jnp
 from jax import Array
 
 from jaxpt import nn
-from jaxpt.models._decoder import zero_aux
+from jaxpt.models._mixers import zero_aux
+
+if TYPE_CHECKING:
+    from jaxpt.models._config import BigramConfig
 
 
 class Bigram(eqx.Module):
@@ -16,7 +21,7 @@ class Bigram(eqx.Module):
     table: nn.Embedding  # (V, V)
 
 
-def init(key: Array, cfg) -> Bigram:
+def init(key: Array, cfg: BigramConfig) -> Bigram:
     """A table of N(0, init_stddev^2) logits."""
     return Bigram(
         nn.init_embedding(
@@ -31,7 +36,12 @@ def init(key: Array, cfg) -> Bigram:
 
 
 def apply(
-    params: Bigram, tokens: Array, cfg, *, mask: Array | None = None, positions: Array | None = None
+    params: Bigram,
+    tokens: Array,
+    cfg: BigramConfig,
+    *,
+    mask: Array | None = None,
+    positions: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """``(B, T)`` tokens -> float32 ``(B, T, V)`` logits and zero auxiliary losses.
 
@@ -42,16 +52,16 @@ def apply(
     return nn.embed(params.table, tokens, jnp.float32), zero_aux()
 
 
-def init_cache(cfg, batch_size: int, length: int) -> tuple:
+def init_cache(batch_size: int, length: int, cfg: BigramConfig) -> tuple:
     """Nothing to cache: the next token depends on the current one alone."""
-    del cfg, batch_size, length
+    del batch_size, length, cfg
     return ()
 
 
 def decode(
     params: Bigram,
     tokens: Array,
-    cfg,
+    cfg: BigramConfig,
     *,
     at: Array,
     mask: Array | None = None,

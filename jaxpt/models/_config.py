@@ -1,184 +1,312 @@
-"""The model config: every field the decoder reads, with defaults, and its validation."""
+"""The model configs: typed, frozen, hashable values, validated once when built.
+
+``ModelConfig`` is every field the decoder reads (GPT-2 124M by default), ``BigramConfig`` the
+bigram table's. Both are frozen dataclasses: hashable, so a config can be a static argument of
+``jax.jit``; immutable, so a jitted function never holds a stale trace of a config that changed
+after it was traced; ``dataclasses.replace`` makes a variant and validates it again. A run
+config's ``model`` section (ml_collections) converts to one with ``jaxpt.models.config_from``.
+"""
 
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
+import difflib
+import functools
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from jaxpt.nn import ACTIVATIONS, IMPLEMENTATIONS, NORMS
+from jaxpt import nn
+from jaxpt.errors import ConfigError, check_range
+from jaxpt.models import _bigram, _decoder
+from jaxpt.models._checks import require, require_choice, require_positive_int
+from jaxpt.models._mixers import MIXERS
 
 POSITIONS = ("learned", "rope", "none")
 PROJ_INITS = ("normal", "scaled", "zero")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
-
-class ConfigError(ValueError):
-    """A config value breaks a rule; the message names the field, the value and the rule."""
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
 
 
-def decoder_config(**overrides) -> ml_collections.ConfigDict:
-    """The decoder's fields at GPT-2 124M defaults, updated with ``overrides``."""
-    cfg = ml_collections.ConfigDict(
-        dict(
-            name="gpt",  # registry name, see jaxpt.models.names()
-            vocab_size=50304,  # 50257 GPT-2 tokens padded to a multiple of 64
-            block_size=1024,  # longest sequence (learned position table size)
-            n_layer=12,
-            n_head=12,  # query heads H
-            n_kv_head=12,  # key/value heads K; H % K == 0 (K < H is grouped-query attention)
-            n_embed=768,  # width D
-            n_mlp_hidden=3072,  # F
-            mixer="mlp",  # comma-separated repeating pattern of: mlp, glu (and MoE kinds)
-            activation="gelu_tanh",  # MLP activation or GLU gate: see jaxpt.nn.ACTIVATIONS
-            position="learned",  # learned | rope | none
-            rope_base=10000.0,  # inverse frequencies base**(-2i/Dh); original rope_theta=1/base
-            norm="layernorm",  # layernorm | rmsnorm
-            ln_epsilon=1e-5,
-            attention_bias=True,
-            mlp_bias=True,
-            qk_norm=False,  # RMSNorm on queries and keys per head
-            tie_embeddings=True,  # logits read out through the token embedding
-            init_stddev=0.02,
-            proj_init="scaled",  # residual-out projections: normal | scaled (1/sqrt(2L)) | zero
-            dtype="float32",  # compute dtype (bfloat16 on GPU/TPU)
-            param_dtype="float32",
-            sdpa_implementation="auto",  # auto | xla | cudnn | einsum (reference)
-            # float32, or bfloat16 as under torch autocast: half the bytes of the largest
-            # activation; the loss's softmax statistics are float32 either way
-            logits_dtype="float32",
-            remat_policy="none",  # none | full | a jax.checkpoint_policies name
-            scan_layers=True,  # lax.scan over layers (False: unrolled loop, same params)
-            # An HF checkpoint directory or hub name a run starts from when its workdir has no
-            # checkpoint yet (see jaxpt.hf); "" for none. init and apply never read it.
-            init_from="",
+class _Fields:
+    """What both config classes share: type checks, common fields, dict conversion."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]):
+        """The config with ``fields`` (a dict or a ConfigDict section) and defaults for the rest;
+        a field the class does not have is a ConfigError naming it."""
+        fields = dict(fields)
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in fields:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]}?" if close else f"the fields are {known}."
+                raise ConfigError(f"model.{name} is not a {cls.__name__} field: {hint}")
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict, leaving out those that are None (the MoE fields of a dense
+        model: a run config's flags cannot override a None)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def _check_types(self) -> None:
+        """Raises ConfigError for the first field whose value has the wrong type; stores the
+        integers given for float fields as floats (so equal configs have equal fields)."""
+        for name, hint in _field_types(type(self)).items():
+            value = getattr(self, name)
+            allowed = typing.get_args(hint) or (hint,)  # X | None -> (X, NoneType)
+            if not any(_has_type(value, t) for t in allowed):
+                what = " or ".join(_TYPE_NAMES.get(t, "None") for t in allowed)
+                raise ConfigError(f"model.{name}={value!r} must be {what}.")
+            if isinstance(value, int) and float in allowed and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+
+    def _check_common(self) -> None:
+        """The fields every model has: sizes and dtypes."""
+        require_positive_int("vocab_size", self.vocab_size)
+        require_positive_int("block_size", self.block_size)
+        check_range("model.init_stddev", self.init_stddev, at_least=0)
+        require_choice("dtype", self.dtype, FLOAT_DTYPES)
+        require_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _has_type(value, t) -> bool:
+    if t in (int, float):  # True is an int to Python, not to a config
+        return isinstance(value, int if t is int else (int, float)) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+@functools.cache
+def _param_count(init: Callable, cfg) -> int:
+    shapes = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
+    return sum(leaf.size for leaf in jax.tree.leaves(shapes))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelConfig(_Fields):
+    """The decoder's fields, at GPT-2 124M defaults; see the README's field table.
+
+    Raises ConfigError naming the first field that breaks a rule. Derived quantities are
+    properties: ``head_dim``, ``mixer_pattern``, ``repeats``, ``is_causal``, ``is_cacheable``,
+    ``n_params``, ``flops_per_token``, and the specs the layers take.
+    """
+
+    name: str = "gpt"  # registry name, see jaxpt.models.names()
+    vocab_size: int = 50304  # 50257 GPT-2 tokens padded to a multiple of 64
+    block_size: int = 1024  # longest sequence (learned position table size)
+    n_layer: int = 12
+    n_head: int = 12  # query heads H
+    n_kv_head: int = 12  # key/value heads K; H % K == 0 (K < H is grouped-query attention)
+    n_embed: int = 768  # width D
+    n_mlp_hidden: int = 3072  # F
+    mixer: str = "mlp"  # comma-separated repeating pattern of jaxpt.models.MIXERS kinds
+    activation: str = "gelu_tanh"  # MLP activation or GLU gate: see jaxpt.nn.ACTIVATIONS
+    position: str = "learned"  # learned | rope | none
+    rope_base: float = 10000.0  # inverse frequencies base**(-2i/Dh); original rope_theta=1/base
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    ln_epsilon: float = 1e-5
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    qk_norm: bool = False  # RMSNorm on queries and keys per head
+    tie_embeddings: bool = True  # logits read out through the token embedding
+    init_stddev: float = 0.02
+    proj_init: str = "scaled"  # residual-out projections: normal | scaled (1/sqrt(2L)) | zero
+    dtype: str = "float32"  # compute dtype (bfloat16 on GPU/TPU)
+    param_dtype: str = "float32"
+    sdpa_implementation: str = "auto"  # auto | xla | cudnn | einsum (reference)
+    # float32, or bfloat16 as under torch autocast: half the bytes of the largest activation;
+    # the loss's softmax statistics are float32 either way
+    logits_dtype: str = "float32"
+    remat_policy: str = "none"  # none | full | a jax.checkpoint_policies name
+    scan_layers: bool = True  # lax.scan over layers (False: unrolled loop, same params)
+    # Mixture of experts (mixer kinds moe, soft_moe); None in a dense model
+    n_experts: int | None = None  # E
+    moe_expert: str | None = None  # glu (gated) | mlp experts, activation from `activation`
+    moe_bias: bool | None = None  # expert biases
+    top_k: int | None = None  # experts per token (moe)
+    load_factor: float | None = None  # slots per expert: ceil(load_factor*top_k*max(1, T/E))
+    expert_weight_priority: bool | None = None  # surest tokens claim slots first: not causal
+    moe_router_bias: bool | None = None
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_common()
+        for field in ("n_layer", "n_head", "n_kv_head", "n_embed", "n_mlp_hidden"):
+            require_positive_int(field, getattr(self, field))
+        check_range("model.ln_epsilon", self.ln_epsilon, above=0)
+        check_range("model.rope_base", self.rope_base, above=0)
+        require(
+            self.n_embed % self.n_head == 0,
+            f"model.n_embed={self.n_embed} is not divisible by model.n_head={self.n_head}: "
+            "the head width is n_embed // n_head.",
         )
-    )
-    cfg.update(overrides)
-    return cfg
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def check_range(
-    name: str,
-    value,
-    *,
-    at_least: float | None = None,
-    above: float | None = None,
-    at_most: float | None = None,
-    below: float | None = None,
-    integer: bool = False,
-    note: str = "",
-) -> None:
-    """Raises ConfigError unless ``value`` is a finite number (an integer when ``integer``;
-    never a bool) within the bounds given, e.g. ``check_range("train.b1", b1, at_least=0,
-    below=1)``; the message names ``name``, the value and the rule, then ``note``."""
-    kind = numbers.Integral if integer else numbers.Real
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (at_least is None or value >= at_least) and (above is None or value > above)
-    ok = ok and (at_most is None or value <= at_most) and (below is None or value < below)
-    if ok:
-        return
-    low = at_least if at_least is not None else above
-    high = at_most if at_most is not None else below
-    if low is not None and high is not None:
-        opening, closing = "[" if at_least is not None else "(", "]" if at_most is not None else ")"
-        bounds = f" in {opening}{low}, {high}{closing}"
-    elif low is not None:
-        bounds = f" {'>=' if at_least is not None else '>'} {low}"
-    elif high is not None:
-        bounds = f" {'<=' if at_most is not None else '<'} {high}"
-    else:
-        bounds = ""
-    number = "an integer" if integer else "a finite number"
-    raise ConfigError(f"{name}={value!r} must be {number}{bounds}{note}.")
-
-
-def _choice(cfg, field: str, choices) -> None:
-    value = cfg[field]
-    _require(
-        value in choices,
-        f"model.{field}={value!r} is not one of {sorted(choices)}: pick one of those.",
-    )
-
-
-def validate_common(cfg, names) -> None:
-    """Checks the fields every model has: name, sizes, init scale and dtypes."""
-    _choice(cfg, "name", names)
-    for field in ("vocab_size", "block_size"):
-        check_range(f"model.{field}", cfg[field], at_least=1, integer=True)
-    check_range("model.init_stddev", cfg.init_stddev, at_least=0)
-    _choice(cfg, "dtype", FLOAT_DTYPES)
-    _choice(cfg, "param_dtype", FLOAT_DTYPES)
-
-
-def validate_decoder(cfg, mixers) -> None:
-    """Raises ConfigError naming the first decoder field that breaks a rule."""
-    for field in ("n_layer", "n_head", "n_kv_head", "n_embed", "n_mlp_hidden"):
-        check_range(f"model.{field}", cfg[field], at_least=1, integer=True)
-    check_range("model.ln_epsilon", cfg.ln_epsilon, above=0)
-    check_range("model.rope_base", cfg.rope_base, above=0)
-    _require(
-        cfg.n_embed % cfg.n_head == 0,
-        f"model.n_embed={cfg.n_embed} is not divisible by model.n_head={cfg.n_head}: "
-        "the head width is n_embed // n_head.",
-    )
-    _require(
-        cfg.n_head % cfg.n_kv_head == 0,
-        f"model.n_head={cfg.n_head} is not divisible by model.n_kv_head={cfg.n_kv_head}: "
-        "each key/value head serves a whole group of query heads.",
-    )
-    pattern = mixer_pattern(cfg)
-    for kind in pattern:
-        _require(
-            kind in mixers,
-            f"model.mixer={cfg.mixer!r} names {kind!r}, not one of {sorted(mixers)}.",
+        require(
+            self.n_head % self.n_kv_head == 0,
+            f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}: "
+            "each key/value head serves a whole group of query heads.",
         )
-    _require(
-        cfg.n_layer % len(pattern) == 0,
-        f"model.n_layer={cfg.n_layer} is not a multiple of the model.mixer pattern "
-        f"{cfg.mixer!r} ({len(pattern)} layers).",
-    )
-    _choice(cfg, "activation", ACTIVATIONS)
-    _choice(cfg, "position", POSITIONS)
-    _choice(cfg, "norm", NORMS)
-    _choice(cfg, "proj_init", PROJ_INITS)
-    _choice(cfg, "sdpa_implementation", IMPLEMENTATIONS)
-    _choice(cfg, "logits_dtype", ("float32", "bfloat16"))
-    _require(
-        isinstance(cfg.init_from, str),
-        f"model.init_from={cfg.init_from!r} must be a checkpoint directory, a hub name or '' "
-        "(none).",
-    )
-    if cfg.position == "rope":
-        _require(
-            (cfg.n_embed // cfg.n_head) % 2 == 0,
-            f"rotary embeddings need an even head width; n_embed // n_head = "
-            f"{cfg.n_embed // cfg.n_head}.",
+        for kind in self.mixer_pattern:
+            require(
+                kind in MIXERS,
+                f"model.mixer={self.mixer!r} names {kind!r}, not one of {sorted(MIXERS)}.",
+            )
+        require(
+            self.n_layer % len(self.mixer_pattern) == 0,
+            f"model.n_layer={self.n_layer} is not a multiple of the model.mixer pattern "
+            f"{self.mixer!r} ({len(self.mixer_pattern)} layers).",
         )
-    _require(
-        cfg.remat_policy in ("none", "full") or cfg.remat_policy in dir(jax.checkpoint_policies),
-        f"model.remat_policy={cfg.remat_policy!r} is not 'none', 'full' or a "
-        "jax.checkpoint_policies name (e.g. 'dots_saveable').",
-    )
-    _require(
-        cfg.sdpa_implementation != "cudnn" or jax.default_backend() == "gpu",
-        "model.sdpa_implementation='cudnn' needs a GPU; use 'auto' or 'xla' on "
-        f"{jax.default_backend()}.",
-    )
-    _require(
-        cfg.sdpa_implementation != "cudnn" or jnp.dtype(cfg.dtype).itemsize == 2,
-        f"model.sdpa_implementation='cudnn' needs a 16-bit model.dtype, not {cfg.dtype!r}.",
-    )
+        require_choice("activation", self.activation, nn.ACTIVATIONS)
+        require_choice("position", self.position, POSITIONS)
+        require_choice("norm", self.norm, nn.NORMS)
+        require_choice("proj_init", self.proj_init, PROJ_INITS)
+        require_choice("sdpa_implementation", self.sdpa_implementation, nn.IMPLEMENTATIONS)
+        require_choice("logits_dtype", self.logits_dtype, ("float32", "bfloat16"))
+        if self.position == "rope":
+            require(
+                self.head_dim % 2 == 0,
+                f"rotary embeddings need an even head width; n_embed // n_head = {self.head_dim}.",
+            )
+        require(
+            self.remat_policy in ("none", "full")
+            or self.remat_policy in dir(jax.checkpoint_policies),
+            f"model.remat_policy={self.remat_policy!r} is not 'none', 'full' or a "
+            "jax.checkpoint_policies name (e.g. 'dots_saveable').",
+        )
+        require(
+            self.sdpa_implementation != "cudnn" or jax.default_backend() == "gpu",
+            "model.sdpa_implementation='cudnn' needs a GPU; use 'auto' or 'xla' on "
+            f"{jax.default_backend()}.",
+        )
+        require(
+            self.sdpa_implementation != "cudnn" or jnp.dtype(self.dtype).itemsize == 2,
+            f"model.sdpa_implementation='cudnn' needs a 16-bit model.dtype, not {self.dtype!r}.",
+        )
+        for kind in sorted(set(self.mixer_pattern)):
+            for field in MIXERS[kind].needs:
+                require(
+                    getattr(self, field) is not None,
+                    f"model.mixer={self.mixer!r} uses {kind!r}, which needs model.{field}; "
+                    "start from a MoE preset (tiny_moe, tiny_moe_2, tiny_moe_3).",
+                )
+            MIXERS[kind].validate(self)
+
+    @property
+    def head_dim(self) -> int:
+        """Dh, the width of one attention head."""
+        return self.n_embed // self.n_head
+
+    @property
+    def mixer_pattern(self) -> tuple[str, ...]:
+        """The repeating block pattern, e.g. ``"moe,glu"`` -> ``("moe", "glu")``."""
+        return tuple(kind.strip() for kind in self.mixer.split(","))
+
+    @property
+    def repeats(self) -> int:
+        """How many times the mixer pattern repeats over the layers."""
+        return self.n_layer // len(self.mixer_pattern)
+
+    @property
+    def is_causal(self) -> bool:
+        """Whether logits at ``t`` never depend on later tokens (false for some MoE configs)."""
+        return all(MIXERS[kind].causal(self) for kind in self.mixer_pattern)
+
+    @property
+    def is_cacheable(self) -> bool:
+        """Whether every layer's output at ``t`` is fixed once tokens ``<= t`` are (KV cache)."""
+        return all(MIXERS[kind].cacheable(self) for kind in self.mixer_pattern)
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the model takes (the learned position table's size)."""
+        return self.block_size
+
+    @property
+    def residual_out_std(self) -> float:
+        """Init std of a projection that writes into the residual stream.
+
+        ``proj_init``: ``"normal"`` uses ``init_stddev``; ``"scaled"`` divides it by
+        ``sqrt(2 * n_layer)`` (GPT-2: two residual writes per layer); ``"zero"`` starts at zero.
+        """
+        scale = {"normal": 1.0, "scaled": (2 * self.n_layer) ** -0.5, "zero": 0.0}
+        return self.init_stddev * scale[self.proj_init]
+
+    @property
+    def attention_spec(self) -> nn.AttentionSpec:
+        """What every attention layer of the model computes."""
+        return nn.AttentionSpec(
+            n_head=self.n_head,
+            n_kv_head=self.n_kv_head,
+            head_dim=self.head_dim,
+            qk_norm=self.qk_norm,
+            norm_eps=self.ln_epsilon,
+            rope_base=self.rope_base if self.position == "rope" else None,
+            implementation=self.sdpa_implementation,
+        )
+
+    @property
+    def moe_spec(self) -> nn.MoESpec:
+        """How the top-k MoE layers route (mixer kind ``moe``)."""
+        return nn.MoESpec(
+            n_experts=self.n_experts,
+            top_k=self.top_k,
+            load_factor=self.load_factor,
+            expert_weight_priority=self.expert_weight_priority,
+        )
+
+    @property
+    def n_params(self) -> int:
+        """The number of parameters (from ``jax.eval_shape`` of ``init``: nothing allocated)."""
+        return _param_count(_decoder.init, self)
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: ``6 N + 12 L D T`` (PaLM appendix B; nanoGPT's MFU).
+
+        ``6 N`` is the forward and backward matmuls over the ``N`` parameters (tied embedding
+        counted once, position table included, as the torch reference counts); ``12 L D T`` is
+        attention's scores and weighted sum at sequence length ``T = block_size``.
+        """
+        return 6.0 * self.n_params + 12.0 * self.n_layer * self.n_embed * self.block_size
 
 
-def mixer_pattern(cfg) -> tuple[str, ...]:
-    """The repeating block pattern, e.g. ``"moe,glu"`` -> ``("moe", "glu")``."""
-    return tuple(kind.strip() for kind in cfg.mixer.split(","))
+@dataclasses.dataclass(frozen=True, slots=True)
+class BigramConfig(_Fields):
+    """The bigram table's fields; raises ConfigError naming the first that breaks a rule."""
+
+    name: str = "bigram"
+    vocab_size: int = 256  # set from the tokenizer; a (V, V) table, so keep V small
+    block_size: int = 256  # training window length
+    init_stddev: float = 0.02
+    dtype: str = "float32"  # the run configs' common key; the table's logits are float32
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_common()
+
+    is_causal = True  # the next token depends on the current one alone
+    is_cacheable = True
+    max_length = None  # reads one token at a time: any length
+
+    @property
+    def n_params(self) -> int:
+        """``V * V``."""
+        return _param_count(_bigram.init, self)
+
+    @property
+    def flops_per_token(self) -> float:
+        """``6 V``: the forward and backward of one table row."""
+        return 6.0 * self.vocab_size

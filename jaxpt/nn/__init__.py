@@ -8,11 +8,14 @@ Shape alphabet used in comments and einsum strings across jaxpt:
     E experts          C expert capacity
 
 Every ``init_*`` takes a key first and returns params; every apply function takes the params
-first. Nothing holds state: jit, grad, vmap and eval_shape apply directly.
+first, then its inputs, then the layer's spec (``AttentionSpec``, ``MoESpec``) where it has
+one, options as keywords. Layers take what they use, never a whole model config. Nothing holds
+state: jit, grad, vmap and eval_shape apply directly.
 """
 
 from jaxpt.nn._attention import IMPLEMENTATIONS as IMPLEMENTATIONS
 from jaxpt.nn._attention import Attention as Attention
+from jaxpt.nn._attention import AttentionSpec as AttentionSpec
 from jaxpt.nn._attention import KVCache as KVCache
 from jaxpt.nn._attention import attend as attend
 from jaxpt.nn._attention import attention as attention
@@ -33,7 +36,6 @@ from jaxpt.nn._linear import embed as embed
 from jaxpt.nn._linear import init_embedding as init_embedding
 from jaxpt.nn._linear import init_linear as init_linear
 from jaxpt.nn._linear import linear as linear
-from jaxpt.nn._linear import residual_out_std as residual_out_std
 from jaxpt.nn._linear import unembed as unembed
 from jaxpt.nn._loss import cross_entropy as cross_entropy
 from jaxpt.nn._mlp import ACTIVATIONS as ACTIVATIONS
@@ -46,6 +48,7 @@ from jaxpt.nn._mlp import mlp as mlp
 from jaxpt.nn._moe import ExpertLinear as ExpertLinear
 from jaxpt.nn._moe import Experts as Experts
 from jaxpt.nn._moe import MoE as MoE
+from jaxpt.nn._moe import MoESpec as MoESpec
 from jaxpt.nn._moe import Routing as Routing
 from jaxpt.nn._moe import SoftMoE as SoftMoE
 from jaxpt.nn._moe import expert_capacity as expert_capacity
@@ -59,11 +62,11 @@ from jaxpt.nn._moe import moe as moe
 from jaxpt.nn._moe import route as route
 from jaxpt.nn._moe import router_losses as router_losses
 from jaxpt.nn._moe import sequence_capacity as sequence_capacity
-from jaxpt.nn._moe import slots_per_expert as slots_per_expert
 from jaxpt.nn._moe import soft_moe as soft_moe
 from jaxpt.nn._moe import soft_moe_weights as soft_moe_weights
 from jaxpt.nn._norm import NORMS as NORMS
 from jaxpt.nn._norm import LayerNorm as LayerNorm
+from jaxpt.nn._norm import Norm as Norm
 from jaxpt.nn._norm import RMSNorm as RMSNorm
 from jaxpt.nn._norm import layer_norm as layer_norm
 from jaxpt.nn._norm import rms_norm as rms_norm

@@ -6,6 +6,7 @@ Query head ``h`` reads key/value head ``h // (H // K)``, as in Hugging Face's ``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import equinox as eqx
@@ -14,11 +15,24 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxpt.nn._axes import constrain
-from jaxpt.nn._linear import Linear, init_linear, linear, residual_out_std
+from jaxpt.nn._linear import Linear, init_linear, linear
 from jaxpt.nn._norm import RMSNorm, init_rms_norm, rms_norm
 from jaxpt.nn._rope import apply_rope, rope_angles
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What one attention layer computes (hashable, so a static jit argument)."""
+
+    n_head: int  # H query heads
+    n_kv_head: int  # K key/value heads; H % K == 0 (K < H is grouped-query attention)
+    head_dim: int  # Dh
+    qk_norm: bool = False  # RMSNorm over Dh on queries and keys
+    norm_eps: float = 1e-5  # that RMSNorm's epsilon
+    rope_base: float | None = None  # rotary positions with this base; None: no rotation
+    implementation: str = "auto"  # one of IMPLEMENTATIONS
 
 
 class Attention(eqx.Module):
@@ -32,43 +46,20 @@ class Attention(eqx.Module):
     k_norm: RMSNorm | None
 
 
-def init_attention(key: Array, cfg) -> Attention:
-    """Attention params for the model config ``cfg`` (fields n_embed, n_head, n_kv_head, ...)."""
+def init_attention(
+    key: Array, d_model: int, spec: AttentionSpec, *, bias: bool, std: float, out_std: float, dtype
+) -> Attention:
+    """Attention params for width ``d_model``: N(0, std^2) q, k, v and N(0, out_std^2) output
+    projections (the output writes into the residual stream), zero biases if ``bias``."""
     kq, kk, kv, ko = jax.random.split(key, 4)
-    d, head_dim = cfg.n_embed, cfg.n_embed // cfg.n_head
-    dtype, std, bias = cfg.param_dtype, cfg.init_stddev, cfg.attention_bias
-    qk_norm = init_rms_norm(head_dim, dtype) if cfg.qk_norm else None
+    q_width, kv_width = spec.n_head * spec.head_dim, spec.n_kv_head * spec.head_dim
+    project = dict(bias=bias, dtype=dtype)
+    qk_norm = init_rms_norm(spec.head_dim, dtype) if spec.qk_norm else None
     return Attention(
-        q=init_linear(
-            kq, d, cfg.n_head * head_dim, axes=("embed", "q_heads"), bias=bias, std=std, dtype=dtype
-        ),
-        k=init_linear(
-            kk,
-            d,
-            cfg.n_kv_head * head_dim,
-            axes=("embed", "kv_heads"),
-            bias=bias,
-            std=std,
-            dtype=dtype,
-        ),
-        v=init_linear(
-            kv,
-            d,
-            cfg.n_kv_head * head_dim,
-            axes=("embed", "kv_heads"),
-            bias=bias,
-            std=std,
-            dtype=dtype,
-        ),
-        o=init_linear(
-            ko,
-            cfg.n_head * head_dim,
-            d,
-            axes=("q_heads", "embed"),
-            bias=bias,
-            std=residual_out_std(cfg),
-            dtype=dtype,
-        ),
+        q=init_linear(kq, d_model, q_width, axes=("embed", "q_heads"), std=std, **project),
+        k=init_linear(kk, d_model, kv_width, axes=("embed", "kv_heads"), std=std, **project),
+        v=init_linear(kv, d_model, kv_width, axes=("embed", "kv_heads"), std=std, **project),
+        o=init_linear(ko, q_width, d_model, axes=("q_heads", "embed"), std=out_std, **project),
         q_norm=qk_norm,
         k_norm=qk_norm,
     )
@@ -85,24 +76,25 @@ class KVCache(eqx.Module):
     v: Array  # (layers, B, S, K, Dh)
 
 
-def init_kv_cache(cfg, batch_size: int, length: int, *, layers: int) -> KVCache:
-    """Zeroed buffers for ``layers`` stacked attention layers, in the compute dtype."""
-    head_dim = cfg.n_embed // cfg.n_head
-    shape = (layers, batch_size, length, cfg.n_kv_head, head_dim)
-    return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+def init_kv_cache(
+    batch_size: int, length: int, spec: AttentionSpec, *, layers: int, dtype
+) -> KVCache:
+    """Zeroed buffers for ``layers`` stacked attention layers, in ``dtype`` (the compute
+    dtype)."""
+    shape = (layers, batch_size, length, spec.n_kv_head, spec.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def _project(p: Attention, x: Array, cfg, positions: Array) -> tuple[Array, Array, Array]:
+def _project(p: Attention, x: Array, spec: AttentionSpec, positions: Array):
     """Queries ``(B, T, H, Dh)``, keys and values ``(B, T, K, Dh)``, QK-normed and rotated."""
     b, t, _ = x.shape
-    head_dim = cfg.n_embed // cfg.n_head
-    q = linear(p.q, x).reshape(b, t, cfg.n_head, head_dim)
-    k = linear(p.k, x).reshape(b, t, cfg.n_kv_head, head_dim)
-    v = linear(p.v, x).reshape(b, t, cfg.n_kv_head, head_dim)
-    if cfg.qk_norm:
-        q, k = rms_norm(p.q_norm, q, cfg.ln_epsilon), rms_norm(p.k_norm, k, cfg.ln_epsilon)
-    if cfg.position == "rope":
-        cos, sin = rope_angles(positions, head_dim, cfg.rope_base)
+    q = linear(p.q, x).reshape(b, t, spec.n_head, spec.head_dim)
+    k = linear(p.k, x).reshape(b, t, spec.n_kv_head, spec.head_dim)
+    v = linear(p.v, x).reshape(b, t, spec.n_kv_head, spec.head_dim)
+    if spec.qk_norm:
+        q, k = rms_norm(p.q_norm, q, spec.norm_eps), rms_norm(p.k_norm, k, spec.norm_eps)
+    if spec.rope_base is not None:
+        cos, sin = rope_angles(positions, spec.head_dim, spec.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return q, k, v
 
@@ -113,7 +105,10 @@ def _merge_heads(p: Attention, y: Array) -> Array:
     return linear(p.o, y.reshape(b, t, h * head_dim))
 
 
-def attention(p: Attention, x: Array, cfg, *, positions: Array, mask: Array | None) -> Array:
+@jax.named_scope("attention")
+def attention(
+    p: Attention, x: Array, spec: AttentionSpec, *, positions: Array, mask: Array | None
+) -> Array:
     """Causal self-attention over a full sequence.
 
     Args:
@@ -125,16 +120,23 @@ def attention(p: Attention, x: Array, cfg, *, positions: Array, mask: Array | No
     Returns:
         ``(B, T, D)``.
     """
-    q, k, v = _project(p, x, cfg, positions)
+    q, k, v = _project(p, x, spec, positions)
     # q, k and v sharded alike (cuDNN's partitioner requires it): batch and heads
     q = constrain(q, ("batch", None, "q_heads", None))
     k, v = (constrain(a, ("batch", None, "kv_heads", None)) for a in (k, v))
     full_mask = None if mask is None else causal_mask(positions, positions, mask)
-    return _merge_heads(p, attend(q, k, v, mask=full_mask, implementation=cfg.sdpa_implementation))
+    return _merge_heads(p, attend(q, k, v, mask=full_mask, implementation=spec.implementation))
 
 
+@jax.named_scope("attention")
 def cached_attention(
-    p: Attention, x: Array, cfg, cache: KVCache, *, positions: Array, layer: Array | int = 0
+    p: Attention,
+    x: Array,
+    spec: AttentionSpec,
+    *,
+    cache: KVCache,
+    positions: Array,
+    layer: Array | int = 0,
 ) -> tuple[Array, KVCache]:
     """Causal self-attention of new tokens over a sequence's cached keys and values.
 
@@ -145,12 +147,12 @@ def cached_attention(
 
     Args:
         x: ``(B, T, D)``, the new tokens (T = prompt length at prefill, 1 per decode step).
-        positions: ``(B, T)`` int, each below the cache length S.
         cache: ``KVCache`` with ``(layers, B, S, K, Dh)`` buffers; layer: the entry to use.
+        positions: ``(B, T)`` int, each below the cache length S.
     Returns:
         ``(B, T, D)`` and the updated cache.
     """
-    q, k, v = _project(p, x, cfg, positions)
+    q, k, v = _project(p, x, spec, positions)
     rows = jnp.arange(x.shape[0])[:, None]  # (B, 1)
     cache = KVCache(
         cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
@@ -160,7 +162,7 @@ def cached_attention(
     b, s = keys.shape[:2]
     kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
     mask = causal_mask(positions, kv_positions, jnp.ones((b, s), bool))  # (B, T, S)
-    implementation = "einsum" if cfg.sdpa_implementation == "einsum" else "xla"
+    implementation = "einsum" if spec.implementation == "einsum" else "xla"
     y = attend(q, keys, values, mask=mask, implementation=implementation)
     return _merge_heads(p, y), cache
 

@@ -66,11 +66,13 @@ def init_embedding(key: Array, rows: int, d: int, *, axes, std: float, dtype) ->
     return Embedding(normal_or_zeros(key, (rows, d), std, dtype), axes)
 
 
+@jax.named_scope("embed")
 def embed(p: Embedding, ids: Array, dtype) -> Array:
     """Rows ``ids`` of the table in ``dtype``. ``ids``: ``(...)`` int -> ``(..., D)``."""
     return jnp.take(p.weight, ids, axis=0).astype(dtype)
 
 
+@jax.named_scope("unembed")
 def unembed(p: Embedding, x: Array, dtype=jnp.float32) -> Array:
     """Read-out through a ``(V, D)`` table: logits ``x @ weight.T``, accumulated in float32.
 
@@ -100,13 +102,3 @@ def _logits_bwd(dtype, residuals, grad: Array):
 
 
 _logits.defvjp(_logits_fwd, _logits_bwd)
-
-
-def residual_out_std(cfg) -> float:
-    """Init std of a projection that writes into the residual stream.
-
-    ``proj_init``: ``"normal"`` uses ``init_stddev``; ``"scaled"`` divides it by
-    ``sqrt(2 * n_layer)`` (GPT-2: two residual writes per layer); ``"zero"`` starts at zero.
-    """
-    scale = {"normal": 1.0, "scaled": (2 * cfg.n_layer) ** -0.5, "zero": 0.0}[cfg.proj_init]
-    return cfg.init_stddev * scale

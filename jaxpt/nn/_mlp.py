@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 from jax import Array
 
-from jaxpt.nn._linear import Linear, init_linear, linear, residual_out_std
+from jaxpt.nn._linear import Linear, init_linear, linear
 
 
 def squared_relu(x: Array) -> Array:
@@ -39,45 +39,44 @@ class GLU(eqx.Module):
     down: Linear  # F -> D
 
 
-def init_mlp(key: Array, cfg) -> MLP:
-    """MLP params for the model config ``cfg`` (n_embed, n_mlp_hidden, mlp_bias, ...)."""
+def init_mlp(
+    key: Array, d_model: int, d_hidden: int, *, bias: bool, std: float, out_std: float, dtype
+) -> MLP:
+    """MLP params: N(0, std^2) ``fc``, N(0, out_std^2) ``proj`` (it writes into the residual
+    stream), zero biases if ``bias``."""
     k_fc, k_proj = jax.random.split(key)
-    d, f, bias, dtype = cfg.n_embed, cfg.n_mlp_hidden, cfg.mlp_bias, cfg.param_dtype
     return MLP(
         fc=init_linear(
-            k_fc, d, f, axes=("embed", "mlp"), bias=bias, std=cfg.init_stddev, dtype=dtype
+            k_fc, d_model, d_hidden, axes=("embed", "mlp"), bias=bias, std=std, dtype=dtype
         ),
         proj=init_linear(
-            k_proj, f, d, axes=("mlp", "embed"), bias=bias, std=residual_out_std(cfg), dtype=dtype
+            k_proj, d_hidden, d_model, axes=("mlp", "embed"), bias=bias, std=out_std, dtype=dtype
         ),
     )
 
 
-def mlp(p: MLP, x: Array, cfg) -> Array:
-    """``(B, T, D)`` -> ``(B, T, D)`` with activation ``cfg.activation``."""
-    return linear(p.proj, ACTIVATIONS[cfg.activation](linear(p.fc, x)))
+@jax.named_scope("mlp")
+def mlp(p: MLP, x: Array, *, activation: str) -> Array:
+    """``(B, T, D)`` -> ``(B, T, D)``; ``activation`` names one of ``ACTIVATIONS``."""
+    return linear(p.proj, ACTIVATIONS[activation](linear(p.fc, x)))
 
 
-def init_glu(key: Array, cfg) -> GLU:
-    """GLU params for the model config ``cfg``."""
+def init_glu(
+    key: Array, d_model: int, d_hidden: int, *, bias: bool, std: float, out_std: float, dtype
+) -> GLU:
+    """GLU params: N(0, std^2) ``gate`` and ``up``, N(0, out_std^2) ``down``, zero biases if
+    ``bias``."""
     k_gate, k_up, k_down = jax.random.split(key, 3)
-    d, f, bias, dtype, std = (
-        cfg.n_embed,
-        cfg.n_mlp_hidden,
-        cfg.mlp_bias,
-        cfg.param_dtype,
-        cfg.init_stddev,
-    )
+    d, f = d_model, d_hidden
     return GLU(
         gate=init_linear(k_gate, d, f, axes=("embed", "mlp"), bias=bias, std=std, dtype=dtype),
         up=init_linear(k_up, d, f, axes=("embed", "mlp"), bias=bias, std=std, dtype=dtype),
-        down=init_linear(
-            k_down, f, d, axes=("mlp", "embed"), bias=bias, std=residual_out_std(cfg), dtype=dtype
-        ),
+        down=init_linear(k_down, f, d, axes=("mlp", "embed"), bias=bias, std=out_std, dtype=dtype),
     )
 
 
-def glu(p: GLU, x: Array, cfg) -> Array:
-    """``(B, T, D)`` -> ``(B, T, D)``, gate activation ``cfg.activation``."""
-    gate = ACTIVATIONS[cfg.activation](linear(p.gate, x))
+@jax.named_scope("glu")
+def glu(p: GLU, x: Array, *, activation: str) -> Array:
+    """``(B, T, D)`` -> ``(B, T, D)``; the gate's ``activation`` names one of ``ACTIVATIONS``."""
+    gate = ACTIVATIONS[activation](linear(p.gate, x))
     return linear(p.down, gate * linear(p.up, x))

@@ -14,11 +14,12 @@ causal: choices claim buffer slots token by token, so whether token ``t`` is dro
 only on tokens ``<= t``. With ``expert_weight_priority=True`` tokens claim slots in order of
 their top-1 router probability, so a later token can take an earlier token's slot: an earlier
 output can change with a later token. Soft MoE mixes every token of a sequence into every slot
-by construction. jaxpt marks both as non-causal (``jaxpt.models._decoder.is_causal``).
+by construction. jaxpt marks both as non-causal (``jaxpt.models.ModelConfig.is_causal``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxpt.nn._axes import HasAxes
-from jaxpt.nn._linear import Linear, init_linear, linear, normal_or_zeros, residual_out_std
+from jaxpt.nn._linear import Linear, init_linear, linear, normal_or_zeros
 from jaxpt.nn._mlp import ACTIVATIONS
 
 
@@ -74,28 +75,37 @@ class Experts(eqx.Module):
     down: ExpertLinear  # F -> D
 
 
-def init_experts(key: Array, cfg) -> Experts:
-    """Experts for ``cfg``: ``n_experts``, ``moe_expert`` (glu | mlp), ``moe_bias``, F, D."""
+def init_experts(
+    key: Array,
+    n_experts: int,
+    d_model: int,
+    d_hidden: int,
+    *,
+    gated: bool,
+    bias: bool,
+    std: float,
+    out_std: float,
+    dtype,
+) -> Experts:
+    """``n_experts`` GLU (``gated``) or MLP experts ``d_model -> d_hidden -> d_model``:
+    N(0, std^2) ``up`` and ``gate``, N(0, out_std^2) ``down``, zero biases if ``bias``."""
     k_up, k_gate, k_down = jax.random.split(key, 3)
-    d, f = cfg.n_embed, cfg.n_mlp_hidden
-    make = functools.partial(
-        init_expert_linear, n_experts=cfg.n_experts, bias=cfg.moe_bias, dtype=cfg.param_dtype
-    )
+    d, f = d_model, d_hidden
+    make = functools.partial(init_expert_linear, n_experts=n_experts, bias=bias, dtype=dtype)
     return Experts(
-        up=make(k_up, d_in=d, d_out=f, axes=("embed", "mlp"), std=cfg.init_stddev),
-        gate=make(k_gate, d_in=d, d_out=f, axes=("embed", "mlp"), std=cfg.init_stddev)
-        if cfg.moe_expert == "glu"
-        else None,
-        down=make(k_down, d_in=f, d_out=d, axes=("mlp", "embed"), std=residual_out_std(cfg)),
+        up=make(k_up, d_in=d, d_out=f, axes=("embed", "mlp"), std=std),
+        gate=make(k_gate, d_in=d, d_out=f, axes=("embed", "mlp"), std=std) if gated else None,
+        down=make(k_down, d_in=f, d_out=d, axes=("mlp", "embed"), std=out_std),
     )
 
 
-def experts(p: Experts, x: Array, cfg) -> Array:
-    """Every expert on its own buffer, activation ``cfg.activation``.
+@jax.named_scope("experts")
+def experts(p: Experts, x: Array, *, activation: str) -> Array:
+    """Every expert on its own buffer; ``activation`` names one of ``ACTIVATIONS``.
 
     ``(B, E, C, D)`` -> ``(B, E, C, D)``.
     """
-    act = ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[activation]
     if p.gate is None:
         h = act(expert_linear(p.up, x))
     else:
@@ -106,6 +116,16 @@ def experts(p: Experts, x: Array, cfg) -> Array:
 # ---------------------------------------------------------------- top-k routing
 
 
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """How a top-k mixture of experts routes tokens (hashable, so a static jit argument)."""
+
+    n_experts: int  # E
+    top_k: int  # experts per token
+    load_factor: float  # slots per expert: ceil(load_factor * top_k * max(1, T / E))
+    expert_weight_priority: bool  # surest tokens claim slots first (not causal); else in order
+
+
 class MoE(eqx.Module):
     """A top-k routed mixture of experts."""
 
@@ -113,39 +133,57 @@ class MoE(eqx.Module):
     experts: Experts
 
 
-def init_moe(key: Array, cfg) -> MoE:
-    """MoE params for ``cfg`` (adds ``moe_router_bias`` to the fields of ``init_experts``)."""
+def init_moe(
+    key: Array,
+    d_model: int,
+    d_hidden: int,
+    n_experts: int,
+    *,
+    gated: bool,
+    bias: bool,
+    router_bias: bool,
+    std: float,
+    out_std: float,
+    dtype,
+) -> MoE:
+    """MoE params: an N(0, std^2) router (with a zero bias if ``router_bias``) and
+    ``init_experts``'s experts."""
     k_router, k_experts = jax.random.split(key)
     router = init_linear(
-        k_router,
-        cfg.n_embed,
-        cfg.n_experts,
-        axes=("embed", None),
-        bias=cfg.moe_router_bias,
-        std=cfg.init_stddev,
-        dtype=cfg.param_dtype,
+        k_router, d_model, n_experts, axes=("embed", None), bias=router_bias, std=std, dtype=dtype
     )
-    return MoE(router, init_experts(k_experts, cfg))
+    experts = init_experts(
+        k_experts,
+        n_experts,
+        d_model,
+        d_hidden,
+        gated=gated,
+        bias=bias,
+        std=std,
+        out_std=out_std,
+        dtype=dtype,
+    )
+    return MoE(router, experts)
 
 
-def expert_capacity(cfg, t: int) -> int:
+def expert_capacity(spec: MoESpec, t: int) -> int:
     """Buffer slots per expert and sequence of length ``t`` (vmoe's scheme).
 
     ``ceil(load_factor * top_k * max(1, t / n_experts))``, rounded up after discarding float
     noise below 1e-9 (so 1.1 * 2 * 5 is 11, not 12), and at most ``t``: a token takes at most
     one slot per expert, so more slots would stay empty.
     """
-    slots = cfg.load_factor * cfg.top_k * max(1.0, t / cfg.n_experts)
+    slots = spec.load_factor * spec.top_k * max(1.0, t / spec.n_experts)
     return min(math.ceil(round(slots, 9)), t)
 
 
-def sequence_capacity(cfg, valid: Array) -> Array:
+def sequence_capacity(spec: MoESpec, valid: Array) -> Array:
     """``(B, T)`` bool -> ``(B,)`` int: :func:`expert_capacity` of each row's real tokens.
 
     T in the capacity formula counts a sequence's real tokens, so a padded sequence routes
     exactly as it would alone.
     """
-    table = jnp.asarray([expert_capacity(cfg, n) for n in range(valid.shape[1] + 1)])
+    table = jnp.asarray([expert_capacity(spec, n) for n in range(valid.shape[1] + 1)])
     return table[valid.sum(axis=1)]
 
 
@@ -234,7 +272,10 @@ def router_losses(logits: Array, probs: Array, expert: Array, valid: Array) -> d
     }
 
 
-def moe(p: MoE, x: Array, cfg, *, mask: Array | None) -> tuple[Array, dict[str, Array]]:
+@jax.named_scope("moe")
+def moe(
+    p: MoE, x: Array, spec: MoESpec, *, activation: str, mask: Array | None
+) -> tuple[Array, dict[str, Array]]:
     """Top-k mixture of experts with per-sequence capacity (see :func:`route`).
 
     A token's output is the sum over its kept choices of router probability times expert
@@ -243,6 +284,7 @@ def moe(p: MoE, x: Array, cfg, *, mask: Array | None) -> tuple[Array, dict[str, 
 
     Args:
         x: ``(B, T, D)`` in the compute dtype; the router runs in float32.
+        activation: the experts' (``ACTIVATIONS``).
         mask: optional ``(B, T)`` bool, True for real tokens; padding takes no expert slot,
             gets a zero output, is left out of the losses and of T in the capacity.
     Returns:
@@ -252,20 +294,20 @@ def moe(p: MoE, x: Array, cfg, *, mask: Array | None) -> tuple[Array, dict[str, 
     valid = jnp.ones((b, t), bool) if mask is None else mask
     logits = linear(p.router, x.astype(jnp.float32))  # (B, T, E)
     probs = jax.nn.softmax(logits, axis=-1)
-    capacity = expert_capacity(cfg, t)  # buffer slots: the capacity of an unpadded row
+    capacity = expert_capacity(spec, t)  # buffer slots: the capacity of an unpadded row
     r = route(
         probs,
         valid,
-        top_k=cfg.top_k,
-        capacity=sequence_capacity(cfg, valid),
-        expert_weight_priority=cfg.expert_weight_priority,
+        top_k=spec.top_k,
+        capacity=sequence_capacity(spec, valid),
+        expert_weight_priority=spec.expert_weight_priority,
     )
-    to_expert = jax.nn.one_hot(r.expert, cfg.n_experts, dtype=x.dtype)  # (B, T, k, E)
+    to_expert = jax.nn.one_hot(r.expert, spec.n_experts, dtype=x.dtype)  # (B, T, k, E)
     to_slot = jax.nn.one_hot(r.slot, capacity, dtype=x.dtype)  # (B, T, k, C), 0 where dropped
     dispatch = jnp.einsum("btke,btkc->btec", to_expert, to_slot)  # (B, T, E, C) 0 / 1
     combine = jnp.einsum("btke,btkc,btk->btec", to_expert, to_slot, r.weight.astype(x.dtype))
     buffers = jnp.einsum("btec,btd->becd", dispatch, x)  # (B, E, C, D)
-    y = jnp.einsum("btec,becd->btd", combine, experts(p.experts, buffers, cfg))
+    y = jnp.einsum("btec,becd->btd", combine, experts(p.experts, buffers, activation=activation))
     return y, router_losses(logits, probs, r.expert, valid)
 
 
@@ -279,24 +321,37 @@ class SoftMoE(eqx.Module):
     experts: Experts
 
 
-def slots_per_expert(cfg) -> int:
-    """``block_size // n_experts``: the slots of all experts together about match a sequence."""
-    return cfg.block_size // cfg.n_experts
-
-
-def init_soft_moe(key: Array, cfg) -> SoftMoE:
-    """Soft MoE params for ``cfg`` (fields of ``init_experts`` and ``block_size``)."""
+def init_soft_moe(
+    key: Array,
+    d_model: int,
+    d_hidden: int,
+    n_experts: int,
+    *,
+    slots: int,
+    gated: bool,
+    bias: bool,
+    std: float,
+    out_std: float,
+    dtype,
+) -> SoftMoE:
+    """Soft MoE params: ``slots`` per expert read through an N(0, std^2) ``phi``, and
+    ``init_experts``'s experts."""
     k_phi, k_experts = jax.random.split(key)
     phi = init_linear(
-        k_phi,
-        cfg.n_embed,
-        cfg.n_experts * slots_per_expert(cfg),
-        axes=("embed", None),
-        bias=False,
-        std=cfg.init_stddev,
-        dtype=cfg.param_dtype,
+        k_phi, d_model, n_experts * slots, axes=("embed", None), bias=False, std=std, dtype=dtype
     )
-    return SoftMoE(phi, init_experts(k_experts, cfg))
+    experts = init_experts(
+        k_experts,
+        n_experts,
+        d_model,
+        d_hidden,
+        gated=gated,
+        bias=bias,
+        std=std,
+        out_std=out_std,
+        dtype=dtype,
+    )
+    return SoftMoE(phi, experts)
 
 
 def soft_moe_weights(logits: Array, valid: Array) -> tuple[Array, Array]:
@@ -313,19 +368,23 @@ def soft_moe_weights(logits: Array, valid: Array) -> tuple[Array, Array]:
     return dispatch, combine
 
 
-def soft_moe(p: SoftMoE, x: Array, cfg, *, mask: Array | None) -> Array:
+@jax.named_scope("soft_moe")
+def soft_moe(p: SoftMoE, x: Array, *, activation: str, mask: Array | None) -> Array:
     """Soft MoE (Puigcerver et al., 2023). Not causal: every slot reads the whole sequence.
 
     Args:
-        x: ``(B, T, D)``; mask: optional ``(B, T)`` bool, True for real tokens (padding is not
+        x: ``(B, T, D)``; activation: the experts' (``ACTIVATIONS``).
+        mask: optional ``(B, T)`` bool, True for real tokens (padding is not
             read into any slot and gets a zero output).
     Returns:
         ``(B, T, D)``. Soft MoE has no auxiliary losses.
     """
     b, t, _ = x.shape
     valid = jnp.ones((b, t), bool) if mask is None else mask
-    logits = linear(p.phi, x.astype(jnp.float32)).reshape(b, t, cfg.n_experts, -1)
+    n_experts = p.experts.up.weight.shape[0]  # (E, D, F)
+    logits = linear(p.phi, x.astype(jnp.float32)).reshape(b, t, n_experts, -1)
     dispatch, combine = soft_moe_weights(logits, valid)  # (B, T, E, C)
     slots = jnp.einsum("btec,btd->becd", dispatch.astype(x.dtype), x)  # (B, E, C, D)
-    y = jnp.einsum("btec,becd->btd", combine.astype(x.dtype), experts(p.experts, slots, cfg))
+    expert_out = experts(p.experts, slots, activation=activation)
+    y = jnp.einsum("btec,becd->btd", combine.astype(x.dtype), expert_out)
     return jnp.where(valid[..., None], y, 0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax.numpy as jnp
 from jax import Array
 
@@ -53,7 +56,14 @@ def rms_norm(p: RMSNorm, x: Array, eps: float) -> Array:
     return (y * p.scale).astype(x.dtype)
 
 
+class Norm(NamedTuple):
+    """One kind of norm: ``init(d, dtype) -> params`` and ``apply(params, x, eps) -> y``."""
+
+    init: Callable
+    apply: Callable
+
+
 NORMS = {
-    "layernorm": (init_layer_norm, layer_norm),
-    "rmsnorm": (init_rms_norm, rms_norm),
+    "layernorm": Norm(init_layer_norm, layer_norm),
+    "rmsnorm": Norm(init_rms_norm, rms_norm),
 }

@@ -6,7 +6,6 @@ from jaxpt.train._loop import NonFiniteError as NonFiniteError
 from jaxpt.train._loop import abstract_state as abstract_state
 from jaxpt.train._loop import train as train
 from jaxpt.train._loop import validate_config as validate_config
-from jaxpt.train._metrics import flops_per_token as flops_per_token
 from jaxpt.train._metrics import peak_flops as peak_flops
 from jaxpt.train._metrics import read_metrics as read_metrics
 from jaxpt.train._optimizer import decay_mask as decay_mask

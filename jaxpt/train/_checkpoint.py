@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

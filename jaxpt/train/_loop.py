@@ -11,9 +11,9 @@ import numpy as np
 import optax
 
 from jaxpt import data, evals, hf, models, sharding
-from jaxpt.models import ConfigError, check_range
+from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints
-from jaxpt.train._metrics import MetricsLog, flops_per_token
+from jaxpt.train._metrics import MetricsLog
 from jaxpt.train._optimizer import learning_rate, optimizer, validate_train
 from jaxpt.train._step import (
     STEP_COMPILER_OPTIONS,
@@ -40,11 +40,11 @@ def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
 
 def abstract_state(config, mesh) -> tuple[TrainState, TrainState]:
     """The train state's shapes and dtypes (nothing allocated) and its shardings on ``mesh``."""
-    model = models.get(config.model.name)
+    model_cfg = models.config_from(config.model)
     key = jax.random.key(config.train.seed)
-    abstract_params = jax.eval_shape(lambda k: model.init(k, config.model), key)
+    abstract_params = jax.eval_shape(lambda k: models.get(model_cfg.name).init(k, model_cfg), key)
     tx = optimizer(config.train, abstract_params)
-    abstract = jax.eval_shape(lambda k: init_state(k, config, tx), key)
+    abstract = jax.eval_shape(lambda k: init_state(k, model_cfg, tx), key)
     return abstract, state_shardings(abstract, mesh, config.mesh.rules, tx)
 
 
@@ -52,7 +52,7 @@ def validate_config(config) -> None:
     """Raises ConfigError naming the first field of a run config that breaks a rule: the model
     (its registry entry's ``validate``), train, mesh, and the checkpoint, eval and log counts.
     Reads no file; ``train`` runs it first, the launcher before any mode."""
-    models.get(config.model.name).validate(config.model)
+    models.config_from(config.model)
     validate_train(config.train)
     sharding.validate_mesh(config.mesh)
     for section, field in (
@@ -77,23 +77,23 @@ def check_batch_fits_mesh(config, mesh) -> None:
         )
 
 
-def fresh_state(config, tx, shardings: TrainState, key) -> TrainState:
+def fresh_state(config, model_cfg, tx, shardings: TrainState, key) -> TrainState:
     """The state of step 0: params from ``init`` or, with ``model.init_from``, from that HF
     checkpoint (fine-tuning); the optimizer state is new either way."""
     if not hf.init_source(config.model):
-        return jax.jit(lambda k: init_state(k, config, tx), out_shardings=shardings)(key)
+        return jax.jit(lambda k: init_state(k, model_cfg, tx), out_shardings=shardings)(key)
     params = jax.device_put(hf.load_init_from(config.model).params, shardings.params)
     print(f"initialised params from {config.model.init_from}", flush=True)
     return jax.jit(lambda p: start_state(p, tx), out_shardings=shardings)(params)
 
 
-def describe(config, n_params: int) -> str:
+def describe(config, model_cfg) -> str:
     """The start-of-run summary: parameters, tokens per step, FLOPs per token."""
-    tokens = config.train.batch_size * config.model.block_size
+    tokens = config.train.batch_size * model_cfg.block_size
     return (
-        f"model {config.model.name}: {n_params:,} parameters; {tokens:,} tokens per step "
-        f"({config.train.batch_size} x {config.model.block_size}); "
-        f"{flops_per_token(config.model, n_params):.3e} training FLOPs per token"
+        f"model {model_cfg.name}: {model_cfg.n_params:,} parameters; {tokens:,} tokens per "
+        f"step ({config.train.batch_size} x {model_cfg.block_size}); "
+        f"{model_cfg.flops_per_token:.3e} training FLOPs per token"
     )
 
 
@@ -200,12 +200,13 @@ def train(config, workdir: str | Path) -> TrainState:
     Interrupted after saving when SIGTERM or SIGINT arrives."""
     workdir = Path(workdir)
     validate_config(config)
+    model_cfg = models.config_from(config.model)
     if hf.init_source(config.model):
         hf.check_init_from(config.model)
-    batch_size, seq_len = config.train.batch_size, config.model.block_size
+    batch_size, seq_len = config.train.batch_size, model_cfg.block_size
     need = data.tokens_needed(config.train.steps, batch_size, seq_len, config.eval.batches)
     manifest = data.ensure_prepared(config.data, need=need)
-    data.check_vocab(manifest, config.model.vocab_size)
+    data.check_vocab(manifest, model_cfg.vocab_size)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh)
     rules = config.mesh.rules
@@ -213,8 +214,7 @@ def train(config, workdir: str | Path) -> TrainState:
     key = jax.random.key(config.train.seed)
     abstract, shardings = abstract_state(config, mesh)
     tx = optimizer(config.train, abstract.params)
-    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-    print(describe(config, n_params), flush=True)
+    print(describe(config, model_cfg), flush=True)
 
     batch_sh = sharding.batch_sharding(mesh, rules)
     rows = data.process_rows(batch_sh, (batch_size, seq_len))
@@ -236,7 +236,7 @@ def train(config, workdir: str | Path) -> TrainState:
         cleanup.callback(checkpoints.close)
         restored = checkpoints.restore_latest(abstract, shardings, config.model)
         if restored is None:
-            state = fresh_state(config, tx, shardings, key)
+            state = fresh_state(config, model_cfg, tx, shardings, key)
             loader_state = train_data.init_state(config.train.seed)
         else:
             _, state, loader_state = restored
@@ -247,7 +247,7 @@ def train(config, workdir: str | Path) -> TrainState:
             total_steps=config.train.steps,
             first_step=step,
             tokens_per_step=batch_size * seq_len,
-            flops_per_token=flops_per_token(config.model, n_params),
+            flops_per_token=model_cfg.flops_per_token,
             print_every=config.log.every_steps,
         )
         cleanup.callback(log.close)

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxpt.models import ConfigError
+from jaxpt.errors import ConfigError
 
 # Dense bf16 peak FLOP/s of one device, by a substring of jax's device_kind (datasheets).
 PEAK_FLOPS = {
@@ -29,20 +29,6 @@ PEAK_FLOPS = {
 def peak_flops(device_kind: str) -> float | None:
     """Peak dense bf16 FLOP/s of a device kind, or None where unknown (e.g. CPUs)."""
     return next((v for k, v in PEAK_FLOPS.items() if k.lower() in device_kind.lower()), None)
-
-
-def flops_per_token(model_cfg, n_active_params: int) -> float:
-    """Training FLOPs per token: ``6 N + 12 L D T`` (PaLM appendix B; nanoGPT's MFU).
-
-    ``6 N`` is the forward and backward matmuls over the ``N`` parameters a token passes
-    through (tied embedding counted once, position table included, as the torch reference
-    counts); ``12 L D T`` is attention's scores and weighted sum at sequence length ``T``.
-    """
-    if model_cfg.name == "bigram":
-        return 6.0 * model_cfg.vocab_size
-    return 6.0 * n_active_params + 12.0 * model_cfg.n_layer * model_cfg.n_embed * (
-        model_cfg.block_size
-    )
 
 
 class MetricsLog:

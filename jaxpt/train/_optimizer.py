@@ -5,7 +5,7 @@ from __future__ import annotations
 import optax
 
 from jaxpt import nn
-from jaxpt.models import ConfigError, check_range
+from jaxpt.errors import ConfigError, check_range
 
 SCHEDULES = ("cosine", "wsd")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import equinox as eqx
@@ -21,9 +22,11 @@ class TrainState(eqx.Module):
     opt_state: optax.OptState
 
 
-def init_state(key: Array, config, tx: optax.GradientTransformation) -> TrainState:
-    """Fresh params and optimizer state for ``config.model``."""
-    return start_state(models.get(config.model.name).init(key, config.model), tx)
+def init_state(
+    key: Array, cfg: models.ModelConfig | models.BigramConfig, tx: optax.GradientTransformation
+) -> TrainState:
+    """Fresh params for the model config ``cfg`` and a fresh optimizer state."""
+    return start_state(models.get(cfg.name).init(key, cfg), tx)
 
 
 def start_state(params, tx: optax.GradientTransformation) -> TrainState:
@@ -31,22 +34,38 @@ def start_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
-def loss_fn(params, inputs: Array, targets: Array, config) -> tuple[Array, dict[str, Array]]:
+def loss_fn(
+    params,
+    inputs: Array,
+    targets: Array,
+    cfg: models.ModelConfig | models.BigramConfig,
+    *,
+    load_balance_loss_coeff: float = 0.0,
+    z_loss_coeff: float = 0.0,
+) -> tuple[Array, dict[str, Array]]:
     """Next-token loss plus the weighted auxiliary losses.
 
     Args:
         inputs, targets: ``(B, T)`` token ids; ``targets`` are ``inputs`` shifted by one.
+        cfg: the model config.
+        load_balance_loss_coeff, z_loss_coeff: weights of the MoE losses in ``aux``.
     Returns:
         ``(loss, metrics)`` with the cross-entropy ``ce`` and the raw auxiliary losses.
     """
-    logits, aux = models.get(config.model.name).apply(params, inputs, config.model)
+    logits, aux = models.get(cfg.name).apply(params, inputs, cfg)
     ce = nn.cross_entropy(logits, targets)
-    loss = (
-        ce
-        + config.train.load_balance_loss_coeff * aux["load_balance_loss"]
-        + config.train.z_loss_coeff * aux["z_loss"]
-    )
+    loss = ce + load_balance_loss_coeff * aux["load_balance_loss"] + z_loss_coeff * aux["z_loss"]
     return loss, {"loss": loss, "ce": ce, **aux}
+
+
+def _run_loss(config) -> Callable:
+    """``loss(params, inputs, targets)`` of the run config ``config`` (model and train)."""
+    return functools.partial(
+        loss_fn,
+        cfg=models.config_from(config.model),
+        load_balance_loss_coeff=config.train.load_balance_loss_coeff,
+        z_loss_coeff=config.train.z_loss_coeff,
+    )
 
 
 # XLA:GPU records a whole train step as one CUDA graph and re-records it on every call (its
@@ -76,15 +95,15 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
     finite; the loop then stops or goes on by ``train.on_nonfinite``. (The optimizer state
     stays finite with the gradients: their global norm bounds every moment.)"""
     n_micro = config.train.grad_accum_steps
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(_run_loss(config), has_aux=True)
 
     def mean_gradients(params, inputs: Array, targets: Array):
         if n_micro == 1:
-            (_, metrics), grads = grad_fn(params, inputs, targets, config)
+            (_, metrics), grads = grad_fn(params, inputs, targets)
             return grads, metrics
 
         def accumulate(grads_sum, micro):
-            (_, metrics), grads = grad_fn(params, *micro, config)
+            (_, metrics), grads = grad_fn(params, *micro)
             return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -95,7 +114,7 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
 
     def step(state: TrainState, inputs: Array, targets: Array):
         grads, metrics = mean_gradients(state.params, inputs, targets)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & all_finite(params)
@@ -110,4 +129,5 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
 
 def make_eval_step(config) -> Callable:
     """``eval_step(params, inputs, targets) -> metrics`` (the same losses, no update)."""
-    return lambda params, inputs, targets: loss_fn(params, inputs, targets, config)[1]
+    loss = _run_loss(config)
+    return lambda params, inputs, targets: loss(params, inputs, targets)[1]

@@ -1,0 +1,53 @@
+"""The errors jaxpt raises for bad input. Each carries one sentence naming what is wrong (the
+field or file, the value, the rule) and what to do; ``launch.py`` prints it without a traceback.
+"""
+
+import math
+import numbers
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message names the field, the value and the rule."""
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given (empty, corrupt, or inconsistent with the model)."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset, shard or tokenizer file that does not exist."""
+
+
+def check_range(
+    name: str,
+    value,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    below: float | None = None,
+    integer: bool = False,
+    note: str = "",
+) -> None:
+    """Raises ConfigError unless ``value`` is a finite number (an integer when ``integer``;
+    never a bool) within the bounds given, e.g. ``check_range("train.b1", b1, at_least=0,
+    below=1)``; the message names ``name``, the value and the rule, then ``note``."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (at_least is None or value >= at_least) and (above is None or value > above)
+    ok = ok and (at_most is None or value <= at_most) and (below is None or value < below)
+    if ok:
+        return
+    low = at_least if at_least is not None else above
+    high = at_most if at_most is not None else below
+    if low is not None and high is not None:
+        opening, closing = "[" if at_least is not None else "(", "]" if at_most is not None else ")"
+        bounds = f" in {opening}{low}, {high}{closing}"
+    elif low is not None:
+        bounds = f" {'>=' if at_least is not None else '>'} {low}"
+    elif high is not None:
+        bounds = f" {'<=' if at_most is not None else '<'} {high}"
+    else:
+        bounds = ""
+    number = "an integer" if integer else "a finite number"
+    raise ConfigError(f"{name}={value!r} must be {number}{bounds}{note}.")
