@@ -57,9 +57,6 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     """Every section with its defaults, the model section from the registry preset."""
     config = ml_collections.ConfigDict()
     config.model = models.get(model_name).default_config().to_dict()
-    # An HF checkpoint directory or hub name a run starts from when its workdir has no
-    # checkpoint yet (see jaxpt.hf); "" for none. A run setting: models.config_from skips it.
-    config.model.init_from = ""
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "HuggingFaceFW/fineweb-edu"  # HF name, local path or "embedded"
@@ -98,6 +95,9 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
     config.checkpoint.keep = 3
+    # An HF checkpoint directory or hub name a run starts from when its workdir has no
+    # checkpoint yet (see jaxpt.hf); "" for none.
+    config.checkpoint.init_from = ""
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 250

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 
-from jaxpt import data, hf, models, sharding, train
+from jaxpt import data, hf, models, train
 from jaxpt.config import check_writable_directory
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.generation import generate
@@ -60,8 +61,9 @@ def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None
     if mode == "train":
         train.validate_config(config)
         check_writable_directory(workdir, "--workdir")
+        init_params = pretrained_params(config)
         print(config, flush=True)
-        train.train(config, workdir)
+        train.train(config, workdir, init_params=init_params)
     elif mode == "generate":
         for i, text in enumerate(sample(config, workdir, sample_options or SampleOptions())):
             print(f"--- sample {i}\n{text}", flush=True)
@@ -69,9 +71,28 @@ def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None
         raise ConfigError(f"--mode={mode!r} is not one of {list(MODES)}.")
 
 
+def pretrained_params(config) -> Callable[[], object] | None:
+    """What ``train.train`` starts from without a checkpoint: None for a fresh ``init``, or,
+    with ``checkpoint.init_from``, a function that loads that HF checkpoint's params (called
+    only then, so a resumed run never reads it). The checkpoint's config.json is checked
+    against ``config.model`` here, before anything compiles."""
+    source = config.checkpoint.init_from
+    if not source:
+        return None
+    model_cfg = models.config_from(config.model)
+    hf.check_init_from(model_cfg, source)
+
+    def load() -> object:
+        params = hf.load_init_from(model_cfg, source).params
+        print(f"initialised params from {source}", flush=True)
+        return params
+
+    return load
+
+
 def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     """Prompt plus completion, as text, for each of ``options.num_samples`` samples drawn
-    from the latest checkpoint in ``workdir`` (or ``model.init_from``, see
+    from the latest checkpoint in ``workdir`` (or ``checkpoint.init_from``, see
     ``params_and_tokenizer``); each stops at end-of-text."""
     train.validate_config(config)
     options.validate()
@@ -94,45 +115,16 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
 
 def params_and_tokenizer(config, workdir: str | Path) -> tuple[object, data.Tokenizer]:
     """The latest checkpoint's params and the run's tokenizer. In a workdir without
-    checkpoints, a config with ``model.init_from`` gets that HF checkpoint's params and the
-    tokenizer that came with it (else the run's)."""
+    checkpoints, a config with ``checkpoint.init_from`` gets that HF checkpoint's params and
+    the tokenizer that came with it (else the run's)."""
     directory = Path(workdir) / "checkpoints"  # orbax names each checkpoint by its step
     trained = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-    if trained or not hf.init_source(config.model):
-        step, params = latest_params(config, workdir)
+    source = config.checkpoint.init_from
+    if trained or not source:
+        step, params = train.latest_params(config, workdir)
         print(f"sampling from checkpoint {step} of {workdir}", flush=True)
-        return params, tokenizer_of(config.data)
-    pretrained = hf.load_init_from(config.model)
-    print(f"sampling from model.init_from={config.model.init_from}", flush=True)
+        return params, data.run_tokenizer(config.data)
+    pretrained = hf.load_init_from(models.config_from(config.model), source)
+    print(f"sampling from checkpoint.init_from={source}", flush=True)
     tokenizer = pretrained.tokenizer
-    return pretrained.params, tokenizer_of(config.data) if tokenizer is None else tokenizer
-
-
-def tokenizer_of(data_config) -> data.Tokenizer:
-    """The tokenizer a run's data was prepared with (the char vocabulary lives there), or
-    ``data.tokenizer`` by name when the data directory is not on this machine."""
-    try:
-        return data.tokenizer_for(data.ensure_prepared(data_config))
-    except data.DataNotFoundError:
-        return data.get_tokenizer(data_config.tokenizer)
-
-
-def latest_params(config, workdir: str | Path) -> tuple[int, object]:
-    """The step and params of the newest readable checkpoint in ``workdir/checkpoints``
-    (ConfigError when it holds another model than ``config.model``); reads only."""
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        raise ConfigError(
-            f"{directory} does not exist: train this config with --mode=train and "
-            f"--workdir={workdir} first."
-        )
-    checkpoints = train.Checkpoints(directory, keep=None)  # read only: nothing is touched
-    try:
-        mesh = sharding.make_mesh(config.mesh)
-        restored = checkpoints.restore_latest(*train.abstract_state(config, mesh), config.model)
-    finally:
-        checkpoints.close()
-    if restored is None:
-        raise ConfigError(f"no checkpoint in {directory} could be read.")
-    step, state, _ = restored
-    return step, state.params
+    return pretrained.params, data.run_tokenizer(config.data) if tokenizer is None else tokenizer

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpt import hf, launcher, models, train
+from jaxpt import launcher, models, train
+from jaxpt.hf.__main__ import export_checkpoint
 from jaxpt.train import _metrics
 
 from .test_train import char_config, final_params, launch, train_losses
@@ -56,7 +57,7 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 
 def export(config, workdir):
-    hf.export_checkpoint(config, workdir, workdir.parent / "exported")
+    export_checkpoint(config, workdir, workdir.parent / "exported")
 
 
 def generate(config, workdir):
@@ -99,7 +100,7 @@ def test_a_changed_model_is_one_sentence_and_touches_nothing(workdir, command, f
 def test_how_the_model_is_computed_may_change(workdir):
     config = trained_config()
     config.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
-    step, params = launcher.latest_params(config, workdir)
+    step, params = train.latest_params(config, workdir)
     assert step == 4
     assert jax.tree.leaves(params)[0].dtype == np.float32  # the stored params, as trained
 
@@ -118,7 +119,7 @@ def test_a_checkpoint_whose_config_lacks_a_field_is_compared_by_shapes(workdir):
         match=r"^Checkpoint 4 in .* holds params\.blocks\.0\.\S+ with shape \(2, .* where this "
         r"config's model needs shape \(4, ",
     ):
-        launcher.latest_params(config, workdir)
+        train.latest_params(config, workdir)
     assert snapshot(workdir) == before
 
 
@@ -140,7 +141,7 @@ def test_only_training_sets_aside_what_a_crash_left(workdir, capsys):
         f.write('{"step": 5, "loss": 4.')  # a kill in mid-write
     before = snapshot(workdir)
 
-    assert launcher.latest_params(trained_config(), workdir)[0] == 2
+    assert train.latest_params(trained_config(), workdir)[0] == 2
     assert [r["step"] for r in train.read_metrics(metrics)][-1] == 4
     assert snapshot(workdir) == before  # reading only: nothing moved or rewritten
 

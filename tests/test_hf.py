@@ -26,6 +26,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from jaxpt import data, generate, hf, launcher, models, train  # noqa: E402
 from jaxpt.errors import ConfigError  # noqa: E402
+from jaxpt.hf.__main__ import export_checkpoint  # noqa: E402
 from tests.test_models import tiny_config  # noqa: E402
 from tests.test_train import ROOT, char_config  # noqa: E402
 
@@ -329,13 +330,11 @@ def test_configs_without_an_hf_layout_name_the_field(preset, message):
         hf.config_to_hf(tiny_config(preset))
 
 
-def test_init_from_is_validated_and_ignored_by_init_and_apply():
-    section = {**tiny_config("gpt").to_dict(), "init_from": "/nowhere"}  # a run's model section
-    cfg = models.config_from(section)
-    params = models.get("gpt").init(jax.random.key(0), cfg)
-    assert jaxpt_logits(cfg, params, random_tokens(cfg)).shape == (2, 16, cfg.vocab_size)
-    with pytest.raises(ConfigError, match=r"model\.init_from=None must be"):
-        models.config_from({**section, "init_from": None})
+def test_init_from_is_a_checkpoint_setting_checked_with_the_run_config():
+    config = char_config()
+    config.checkpoint.init_from = None
+    with pytest.raises(ConfigError, match=r"checkpoint\.init_from=None must be a checkpoint"):
+        train.validate_config(config)
 
 
 def test_missing_sources_get_one_sentence(tmp_path, monkeypatch):
@@ -365,14 +364,19 @@ def smoke_gpt2_dir(path, **overrides):
 
 def test_training_starts_from_init_from_and_exports(tmp_path, capsys):
     config = char_config(steps=2, lr=1e-9, warmup_steps=0)  # lr ~ 0: params stay put
-    config.model.init_from = smoke_gpt2_dir(tmp_path / "hf")
+    config.checkpoint.init_from = smoke_gpt2_dir(tmp_path / "hf")
     config.eval.batches = 1
-    state = train.train(config, tmp_path / "run")
+    state = train.train(config, tmp_path / "run", init_params=launcher.pretrained_params(config))
     assert int(state.step) == 2
     assert f"initialised params from {tmp_path / 'hf'}" in capsys.readouterr().out
     imported = hf.from_pretrained(tmp_path / "hf").params
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), state.params, imported)
-    hf.export_checkpoint(config, tmp_path / "run", tmp_path / "out")
+
+    def never():
+        raise AssertionError("a resumed run read the init_from checkpoint")
+
+    assert int(train.train(config, tmp_path / "run", init_params=never).step) == 2
+    export_checkpoint(config, tmp_path / "run", tmp_path / "out")
     exported = load_file(tmp_path / "out" / "model.safetensors")
     want = load_file(tmp_path / "hf" / "model.safetensors")
     assert sorted(exported) == sorted(want)
@@ -383,21 +387,22 @@ def test_training_starts_from_init_from_and_exports(tmp_path, capsys):
 
 def test_init_from_that_does_not_fit_fails_before_compiling(tmp_path):
     config = char_config()
-    config.model.init_from = smoke_gpt2_dir(tmp_path / "hf", n_embd=32)
+    config.checkpoint.init_from = smoke_gpt2_dir(tmp_path / "hf", n_embd=32)
     with pytest.raises(
-        ConfigError, match=r"model\.n_embed=64 does not match .* 32 \(n_embd in its config.json\)"
+        ConfigError,
+        match=r"model\.n_embed=64 does not match checkpoint\.init_from=.* 32 \(n_embd in its",
     ):
-        train.train(config, tmp_path / "run")
+        launcher.run(config, workdir=str(tmp_path / "run"), mode="train")
     assert not (tmp_path / "run").exists()
 
 
 def test_generate_mode_samples_from_init_from_without_a_checkpoint(tmp_path, capsys):
     config = char_config()
-    config.model.init_from = smoke_gpt2_dir(tmp_path / "hf")
+    config.checkpoint.init_from = smoke_gpt2_dir(tmp_path / "hf")
     options = launcher.SampleOptions(prompt="The ", num_samples=1, max_new_tokens=6, temperature=0)
     (text,) = launcher.sample(config, tmp_path / "run", options)
-    assert "sampling from model.init_from" in capsys.readouterr().out
-    tokenizer = launcher.tokenizer_of(config.data)
+    assert "sampling from checkpoint.init_from" in capsys.readouterr().out
+    tokenizer = data.run_tokenizer(config.data)
     prompt = tokenizer.encode("The ")
     params = hf.from_pretrained(tmp_path / "hf").params
     new = generate(
@@ -421,7 +426,7 @@ def test_command_line_imports_a_checkpoint(tmp_path):
         text=True,
         check=True,
     )
-    assert f"--config.model.init_from={tmp_path / 'out'}" in result.stdout
+    assert f"--config.checkpoint.init_from={tmp_path / 'out'}" in result.stdout
     assert "--config.model.n_embed=64" in result.stdout
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert sorted(got) == sorted(load_file(f"{source}/model.safetensors"))
@@ -432,6 +437,28 @@ def test_command_line_imports_a_checkpoint(tmp_path):
         text=True,
     )
     assert missing.returncode != 0 and "--to=hf needs --config" in missing.stderr
+
+
+@pytest.mark.parametrize("to", ["jaxpt", "hf"])
+def test_command_line_refuses_an_out_directory_holding_files(tmp_path, to):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("a user's file\n")
+    run = ["--config=configs/gpt.py:smoke", "--workdir=x"]
+    source = ["--source=gpt2"] if to == "jaxpt" else run
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxpt.hf", f"--to={to}", *source, f"--out={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"jaxpt.hf: --out={out} already holds files (config.json), which this command does not "
+        "overwrite: choose a new or empty --out.\n"
+    )
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert (out / "config.json").read_text() == "a user's file\n"
 
 
 def test_a_damaged_checkpoint_is_one_sentence_naming_the_file(tmp_path):

@@ -21,6 +21,7 @@ from jaxpt.data._prepare import prepare_dataset as prepare_dataset
 from jaxpt.data._resolve import DataConfig as DataConfig
 from jaxpt.data._resolve import default_cache_dir as default_cache_dir
 from jaxpt.data._resolve import ensure_prepared as ensure_prepared
+from jaxpt.data._resolve import run_tokenizer as run_tokenizer
 from jaxpt.data._shards import Manifest as Manifest
 from jaxpt.data._shards import Shard as Shard
 from jaxpt.data._shards import load_manifest as load_manifest

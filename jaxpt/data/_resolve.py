@@ -32,7 +32,7 @@ from jaxpt.data._formats import read_shard_directory, shard_files
 from jaxpt.data._loader import TokenNeed
 from jaxpt.data._prepare import SourceError, dataset_source, looks_like_path, prepare_source
 from jaxpt.data._shards import MANIFEST, PROGRESS, Manifest, load_manifest
-from jaxpt.data._tokenizers import tokenizer_key
+from jaxpt.data._tokenizers import Tokenizer, get_tokenizer, tokenizer_for, tokenizer_key
 from jaxpt.errors import DataError, DataNotFoundError
 
 CACHE_SHARD_TOKENS = 2**24  # tokens per shard of a hub dataset's cache (32 MiB of uint16)
@@ -192,3 +192,12 @@ def _lock(directory: Path) -> Iterator[None]:
             print(f"waiting for another process to finish preparing {directory}", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+def run_tokenizer(data_config: DataConfig) -> Tokenizer:
+    """The tokenizer a run's data was prepared with (the char vocabulary lives there), or
+    ``data.tokenizer`` by name when the data directory is not on this machine."""
+    try:
+        return tokenizer_for(ensure_prepared(data_config))
+    except DataNotFoundError:
+        return get_tokenizer(data_config.tokenizer)

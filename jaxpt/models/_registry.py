@@ -127,20 +127,8 @@ def config_from(section: Mapping[str, Any]) -> ModelConfig | BigramConfig:
     A field the preset's class does not have is a ConfigError naming it.
     """
     fields = dict(section)
-    _check_init_from(fields.pop("init_from", ""))
     preset = get(fields.get("name")).config
     return type(preset).from_dict({**preset.to_dict(), **fields})
-
-
-def _check_init_from(init_from) -> None:
-    """``model.init_from`` is a run setting, not a model field: the HF checkpoint a run starts
-    from (see ``jaxpt.hf``), which ``config_from`` checks and leaves out. The one place that
-    knows it sits in the model section until it moves to the train section."""
-    if not isinstance(init_from, str):
-        raise ConfigError(
-            f"model.init_from={init_from!r} must be a checkpoint directory, a hub name or '' "
-            "(none)."
-        )
 
 
 # The presets are the full-size models as a run trains them on a GPU or TPU: float32 params,

@@ -1,9 +1,9 @@
 """Training: optimizer and schedules, the jitted train step, checkpoints, metrics, the loop."""
 
 from jaxpt.train._checkpoint import Checkpoints as Checkpoints
+from jaxpt.train._checkpoint import latest_params as latest_params
 from jaxpt.train._loop import Interrupted as Interrupted
 from jaxpt.train._loop import NonFiniteError as NonFiniteError
-from jaxpt.train._loop import abstract_state as abstract_state
 from jaxpt.train._loop import train as train
 from jaxpt.train._loop import validate_config as validate_config
 from jaxpt.train._metrics import peak_flops as peak_flops
@@ -14,6 +14,7 @@ from jaxpt.train._optimizer import optimizer as optimizer
 from jaxpt.train._optimizer import validate_train as validate_train
 from jaxpt.train._step import STEP_COMPILER_OPTIONS as STEP_COMPILER_OPTIONS
 from jaxpt.train._step import TrainState as TrainState
+from jaxpt.train._step import abstract_state as abstract_state
 from jaxpt.train._step import init_state as init_state
 from jaxpt.train._step import loss_fn as loss_fn
 from jaxpt.train._step import make_eval_step as make_eval_step

@@ -24,14 +24,16 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxpt import sharding
 from jaxpt.errors import ConfigError
+from jaxpt.train._step import abstract_state
 
 log = logging.getLogger(__name__)
 
-# Model fields that choose how the model is computed, not what it computes (and init_from,
-# where a new run starts): a run may change them on resume, e.g. to remat or compute in bf16.
+# Model fields that choose how the model is computed, not what it computes: a run may change
+# them on resume, e.g. to remat or compute in bf16.
 FREE_MODEL_FIELDS = frozenset(
-    {"dtype", "sdpa_implementation", "logits_dtype", "remat_policy", "scan_layers", "init_from"}
+    {"dtype", "sdpa_implementation", "logits_dtype", "remat_policy", "scan_layers"}
 )
 
 
@@ -187,6 +189,27 @@ class Checkpoints:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def latest_params(config, workdir: str | Path) -> tuple[int, object]:
+    """The step and params of the newest readable checkpoint in ``workdir/checkpoints``
+    (ConfigError when it holds another model than ``config.model``); reads only."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise ConfigError(
+            f"{directory} does not exist: train this config with --mode=train and "
+            f"--workdir={workdir} first."
+        )
+    checkpoints = Checkpoints(directory, keep=None)  # read only: nothing is touched
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+        restored = checkpoints.restore_latest(*abstract_state(config, mesh), config.model)
+    finally:
+        checkpoints.close()
+    if restored is None:
+        raise ConfigError(f"no checkpoint in {directory} could be read.")
+    step, state, _ = restored
+    return step, state.params
 
 
 class _Unreadable(Exception):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
-import optax
 
-from jaxpt import data, evals, hf, models, sharding
+from jaxpt import data, evals, models, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog
@@ -18,6 +19,7 @@ from jaxpt.train._optimizer import learning_rate, optimizer, validate_train
 from jaxpt.train._step import (
     STEP_COMPILER_OPTIONS,
     TrainState,
+    abstract_state,
     init_state,
     make_eval_step,
     make_train_step,
@@ -25,33 +27,11 @@ from jaxpt.train._step import (
 )
 
 
-def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
-    """Shardings of the train state: optimizer moments follow their params."""
-    params = sharding.param_shardings(abstract.params, mesh, rules)
-    opt_state = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract.opt_state,
-        params,
-        transform_non_params=lambda _: sharding.replicated(mesh),
-    )
-    return TrainState(sharding.replicated(mesh), params, opt_state)
-
-
-def abstract_state(config, mesh) -> tuple[TrainState, TrainState]:
-    """The train state's shapes and dtypes (nothing allocated) and its shardings on ``mesh``."""
-    model_cfg = models.config_from(config.model)
-    key = jax.random.key(config.train.seed)
-    abstract_params = jax.eval_shape(lambda k: models.get(model_cfg.name).init(k, model_cfg), key)
-    tx = optimizer(config.train, abstract_params)
-    abstract = jax.eval_shape(lambda k: init_state(k, model_cfg, tx), key)
-    return abstract, state_shardings(abstract, mesh, config.mesh.rules, tx)
-
-
 def validate_config(config) -> None:
     """Raises ConfigError naming the first field of a run config that breaks a rule: the model
-    (its registry entry's ``validate``), train, mesh, and the checkpoint, eval and log counts.
-    Reads no file; ``train`` runs it first, the launcher before any mode."""
+    (its registry entry's ``validate``), train, mesh, the checkpoint, eval and log counts, and
+    ``checkpoint.init_from``'s type. Reads no file; ``train`` runs it first, the launcher
+    before any mode."""
     models.config_from(config.model)
     validate_train(config.train)
     sharding.validate_mesh(config.mesh)
@@ -63,6 +43,11 @@ def validate_config(config) -> None:
         ("log", "every_steps"),
     ):
         check_range(f"{section}.{field}", config[section][field], at_least=1, integer=True)
+    if not isinstance(config.checkpoint.init_from, str):
+        raise ConfigError(
+            f"checkpoint.init_from={config.checkpoint.init_from!r} must be a checkpoint "
+            "directory, a hub name or '' (none)."
+        )
 
 
 def check_batch_fits_mesh(config, mesh) -> None:
@@ -77,13 +62,14 @@ def check_batch_fits_mesh(config, mesh) -> None:
         )
 
 
-def fresh_state(config, model_cfg, tx, shardings: TrainState, key) -> TrainState:
-    """The state of step 0: params from ``init`` or, with ``model.init_from``, from that HF
-    checkpoint (fine-tuning); the optimizer state is new either way."""
-    if not hf.init_source(config.model):
+def fresh_state(
+    model_cfg, tx, shardings: TrainState, key, init_params: Callable[[], Any] | None
+) -> TrainState:
+    """The state of step 0: params from ``init_params()`` (e.g. a pretrained checkpoint's, to
+    fine-tune) or, without it, from ``init``; the optimizer state is new either way."""
+    if init_params is None:
         return jax.jit(lambda k: init_state(k, model_cfg, tx), out_shardings=shardings)(key)
-    params = jax.device_put(hf.load_init_from(config.model).params, shardings.params)
-    print(f"initialised params from {config.model.init_from}", flush=True)
+    params = jax.device_put(init_params(), shardings.params)
     return jax.jit(lambda p: start_state(p, tx), out_shardings=shardings)(params)
 
 
@@ -192,17 +178,18 @@ def _stop_message(record: dict, checkpoints: Checkpoints) -> str:
     )
 
 
-def train(config, workdir: str | Path) -> TrainState:
+def train(
+    config, workdir: str | Path, *, init_params: Callable[[], Any] | None = None
+) -> TrainState:
     """Trains ``config`` in ``workdir``, resuming from its latest readable checkpoint; without
-    one, from ``model.init_from`` when set, else from a fresh ``init``.
+    one, from the params ``init_params()`` returns (called only then, so a resumed run never
+    reads them; the launcher passes ``checkpoint.init_from``'s), else from a fresh ``init``.
 
     Raises NonFiniteError when a step is not finite under ``train.on_nonfinite='stop'``, and
     Interrupted after saving when SIGTERM or SIGINT arrives."""
     workdir = Path(workdir)
     validate_config(config)
     model_cfg = models.config_from(config.model)
-    if hf.init_source(config.model):
-        hf.check_init_from(config.model)
     batch_size, seq_len = config.train.batch_size, model_cfg.block_size
     need = data.tokens_needed(config.train.steps, batch_size, seq_len, config.eval.batches)
     manifest = data.ensure_prepared(config.data, need=need)
@@ -236,7 +223,7 @@ def train(config, workdir: str | Path) -> TrainState:
         cleanup.callback(checkpoints.close)
         restored = checkpoints.restore_latest(abstract, shardings, config.model)
         if restored is None:
-            state = fresh_state(config, model_cfg, tx, shardings, key)
+            state = fresh_state(model_cfg, tx, shardings, key, init_params)
             loader_state = train_data.init_state(config.train.seed)
         else:
             _, state, loader_state = restored

