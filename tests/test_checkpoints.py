@@ -184,19 +184,32 @@ def test_skipped_steps_never_rotate_out_the_last_finite_checkpoint(workdir):
     assert all(all_finite(workdir, step) for step in (4, 6))
 
 
-def test_a_non_finite_step_stops_the_run_at_that_step(workdir):
+@pytest.mark.parametrize(
+    "every_steps, message, last_logged",
+    [
+        # Step 5's update overflows the params; step 6's loss is the first non-finite one.
+        (100, r"Step 6 is not finite \(loss \S+, grad_norm \S+\), so training stopped ", 6),
+        # A save right after the overflow refuses the params instead of writing them.
+        (
+            5,
+            r"Step 5's params are not finite \(an update overflowed them\), so they were not "
+            r"saved and training stopped ",
+            5,
+        ),
+    ],
+)
+def test_a_non_finite_step_stops_the_run_at_that_step(workdir, every_steps, message, last_logged):
     config = trained_config(lr=OVERFLOWING_LR, warmup_steps=0, schedule="wsd")
     config.train.steps = 30
     config.log.every_steps = 100
-    config.checkpoint.every_steps = 100
+    config.checkpoint.every_steps = every_steps
     with pytest.raises(
         train.NonFiniteError,
-        match=r"^Step 5 is not finite \(loss \S+, grad_norm \S+\), so training stopped "
-        r"\(train.on_nonfinite='stop'\) and the last good checkpoint is step 4 in ",
+        match=rf"^{message}.*the last good checkpoint is step 4 in ",
     ):
         train.train(config, workdir)
     logged = [r["step"] for r in train.read_metrics(workdir / "metrics.jsonl") if "loss" in r]
-    assert logged == [1, 2, 3, 4, 5]  # the bad step is logged, and nothing after it
+    assert logged == list(range(1, last_logged + 1))  # the bad step is logged, nothing after it
     assert checkpoint_steps(workdir) == [2, 4]
 
 
@@ -205,7 +218,7 @@ def test_launch_stops_on_a_non_finite_step_in_one_sentence(tmp_path):
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 1, out
     last = out.strip().splitlines()[-1]
-    assert last.startswith("launch.py: Step 1 is not finite"), out
+    assert last.startswith("launch.py: Step 2 is not finite"), out  # step 1 overflowed the params
     assert "no checkpoint was saved before it" in last
     assert "Traceback" not in out
 

@@ -20,6 +20,7 @@ from jaxpt.train._step import (
     STEP_COMPILER_OPTIONS,
     TrainState,
     abstract_state,
+    all_finite,
     init_state,
     make_eval_step,
     make_train_step,
@@ -158,23 +159,38 @@ class _PendingSteps:
                 )
         self.log.train_steps(records)
 
+    def refuse_save(self, step: int) -> None:
+        """Step ``step``'s params are not finite (an update overflowed them): not saved; under
+        'stop' the run ends here."""
+        message = (
+            f"Step {step}'s params are not finite (an update overflowed them), so they were not "
+            "saved"
+        )
+        if self.policy == "stop":
+            raise NonFiniteError(
+                f"{message} and training stopped (train.on_nonfinite='stop'); "
+                f"{_last_checkpoint(self.checkpoints)}; lower train.lr."
+            )
+        print(f"{message} (train.on_nonfinite='skip')", flush=True)
+
 
 def _losses(record: dict) -> str:
     return f"loss {record['loss']:.4g}, grad_norm {record['grad_norm']:.4g}"
 
 
-def _stop_message(record: dict, checkpoints: Checkpoints) -> str:
+def _last_checkpoint(checkpoints: Checkpoints) -> str:
     checkpoints.wait()  # name a checkpoint that is on disk
     saved = checkpoints.steps()
-    last = (
-        f"the last good checkpoint is step {saved[-1]} in {checkpoints.directory}"
-        if saved
-        else "no checkpoint was saved before it"
-    )
+    if not saved:
+        return "no checkpoint was saved before it"
+    return f"the last good checkpoint is step {saved[-1]} in {checkpoints.directory}"
+
+
+def _stop_message(record: dict, checkpoints: Checkpoints) -> str:
     return (
         f"Step {record['step']} is not finite ({_losses(record)}), so training stopped "
-        f"(train.on_nonfinite='stop') and {last}; lower train.lr, or set "
-        "train.on_nonfinite='skip' to skip such steps."
+        f"(train.on_nonfinite='stop') and {_last_checkpoint(checkpoints)}; lower train.lr, or "
+        "set train.on_nonfinite='skip' to skip such steps."
     )
 
 
@@ -218,6 +234,7 @@ def train(
         compiler_options=STEP_COMPILER_OPTIONS,
     )
     eval_fn = jax.jit(make_eval_step(config), in_shardings=(shardings.params, batch_sh, batch_sh))
+    params_finite = jax.jit(all_finite, in_shardings=(shardings.params,))
     with contextlib.ExitStack() as cleanup:
         checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
         cleanup.callback(checkpoints.close)
@@ -245,13 +262,16 @@ def train(
 
         def save(s: int) -> None:
             """Saves step ``s`` unless every step since the last save was skipped (non-finite):
-            then the state is that save's, and a copy would only rotate older ones out."""
+            then the state is that save's, and a copy would only rotate older ones out. Params
+            that an overflowing update made non-finite are never saved."""
             pending.flush()
-            if pending.updated:
+            if not pending.updated:
+                print(f"step {s}: unchanged since step {pending.saved_step}; not saved", flush=True)
+            elif not params_finite(state.params):
+                pending.refuse_save(s)
+            else:
                 checkpoints.save(s, state, loader_state, config)
                 pending.updated, pending.saved_step = False, s
-            else:
-                print(f"step {s}: unchanged since step {pending.saved_step}; not saved", flush=True)
 
         with sharding.activation_sharding(mesh, rules):  # the steps trace in here
             while step < config.train.steps and stop.signal is None:

@@ -90,11 +90,12 @@ def all_finite(tree) -> Array:
 
 def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
     """``step(state, inputs, targets) -> (state, metrics)``: accumulate gradients over
-    ``train.grad_accum_steps`` micro-batches, clip, update. A step whose loss, gradients or
-    updated params are not finite (an overflowing update, e.g. at a huge learning rate) leaves
-    params and optimizer state unchanged (``metrics["finite"]`` is False), so the state stays
-    finite; the loop then stops or goes on by ``train.on_nonfinite``. (The optimizer state
-    stays finite with the gradients: their global norm bounds every moment.)"""
+    ``train.grad_accum_steps`` micro-batches, clip, update. A step whose loss or gradients are
+    not finite leaves params and optimizer state unchanged (``metrics["finite"]`` is False);
+    the loop then stops or goes on by ``train.on_nonfinite``. The verdict is known before the
+    update, so keeping the old state fuses into the update's one pass over the params; an
+    update that overflows the params (a huge learning rate) shows as the next step's
+    non-finite loss, and the loop never saves such params (``all_finite``)."""
     n_micro = config.train.grad_accum_steps
     grad_fn = jax.value_and_grad(_run_loss(config), has_aux=True)
 
@@ -118,7 +119,7 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & all_finite(params)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = TrainState(
             state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)
