@@ -185,15 +185,17 @@ class ModelConfig(_Fields):
             f"model.remat_policy={self.remat_policy!r} is not 'none', 'full' or a "
             "jax.checkpoint_policies name (e.g. 'dots_saveable').",
         )
-        require(
-            self.sdpa_implementation != "cudnn" or jax.default_backend() == "gpu",
-            "model.sdpa_implementation='cudnn' needs a GPU; use 'auto' or 'xla' on "
-            f"{jax.default_backend()}.",
-        )
-        require(
-            self.sdpa_implementation != "cudnn" or jnp.dtype(self.dtype).itemsize == 2,
-            f"model.sdpa_implementation='cudnn' needs a 16-bit model.dtype, not {self.dtype!r}.",
-        )
+        if self.sdpa_implementation == "cudnn":  # asks for the backend: never at import
+            backend = jax.default_backend()
+            require(
+                backend == "gpu",
+                f"model.sdpa_implementation='cudnn' needs a GPU; use 'auto' or 'xla' on {backend}.",
+            )
+            require(
+                jnp.dtype(self.dtype).itemsize == 2,
+                f"model.sdpa_implementation='cudnn' needs a 16-bit model.dtype, not "
+                f"{self.dtype!r}.",
+            )
         for kind in sorted(set(self.mixer_pattern)):
             for field in MIXERS[kind].needs:
                 require(
