@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from jaxpt import data, errors
-from jaxpt.data import _shards
 
 VAL, TRAIN = 1000, [997, 1013, 1000, 500, 3]  # shard sizes; windows cross shard boundaries
 B, T = 8, 16
@@ -24,7 +23,7 @@ def synthetic(directory, sizes, val_shards=1, dtype="uint16", first=0) -> data.M
     for i, n in enumerate(sizes):
         split = "val" if i < val_shards else "train"
         piece = tokens[offset : offset + n]
-        _shards.write_shard(directory / f"{split}_{i:06d}.bin", piece)
+        data.write_shard(directory / f"{split}_{i:06d}.bin", piece)
         shards.append(data.Shard(f"{split}_{i:06d}.bin", split, n, int(piece.max())))
         offset += n
     manifest = data.Manifest(
@@ -39,7 +38,7 @@ def synthetic(directory, sizes, val_shards=1, dtype="uint16", first=0) -> data.M
         documents=1,
         shards=tuple(shards),
     )
-    _shards.save_manifest(manifest)
+    data.save_manifest(manifest)
     return data.load_manifest(directory)
 
 

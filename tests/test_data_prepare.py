@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxpt import data, errors
-from jaxpt.data import _prepare, _shards
+from jaxpt.data import _prepare
 
 PANCHATANTRA = Path(__file__).resolve().parents[2] / "shared/data/panchatantra-ryder.txt"
 SHARD = 16_384  # the book is ~124K GPT-2 tokens -> 8 shards
@@ -28,7 +28,7 @@ def book() -> Path:
 def tokens_of(manifest: data.Manifest) -> np.ndarray:
     """Every token of a data directory, in stream order (N,)."""
     shards = [
-        _shards.open_shard(manifest.directory / s.file, manifest.dtype, s.tokens)
+        data.open_shard(manifest.directory / s.file, manifest.dtype, s.tokens)
         for s in manifest.shards
     ]
     return np.concatenate(shards)
@@ -246,8 +246,8 @@ def small(tmp_path) -> data.Manifest:
 
 def test_wrong_dtype_shard(small):
     path = small.directory / small.shards[1].file
-    tokens = _shards.open_shard(path, small.dtype, small.shards[1].tokens)
-    _shards.write_shard(path, np.array(tokens, np.uint32))
+    tokens = data.open_shard(path, small.dtype, small.shards[1].tokens)
+    data.write_shard(path, np.array(tokens, np.uint32))
     with pytest.raises(errors.DataError, match="holds uint32 tokens but the manifest says uint16"):
         data.load_manifest(small.directory)
     with pytest.raises(errors.DataError, match="uint32") as e:

@@ -180,6 +180,5 @@ def test_prepare_with_hf_tokenizer(tmp_path):
 
 
 def _shard_tokens(manifest, shard):
-    from jaxpt.data._shards import open_shard
 
-    return open_shard(manifest.directory / shard.file, manifest.dtype, shard.tokens).tolist()
+    return data.open_shard(manifest.directory / shard.file, manifest.dtype, shard.tokens).tolist()

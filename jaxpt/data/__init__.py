@@ -25,6 +25,9 @@ from jaxpt.data._resolve import run_tokenizer as run_tokenizer
 from jaxpt.data._shards import Manifest as Manifest
 from jaxpt.data._shards import Shard as Shard
 from jaxpt.data._shards import load_manifest as load_manifest
+from jaxpt.data._shards import open_shard as open_shard
+from jaxpt.data._shards import save_manifest as save_manifest
+from jaxpt.data._shards import write_shard as write_shard
 from jaxpt.data._tokenizers import EOT as EOT
 from jaxpt.data._tokenizers import CharTokenizer as CharTokenizer
 from jaxpt.data._tokenizers import Gpt2Tokenizer as Gpt2Tokenizer
