@@ -160,6 +160,35 @@ def test_flops_per_token_is_6n_plus_attention():
     assert models.get("bigram").default_config().flops_per_token == 6 * 256
 
 
+@pytest.mark.parametrize(
+    "name, experts_per_token",
+    [
+        ("tiny_moe", lambda cfg: cfg.top_k),
+        ("tiny_moe_2", lambda cfg: cfg.top_k),
+        # Soft MoE: block_size // E slots per expert, each slot one expert pass, T tokens
+        (
+            "tiny_moe_3",
+            lambda cfg: cfg.n_experts * (cfg.block_size // cfg.n_experts) / cfg.block_size,
+        ),
+        ("gpt", None),
+    ],
+)
+def test_mfu_counts_the_experts_a_token_uses(name, experts_per_token):
+    cfg = models.get(name).default_config()
+    shapes = jax.eval_shape(lambda: models.get(name).init(jax.random.key(0), cfg))
+    total = skipped = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):  # (E, ...) expert arrays
+        total += leaf.size
+        if ".experts." in jax.tree_util.keystr(path):
+            assert leaf.shape[1] == cfg.n_experts  # (layers, E, ...)
+            skipped += leaf.size * (1 - experts_per_token(cfg) / cfg.n_experts)
+    assert cfg.n_params == total
+    assert cfg.n_active_params == round(total - skipped)
+    assert (skipped > 0) == (experts_per_token is not None)
+    attention = 12 * cfg.n_layer * cfg.n_embed * cfg.block_size
+    assert cfg.flops_per_token == 6 * cfg.n_active_params + attention
+
+
 def test_bf16_compute_keeps_float32_params_and_logits():
     cfg = tiny_config("gpt", dtype="bfloat16")
     params = models.get("gpt").init(jax.random.key(0), cfg)

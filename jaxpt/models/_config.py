@@ -95,6 +95,18 @@ def _param_count(init: Callable, cfg) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(shapes))
 
 
+@functools.cache
+def _active_param_count(init: Callable, cfg) -> int:
+    shapes = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
+    skipped = 0.0
+    for kind, block in zip(cfg.mixer_pattern, shapes.blocks, strict=True):
+        used = MIXERS[kind].experts_per_token(cfg)
+        if used is not None:
+            experts = sum(leaf.size for leaf in jax.tree.leaves(block.mixer.experts))
+            skipped += experts * (1 - used / cfg.n_experts)
+    return round(_param_count(init, cfg) - skipped)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelConfig(_Fields):
     """The decoder's fields, at GPT-2 124M defaults; see the README's field table.
@@ -274,14 +286,23 @@ class ModelConfig(_Fields):
         return _param_count(_decoder.init, self)
 
     @property
+    def n_active_params(self) -> int:
+        """The parameters one token runs through: ``n_params`` less the experts it skips (a
+        top-k layer runs ``top_k`` of its ``n_experts``, a Soft MoE layer about one expert's
+        worth); equal to ``n_params`` for a dense model."""
+        return _active_param_count(_decoder.init, self)
+
+    @property
     def flops_per_token(self) -> float:
         """Training FLOPs per token: ``6 N + 12 L D T`` (PaLM appendix B; nanoGPT's MFU).
 
-        ``6 N`` is the forward and backward matmuls over the ``N`` parameters (tied embedding
-        counted once, position table included, as the torch reference counts); ``12 L D T`` is
-        attention's scores and weighted sum at sequence length ``T = block_size``.
+        ``6 N`` is the forward and backward matmuls over the ``N`` active parameters
+        (``n_active_params``: tied embedding counted once, position table included, as the
+        torch reference counts; a mixture of experts counts the experts a token uses, as
+        MaxText and PaLM do); ``12 L D T`` is attention's scores and weighted sum at sequence
+        length ``T = block_size``.
         """
-        return 6.0 * self.n_params + 12.0 * self.n_layer * self.n_embed * self.block_size
+        return 6.0 * self.n_active_params + 12.0 * self.n_layer * self.n_embed * self.block_size
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -33,7 +33,8 @@ class Mixer(NamedTuple):
     ``validate(cfg)`` raises ConfigError for the values it reads; ``causal(cfg)`` says whether
     the output at ``t`` is independent of the tokens after ``t``; ``cacheable(cfg)`` says
     whether it also never changes as the sequence grows, so that the keys and values of earlier
-    tokens can be cached while generating.
+    tokens can be cached while generating; ``experts_per_token(cfg)`` is how many experts' worth
+    of the layer's ``experts`` params one token runs through (None: a dense layer).
     """
 
     init: Callable
@@ -42,6 +43,7 @@ class Mixer(NamedTuple):
     validate: Callable = lambda cfg: None
     causal: Callable = lambda cfg: True
     cacheable: Callable = lambda cfg: True
+    experts_per_token: Callable = lambda cfg: None
 
 
 def _dense(init_fn: Callable, apply_fn: Callable) -> Mixer:
@@ -101,9 +103,14 @@ def _init_soft_moe(key: Array, cfg: ModelConfig) -> nn.SoftMoE:
         cfg.n_embed,
         cfg.n_mlp_hidden,
         cfg.n_experts,
-        slots=cfg.block_size // cfg.n_experts,  # all experts' slots together about fill a sequence
+        slots=_soft_moe_slots(cfg),
         **_experts(cfg),
     )
+
+
+def _soft_moe_slots(cfg: ModelConfig) -> int:
+    """Slots per expert: all experts' slots together about fill a sequence."""
+    return cfg.block_size // cfg.n_experts
 
 
 def _soft_moe(p: nn.SoftMoE, x: Array, cfg: ModelConfig, *, mask: Array | None):
@@ -155,6 +162,7 @@ MIXERS: dict[str, Mixer] = {
         validate=_validate_moe,
         causal=lambda cfg: not cfg.expert_weight_priority or _never_drops(cfg),
         cacheable=_never_drops,
+        experts_per_token=lambda cfg: cfg.top_k,
     ),
     "soft_moe": Mixer(
         _init_soft_moe,
@@ -163,5 +171,7 @@ MIXERS: dict[str, Mixer] = {
         validate=_validate_soft_moe,
         causal=lambda cfg: False,
         cacheable=lambda cfg: False,
+        # every slot runs one expert: E * slots expert passes per sequence of block_size tokens
+        experts_per_token=lambda cfg: cfg.n_experts * _soft_moe_slots(cfg) / cfg.block_size,
     ),
 }

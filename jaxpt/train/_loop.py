@@ -75,10 +75,13 @@ def fresh_state(
 
 
 def describe(config, model_cfg) -> str:
-    """The start-of-run summary: parameters, tokens per step, FLOPs per token."""
+    """The start-of-run summary: parameters (and those a token uses, for experts), tokens per
+    step, FLOPs per token."""
     tokens = config.train.batch_size * model_cfg.block_size
+    n, active = model_cfg.n_params, model_cfg.n_active_params
+    params = f"{n:,} parameters" + (f" ({active:,} active per token)" if active != n else "")
     return (
-        f"model {model_cfg.name}: {model_cfg.n_params:,} parameters; {tokens:,} tokens per "
+        f"model {model_cfg.name}: {params}; {tokens:,} tokens per "
         f"step ({config.train.batch_size} x {model_cfg.block_size}); "
         f"{model_cfg.flops_per_token:.3e} training FLOPs per token"
     )
