@@ -157,7 +157,8 @@ def test_parameter_counts_match_the_published_models():
 def test_flops_per_token_is_6n_plus_attention():
     gpt = models.get("gpt").default_config()  # nanoGPT's estimate for GPT-2 124M at T = 1024
     assert gpt.flops_per_token == 6 * 124_475_904 + 12 * 12 * 768 * 1024
-    assert models.get("bigram").default_config().flops_per_token == 6 * 256
+    bigram = models.get("bigram").default_config()
+    assert bigram.flops_per_token == 6 * 256 and bigram.n_active_params == bigram.n_params == 256**2
 
 
 @pytest.mark.parametrize(

@@ -330,6 +330,11 @@ class BigramConfig(_Fields):
         return _param_count(_bigram.init, self)
 
     @property
+    def n_active_params(self) -> int:
+        """``n_params``: the table has no experts."""
+        return self.n_params
+
+    @property
     def flops_per_token(self) -> float:
         """``6 V``: the forward and backward of one table row."""
         return 6.0 * self.vocab_size
