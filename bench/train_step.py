@@ -12,15 +12,10 @@ formula of ``../shared/bench/ref_torch_gpt2.py``, which is the reference to run 
 call. Prints a table last and writes train_step.json to --out.
 """
 
-import statistics
-import time
-
 import _report  # bench/_report.py, beside this script
-import jax
-import numpy as np
+import _timing
 from absl import app, flags
 
-from jaxpt import models, train
 from jaxpt.config import preset_config
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
@@ -30,71 +25,46 @@ flags.DEFINE_integer("warmup", 5, "Untimed steps first (compilation included).")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.DEFINE_string("sdpa", "auto", "model.sdpa_implementation.")
 flags.DEFINE_string("remat", "none", "model.remat_policy.")
-flags.DEFINE_bool("scan_layers", True, "model.scan_layers (else an unrolled loop).")
-flags.DEFINE_enum("logits_dtype", "float32", ["float32", "bfloat16"], "model.logits_dtype.")
+flags.DEFINE_bool("scan_layers", None, "model.scan_layers; default: the preset's.")
+flags.DEFINE_enum(
+    "logits_dtype", None, ["float32", "bfloat16"], "model.logits_dtype; default: the preset's."
+)
+
+
+def gpt_config(f):
+    """``configs/gpt.py`` as shipped, with the flags' overrides."""
+    config = preset_config("gpt", None)
+    config.model.update(block_size=f.seq, sdpa_implementation=f.sdpa, remat_policy=f.remat)
+    for field in ("scan_layers", "logits_dtype"):
+        if f[field].value is not None:
+            config.model[field] = f[field].value
+    return config
 
 
 def time_steps(batch: int, f) -> dict:
-    """Median seconds of one train step at micro-batch ``batch``."""
-    config = preset_config("gpt", None)
-    config.model.update(
-        block_size=f.seq,
-        sdpa_implementation=f.sdpa,
-        remat_policy=f.remat,
-        scan_layers=f.scan_layers,
-        logits_dtype=f.logits_dtype,
-    )
-    config.train.update(batch_size=batch, grad_accum_steps=1)
-    cfg = models.config_from(config.model)
-    abstract_params = jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
-    tx = train.optimizer(config.train, abstract_params)
-    state = jax.jit(lambda k: train.init_state(k, cfg, tx))(jax.random.key(0))
-    step = jax.jit(
-        train.make_train_step(config, tx),
-        donate_argnums=0,
-        compiler_options=train.STEP_COMPILER_OPTIONS,
-    )
-    rng = np.random.default_rng(0)
-    times = []
-    for i in range(f.warmup + f.steps):
-        tokens = rng.integers(0, 50257, (batch, f.seq + 1), dtype=np.int32)
-        start = time.perf_counter()
-        state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
-        jax.block_until_ready(metrics["loss"])
-        if i >= f.warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    tokens_per_s = batch * f.seq / median
-    flops = cfg.flops_per_token * tokens_per_s
-    peak = train.peak_flops(jax.devices()[0].device_kind)
-    return dict(
-        batch=batch,
-        seq=f.seq,
-        median_step_s=median,
-        min_step_s=min(times),
-        tokens_per_s=tokens_per_s,
-        model_flops_per_s=flops,
-        mfu=None if peak is None else flops / peak,
-        final_loss=float(metrics["loss"]),
-    )
+    """One row: the GPT-2 124M step at micro-batch ``batch``."""
+    config = gpt_config(f)
+    config.train.batch_size = batch
+    return _timing.time_train_step(config, warmup=f.warmup, steps=f.steps)
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
     rows = [time_steps(int(b), f) for b in f.batches]
+    model = gpt_config(f).model
     result = _report.save(
         f.out,
         "train_step",
         sdpa=f.sdpa,
         remat=f.remat,
-        scan_layers=f.scan_layers,
-        logits_dtype=f.logits_dtype,
+        scan_layers=model.scan_layers,
+        logits_dtype=model.logits_dtype,
         rows=rows,
     )
     print(
         f"jaxpt GPT-2 124M train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
-        f"remat={f.remat}, scan_layers={f.scan_layers}, logits={f.logits_dtype}"
+        f"remat={f.remat}, scan_layers={model.scan_layers}, logits={model.logits_dtype}"
     )
     print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
     for r in rows:

@@ -119,6 +119,7 @@ def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
     model.block_size = 64
     model.dtype = "float32"
     if isinstance(preset, models.ModelConfig):
+        model.logits_dtype = "float32"
         group = model.n_head // model.n_kv_head
         model.n_kv_head = 2 if group > 1 else 4
         model.n_head = model.n_kv_head * group

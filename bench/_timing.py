@@ -1,0 +1,54 @@
+"""Timing jaxpt's train step the way ``launch.py`` runs it, for every bench."""
+
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from jaxpt import models, train
+
+
+def time_train_step(config, *, warmup: int, steps: int) -> dict:
+    """Median seconds of one train step of the run config ``config`` on random tokens.
+
+    The step ``launch.py`` runs (``train.make_train_step``, donated state, the same compiler
+    options), micro-batch ``config.train.batch_size`` x ``config.model.block_size``, no
+    accumulation; ``warmup`` untimed steps (compilation included), then ``steps`` timed
+    ones, each waited for. MFU counts the active parameters (``flops_per_token``).
+    """
+    config.train.grad_accum_steps = 1
+    cfg = models.config_from(config.model)
+    model = models.get(cfg.name)
+    abstract_params = jax.eval_shape(lambda k: model.init(k, cfg), jax.random.key(0))
+    tx = train.optimizer(config.train, abstract_params)
+    state = jax.jit(lambda k: train.init_state(k, cfg, tx))(jax.random.key(0))
+    step = jax.jit(
+        train.make_train_step(config, tx),
+        donate_argnums=0,
+        compiler_options=train.STEP_COMPILER_OPTIONS,
+    )
+    batch, seq = config.train.batch_size, cfg.block_size
+    rng = np.random.default_rng(0)
+    times = []
+    for i in range(warmup + steps):
+        tokens = rng.integers(0, min(cfg.vocab_size, 50257), (batch, seq + 1), dtype=np.int32)
+        start = time.perf_counter()
+        state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+        jax.block_until_ready(metrics["loss"])
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    tokens_per_s = batch * seq / median
+    flops = cfg.flops_per_token * tokens_per_s
+    peak = train.peak_flops(jax.devices()[0].device_kind)
+    return dict(
+        batch=batch,
+        seq=seq,
+        median_step_s=median,
+        min_step_s=min(times),
+        tokens_per_s=tokens_per_s,
+        model_flops_per_s=flops,
+        mfu=None if peak is None else flops / peak,
+        final_loss=float(metrics["loss"]),
+    )

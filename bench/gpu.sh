@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every single-GPU figure of the README in one device call, jaxpt and its references side by
+# side, then bench/results/gpu.json (bench/gpu_summary.py). From the project root, with the
+# references at shared/bench or ../shared/bench (REF=...):
+#   OUT=$OUT bash bench/gpu.sh
+set -u
+OUT=${OUT:-bench/results/gpu}; mkdir -p "$OUT"
+REF=${REF:-$( [ -d shared/bench ] && echo shared/bench || echo ../shared/bench )}
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+run() { name=$1; shift; s=$(date +%s); "$@" >"$OUT/$name.log" 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s"; }
+run train python3 bench/train_step.py --out="$OUT" --batches=16
+run torch python3 "$REF/ref_torch_gpt2.py" --out="$OUT" --configs=compile:16
+run decode python3 bench/generate.py --out="$OUT" --dtype=bfloat16 --noreference
+run hf python3 "$REF/ref_hf_generate.py" --out="$OUT" --with-compiled-static
+run presets python3 bench/presets.py --out="$OUT" gpt gqa_glu_rope smollm tiny_moe tiny_moe_2 tiny_moe_3 charformer
+python3 bench/gpu_summary.py --runs="$OUT" --out="$OUT"
