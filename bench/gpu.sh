@@ -12,5 +12,5 @@ run train python3 bench/train_step.py --out="$OUT" --batches=16
 run torch python3 "$REF/ref_torch_gpt2.py" --out="$OUT" --configs=compile:16
 run decode python3 bench/generate.py --out="$OUT" --dtype=bfloat16 --noreference
 run hf python3 "$REF/ref_hf_generate.py" --out="$OUT" --with-compiled-static
-run presets python3 bench/presets.py --out="$OUT" gpt gqa_glu_rope smollm tiny_moe tiny_moe_2 tiny_moe_3 charformer
+run presets python3 bench/presets.py --out="$OUT" --warmup=2 --steps=6 gpt gqa_glu_rope smollm tiny_moe tiny_moe_2 tiny_moe_3 charformer
 python3 bench/gpu_summary.py --runs="$OUT" --out="$OUT"

@@ -30,8 +30,10 @@ def time_preset(name: str, f) -> dict:
 
 def main(argv):
     f = flags.FLAGS
-    rows = [time_preset(name, f) for name in argv[1:]]
-    result = _report.save(f.out, "presets", tokens_per_step=f.tokens, rows=rows)
+    rows = []
+    for name in argv[1:]:  # saved after each, so a call cut short keeps what it measured
+        rows.append(time_preset(name, f))
+        result = _report.save(f.out, "presets", tokens_per_step=f.tokens, rows=rows)
     print(f"train step of each preset as shipped, {result['device']}, {result['date']}")
     print(f"{'preset':<14} {'B x T':>10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
     for r in rows:

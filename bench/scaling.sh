@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Multi-GPU throughput of launch.py on one host, every mesh of the README's scaling table in one
+# device call, then scaling.json (bench/scaling_summary.py). From the project root:
+#   OUT=$OUT bash bench/scaling.sh            # on a 4-GPU machine (2-GPU rows on GPUs 0,1)
+# configs/gpt.py as shipped, PER_GPU x 1024 tokens per GPU, STEPS steps on a 4.5M-token corpus
+# prepared from text every Python ships; then GPT-2 1.5B (48 x 1600, 25 heads, scanned) with
+# fsdp=4 at 8 x 1024 per GPU. tokens/s and MFU are the medians of the logged steps past 15.
+set -u
+OUT=${OUT:-bench/results/scaling}; mkdir -p "$OUT"
+PER_GPU=${PER_GPU:-16}; STEPS=${STEPS:-30}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+data=/tmp/scaling_data
+if [ ! -f $data/manifest.json ]; then
+  python3 -c "import pydoc_data.topics as t; open('/tmp/big.txt','w').write(' '.join(t.topics.values())*30)"
+  python3 -m jaxpt.data.prepare --dataset=/tmp/big.txt --out=$data --shard_tokens=1000000 >/dev/null
+fi
+common="--config=configs/gpt.py --config.data.dataset=$data --config.train.steps=$STEPS --config.eval.every_steps=1000 --config.eval.batches=2 --config.checkpoint.every_steps=1000 --config.log.every_steps=5"
+# run NAME GPUS PER_GPU MESH [flags...]: MESH like data=2,fsdp=2 (the other axes 1)
+run() { name=$1; gpus=$2; per=$3; mesh=$4; shift 4
+  flags="--config.mesh.data=1"
+  for kv in ${mesh//,/ }; do flags="$flags --config.mesh.${kv%%=*}=${kv#*=}"; done
+  s=$(date +%s); echo "flags: $flags $*" >"$OUT/$name.log"
+  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) timeout 300 python3 launch.py $common \
+    --workdir="$OUT/$name" --config.train.batch_size=$((per * gpus)) $flags "$@" >>"$OUT/$name.log" 2>&1
+  echo "$name: $gpus GPU, $mesh, rc=$?, $(( $(date +%s) - s )) s"; rm -rf "$OUT/$name/checkpoints"; }
+run one 1 $PER_GPU data=1
+run data2 2 $PER_GPU data=2
+run fsdp2 2 $PER_GPU fsdp=2
+run data4 4 $PER_GPU data=4
+run fsdp4 4 $PER_GPU fsdp=4
+run data2_fsdp2 4 $PER_GPU data=2,fsdp=2
+run xl_fsdp4 4 8 fsdp=4 --config.model.n_layer=48 --config.model.n_embed=1600 \
+  --config.model.n_head=25 --config.model.n_kv_head=25 --config.model.n_mlp_hidden=6400 \
+  --config.model.scan_layers=True
+python3 bench/scaling_summary.py --runs="$OUT" --out="$OUT"

@@ -1,0 +1,100 @@
+"""Assembles ``scaling.json`` from the runs of ``bench/scaling.sh``.
+
+    python3 bench/scaling_summary.py --runs=$OUT --out=bench/results
+
+Each run is a workdir ``--runs/NAME`` (its metrics.jsonl) with its log ``NAME.log`` (the mesh
+and parameter count launch.py prints). tokens/s and MFU are the medians of the steps logged
+after step 15 (compilation and warm-up excluded). Writes scaling.json (a ``runs`` list: device,
+date, gpus, mesh, n_params, tokens_per_s, mfu) and prints the README's table last: each mesh's
+tokens/s per GPU against one GPU and against data parallelism on as many GPUs.
+"""
+
+import datetime
+import json
+import math
+import pathlib
+import re
+import statistics
+
+import jax
+from absl import app, flags
+
+flags.DEFINE_string("runs", None, "Directory of bench/scaling.sh's runs.", required=True)
+flags.DEFINE_string("out", "bench/results", "Directory for scaling.json.")
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def mesh_of(log: str) -> dict[str, int]:
+    """The mesh the run's command line set (``--config.mesh.AXIS=N``), other axes 1."""
+    mesh = dict.fromkeys(MESH_AXES, 1)
+    for axis, size in re.findall(r"--config\.mesh\.(\w+)=(\d+)", log):
+        mesh[axis] = int(size)
+    return mesh
+
+
+def summarise(workdir: pathlib.Path, device: str, date: str) -> dict | None:
+    """One run's record, or None where it logged no timed steps (it failed: see its log)."""
+    log = workdir.with_suffix(".log").read_text()
+    metrics = workdir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    rows = [json.loads(line) for line in lines]
+    late = [r for r in rows if "tokens_per_s" in r and r["step"] > 15]
+    if not late:
+        return None
+    mesh = mesh_of(log)
+    return dict(
+        name=workdir.name,
+        device=device,
+        date=date,
+        gpus=math.prod(mesh.values()),
+        mesh=mesh,
+        n_params=int(re.search(r"([\d,]+) parameters", log).group(1).replace(",", "")),
+        tokens_per_s=statistics.median(r["tokens_per_s"] for r in late),
+        mfu=None if late[0]["mfu"] is None else statistics.median(r["mfu"] for r in late),
+        last_loss=late[-1]["loss"],
+    )
+
+
+def table(runs: list[dict]) -> str:
+    """Markdown: tokens/s, per GPU, vs one GPU x N and vs data=N (same model and GPUs)."""
+    one = {r["n_params"]: r["tokens_per_s"] for r in runs if r["gpus"] == 1}
+    data = {
+        (r["n_params"], r["gpus"]): r["tokens_per_s"]
+        for r in runs
+        if r["mesh"]["data"] == r["gpus"]
+    }
+    lines = [
+        "| run | GPUs | mesh | params | tokens/s | MFU | vs N x 1 GPU | vs data=N |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "-"
+        linear = one.get(r["n_params"])
+        vs_one = f"{r['tokens_per_s'] / (linear * r['gpus']):.2f}" if linear else "-"
+        dp = data.get((r["n_params"], r["gpus"]))
+        vs_dp = f"{r['tokens_per_s'] / dp:.2f}" if dp else "-"
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        lines.append(
+            f"| {r['name']} | {r['gpus']} | {mesh} | {r['n_params'] / 1e6:,.0f}M "
+            f"| {r['tokens_per_s']:,.0f} | {mfu} | {vs_one} | {vs_dp} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    device, date = jax.devices()[0].device_kind, datetime.date.today().isoformat()
+    workdirs = sorted(p.with_suffix("") for p in pathlib.Path(f.runs).glob("*.log"))
+    records = [summarise(w, device, date) for w in workdirs]
+    failed = [w.name for w, r in zip(workdirs, records, strict=True) if r is None]
+    runs = [r for r in records if r is not None]
+    out = pathlib.Path(f.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(dict(runs=runs, failed=failed), indent=1) + "\n")
+    print(table(runs) + (f"\nfailed (see their logs): {failed}" if failed else ""))
+
+
+if __name__ == "__main__":
+    app.run(main)
