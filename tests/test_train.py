@@ -80,6 +80,24 @@ def test_gradient_accumulation_equals_one_big_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), p1, p4)
 
 
+def test_train_step_noise_comes_from_seed_step_and_micro_batch():
+    config = char_config(grad_accum_steps=2)
+    config.model.dropout = 0.1
+    cfg = models.config_from(config.model)
+    tx = train.optimizer(
+        config.train, jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
+    )
+    state = train.init_state(jax.random.key(0), cfg, tx)
+    tokens = jax.random.randint(jax.random.key(1), (8, 65), 0, 128)
+    step = jax.jit(train.make_train_step(config, tx))
+    first, again = (step(state, tokens[:, :-1], tokens[:, 1:]) for _ in range(2))
+    jax.tree.map(np.testing.assert_array_equal, first, again)  # same seed and step: same noise
+    later = eqx.tree_at(lambda s: s.step, state, jnp.int32(5))
+    assert step(later, tokens[:, :-1], tokens[:, 1:])[1]["loss"] != first[1]["loss"]
+    keys = [train.training_key(*args) for args in [(0, 3, 1), (1, 3, 1), (0, 4, 1), (0, 3, 0)]]
+    assert len({tuple(np.asarray(jax.random.key_data(k))) for k in keys}) == 4
+
+
 def test_non_finite_step_leaves_state_unchanged():
     config = char_config()
     cfg = models.config_from(config.model)

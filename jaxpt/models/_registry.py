@@ -63,9 +63,11 @@ class Model:
         """Params for ``cfg``, in ``cfg.param_dtype``."""
         return self._architecture(cfg).init(key, cfg)
 
-    def apply(self, params, tokens: Array, cfg, *, mask=None, positions=None):
-        """``(B, T)`` tokens -> ``(logits, aux)``; see the decoder's ``apply`` for arguments."""
-        return self._architecture(cfg).apply(params, tokens, cfg, mask=mask, positions=positions)
+    def apply(self, params, tokens: Array, cfg, *, mask=None, positions=None, key=None):
+        """``(B, T)`` tokens -> ``(logits, aux)``; see the decoder's ``apply`` for arguments
+        (``key``: training randomness, None for deterministic)."""
+        arch = self._architecture(cfg)
+        return arch.apply(params, tokens, cfg, mask=mask, positions=positions, key=key)
 
     def init_cache(self, batch_size: int, length: int, cfg):
         """An empty generation cache for ``length`` positions of ``batch_size`` sequences.

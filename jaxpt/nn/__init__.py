@@ -30,6 +30,7 @@ from jaxpt.nn._axes import constrain as constrain
 from jaxpt.nn._axes import logical_axes as logical_axes
 from jaxpt.nn._axes import map_params as map_params
 from jaxpt.nn._axes import shard_activations as shard_activations
+from jaxpt.nn._dropout import dropout as dropout
 from jaxpt.nn._linear import Embedding as Embedding
 from jaxpt.nn._linear import Linear as Linear
 from jaxpt.nn._linear import embed as embed
@@ -59,6 +60,7 @@ from jaxpt.nn._moe import init_experts as init_experts
 from jaxpt.nn._moe import init_moe as init_moe
 from jaxpt.nn._moe import init_soft_moe as init_soft_moe
 from jaxpt.nn._moe import moe as moe
+from jaxpt.nn._moe import noisy_router_logits as noisy_router_logits
 from jaxpt.nn._moe import route as route
 from jaxpt.nn._moe import router_losses as router_losses
 from jaxpt.nn._moe import sequence_capacity as sequence_capacity

@@ -19,3 +19,4 @@ from jaxpt.train._step import init_state as init_state
 from jaxpt.train._step import loss_fn as loss_fn
 from jaxpt.train._step import make_eval_step as make_eval_step
 from jaxpt.train._step import make_train_step as make_train_step
+from jaxpt.train._step import training_key as training_key
