@@ -229,7 +229,7 @@ _decoder_preset(
 )
 _decoder_preset(
     "tiny_moe_2",
-    "Tiny_MoE_2: MoE in every layer, top-2 of 8 squared-ReLU experts in token order, "
+    "Tiny_MoE_2: MoE in every layer, top-2 of 8 gated squared-ReLU experts in token order, "
     "QK-norm, zero-initialised residual projections.",
     **_tiny_moe(
         mixer="moe",
@@ -240,7 +240,7 @@ _decoder_preset(
         qk_norm=True,
         proj_init="zero",
         activation="squared_relu",
-        moe_expert="mlp",
+        moe_expert="glu",  # the original's w_c_proj(relu(w_gate x)^2 * w_c_fc x)
         moe_bias=False,
         top_k=2,
         load_factor=1.25,
