@@ -151,14 +151,23 @@ def make_eval_step(config) -> Callable:
 
 
 def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
-    """Shardings of the train state: optimizer moments follow their params."""
+    """Shardings of the train state: optimizer moments follow their params; statistics of
+    another shape (Adafactor's factored rows and columns) are replicated."""
     params = sharding.param_shardings(abstract.params, mesh, rules)
+
+    def follow_param(state, param_sharding, param):
+        if isinstance(state, optax.MaskedNode):  # another partition's param (Muon): no array
+            return state
+        return param_sharding if state.shape == param.shape else sharding.replicated(mesh)
+
     opt_state = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        follow_param,
         abstract.opt_state,
         params,
+        abstract.params,
         transform_non_params=lambda _: sharding.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
     return TrainState(sharding.replicated(mesh), params, opt_state)
 
