@@ -134,6 +134,7 @@ class ModelConfig(_Fields):
     mlp_bias: bool = True
     qk_norm: bool = False  # RMSNorm on queries and keys per head
     tie_embeddings: bool = True  # logits read out through the token embedding
+    lm_head_bias: bool = False  # a (V,) bias on the untied read-out (the original Charformer)
     init_stddev: float = 0.02
     proj_init: str = "scaled"  # residual-out projections: normal | scaled (1/sqrt(2L)) | zero
     dtype: str = "float32"  # compute dtype (bfloat16 on GPU/TPU)
@@ -186,6 +187,10 @@ class ModelConfig(_Fields):
             self.n_layer % len(self.mixer_pattern) == 0,
             f"model.n_layer={self.n_layer} is not a multiple of the model.mixer pattern "
             f"{self.mixer!r} ({len(self.mixer_pattern)} layers).",
+        )
+        require(
+            not (self.lm_head_bias and self.tie_embeddings),
+            "model.lm_head_bias=True needs an untied read-out: set model.tie_embeddings=False.",
         )
         require_choice("activation", self.activation, nn.ACTIVATIONS)
         require_choice("position", self.position, POSITIONS)

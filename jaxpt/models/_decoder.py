@@ -40,7 +40,8 @@ class Decoder(eqx.Module):
     wpe: nn.Embedding | None  # (block_size, D), learned positions only
     blocks: tuple[Block, ...]  # arrays (L // len(pattern), ...)
     ln_f: nn.LayerNorm | nn.RMSNorm
-    lm_head: nn.Embedding | None  # (V, D), untied read-out only
+    lm_head: nn.Embedding | nn.ReadOut | None  # (V, D), untied read-out only; with lm_head_bias
+    # a ReadOut that adds a (V,) bias
 
 
 def init_block(key: Array, cfg: ModelConfig, kind: str) -> Block:
@@ -79,12 +80,18 @@ def init(key: Array, cfg: ModelConfig) -> Decoder:
             for kind, key in zip(pattern, block_keys, strict=True)
         ),
         ln_f=nn.NORMS[cfg.norm].init(cfg.n_embed, cfg.param_dtype),
-        lm_head=None
-        if cfg.tie_embeddings
-        else nn.init_embedding(
-            k_head, cfg.vocab_size, cfg.n_embed, axes=("vocab", "embed"), **table
-        ),
+        lm_head=_init_read_out(k_head, cfg),
     )
+
+
+def _init_read_out(key: Array, cfg: ModelConfig) -> nn.Embedding | nn.ReadOut | None:
+    """The untied read-out table (None when tied), N(0, init_stddev^2), with a zero bias if
+    ``cfg.lm_head_bias``."""
+    if cfg.tie_embeddings:
+        return None
+    init = nn.init_read_out if cfg.lm_head_bias else nn.init_embedding
+    table = dict(axes=("vocab", "embed"), std=cfg.init_stddev, dtype=cfg.param_dtype)
+    return init(key, cfg.vocab_size, cfg.n_embed, **table)
 
 
 @jax.named_scope("block")
@@ -197,8 +204,11 @@ def features(
 
 
 def _read_out(params: Decoder, x: Array, cfg: ModelConfig) -> Array:
+    dtype = jnp.dtype(cfg.logits_dtype)
+    if cfg.lm_head_bias:
+        return nn.read_out(params.lm_head, x, dtype)
     table = params.wte if params.lm_head is None else params.lm_head
-    return nn.unembed(table, x, jnp.dtype(cfg.logits_dtype))
+    return nn.unembed(table, x, dtype)
 
 
 def apply(

@@ -200,7 +200,8 @@ _decoder_preset(
 )
 _decoder_preset(
     "smollm",
-    "SmolLM-135M (Llama): GQA 9 / 3, rotary, SiLU GLU, RMSNorm, no biases, tied.",
+    "SmolLM-135M (Llama): GQA 9 / 3, rotary, SiLU GLU, RMSNorm, no biases, tied; residual-out "
+    "projections at 0.02 / sqrt(2L), as the original JaxPT inits them.",
     vocab_size=49152,
     block_size=2048,
     n_layer=30,
@@ -210,7 +211,6 @@ _decoder_preset(
     n_mlp_hidden=1536,
     norm="rmsnorm",
     attention_bias=False,
-    proj_init="normal",
     **_ROPE,
     **_GLU,
 )
@@ -225,6 +225,7 @@ _decoder_preset(
         load_factor=1.1,
         expert_weight_priority=True,
         moe_router_bias=False,
+        router_noise=0.01,  # the original's add_noise, on in training
     ),
 )
 _decoder_preset(
@@ -246,6 +247,7 @@ _decoder_preset(
         load_factor=1.25,
         expert_weight_priority=False,
         moe_router_bias=True,
+        router_noise=0.01,
     ),
 )
 _decoder_preset(
@@ -256,7 +258,8 @@ _decoder_preset(
 )
 _decoder_preset(
     "charformer",
-    "Character-level GPT: 30 layers, 960 wide, 15 heads, ReLU MLP, bfloat16 compute.",
+    "Character-level GPT: 30 layers, 960 wide, 15 heads, ReLU MLP, dropout 0.1, an untied "
+    "read-out with a bias, bfloat16 compute.",
     vocab_size=256,
     n_layer=30,
     n_head=15,
@@ -264,6 +267,9 @@ _decoder_preset(
     n_embed=960,
     n_mlp_hidden=3840,
     activation="relu",
+    dropout=0.1,
+    tie_embeddings=False,
+    lm_head_bias=True,
 )
 register(
     "bigram",

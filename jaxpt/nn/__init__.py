@@ -33,10 +33,13 @@ from jaxpt.nn._axes import shard_activations as shard_activations
 from jaxpt.nn._dropout import dropout as dropout
 from jaxpt.nn._linear import Embedding as Embedding
 from jaxpt.nn._linear import Linear as Linear
+from jaxpt.nn._linear import ReadOut as ReadOut
 from jaxpt.nn._linear import embed as embed
 from jaxpt.nn._linear import init_embedding as init_embedding
 from jaxpt.nn._linear import init_linear as init_linear
+from jaxpt.nn._linear import init_read_out as init_read_out
 from jaxpt.nn._linear import linear as linear
+from jaxpt.nn._linear import read_out as read_out
 from jaxpt.nn._linear import unembed as unembed
 from jaxpt.nn._loss import cross_entropy as cross_entropy
 from jaxpt.nn._mlp import ACTIVATIONS as ACTIVATIONS
