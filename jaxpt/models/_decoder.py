@@ -23,6 +23,10 @@ from jaxpt.models._mixers import MIXERS
 if TYPE_CHECKING:
     from jaxpt.models._config import ModelConfig
 
+# Logical axes of the residual stream (B, T, D) at every block boundary: split by batch, each
+# device holding whole rows (tensor parallel layers gather and reduce inside the block).
+RESIDUAL_AXES = ("batch", None, None)
+
 
 class Block(eqx.Module):
     """One pre-norm transformer layer."""
@@ -149,6 +153,7 @@ def features(
     x = nn.embed(params.wte, tokens, dtype)  # (B, T, D)
     if params.wpe is not None:
         x = x + nn.embed(params.wpe, positions, dtype)
+    x = nn.constrain(x, RESIDUAL_AXES)
     pattern = cfg.mixer_pattern
     caches = (None,) * len(pattern) if cache is None else cache
 
@@ -160,6 +165,7 @@ def features(
         auxes, new_caches = [], []
         for kind, p, c in zip(pattern, blocks, caches, strict=True):
             x, aux, c = block(p, x, cfg, kind, positions=positions, mask=mask, cache=c, layer=index)
+            x = nn.constrain(x, RESIDUAL_AXES)
             auxes.append(aux)
             new_caches.append(c)
         return (x, tuple(new_caches)), jax.tree.map(lambda *a: sum(a), *auxes)
