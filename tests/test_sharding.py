@@ -155,6 +155,8 @@ def test_fsdp_checkpoint_resumes_on_two_devices_and_on_one(tmp_path):
         step, state, loader = checkpoints.restore_latest(abstract, shardings, config.model)
         assert (step, loader) == (RESUME_AT, {"step": RESUME_AT})
         assert state.params.wte.weight.sharding == shardings.params.wte.weight
+        saved = jax.device_get(states[RESUME_AT - 1])
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), saved)  # bitwise
         _, resumed = run_steps(DENSE, mesh, state, first=RESUME_AT)
         np.testing.assert_allclose(resumed, losses[RESUME_AT:], rtol=1e-6)
     checkpoints.close()
