@@ -101,17 +101,17 @@ def dcn_shape(mesh_cfg) -> tuple[int, ...]:
     return tuple(mesh_cfg[DCN_FIELDS[axis]] if axis in DCN_FIELDS else 1 for axis in MESH_AXES)
 
 
-def _on_cpu(devices: Sequence[jax.Device]) -> bool:
-    # TPU and GPU devices carry their slice (``slice_index``: a TPU slice, a GPU host); CPU
-    # devices do not, and there each process counts as a slice.
-    return devices[0].platform == "cpu"
+def _process_is_slice(devices: Sequence[jax.Device]) -> bool:
+    # TPU and GPU devices carry their slice (``slice_index``: a TPU slice, a GPU host); a
+    # platform that does not (CPU) counts each process as a slice, as jax's own mesh helpers do
+    return not hasattr(devices[0], "slice_index")
 
 
 def slices(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:
     """``devices`` grouped by the slow links between them, in slice (CPU: process) order."""
     groups: dict[int, list[jax.Device]] = {}
     for device in devices:
-        key = device.process_index if _on_cpu(devices) else device.slice_index
+        key = device.process_index if _process_is_slice(devices) else device.slice_index
         groups.setdefault(key, []).append(device)
     return [groups[key] for key in sorted(groups)]
 
@@ -120,7 +120,7 @@ def check_slices(mesh_cfg, groups: list[list[jax.Device]]) -> None:
     """Raises ConfigError unless ``mesh.dcn_data x mesh.dcn_fsdp`` is the number of slices
     the devices are in, and every slice holds as many devices."""
     validate_mesh(mesh_cfg)
-    kinds = "processes" if _on_cpu(groups[0]) else "slices (TPU slices or GPU hosts)"
+    kinds = "processes" if _process_is_slice(groups[0]) else "slices (TPU slices or GPU hosts)"
     n_devices, n = sum(map(len, groups)), len(groups)
     if math.prod(dcn_shape(mesh_cfg)) != n:
         advice = (
@@ -153,7 +153,7 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     if len(groups) == 1:
         return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
     grid = mesh_utils.create_hybrid_device_mesh(
-        shape, dcn_shape(mesh_cfg), devices, process_is_granule=_on_cpu(devices)
+        shape, dcn_shape(mesh_cfg), devices, process_is_granule=_process_is_slice(devices)
     )
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
