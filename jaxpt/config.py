@@ -87,10 +87,15 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.train.z_loss_coeff = 0.0  # times aux["z_loss"] (MoE router z-loss)
 
     config.mesh = ml_collections.ConfigDict()
+    # Sizes within one slice (a TPU slice, a GPU host; a process on CPU)
     config.mesh.data = -1  # -1: all devices left over
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
     config.mesh.expert = 1
+    # Slices the data / FSDP axes span (their product: the number of slices); the mesh's data
+    # axis is data x dcn_data, its fsdp axis fsdp x dcn_fsdp
+    config.mesh.dcn_data = 1
+    config.mesh.dcn_fsdp = 1
     config.mesh.rules = sharding.default_rules()  # logical axis name -> mesh axes
 
     config.checkpoint = ml_collections.ConfigDict()
@@ -106,6 +111,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
 
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 10
+    config.log.shardings = False  # print the mesh and every param's PartitionSpec at start
     return config
 
 

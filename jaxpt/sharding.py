@@ -4,14 +4,20 @@ Weights name their logical axes where they are created (``jaxpt.nn.logical_axes`
 table in ``config.mesh.rules`` maps each logical name to mesh axes. Data parallel, FSDP, tensor
 and expert parallelism are all just rule tables over the one mesh
 ``("data", "fsdp", "tensor", "expert")``.
+
+Devices joined by slow links (several TPU slices, or GPU hosts) form a hybrid mesh: ``mesh.data``
+and friends are the sizes within one slice, ``mesh.dcn_data`` and ``mesh.dcn_fsdp`` how many
+slices the data and FSDP axes span; each axis of the mesh is the product of the two.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 
 import jax
 import ml_collections
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -19,6 +25,11 @@ from jaxpt import nn
 from jaxpt.errors import ConfigError, check_range
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# The config.mesh fields that say how many slices an axis spans (tensor and expert: one)
+DCN_FIELDS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
+# A tensor this large (elements) that stays replicated over a mesh axis its rules name is
+# reported: it costs that axis's memory saving, and usually the size is one padding away.
+LARGE_TENSOR = 1 << 20
 
 
 def default_rules() -> ml_collections.ConfigDict:
@@ -40,11 +51,14 @@ def default_rules() -> ml_collections.ConfigDict:
 
 def validate_mesh(mesh_cfg) -> None:
     """Raises ConfigError naming the first ``config.mesh`` field that breaks a rule: sizes are
-    positive or -1 (the devices left over, on one axis at most), and rules name mesh axes."""
+    positive or -1 (the devices left over, on one axis at most), slice counts positive, and
+    rules name mesh axes."""
     for axis in MESH_AXES:
         size = mesh_cfg[axis]
         if size != -1:
             check_range(f"mesh.{axis}", size, at_least=1, integer=True, note=", or -1 (the rest)")
+    for field in DCN_FIELDS.values():
+        check_range(f"mesh.{field}", mesh_cfg[field], at_least=1, integer=True)
     rest = [f"mesh.{axis}" for axis in MESH_AXES if mesh_cfg[axis] == -1]
     if len(rest) > 1:
         raise ConfigError(
@@ -59,34 +73,103 @@ def validate_mesh(mesh_cfg) -> None:
             )
 
 
-def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
-    """Sizes of MESH_AXES; one size may be -1 (the devices left over)."""
+def mesh_shape(mesh_cfg, n_devices: int, *, n_slices: int = 1) -> tuple[int, ...]:
+    """Sizes of MESH_AXES within one of ``n_slices`` slices of ``n_devices // n_slices``
+    devices each; one size may be -1 (the devices left over)."""
     validate_mesh(mesh_cfg)
+    per_slice = n_devices // n_slices
+    where = f"the {per_slice} devices" + (" of each slice" if n_slices > 1 else "")
     sizes = [mesh_cfg[axis] for axis in MESH_AXES]
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if n_devices % fixed:
+        if per_slice % fixed:
             raise ConfigError(
-                f"The fixed mesh axes multiply to {fixed}, which does not divide "
-                f"the {n_devices} devices."
+                f"The fixed mesh axes multiply to {fixed}, which does not divide {where}."
             )
-        sizes[sizes.index(-1)] = n_devices // fixed
-    if math.prod(sizes) != n_devices:
+        sizes[sizes.index(-1)] = per_slice // fixed
+    if math.prod(sizes) != per_slice:
         raise ConfigError(
             f"The mesh {dict(zip(MESH_AXES, sizes, strict=True))} has "
-            f"{math.prod(sizes)} slots for {n_devices} devices; make the product "
+            f"{math.prod(sizes)} slots for {where}; make the product "
             "of mesh.data, mesh.fsdp, mesh.tensor and mesh.expert equal it."
         )
     return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """The device mesh described by ``config.mesh`` over ``devices`` (default: all)."""
+def dcn_shape(mesh_cfg) -> tuple[int, ...]:
+    """How many slices each of MESH_AXES spans."""
+    return tuple(mesh_cfg[DCN_FIELDS[axis]] if axis in DCN_FIELDS else 1 for axis in MESH_AXES)
+
+
+def _process_is_slice(devices: Sequence[jax.Device]) -> bool:
+    # TPU and GPU devices carry their slice (``slice_index``: a TPU slice, a GPU host); a
+    # platform that does not (CPU) counts each process as a slice, as jax's own mesh helpers do
+    return not hasattr(devices[0], "slice_index")
+
+
+def slices(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:
+    """``devices`` grouped by the slow links between them, in slice (CPU: process) order."""
+    groups: dict[int, list[jax.Device]] = {}
+    for device in devices:
+        key = device.process_index if _process_is_slice(devices) else device.slice_index
+        groups.setdefault(key, []).append(device)
+    return [groups[key] for key in sorted(groups)]
+
+
+def check_slices(mesh_cfg, groups: list[list[jax.Device]]) -> None:
+    """Raises ConfigError unless ``mesh.dcn_data x mesh.dcn_fsdp`` is the number of slices
+    the devices are in, and every slice holds as many devices."""
+    validate_mesh(mesh_cfg)
+    kinds = "processes" if _process_is_slice(groups[0]) else "slices (TPU slices or GPU hosts)"
+    n_devices, n = sum(map(len, groups)), len(groups)
+    if math.prod(dcn_shape(mesh_cfg)) != n:
+        advice = (
+            "set both to 1"
+            if n == 1
+            else f"set mesh.dcn_data={n} to put the slow links between them on the data axis"
+        )
+        raise ConfigError(
+            f"mesh.dcn_data={mesh_cfg.dcn_data} x mesh.dcn_fsdp={mesh_cfg.dcn_fsdp} must equal "
+            f"the number of {kinds} the {n_devices} devices are in ({n}); {advice}."
+        )
+    sizes = sorted({len(group) for group in groups})
+    if len(sizes) > 1:
+        raise ConfigError(
+            f"The {n_devices} devices are in {kinds} of unequal sizes {sizes}; a mesh needs "
+            "the same number of devices in each."
+        )
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The device mesh described by ``config.mesh`` over ``devices`` (default: all): within
+    each slice ``jax.make_mesh``'s layout; across slices the data and FSDP axes, as
+    ``mesh.dcn_data`` and ``mesh.dcn_fsdp`` say."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_cfg, len(devices))
+    groups = slices(devices)
+    check_slices(mesh_cfg, groups)
+    shape = mesh_shape(mesh_cfg, len(devices), n_slices=len(groups))
     # Auto axes: shardings come from the rules and the compiler, as jit's in/out_shardings say
     auto = (AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
+    if len(groups) == 1:
+        return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        shape, dcn_shape(mesh_cfg), devices, process_is_granule=_process_is_slice(devices)
+    )
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def _placements(shape, axes, mesh: Mesh, rules) -> Iterator[tuple[tuple[str, ...], bool]]:
+    """Per dimension: the mesh axes the rules give its logical name (those of size > 1 that
+    no earlier dimension took) and whether the dimension's size divides by their product."""
+    used: set[str] = set()
+    for size, name in zip(shape, axes, strict=True):
+        mesh_axes = tuple(
+            a for a in (rules.get(name, ()) if name else ()) if mesh.shape[a] > 1 and a not in used
+        )
+        divides = size % math.prod(mesh.shape[a] for a in mesh_axes) == 0
+        if mesh_axes and divides:
+            used.update(mesh_axes)
+        yield mesh_axes, divides
 
 
 def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh, rules) -> P:
@@ -95,18 +178,12 @@ def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh, r
     A dimension stays replicated where the rules give no mesh axis, where its size does not
     divide by the mesh axes' size, or where a mesh axis is already used by another dimension.
     """
-    used: set[str] = set()
-    spec = []
-    for size, name in zip(shape, axes, strict=True):
-        mesh_axes = tuple(
-            a for a in (rules.get(name, ()) if name else ()) if mesh.shape[a] > 1 and a not in used
+    return P(
+        *(
+            (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes) if mesh_axes and divides else None
+            for mesh_axes, divides in _placements(shape, axes, mesh, rules)
         )
-        if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
-            used.update(mesh_axes)
-            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-        else:
-            spec.append(None)
-    return P(*spec)
+    )
 
 
 def param_shardings(params, mesh: Mesh, rules):
@@ -116,6 +193,52 @@ def param_shardings(params, mesh: Mesh, rules):
         params,
         nn.logical_axes(params),
     )
+
+
+def _named_arrays(params) -> list[tuple[str, jax.Array, nn.Axes]]:
+    """``(path, array, logical axes)`` of every array of ``params``, e.g.
+    ``("blocks.0.attn.q.weight", ...)``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return [
+        (jax.tree_util.keystr(path, simple=True, separator="."), array, axes)
+        for (path, array), axes in zip(flat, jax.tree.leaves(nn.logical_axes(params)), strict=True)
+    ]
+
+
+def describe_shardings(params, mesh: Mesh, rules) -> str:
+    """The mesh, then one line per array of ``params``: its path, shape, logical axes and
+    resolved PartitionSpec (abstract shapes are fine)."""
+    sizes = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    lines = [f"mesh ({sizes}) over {mesh.devices.size} devices; param shardings:"]
+    named = _named_arrays(params)
+    width = max(len(path) for path, _, _ in named)
+    for path, array, axes in named:
+        spec = spec_for(array.shape, axes, mesh, rules)
+        lines.append(f"  {path:<{width}}  {array.shape!s:<20} {tuple(axes)!s:<36} {spec}")
+    return "\n".join(lines)
+
+
+def replication_warnings(params, mesh: Mesh, rules, *, min_size: int = LARGE_TENSOR) -> list[str]:
+    """One sentence for each array of at least ``min_size`` elements that stays replicated
+    over mesh axes its rules name because its size there does not divide by theirs."""
+    warnings = []
+    for path, array, axes in _named_arrays(params):
+        if array.size < min_size:
+            continue
+        taken = set(jax.tree.leaves(tuple(spec_for(array.shape, axes, mesh, rules))))
+        placements = _placements(array.shape, axes, mesh, rules)
+        for dim, (mesh_axes, divides) in enumerate(placements):
+            missed = [a for a in mesh_axes if a not in taken]
+            if divides or not missed:
+                continue
+            n = math.prod(mesh.shape[a] for a in mesh_axes)
+            warnings.append(
+                f"{path} {tuple(array.shape)} stays replicated over mesh axis "
+                f"{' x '.join(map(repr, missed))}: its dimension {dim} ({axes[dim]!r}, "
+                f"{array.shape[dim]}) does not divide by {n}; make it a multiple of {n} or "
+                f"change mesh.rules.{axes[dim]}."
+            )
+    return warnings
 
 
 def batch_axes(mesh: Mesh, rules) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ BAD_FIELDS = [
     ("train.z_loss_coeff", math.inf),
     ("mesh.tensor", 0),
     ("mesh.fsdp", -2),
+    ("mesh.dcn_data", 0),
     ("checkpoint.every_steps", 0),  # these three were a ZeroDivisionError after step 1
     ("eval.every_steps", 0),
     ("log.every_steps", 0),

@@ -1,6 +1,9 @@
-"""Two launch.py processes of 4 CPU devices each train exactly as one process of 8 devices."""
+"""Two launch.py processes of 4 CPU devices each (a hybrid mesh: data parallel across the
+processes, FSDP within each) train as one process of 8 devices, and one process on one device
+resumes their checkpoint."""
 
 import json
+import shutil
 import socket
 
 import numpy as np
@@ -32,7 +35,8 @@ def launch(workdir, devices: int, process: tuple[int, int, int] | None = None):
         JAX_NUM_PROCESSES=str(count),
         JAX_PROCESS_ID=str(index),
     )
-    return launch_run(workdir, *overrides, "--distributed", devices=devices, env=env)
+    hybrid = [f"--config.mesh.dcn_data={count}", "--config.mesh.fsdp=2", "--config.log.shardings"]
+    return launch_run(workdir, *overrides, *hybrid, "--distributed", devices=devices, env=env)
 
 
 def finish(process) -> str:
@@ -45,11 +49,11 @@ def records(workdir) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one_and_one_device_resumes_them(tmp_path):
     port = free_port()
     hosts = [launch(tmp_path / "two", 4, (i, 2, port)) for i in range(2)]
-    for host in hosts:
-        finish(host)
+    report = finish(hosts[0])
+    finish(hosts[1])
     finish(launch(tmp_path / "one", 8))
     two, one = records(tmp_path / "two"), records(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one]  # one writer, no duplicates
@@ -58,3 +62,16 @@ def test_two_processes_train_like_one(tmp_path):
     np.testing.assert_allclose(key(two, "val_loss"), key(one, "val_loss"), rtol=1e-5)
     assert len(key(one, "loss")) == STEPS and len(key(one, "val_loss")) == 2
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["3", "6"]
+    # log.shardings: the mesh across the processes, and FSDP within each
+    assert "mesh (data=4, fsdp=2, tensor=1, expert=1) over 8 devices;" in report
+    assert "P(None, 'fsdp')" in next(line for line in report.splitlines() if " wte.weight " in line)
+
+    # the two processes' checkpoint 3 (a copy), resumed by one process on one device
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "3", resumed / "checkpoints" / "3")
+    shutil.copy(tmp_path / "two" / "metrics.jsonl", resumed / "metrics.jsonl")
+    assert "resumed from checkpoint 3" in finish(launch(resumed, 1))
+    again = records(resumed)
+    assert [r["step"] for r in again] == [r["step"] for r in two]
+    np.testing.assert_allclose(key(again, "loss"), key(two, "loss"), rtol=1e-5)
+    np.testing.assert_allclose(key(again, "val_loss"), key(two, "val_loss"), rtol=1e-5)

@@ -1,10 +1,13 @@
-"""Sharded train steps (data, FSDP, tensor and expert parallel on 8 CPU devices) against the
-same steps on one device."""
+"""Sharded train steps (data, FSDP, tensor and expert parallel, alone and mixed, on up to 8 CPU
+devices) against the same steps on one device; a checkpoint written under FSDP resumed on
+other meshes; the mesh's DCN axes and the sharding report."""
 
 import contextlib
+import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 
@@ -12,14 +15,21 @@ from jaxpt import models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError
 
-STEPS = 3
+STEPS = 4
+DENSE = "gqa_glu_rope_gpt"  # grouped-query heads: tensor parallelism splits K and V too
+RESUME_AT = 2  # the elastic-resume test checkpoints after this many steps
 
 
-def small_config(preset: str, model=None, **mesh):
+# training randomness: the same dropout masks and router noise on every mesh
+RANDOM = (("dropout", 0.1), ("router_noise", 0.01))
+
+
+def small_config(preset: str, model: tuple = (), **mesh):
     config = preset_config(preset, "smoke")
-    config.model.update(vocab_size=512, block_size=32, **(model or {}))
-    # a small lr: Adam turns float noise in near-zero gradients into steps of about lr
-    config.train.update(batch_size=8, grad_accum_steps=2, lr=1e-3, warmup_steps=1)
+    config.model.update(vocab_size=512, block_size=32, **dict(model))
+    # a small lr: Adam turns float noise in near-zero gradients into steps of about lr;
+    # micro-batches of 8 rows split over up to 8 batch devices
+    config.train.update(batch_size=16, grad_accum_steps=2, lr=1e-3, warmup_steps=1)
     config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
     config.mesh.update(mesh)
     return config
@@ -31,35 +41,61 @@ def batches(config):
     return rng.integers(0, config.model.vocab_size, shape, dtype=np.int32)
 
 
-def run_steps(config, mesh=None):
-    """Params and losses after STEPS steps, on ``mesh`` or on one device (mesh=None)."""
+@functools.cache
+def compiled(preset: str, mesh: tuple[tuple[str, int], ...], model: tuple = ()):
+    """``(config, mesh, state shardings, jitted step)`` for ``preset`` (with the ``model``
+    field overrides) on the mesh ``mesh`` (axis sizes) over the first devices; ``()``: one
+    device."""
+    config = small_config(preset, model, **dict(mesh))
+    n_devices = int(np.prod([size for _, size in mesh]))
+    device_mesh = sharding.make_mesh(config.mesh, jax.devices()[:n_devices])
+    abstract, shardings = train.abstract_state(config, device_mesh)
+    tx = train.optimizer(config.train, abstract.params)
+    batch = sharding.batch_sharding(device_mesh, config.mesh.rules)
+    step = jax.jit(
+        train.make_train_step(config, tx),
+        in_shardings=(shardings, batch, batch),
+        out_shardings=(shardings, sharding.replicated(device_mesh)),
+    )
+    return config, device_mesh, shardings, step
+
+
+@functools.cache
+def fresh_state(preset: str, model: tuple = ()):
+    """Step 0 of ``preset`` on one device, the start of every mesh's run."""
+    config = small_config(preset, model)
     cfg = models.config_from(config.model)
     params = jax.eval_shape(lambda k: models.get(cfg.name).init(k, cfg), jax.random.key(0))
     tx = train.optimizer(config.train, params)
-    state = jax.jit(lambda k: train.init_state(k, cfg, tx))(jax.random.key(0))
-    step = train.make_train_step(config, tx)
-    if mesh is None:
-        step = jax.jit(step)
-    else:
-        _, shardings = train.abstract_state(config, mesh)
-        state = jax.device_put(state, shardings)
-        batch = sharding.batch_sharding(mesh, config.mesh.rules)
-        step = jax.jit(
-            step,
-            in_shardings=(shardings, batch, batch),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-        )
-    losses = []
-    with contextlib.nullcontext() if mesh is None else activations(mesh, config.mesh.rules):
-        for tokens in batches(config):
+    return jax.jit(lambda k: train.init_state(k, cfg, tx))(jax.random.key(0))
+
+
+def run_steps(preset: str, mesh: tuple, state=None, first: int = 0, model: tuple = ()):
+    """States after each step and the losses of steps ``first..STEPS-1`` of ``preset`` on
+    ``mesh``, from ``state`` (default: ``fresh_state``)."""
+    config, device_mesh, shardings, step = compiled(preset, mesh, model)
+    if state is None:
+        state = jax.device_put(fresh_state(preset, model), shardings)
+    states, losses = [], []
+    with activations(device_mesh, config.mesh.rules):
+        for tokens in batches(config)[first:]:
             state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+            states.append(state)
             losses.append(float(metrics["loss"]))
-    return state, losses
+    return states, losses
+
+
+@functools.cache
+def trajectory(preset: str, mesh: tuple = (), model: tuple = ()):
+    """``run_steps`` from a fresh state, once per preset and mesh (the one-device runs and
+    the FSDP run serve several tests)."""
+    return run_steps(preset, mesh, model=model)
 
 
 @contextlib.contextmanager
 def activations(mesh, rules):
-    """The train loop's activation constraints, checking that attention asks for them."""
+    """The train loop's activation constraints, checking that attention asks for them and
+    that every block boundary does."""
     asked = []
 
     def sharding_of(shape, names):
@@ -68,37 +104,101 @@ def activations(mesh, rules):
 
     with nn.shard_activations(sharding_of):
         yield
-    assert ("batch", None, "q_heads", None) in asked
+    if asked:  # the step traced in here
+        assert ("batch", None, "q_heads", None) in asked
+        assert asked.count(("batch", None, None)) > 1  # the residual stream
+
+
+def mesh_key(**sizes) -> tuple[tuple[str, int], ...]:
+    return tuple(sizes.items())
 
 
 @pytest.mark.parametrize(
     ("preset", "mesh", "model"),
     [
-        ("gqa_glu_rope_gpt", dict(data=2, fsdp=2, tensor=2), {}),
-        ("gpt", dict(fsdp=4, tensor=2), {}),
-        # training randomness: the same dropout masks and router noise on every mesh
-        ("tiny_moe_2", dict(data=2, tensor=2, expert=2), dict(dropout=0.1, router_noise=0.01)),
+        (DENSE, mesh_key(data=2), ()),  # on 2 devices
+        (DENSE, mesh_key(fsdp=8), ()),
+        (DENSE, mesh_key(tensor=2), ()),  # on 2 devices
+        (DENSE, mesh_key(fsdp=4, tensor=2), ()),
+        (DENSE, mesh_key(data=2, fsdp=2, tensor=2), ()),
+        ("tiny_moe_2", mesh_key(expert=8), ()),  # top-2 of 8 experts
+        ("tiny_moe_2", mesh_key(data=2, tensor=2, expert=2), RANDOM),
     ],
+    ids=lambda v: v if isinstance(v, str) else ",".join(f"{a}={n}" for a, n in v),
 )
 def test_sharded_steps_equal_one_device(preset, mesh, model):
-    config = small_config(preset, model, **mesh)
-    device_mesh = sharding.make_mesh(config.mesh)
-    _, shardings = train.abstract_state(config, device_mesh)
+    _, _, shardings, _ = compiled(preset, mesh, model)
     specs = {s.spec for s in jax.tree.leaves(shardings.params)}
-    for axis, size in mesh.items():  # every mesh axis in use splits some weight
+    for axis, size in mesh:  # every mesh axis in use splits some weight
         if size > 1 and axis != "data":
             assert any(axis in jax.tree.leaves(tuple(spec)) for spec in specs), axis
-    sharded, sharded_losses = run_steps(config, device_mesh)
-    single, single_losses = run_steps(config)
+    for moment in ("mu", "nu"):  # optimizer moments are sharded like their params
+        moments = optax.tree.get(shardings.opt_state, moment)
+        assert jax.tree.leaves(moments) == jax.tree.leaves(shardings.params)
+    sharded, sharded_losses = trajectory(preset, mesh, model)
+    single, single_losses = trajectory(preset, (), model)
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-        jax.device_get(sharded.params),
-        jax.device_get(single.params),
+        jax.device_get(sharded[-1].params),
+        jax.device_get(single[-1].params),
     )
+
+
+def test_fsdp_checkpoint_resumes_on_two_devices_and_on_one(tmp_path):
+    """FSDP over 8 devices, checkpointed after RESUME_AT steps, resumed with data parallelism
+    on 2 devices and on 1 device: the losses of the uninterrupted run, within float noise."""
+    fsdp = mesh_key(fsdp=8)
+    states, losses = trajectory(DENSE, fsdp)
+    config = compiled(DENSE, fsdp)[0]
+    checkpoints = train.Checkpoints(tmp_path / "checkpoints", keep=1)
+    checkpoints.save(RESUME_AT, states[RESUME_AT - 1], {"step": RESUME_AT}, config)
+    checkpoints.wait()
+    for mesh in (mesh_key(data=2), ()):
+        _, device_mesh, shardings, _ = compiled(DENSE, mesh)
+        abstract, _ = train.abstract_state(config, device_mesh)
+        step, state, loader = checkpoints.restore_latest(abstract, shardings, config.model)
+        assert (step, loader) == (RESUME_AT, {"step": RESUME_AT})
+        assert state.params.wte.weight.sharding == shardings.params.wte.weight
+        saved = jax.device_get(states[RESUME_AT - 1])
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), saved)  # bitwise
+        _, resumed = run_steps(DENSE, mesh, state, first=RESUME_AT)
+        np.testing.assert_allclose(resumed, losses[RESUME_AT:], rtol=1e-6)
+    checkpoints.close()
 
 
 def test_a_mesh_that_does_not_fit_the_devices_is_one_sentence():
     config = small_config("gpt", data=3)
     with pytest.raises(ConfigError, match="devices"):
         sharding.make_mesh(config.mesh)
+
+
+def test_dcn_axes_must_match_the_slices():
+    config = small_config("gpt", data=-1, dcn_data=2)
+    with pytest.raises(ConfigError) as caught:
+        sharding.make_mesh(config.mesh)
+    assert str(caught.value) == (
+        "mesh.dcn_data=2 x mesh.dcn_fsdp=1 must equal the number of processes the 8 devices "
+        "are in (1); set both to 1."
+    )
+
+
+def test_the_report_names_every_spec_and_large_replicated_tensors():
+    config = small_config("vgpt", data=2, fsdp=2, tensor=2)
+    config.model = models.get("vgpt").default_config().to_dict()  # vocab 50257: odd
+    mesh = sharding.make_mesh(config.mesh)
+    params = train.abstract_state(config, mesh)[0].params
+    rules = config.mesh.rules
+    report = sharding.describe_shardings(params, mesh, rules).splitlines()
+    assert report[0] == "mesh (data=2, fsdp=2, tensor=2, expert=1) over 8 devices; param shardings:"
+    assert len(report) == 1 + len(jax.tree.leaves(params))
+    q = next(line for line in report if "blocks.0.attn.q.weight" in line).split()
+    assert q[1:4] == ["(12,", "768,", "768)"] and " ".join(q[-3:]) == "P(None, 'fsdp', 'tensor')"
+    assert sharding.replication_warnings(params, mesh, rules) == [
+        "wte.weight (50257, 768) stays replicated over mesh axis 'tensor': its dimension 0 "
+        "('vocab', 50257) does not divide by 2; make it a multiple of 2 or change "
+        "mesh.rules.vocab."
+    ]
+    config.model.vocab_size = 50304
+    params = train.abstract_state(config, mesh)[0].params
+    assert sharding.replication_warnings(params, mesh, rules) == []

@@ -23,6 +23,10 @@ from jaxpt.models._mixers import MIXERS
 if TYPE_CHECKING:
     from jaxpt.models._config import ModelConfig
 
+# Logical axes of the residual stream (B, T, D) at every block boundary: split by batch, each
+# device holding whole rows (tensor parallel layers gather and reduce inside the block).
+RESIDUAL_AXES = ("batch", None, None)
+
 
 class Block(eqx.Module):
     """One pre-norm transformer layer."""
@@ -172,7 +176,7 @@ def features(
     if params.wpe is not None:
         x = x + nn.embed(params.wpe, positions, dtype)
     k_embed, k_layers = _split(key, 2)
-    x = nn.dropout(x, cfg.dropout, k_embed)
+    x = nn.constrain(nn.dropout(x, cfg.dropout, k_embed), RESIDUAL_AXES)
     repeat_keys = None if key is None else jax.random.split(k_layers, cfg.repeats)
     pattern = cfg.mixer_pattern
     caches = (None,) * len(pattern) if cache is None else cache
@@ -188,6 +192,7 @@ def features(
             x, aux, c = block(
                 p, x, cfg, kind, positions=positions, mask=mask, cache=c, layer=index, key=k
             )
+            x = nn.constrain(x, RESIDUAL_AXES)
             auxes.append(aux)
             new_caches.append(c)
         return (x, tuple(new_caches)), jax.tree.map(lambda *a: sum(a), *auxes)

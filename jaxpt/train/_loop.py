@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,8 @@ from jaxpt.train._step import (
     make_train_step,
     start_state,
 )
+
+log = logging.getLogger(__name__)
 
 
 def validate_config(config) -> None:
@@ -72,6 +75,18 @@ def fresh_state(
         return jax.jit(lambda k: init_state(k, model_cfg, tx), out_shardings=shardings)(key)
     params = jax.device_put(init_params(), shardings.params)
     return jax.jit(lambda p: start_state(p, tx), out_shardings=shardings)(params)
+
+
+def report_shardings(config, params, mesh) -> None:
+    """On process 0: with ``log.shardings``, prints the mesh and every param's PartitionSpec;
+    always, warns of each large param that a mesh axis cannot split (see
+    ``sharding.replication_warnings``)."""
+    if jax.process_index() != 0:
+        return
+    if config.log.shardings:
+        print(sharding.describe_shardings(params, mesh, config.mesh.rules), flush=True)
+    for warning in sharding.replication_warnings(params, mesh, config.mesh.rules):
+        log.warning(warning)
 
 
 def describe(config, model_cfg) -> str:
@@ -221,6 +236,7 @@ def train(
     abstract, shardings = abstract_state(config, mesh)
     tx = optimizer(config.train, abstract.params)
     print(describe(config, model_cfg), flush=True)
+    report_shardings(config, abstract.params, mesh)
 
     batch_sh = sharding.batch_sharding(mesh, rules)
     rows = data.process_rows(batch_sh, (batch_size, seq_len))
