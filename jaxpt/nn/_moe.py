@@ -46,8 +46,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxpt.nn._axes import HasAxes
+from jaxpt.errors import ConfigError
+from jaxpt.nn._axes import HasAxes, activation_sharding_of
 from jaxpt.nn._linear import Linear, init_linear, linear, normal_or_zeros
 from jaxpt.nn._mlp import ACTIVATIONS
 
@@ -385,6 +388,9 @@ def moe(
     output (raw softmax probabilities, as vmoe and the original JaxPT; not renormalised over
     the top k). Dropped choices add nothing: the residual stream carries the token.
 
+    While a sharded step is traced (``jaxpt.sharding.activation_sharding``) each device routes
+    and dispatches its own sequences (:func:`sharded_route_and_dispatch`).
+
     Args:
         x: ``(B, T, D)`` in the compute dtype; the router runs in float32.
         activation: the experts' (``ACTIVATIONS``).
@@ -397,6 +403,32 @@ def moe(
     valid = jnp.ones((b, t), bool) if mask is None else mask
     logits = linear(p.router, x.astype(jnp.float32))  # (B, T, E)
     probs = jax.nn.softmax(logits, axis=-1)
+    batch = activation_sharding_of(x.shape, ("batch", None, None))
+    run = functools.partial(route_and_dispatch, spec=spec, activation=activation)
+    if batch is not None:
+        run = functools.partial(sharded_route_and_dispatch, batch=batch, run=run)
+    y, expert = run(p.experts, x, probs, valid)
+    return y, router_losses(logits, probs, expert, valid)
+
+
+def route_and_dispatch(
+    p: Experts,
+    x: Array,
+    probs: Array,
+    valid: Array,
+    *,
+    spec: MoESpec,
+    activation: str,
+    run_experts=grouped_experts,
+) -> tuple[Array, Array]:
+    """:func:`route` the tokens, gather them into expert rows (:func:`expert_rows`), run the
+    experts (``run_experts``, :func:`grouped_experts`'s signature) and combine.
+
+    Args:
+        x: ``(B, T, D)``; probs: ``(B, T, E)`` router probabilities; valid: ``(B, T)`` bool.
+    Returns:
+        ``(B, T, D)`` and the chosen experts ``(B, T, k)``.
+    """
     r = route(
         probs,
         valid,
@@ -404,10 +436,106 @@ def moe(
         capacity=sequence_capacity(spec, valid),
         expert_weight_priority=spec.expert_weight_priority,
     )
-    padded = spec.grouped_matmul == "padded"
-    rows = expert_rows(r, spec.n_experts, expert_capacity(spec, t), padded=padded)
-    y = grouped_experts(p.experts, gather_rows(x, rows), rows, activation=activation)
-    return combine_rows(y, rows, r.weight), router_losses(logits, probs, r.expert, valid)
+    capacity = expert_capacity(spec, x.shape[1])  # slots: the capacity of an unpadded row
+    rows = expert_rows(r, spec.n_experts, capacity, padded=spec.grouped_matmul == "padded")
+    y = run_experts(p, gather_rows(x, rows), rows, activation=activation)
+    return combine_rows(y, rows, r.weight), r.expert
+
+
+# ---------------------------------------------------------------- expert parallelism
+
+
+def sharded_route_and_dispatch(
+    p: Experts, x: Array, probs: Array, valid: Array, *, batch: NamedSharding, run
+) -> tuple[Array, Array]:
+    """``run`` (:func:`route_and_dispatch`) on each device's own sequences, in ``shard_map``.
+
+    Routing is per sequence, so each device routes its sequences alone. Where the experts are
+    split over mesh axes that also split the batch (``mesh.expert``, by the ``"expert"`` rule),
+    the expert rows travel to their experts' devices and back with two all-to-alls
+    (:func:`expert_parallel_experts`); otherwise each device runs every expert, their weights
+    gathered at the ``shard_map`` boundary. Each expert's hidden width stays split where the
+    ``"mlp"`` rule splits it (tensor parallelism, :func:`_tensor_parallel`).
+
+    Args:
+        batch: the sharding of ``(B, T, D)`` activations (``activation_sharding_of``).
+    """
+    batch_axes = _axes_of(batch.spec[0])
+    if not batch_axes:
+        return run(p, x, probs, valid)
+    weight_spec = activation_sharding_of(p.up.weight.shape, ("expert", None, "mlp")).spec
+    expert_axes = _axes_of(weight_spec[0])
+    if not set(expert_axes) <= set(batch_axes):  # split experts only where the tokens are
+        expert_axes = ()
+    if expert_axes:
+        groups = math.prod(batch.mesh.shape[a] for a in expert_axes)
+        run_experts = functools.partial(expert_parallel_experts, axes=expert_axes, n_groups=groups)
+        run = functools.partial(run, run_experts=run_experts)
+    mlp_axes = tuple(a for a in _axes_of(weight_spec[2]) if a not in batch_axes)
+    rows = P(batch.spec[0])  # arrays (B, ...) split like the batch
+    return jax.shard_map(
+        functools.partial(_tensor_parallel, run=run, mlp_axes=mlp_axes),
+        mesh=batch.mesh,
+        in_specs=(_expert_specs(p, expert_axes, mlp_axes), rows, rows, rows),
+        out_specs=(rows, rows),
+    )(p, x, probs, valid)
+
+
+def expert_parallel_experts(
+    p: Experts, x: Array, rows: ExpertRows, *, activation: str, axes: tuple[str, ...], n_groups: int
+) -> Array:
+    """:func:`grouped_experts` inside ``shard_map`` with the experts split into ``n_groups``
+    groups of ``E / n_groups`` over the mesh ``axes`` (``p``: this device's group).
+
+    ``x`` is this device's padded expert rows ``(E B C, D)`` (its own sequences); one
+    all-to-all turns them into its experts' rows from every device, ``(E / n_groups,
+    n_groups B C, D)``, and after the experts a second one brings the outputs back. Both move
+    fixed-size buffers: the padded layout (``jax.lax.ragged_all_to_all`` would move the
+    ragged one's).
+    """
+    if rows.group_sizes is not None:
+        raise ConfigError(
+            "model.moe_matmul='ragged' cannot split the experts over the mesh (mesh.expert > 1); "
+            "use model.moe_matmul='padded'."
+        )
+    local_experts, d = p.up.weight.shape[0], x.shape[-1]
+    to_group = x.reshape(n_groups, local_experts, -1, d)  # by destination group
+    from_group = jax.lax.all_to_all(to_group, axes, 0, 0)  # by source device
+    mine = from_group.transpose(1, 0, 2, 3).reshape(1, local_experts, -1, d)
+    y = experts(p, mine, activation=activation).reshape(local_experts, n_groups, -1, d)
+    return jax.lax.all_to_all(y.transpose(1, 0, 2, 3), axes, 0, 0).reshape(x.shape)
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _expert_specs(p: Experts, expert_axes: tuple[str, ...], mlp_axes: tuple[str, ...]) -> Experts:
+    """PartitionSpecs of the experts inside ``shard_map``: E split over ``expert_axes``, F
+    over ``mlp_axes``, D whole."""
+    e, f = expert_axes or None, mlp_axes or None
+
+    def specs(layer: ExpertLinear, d_in, d_out) -> ExpertLinear:
+        bias = None if layer.bias is None else P(e, d_out)
+        return ExpertLinear(P(e, d_in, d_out), bias, layer.axes)
+
+    gate = None if p.gate is None else specs(p.gate, None, f)
+    return Experts(up=specs(p.up, None, f), gate=gate, down=specs(p.down, f, None))
+
+
+def _tensor_parallel(p: Experts, *args, run, mlp_axes: tuple[str, ...]) -> tuple[Array, Array]:
+    """``run(p, *args)`` with each device holding a slice of every expert's hidden width over
+    ``mlp_axes``: the partial outputs are summed (``psum``), the down-projection's bias added
+    on one device of each group."""
+    if not mlp_axes:
+        return run(p, *args)
+    if p.down.bias is not None:
+        first = jax.lax.axis_index(mlp_axes) == 0
+        down = dataclasses.replace(p.down, bias=jnp.where(first, p.down.bias, 0))
+        p = dataclasses.replace(p, down=down)
+    y, expert = run(p, *args)
+    return jax.lax.psum(y, mlp_axes), expert
 
 
 # ---------------------------------------------------------------- Soft MoE
