@@ -1,15 +1,20 @@
-"""Training-step speed: jaxpt's own train step on the GPT-2 124M config.
+"""Training-step speed: jaxpt's own train step on the GPT-2 124M config (or another preset).
 
     python3 bench/train_step.py --out=$OUT                     # on a GPU
     uv run python bench/train_step.py --batches=2 --seq=128      # a CPU smoke run
+    python3 bench/train_step.py --preset=tiny_moe --seq=2048 --batches=8 --noscan_layers \
+        --moe_matmul=ragged --out=$OUT                           # a MoE preset's experts
 
 The step ``launch.py`` runs (``jaxpt.train.make_train_step``: bf16 compute, float32 params and
 loss, AdamW with the weight-decay mask, global-norm clipping, donated state) on
-``configs/gpt.py`` (vocab 50304, 12 x 768), random tokens below 50257, micro-batch
+``configs/gpt.py`` (vocab 50304, 12 x 768), random tokens below 50257 (or the vocab), micro-batch
 ``--batches`` x ``--seq``, no accumulation. ``--warmup`` steps (compilation included), then
 ``--steps`` timed steps, each waited for; median. MFU = tokens/s x (6 N + 12 L D T) / peak, the
 formula of ``../shared/bench/ref_torch_gpt2.py``, which is the reference to run in the same
-call. Prints a table last and writes train_step.json to --out.
+call (N: the active parameters, ``ModelConfig.flops_per_token``). Prints a table last and
+writes train_step.json to --out. ``--preset`` times another registry preset's model the same
+way (its full size; the flags above still set the model fields they name);
+``--moe_matmul`` picks how a top-k MoE preset's experts run (``model.moe_matmul``).
 """
 
 import _report  # bench/_report.py, beside this script
@@ -29,21 +34,23 @@ flags.DEFINE_bool("scan_layers", None, "model.scan_layers; default: the preset's
 flags.DEFINE_enum(
     "logits_dtype", None, ["float32", "bfloat16"], "model.logits_dtype; default: the preset's."
 )
+flags.DEFINE_string("preset", "gpt", "Registry preset whose model is timed.")
+flags.DEFINE_enum("moe_matmul", None, ["padded", "ragged"], "model.moe_matmul (MoE presets).")
 
 
-def gpt_config(f):
-    """``configs/gpt.py`` as shipped, with the flags' overrides."""
-    config = preset_config("gpt", None)
+def run_config(f):
+    """The preset's run config as shipped, with the flags' overrides."""
+    config = preset_config(f.preset, None)
     config.model.update(block_size=f.seq, sdpa_implementation=f.sdpa, remat_policy=f.remat)
-    for field in ("scan_layers", "logits_dtype"):
+    for field in ("scan_layers", "logits_dtype", "moe_matmul"):
         if f[field].value is not None:
             config.model[field] = f[field].value
     return config
 
 
 def time_steps(batch: int, f) -> dict:
-    """One row: the GPT-2 124M step at micro-batch ``batch``."""
-    config = gpt_config(f)
+    """One row: the preset's step at micro-batch ``batch``."""
+    config = run_config(f)
     config.train.batch_size = batch
     return _timing.time_train_step(config, warmup=f.warmup, steps=f.steps)
 
@@ -52,10 +59,12 @@ def main(argv):
     del argv
     f = flags.FLAGS
     rows = [time_steps(int(b), f) for b in f.batches]
-    model = gpt_config(f).model
+    model = run_config(f).model
     result = _report.save(
         f.out,
         "train_step",
+        preset=f.preset,
+        moe_matmul=model.get("moe_matmul"),
         sdpa=f.sdpa,
         remat=f.remat,
         scan_layers=model.scan_layers,
@@ -63,7 +72,7 @@ def main(argv):
         rows=rows,
     )
     print(
-        f"jaxpt GPT-2 124M train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
+        f"jaxpt {f.preset} train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
         f"remat={f.remat}, scan_layers={model.scan_layers}, logits={model.logits_dtype}"
     )
     print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")

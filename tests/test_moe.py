@@ -323,6 +323,48 @@ def test_a_padded_sequence_routes_as_it_would_alone(priority):
     assert dropped.any(), "the case should drop some choices"
 
 
+def one_hot_moe(p: nn.MoE, x, cfg, expert, slot):
+    """The one-hot formulation (jaxpt before grouped matmuls), for the routing ``expert``,
+    ``slot`` (``np_route``'s, held fixed): dispatch and combine tensors ``(B, T, E, C)`` and
+    einsums over every expert's whole capacity buffer ``(B, E, C, D)``."""
+    logits = nn.linear(p.router, x)
+    probs = jax.nn.softmax(logits, axis=-1)
+    capacity = np_capacity(cfg, x.shape[1])
+    to_expert = jax.nn.one_hot(expert, cfg.n_experts)  # (B, T, k, E)
+    to_slot = jax.nn.one_hot(slot, capacity)  # (B, T, k, C), 0 where dropped
+    weight = jnp.take_along_axis(probs, jnp.asarray(expert), axis=-1)  # (B, T, k)
+    dispatch = jnp.einsum("btke,btkc->btec", to_expert, to_slot)
+    combine = jnp.einsum("btke,btkc,btk->btec", to_expert, to_slot, weight)
+    buffers = jnp.einsum("btec,btd->becd", dispatch, x)
+    return jnp.einsum(
+        "btec,becd->btd", combine, nn.experts(p.experts, buffers, activation=cfg.activation)
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(expert_weight_priority=True, moe_matmul="ragged"),
+        dict(moe_expert="mlp", activation="squared_relu", moe_bias=False, moe_matmul="padded"),
+    ],
+)
+def test_grouped_dispatch_equals_the_one_hot_formulation_with_gradients(overrides):
+    cfg = moe_config(load_factor=0.5, **overrides)  # a third of the choices drop
+    params, x = setup_moe(cfg, seed=17)
+    probs = np_softmax(f64(x) @ f64(params.router.weight) + f64(params.router.bias))
+    expert, slot = np_route(probs, LEFT_PADDED, 2, 3, cfg.expert_weight_priority)
+    assert (slot[LEFT_PADDED] == -1).any() and (slot == 2).any(), "should fill and drop slots"
+    target = jnp.asarray(np.random.default_rng(18).normal(size=x.shape), jnp.float32)
+    grouped = lambda p, x: jnp.sum(run_moe(p, x, cfg, jnp.asarray(LEFT_PADDED))[0] * target)
+    one_hot = lambda p, x: jnp.sum(one_hot_moe(p, x, cfg, expert, slot) * target)
+    got, want = (
+        jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x) for f in (grouped, one_hot)
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+    y, _ = run_moe(params, x, cfg, jnp.asarray(LEFT_PADDED))
+    np.testing.assert_allclose(y, np_moe(params, x, LEFT_PADDED, cfg)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_gradients_reach_router_and_every_expert():
     cfg = moe_config(top_k=2)
     params, x = setup_moe(cfg, shape=(2, 32))

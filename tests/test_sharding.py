@@ -167,6 +167,41 @@ def test_fsdp_checkpoint_resumes_on_two_devices_and_on_one(tmp_path):
     checkpoints.close()
 
 
+def test_expert_parallel_moe_moves_tokens_by_all_to_all_and_equals_one_device(capfd):
+    mesh = mesh_key(data=2, tensor=2, expert=2)  # tiny_moe: GLU experts with biases
+    config, device_mesh, shardings, step = compiled("tiny_moe", mesh)
+    state = jax.device_put(fresh_state("tiny_moe"), shardings)
+    tokens = batches(config)[0]  # micro-batches of 8: one sequence per device
+    with activations(device_mesh, config.mesh.rules):
+        hlo = step.lower(state, tokens[:, :-1], tokens[:, 1:]).compile().as_text()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    assert "all-to-all(" in hlo  # tokens go to their experts' devices and back
+    assert "all-gather(" not in hlo and "collective-permute(" not in hlo  # nothing else moves
+    sharded, sharded_losses = trajectory("tiny_moe", mesh)
+    single, single_losses = trajectory("tiny_moe")
+    np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+        jax.device_get(sharded[-1].params),
+        jax.device_get(single[-1].params),
+    )
+
+
+def test_ragged_experts_split_over_the_mesh_are_one_sentence():
+    config = small_config("tiny_moe", expert=8)
+    config.model.moe_matmul = "ragged"
+    cfg = models.config_from(config.model)
+    model = models.get(cfg.name)
+    params = jax.eval_shape(lambda k: model.init(k, cfg), jax.random.key(0))
+    tokens = jax.ShapeDtypeStruct((8, cfg.block_size), np.int32)
+    mesh = sharding.make_mesh(config.mesh)
+    with (
+        sharding.activation_sharding(mesh, config.mesh.rules),
+        pytest.raises(ConfigError, match="moe_matmul='ragged' cannot split the experts"),
+    ):
+        jax.eval_shape(lambda p, t: model.apply(p, t, cfg), params, tokens)
+
+
 def test_a_mesh_that_does_not_fit_the_devices_is_one_sentence():
     config = small_config("gpt", data=3)
     with pytest.raises(ConfigError, match="devices"):

@@ -158,6 +158,9 @@ class ModelConfig(_Fields):
     load_factor: float | None = None  # slots per expert: ceil(load_factor*top_k*max(1, T/E))
     expert_weight_priority: bool | None = None  # surest tokens claim slots first: not causal
     moe_router_bias: bool | None = None
+    # how top-k experts run: padded (one batched matmul over every expert's capacity) | ragged
+    # (jax.lax.ragged_dot over exactly the kept choices; dense on CPU, see nn.expert_rows)
+    moe_matmul: str = "padded"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -198,6 +201,7 @@ class ModelConfig(_Fields):
         require_choice("proj_init", self.proj_init, PROJ_INITS)
         require_choice("sdpa_implementation", self.sdpa_implementation, nn.IMPLEMENTATIONS)
         require_choice("logits_dtype", self.logits_dtype, ("float32", "bfloat16"))
+        require_choice("moe_matmul", self.moe_matmul, nn.GROUPED_MATMULS)
         if self.position == "rope":
             require(
                 self.head_dim % 2 == 0,
@@ -296,6 +300,7 @@ class ModelConfig(_Fields):
             top_k=self.top_k,
             load_factor=self.load_factor,
             expert_weight_priority=self.expert_weight_priority,
+            grouped_matmul=self.moe_matmul,
             router_noise=self.router_noise,
         )
 

@@ -78,10 +78,17 @@ def shard_activations(sharding_of: Callable):
         _ACTIVATION_SHARDING.reset(token)
 
 
+def activation_sharding_of(
+    shape: tuple[int, ...], names: tuple[str | None, ...]
+) -> jax.sharding.NamedSharding | None:
+    """The sharding an activation of ``shape`` with logical axis ``names`` gets while a sharded
+    step is being traced (see :func:`constrain`); None otherwise."""
+    sharding_of = _ACTIVATION_SHARDING.get()
+    return None if sharding_of is None else sharding_of(shape, names)
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """``x`` constrained to the sharding its logical axis ``names`` map to, when a sharded
     step is being traced (``jaxpt.sharding.activation_sharding``); otherwise ``x``."""
-    sharding_of = _ACTIVATION_SHARDING.get()
-    if sharding_of is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, sharding_of(x.shape, names))
+    sharding = activation_sharding_of(x.shape, names)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)

@@ -5,9 +5,27 @@ Top-k routing with a per-sequence expert capacity as in vmoe (Riquelme et al., 2
 router z-loss (Zoph et al., 2022); and Soft MoE (Puigcerver et al., 2023).
 
 The E experts are feed-forward networks stored as stacked ``(E, ...)`` arrays whose leading
-logical axis is ``"expert"``, so expert parallelism is a sharding rule. Tokens reach the expert
-buffers ``(B, E, C, D)`` through per-sequence dispatch and combine tensors ``(B, T, E, C)`` and
-einsums (no scatter of activations, no ``(T, T)`` array for top-k routing).
+logical axis is ``"expert"``, so expert parallelism is a sharding rule.
+
+Top-k dispatch. :func:`route` gives every choice its expert and its slot in that expert's
+per-sequence capacity C; :func:`expert_rows` turns (expert, sequence, slot) into a row of one
+``(N, D)`` matrix grouped by expert; the tokens are gathered into those rows, the experts run
+as grouped matmuls, and each token gathers its ``k`` output rows back, weighted. Only
+``(B, T, k)`` indices and ``(B, T, E)`` counts are built on the way. The one-hot formulation
+this replaces (GShard, vmoe: dispatch and combine tensors ``(B, T, E, C)`` and einsums) spent
+``4 E C D``, about ``4 k load_factor T D``, forward FLOPs per token moving tokens: at Tiny_MoE's
+shape (T = 2048, k = 2, load factor 1.1, D = 576, F = 2304) 2/3 of its GLU experts' own
+``6 k D F``, at Tiny_MoE_2's 1.25 times its MLP experts' ``4 k D F``; and it kept two
+``(B, T, E, C)`` tensors (4.5K entries per token) for the backward pass. The gathers move
+``k D`` values per token.
+
+The grouped matmuls (``MoESpec.grouped_matmul``): ``"padded"`` runs each expert on all its
+``B * C`` slots as one batched matmul ``(E, B C, D) x (E, D, F)``, empty slots included (about
+``load_factor`` times the kept choices' FLOPs, with cuBLAS-friendly equal groups);
+``"ragged"`` packs the kept choices and runs ``jax.lax.ragged_dot`` over exactly them. Where
+the backend has no grouped-matmul kernel, ``ragged_dot`` expands to a dense product over every
+expert (E times the FLOPs: XLA's CPU lowering, and XLA GPU's for the weight gradient unless its
+cuDNN ragged-dot fusion takes it), so ``"padded"`` is the default.
 
 Causality. Top-k routing with token-order priority (``expert_weight_priority=False``) is
 causal: choices claim buffer slots token by token, so whether token ``t`` is dropped depends
@@ -28,10 +46,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxpt.nn._axes import HasAxes
+from jaxpt.errors import ConfigError
+from jaxpt.nn._axes import HasAxes, activation_sharding_of
 from jaxpt.nn._linear import Linear, init_linear, linear, normal_or_zeros
 from jaxpt.nn._mlp import ACTIVATIONS
+
+GROUPED_MATMULS = ("ragged", "padded")  # MoESpec.grouped_matmul
 
 
 class ExpertLinear(HasAxes):
@@ -100,17 +123,15 @@ def init_experts(
 
 
 @jax.named_scope("experts")
-def experts(p: Experts, x: Array, *, activation: str) -> Array:
+def experts(p: Experts, x: Array, *, activation: str, layer=expert_linear) -> Array:
     """Every expert on its own buffer; ``activation`` names one of ``ACTIVATIONS``.
 
-    ``(B, E, C, D)`` -> ``(B, E, C, D)``.
+    ``(B, E, C, D)`` -> ``(B, E, C, D)`` with :func:`expert_linear`; ``layer`` may map other
+    layouts of the experts' rows (:func:`ragged_expert_linear`).
     """
     act = ACTIVATIONS[activation]
-    if p.gate is None:
-        h = act(expert_linear(p.up, x))
-    else:
-        h = act(expert_linear(p.gate, x)) * expert_linear(p.up, x)
-    return expert_linear(p.down, h)
+    h = act(layer(p.up, x)) if p.gate is None else act(layer(p.gate, x)) * layer(p.up, x)
+    return layer(p.down, h)
 
 
 # ---------------------------------------------------------------- top-k routing
@@ -124,6 +145,7 @@ class MoESpec:
     top_k: int  # experts per token
     load_factor: float  # slots per expert: ceil(load_factor * top_k * max(1, T / E))
     expert_weight_priority: bool  # surest tokens claim slots first (not causal); else in order
+    grouped_matmul: str  # "padded" or "ragged": how the experts run (see expert_rows)
     router_noise: float = 0.0  # eps of the training-time noise: logits * U(1 - eps, 1 + eps)
 
 
@@ -284,6 +306,90 @@ def router_losses(logits: Array, probs: Array, expert: Array, valid: Array) -> d
     }
 
 
+class ExpertRows(NamedTuple):
+    """Where the kept top-k choices sit in the experts' grouped ``(N, D)`` matrix of rows."""
+
+    row: Array  # (B, T, k) int: the choice's row; N (out of range) where dropped or padding
+    # (E,) int: each expert's rows, one run per expert in expert order; None: E equal groups
+    group_sizes: Array | None
+    n_rows: int  # N
+
+
+def expert_rows(r: Routing, n_experts: int, capacity: int, *, padded: bool) -> ExpertRows:
+    """Rows for the kept choices of :func:`route`, grouped by expert, in slot order.
+
+    ``padded``: expert ``e`` owns rows ``[e * B * C, (e + 1) * B * C)`` (sequence ``b``'s slots at
+    ``b * C``), so the groups are equal and every expert can run as one batched matmul over
+    ``(E, B * C, D)``. Otherwise the kept choices are packed: expert ``e``'s run starts where
+    ``e - 1``'s ends, the runs together are as long as the choices kept, and the rest of the
+    ``N = B * min(T * k, E * C)`` rows is unused (``jax.lax.ragged_dot`` over ``group_sizes``).
+
+    Args:
+        r: the routing of ``(B, T)`` tokens; capacity: ``C``, the slots of an unpadded row.
+    """
+    b, t, k = r.slot.shape
+    kept = r.slot >= 0
+    if padded:
+        n_rows = n_experts * b * capacity
+        row = (r.expert * b + jnp.arange(b)[:, None, None]) * capacity + r.slot
+        group_sizes = None
+    else:
+        n_rows = b * min(t * k, n_experts * capacity)
+        per_sequence = jnp.einsum(  # (B, E): kept choices of each sequence and expert
+            "btke,btk->be", jax.nn.one_hot(r.expert, n_experts, dtype=jnp.int32), kept
+        )
+        group_sizes = per_sequence.sum(0)
+        group_start = jnp.cumsum(group_sizes) - group_sizes  # (E,)
+        sequence_start = jnp.cumsum(per_sequence, axis=0) - per_sequence  # (B, E)
+        start = group_start + sequence_start  # (B, E): row of slot 0
+        row = jnp.take_along_axis(start[:, None, :], r.expert.reshape(b, 1, -1), axis=2)
+        row = row.reshape(b, t, k) + r.slot
+    return ExpertRows(jnp.where(kept, row, n_rows), group_sizes, n_rows)
+
+
+def gather_rows(x: Array, rows: ExpertRows) -> Array:
+    """The experts' input rows: ``(B, T, D)`` -> ``(N, D)``, zero where no choice lands.
+
+    A gather (its gradient a scatter-add of at most ``k`` rows per token): no one-hot
+    ``(T, E, C)`` dispatch tensor.
+    """
+    b, t, k = rows.row.shape
+    token = jnp.broadcast_to(jnp.arange(b * t).reshape(b, t, 1), (b, t, k))
+    source = jnp.full((rows.n_rows,), b * t).at[rows.row.ravel()].set(token.ravel(), mode="drop")
+    return jnp.take(x.reshape(b * t, -1), source, axis=0, mode="fill", fill_value=0)
+
+
+def combine_rows(y: Array, rows: ExpertRows, weight: Array) -> Array:
+    """Each token's kept choices' outputs weighted and summed: ``(N, D)`` -> ``(B, T, D)``.
+
+    Args:
+        y: the experts' output rows; weight: ``(B, T, k)`` the choices' router probabilities.
+    """
+    picked = jnp.take(y, rows.row, axis=0, mode="fill", fill_value=0)  # (B, T, k, D)
+    return jnp.einsum("btkd,btk->btd", picked, weight.astype(y.dtype))
+
+
+def ragged_expert_linear(p: ExpertLinear, x: Array, group_sizes: Array) -> Array:
+    """Rows grouped by expert (``group_sizes``, in expert order) through their expert's layer:
+    ``(N, in)`` -> ``(N, out)``; a grouped matmul (``jax.lax.ragged_dot``)."""
+    y = jax.lax.ragged_dot(x, p.weight.astype(x.dtype), group_sizes)
+    if p.bias is None:
+        return y
+    n_experts = p.weight.shape[0]
+    expert = jnp.repeat(jnp.arange(n_experts), group_sizes, total_repeat_length=x.shape[0])
+    return y + p.bias[expert].astype(x.dtype)
+
+
+def grouped_experts(p: Experts, x: Array, rows: ExpertRows, *, activation: str) -> Array:
+    """:func:`experts` on the rows of :func:`expert_rows`: ``(N, D)`` -> ``(N, D)``."""
+    if rows.group_sizes is None:  # padded: E equal groups, one batched matmul per layer
+        n_experts = p.up.weight.shape[0]
+        y = experts(p, x.reshape(1, n_experts, -1, x.shape[-1]), activation=activation)
+        return y.reshape(x.shape)
+    layer = functools.partial(ragged_expert_linear, group_sizes=rows.group_sizes)
+    return experts(p, x, activation=activation, layer=layer)
+
+
 @jax.named_scope("moe")
 def moe(
     p: MoE,
@@ -300,6 +406,9 @@ def moe(
     output (raw softmax probabilities, as vmoe and the original JaxPT; not renormalised over
     the top k). Dropped choices add nothing: the residual stream carries the token.
 
+    While a sharded step is traced (``jaxpt.sharding.activation_sharding``) each device routes
+    and dispatches its own sequences (:func:`sharded_route_and_dispatch`).
+
     Args:
         x: ``(B, T, D)`` in the compute dtype; the router runs in float32.
         activation: the experts' (``ACTIVATIONS``).
@@ -315,7 +424,32 @@ def moe(
     valid = jnp.ones((b, t), bool) if mask is None else mask
     logits = linear(p.router, x.astype(jnp.float32))  # (B, T, E)
     probs = jax.nn.softmax(noisy_router_logits(logits, spec.router_noise, key), axis=-1)
-    capacity = expert_capacity(spec, t)  # buffer slots: the capacity of an unpadded row
+    batch = activation_sharding_of(x.shape, ("batch", None, None))
+    run = functools.partial(route_and_dispatch, spec=spec, activation=activation)
+    if batch is not None:
+        run = functools.partial(sharded_route_and_dispatch, batch=batch, run=run)
+    y, expert = run(p.experts, x, probs, valid)
+    return y, router_losses(logits, probs, expert, valid)
+
+
+def route_and_dispatch(
+    p: Experts,
+    x: Array,
+    probs: Array,
+    valid: Array,
+    *,
+    spec: MoESpec,
+    activation: str,
+    run_experts=grouped_experts,
+) -> tuple[Array, Array]:
+    """:func:`route` the tokens, gather them into expert rows (:func:`expert_rows`), run the
+    experts (``run_experts``, :func:`grouped_experts`'s signature) and combine.
+
+    Args:
+        x: ``(B, T, D)``; probs: ``(B, T, E)`` router probabilities; valid: ``(B, T)`` bool.
+    Returns:
+        ``(B, T, D)`` and the chosen experts ``(B, T, k)``.
+    """
     r = route(
         probs,
         valid,
@@ -323,13 +457,106 @@ def moe(
         capacity=sequence_capacity(spec, valid),
         expert_weight_priority=spec.expert_weight_priority,
     )
-    to_expert = jax.nn.one_hot(r.expert, spec.n_experts, dtype=x.dtype)  # (B, T, k, E)
-    to_slot = jax.nn.one_hot(r.slot, capacity, dtype=x.dtype)  # (B, T, k, C), 0 where dropped
-    dispatch = jnp.einsum("btke,btkc->btec", to_expert, to_slot)  # (B, T, E, C) 0 / 1
-    combine = jnp.einsum("btke,btkc,btk->btec", to_expert, to_slot, r.weight.astype(x.dtype))
-    buffers = jnp.einsum("btec,btd->becd", dispatch, x)  # (B, E, C, D)
-    y = jnp.einsum("btec,becd->btd", combine, experts(p.experts, buffers, activation=activation))
-    return y, router_losses(logits, probs, r.expert, valid)
+    capacity = expert_capacity(spec, x.shape[1])  # slots: the capacity of an unpadded row
+    rows = expert_rows(r, spec.n_experts, capacity, padded=spec.grouped_matmul == "padded")
+    y = run_experts(p, gather_rows(x, rows), rows, activation=activation)
+    return combine_rows(y, rows, r.weight), r.expert
+
+
+# ---------------------------------------------------------------- expert parallelism
+
+
+def sharded_route_and_dispatch(
+    p: Experts, x: Array, probs: Array, valid: Array, *, batch: NamedSharding, run
+) -> tuple[Array, Array]:
+    """``run`` (:func:`route_and_dispatch`) on each device's own sequences, in ``shard_map``.
+
+    Routing is per sequence, so each device routes its sequences alone. Where the experts are
+    split over mesh axes that also split the batch (``mesh.expert``, by the ``"expert"`` rule),
+    the expert rows travel to their experts' devices and back with two all-to-alls
+    (:func:`expert_parallel_experts`); otherwise each device runs every expert, their weights
+    gathered at the ``shard_map`` boundary. Each expert's hidden width stays split where the
+    ``"mlp"`` rule splits it (tensor parallelism, :func:`_tensor_parallel`).
+
+    Args:
+        batch: the sharding of ``(B, T, D)`` activations (``activation_sharding_of``).
+    """
+    batch_axes = _axes_of(batch.spec[0])
+    if not batch_axes:
+        return run(p, x, probs, valid)
+    weight_spec = activation_sharding_of(p.up.weight.shape, ("expert", None, "mlp")).spec
+    expert_axes = _axes_of(weight_spec[0])
+    if not set(expert_axes) <= set(batch_axes):  # split experts only where the tokens are
+        expert_axes = ()
+    if expert_axes:
+        groups = math.prod(batch.mesh.shape[a] for a in expert_axes)
+        run_experts = functools.partial(expert_parallel_experts, axes=expert_axes, n_groups=groups)
+        run = functools.partial(run, run_experts=run_experts)
+    mlp_axes = tuple(a for a in _axes_of(weight_spec[2]) if a not in batch_axes)
+    rows = P(batch.spec[0])  # arrays (B, ...) split like the batch
+    return jax.shard_map(
+        functools.partial(_tensor_parallel, run=run, mlp_axes=mlp_axes),
+        mesh=batch.mesh,
+        in_specs=(_expert_specs(p, expert_axes, mlp_axes), rows, rows, rows),
+        out_specs=(rows, rows),
+    )(p, x, probs, valid)
+
+
+def expert_parallel_experts(
+    p: Experts, x: Array, rows: ExpertRows, *, activation: str, axes: tuple[str, ...], n_groups: int
+) -> Array:
+    """:func:`grouped_experts` inside ``shard_map`` with the experts split into ``n_groups``
+    groups of ``E / n_groups`` over the mesh ``axes`` (``p``: this device's group).
+
+    ``x`` is this device's padded expert rows ``(E B C, D)`` (its own sequences); one
+    all-to-all turns them into its experts' rows from every device, ``(E / n_groups,
+    n_groups B C, D)``, and after the experts a second one brings the outputs back. Both move
+    fixed-size buffers: the padded layout (``jax.lax.ragged_all_to_all`` would move the
+    ragged one's).
+    """
+    if rows.group_sizes is not None:
+        raise ConfigError(
+            "model.moe_matmul='ragged' cannot split the experts over the mesh (mesh.expert > 1); "
+            "use model.moe_matmul='padded'."
+        )
+    local_experts, d = p.up.weight.shape[0], x.shape[-1]
+    to_group = x.reshape(n_groups, local_experts, -1, d)  # by destination group
+    from_group = jax.lax.all_to_all(to_group, axes, 0, 0)  # by source device
+    mine = from_group.transpose(1, 0, 2, 3).reshape(1, local_experts, -1, d)
+    y = experts(p, mine, activation=activation).reshape(local_experts, n_groups, -1, d)
+    return jax.lax.all_to_all(y.transpose(1, 0, 2, 3), axes, 0, 0).reshape(x.shape)
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _expert_specs(p: Experts, expert_axes: tuple[str, ...], mlp_axes: tuple[str, ...]) -> Experts:
+    """PartitionSpecs of the experts inside ``shard_map``: E split over ``expert_axes``, F
+    over ``mlp_axes``, D whole."""
+    e, f = expert_axes or None, mlp_axes or None
+
+    def specs(layer: ExpertLinear, d_in, d_out) -> ExpertLinear:
+        bias = None if layer.bias is None else P(e, d_out)
+        return ExpertLinear(P(e, d_in, d_out), bias, layer.axes)
+
+    gate = None if p.gate is None else specs(p.gate, None, f)
+    return Experts(up=specs(p.up, None, f), gate=gate, down=specs(p.down, f, None))
+
+
+def _tensor_parallel(p: Experts, *args, run, mlp_axes: tuple[str, ...]) -> tuple[Array, Array]:
+    """``run(p, *args)`` with each device holding a slice of every expert's hidden width over
+    ``mlp_axes``: the partial outputs are summed (``psum``), the down-projection's bias added
+    on one device of each group."""
+    if not mlp_axes:
+        return run(p, *args)
+    if p.down.bias is not None:
+        first = jax.lax.axis_index(mlp_axes) == 0
+        down = dataclasses.replace(p.down, bias=jnp.where(first, p.down.bias, 0))
+        p = dataclasses.replace(p, down=down)
+    y, expert = run(p, *args)
+    return jax.lax.psum(y, mlp_axes), expert
 
 
 # ---------------------------------------------------------------- Soft MoE
