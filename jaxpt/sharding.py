@@ -102,9 +102,10 @@ def dcn_shape(mesh_cfg) -> tuple[int, ...]:
 
 
 def _process_is_slice(devices: Sequence[jax.Device]) -> bool:
-    # TPU and GPU devices carry their slice (``slice_index``: a TPU slice, a GPU host); a
-    # platform that does not (CPU) counts each process as a slice, as jax's own mesh helpers do
-    return not hasattr(devices[0], "slice_index")
+    # TPU and GPU devices carry their slice (``slice_index``: a TPU slice, a GPU host). On CPU
+    # each process stands for a host: the CPU client names no slice in one process and puts
+    # every process of a machine in slice 0, so two CPU processes can rehearse two hosts.
+    return devices[0].platform == "cpu"
 
 
 def slices(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:
