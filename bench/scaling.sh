@@ -23,13 +23,13 @@ run() { name=$1; gpus=$2; per=$3; mesh=$4; shift 4
   CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) timeout 300 python3 launch.py $common \
     --workdir="$OUT/$name" --config.train.batch_size=$((per * gpus)) $flags "$@" >>"$OUT/$name.log" 2>&1
   echo "$name: $gpus GPU, $mesh, rc=$?, $(( $(date +%s) - s )) s"; rm -rf "$OUT/$name/checkpoints"; }
-run one 1 $PER_GPU data=1
-run data2 2 $PER_GPU data=2
-run fsdp2 2 $PER_GPU fsdp=2
+run one 1 $PER_GPU data=1  # most telling first: a call cut short keeps those
 run data4 4 $PER_GPU data=4
 run fsdp4 4 $PER_GPU fsdp=4
-run data2_fsdp2 4 $PER_GPU data=2,fsdp=2
 run xl_fsdp4 4 8 fsdp=4 --config.model.n_layer=48 --config.model.n_embed=1600 \
   --config.model.n_head=25 --config.model.n_kv_head=25 --config.model.n_mlp_hidden=6400 \
   --config.model.scan_layers=True
+run data2 2 $PER_GPU data=2
+run fsdp2 2 $PER_GPU fsdp=2
+run data2_fsdp2 4 $PER_GPU data=2,fsdp=2
 python3 bench/scaling_summary.py --runs="$OUT" --out="$OUT"
