@@ -3,16 +3,23 @@
 # device call, then scaling.json (bench/scaling_summary.py). From the project root:
 #   OUT=$OUT bash bench/scaling.sh            # on a 4-GPU machine (2-GPU rows on GPUs 0,1)
 # configs/gpt.py as shipped, PER_GPU x 1024 tokens per GPU, STEPS steps on a 4.5M-token corpus
-# prepared from text every Python ships; then GPT-2 1.5B (48 x 1600, 25 heads, scanned) with
+# tokenized from text every Python ships; then GPT-2 1.5B (48 x 1600, 25 heads, scanned) with
 # fsdp=4 at 8 x 1024 per GPU. tokens/s and MFU are the medians of the logged steps past 15.
 set -u
 OUT=${OUT:-bench/results/scaling}; mkdir -p "$OUT"
 PER_GPU=${PER_GPU:-16}; STEPS=${STEPS:-30}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-data=/tmp/scaling_data
-if [ ! -f $data/manifest.json ]; then
-  python3 -c "import pydoc_data.topics as t; open('/tmp/big.txt','w').write(' '.join(t.topics.values())*30)"
-  python3 -m jaxpt.data.prepare --dataset=/tmp/big.txt --out=$data --shard_tokens=1000000 >/dev/null
+data=/tmp/scaling_data  # .npy shards (read without a manifest): no `datasets` needed
+if [ ! -f $data/scaling_train_1.npy ]; then python3 - $data <<'PY'
+import pathlib, sys
+import numpy as np, pydoc_data.topics
+from jaxpt.data import get_tokenizer  # GPT-2's BPE offline
+gpt2 = get_tokenizer("gpt2")
+ids = gpt2.encode(" ".join(pydoc_data.topics.topics.values())) + [gpt2.eot_id]
+ids = np.tile(np.array(ids, np.uint16), 30)  # about 4.5M tokens
+out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True)
+np.save(out / "scaling_val_0.npy", ids[:200_000]); np.save(out / "scaling_train_1.npy", ids[200_000:])
+PY
 fi
 common="--config=configs/gpt.py --config.data.dataset=$data --config.train.steps=$STEPS --config.eval.every_steps=1000 --config.eval.batches=2 --config.checkpoint.every_steps=1000 --config.log.every_steps=5"
 # run NAME GPUS PER_GPU MESH [flags...]: MESH like data=2,fsdp=2 (the other axes 1)
