@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # Model fields that choose how the model is computed, not what it computes: a run may change
 # them on resume, e.g. to remat or compute in bf16.
 FREE_MODEL_FIELDS = frozenset(
-    {"dtype", "sdpa_implementation", "logits_dtype", "remat_policy", "scan_layers"}
+    {"dtype", "sdpa_implementation", "logits_dtype", "remat_policy", "scan_layers", "moe_matmul"}
 )
 
 
