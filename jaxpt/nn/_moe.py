@@ -350,13 +350,13 @@ def expert_rows(r: Routing, n_experts: int, capacity: int, *, padded: bool) -> E
 def gather_rows(x: Array, rows: ExpertRows) -> Array:
     """The experts' input rows: ``(B, T, D)`` -> ``(N, D)``, zero where no choice lands.
 
-    A gather (its gradient a scatter-add of at most ``k`` rows per token): no one-hot
-    ``(T, E, C)`` dispatch tensor.
+    A gather, and so is its gradient (:func:`_take_rows`): no one-hot dispatch tensor and no
+    scatter.
     """
     b, t, k = rows.row.shape
     token = jnp.broadcast_to(jnp.arange(b * t).reshape(b, t, 1), (b, t, k))
     source = jnp.full((rows.n_rows,), b * t).at[rows.row.ravel()].set(token.ravel(), mode="drop")
-    return jnp.take(x.reshape(b * t, -1), source, axis=0, mode="fill", fill_value=0)
+    return _take_rows(x.reshape(b * t, -1), source, rows.row.reshape(b * t, k))
 
 
 def combine_rows(y: Array, rows: ExpertRows, weight: Array) -> Array:
@@ -365,8 +365,36 @@ def combine_rows(y: Array, rows: ExpertRows, weight: Array) -> Array:
     Args:
         y: the experts' output rows; weight: ``(B, T, k)`` the choices' router probabilities.
     """
-    picked = jnp.take(y, rows.row, axis=0, mode="fill", fill_value=0)  # (B, T, k, D)
+    b, t, k = rows.row.shape
+    choice = jnp.arange(b * t * k)
+    source = jnp.full((rows.n_rows,), b * t * k).at[rows.row.ravel()].set(choice, mode="drop")
+    picked = _take_rows(y, rows.row.ravel(), source[:, None]).reshape(b, t, k, -1)
     return jnp.einsum("btkd,btk->btd", picked, weight.astype(y.dtype))
+
+
+@jax.custom_vjp
+def _take_rows(x: Array, index: Array, readers: Array) -> Array:
+    """``x[index]``, zero rows where ``index`` is out of range, with a gather for gradient.
+
+    Args:
+        x: ``(M, D)``; index: ``(N,)`` int.
+        readers: ``(M, r)`` int: the positions of ``index`` that read each row of ``x`` (out
+            of range for fewer than ``r``), so the gradient of ``x`` is the sum of the
+            gradient's rows at ``readers`` (the transposed gather, without a scatter-add).
+    """
+    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_forward(x: Array, index: Array, readers: Array):
+    return _take_rows(x, index, readers), readers
+
+
+def _take_rows_backward(readers: Array, grad: Array):
+    read = jnp.take(grad, readers, axis=0, mode="fill", fill_value=0)  # (M, r, D)
+    return read.sum(1), None, None
+
+
+_take_rows.defvjp(_take_rows_forward, _take_rows_backward)
 
 
 def ragged_expert_linear(p: ExpertLinear, x: Array, group_sizes: Array) -> Array:

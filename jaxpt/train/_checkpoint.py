@@ -39,6 +39,7 @@ FREE_MODEL_FIELDS = frozenset(
         "logits_dtype",
         "remat_policy",
         "scan_layers",
+        "moe_matmul",
         "dropout",
         "router_noise",
     }
