@@ -1,0 +1,193 @@
+"""Evaluation: the HellaSwag scorer against a float64 numpy recomputation, padding, batch size
+and the mesh; items from a file or the hub; ``--mode=eval``; the lm-evaluation-harness adapter."""
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import datasets
+import jax
+import numpy as np
+import pytest
+
+from jaxpt import data, models, sharding
+from jaxpt.config import preset_config
+from jaxpt.errors import ConfigError, DataError, DataNotFoundError
+from jaxpt.evals import hellaswag
+
+from .test_models import tiny_config
+
+# Contexts long and short: with a 32-token model some windows drop their oldest characters.
+ITEMS = [
+    hellaswag.Item(
+        "In this city lived a merchant named Increase. He possessed a heap of",
+        ("numerous virtues.", "soot and ash", "a very little", "money, earned"),
+        0,
+    ),
+    hellaswag.Item(
+        "Riches unearned", ("should be earned.", "is", "grows like an ant-hill", "x"), 0
+    ),
+    hellaswag.Item(
+        "What is earned, should be",
+        ("guarded.", "pecked at, and it sinks like a pile of soot", "abundant", "in a flash"),
+        0,
+    ),
+    hellaswag.Item(
+        "Even an abundant store of wealth, if pecked at, sinks together like a pile of",
+        ("soot.", "merit", "walls that recalled the high-uplifted Himalayas", "night"),
+        3,
+    ),
+    hellaswag.Item("A very little, if added to,", ("grows.", "sinks", "flashes", "hoards"), 1),
+]
+CHARS = data.CharTokenizer.from_texts(
+    [item.context + " " + " ".join(item.endings) for item in ITEMS]
+)
+BLOCK = 32
+
+
+def model(name: str):
+    cfg = dataclasses.replace(tiny_config(name), vocab_size=64)
+    if isinstance(cfg, models.ModelConfig):
+        cfg = dataclasses.replace(cfg, block_size=BLOCK)
+    return cfg, models.get(name).init(jax.random.key(1), cfg)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward(params, tokens, *, cfg):
+    """The model's logits for unpadded ``(1, T)`` tokens."""
+    return models.get(cfg.name).apply(params, tokens, cfg)[0]
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    peak = logits.max(-1, keepdims=True)
+    return logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
+
+
+def reference_losses(name, cfg, params, item):
+    """Float64 summed and mean ending losses: each window alone, unpadded, its oldest tokens
+    dropped past the model's length; bigram logits are its table's rows, in float64."""
+    context = CHARS.encode(item.context)
+    sums, means = [], []
+    for ending in item.endings:
+        ending_ids = CHARS.encode(" " + ending)
+        tokens = np.array(context + ending_ids)
+        if cfg.max_length is not None:
+            tokens = tokens[-(cfg.max_length + 1) :]
+        if name == "bigram":
+            logits = np.asarray(params.table.weight, np.float64)[tokens[:-1]]
+        else:
+            logits = np.asarray(forward(params, tokens[None, :-1], cfg=cfg)[0])
+        nll = -np.take_along_axis(log_softmax64(logits), tokens[1:, None], 1)[:, 0]
+        scored = nll[-min(len(ending_ids), len(nll)) :]
+        sums.append(scored.sum())
+        means.append(scored.mean())
+    return np.array(sums), np.array(means)
+
+
+@pytest.mark.parametrize("name", ["gpt", "tiny_moe", "tiny_moe_3", "bigram"])
+def test_hellaswag_matches_a_float64_recomputation_padded_batched_or_sharded(name):
+    """Batches of 6 endings (padded: their windows differ in length) on one device, and of 4
+    split over a data x fsdp x tensor mesh of the 8 test devices, score as each ending alone."""
+    cfg, params = model(name)
+    mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
+    rules = sharding.default_rules()
+    sharded = jax.device_put(params, sharding.param_shardings(params, mesh, rules))
+    for result in (
+        hellaswag.evaluate(params, cfg, ITEMS, CHARS, batch_size=6),
+        hellaswag.evaluate(sharded, cfg, ITEMS, CHARS, batch_size=4, mesh=mesh, rules=rules),
+    ):
+        assert len(result.items) == len(ITEMS)
+        for item, got in zip(ITEMS, result.items, strict=True):
+            sums, means = reference_losses(name, cfg, params, item)
+            np.testing.assert_allclose(got.sum_losses, sums, rtol=2e-5)
+            np.testing.assert_allclose(got.mean_losses, means, rtol=2e-5)
+            assert (got.choice, got.choice_norm, got.label) == (
+                np.argmin(sums),
+                np.argmin(means),
+                item.label,
+            )
+    choices = np.array([(r.choice, r.choice_norm, r.label) for r in result.items])
+    assert result.summary() == {
+        "acc": np.mean(choices[:, 0] == choices[:, 2]),
+        "acc_norm": np.mean(choices[:, 1] == choices[:, 2]),
+        "items": len(ITEMS),
+    }
+
+
+def mesh_config(**sizes):
+    mesh = preset_config("gpt", None).mesh
+    mesh.update(sizes)
+    return mesh
+
+
+def test_a_batch_that_does_not_divide_over_the_mesh_is_one_sentence():
+    cfg, params = model("bigram")
+    mesh = sharding.make_mesh(mesh_config(data=8))
+    with pytest.raises(ConfigError, match="batch of 6 rows does not divide over the 8 devices"):
+        hellaswag.evaluate(
+            params, cfg, ITEMS, CHARS, batch_size=6, mesh=mesh, rules=sharding.default_rules()
+        )
+
+
+# ----------------------------------------------------------------------------- items
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def original_rows():
+    """ITEMS as the original jsonl holds them: ctx_a, ctx_b, ctx, endings, integer label."""
+    rows = []
+    for item in ITEMS:
+        first, _, rest = item.context.partition(" ")
+        rows.append(
+            {"ctx_a": first, "ctx_b": rest, "ctx": item.context, "endings": list(item.endings)}
+            | {"label": item.label}
+        )
+    return rows
+
+
+def test_items_from_a_file_in_either_context_form(tmp_path):
+    rows = original_rows()
+    assert hellaswag.load_items(write_jsonl(tmp_path / "a.jsonl", rows)) == ITEMS
+    split = [{k: v for k, v in row.items() if k != "ctx"} for row in rows]
+    assert hellaswag.load_items(write_jsonl(tmp_path / "b.jsonl", split)) == ITEMS
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"ctx": "a", "endings": ["b", "c"], "label": 2}, "label=2 must be the index"),
+        ({"ctx": "a", "endings": "bc", "label": 0}, "endings must be a list"),
+        ({"endings": ["b", "c"], "label": 0}, "has no context"),
+    ],
+)
+def test_a_bad_item_is_one_sentence_naming_its_line(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [original_rows()[0], row])
+    with pytest.raises(DataError, match=f"line 2.*{message}"):
+        hellaswag.load_items(path)
+
+
+def test_items_from_the_hub_and_offline_one_sentence(tmp_path, monkeypatch):
+    """The hub's copy (label as text) through `datasets.load_dataset`, here a local file."""
+    hub_rows = [row | {"label": str(row["label"])} for row in original_rows()]
+    local = write_jsonl(tmp_path / "hub.jsonl", hub_rows)
+    load = datasets.load_dataset
+
+    def fake_hub(path, *, split):
+        assert (path, split) == (hellaswag.HUB_DATASET, "validation")
+        return load("json", data_files=[str(local)], split="train")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    assert hellaswag.load_items() == ITEMS
+
+    def unreachable(path, *, split):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFound)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataNotFoundError, match=r"connect to the network once.*hellaswag_path"):
+        hellaswag.load_items()
