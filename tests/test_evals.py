@@ -191,3 +191,91 @@ def test_items_from_the_hub_and_offline_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(DataNotFoundError, match=r"connect to the network once.*hellaswag_path"):
         hellaswag.load_items()
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def harness_or_skip():
+    """jaxpt.evals.harness, or a skip saying why (lm-eval is the optional `harness` extra)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (uv sync --extra harness)")
+    from jaxpt.evals import harness
+
+    return harness
+
+
+TASK_YAML = """\
+task: local_hellaswag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {jsonl}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "{{{{ctx}}}}"
+doc_to_choice: "{{{{endings}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def test_harness_multiple_choice_task_asks_for_the_native_scores(tmp_path):
+    """A harness task over HellaSwag items: its requests' log-likelihoods are the native
+    scorer's summed ending losses, negated, and its acc is the native acc."""
+    harness = harness_or_skip()
+    import lm_eval
+
+    jsonl = write_jsonl(tmp_path / "items.jsonl", original_rows())
+    task = tmp_path / "local_hellaswag.yaml"
+    task.write_text(TASK_YAML.format(jsonl=jsonl))
+    cfg, params = model("gpt")
+    native = hellaswag.evaluate(params, cfg, ITEMS, CHARS, batch_size=6)
+    lm = harness.JaxptLM(params, cfg, CHARS, batch_size=6)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[str(task)],
+        task_manager=lm_eval.tasks.TaskManager(include_defaults=False),
+        log_samples=True,
+    )
+    samples = sorted(out["samples"]["local_hellaswag"], key=lambda s: s["doc_id"])
+    for sample, item in zip(samples, native.items, strict=True):
+        logliks = [loglik for loglik, _ in sample["filtered_resps"]]
+        np.testing.assert_allclose(logliks, -np.array(item.sum_losses), rtol=1e-6)
+    assert out["results"]["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
+    metrics = harness.evaluate(params, cfg, CHARS, [str(task)], batch_size=6)
+    assert metrics["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
+
+
+def test_harness_rolling_loglikelihood_and_generation():
+    """Rolling: every token of a text once, in windows of the model's length (here 32),
+    against the model's float64 losses of each window alone. Generation: greedy, cut at
+    `until`."""
+    harness = harness_or_skip()
+    from lm_eval.api.instance import Instance
+
+    cfg, params = model("gpt")
+    lm = harness.JaxptLM(params, cfg, CHARS, batch_size=4)
+    texts = [ITEMS[1].context, ITEMS[0].context]  # one window; three
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    got = lm.loglikelihood_rolling(requests)
+    for text, value in zip(texts, got, strict=True):
+        tokens = [CHARS.eot_id, *CHARS.encode(text)]
+        expected, predicted = 0.0, 0  # tokens[1 : predicted + 1] are scored
+        while predicted < len(tokens) - 1:
+            end = min(predicted + BLOCK, len(tokens) - 1)  # predict tokens up to index end
+            window = np.array(tokens[max(end - BLOCK, 0) : end + 1])
+            logits = np.asarray(forward(params, window[None, :-1], cfg=cfg)[0])
+            nll = -np.take_along_axis(log_softmax64(logits), window[1:, None], 1)[:, 0]
+            expected -= nll[-(end - predicted) :].sum()
+            predicted = end
+        assert value == pytest.approx(expected, rel=1e-5)
+
+    def until(stops):
+        options = {"until": stops, "max_gen_toks": 8}
+        return lm.generate_until([Instance("generate_until", {}, ("Riches ", options), 0)])[0]
+
+    whole = until([])
+    assert len(CHARS.encode(whole)) <= 8
+    stop = whole[3:5]
+    assert until([stop]) == whole[: whole.index(stop)]
