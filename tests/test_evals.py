@@ -11,12 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpt import data, models, sharding
+from jaxpt import data, launcher, models, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError, DataNotFoundError
 from jaxpt.evals import hellaswag
 
 from .test_models import tiny_config
+from .test_train import char_config
 
 # Contexts long and short: with a 32-token model some windows drop their oldest characters.
 ITEMS = [
@@ -279,3 +280,55 @@ def test_harness_rolling_loglikelihood_and_generation():
     assert len(CHARS.encode(whole)) <= 8
     stop = whole[3:5]
     assert until([stop]) == whole[: whole.index(stop)]
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_training_logs_hellaswag_and_eval_mode_writes_a_new_json_each_time(tmp_path, capsys):
+    """HellaSwag every step of a 2-step run into metrics.jsonl and the plot; then
+    --mode=eval on its workdir prints and writes the same numbers, never over a file."""
+    config = char_config(steps=2)
+    config.eval.batches = 1
+    config.eval.hellaswag_path = str(write_jsonl(tmp_path / "items.jsonl", original_rows()))
+    config.eval.hellaswag_every_steps = 1
+    workdir = tmp_path / "run"
+    train.train(config, workdir)
+    records = train.read_metrics(workdir / "metrics.jsonl")
+    logged = [r for r in records if "hellaswag_acc_norm" in r]
+    assert [(r["step"], r["hellaswag_items"]) for r in logged] == [(1, 5), (2, 5)]
+    assert "step      2 hellaswag acc" in capsys.readouterr().out
+
+    launcher.run(config, workdir=str(workdir), mode="eval")
+    printed = capsys.readouterr().out
+    assert "evaluating checkpoint 2 of" in printed and "hellaswag" in printed
+    first = workdir / "eval" / "2.json"
+    record = json.loads(first.read_text())
+    assert record["step"] == 2
+    results = record["results"]
+    assert results["hellaswag"] == {
+        k[len("hellaswag_") :]: logged[-1][k] for k in logged[-1] if k != "step"
+    }
+    val = next(r for r in records if r["step"] == 2 and "val_loss" in r)
+    assert results["val_loss"]["loss"] == pytest.approx(val["val_loss"], rel=1e-5)
+
+    before = first.read_bytes()
+    config.eval.tasks = "hellaswag"
+    launcher.run(config, workdir=str(workdir), mode="eval")
+    assert first.read_bytes() == before
+    assert set(json.loads((workdir / "eval" / "2.1.json").read_text())["results"]) == {"hellaswag"}
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("tasks", "val_loss,mmlu", "entry 'mmlu' is not one of val_loss, hellaswag nor harness"),
+        ("tasks", " , ", "names no task"),
+        ("hellaswag_every_steps", -1, "must be an integer >= 0"),
+    ],
+)
+def test_bad_eval_fields_are_one_sentence(field, value, message):
+    config = char_config()
+    config.eval[field] = value
+    with pytest.raises(ConfigError, match=message):
+        train.validate_config(config)

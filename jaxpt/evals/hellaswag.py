@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from jax.sharding import Mesh
@@ -115,6 +116,29 @@ def evaluate(
         )
         start = end
     return Result(tuple(results))
+
+
+def for_run(config, mesh: Mesh) -> Callable[[Any, data.Tokenizer], dict]:
+    """``(params, tokenizer) -> Result.summary()`` for a run config: its model, the items of
+    ``eval.hellaswag_path`` (read now, before anything compiles), batches of a training
+    micro-batch's rows split over ``mesh`` by ``mesh.rules``."""
+    items = load_items(config.eval.hellaswag_path)
+    model_config = models.config_from(config.model)
+    rows = config.train.batch_size // config.train.grad_accum_steps
+
+    def run(params, tokenizer: data.Tokenizer) -> dict:
+        result = evaluate(
+            params,
+            model_config,
+            items,
+            tokenizer,
+            batch_size=rows,
+            mesh=mesh,
+            rules=config.mesh.rules,
+        )
+        return result.summary()
+
+    return run
 
 
 # ----------------------------------------------------------------------------- items
