@@ -4,6 +4,7 @@ and the mesh; items from a file or the hub; ``--mode=eval``; the lm-evaluation-h
 import dataclasses
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -285,19 +286,26 @@ def test_harness_rolling_loglikelihood_and_generation():
 # ----------------------------------------------------------------------------- runs
 
 
-def test_training_logs_hellaswag_and_eval_mode_writes_a_new_json_each_time(tmp_path, capsys):
-    """HellaSwag every step of a 2-step run into metrics.jsonl and the plot; then
-    --mode=eval on its workdir prints and writes the same numbers, never over a file."""
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 2-step char-level run that evaluated HellaSwag (5 items) at every step, its config
+    and what it printed (copy the workdir before changing it)."""
+    directory = tmp_path_factory.mktemp("hellaswag_run")
     config = char_config(steps=2)
     config.eval.batches = 1
-    config.eval.hellaswag_path = str(write_jsonl(tmp_path / "items.jsonl", original_rows()))
+    config.eval.hellaswag_path = str(write_jsonl(directory / "items.jsonl", original_rows()))
     config.eval.hellaswag_every_steps = 1
-    workdir = tmp_path / "run"
-    train.train(config, workdir)
+    train.train(config, directory / "run")
+    return directory / "run", config
+
+
+def test_training_logs_hellaswag_and_eval_mode_writes_a_new_json_each_time(trained_run, capsys):
+    """HellaSwag every step of the run into metrics.jsonl; then --mode=eval on its workdir
+    prints and writes the same numbers, and again into a new file."""
+    workdir, config = trained_run
     records = train.read_metrics(workdir / "metrics.jsonl")
     logged = [r for r in records if "hellaswag_acc_norm" in r]
     assert [(r["step"], r["hellaswag_items"]) for r in logged] == [(1, 5), (2, 5)]
-    assert "step      2 hellaswag acc" in capsys.readouterr().out
 
     launcher.run(config, workdir=str(workdir), mode="eval")
     printed = capsys.readouterr().out
@@ -307,16 +315,30 @@ def test_training_logs_hellaswag_and_eval_mode_writes_a_new_json_each_time(tmp_p
     assert record["step"] == 2
     results = record["results"]
     assert results["hellaswag"] == {
-        k[len("hellaswag_") :]: logged[-1][k] for k in logged[-1] if k != "step"
+        key.removeprefix("hellaswag_"): value for key, value in logged[-1].items() if key != "step"
     }
     val = next(r for r in records if r["step"] == 2 and "val_loss" in r)
     assert results["val_loss"]["loss"] == pytest.approx(val["val_loss"], rel=1e-5)
 
     before = first.read_bytes()
+    config = config.copy_and_resolve_references()
     config.eval.tasks = "hellaswag"
     launcher.run(config, workdir=str(workdir), mode="eval")
     assert first.read_bytes() == before
     assert set(json.loads((workdir / "eval" / "2.1.json").read_text())["results"]) == {"hellaswag"}
+
+
+def test_eval_mode_runs_a_harness_task(trained_run, tmp_path):
+    """--config.eval.tasks=harness:<task YAML>: the harness's acc is the native acc."""
+    harness_or_skip()
+    workdir, config = trained_run
+    workdir = Path(shutil.copytree(workdir, tmp_path / "run"))
+    task = tmp_path / "local_hellaswag.yaml"
+    task.write_text(TASK_YAML.format(jsonl=config.eval.hellaswag_path))
+    config = config.copy_and_resolve_references()
+    config.eval.tasks = f"hellaswag,harness:{task}"
+    results = json.loads(launcher.evaluate(config, workdir).read_text())["results"]
+    assert results["harness:local_hellaswag"]["acc,none"] == results["hellaswag"]["acc"]
 
 
 @pytest.mark.parametrize(
