@@ -28,7 +28,7 @@ ITEMS = [
         0,
     ),
     hellaswag.Item(
-        "Riches unearned", ("should be earned.", "is", "grows like an ant-hill", "x"), 0
+        "Riches unearned", ("should be earned.", "is", "grows like an ant-hill", "be"), 0
     ),
     hellaswag.Item(
         "What is earned, should be",
@@ -88,18 +88,23 @@ def reference_losses(name, cfg, params, item):
     return np.array(sums), np.array(means)
 
 
-@pytest.mark.parametrize("name", ["gpt", "tiny_moe", "tiny_moe_3", "bigram"])
-def test_hellaswag_matches_a_float64_recomputation_padded_batched_or_sharded(name):
-    """Batches of 6 endings (padded: their windows differ in length) on one device, and of 4
-    split over a data x fsdp x tensor mesh of the 8 test devices, score as each ending alone."""
+@pytest.mark.parametrize(
+    "name, on_a_mesh", [("gpt", True), ("tiny_moe", False), ("tiny_moe_3", False), ("bigram", True)]
+)
+def test_hellaswag_matches_a_float64_recomputation_padded_batched_or_sharded(name, on_a_mesh):
+    """Batches of 6 endings (padded: their windows differ in length) on one device and, where
+    ``on_a_mesh``, of 4 split over a data x fsdp x tensor mesh of the 8 test devices, score as
+    each ending alone (the MoE presets' mesh is left to save compile time: test_moe runs it)."""
     cfg, params = model(name)
-    mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
-    rules = sharding.default_rules()
-    sharded = jax.device_put(params, sharding.param_shardings(params, mesh, rules))
-    for result in (
-        hellaswag.evaluate(params, cfg, ITEMS, CHARS, batch_size=6),
-        hellaswag.evaluate(sharded, cfg, ITEMS, CHARS, batch_size=4, mesh=mesh, rules=rules),
-    ):
+    results = [hellaswag.evaluate(params, cfg, ITEMS, CHARS, batch_size=6)]
+    if on_a_mesh:
+        mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
+        rules = sharding.default_rules()
+        sharded = jax.device_put(params, sharding.param_shardings(params, mesh, rules))
+        results.append(
+            hellaswag.evaluate(sharded, cfg, ITEMS, CHARS, batch_size=4, mesh=mesh, rules=rules)
+        )
+    for result in results:
         assert len(result.items) == len(ITEMS)
         for item, got in zip(ITEMS, result.items, strict=True):
             sums, means = reference_losses(name, cfg, params, item)
@@ -231,7 +236,7 @@ def test_harness_multiple_choice_task_asks_for_the_native_scores(tmp_path):
     jsonl = write_jsonl(tmp_path / "items.jsonl", original_rows())
     task = tmp_path / "local_hellaswag.yaml"
     task.write_text(TASK_YAML.format(jsonl=jsonl))
-    cfg, params = model("gpt")
+    cfg, params = model("bigram")
     native = hellaswag.evaluate(params, cfg, ITEMS, CHARS, batch_size=6)
     lm = harness.JaxptLM(params, cfg, CHARS, batch_size=6)
     out = lm_eval.simple_evaluate(
@@ -257,7 +262,7 @@ def test_harness_rolling_loglikelihood_and_generation():
     from lm_eval.api.instance import Instance
 
     cfg, params = model("gpt")
-    lm = harness.JaxptLM(params, cfg, CHARS, batch_size=4)
+    lm = harness.JaxptLM(params, cfg, CHARS, batch_size=6)
     texts = [ITEMS[1].context, ITEMS[0].context]  # one window; three
     requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     got = lm.loglikelihood_rolling(requests)
@@ -273,9 +278,13 @@ def test_harness_rolling_loglikelihood_and_generation():
             predicted = end
         assert value == pytest.approx(expected, rel=1e-5)
 
+    bigram_cfg, bigram_params = model("bigram")
+    bigram = harness.JaxptLM(bigram_params, bigram_cfg, CHARS, batch_size=6)
+
     def until(stops):
         options = {"until": stops, "max_gen_toks": 8}
-        return lm.generate_until([Instance("generate_until", {}, ("Riches ", options), 0)])[0]
+        request = Instance("generate_until", {}, ("Riches ", options), 0)
+        return bigram.generate_until([request])[0]
 
     whole = until([])
     assert len(CHARS.encode(whole)) <= 8
@@ -288,10 +297,10 @@ def test_harness_rolling_loglikelihood_and_generation():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A 2-step char-level run that evaluated HellaSwag (5 items) at every step, its config
-    and what it printed (copy the workdir before changing it)."""
+    """A 2-step char-level bigram run that evaluated HellaSwag (5 items) at every step, and
+    its config (copy the workdir before changing it)."""
     directory = tmp_path_factory.mktemp("hellaswag_run")
-    config = char_config(steps=2)
+    config = char_config("bigram", steps=2)
     config.eval.batches = 1
     config.eval.hellaswag_path = str(write_jsonl(directory / "items.jsonl", original_rows()))
     config.eval.hellaswag_every_steps = 1
