@@ -122,7 +122,7 @@ def params_and_tokenizer(config, workdir: str | Path) -> tuple[object, data.Toke
     """The latest checkpoint's params and the run's tokenizer. In a workdir without
     checkpoints, a config with ``checkpoint.init_from`` gets that HF checkpoint's params and
     the tokenizer that came with it (else the run's)."""
-    loaded = load_params(config, workdir, "sampling")
+    loaded = load_params(config, workdir, "sampling from")
     return loaded.params, loaded.tokenizer
 
 
