@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpt import data, launcher, models, sharding, train
+from jaxpt import data, hf, launcher, models, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError, DataNotFoundError
 from jaxpt.evals import hellaswag
@@ -363,3 +363,25 @@ def test_bad_eval_fields_are_one_sentence(field, value, message):
     config.eval[field] = value
     with pytest.raises(ConfigError, match=message):
         train.validate_config(config)
+
+
+def test_eval_mode_on_init_from_without_a_checkpoint(tmp_path, capsys):
+    """An imported checkpoint (here one jaxpt wrote) is evaluated as step 0."""
+    config = char_config()
+    config.eval.tasks = "hellaswag"
+    config.eval.hellaswag_path = str(write_jsonl(tmp_path / "items.jsonl", original_rows()))
+    cfg = models.config_from(config.model)
+    params = models.get("gpt").init(jax.random.key(2), cfg)
+    config.checkpoint.init_from = str(hf.save_pretrained(params, cfg, tmp_path / "hf"))
+    path = launcher.evaluate(config, tmp_path / "run")
+    assert "evaluating checkpoint.init_from=" in capsys.readouterr().out
+    assert path == tmp_path / "run" / "eval" / "0.json"
+    record = json.loads(path.read_text())
+    assert record["source"] == f"checkpoint.init_from={tmp_path / 'hf'}"
+    mesh = sharding.make_mesh(config.mesh)
+    sharded = jax.device_put(params, sharding.param_shardings(params, mesh, config.mesh.rules))
+    tokenizer = data.run_tokenizer(config.data)
+    expected = hellaswag.evaluate(
+        sharded, cfg, ITEMS, tokenizer, batch_size=8, mesh=mesh, rules=config.mesh.rules
+    )
+    assert record["results"] == {"hellaswag": expected.summary()}
