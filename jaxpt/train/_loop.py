@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +31,9 @@ from jaxpt.train._step import (
 
 def validate_config(config) -> None:
     """Raises ConfigError naming the first field of a run config that breaks a rule: the model
-    (its registry entry's ``validate``), train, mesh, the checkpoint, eval and log counts, and
-    ``checkpoint.init_from``'s type. Reads no file; ``train`` runs it first, the launcher
-    before any mode."""
+    (its registry entry's ``validate``), train, mesh, the checkpoint, eval and log counts,
+    ``eval.tasks``, and ``checkpoint.init_from``'s type. Reads no file; ``train`` runs it
+    first, the launcher before any mode."""
     models.config_from(config.model)
     validate_train(config.train)
     sharding.validate_mesh(config.mesh)
@@ -244,8 +245,10 @@ def train(
     rows = data.process_rows(batch_sh, (batch_size, seq_len))
     train_data = data.Loader(manifest, "train", batch_size, seq_len, rows=rows)
     val_data = validation_data(config, manifest, batch_sh)  # checked before anything compiles
-    hellaswag_every = config.eval.hellaswag_every_steps
-    hellaswag = evals.hellaswag.for_run(config, mesh) if hellaswag_every else None
+    hellaswag_every, hellaswag = config.eval.hellaswag_every_steps, None
+    if hellaswag_every:  # its items are read here, before anything compiles
+        tokenizer = data.tokenizer_for(manifest)
+        hellaswag = functools.partial(evals.hellaswag.for_run(config, mesh), tokenizer=tokenizer)
 
     workdir.mkdir(parents=True, exist_ok=True)
     step_fn = jax.jit(
@@ -313,9 +316,7 @@ def train(
                     )
                 if hellaswag and (step % hellaswag_every == 0 or step == config.train.steps):
                     pending.flush()
-                    log.task(
-                        step, "hellaswag", hellaswag(state.params, data.tokenizer_for(manifest))
-                    )
+                    log.task(step, "hellaswag", hellaswag(state.params))
                 if step % config.checkpoint.every_steps == 0:
                     save(step)
             if stop.signal is not None:
