@@ -17,6 +17,7 @@ from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError, DataNotFoundError
 from jaxpt.evals import hellaswag
 
+from .test_checkpoints import snapshot
 from .test_models import tiny_config
 from .test_train import char_config
 
@@ -316,7 +317,10 @@ def test_training_logs_hellaswag_and_eval_mode_writes_a_new_json_each_time(train
     logged = [r for r in records if "hellaswag_acc_norm" in r]
     assert [(r["step"], r["hellaswag_items"]) for r in logged] == [(1, 5), (2, 5)]
 
+    trained = snapshot(workdir)
     launcher.run(config, workdir=str(workdir), mode="eval")
+    after = {name: b for name, b in snapshot(workdir).items() if name.split("/")[0] != "eval"}
+    assert after == trained  # checkpoints and logs were only read
     printed = capsys.readouterr().out
     assert "evaluating checkpoint 2 of" in printed and "hellaswag" in printed
     first = workdir / "eval" / "2.json"
