@@ -4,6 +4,8 @@ uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/sm
 uv run python launch.py --config=configs/gpt.py --config.train.steps=100 --workdir=runs/gpt
 uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/smoke \\
     --mode=generate --prompt="The" --num_samples=2 --max_new_tokens=40
+uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/smoke \\
+    --mode=eval --config.eval.tasks=val_loss,hellaswag
 """
 
 import sys

@@ -108,6 +108,11 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 250
     config.eval.batches = 20  # validation batches per evaluation
+    # What --mode=eval reports, comma-separated: val_loss, hellaswag, harness:TASK (any
+    # lm-evaluation-harness task or task YAML file; needs the `harness` extra).
+    config.eval.tasks = "val_loss,hellaswag"
+    config.eval.hellaswag_path = ""  # a HellaSwag jsonl file; "": the hub's validation split
+    config.eval.hellaswag_every_steps = 0  # HellaSwag while training: every N steps; 0: never
 
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 10

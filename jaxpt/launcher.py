@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 
-from jaxpt import data, hf, models, train
+from jaxpt import data, evals, hf, models, sharding, train
 from jaxpt.config import check_writable_directory
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.generation import generate
 
-MODES = ("train", "generate")
+MODES = ("train", "generate", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,8 @@ def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None
     elif mode == "generate":
         for i, text in enumerate(sample(config, workdir, sample_options or SampleOptions())):
             print(f"--- sample {i}\n{text}", flush=True)
+    elif mode == "eval":
+        evaluate(config, workdir)
     else:
         raise ConfigError(f"--mode={mode!r} is not one of {list(MODES)}.")
 
@@ -117,14 +122,155 @@ def params_and_tokenizer(config, workdir: str | Path) -> tuple[object, data.Toke
     """The latest checkpoint's params and the run's tokenizer. In a workdir without
     checkpoints, a config with ``checkpoint.init_from`` gets that HF checkpoint's params and
     the tokenizer that came with it (else the run's)."""
+    loaded = load_params(config, workdir, "sampling from")
+    return loaded.params, loaded.tokenizer
+
+
+class Loaded(NamedTuple):
+    """Params read for sampling or evaluation, and where they came from."""
+
+    step: int  # the checkpoint's step; 0 for checkpoint.init_from
+    source: str  # e.g. "checkpoint 200 of runs/gpt" or "checkpoint.init_from=gpt2"
+    params: object
+    tokenizer: data.Tokenizer
+
+
+def load_params(config, workdir: str | Path, verb: str) -> Loaded:
+    """What ``params_and_tokenizer`` reads, printing ``"<verb> <source>"``; reads only."""
     directory = Path(workdir) / "checkpoints"  # orbax names each checkpoint by its step
     trained = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
     source = config.checkpoint.init_from
     if trained or not source:
         step, params = train.latest_params(config, workdir)
-        print(f"sampling from checkpoint {step} of {workdir}", flush=True)
-        return params, data.run_tokenizer(config.data)
-    pretrained = hf.load_init_from(models.config_from(config.model), source)
-    print(f"sampling from checkpoint.init_from={source}", flush=True)
-    tokenizer = pretrained.tokenizer
-    return pretrained.params, data.run_tokenizer(config.data) if tokenizer is None else tokenizer
+        tokenizer = data.run_tokenizer(config.data)
+        loaded = Loaded(step, f"checkpoint {step} of {workdir}", params, tokenizer)
+    else:
+        pretrained = hf.load_init_from(models.config_from(config.model), source)
+        tokenizer = pretrained.tokenizer
+        if tokenizer is None:
+            tokenizer = data.run_tokenizer(config.data)
+        loaded = Loaded(0, f"checkpoint.init_from={source}", pretrained.params, tokenizer)
+    print(f"{verb} {loaded.source}", flush=True)
+    return loaded
+
+
+# ----------------------------------------------------------------------------- --mode=eval
+
+
+def evaluate(config, workdir: str | Path) -> Path | None:
+    """``--mode=eval``: the tasks of ``eval.tasks`` on the latest checkpoint in ``workdir`` (or
+    on ``checkpoint.init_from``, as ``params_and_tokenizer`` reads them), printed as a table
+    and written by process 0 to ``<workdir>/eval/<step>.json``, whose path it returns. Every
+    input (config, data, HellaSwag items, lm-eval) is checked before anything compiles. A file
+    of that name is never overwritten: evaluating a step again writes ``<step>.1.json``, and
+    so on."""
+    train.validate_config(config)
+    tasks = evals.parse_tasks(config.eval.tasks)
+    check_writable_directory(Path(workdir) / "eval", "--workdir")
+    mesh = sharding.make_mesh(config.mesh)
+    train.check_batch_fits_mesh(config, mesh)
+    runners = _task_runners(config, tasks, mesh)
+    loaded = load_params(config, workdir, "evaluating")
+    shardings = sharding.param_shardings(loaded.params, mesh, config.mesh.rules)
+    params = jax.device_put(loaded.params, shardings)
+    results = {}
+    for run_task in runners:
+        results.update(run_task(params, loaded.tokenizer))
+    print(results_table(results), flush=True)
+    if jax.process_index() != 0:  # one process writes
+        return None
+    record = {"step": loaded.step, "source": loaded.source, "results": results}
+    return write_new_json(Path(workdir) / "eval", str(loaded.step), record)
+
+
+def _task_runners(config, tasks: list[str], mesh) -> list[Callable]:
+    """One ``(params, tokenizer) -> {task: metrics}`` per kind of task asked for, each set
+    up (data read and checked) now."""
+    runners = []
+    if "val_loss" in tasks:
+        runners.append(_val_loss_runner(config, mesh))
+    if "hellaswag" in tasks:
+        hellaswag = evals.hellaswag.for_run(config, mesh)
+        runners.append(lambda params, tokenizer: {"hellaswag": hellaswag(params, tokenizer)})
+    harness_tasks = [t.removeprefix(evals.HARNESS) for t in tasks if t.startswith(evals.HARNESS)]
+    if harness_tasks:
+        runners.append(_harness_runner(config, harness_tasks, mesh))
+    return runners
+
+
+def _val_loss_runner(config, mesh) -> Callable:
+    model_cfg = models.config_from(config.model)
+    batch_size, seq_len = config.train.batch_size, model_cfg.block_size
+    need = data.tokens_needed(0, batch_size, seq_len, config.eval.batches)
+    manifest = data.ensure_prepared(config.data, need=need)
+    data.check_vocab(manifest, model_cfg.vocab_size)
+    batch_sh = sharding.batch_sharding(mesh, config.mesh.rules)
+    loader = train.validation_data(config, manifest, batch_sh)
+    step = jax.jit(train.make_eval_step(config))
+
+    def run(params, tokenizer) -> dict:
+        del tokenizer  # the data is tokenized already
+        with sharding.activation_sharding(mesh, config.mesh.rules):
+            return {
+                "val_loss": evals.validation_loss(
+                    step, params, loader, config.eval.batches, batch_sh
+                )
+            }
+
+    return run
+
+
+def _harness_runner(config, tasks: list[str], mesh) -> Callable:
+    try:
+        from jaxpt.evals import harness
+    except ImportError as error:  # lm-eval is an optional extra
+        raise ConfigError(
+            f"eval.tasks={config.eval.tasks!r} names lm-evaluation-harness tasks, but lm-eval "
+            f"does not import ({error}); install it with `uv sync --extra harness`."
+        ) from None
+    model_cfg = models.config_from(config.model)
+    rows = config.train.batch_size // config.train.grad_accum_steps
+
+    def run(params, tokenizer) -> dict:
+        metrics = harness.evaluate(
+            params,
+            model_cfg,
+            tokenizer,
+            tasks,
+            batch_size=rows,
+            mesh=mesh,
+            rules=config.mesh.rules,
+        )
+        return {f"{evals.HARNESS}{name}": values for name, values in metrics.items()}
+
+    return run
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """One line per task and metric: ``task  metric  value``."""
+    lines = [f"{'task':<28} {'metric':<24} value"]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"{task:<28} {metric:<24} {shown}")
+    return "\n".join(lines)
+
+
+def write_new_json(directory: Path, stem: str, record: dict) -> Path:
+    """Writes ``record`` to ``directory/<stem>.json``, or where that exists to the first free
+    ``<stem>.<n>.json``, through a temporary file hard-linked into place: a link fails rather
+    than replace a file, so no file is ever overwritten or left half-written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / f".{stem}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        for n in itertools.count():
+            path = directory / (f"{stem}.json" if n == 0 else f"{stem}.{n}.json")
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                continue
+            print(f"wrote {path}", flush=True)
+            return path
+    finally:
+        temporary.unlink()

@@ -42,6 +42,7 @@ from jaxpt.nn._linear import linear as linear
 from jaxpt.nn._linear import read_out as read_out
 from jaxpt.nn._linear import unembed as unembed
 from jaxpt.nn._loss import cross_entropy as cross_entropy
+from jaxpt.nn._loss import token_nll as token_nll
 from jaxpt.nn._mlp import ACTIVATIONS as ACTIVATIONS
 from jaxpt.nn._mlp import GLU as GLU
 from jaxpt.nn._mlp import MLP as MLP

@@ -4,8 +4,10 @@ from jaxpt.train._checkpoint import Checkpoints as Checkpoints
 from jaxpt.train._checkpoint import latest_params as latest_params
 from jaxpt.train._loop import Interrupted as Interrupted
 from jaxpt.train._loop import NonFiniteError as NonFiniteError
+from jaxpt.train._loop import check_batch_fits_mesh as check_batch_fits_mesh
 from jaxpt.train._loop import train as train
 from jaxpt.train._loop import validate_config as validate_config
+from jaxpt.train._loop import validation_data as validation_data
 from jaxpt.train._metrics import peak_flops as peak_flops
 from jaxpt.train._metrics import read_metrics as read_metrics
 from jaxpt.train._optimizer import OPTIMIZERS as OPTIMIZERS

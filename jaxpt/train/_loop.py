@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Callable
@@ -33,9 +34,9 @@ log = logging.getLogger(__name__)
 
 def validate_config(config) -> None:
     """Raises ConfigError naming the first field of a run config that breaks a rule: the model
-    (its registry entry's ``validate``), train, mesh, the checkpoint, eval and log counts, and
-    ``checkpoint.init_from``'s type. Reads no file; ``train`` runs it first, the launcher
-    before any mode."""
+    (its registry entry's ``validate``), train, mesh, the checkpoint, eval and log counts,
+    ``eval.tasks``, and ``checkpoint.init_from``'s type. Reads no file; ``train`` runs it
+    first, the launcher before any mode."""
     models.config_from(config.model)
     validate_train(config.train)
     sharding.validate_mesh(config.mesh)
@@ -47,6 +48,14 @@ def validate_config(config) -> None:
         ("log", "every_steps"),
     ):
         check_range(f"{section}.{field}", config[section][field], at_least=1, integer=True)
+    check_range(
+        "eval.hellaswag_every_steps",
+        config.eval.hellaswag_every_steps,
+        at_least=0,
+        integer=True,
+        note=" (0: never)",
+    )
+    evals.parse_tasks(config.eval.tasks)
     if not isinstance(config.checkpoint.init_from, str):
         raise ConfigError(
             f"checkpoint.init_from={config.checkpoint.init_from!r} must be a checkpoint "
@@ -64,6 +73,16 @@ def check_batch_fits_mesh(config, mesh) -> None:
             f"train.grad_accum_steps={config.train.grad_accum_steps}) does not divide over the "
             f"{shards} devices of the batch mesh axes; make it a multiple of {shards}."
         )
+
+
+def validation_data(config, manifest: data.Manifest, batch_sh) -> data.Loader:
+    """The validation batches of a run, split as ``batch_sh`` says; raises DataError when the
+    split holds fewer than ``eval.batches``."""
+    batch_size, seq_len = config.train.batch_size, models.config_from(config.model).block_size
+    rows = data.process_rows(batch_sh, (batch_size, seq_len))
+    loader = data.Loader(manifest, "val", batch_size, seq_len, rows=rows)
+    loader.check_eval(config.eval.batches)
+    return loader
 
 
 def fresh_state(
@@ -241,8 +260,11 @@ def train(
     batch_sh = sharding.batch_sharding(mesh, rules)
     rows = data.process_rows(batch_sh, (batch_size, seq_len))
     train_data = data.Loader(manifest, "train", batch_size, seq_len, rows=rows)
-    val_data = data.Loader(manifest, "val", batch_size, seq_len, rows=rows)
-    val_data.check_eval(config.eval.batches)  # before anything compiles
+    val_data = validation_data(config, manifest, batch_sh)  # checked before anything compiles
+    hellaswag_every, hellaswag = config.eval.hellaswag_every_steps, None
+    if hellaswag_every:  # its items are read here, before anything compiles
+        tokenizer = data.tokenizer_for(manifest)
+        hellaswag = functools.partial(evals.hellaswag.for_run(config, mesh), tokenizer=tokenizer)
 
     workdir.mkdir(parents=True, exist_ok=True)
     step_fn = jax.jit(
@@ -308,6 +330,9 @@ def train(
                             eval_fn, state.params, val_data, config.eval.batches, batch_sh
                         ),
                     )
+                if hellaswag and (step % hellaswag_every == 0 or step == config.train.steps):
+                    pending.flush()
+                    log.task(step, "hellaswag", hellaswag(state.params))
                 if step % config.checkpoint.every_steps == 0:
                     save(step)
             if stop.signal is not None:

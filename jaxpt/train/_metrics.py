@@ -97,6 +97,14 @@ class MetricsLog:
         self._write(record, "val")
         print(f"step {step:>6} val_loss {metrics['loss']:.4f}", flush=True)
 
+    def task(self, step: int, name: str, metrics: dict) -> None:
+        """An evaluation task's metrics at ``step``, each logged as ``<name>_<metric>``."""
+        self._write({"step": step, **{f"{name}_{k}": v for k, v in metrics.items()}}, name)
+        values = " ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+        )
+        print(f"step {step:>6} {name} {values}", flush=True)
+
     def _write(self, record: dict, group: str) -> None:
         if not self.is_writer:
             return
@@ -161,7 +169,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:
-    """Train and validation loss against step: the whole run, and its second half zoomed."""
+    """Train and validation loss against step: the whole run, and its second half zoomed;
+    HellaSwag accuracy beside them where the run evaluated it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,8 +179,9 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     records = read_metrics(metrics_path)
     train = np.array([(r["step"], r["loss"]) for r in records if "loss" in r])
     val = np.array([(r["step"], r["val_loss"]) for r in records if "val_loss" in r])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, zoom in zip(axes, (False, True), strict=True):
+    hellaswag = [r for r in records if "hellaswag_acc_norm" in r]
+    fig, axes = plt.subplots(1, 3 if hellaswag else 2, figsize=(18 if hellaswag else 12, 4.5))
+    for ax, zoom in zip(axes, (False, True), strict=False):
         for data, label, style in ((train, "train", "-"), (val, "validation", "o-")):
             if len(data) == 0:
                 continue
@@ -183,6 +193,20 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
         ax.set_title("second half" if zoom else "loss")
         ax.grid(alpha=0.3)
         ax.legend()
+    if hellaswag:
+        _plot_hellaswag(axes[2], hellaswag)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def _plot_hellaswag(ax, records: list[dict]) -> None:
+    steps = [r["step"] for r in records]
+    for key, label in (("hellaswag_acc", "acc"), ("hellaswag_acc_norm", "acc_norm")):
+        ax.plot(steps, [r[key] for r in records], "o-", label=label, markersize=3)
+    ax.axhline(0.25, color="gray", linestyle=":", label="chance")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_title("HellaSwag")
+    ax.grid(alpha=0.3)
+    ax.legend()

@@ -1,0 +1,28 @@
+"""The evaluation tasks a run config names (``eval.tasks``)."""
+
+from __future__ import annotations
+
+from jaxpt.errors import ConfigError
+
+NATIVE_TASKS = ("val_loss", "hellaswag")
+HARNESS = "harness:"  # prefix of an lm-evaluation-harness task: a registered name or a YAML file
+
+
+def parse_tasks(tasks: str) -> list[str]:
+    """The comma-separated entries of ``eval.tasks``, e.g. ``"val_loss,harness:arc_easy"``.
+
+    Raises ConfigError naming an entry that is neither a native task nor ``harness:NAME``.
+    """
+    entries = [entry.strip() for entry in str(tasks).split(",") if entry.strip()]
+    if not entries:
+        raise ConfigError(
+            f"eval.tasks={tasks!r} names no task; give some of {', '.join(NATIVE_TASKS)} or "
+            "harness:NAME, separated by commas."
+        )
+    for entry in entries:
+        if entry not in NATIVE_TASKS and not (entry.startswith(HARNESS) and entry[len(HARNESS) :]):
+            raise ConfigError(
+                f"eval.tasks entry {entry!r} is not one of {', '.join(NATIVE_TASKS)} nor "
+                "harness:NAME (an lm-evaluation-harness task or task YAML file)."
+            )
+    return entries

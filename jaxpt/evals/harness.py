@@ -1,0 +1,181 @@
+"""lm-evaluation-harness (the ``lm-eval`` package, jaxpt's ``harness`` extra) over jaxpt params.
+
+``JaxptLM`` implements the harness's three requests with jaxpt's own code: ``loglikelihood``
+and ``loglikelihood_rolling`` through the batched scorer under ``evals.hellaswag``,
+``generate_until`` through ``jaxpt.generate``. So any harness task runs on a jaxpt model::
+
+    lm = JaxptLM(params, model_config, tokenizer, batch_size=32)
+    lm_eval.simple_evaluate(model=lm, tasks=["hellaswag", "arc_easy"])
+
+or ``evaluate`` below, which ``launch.py --mode=eval --config.eval.tasks=harness:arc_easy``
+calls. A context and its continuation are encoded separately, as llm.c encodes HellaSwag's,
+so a harness task over the same items asks for exactly the native scorer's numbers. The
+harness's own ``hellaswag`` task words the items differently (activity label, cleaned text;
+GPT-2 124M: acc 0.2892, acc_norm 0.3114, its ``acc_norm`` per byte, not per token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import lm_eval
+import numpy as np
+from jax.sharding import Mesh
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from jaxpt import data, models
+from jaxpt.evals import _scoring
+from jaxpt.generation import generate
+
+DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for generate_until tasks
+
+
+class JaxptLM(LM):
+    """A jaxpt model as an lm-evaluation-harness ``LM``.
+
+    Args:
+        params, model_config: the model (params sharded over ``mesh`` where given).
+        tokenizer: the model's tokenizer; its end-of-text token precedes an empty context
+            and each rolling window's first token, and ends a generation.
+        batch_size: sequences per jitted call (over a mesh: a multiple of the batch devices).
+        mesh, rules: the run's mesh and ``config.mesh.rules``, or None (default device).
+    """
+
+    def __init__(
+        self,
+        params,
+        model_config: models.ModelConfig | models.BigramConfig,
+        tokenizer: data.Tokenizer,
+        *,
+        batch_size: int,
+        mesh: Mesh | None = None,
+        rules=None,
+    ):
+        super().__init__()
+        self.params, self.model_config, self.tokenizer = params, model_config, tokenizer
+        self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> _scoring.Scores:
+        return _scoring.score(
+            self.params,
+            self.model_config,
+            pairs,
+            batch_size=self.batch_size,
+            mesh=self.mesh,
+            rules=self.rules,
+        )
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """``(log p(continuation | context), greedy)`` of each ``(context, continuation)``."""
+        eot = [self.tokenizer.eot_id]
+        pairs = [
+            (self.tokenizer.encode(context) or eot, self.tokenizer.encode(continuation))
+            for context, continuation in (r.args for r in requests)
+        ]
+        scores = self._score(pairs)
+        answers = [(-float(n), bool(g)) for n, g in zip(scores.nll, scores.greedy, strict=True)]
+        for request, answer in zip(requests, answers, strict=True):
+            self.cache_hook.add_partial("loglikelihood", request.args, answer)
+        return answers
+
+    def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
+        """Each text's log-likelihood after an end-of-text token, in windows of the model's
+        length that predict every token once (the harness's rolling windows)."""
+        owners, pairs = [], []
+        for index, (text,) in enumerate(r.args for r in requests):
+            tokens = self.tokenizer.encode(text)
+            length = self.model_config.max_length or max(len(tokens), 1)
+            windows = get_rolling_token_windows(tokens, self.tokenizer.eot_id, length, 1)
+            for window in map(make_disjoint_window, windows):
+                owners.append(index)
+                pairs.append(window)
+        totals = np.zeros(len(requests))
+        np.add.at(totals, np.asarray(owners, int), -self._score(pairs).nll)
+        for request, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, float(total))
+        return [float(total) for total in totals]
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy continuations (sampled where ``do_sample`` asks, at its ``temperature``),
+        cut before the first ``until`` string, of at most ``max_gen_toks`` tokens."""
+        answers = []
+        for start in range(0, len(requests), self.batch_size):
+            answers += self._generate([r.args for r in requests[start : start + self.batch_size]])
+        for request, answer in zip(requests, answers, strict=True):
+            self.cache_hook.add_partial("generate_until", request.args, answer)
+        return answers
+
+    def _generate(self, batch: list[tuple[str, dict]]) -> list[str]:
+        """One ``generate`` call per distinct set of generation options in ``batch``."""
+        answers: dict[int, str] = {}
+        groups: dict[str, list[int]] = {}
+        for index, (_, options) in enumerate(batch):
+            groups.setdefault(repr(sorted(options.items())), []).append(index)
+        for indices in groups.values():
+            options = batch[indices[0]][1]
+            texts = self._continue([batch[i][0] for i in indices], options)
+            answers.update(zip(indices, texts, strict=True))
+        return [answers[i] for i in range(len(batch))]
+
+    def _continue(self, contexts: list[str], options: dict) -> list[str]:
+        until = options.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        new_tokens = int(options.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        sampled = bool(options.get("do_sample")) and float(options.get("temperature", 1.0)) > 0
+        room = self.model_config.max_length
+        prompts = []
+        for context in contexts:
+            tokens = self.tokenizer.encode(context) or [self.tokenizer.eot_id]
+            prompts.append(tokens if room is None else tokens[-max(room - new_tokens, 1) :])
+        if room is not None:
+            new_tokens = min(new_tokens, room - max(len(p) for p in prompts))
+        generated = generate(
+            self.params,
+            prompts,
+            self.model_config,
+            max_new_tokens=new_tokens,
+            temperature=float(options.get("temperature", 1.0)) if sampled else 0.0,
+            key=jax.random.key(0),
+            stop_token=self.tokenizer.eot_id,
+            n_tokens=self.tokenizer.vocab_size,
+        )
+        return [self._cut(completion, until) for completion in generated.completions()]
+
+    def _cut(self, completion: list[int], until: Sequence[str]) -> str:
+        if completion and completion[-1] == self.tokenizer.eot_id:
+            completion = completion[:-1]
+        text = self.tokenizer.decode(completion)
+        for stop in until:
+            text = text.split(stop)[0] if stop else text
+        return text
+
+
+def evaluate(
+    params,
+    model_config: models.ModelConfig | models.BigramConfig,
+    tokenizer: data.Tokenizer,
+    tasks: Sequence[str],
+    *,
+    batch_size: int,
+    mesh: Mesh | None = None,
+    rules=None,
+) -> dict[str, dict[str, float]]:
+    """The harness's metrics of each task (a registered name, or a task YAML file), e.g.
+    ``{"arc_easy": {"acc,none": 0.43, "acc_stderr,none": 0.01, ...}}``."""
+    lm = JaxptLM(params, model_config, tokenizer, batch_size=batch_size, mesh=mesh, rules=rules)
+    files_only = all(Path(task).is_file() for task in tasks)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=TaskManager(include_defaults=not files_only),  # the built-ins take ~10 s
+        log_samples=False,
+    )
+    return {
+        task: {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        for task, metrics in out["results"].items()
+    }

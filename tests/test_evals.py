@@ -1,0 +1,391 @@
+"""Evaluation: the HellaSwag scorer against a float64 numpy recomputation, padding, batch size
+and the mesh; items from a file or the hub; ``--mode=eval``; the lm-evaluation-harness adapter."""
+
+import dataclasses
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import jax
+import numpy as np
+import pytest
+
+from jaxpt import data, hf, launcher, models, sharding, train
+from jaxpt.config import preset_config
+from jaxpt.errors import ConfigError, DataError, DataNotFoundError
+from jaxpt.evals import hellaswag
+
+from .test_checkpoints import snapshot
+from .test_models import tiny_config
+from .test_train import char_config
+
+# Contexts long and short: with a 32-token model some windows drop their oldest characters.
+ITEMS = [
+    hellaswag.Item(
+        "In this city lived a merchant named Increase. He possessed a heap of",
+        ("numerous virtues.", "soot and ash", "a very little", "money, earned"),
+        0,
+    ),
+    hellaswag.Item(
+        "Riches unearned", ("should be earned.", "is", "grows like an ant-hill", "be"), 0
+    ),
+    hellaswag.Item(
+        "What is earned, should be",
+        ("guarded.", "pecked at, and it sinks like a pile of soot", "abundant", "in a flash"),
+        0,
+    ),
+    hellaswag.Item(
+        "Even an abundant store of wealth, if pecked at, sinks together like a pile of",
+        ("soot.", "merit", "walls that recalled the high-uplifted Himalayas", "night"),
+        3,
+    ),
+    hellaswag.Item("A very little, if added to,", ("grows.", "sinks", "flashes", "hoards"), 1),
+]
+CHARS = data.CharTokenizer.from_texts(
+    [item.context + " " + " ".join(item.endings) for item in ITEMS]
+)
+BLOCK = 32
+
+
+def model(name: str):
+    cfg = dataclasses.replace(tiny_config(name), vocab_size=64)
+    if isinstance(cfg, models.ModelConfig):
+        cfg = dataclasses.replace(cfg, block_size=BLOCK)
+    return cfg, models.get(name).init(jax.random.key(1), cfg)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward(params, tokens, *, cfg):
+    """The model's logits for unpadded ``(1, T)`` tokens."""
+    return models.get(cfg.name).apply(params, tokens, cfg)[0]
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    peak = logits.max(-1, keepdims=True)
+    return logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
+
+
+def reference_losses(name, cfg, params, item):
+    """Float64 summed and mean ending losses: each window alone, unpadded, its oldest tokens
+    dropped past the model's length; bigram logits are its table's rows, in float64."""
+    context = CHARS.encode(item.context)
+    sums, means = [], []
+    for ending in item.endings:
+        ending_ids = CHARS.encode(" " + ending)
+        tokens = np.array(context + ending_ids)
+        if cfg.max_length is not None:
+            tokens = tokens[-(cfg.max_length + 1) :]
+        if name == "bigram":
+            logits = np.asarray(params.table.weight, np.float64)[tokens[:-1]]
+        else:
+            logits = np.asarray(forward(params, tokens[None, :-1], cfg=cfg)[0])
+        nll = -np.take_along_axis(log_softmax64(logits), tokens[1:, None], 1)[:, 0]
+        scored = nll[-min(len(ending_ids), len(nll)) :]
+        sums.append(scored.sum())
+        means.append(scored.mean())
+    return np.array(sums), np.array(means)
+
+
+@pytest.mark.parametrize(
+    "name, on_a_mesh", [("gpt", True), ("tiny_moe", False), ("tiny_moe_3", False), ("bigram", True)]
+)
+def test_hellaswag_matches_a_float64_recomputation_padded_batched_or_sharded(name, on_a_mesh):
+    """Batches of 6 endings (padded: their windows differ in length) on one device and, where
+    ``on_a_mesh``, of 4 split over a data x fsdp x tensor mesh of the 8 test devices, score as
+    each ending alone (the MoE presets' mesh is left to save compile time: test_moe runs it)."""
+    cfg, params = model(name)
+    results = [hellaswag.evaluate(params, cfg, ITEMS, CHARS, batch_size=6)]
+    if on_a_mesh:
+        mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
+        rules = sharding.default_rules()
+        sharded = jax.device_put(params, sharding.param_shardings(params, mesh, rules))
+        results.append(
+            hellaswag.evaluate(sharded, cfg, ITEMS, CHARS, batch_size=4, mesh=mesh, rules=rules)
+        )
+    for result in results:
+        assert len(result.items) == len(ITEMS)
+        for item, got in zip(ITEMS, result.items, strict=True):
+            sums, means = reference_losses(name, cfg, params, item)
+            np.testing.assert_allclose(got.sum_losses, sums, rtol=2e-5)
+            np.testing.assert_allclose(got.mean_losses, means, rtol=2e-5)
+            assert (got.choice, got.choice_norm, got.label) == (
+                np.argmin(sums),
+                np.argmin(means),
+                item.label,
+            )
+    choices = np.array([(r.choice, r.choice_norm, r.label) for r in result.items])
+    assert result.summary() == {
+        "acc": np.mean(choices[:, 0] == choices[:, 2]),
+        "acc_norm": np.mean(choices[:, 1] == choices[:, 2]),
+        "items": len(ITEMS),
+    }
+
+
+def mesh_config(**sizes):
+    mesh = preset_config("gpt", None).mesh
+    mesh.update(sizes)
+    return mesh
+
+
+def test_a_batch_that_does_not_divide_over_the_mesh_is_one_sentence():
+    cfg, params = model("bigram")
+    mesh = sharding.make_mesh(mesh_config(data=8))
+    with pytest.raises(ConfigError, match="batch of 6 rows does not divide over the 8 devices"):
+        hellaswag.evaluate(
+            params, cfg, ITEMS, CHARS, batch_size=6, mesh=mesh, rules=sharding.default_rules()
+        )
+
+
+# ----------------------------------------------------------------------------- items
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def original_rows():
+    """ITEMS as the original jsonl holds them: ctx_a, ctx_b, ctx, endings, integer label."""
+    rows = []
+    for item in ITEMS:
+        first, _, rest = item.context.partition(" ")
+        rows.append(
+            {"ctx_a": first, "ctx_b": rest, "ctx": item.context, "endings": list(item.endings)}
+            | {"label": item.label}
+        )
+    return rows
+
+
+def test_items_from_a_file_in_either_context_form(tmp_path):
+    rows = original_rows()
+    assert hellaswag.load_items(write_jsonl(tmp_path / "a.jsonl", rows)) == ITEMS
+    split = [{k: v for k, v in row.items() if k != "ctx"} for row in rows]
+    assert hellaswag.load_items(write_jsonl(tmp_path / "b.jsonl", split)) == ITEMS
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"ctx": "a", "endings": ["b", "c"], "label": 2}, "label=2 must be the index"),
+        ({"ctx": "a", "endings": "bc", "label": 0}, "endings must be a list"),
+        ({"endings": ["b", "c"], "label": 0}, "has no context"),
+    ],
+)
+def test_a_bad_item_is_one_sentence_naming_its_line(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [original_rows()[0], row])
+    with pytest.raises(DataError, match=f"line 2.*{message}"):
+        hellaswag.load_items(path)
+
+
+def test_items_from_the_hub_and_offline_one_sentence(tmp_path, monkeypatch):
+    """The hub's copy (label as text) through `datasets.load_dataset`, here a local file."""
+    hub_rows = [row | {"label": str(row["label"])} for row in original_rows()]
+    local = write_jsonl(tmp_path / "hub.jsonl", hub_rows)
+    load = datasets.load_dataset
+
+    def fake_hub(path, *, split):
+        assert (path, split) == (hellaswag.HUB_DATASET, "validation")
+        return load("json", data_files=[str(local)], split="train")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    assert hellaswag.load_items() == ITEMS
+
+    def unreachable(path, *, split):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFound)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataNotFoundError, match=r"connect to the network once.*hellaswag_path"):
+        hellaswag.load_items()
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def harness_or_skip():
+    """jaxpt.evals.harness, or a skip saying why (lm-eval is the optional `harness` extra)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (uv sync --extra harness)")
+    from jaxpt.evals import harness
+
+    return harness
+
+
+TASK_YAML = """\
+task: local_hellaswag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {jsonl}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "{{{{ctx}}}}"
+doc_to_choice: "{{{{endings}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def test_harness_multiple_choice_task_asks_for_the_native_scores(tmp_path):
+    """A harness task over HellaSwag items: its requests' log-likelihoods are the native
+    scorer's summed ending losses, negated, and its acc is the native acc."""
+    harness = harness_or_skip()
+    import lm_eval
+
+    jsonl = write_jsonl(tmp_path / "items.jsonl", original_rows())
+    task = tmp_path / "local_hellaswag.yaml"
+    task.write_text(TASK_YAML.format(jsonl=jsonl))
+    cfg, params = model("bigram")
+    native = hellaswag.evaluate(params, cfg, ITEMS, CHARS, batch_size=6)
+    lm = harness.JaxptLM(params, cfg, CHARS, batch_size=6)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[str(task)],
+        task_manager=lm_eval.tasks.TaskManager(include_defaults=False),
+        log_samples=True,
+    )
+    samples = sorted(out["samples"]["local_hellaswag"], key=lambda s: s["doc_id"])
+    for sample, item in zip(samples, native.items, strict=True):
+        logliks = [loglik for loglik, _ in sample["filtered_resps"]]
+        np.testing.assert_allclose(logliks, -np.array(item.sum_losses), rtol=1e-6)
+    assert out["results"]["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
+    metrics = harness.evaluate(params, cfg, CHARS, [str(task)], batch_size=6)
+    assert metrics["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
+
+
+def test_harness_rolling_loglikelihood_and_generation():
+    """Rolling: every token of a text once, in windows of the model's length (here 32),
+    against the model's float64 losses of each window alone. Generation: greedy, cut at
+    `until`."""
+    harness = harness_or_skip()
+    from lm_eval.api.instance import Instance
+
+    cfg, params = model("gpt")
+    lm = harness.JaxptLM(params, cfg, CHARS, batch_size=6)
+    texts = [ITEMS[1].context, ITEMS[0].context]  # one window; three
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    got = lm.loglikelihood_rolling(requests)
+    for text, value in zip(texts, got, strict=True):
+        tokens = [CHARS.eot_id, *CHARS.encode(text)]
+        expected, predicted = 0.0, 0  # tokens[1 : predicted + 1] are scored
+        while predicted < len(tokens) - 1:
+            end = min(predicted + BLOCK, len(tokens) - 1)  # predict tokens up to index end
+            window = np.array(tokens[max(end - BLOCK, 0) : end + 1])
+            logits = np.asarray(forward(params, window[None, :-1], cfg=cfg)[0])
+            nll = -np.take_along_axis(log_softmax64(logits), window[1:, None], 1)[:, 0]
+            expected -= nll[-(end - predicted) :].sum()
+            predicted = end
+        assert value == pytest.approx(expected, rel=1e-5)
+
+    bigram_cfg, bigram_params = model("bigram")
+    bigram = harness.JaxptLM(bigram_params, bigram_cfg, CHARS, batch_size=6)
+
+    def until(stops):
+        options = {"until": stops, "max_gen_toks": 8}
+        request = Instance("generate_until", {}, ("Riches ", options), 0)
+        return bigram.generate_until([request])[0]
+
+    whole = until([])
+    assert len(CHARS.encode(whole)) <= 8
+    stop = whole[3:5]
+    assert until([stop]) == whole[: whole.index(stop)]
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 2-step char-level bigram run that evaluated HellaSwag (5 items) at every step, and
+    its config (copy the workdir before changing it)."""
+    directory = tmp_path_factory.mktemp("hellaswag_run")
+    config = char_config("bigram", steps=2)
+    config.eval.batches = 1
+    config.eval.hellaswag_path = str(write_jsonl(directory / "items.jsonl", original_rows()))
+    config.eval.hellaswag_every_steps = 1
+    train.train(config, directory / "run")
+    return directory / "run", config
+
+
+def test_training_logs_hellaswag_and_eval_mode_writes_a_new_json_each_time(trained_run, capsys):
+    """HellaSwag every step of the run into metrics.jsonl; then --mode=eval on its workdir
+    prints and writes the same numbers, and again into a new file."""
+    workdir, config = trained_run
+    records = train.read_metrics(workdir / "metrics.jsonl")
+    logged = [r for r in records if "hellaswag_acc_norm" in r]
+    assert [(r["step"], r["hellaswag_items"]) for r in logged] == [(1, 5), (2, 5)]
+
+    trained = snapshot(workdir)
+    launcher.run(config, workdir=str(workdir), mode="eval")
+    after = {name: b for name, b in snapshot(workdir).items() if name.split("/")[0] != "eval"}
+    assert after == trained  # checkpoints and logs were only read
+    printed = capsys.readouterr().out
+    assert "evaluating checkpoint 2 of" in printed and "hellaswag" in printed
+    first = workdir / "eval" / "2.json"
+    record = json.loads(first.read_text())
+    assert record["step"] == 2
+    results = record["results"]
+    assert results["hellaswag"] == {
+        key.removeprefix("hellaswag_"): value for key, value in logged[-1].items() if key != "step"
+    }
+    val = next(r for r in records if r["step"] == 2 and "val_loss" in r)
+    assert results["val_loss"]["loss"] == pytest.approx(val["val_loss"], rel=1e-5)
+
+    before = first.read_bytes()
+    config = config.copy_and_resolve_references()
+    config.eval.tasks = "hellaswag"
+    launcher.run(config, workdir=str(workdir), mode="eval")
+    assert first.read_bytes() == before
+    assert set(json.loads((workdir / "eval" / "2.1.json").read_text())["results"]) == {"hellaswag"}
+
+
+def test_eval_mode_runs_a_harness_task(trained_run, tmp_path):
+    """--config.eval.tasks=harness:<task YAML>: the harness's acc is the native acc."""
+    harness_or_skip()
+    workdir, config = trained_run
+    workdir = Path(shutil.copytree(workdir, tmp_path / "run"))
+    task = tmp_path / "local_hellaswag.yaml"
+    task.write_text(TASK_YAML.format(jsonl=config.eval.hellaswag_path))
+    config = config.copy_and_resolve_references()
+    config.eval.tasks = f"hellaswag,harness:{task}"
+    results = json.loads(launcher.evaluate(config, workdir).read_text())["results"]
+    assert results["harness:local_hellaswag"]["acc,none"] == results["hellaswag"]["acc"]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("tasks", "val_loss,mmlu", "entry 'mmlu' is not one of val_loss, hellaswag nor harness"),
+        ("tasks", " , ", "names no task"),
+        ("hellaswag_every_steps", -1, "must be an integer >= 0"),
+    ],
+)
+def test_bad_eval_fields_are_one_sentence(field, value, message):
+    config = char_config()
+    config.eval[field] = value
+    with pytest.raises(ConfigError, match=message):
+        train.validate_config(config)
+
+
+def test_eval_mode_on_init_from_without_a_checkpoint(tmp_path, capsys):
+    """An imported checkpoint (here one jaxpt wrote) is evaluated as step 0."""
+    config = char_config()
+    config.eval.tasks = "hellaswag"
+    config.eval.hellaswag_path = str(write_jsonl(tmp_path / "items.jsonl", original_rows()))
+    cfg = models.config_from(config.model)
+    params = models.get("gpt").init(jax.random.key(2), cfg)
+    config.checkpoint.init_from = str(hf.save_pretrained(params, cfg, tmp_path / "hf"))
+    path = launcher.evaluate(config, tmp_path / "run")
+    assert "evaluating checkpoint.init_from=" in capsys.readouterr().out
+    assert path == tmp_path / "run" / "eval" / "0.json"
+    record = json.loads(path.read_text())
+    assert record["source"] == f"checkpoint.init_from={tmp_path / 'hf'}"
+    mesh = sharding.make_mesh(config.mesh)
+    sharded = jax.device_put(params, sharding.param_shardings(params, mesh, config.mesh.rules))
+    tokenizer = data.run_tokenizer(config.data)
+    expected = hellaswag.evaluate(
+        sharded, cfg, ITEMS, tokenizer, batch_size=8, mesh=mesh, rules=config.mesh.rules
+    )
+    assert record["results"] == {"hellaswag": expected.summary()}
