@@ -156,24 +156,44 @@ def get_config():
 """
 
 
+def prepare_toy(directory: Path, out: Path, repeats: int, rows_per_shard: int, **kw):
+    """TOY repeated `repeats` times as jsonl in `directory`, prepared as chat data in `out`
+    (character tokenizer, rows of 128 tokens)."""
+    with open(directory / "toy.jsonl", "w") as f:
+        for _ in range(repeats):
+            for messages in TOY:
+                f.write(json.dumps({"messages": messages}) + "\n")
+    return data.prepare_dataset(
+        str(directory / "toy.jsonl"),
+        out,
+        format="chat",
+        tokenizer="char",
+        block_size=127,
+        shard_tokens=rows_per_shard * 128 + 5,  # rounded down to whole rows
+        workers=1,
+        progress=False,
+        **kw,
+    )
+
+
+def test_chat_preparation_resumes_and_repairs_its_masks(tmp_path):
+    reference = prepare_toy(tmp_path, tmp_path / "reference", repeats=8, rows_per_shard=4)
+    out = tmp_path / "out"
+    prepare_toy(tmp_path, out, repeats=8, rows_per_shard=4, max_tokens=8 * 128)  # 2 shards
+    (out / "train_000001.mask.bin").write_bytes(b"")  # damaged: the shard is written again
+    manifest = prepare_toy(tmp_path, out, repeats=8, rows_per_shard=4)
+    assert manifest.shards == reference.shards and len(manifest.shards) == 6
+    for shard in manifest.shards:
+        for name in (shard.file, shard.file.replace(".bin", ".mask.bin")):
+            assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+
+
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory):
     """A tiny model fine-tuned on TOY, repeated: (config file, workdir, manifest)."""
     root = tmp_path_factory.mktemp("sft")
-    with open(root / "toy.jsonl", "w") as f:
-        for _ in range(24):
-            for messages in TOY:
-                f.write(json.dumps({"messages": messages}) + "\n")
-    manifest = data.prepare_dataset(
-        str(root / "toy.jsonl"),
-        root / "data",
-        format="chat",
-        tokenizer="char",
-        block_size=127,
-        shard_tokens=8 * 128,  # the val split: the first 8 conversations
-        workers=1,
-        progress=False,
-    )
+    # 72 conversations; the val split is the first 8
+    manifest = prepare_toy(root, root / "data", repeats=24, rows_per_shard=8)
     config_file = root / "sft.py"
     config_file.write_text(CONFIG_FILE.format(data=str(root / "data")))
     train.train(load_config_file(str(config_file)), root / "run")
