@@ -124,8 +124,9 @@ def converse(config, workdir: str | Path, options: SampleOptions) -> None:
     options.validate()
     params, tokenizer = params_and_tokenizer(config, workdir)
     model_cfg = models.config_from(config.model)
-    system = [{"role": "system", "content": options.system_prompt}]
-    messages = system if options.system_prompt else []
+    messages = []
+    if options.system_prompt:
+        messages.append({"role": "system", "content": options.system_prompt})
     key = jax.random.key(options.seed)
     print("chat: type a message and press Enter; Ctrl-D ends the conversation", flush=True)
     while True:
