@@ -92,11 +92,13 @@ def all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def masked_gradients(loss: Callable, params, n_micro: int, inputs, targets, loss_mask):
-    """Gradients and metrics of ``loss`` with ``ce`` averaged over the step's masked targets:
-    each micro-batch's ``ce`` weighs by its share of those targets (the auxiliary losses by
-    ``1 / n_micro``), so accumulating gives exactly what one batch would. ``loss_tokens``
-    counts the targets."""
+def masked_gradients(
+    loss: Callable, params, n_micro: int, inputs: Array, targets: Array, loss_mask: Array
+) -> tuple[object, dict[str, Array]]:
+    """Gradients and metrics of ``loss`` with ``ce`` averaged over the step's masked targets
+    (``inputs``, ``targets``, ``loss_mask``: ``(B, T)``): each of the ``n_micro`` micro-batches'
+    ``ce`` weighs by its share of those targets (the auxiliary losses by ``1 / n_micro``), so
+    accumulating gives exactly what one batch would. ``loss_tokens`` counts the targets."""
 
     def objective(params, inputs, targets, loss_mask, weight):
         total, metrics = loss(params, inputs, targets, loss_mask=loss_mask)
@@ -123,8 +125,8 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
     """``step(state, inputs, targets, loss_mask=None) -> (state, metrics)``: accumulate
     gradients over ``train.grad_accum_steps`` micro-batches, clip, update. With a ``(B, T)``
     ``loss_mask`` (chat data) ``ce`` is the mean over the masked targets of the whole step
-    (``masked_gradients``). A step whose loss or gradients are
-    not finite leaves params and optimizer state unchanged (``metrics["finite"]`` is False);
+    (``masked_gradients``). A step whose loss or gradients are not finite leaves params and
+    optimizer state unchanged (``metrics["finite"]`` is False);
     the loop then stops or goes on by ``train.on_nonfinite``. The verdict is known before the
     update, so keeping the old state fuses into the update's one pass over the params; an
     update that overflows the params (a huge learning rate) shows as the next step's
