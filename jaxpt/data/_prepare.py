@@ -132,7 +132,11 @@ def prepare_dataset(
     if format not in FORMATS:
         raise DataError(f"format {format!r} is not one of {', '.join(FORMATS)}")
     if format == "chat":
-        _check_arguments(block_size=(block_size, 1))
+        if block_size < 1:
+            raise DataError(
+                f"chat data needs block_size, the model's block size (each conversation fills "
+                f"a row of block_size + 1 tokens), got {block_size}; pass --block_size"
+            )
         source = chat_source(dataset, tokenizer, config_name, split, messages_field, block_size)
         row = source["row_tokens"]
         _check_arguments(shard_tokens=(shard_tokens, row))
