@@ -6,6 +6,8 @@ uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/sm
     --mode=generate --prompt="The" --num_samples=2 --max_new_tokens=40
 uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/smoke \\
     --mode=eval --config.eval.tasks=val_loss,hellaswag
+uv run python launch.py --config=configs/smollm_sft.py --workdir=runs/smollm-sft --mode=chat \
+    --system_prompt="You are a helpful assistant." --temperature=0.7 --top_k=50
 """
 
 import sys
@@ -40,6 +42,7 @@ flags.DEFINE_float("temperature", _DEFAULTS.temperature, "generate: 0 is greedy.
 flags.DEFINE_integer("top_k", _DEFAULTS.top_k, "generate: keep the k likeliest tokens (0: all).")
 flags.DEFINE_float("top_p", _DEFAULTS.top_p, "generate: nucleus mass to keep (1: all).")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "generate: sampling seed.")
+flags.DEFINE_string("system_prompt", _DEFAULTS.system_prompt, "chat: system message (none: '').")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -57,6 +60,7 @@ def main(argv):
         top_k=f.top_k,
         top_p=f.top_p,
         seed=f.seed,
+        system_prompt=f.system_prompt,
     )
     try:
         launcher.run(f.config, workdir=f.workdir, mode=f.mode, sample_options=options)

@@ -10,6 +10,9 @@ prompts and then feed one token per step. Top-k MoE with a capacity and Soft MoE
 that (a later token changes how earlier ones were routed), so for them each step re-runs the
 whole buffer under a padding mask: slower, but exactly what the model computes on the
 sequence so far.
+
+``chat`` is sampling for chat models: a conversation rendered with the tokenizer's chat template
+(``jaxpt.data.chat_prompt``), the reply cut at the template's end-of-turn marker.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jaxpt import models
+from jaxpt import data, models
 from jaxpt.errors import ConfigError, check_range
 
 
@@ -241,3 +244,77 @@ def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampl
         cond, body, (jnp.int32(1), tokens, lengths, done, cache)
     )
     return Generated(tokens, prompt_lengths, lengths)
+
+
+def chat(
+    params,
+    model_config: models.ModelConfig | models.BigramConfig,
+    tokenizer: data.Tokenizer,
+    messages: Sequence[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: Array | None = None,
+    template: str | None = None,
+) -> str:
+    """The assistant's reply to a conversation.
+
+    The conversation is rendered as in training rows (``jaxpt.data.encode_chat``), followed by
+    the assistant's prompt; the reply ends at the template's end-of-turn marker
+    (``<|im_end|>`` in ChatML), which is not returned. When the conversation and
+    ``max_new_tokens`` do not fit in ``model_config.block_size``, the oldest turns are left
+    out (leading system messages are kept), down to the last user message.
+
+    Args:
+        params, model_config: the model.
+        tokenizer: the model's tokenizer; its chat template (or ChatML) renders the messages.
+        messages: ``{"role": ..., "content": ...}`` dicts, e.g. system, user, assistant, user.
+        max_new_tokens, temperature, top_k, top_p, key: as in ``generate`` (greedy by
+            default).
+        template: a Jinja chat template to use instead of the tokenizer's.
+    Returns:
+        The reply's text.
+    """
+    messages = data.check_messages(messages, "messages")
+    if not messages:
+        raise ConfigError("chat needs at least one message to reply to.")
+    template = template or data.chat_template(tokenizer)
+    end = data.end_of_turn(tokenizer, template)
+    end_ids = tokenizer.encode(end)
+    prompt = _recent_history(tokenizer, messages, template, model_config, max_new_tokens)
+    generated = generate(
+        params,
+        [prompt],
+        model_config,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        key=key,
+        # A marker of one token stops decoding; a longer one (ChatML under GPT-2 BPE or
+        # characters) is found in the text.
+        stop_token=end_ids[0] if len(end_ids) == 1 else None,
+        n_tokens=tokenizer.vocab_size,
+    )
+    return tokenizer.decode(generated.completions()[0]).partition(end)[0]
+
+
+def _recent_history(tokenizer, messages: list[dict], template: str, cfg, max_new_tokens: int):
+    """The prompt ids of the most recent turns that leave room for ``max_new_tokens`` in the
+    block: all of them, else from a later user message on, after the leading system ones."""
+    system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    starts = [system] + [
+        i for i in range(system + 1, len(messages)) if messages[i]["role"] == "user"
+    ]
+    room = cfg.block_size - max_new_tokens
+    for start in starts:
+        prompt = data.chat_prompt(tokenizer, messages[:system] + messages[start:], template)
+        if len(prompt) <= room:
+            return prompt
+    raise ConfigError(
+        f"the last user message and the system prompt take {len(prompt)} tokens, and with "
+        f"max_new_tokens={max_new_tokens} that exceeds model.block_size={cfg.block_size}: "
+        "shorten them or ask for fewer new tokens."
+    )

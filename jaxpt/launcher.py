@@ -15,14 +15,14 @@ import jax
 from jaxpt import data, evals, hf, models, sharding, train
 from jaxpt.config import check_writable_directory
 from jaxpt.errors import ConfigError, check_range
-from jaxpt.generation import generate
+from jaxpt.generation import chat, generate
 
-MODES = ("train", "generate", "eval")
+MODES = ("train", "generate", "eval", "chat")
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
-    """``--mode=generate`` options (launch.py flags of the same names)."""
+    """``--mode=generate`` and ``--mode=chat`` options (launch.py flags of the same names)."""
 
     prompt: str = ""  # empty: start from the end-of-text token, i.e. a new document
     num_samples: int = 4
@@ -31,6 +31,7 @@ class SampleOptions:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1: no nucleus filter
     seed: int = 0
+    system_prompt: str = ""  # chat: the conversation's system message ("": none)
 
     def validate(self) -> None:
         """Raises ConfigError naming the first option (as its flag) out of range."""
@@ -72,6 +73,8 @@ def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None
             print(f"--- sample {i}\n{text}", flush=True)
     elif mode == "eval":
         evaluate(config, workdir)
+    elif mode == "chat":
+        converse(config, workdir, sample_options or SampleOptions())
     else:
         raise ConfigError(f"--mode={mode!r} is not one of {list(MODES)}.")
 
@@ -116,6 +119,44 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
         n_tokens=tokenizer.vocab_size,
     )
     return [tokenizer.decode(prompt + new) for new in generated.completions()]
+
+
+def converse(config, workdir: str | Path, options: SampleOptions) -> None:
+    """``--mode=chat``: a conversation in the terminal with the model ``sample`` would use.
+    Each line read is a user message, answered by ``jaxpt.chat`` with the conversation so far
+    (``options.system_prompt`` first); end of input (Ctrl-D) or Ctrl-C ends it."""
+    train.validate_config(config)
+    options.validate()
+    params, tokenizer = params_and_tokenizer(config, workdir)
+    model_cfg = models.config_from(config.model)
+    messages = []
+    if options.system_prompt:
+        messages.append({"role": "system", "content": options.system_prompt})
+    key = jax.random.key(options.seed)
+    print("chat: type a message and press Enter; Ctrl-D ends the conversation", flush=True)
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(flush=True)
+            return
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        key, turn_key = jax.random.split(key)
+        reply = chat(
+            params,
+            model_cfg,
+            tokenizer,
+            messages,
+            max_new_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            top_k=options.top_k or None,
+            top_p=None if options.top_p == 1 else options.top_p,
+            key=turn_key,
+        )
+        print(reply, flush=True)
+        messages.append({"role": "assistant", "content": reply})
 
 
 def params_and_tokenizer(config, workdir: str | Path) -> tuple[object, data.Tokenizer]:

@@ -3,14 +3,22 @@
 `ensure_prepared` resolves a run's `data` config to a `Manifest`: "embedded", a directory
 prepared by `python -m jaxpt.data.prepare` (or `prepare_dataset`), a directory of llm.c `.bin`
 or `.npy` shards, or a Hugging Face hub name, prepared into the cache on first use as far as
-the run reads (`tokens_needed`). `Loader` reads batches from it.
+the run reads (`tokens_needed`). `Loader` reads batches from it. Conversations prepared
+with `--format=chat` (`encode_chat`, `chat_prompt`) carry a loss mask (`MaskedBatch`).
 """
 
+from jaxpt.data._chat import CHATML as CHATML
+from jaxpt.data._chat import chat_prompt as chat_prompt
+from jaxpt.data._chat import chat_template as chat_template
+from jaxpt.data._chat import check_messages as check_messages
+from jaxpt.data._chat import encode_chat as encode_chat
+from jaxpt.data._chat import end_of_turn as end_of_turn
 from jaxpt.data._embedded import EMBEDDED as EMBEDDED
 from jaxpt.data._embedded import embedded_documents as embedded_documents
 from jaxpt.data._embedded import prepare_embedded as prepare_embedded
 from jaxpt.data._loader import Loader as Loader
 from jaxpt.data._loader import LoaderState as LoaderState
+from jaxpt.data._loader import MaskedBatch as MaskedBatch
 from jaxpt.data._loader import TokenNeed as TokenNeed
 from jaxpt.data._loader import check_vocab as check_vocab
 from jaxpt.data._loader import process_rows as process_rows

@@ -9,6 +9,10 @@ checkpoint stores resumes exactly. The state records the N of its epoch: a run r
 data that has grown since (a longer run extended its cache) finishes that epoch as it began,
 and the next epoch covers all N of this loader. The state is global (the same on every
 process); `rows` picks the rows of each global batch this process reads.
+
+Chat data (`Manifest.row_tokens` = T + 1) is read by whole rows, one conversation each: the
+windows are the rows (no shift), W = N // (T + 1), and each batch is a `MaskedBatch` that
+carries the rows' loss mask.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from jaxpt.data._shards import Manifest, load_manifest
 from jaxpt.errors import DataError
 
 LoaderState = dict  # {"seed", "epoch", "step", "batch_size", "seq_len", "tokens"}: all ints
+
+
+class MaskedBatch(NamedTuple):
+    """A batch of chat data: windows and their loss mask (1 where the token is trained on)."""
+
+    tokens: np.ndarray  # (R, T + 1) int32
+    loss_mask: np.ndarray  # (R, T + 1) int32
 
 
 class TokenNeed(NamedTuple):
@@ -69,10 +80,19 @@ class Loader:
         if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= batch_size):
             got = f"{self.rows.min()}..{self.rows.max()}"
             raise DataError(f"rows must lie in [0, batch_size={batch_size}), got {got}")
+        self.by_rows = self.manifest.row_tokens > 0  # chat data: whole rows, with a loss mask
+        if self.by_rows and self.manifest.row_tokens != seq_len + 1:
+            raise DataError(
+                f"{self.manifest.directory} holds conversations in rows of "
+                f"{self.manifest.row_tokens} tokens, for model.block_size="
+                f"{self.manifest.row_tokens - 1}, but model.block_size is {seq_len}; prepare "
+                f"the data again with --block_size={seq_len}, or set model.block_size to match"
+            )
         shards = self.manifest.split(split)
         if not shards:
             raise DataError(self._missing_split())
         self._shards = [self.manifest.open(s) for s in shards]
+        self._masks = [self.manifest.open_mask(s) for s in shards] if self.by_rows else []
         self._starts = np.cumsum([0] + [s.tokens for s in shards])  # (S + 1,) stream offsets
         self.tokens = self.manifest.tokens(split)  # N, within the manifest's max_tokens
         self.windows = self._windows(self.tokens)  # W, per epoch
@@ -85,39 +105,54 @@ class Loader:
             raise DataError(self._too_small(self.windows))
         return {"seed": seed, "epoch": 0, "step": 0, **self._shape(), "tokens": self.tokens}
 
-    def next_batch(self, state: LoaderState) -> tuple[np.ndarray, LoaderState]:
-        """The batch at `state`: this process's rows, (len(rows), T + 1) int32; the next state."""
+    def next_batch(self, state: LoaderState) -> tuple[np.ndarray | MaskedBatch, LoaderState]:
+        """The batch at `state`: this process's rows, (len(rows), T + 1) int32 (a `MaskedBatch`
+        of such arrays for chat data); the next state."""
         self._check(state)
         windows = self._windows(state["tokens"])
         shift, order = self._epoch_order(state["seed"], state["epoch"], windows)
         batch = self._read_windows(
-            shift + order[state["step"] * self.batch_size + self.rows] * self.seq_len
+            shift + order[state["step"] * self.batch_size + self.rows] * self._stride
         )
         step, epoch, tokens = state["step"] + 1, state["epoch"], state["tokens"]
         if step == windows // self.batch_size:
             step, epoch, tokens = 0, epoch + 1, self.tokens
         return batch, {**state, "epoch": epoch, "step": step, "tokens": tokens}
 
-    def eval_batches(self, num_batches: int | None = None) -> Iterator[np.ndarray]:
-        """The first `num_batches` batches (default: all) of windows k*T in stream order.
+    def eval_batches(self, num_batches: int | None = None) -> Iterator[np.ndarray | MaskedBatch]:
+        """The first `num_batches` batches (default: all) of windows k*T (chat data: rows) in
+        stream order.
 
-        Deterministic: the same batches on every call, (len(rows), T + 1) int32 each.
+        Deterministic: the same batches on every call, as `next_batch` returns them.
         """
         num_batches = self.check_eval(num_batches)
         for b in range(num_batches):
-            yield self._read_windows((b * self.batch_size + self.rows) * self.seq_len)
+            yield self._read_windows((b * self.batch_size + self.rows) * self._stride)
 
     def check_eval(self, num_batches: int | None = None) -> int:
         """The number of evaluation batches (default: all there are); raises DataError when
         the split holds fewer than ``num_batches``."""
-        available = (self.tokens - 1) // self.seq_len // self.batch_size
+        windows = self._eval_windows()
+        available = windows // self.batch_size
         num_batches = available if num_batches is None else num_batches
         if num_batches > available or available < 1:
-            raise DataError(self._too_small((self.tokens - 1) // self.seq_len, num_batches))
+            raise DataError(self._too_small(windows, num_batches))
         return num_batches
 
+    @property
+    def _stride(self) -> int:
+        """Tokens from one window's start to the next: T (chat data: a row, T + 1)."""
+        return self.seq_len + 1 if self.by_rows else self.seq_len
+
+    def _eval_windows(self) -> int:
+        """The windows k*T (chat data: rows) that fit in the split."""
+        return self.tokens // self._stride if self.by_rows else (self.tokens - 1) // self.seq_len
+
     def _windows(self, tokens: int) -> int:
-        """W, the windows of an epoch over the split's first `tokens` tokens."""
+        """W, the windows of an epoch over the split's first `tokens` tokens (one fewer than
+        fit, for the epoch's shift; chat data: the rows, unshifted)."""
+        if self.by_rows:
+            return tokens // self._stride
         return max((tokens - 1) // self.seq_len - 1, 0)
 
     def _shape(self) -> dict:
@@ -169,24 +204,32 @@ class Loader:
         key = (seed, epoch, windows)
         if key not in self._order_cache:
             rng = np.random.default_rng([seed, epoch])
-            shift = int(rng.integers(self.seq_len))
+            shift = int(rng.integers(1 if self.by_rows else self.seq_len))
             self._order_cache = {key: (shift, rng.permutation(windows))}
         return self._order_cache[key]
 
-    def _read_windows(self, starts: np.ndarray) -> np.ndarray:
-        """Windows of T + 1 tokens at stream offsets `starts` (R,) -> (R, T + 1) int32."""
+    def _read_windows(self, starts: np.ndarray) -> np.ndarray | MaskedBatch:
+        """Windows of T + 1 tokens at stream offsets `starts` (R,) -> (R, T + 1) int32, with
+        their loss mask for chat data."""
+        tokens = self._read_arrays(self._shards, starts)
+        if not self.by_rows:
+            return tokens
+        return MaskedBatch(tokens, self._read_arrays(self._masks, starts))
+
+    def _read_arrays(self, arrays: list[np.ndarray], starts: np.ndarray) -> np.ndarray:
+        """(R, T + 1) int32 windows at `starts` of the stream the shard `arrays` make."""
         batch = np.empty((len(starts), self.seq_len + 1), np.int32)
         for row, start in enumerate(starts):
-            batch[row] = self._read(int(start), self.seq_len + 1)
+            batch[row] = self._read(arrays, int(start), self.seq_len + 1)
         return batch
 
-    def _read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) of the stream, across shard boundaries."""
+    def _read(self, arrays: list[np.ndarray], start: int, length: int) -> np.ndarray:
+        """Elements [start, start + length) of the shard `arrays`' stream, across shards."""
         i = int(np.searchsorted(self._starts, start, side="right")) - 1
         pieces = []
         while length > 0:
             offset = start - int(self._starts[i])
-            piece = self._shards[i][offset : offset + length]
+            piece = arrays[i][offset : offset + length]
             pieces.append(piece)
             start, length, i = start + len(piece), length - len(piece), i + 1
         return np.concatenate(pieces)
@@ -211,17 +254,22 @@ def process_rows(sharding, global_shape: tuple[int, ...]) -> np.ndarray:
     return np.array(sorted(rows), np.int64)
 
 
-def to_global(batch: np.ndarray, sharding, batch_size: int):
-    """Global (inputs, targets) arrays (B, T) from this process's rows (R, T + 1) of a batch.
+def to_global(batch: np.ndarray | MaskedBatch, sharding, batch_size: int) -> tuple:
+    """Global (inputs, targets) arrays (B, T) from this process's rows (R, T + 1) of a batch;
+    for a `MaskedBatch`, (inputs, targets, loss_mask), the mask of the targets. Either way
+    the train and eval steps' batch arguments.
 
     `batch` must hold the rows `process_rows(sharding, (B, T))` in order.
     """
     import jax
 
-    shape = (batch_size, batch.shape[1] - 1)
-    inputs, targets = np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
+    tokens = batch.tokens if isinstance(batch, MaskedBatch) else batch
+    shape = (batch_size, tokens.shape[1] - 1)
+    arrays = [tokens[:, :-1], tokens[:, 1:]]
+    if isinstance(batch, MaskedBatch):
+        arrays.append(batch.loss_mask[:, 1:])
     make = jax.make_array_from_process_local_data
-    return make(sharding, inputs, shape), make(sharding, targets, shape)
+    return tuple(make(sharding, np.ascontiguousarray(a), shape) for a in arrays)
 
 
 def check_vocab(data: Manifest | Loader, vocab_size: int) -> None:

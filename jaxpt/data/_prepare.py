@@ -9,6 +9,14 @@ written last and its presence means the preparation finished. progress.json stay
 run with a larger `max_tokens` extends the data, and a re-run rewrites a damaged shard: the
 stream is deterministic, so either gives the bytes one uninterrupted run would have written.
 
+Chat data (`format="chat"`: rows holding a list of messages) is the same stream of whole rows
+instead of documents: each conversation is rendered with the tokenizer's chat template (or
+ChatML, `_chat.py`), cut to and padded to `block_size + 1` tokens, one conversation per row,
+and each shard gets a loss-mask shard beside it. Padding rather than packing several
+conversations into a row: with right padding and causal attention no token ever sees another
+conversation or the padding, for every preset and attention kernel, with no attention mask at
+all (packing would need per-document attention masks the models do not take).
+
 Preparation writes only into an empty or new directory, or one it made itself (its manifest or
 progress.json is there).
 """
@@ -29,12 +37,14 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from jaxpt.data._chat import CHATML, chat_row, chat_template, check_messages, plain_text
 from jaxpt.data._shards import (
     MANIFEST,
     MAX_SHARD_TOKENS,
     PROGRESS,
     Manifest,
     Shard,
+    mask_file,
     parse_json,
     read_manifest,
     save_manifest,
@@ -60,7 +70,9 @@ _BUILDERS = {  # local file suffix -> `datasets` builder
 _TEXT_BUILDERS = ("text", "json", "csv")  # builders whose files must be UTF-8 text
 _BATCH_DOCS = 64  # documents per task sent to a worker process
 
-Documents = Callable[[int], Iterable[str]]  # skip -> the texts of documents skip, skip + 1, ...
+# skip -> the documents skip, skip + 1, ...: texts, or conversations (lists of messages)
+Documents = Callable[[int], Iterable]
+FORMATS = ("text", "chat")
 
 
 class SourceError(DataError):
@@ -86,6 +98,9 @@ def prepare_dataset(
     workers: int | None = None,
     streaming: bool = True,
     progress: bool = True,
+    format: str = "text",
+    block_size: int = 0,
+    messages_field: str = "messages",
 ) -> Manifest:
     """Tokenizes a dataset into shards under `out` (resuming, extending or repairing what an
     earlier run with the same settings left there).
@@ -105,12 +120,29 @@ def prepare_dataset(
         workers: tokenizer processes (default: one per CPU).
         streaming: read the source lazily instead of first converting it to Arrow.
         progress: show a progress bar with tokens/s.
+        format: "text" (documents) or "chat" (conversations, see the module docstring).
+        block_size: chat: the model's block size; rows hold block_size + 1 tokens, and
+            shard_tokens and max_tokens are rounded down to whole rows.
+        messages_field: chat: the column holding each conversation's list of messages.
 
     Returns:
         The manifest of the finished data directory.
     """
     _check_arguments(val_shards=(val_shards, 0))
-    source = dataset_source(dataset, tokenizer, config_name, split, text_field)
+    if format not in FORMATS:
+        raise DataError(f"format {format!r} is not one of {', '.join(FORMATS)}")
+    if format == "chat":
+        if block_size < 1:
+            raise DataError(
+                f"chat data needs block_size, the model's block size (each conversation fills "
+                f"a row of block_size + 1 tokens), got {block_size}; pass --block_size"
+            )
+        source = chat_source(dataset, tokenizer, config_name, split, messages_field, block_size)
+        row = source["row_tokens"]
+        _check_arguments(shard_tokens=(shard_tokens, row))
+        shard_tokens, max_tokens = shard_tokens // row * row, max_tokens // row * row
+    else:
+        source = dataset_source(dataset, tokenizer, config_name, split, text_field)
     val_tokens = val_shards * shard_tokens
     return prepare_source(
         source, out, shard_tokens, val_tokens, max_tokens, workers, streaming, progress
@@ -138,6 +170,33 @@ def dataset_source(
         "text_field": text_field,
         "tokenizer": resolve_tokenizer_name(tokenizer),
     }
+
+
+def chat_source(
+    dataset: str,
+    tokenizer: str,
+    config_name: str | None,
+    split: str,
+    messages_field: str,
+    block_size: int,
+) -> dict:
+    """`dataset_source` of conversations, with the chat template they are rendered with and
+    the row length (block_size + 1)."""
+    source = dataset_source(dataset, tokenizer, config_name, split)
+    del source["text_field"]
+    name = source["tokenizer"]
+    template = CHATML if name == "char" else chat_template(get_tokenizer(name))
+    return {
+        **source,
+        "format": "chat",
+        "messages_field": messages_field,
+        "row_tokens": block_size + 1,
+        "chat_template": template,
+    }
+
+
+def _is_chat(source: dict) -> bool:
+    return source.get("format") == "chat"
 
 
 def prepare_source(
@@ -191,12 +250,13 @@ def prepare_documents(
     (out / MANIFEST).unlink(missing_ok=True)  # ours (_finished checked): written again at the end
     tok = _tokenizer(source, documents, out if records else None)
     writer = _ShardWriter(out, tok, settings, records, max_tokens)
+    encode = _encoder(source, tok, writer.dtype)
     start_doc, start_offset = records[-1]["end"] if records else (0, 0)
     docs = start_doc + (start_offset > 0)
     if progress:
         print(_starting(out, source, records, writer.tokens, max_tokens), flush=True)
     if not writer.full:
-        stream = _token_stream(tok, documents(start_doc), start_doc, workers)
+        stream = _token_stream(encode, documents(start_doc), start_doc, workers)
         bar = _progress_bar(stream, writer.tokens, max_tokens, progress, out.name)
         with contextlib.closing(bar):  # stops the workers when the budget is reached
             for doc, tokens in bar:
@@ -240,8 +300,11 @@ def _tokenizer(source: dict, documents: Documents, saved_in: Path | None) -> Tok
         return get_tokenizer(source["tokenizer"])
     if saved_in is not None:
         return CharTokenizer.load(saved_in)
+    texts = documents(0)
+    if _is_chat(source):
+        texts = (plain_text(source["chat_template"], messages) for messages in texts)
     try:
-        return CharTokenizer.from_texts(documents(0))
+        return CharTokenizer.from_texts(texts)
     except DataError:
         raise DataError(f"dataset {source['dataset']} is empty (no text)") from None
 
@@ -278,7 +341,10 @@ def _finished(out: Path, settings: dict, max_tokens: int) -> Manifest | None:
             return None  # a damaged manifest of ours: written again
         raise
     _check_settings(out, settings, _settings_of(manifest))
-    intact = all(shard_is_complete(out / s.file, manifest.dtype, s.tokens) for s in manifest.shards)
+    intact = all(
+        _shard_intact(out, s.file, manifest.dtype, s.tokens, manifest.row_tokens > 0)
+        for s in manifest.shards
+    )
     exhausted = not manifest.max_tokens or manifest.tokens() < manifest.max_tokens
     if intact and (exhausted or manifest.max_tokens >= max_tokens > 0):
         logging.info("%s is already prepared; nothing to do", out)
@@ -289,6 +355,12 @@ def _finished(out: Path, settings: dict, max_tokens: int) -> Manifest | None:
             "extend or repair it from; prepare the data again into a new directory"
         )
     return None
+
+
+def _shard_intact(out: Path, file: str, dtype: str, tokens: int, masked: bool) -> bool:
+    """Whether shard `file` of `out` (and its loss-mask shard, if `masked`) is whole."""
+    files = (file, mask_file(file)) if masked else (file,)
+    return all(shard_is_complete(out / f, dtype, tokens) for f in files)
 
 
 def _settings_of(manifest: Manifest) -> dict:
@@ -343,9 +415,10 @@ def _resumable_records(out: Path, settings: dict) -> list[dict]:
         return []
     state = _read_progress(path)
     _check_settings(out, settings, state["settings"])
+    masked = _is_chat(settings["source"])
     records = list(
         itertools.takewhile(
-            lambda r: shard_is_complete(out / r["file"], state["dtype"], r["tokens"]),
+            lambda r: _shard_intact(out, r["file"], state["dtype"], r["tokens"], masked),
             state["shards"],
         )
     )
@@ -357,7 +430,11 @@ def _resumable_records(out: Path, settings: dict) -> list[dict]:
 
 
 class _ShardWriter:
-    """Cuts the token stream into shards; after each, records where the next one starts."""
+    """Cuts the token stream into shards; after each, records where the next one starts.
+
+    The stream has C columns: tokens, and for chat data their loss mask, written to a mask
+    shard beside each token shard.
+    """
 
     def __init__(
         self, out: Path, tok: Tokenizer, settings: dict, records: list[dict], max_tokens: int
@@ -365,7 +442,9 @@ class _ShardWriter:
         self.out, self.tok, self.settings, self.records = out, tok, settings, records
         self.max_tokens = max_tokens
         self.dtype = shard_dtype(tok.vocab_size)
-        self.buffer = np.empty(settings["shard_tokens"], self.dtype)  # (shard_tokens,)
+        self.row_tokens = settings["source"]["row_tokens"] if _is_chat(settings["source"]) else 0
+        columns = 2 if self.row_tokens else 1
+        self.buffer = np.empty((columns, settings["shard_tokens"]), self.dtype)  # (C, shard)
         self.fill = 0
         self.tokens = sum(r["tokens"] for r in records)  # in finished shards
 
@@ -380,15 +459,15 @@ class _ShardWriter:
         return min(size, self.max_tokens - self.tokens) if self.max_tokens else size
 
     def add(self, tokens: np.ndarray, doc: int, start: int) -> None:
-        """Appends tokens[start:] of document `doc` (N,), writing every shard that fills up,
-        until `full`."""
-        pos = start
-        while pos < len(tokens) and not self.full:
-            take = min(len(tokens) - pos, self._capacity() - self.fill)
-            self.buffer[self.fill : self.fill + take] = tokens[pos : pos + take]
+        """Appends tokens[:, start:] of document `doc` (C, N), writing every shard that fills
+        up, until `full`."""
+        pos, length = start, tokens.shape[1]
+        while pos < length and not self.full:
+            take = min(length - pos, self._capacity() - self.fill)
+            self.buffer[:, self.fill : self.fill + take] = tokens[:, pos : pos + take]
             self.fill, pos = self.fill + take, pos + take
             if self.fill == self._capacity():
-                self._write((doc, pos) if pos < len(tokens) else (doc + 1, 0))
+                self._write((doc, pos) if pos < length else (doc + 1, 0))
 
     def finish(self, docs: int) -> None:
         """Writes the last, partial shard; `docs` documents have been read."""
@@ -409,6 +488,7 @@ class _ShardWriter:
             shards=shards,
             val_shards=sum(s.split == "val" for s in shards),
             max_tokens=self.max_tokens,
+            row_tokens=self.row_tokens,
             **self.settings,
         )
 
@@ -418,9 +498,11 @@ class _ShardWriter:
             self.out.mkdir(parents=True, exist_ok=True)
             self.tok.save(self.out)
         split = "val" if self.tokens < self.settings["val_tokens"] else "train"
-        tokens = self.buffer[: self.fill]
+        tokens = self.buffer[0, : self.fill]
         name = f"{split}_{index:06d}.bin"
         write_shard(self.out / name, tokens)
+        if self.row_tokens:
+            write_shard(self.out / mask_file(name), self.buffer[1, : self.fill])
         record = {
             "file": name,
             "split": split,
@@ -449,55 +531,74 @@ def _progress_bar(stream: Iterator, initial: int, total: int, enabled: bool, nam
     )
     with bar:
         for doc, tokens in stream:
-            bar.update(min(len(tokens), total - bar.n) if total else len(tokens))
+            count = tokens.shape[1]
+            bar.update(min(count, total - bar.n) if total else count)
             yield doc, tokens
 
 
 # ----------------------------------------------------------------------------- tokenizing
 
 
+Encode = Callable[[list], list[np.ndarray]]  # a batch of documents -> (C, N) arrays
+
+
+def _encoder(source: dict, tok: Tokenizer, dtype: str) -> Encode:
+    """Documents -> arrays: [[eot, *tokens]] (1, N) of a text (empty texts give (1, 0)), or
+    a conversation's row of ids and loss mask (2, row_tokens) (or (2, 0), `chat_row`)."""
+    if _is_chat(source):
+        return functools.partial(
+            _encode_chats, tok, dtype, source["chat_template"], source["row_tokens"]
+        )
+    return functools.partial(_encode_texts, tok, dtype)
+
+
+def _encode_texts(tok: Tokenizer, dtype: str, texts: list[str]) -> list[np.ndarray]:
+    return [np.array([[tok.eot_id, *tok.encode(t)] if t else []], dtype) for t in texts]
+
+
+def _encode_chats(
+    tok: Tokenizer, dtype: str, template: str, row_tokens: int, conversations: list[list]
+) -> list[np.ndarray]:
+    return [chat_row(tok, messages, template, row_tokens, dtype) for messages in conversations]
+
+
 def _token_stream(
-    tok: Tokenizer, texts: Iterable[str], first: int, workers: int
+    encode: Encode, documents: Iterable, first: int, workers: int
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(document index, [eot, *tokens] (N,)) for each text, in order; empty texts give (0,)."""
-    dtype = shard_dtype(tok.vocab_size)
-    batches = _batched(texts, _BATCH_DOCS)
+    """(document index, `encode`'s (C, N) array) for each document, in order."""
+    batches = _batched(documents, _BATCH_DOCS)
     if workers == 1:
-        encoded = (_encode(tok, dtype, batch) for batch in batches)
+        encoded = (encode(batch) for batch in batches)
     else:
-        encoded = _encode_in_pool(tok, dtype, batches, workers)
+        encoded = _encode_in_pool(encode, batches, workers)
     return zip(itertools.count(first), itertools.chain.from_iterable(encoded), strict=False)
 
 
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+def _batched(items: Iterable, n: int) -> Iterator[list]:
     it = iter(items)
     while batch := list(itertools.islice(it, n)):
         yield batch
 
 
-def _encode(tok: Tokenizer, dtype: str, texts: list[str]) -> list[np.ndarray]:
-    return [np.array([tok.eot_id, *tok.encode(t)] if t else [], dtype) for t in texts]
+_worker: Encode | None = None  # each worker process's encoder
 
 
-_worker: tuple[Tokenizer, str] | None = None  # each worker process's (tokenizer, dtype)
-
-
-def _init_worker(tok: Tokenizer, dtype: str) -> None:
+def _init_worker(encode: Encode) -> None:
     global _worker
-    _worker = (tok, dtype)
+    _worker = encode
 
 
-def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
-    return _encode(*_worker, texts)
+def _encode_in_worker(documents: list) -> list[np.ndarray]:
+    return _worker(documents)
 
 
 def _encode_in_pool(
-    tok: Tokenizer, dtype: str, batches: Iterator[list[str]], workers: int
+    encode: Encode, batches: Iterator[list], workers: int
 ) -> Iterator[list[np.ndarray]]:
-    """_encode over `batches` in worker processes, in order, with a bounded read-ahead."""
+    """`encode` over `batches` in worker processes, in order, with a bounded read-ahead."""
     # spawn, not fork: the caller may already run threads (JAX, datasets' prefetching).
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tok, dtype)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(encode,)) as pool:
         pending = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(_encode_in_worker, (batch,)))
@@ -585,20 +686,26 @@ def _check_text_files(files: list[str]) -> None:
             raise DataError(f"{name} is not UTF-8 text (it ends inside a character); fix its end")
 
 
-def _dataset_documents(source: dict, streaming: bool, skip: int) -> Iterator[str]:
-    """The texts of `source`'s documents from index `skip` on."""
-    field = source["text_field"]
+def _dataset_documents(source: dict, streaming: bool, skip: int) -> Iterator:
+    """`source`'s documents from index `skip` on: texts, or conversations (lists of messages)."""
+    chat = _is_chat(source)
+    kind = "messages" if chat else "text"
+    column = source[f"{kind}_field"]
     try:
         ds = _load(source, streaming)
-        for row in ds.skip(skip) if skip else ds:
-            if field not in row:
+        for index, row in enumerate(ds.skip(skip) if skip else ds, start=skip):
+            if column not in row:
                 raise DataError(
-                    f"dataset {source['dataset']} has no field {field!r} (its fields: "
-                    f"{', '.join(row)}); pass the text column's name as text_field"
+                    f"dataset {source['dataset']} has no field {column!r} (its fields: "
+                    f"{', '.join(row)}); pass the {kind} column's name as {kind}_field"
                 )
-            text = row[field] or ""
+            if chat:
+                where = f"row {index} of dataset {source['dataset']}"
+                yield check_messages(row[column] or [], where)
+                continue
+            text = row[column] or ""
             if not isinstance(text, str):
-                raise DataError(f"field {field!r} of dataset {source['dataset']} is not text")
+                raise DataError(f"field {column!r} of dataset {source['dataset']} is not text")
             yield text
     except DataError:
         raise

@@ -6,7 +6,10 @@ for uint32), then the tokens, little-endian; or a NumPy `.npy` file holding a 1-
 (the original JaxPT's shards). A prepared data directory holds llm.c shards, `manifest.json`
 (written last: its presence means the preparation finished), `progress.json` (where each shard
 starts in the source, kept so a later run can resume, extend or repair it) and the tokenizer's
-files (`vocab.json` for characters, `tokenizer.json` for Hugging Face).
+files (`vocab.json` for characters, `tokenizer.json` for Hugging Face). Chat data (prepared
+with `--format=chat`) is rows of `row_tokens` tokens, one conversation each, and beside each
+shard a mask shard of the same dtype and length (`mask_file`): 1 where the token is one the
+loss counts (the assistant's), 0 elsewhere.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ FOREIGN_FORMATS = ("llm.c", "npy")  # Manifest.source["format"] of a directory r
 def shard_dtype(vocab_size: int) -> str:
     """The shard dtype for ids in [0, vocab_size): uint16 when they fit, else uint32."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def mask_file(file: str) -> str:
+    """The loss-mask shard beside token shard `file`: train_000001.bin -> train_000001.mask.bin."""
+    path = Path(file)
+    return path.stem + ".mask" + path.suffix
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -198,6 +207,9 @@ class Manifest:
     shards: tuple[Shard, ...]
     val_tokens: int = 0  # the stream's first val_tokens tokens form the "val" split
     max_tokens: int = 0  # the data is the stream's first max_tokens tokens; 0: all
+    # Chat data: rows of row_tokens tokens (one conversation each, padded) with loss-mask
+    # shards beside the token shards; 0: a plain token stream, no masks.
+    row_tokens: int = 0
 
     @property
     def max_token_id(self) -> int:
@@ -221,6 +233,11 @@ class Manifest:
     def open(self, shard: Shard) -> np.ndarray:
         """The tokens (N,) of `shard`, memory-mapped, after checking its header and size."""
         return open_shard(self.directory / shard.file, self.dtype, shard.tokens, self.repair_advice)
+
+    def open_mask(self, shard: Shard) -> np.ndarray:
+        """The loss mask (N,) of `shard` of chat data (`row_tokens` > 0), memory-mapped."""
+        path = self.directory / mask_file(shard.file)
+        return open_shard(path, self.dtype, shard.tokens, self.repair_advice)
 
     @property
     def repair_advice(self) -> str:
@@ -284,7 +301,7 @@ def _manifest_problem(obj: dict) -> str | None:
     """What makes `obj` not a manifest, or None."""
     if obj.get("format") != FORMAT:
         return f"its format is {obj.get('format')!r}, not {FORMAT!r}"
-    optional = {k: int for k in ("val_tokens", "max_tokens") if k in obj}
+    optional = {k: int for k in ("val_tokens", "max_tokens", "row_tokens") if k in obj}
     problem = _field_problem(obj, {**_FIELD_TYPES, **optional})
     if problem is not None:
         return problem
@@ -313,7 +330,11 @@ def manifest_from_json(directory: Path, obj: dict, what: str) -> Manifest:
     if problem is not None:
         raise DataError(f"{directory / MANIFEST} is not a jaxpt manifest ({problem}); {what}")
     fields = {f.name for f in dataclasses.fields(Manifest)} - {"directory", "shards"}
-    optional = {"val_tokens": obj["val_shards"] * obj["shard_tokens"], "max_tokens": 0}
+    optional = {
+        "val_tokens": obj["val_shards"] * obj["shard_tokens"],
+        "max_tokens": 0,
+        "row_tokens": 0,
+    }
     shards = tuple(Shard(**{k: s[k] for k in _SHARD_TYPES}) for s in obj["shards"])
     values = {k: obj.get(k, optional.get(k)) for k in fields}
     return Manifest(directory=directory, shards=shards, **values)
@@ -361,4 +382,6 @@ def load_manifest(directory: str | os.PathLike) -> Manifest:
     manifest = read_manifest(directory)
     for s in manifest.shards:
         manifest.open(s)
+        if manifest.row_tokens:
+            manifest.open_mask(s)
     return manifest

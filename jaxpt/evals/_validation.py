@@ -17,7 +17,7 @@ def validation_loss(
     validation batches (the same batches at every call)."""
     totals: dict[str, float] = {}
     for batch in loader.eval_batches(num_batches):
-        inputs, targets = data.to_global(batch, sharding, loader.batch_size)
-        for key, value in jax.device_get(eval_step(params, inputs, targets)).items():
+        arrays = data.to_global(batch, sharding, loader.batch_size)  # + loss_mask: chat data
+        for key, value in jax.device_get(eval_step(params, *arrays)).items():
             totals[key] = totals.get(key, 0.0) + float(np.asarray(value))
     return {key: value / num_batches for key, value in totals.items()}

@@ -267,14 +267,15 @@ def train(
         hellaswag = functools.partial(evals.hellaswag.for_run(config, mesh), tokenizer=tokenizer)
 
     workdir.mkdir(parents=True, exist_ok=True)
+    batch_args = (batch_sh,) * (3 if train_data.by_rows else 2)  # chat data: + loss_mask
     step_fn = jax.jit(
         make_train_step(config, tx),
-        in_shardings=(shardings, batch_sh, batch_sh),
+        in_shardings=(shardings, *batch_args),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
         compiler_options=STEP_COMPILER_OPTIONS,
     )
-    eval_fn = jax.jit(make_eval_step(config), in_shardings=(shardings.params, batch_sh, batch_sh))
+    eval_fn = jax.jit(make_eval_step(config), in_shardings=(shardings.params, *batch_args))
     params_finite = jax.jit(all_finite, in_shardings=(shardings.params,))
     with contextlib.ExitStack() as cleanup:
         checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)

@@ -42,6 +42,7 @@ def loss_fn(
     cfg: models.ModelConfig | models.BigramConfig,
     *,
     key: Array | None = None,
+    loss_mask: Array | None = None,
     load_balance_loss_coeff: float = 0.0,
     z_loss_coeff: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
@@ -52,18 +53,21 @@ def loss_fn(
         cfg: the model config.
         key: training randomness (dropout, router noise; see ``training_key``); None:
             deterministic, as in evaluation.
+        loss_mask: optional ``(B, T)``, 1 where the target counts (e.g. the assistant's tokens
+            of chat data); ``ce`` is then the mean over those targets only.
         load_balance_loss_coeff, z_loss_coeff: weights of the MoE losses in ``aux``.
     Returns:
         ``(loss, metrics)`` with the cross-entropy ``ce`` and the raw auxiliary losses.
     """
     logits, aux = models.get(cfg.name).apply(params, inputs, cfg, key=key)
-    ce = nn.cross_entropy(logits, targets)
+    ce = nn.cross_entropy(logits, targets, loss_mask)
     loss = ce + load_balance_loss_coeff * aux["load_balance_loss"] + z_loss_coeff * aux["z_loss"]
     return loss, {"loss": loss, "ce": ce, **aux}
 
 
 def _run_loss(config) -> Callable:
-    """``loss(params, inputs, targets)`` of the run config ``config`` (model and train)."""
+    """``loss(params, inputs, targets, *, loss_mask=None)`` of the run config ``config``
+    (model and train)."""
     return functools.partial(
         loss_fn,
         cfg=models.config_from(config.model),
@@ -103,18 +107,60 @@ def all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def masked_gradients(
+    loss: Callable,
+    params,
+    n_micro: int,
+    inputs: Array,
+    targets: Array,
+    loss_mask: Array,
+    key_of: Callable[[Array], Array],
+) -> tuple[object, dict[str, Array]]:
+    """Gradients and metrics of ``loss`` with ``ce`` averaged over the step's masked targets
+    (``inputs``, ``targets``, ``loss_mask``: ``(B, T)``): each of the ``n_micro`` micro-batches'
+    ``ce`` weighs by its share of those targets (the auxiliary losses by ``1 / n_micro``), so
+    accumulating gives exactly what one batch would. ``loss_tokens`` counts the targets.
+    ``key_of(i)`` is micro-batch ``i``'s training key (``training_key``)."""
+
+    def objective(params, inputs, targets, loss_mask, weight, index):
+        total, metrics = loss(params, inputs, targets, key=key_of(index), loss_mask=loss_mask)
+        return weight * metrics["ce"] + (total - metrics["ce"]) / n_micro, metrics
+
+    grad_fn = jax.grad(objective, has_aux=True)
+    micro = [micro_batches(x, n_micro) for x in (inputs, targets, loss_mask)]
+    counts = micro[2].astype(jnp.float32).sum(axis=(1, 2))  # (n_micro,)
+    weights = counts / jnp.maximum(counts.sum(), 1.0)
+
+    def accumulate(grads_sum, batch):
+        grads, metrics = grad_fn(params, *batch)
+        return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, metrics = jax.lax.scan(accumulate, zeros, (*micro, weights, jnp.arange(n_micro)))
+    ce = jnp.sum(weights * metrics["ce"])
+    mean = jax.tree.map(jnp.mean, metrics)
+    loss_value = mean["loss"] - mean["ce"] + ce  # the auxiliary terms' mean, plus ce
+    return grads, {**mean, "loss": loss_value, "ce": ce, "loss_tokens": counts.sum()}
+
+
 def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
-    """``step(state, inputs, targets) -> (state, metrics)``: accumulate gradients over
-    ``train.grad_accum_steps`` micro-batches, clip, update. A step whose loss or gradients are
-    not finite leaves params and optimizer state unchanged (``metrics["finite"]`` is False);
+    """``step(state, inputs, targets, loss_mask=None) -> (state, metrics)``: accumulate
+    gradients over ``train.grad_accum_steps`` micro-batches, clip, update. With a ``(B, T)``
+    ``loss_mask`` (chat data) ``ce`` is the mean over the masked targets of the whole step
+    (``masked_gradients``). A step whose loss or gradients are not finite leaves params and
+    optimizer state unchanged (``metrics["finite"]`` is False);
     the loop then stops or goes on by ``train.on_nonfinite``. The verdict is known before the
     update, so keeping the old state fuses into the update's one pass over the params; an
     update that overflows the params (a huge learning rate) shows as the next step's
     non-finite loss, and the loop never saves such params (``all_finite``)."""
     n_micro, seed = config.train.grad_accum_steps, config.train.seed
-    grad_fn = jax.value_and_grad(_run_loss(config), has_aux=True)
+    loss = _run_loss(config)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
 
-    def mean_gradients(params, inputs: Array, targets: Array, step: Array):
+    def mean_gradients(params, inputs: Array, targets: Array, loss_mask, step: Array):
+        if loss_mask is not None:
+            key_of = functools.partial(training_key, seed, step)
+            return masked_gradients(loss, params, n_micro, inputs, targets, loss_mask, key_of)
         if n_micro == 1:
             (_, metrics), grads = grad_fn(params, inputs, targets, key=training_key(seed, step, 0))
             return grads, metrics
@@ -135,8 +181,8 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         return grads, jax.tree.map(jnp.mean, metrics)
 
-    def step(state: TrainState, inputs: Array, targets: Array):
-        grads, metrics = mean_gradients(state.params, inputs, targets, state.step)
+    def step(state: TrainState, inputs: Array, targets: Array, loss_mask: Array | None = None):
+        grads, metrics = mean_gradients(state.params, inputs, targets, loss_mask, state.step)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -151,9 +197,12 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
 
 
 def make_eval_step(config) -> Callable:
-    """``eval_step(params, inputs, targets) -> metrics`` (the same losses, no update)."""
+    """``eval_step(params, inputs, targets, loss_mask=None) -> metrics`` (the same losses,
+    no update)."""
     loss = _run_loss(config)
-    return lambda params, inputs, targets: loss(params, inputs, targets)[1]
+    return lambda params, inputs, targets, loss_mask=None: loss(
+        params, inputs, targets, loss_mask=loss_mask
+    )[1]
 
 
 def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:

@@ -1,0 +1,190 @@
+"""Conversations as token ids and a loss mask: chat templates (Jinja, as Hugging Face writes
+them in tokenizer_config.json) and ChatML, the template of the original JaxPT and SmolLM.
+
+A conversation is a list of messages ``{"role": ..., "content": ...}``. The template renders
+it to text; what an assistant turn adds after the generation prompt (``<|im_start|>assistant\\n``
+in ChatML), less trailing whitespace, is the part a model learns to write: the reply and its
+end-of-turn marker (``<|im_end|>``). To find that part, each turn is rendered as the
+conversation up to it, so a template must render a conversation's turns as prefixes of the
+whole (ChatML, SmolLM's, Llama 3's and most others do). The text is encoded piece by piece at
+those boundaries, the same way for training rows (`encode_chat`) and chat prompts
+(`chat_prompt`), so a model sees at inference exactly the ids it was trained on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxpt.data._tokenizers import EOT, HFTokenizer, Tokenizer
+from jaxpt.errors import DataError
+
+# ChatML (the original JaxPT's `chatml.py`; SmolLM-Instruct's template without its default
+# system prompt).
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ASSISTANT = "assistant"
+_PROBE = [{"role": "user", "content": "?"}, {"role": ASSISTANT, "content": "!"}]
+
+Message = dict  # {"role": str, "content": str}
+
+
+def chat_template(tok: Tokenizer) -> str:
+    """The tokenizer's own chat template (tokenizer_config.json's), else ChatML."""
+    if isinstance(tok, HFTokenizer) and tok.chat_template:
+        return tok.chat_template
+    return CHATML
+
+
+def _special_tokens(tok: Tokenizer | None) -> dict[str, str]:
+    """The names templates use for the tokenizer's begin / end tokens (None: a tokenizer
+    being built, char or GPT-2: "<|endoftext|>")."""
+    if isinstance(tok, HFTokenizer):
+        return {"bos_token": tok.bos or "", "eos_token": tok.eot}
+    return {"bos_token": EOT, "eos_token": EOT}
+
+
+def plain_text(template: str, messages: Sequence[Message]) -> str:
+    """The text of a conversation for a tokenizer without special tokens (its characters make
+    a char vocabulary)."""
+    return render(template, messages, _special_tokens(None), generation_prompt=True)
+
+
+def _raise(message: str) -> None:
+    raise DataError(f"the chat template refused the conversation: {message}")
+
+
+@functools.cache
+def _compiled(template: str):
+    """The template compiled as transformers compiles chat templates (sandboxed, trimmed)."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise DataError(f"the chat template does not parse as Jinja ({e})") from None
+
+
+def render(
+    template: str, messages: Sequence[Message], special: dict, generation_prompt: bool
+) -> str:
+    """The template's text of `messages`, with the assistant's prompt after it if asked."""
+    import jinja2
+
+    try:
+        return _compiled(template).render(
+            messages=list(messages), add_generation_prompt=generation_prompt, **special
+        )
+    except jinja2.TemplateError as e:
+        raise DataError(f"the chat template cannot render a conversation ({e})") from None
+
+
+def check_messages(messages, where: str) -> list[Message]:
+    """`messages` as a list of {"role", "content"} strings; DataError naming `where` if not."""
+    valid = isinstance(messages, Sequence) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if not valid:
+        raise DataError(
+            f"{where} is not a conversation: it must be a list of messages "
+            '{"role": <text>, "content": <text>}'
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _after(done: str, text: str) -> str:
+    """What `text` adds to `done`, its prefix."""
+    if not text.startswith(done):
+        raise DataError(
+            "the chat template does not render a conversation's turns as prefixes of the whole "
+            "(it rewrites earlier turns), so the assistant's tokens cannot be told apart; use "
+            "a tokenizer whose template does, or none (ChatML)"
+        )
+    return text[len(done) :]
+
+
+def chat_segments(
+    template: str, messages: Sequence[Message], special: dict, generation_prompt: bool = False
+) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, trained) pieces; trained pieces are the
+    assistant's replies with their end-of-turn marker. With `generation_prompt` the last
+    piece ends with the assistant's prompt: the pieces a reply to `messages` is trained after."""
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != ASSISTANT:
+            continue
+        prompt = render(template, messages[:i], special, generation_prompt=True)
+        turn = render(template, messages[: i + 1], special, generation_prompt=False)
+        pieces.append((_after(done, prompt), False))
+        reply = _after(prompt, turn)
+        trained = reply.rstrip()
+        pieces += [(trained, True), (reply[len(trained) :], False)]
+        done = turn
+    end = render(template, messages, special, generation_prompt)
+    pieces.append((_after(done, end), False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def encode_chat(
+    tok: Tokenizer, messages: Sequence[Message], template: str, generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids (N,) of a conversation and their loss mask (N,): 1 on the assistant's
+    replies and their end-of-turn marker, 0 elsewhere (`chat_segments`)."""
+    ids, mask = [], []
+    special = _special_tokens(tok)
+    for text, trained in chat_segments(template, messages, special, generation_prompt):
+        piece = tok.encode(text)
+        ids += piece
+        mask += [int(trained)] * len(piece)
+    return ids, mask
+
+
+def chat_prompt(tok: Tokenizer, messages: Sequence[Message], template: str) -> list[int]:
+    """Token ids of `messages` followed by the assistant's generation prompt: the ids a
+    reply to them follows in a training row."""
+    return encode_chat(tok, messages, template, generation_prompt=True)[0]
+
+
+def end_of_turn(tok: Tokenizer, template: str) -> str:
+    """The text that ends an assistant's turn (``<|im_end|>`` in ChatML), found by rendering
+    a probe conversation."""
+    special = _special_tokens(tok)
+    prompt = render(template, _PROBE[:1], special, generation_prompt=True)
+    turn = render(template, _PROBE, special, generation_prompt=False)
+    reply = _after(prompt, turn).rstrip()
+    content = _PROBE[1]["content"]
+    if not reply.startswith(content) or reply == content:
+        raise DataError(
+            "the chat template does not end an assistant's turn with a marker after the reply, "
+            "so a chat cannot tell where a reply stops"
+        )
+    return reply[len(content) :]
+
+
+def chat_row(
+    tok: Tokenizer, messages: Sequence[Message], template: str, row_tokens: int, dtype: str
+) -> np.ndarray:
+    """One training row (2, row_tokens): ids, then loss mask, cut to `row_tokens` and padded
+    with end-of-text (mask 0); (2, 0) when no assistant token is left to learn (the first
+    token of a row is never a target)."""
+    ids, mask = encode_chat(tok, messages, template)
+    ids, mask = ids[:row_tokens], mask[:row_tokens]
+    if not any(mask[1:]):
+        return np.empty((2, 0), dtype)
+    pad = row_tokens - len(ids)
+    return np.array([ids + [tok.eot_id] * pad, mask + [0] * pad], dtype)

@@ -1,0 +1,249 @@
+"""Supervised fine-tuning and chat: conversations rendered as ids and a loss mask, the masked
+loss, preparation of chat data, a tiny model fine-tuned on it answering in jaxpt.chat and in
+``launch.py --mode=chat``."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxpt
+from jaxpt import data, models, train
+from jaxpt.config import load_config_file, preset_config
+
+from .conftest import FAST_COMPILE
+
+ROOT = Path(__file__).resolve().parents[1]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Bye?"},
+    {"role": "assistant", "content": "See you."},
+]
+
+
+def pieces_to_ids_and_mask(tok, pieces: list[tuple[str, int]]) -> tuple[list, list]:
+    """Hand-cut (text, mask) pieces -> ids and a mask, one id per character (char tokenizer)."""
+    ids = [i for text, _ in pieces for i in tok.encode(text)]
+    return ids, [m for text, m in pieces for _ in text]
+
+
+def test_chatml_conversation_ids_and_mask():
+    expected = [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n", 0),
+        ("<|im_start|>assistant\n", 0),
+        ("Hello.<|im_end|>", 1),
+        ("\n<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\n", 0),
+        ("See you.<|im_end|>", 1),
+        ("\n", 0),
+    ]
+    tok = data.CharTokenizer.from_texts(text for text, _ in expected)
+    assert data.chat_template(tok) == data.CHATML
+    ids, mask = data.encode_chat(tok, CONVERSATION, data.CHATML)
+    assert (ids, mask) == pieces_to_ids_and_mask(tok, expected)
+    prompt = data.chat_prompt(tok, CONVERSATION[:4], data.CHATML)
+    assert prompt == pieces_to_ids_and_mask(tok, expected[:4])[0]  # ... Bye? and assistant\n
+    assert data.end_of_turn(tok, data.CHATML) == "<|im_end|>"
+
+
+# A template unlike ChatML: a begin token, turns in <t>...</t>, a "role:" word, and a default
+# system turn when the conversation has none.
+TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<t>system: be kind</t>\n{% endif %}"
+    "{% for m in messages %}<t>{{ m['role'] }}: {{ m['content'] }}</t>\n{% endfor %}"
+    "{% if add_generation_prompt %}<t>assistant: {% endif %}"
+)
+
+
+def word_tokenizer(directory: Path) -> data.HFTokenizer:
+    """A word-level tokenizer.json with special tokens <s>, <t>, </t> and TEMPLATE beside it."""
+    import tokenizers
+
+    words = ["[UNK]", "system:", "user:", "assistant:", "be", "kind", "hi", "there", "hello"]
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+    )
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "<t>", "</t>"])  # ids 9, 10, 11
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</t>", "chat_template": TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return data.HFTokenizer(directory)
+
+
+def test_template_from_tokenizer_file_ids_and_mask(tmp_path):
+    tok = word_tokenizer(tmp_path)
+    assert data.chat_template(tok) == TEMPLATE
+    messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
+    ids, mask = data.encode_chat(tok, messages, TEMPLATE)
+    # <s> <t> system: be kind </t> <t> user: hi there </t> <t> assistant: | hello </t> |
+    assert ids == [9, 10, 1, 4, 5, 11, 10, 2, 6, 7, 11, 10, 3, 8, 11]
+    assert mask == [0] * 13 + [1, 1]
+    assert data.chat_prompt(tok, messages[:1], TEMPLATE) == ids[:13]
+    assert data.end_of_turn(tok, TEMPLATE) == "</t>"
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    rewriting = "{% for m in messages %}{{ m['content'] if loop.last else '' }}{% endfor %}"
+    tok = word_tokenizer(tmp_path)
+    with pytest.raises(data.DataError, match="prefixes of the whole"):
+        data.encode_chat(tok, CONVERSATION, rewriting)
+
+
+def tiny_config(vocab_size: int = 32, block_size: int = 24):
+    config = preset_config("gpt", "smoke")
+    config.model.update(vocab_size=vocab_size, block_size=block_size, n_layer=1)
+    return config
+
+
+def test_masked_loss_is_the_mean_over_assistant_tokens_with_or_without_accumulation():
+    config = tiny_config()
+    cfg = models.config_from(config.model)
+    tx = train.optimizer(config.train, models.get("gpt").init(jax.random.key(0), cfg))
+    state = train.init_state(jax.random.key(0), cfg, tx)
+    tokens = jax.random.randint(jax.random.key(1), (4, 25), 0, 32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = np.zeros((4, 24), np.int32)
+    mask[0, 2:], mask[1, 20:], mask[3, 5:7] = 1, 1, 1  # micro-batches (rows 0, 2 | 1, 3): 22 | 6
+    results = []
+    for accum in (1, 2):
+        config.train.grad_accum_steps = accum
+        step = jax.jit(train.make_train_step(config, tx))
+        results.append(step(state, inputs, targets, jnp.asarray(mask)))
+    (s1, m1), (s2, m2) = results
+
+    apply = jax.jit(models.get("gpt").apply, static_argnames="cfg")
+    logits = np.asarray(apply(state.params, inputs, cfg)[0], np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose([m1["ce"], m2["ce"]], [nll[mask == 1].mean()] * 2, rtol=1e-5)
+    assert float(m1["loss_tokens"]) == float(m2["loss_tokens"]) == mask.sum()
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), s1.params, s2.params)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+TOY = [  # what a tiny model learns by heart; the system prompt changes the answer
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}],
+    [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hey"},
+    ],
+]
+CONFIG_FILE = """
+from jaxpt.config import preset_config
+
+
+def get_config():
+    config = preset_config("gpt", "smoke")
+    config.model.update(vocab_size=32, block_size=127, n_layer=1)
+    config.data.update(dataset={data!r}, tokenizer="char")
+    config.train.update(steps=40, batch_size=8, lr=1e-2, warmup_steps=5)
+    config.checkpoint.every_steps = 1000
+    config.eval.update(every_steps=1000, batches=1)
+    config.log.every_steps = 1000
+    return config
+"""
+
+
+def prepare_toy(directory: Path, out: Path, repeats: int, rows_per_shard: int, **kw):
+    """TOY repeated `repeats` times as jsonl in `directory`, prepared as chat data in `out`
+    (character tokenizer, rows of 128 tokens)."""
+    with open(directory / "toy.jsonl", "w") as f:
+        for _ in range(repeats):
+            for messages in TOY:
+                f.write(json.dumps({"messages": messages}) + "\n")
+    return data.prepare_dataset(
+        str(directory / "toy.jsonl"),
+        out,
+        format="chat",
+        tokenizer="char",
+        block_size=127,
+        shard_tokens=rows_per_shard * 128 + 5,  # rounded down to whole rows
+        workers=1,
+        progress=False,
+        **kw,
+    )
+
+
+def test_chat_preparation_resumes_and_repairs_its_masks(tmp_path):
+    reference = prepare_toy(tmp_path, tmp_path / "reference", repeats=8, rows_per_shard=4)
+    out = tmp_path / "out"
+    prepare_toy(tmp_path, out, repeats=8, rows_per_shard=4, max_tokens=8 * 128)  # 2 shards
+    (out / "train_000001.mask.bin").write_bytes(b"")  # damaged: the shard is written again
+    manifest = prepare_toy(tmp_path, out, repeats=8, rows_per_shard=4)
+    assert manifest.shards == reference.shards and len(manifest.shards) == 6
+    for shard in manifest.shards:
+        for name in (shard.file, shard.file.replace(".bin", ".mask.bin")):
+            assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory):
+    """A tiny model fine-tuned on TOY, repeated: (config file, workdir, manifest)."""
+    root = tmp_path_factory.mktemp("sft")
+    # 72 conversations; the val split is the first 8
+    manifest = prepare_toy(root, root / "data", repeats=24, rows_per_shard=8)
+    config_file = root / "sft.py"
+    config_file.write_text(CONFIG_FILE.format(data=str(root / "data")))
+    train.train(load_config_file(str(config_file)), root / "run")
+    return config_file, root / "run", manifest
+
+
+def test_chat_data_rows_hold_one_conversation_and_its_mask(fine_tuned):
+    _, _, manifest = fine_tuned
+    tok = data.tokenizer_for(manifest)
+    assert manifest.row_tokens == 128 and manifest.documents == 72
+    batch = next(data.Loader(manifest, "val", 3, 127).eval_batches(1))
+    for row, (tokens, mask) in enumerate(zip(batch.tokens, batch.loss_mask, strict=True)):
+        ids, expected_mask = data.encode_chat(tok, TOY[row], data.CHATML)
+        padding = 128 - len(ids)
+        assert tokens.tolist() == ids + [tok.eot_id] * padding
+        assert mask.tolist() == expected_mask + [0] * padding
+
+
+def test_fine_tuned_model_answers_in_jaxpt_chat(fine_tuned):
+    config_file, workdir, manifest = fine_tuned
+    config = load_config_file(str(config_file))
+    records = train.read_metrics(workdir / "metrics.jsonl")
+    assert "loss_tokens" in records[0]
+    assert [r["val_ce"] for r in records if "val_ce" in r][-1] < 0.05
+    _, params = train.latest_params(config, workdir)
+    cfg, tok = models.config_from(config.model), data.tokenizer_for(manifest)
+    for messages in TOY[:2]:  # the answer follows the question (TOY[2]: launch.py's test)
+        reply = jaxpt.chat(params, cfg, tok, messages[:-1], max_new_tokens=20)
+        assert reply == messages[-1]["content"]
+
+
+def test_launch_chat_answers_and_exits_on_end_of_input(fine_tuned):
+    config_file, workdir, _ = fine_tuned
+    result = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            f"--config={config_file}",
+            f"--workdir={workdir}",
+            "--mode=chat",
+            "--system_prompt=be brief",
+            "--temperature=0",
+            "--max_new_tokens=20",
+        ],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": FAST_COMPILE},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "> hey\n" in result.stdout
