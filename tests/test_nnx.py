@@ -1,0 +1,299 @@
+"""jaxpt.nnx, the original JaxPT's NNX API: parameter counts of the original, logits and
+gradients equal to the functional model's, training in the original's style, the MoE flags,
+the KV cache, checkpoints in the original's on-disk layout."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxpt import models
+from jaxpt.errors import ConfigError
+from jaxpt.nnx import models as m
+from jaxpt.nnx import utils
+
+V, T = 64, 16
+TINY = dict(block_size=T, vocab_size=V, n_layer=2, n_embed=32, n_head=4, n_mlp_hidden=64)
+TINY_MOE = dict(TINY, n_kv_head=2, n_experts=4, dtype=jnp.float32)
+TINY_CONFIGS = {
+    m.GPT: m.GPTConfig(**TINY),
+    m.NoPE_GPT: m.NoPE_GPTConfig(**TINY),
+    m.GLU_GPT: m.GLU_GPTConfig(**TINY),
+    m.RoPE_GPT: m.RoPE_GPTConfig(**TINY),
+    m.GLU_RoPE_GPT: m.GLU_RoPE_GPTConfig(**TINY),
+    m.GQA_GPT: m.GQA_GPTConfig(**TINY, n_kv_head=2),
+    m.GQA_GLU_RoPE_GPT: m.GQA_GLU_RoPE_GPTConfig(**TINY, n_kv_head=2),
+    m.SmolLM: m.SmolLM_Config(**TINY, n_kv_head=2),
+    m.Tiny_MoE: m.Tiny_MoE_Config(**TINY_MOE),
+    m.Tiny_MoE_2: m.Tiny_MoE_2_Config(**TINY_MOE),
+    m.Tiny_MoE_3: m.Tiny_MoE_3_Config(**TINY_MOE),
+}
+
+
+def build(cls, seed=0):
+    """A tiny model of ``cls`` with random params (numpy's: no init to compile)."""
+    if cls is m.Bigram:
+        return m.Bigram(V, nnx.Rngs(seed))
+    if cls is m.Charformer:
+        return m.Charformer(V, 32, 4, 2, T, nnx.Rngs(seed))
+    config = TINY_CONFIGS[cls]
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda: cls._abstract(config).functional_params())
+    params = jax.tree.map(
+        lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), abstract
+    )
+    return cls.from_params(params, config, nnx.Rngs(seed))
+
+
+def batch(seed=1, b=2):
+    tokens = jax.random.randint(jax.random.key(seed), (b, T + 1), 0, V)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def reference(model, x):
+    """The functional model's ``(logits, aux)`` on the params ``model`` holds."""
+    cfg = model.model_config()
+    return models.get(cfg.name).apply(model.functional_params(), x, cfg)
+
+
+@nnx.jit
+def call_and_reference(model, x):
+    """``model(x)`` and the functional model's output, in one compile."""
+    return model(x), reference(model, x)
+
+
+@pytest.mark.parametrize(
+    "cls, config, count",
+    [
+        (m.GPT, m.GPTConfig(), 124_475_904),
+        (m.SmolLM, m.SmolLM_Config(), 135_151_488),
+        (m.SmolLM, m.SmolLM_Config(vocab_size=49152), 134_515_008),
+        (m.Tiny_MoE, m.Tiny_MoE_Config(), 631_370_304),
+        (m.Tiny_MoE_2, m.Tiny_MoE_2_Config(), 1_061_041_200),
+        (m.Tiny_MoE_3, m.Tiny_MoE_3_Config(), 650_170_944),
+    ],
+)
+def test_parameter_counts_are_the_originals(cls, config, count):
+    model = nnx.eval_shape(lambda: cls(config, nnx.Rngs(0)))  # nothing allocated
+    assert utils.count_params(model) == count
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == count
+
+
+def test_count_params_by_layer_type_uses_the_originals_paths():
+    model = nnx.eval_shape(lambda: m.GPT(m.GPTConfig(), nnx.Rngs(0)))
+    d, layers = 768, 12
+    attn = layers * (d * 3 * d + 3 * d + d * d + d)  # c_attn and c_proj, kernels and biases
+    assert utils.count_params(model, "attn") == attn
+    assert utils.count_params(model, "wpe") == 1024 * d
+
+
+def train_step(model, optimizer, x, y):
+    """The original's train step (run under nnx.jit): cross-entropy plus the MoE losses the
+    model returns; returns the logits and gradients too, for the comparison."""
+
+    def loss_fn(model):
+        out = model(x)
+        logits, lb, z = out if isinstance(out, tuple) else (out, 0.0, 0.0)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return ce + 1e-2 * lb + 1e-3 * z, logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return loss, logits, grads
+
+
+def functional_loss(params, x, y, cfg, with_aux):
+    logits, aux = models.get(cfg.name).apply(params, x, cfg)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    extra = 1e-2 * aux["load_balance_loss"] + 1e-3 * aux["z_loss"] if with_aux else 0.0
+    return ce + extra, logits
+
+
+@nnx.jit(static_argnums=4)
+def train_step_and_reference(model, optimizer, x, y, with_aux):
+    """The functional model's loss, logits and gradients at the params before the step, and
+    the step (one compile per class)."""
+    params, cfg = model.functional_params(), model.model_config()
+    want = jax.value_and_grad(functional_loss, has_aux=True)(params, x, y, cfg, with_aux)
+    return train_step(model, optimizer, x, y), want
+
+
+def by_path(tree) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="."): v for p, v in flat}
+
+
+@pytest.mark.parametrize("cls", [*TINY_CONFIGS, m.Bigram, m.Charformer], ids=lambda c: c.__name__)
+def test_trains_in_the_original_style_with_the_functional_models_logits_and_grads(cls):
+    model = build(cls)
+    model.eval()  # Charformer's dropout off: the functional reference is deterministic
+    with_aux = cls in (m.Tiny_MoE, m.Tiny_MoE_2)
+    if with_aux:
+        model.train(load_balance_loss=True, z_loss=True)
+    x, y = batch()
+    optimizer = nnx.Optimizer(model, optax.sgd(0.3), wrt=nnx.Param)
+    (loss, logits, grads), ((want_loss, want_logits), want_grads) = train_step_and_reference(
+        model, optimizer, x, y, with_aux
+    )
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(logits, want_logits.astype(logits.dtype), rtol=1e-5, atol=1e-5)
+    got = {".".join(map(str, p[1:])): v.get_value() for p, v in grads.flat_state()}
+    want = by_path(want_grads)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    for _ in range(4):
+        (last, _, _), _ = train_step_and_reference(model, optimizer, x, y, with_aux)
+    assert last < loss
+
+
+def test_moe_flags_choose_what_the_model_returns():
+    """The return conventions, traced without compiling (the values: the training test)."""
+    x, _ = batch()
+    returns = lambda model: nnx.eval_shape(lambda model: model(x), model)
+    tiny_moe = build(m.Tiny_MoE)
+    assert returns(tiny_moe).shape == (2, T, V)  # logits alone while both flags are off
+    tiny_moe.train(load_balance_loss=True)  # on every block in the original; here one flag
+    tiny_moe.eval()  # keeps the flags
+    logits, lb, z = returns(tiny_moe)
+    assert logits.shape == (2, T, V) and lb.dtype == jnp.float32 and lb.shape == ()
+    assert z.dtype == jnp.int32  # a disabled term is the int 0
+    _, lb, z = returns(build(m.Tiny_MoE_2))  # always a triple
+    assert lb.dtype == z.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("cls", [m.GQA_GPT, m.GQA_GLU_RoPE_GPT])
+def test_cached_decoding_equals_the_full_pass(cls):
+    model = build(cls)
+    tokens, _ = batch()
+    _, (full, _) = call_and_reference(model, tokens)
+    model.config = dataclasses.replace(model.config, use_cache=True)  # read on every call
+    step = nnx.jit(lambda model, idx: model(idx))
+    pieces = [step(model, tokens[:, :12])]  # prefill
+    pieces += [step(model, tokens[:, t : t + 1]) for t in range(12, T)]  # one token a call
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="reset it"):
+        step(model, tokens[:, :1])  # past block_size
+    model.reset_cache()
+    np.testing.assert_allclose(step(model, tokens[:, :12]), full[:, :12], rtol=1e-4, atol=1e-4)
+
+
+def original_tree(cls, cfg, seed=0):
+    """A checkpoint tree as the original's save_checkpoint writes it, built from the paths
+    and shapes of NNX_API.md §4 and §8 (random values)."""
+    rng = np.random.default_rng(seed)
+    d, f, hd = cfg.n_embed, cfg.n_mlp_hidden, cfg.n_embed // cfg.n_head
+
+    def arr(*shape):
+        return {"value": (0.1 * rng.standard_normal(shape)).astype(np.float32)}
+
+    def linear(d_in, d_out, bias):
+        return {"kernel": arr(d_in, d_out), **({"bias": arr(d_out)} if bias else {})}
+
+    if cls is m.GPT:
+        tree = {"wte": {"embedding": arr(V, d)}, "wpe": {"embedding": arr(T, d)}}
+        tree["ln_f"] = {"scale": arr(d), "bias": arr(d)}
+        block = lambda: {
+            "ln_1": {"scale": arr(d), "bias": arr(d)},
+            "attn": {"c_attn": linear(d, 3 * d, True), "c_proj": linear(d, d, True)},
+            "ln_2": {"scale": arr(d), "bias": arr(d)},
+            "mlp": {"c_fc": linear(d, f, True), "c_proj": linear(f, d, True)},
+        }
+        tree["h"] = {str(i): block() for i in range(cfg.n_layer)}
+        return tree
+    # Tiny_MoE: MoE blocks at even indices, GLU blocks at odd ones
+    e, kv = cfg.n_experts, 2 * cfg.n_kv_head * hd
+    tree = {"wte": {"embedding": arr(V, d)}, "rms_n_f": {"scale": arr(d)}, "h": {}}
+    for i in range(cfg.n_layer):
+        block = {
+            "rms_n_1": {"scale": arr(d)},
+            "rms_n_2": {"scale": arr(d)},
+            "attn": {
+                "wq": linear(d, d, False),
+                "wkv": linear(d, kv, False),
+                "wproj": linear(d, d, False),
+            },
+        }
+        if i % 2 == 0:
+            experts = {"w_gate": arr(e, d, f), "w_c_fc": arr(e, d, f), "w_c_proj": arr(e, f, d)}
+            experts.update(b_gate=arr(e, 1, f), b_c_fc=arr(e, 1, f), b_c_proj=arr(e, 1, d))
+            block["moe"] = {"router_gate": linear(d, e, False), "experts": experts}
+        else:
+            block["glu"] = {
+                "c_fc": linear(d, f, False),
+                "gate": linear(d, f, False),
+                "c_proj": linear(f, d, False),
+            }
+        tree["h"][str(i)] = block
+    tree["h"]["0"]["attn"]["omega"] = {"value": np.zeros((T, hd), jnp.bfloat16)}
+    return tree
+
+
+@pytest.mark.parametrize("cls", [m.GPT, m.Tiny_MoE])
+def test_a_checkpoint_in_the_originals_layout_loads_and_converts_back(cls, tmp_path):
+    import orbax.checkpoint as ocp
+
+    config = TINY_CONFIGS[cls]
+    tree = original_tree(cls, config)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "original", tree)
+    checkpointer.wait_until_finished()
+
+    model = cls.from_checkpoint(str(tmp_path / "original"), nnx.Rngs(0), config)
+    p, h, d = model.functional_params(), tree["h"], config.n_embed
+    if cls is m.GPT:  # c_attn's columns are [q|k|v]; layer i is row i of the stack
+        np.testing.assert_array_equal(
+            p.blocks[0].attn.k.weight[1], h["1"]["attn"]["c_attn"]["kernel"]["value"][:, d : 2 * d]
+        )
+        np.testing.assert_array_equal(
+            p.blocks[0].attn.v.bias[0], h["0"]["attn"]["c_attn"]["bias"]["value"][2 * d :]
+        )
+    else:  # wkv's columns are [k|v]; MoE layers 0, 2, ... and GLU layers 1, 3, ...
+        kv = config.n_kv_head * d // config.n_head
+        np.testing.assert_array_equal(
+            p.blocks[0].attn.v.weight[0], h["0"]["attn"]["wkv"]["kernel"]["value"][:, kv:]
+        )
+        np.testing.assert_array_equal(
+            p.blocks[0].mixer.experts.down.bias[0],
+            h["0"]["moe"]["experts"]["b_c_proj"]["value"][:, 0],
+        )
+        np.testing.assert_array_equal(
+            p.blocks[1].mixer.gate.weight[0], h["1"]["glu"]["gate"]["kernel"]["value"]
+        )
+    logits, (want, _) = call_and_reference(model, batch()[0])
+    np.testing.assert_array_equal(logits, want)
+
+    back = dict(jax.tree_util.tree_flatten_with_path(model.original_tree())[0])
+    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if "omega" not in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(back[path], value, err_msg=jax.tree_util.keystr(path))
+    assert len(back) == len(jax.tree.leaves(tree))
+
+
+def test_save_checkpoint_round_trip_and_misfits(tmp_path):
+    model = build(m.SmolLM)
+    path = tmp_path / "smol"
+    model.save_checkpoint(str(path))
+    with pytest.raises(ValueError):  # orbax never overwrites a checkpoint
+        model.save_checkpoint(str(path))
+    loaded = m.SmolLM.from_checkpoint(str(path), nnx.Rngs(1), TINY_CONFIGS[m.SmolLM])
+    np.testing.assert_array_equal(
+        loaded.functional_params().wte.weight, model.functional_params().wte.weight
+    )
+    x, _ = batch()
+    np.testing.assert_array_equal(call_and_reference(loaded, x)[0], call_and_reference(model, x)[0])
+
+    wider = dataclasses.replace(TINY_CONFIGS[m.SmolLM], n_mlp_hidden=96)
+    with pytest.raises(
+        ConfigError,
+        match=r"'h\.0\.mlp\.gate\.kernel' gives shape \(32, 64\), but SmolLM with this "
+        r"config needs \(32, 96\)",
+    ):
+        m.SmolLM.from_checkpoint(str(path), nnx.Rngs(1), wider)
+    shallower = dataclasses.replace(TINY_CONFIGS[m.SmolLM], n_layer=1)
+    with pytest.raises(ConfigError, match=r"holds 'h\.1\."):
+        m.SmolLM.from_checkpoint(str(path), nnx.Rngs(1), shallower)
