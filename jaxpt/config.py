@@ -72,7 +72,8 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.train.lr = 6e-4  # peak learning rate
     config.train.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
     config.train.warmup_steps = 715
-    config.train.schedule = "cosine"  # cosine | wsd (warmup-stable-decay)
+    config.train.optimizer = "adamw"  # adamw | adam | adafactor | lion | muon
+    config.train.schedule = "cosine"  # cosine | wsd (warmup-stable-decay) | inverse_sqrt
     config.train.decay_fraction = 0.2  # wsd: the last fraction of steps decays linearly
     config.train.weight_decay = 0.1
     config.train.b1 = 0.9

@@ -154,6 +154,20 @@ def test_parameter_counts_match_the_published_models():
     assert count("smollm") == 134_515_008  # SmolLM-135M
 
 
+def test_presets_follow_the_originals_init():
+    """SmolLM scales its residual-out projections by 1/sqrt(2L); Charformer reads out through
+    an untied table with a bias and trains with dropout 0.1 (NNX_API.md, section 4)."""
+    cfg = tiny_config("smollm", n_layer=4)
+    block = jax.jit(models.get("smollm").init, static_argnums=1)(jax.random.key(0), cfg).blocks[0]
+    for out_projection in (block.attn.o.weight, block.mixer.down.weight):
+        np.testing.assert_allclose(np.std(out_projection), 0.02 / np.sqrt(8), rtol=0.05)
+    np.testing.assert_allclose(np.std(block.attn.q.weight), 0.02, rtol=0.05)
+    char = models.get("charformer").default_config()
+    shapes = jax.eval_shape(lambda k: models.get("charformer").init(k, char), jax.random.key(0))
+    assert (shapes.lm_head.weight.shape, shapes.lm_head.bias.shape) == ((256, 960), (256,))
+    assert char.dropout == 0.1
+
+
 def test_flops_per_token_is_6n_plus_attention():
     gpt = models.get("gpt").default_config()  # nanoGPT's estimate for GPT-2 124M at T = 1024
     assert gpt.flops_per_token == 6 * 124_475_904 + 12 * 12 * 768 * 1024
@@ -198,6 +212,31 @@ def test_bf16_compute_keeps_float32_params_and_logits():
     assert logits.dtype == jnp.float32 and jnp.isfinite(logits).all()
 
 
+def test_dropout_and_router_noise_act_only_with_a_key():
+    """A key (training) draws dropout and router noise, the same for the same key; without one
+    (evaluation, generation) the model is the one without dropout or noise."""
+    cfg = tiny_config("tiny_moe_2", n_layer=1, dropout=0.1, router_noise=0.01)
+    plain = dataclasses.replace(cfg, dropout=0.0, router_noise=0.0)
+    noise_only = dataclasses.replace(cfg, dropout=0.0)
+    params = models.get(cfg.name).init(jax.random.key(0), cfg)
+    tokens = random_tokens(3)
+
+    @functools.partial(jax.jit, static_argnames="cfg")
+    def loss(cfg, key):
+        logits, aux = models.get(cfg.name).apply(params, tokens[:, :-1], cfg, key=key)
+        return {"ce": nn.cross_entropy(logits, tokens[:, 1:]), **aux}
+
+    evaluated = loss(cfg, None)
+    assert jax.tree.map(float, evaluated) == jax.tree.map(float, loss(plain, None))
+    trained = loss(cfg, jax.random.key(1))
+    assert jax.tree.map(float, trained) == jax.tree.map(float, loss(cfg, jax.random.key(1)))
+    assert trained["ce"] != evaluated["ce"]
+    assert loss(cfg, jax.random.key(2))["ce"] != trained["ce"]
+    noisy = loss(noise_only, jax.random.key(1))  # the noise alone moves the routing
+    assert noisy["z_loss"] == evaluated["z_loss"]  # the z-loss reads the logits before it
+    assert noisy["load_balance_loss"] != evaluated["load_balance_loss"]
+
+
 @pytest.mark.parametrize(
     "overrides, words",
     [
@@ -212,6 +251,9 @@ def test_bf16_compute_keeps_float32_params_and_logits():
         (dict(n_layer="4"), "model.n_layer='4' must be an integer."),
         (dict(qk_norm=1), "model.qk_norm=1 must be True or False."),
         (dict(n_layers=4), "model.n_layers is not a ModelConfig field: did you mean n_layer?"),
+        (dict(dropout=1.0), "model.dropout=1.0"),
+        (dict(router_noise=0.01), "model.router_noise=0.01 needs a top-k router"),
+        (dict(lm_head_bias=True), "model.lm_head_bias=True needs an untied read-out"),
     ],
 )
 def test_bad_config_gets_one_clear_sentence(overrides, words):

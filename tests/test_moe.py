@@ -107,11 +107,12 @@ def np_route(probs, valid, top_k, capacity, priority):
     return expert, slot
 
 
-def np_moe(p: nn.MoE, x, valid, cfg):
-    """Reference MoE layer: output, load-balance loss, z-loss (float64 loops)."""
+def np_moe(p: nn.MoE, x, valid, cfg, noise=1.0):
+    """Reference MoE layer: output, load-balance loss, z-loss (float64 loops). ``noise``
+    multiplies the router logits, as the original's ``add_noise`` does, after the z-loss."""
     x = f64(x)
     logits = x @ f64(p.router.weight) + (0 if p.router.bias is None else f64(p.router.bias))
-    probs = np_softmax(logits)
+    probs = np_softmax(logits * f64(noise))
     n_experts = probs.shape[-1]
     capacity = [np_capacity(cfg, n) for n in valid.sum(1)]  # T counts each row's real tokens
     expert, slot = np_route(probs, valid, cfg.top_k, capacity, cfg.expert_weight_priority)
@@ -137,9 +138,9 @@ _moe = jax.jit(nn.moe, static_argnames=("spec", "activation"))
 _soft_moe = jax.jit(nn.soft_moe, static_argnames="activation")
 
 
-def run_moe(params, x, cfg, mask=None):
+def run_moe(params, x, cfg, mask=None, key=None):
     """``nn.moe`` compiled once per config and shape."""
-    return _moe(params, x, cfg.moe_spec, activation=cfg.activation, mask=mask)
+    return _moe(params, x, cfg.moe_spec, activation=cfg.activation, mask=mask, key=key)
 
 
 def run_soft_moe(params, x, cfg, mask=None):
@@ -229,6 +230,47 @@ def test_moe_output_and_losses_match_loop_reference(overrides):
     np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(losses["load_balance_loss"], want_lb, rtol=1e-5)
     np.testing.assert_allclose(losses["z_loss"], want_z, rtol=1e-5)
+
+
+def test_router_noise_scales_the_logits_as_the_original_draws_it():
+    cfg = moe_config(router_noise=0.5)  # wide enough to change top-k choices
+    params, x = setup_moe(cfg, seed=3)
+    key = jax.random.key(4)
+    noise = jax.random.uniform(key, (*x.shape[:2], cfg.n_experts), jnp.float32, 0.5, 1.5)
+    y, losses = run_moe(params, x, cfg, jnp.asarray(LEFT_PADDED), key=key)
+    want_y, want_lb, want_z = np_moe(params, x, LEFT_PADDED, cfg, noise=noise)
+    np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(losses["load_balance_loss"], want_lb, rtol=1e-5)
+    np.testing.assert_allclose(losses["z_loss"], want_z, rtol=1e-5)
+    quiet_y, _ = run_moe(params, x, cfg, jnp.asarray(LEFT_PADDED))  # no key: no noise
+    np.testing.assert_allclose(quiet_y, np_moe(params, x, LEFT_PADDED, cfg)[0], atol=1e-4)
+    assert not np.allclose(quiet_y, y, atol=1e-3)
+
+
+def test_tiny_moe_2_has_the_originals_gated_squared_relu_experts():
+    preset = models.get("tiny_moe_2").default_config()
+    assert preset.n_params == 1_061_041_200  # the original's count_params (NNX_API.md)
+    ungated = dataclasses.replace(preset, moe_expert="mlp")  # still available
+    assert ungated.n_params == preset.n_params - 30 * 8 * 672 * 2048  # no w_gate
+    small = dict(n_embed=8, n_head=2, n_kv_head=2, n_mlp_hidden=12, block_size=16, n_layer=1)
+    cfg = dataclasses.replace(preset, **small)
+    params, x = setup_moe(cfg, seed=6)
+    assert params.experts.gate is not None and params.experts.up.bias is None
+    y, _ = run_moe(params, x, cfg)
+    relu2 = lambda z: np.maximum(z, 0) ** 2
+    want = np.zeros(x.shape)  # w_c_proj(relu(w_gate x)^2 * w_c_fc x), expert by expert
+    logits = f64(x) @ f64(params.router.weight) + f64(params.router.bias)
+    expert, slot = np_route(
+        np_softmax(logits), np.ones(x.shape[:2], bool), 2, np_capacity(cfg, 12), False
+    )
+    for b, t, k in np.ndindex(expert.shape):
+        e, h = expert[b, t, k], f64(x[b, t])
+        gated = relu2(h @ f64(params.experts.gate.weight[e])) * (
+            h @ f64(params.experts.up.weight[e])
+        )
+        if slot[b, t, k] >= 0:
+            want[b, t] += np_softmax(logits[b, t])[e] * gated @ f64(params.experts.down.weight[e])
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
 def test_all_experts_chosen_is_the_probability_weighted_sum():

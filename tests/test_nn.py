@@ -8,8 +8,9 @@ import pytest
 from jaxpt import nn
 
 
-def numpy_attention(q, k, v, valid=None):
-    """float64 causal attention; query head h reads kv head h // (H // K)."""
+def numpy_attention(q, k, v, valid=None, keep=None):
+    """float64 causal attention; query head h reads kv head h // (H // K). ``keep``:
+    optional ``(B, H, T, S)`` dropout scale of each attention probability."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, t, h, dh = q.shape
     group = h // k.shape[2]
@@ -24,6 +25,8 @@ def numpy_attention(q, k, v, valid=None):
             with np.errstate(invalid="ignore"):  # rows with no visible key become NaN
                 probs = np.exp(scores - scores.max(-1, keepdims=True))
                 probs /= probs.sum(-1, keepdims=True)
+            if keep is not None:
+                probs = probs * keep[bi, hi]
             out[bi, :, hi] = probs @ v[bi, :, hi // group]
     return out
 
@@ -53,6 +56,32 @@ def test_attention_matches_float64_numpy(impl, heads, kv_heads, padded):
     if padded:  # outputs at padded queries are undefined; compare real tokens
         got, want = np.asarray(got)[valid], want[valid]
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_dropout_zeroes_at_the_rate_and_keeps_the_mean():
+    x = jnp.ones((20_000,))
+    dropped = nn.dropout(x, 0.1, jax.random.key(0))
+    np.testing.assert_allclose(np.unique(np.asarray(dropped)), [0.0, 1 / 0.9], rtol=1e-6)
+    assert abs(float((dropped == 0).mean()) - 0.1) < 0.01
+    assert nn.dropout(x, 0.1, None) is x and nn.dropout(x, 0.0, jax.random.key(0)) is x
+
+
+def test_attention_probability_dropout_matches_numpy():
+    q, k, v = random_qkv(4, 2)  # (B, T, H, Dh), G = 2
+    key = jax.random.key(3)
+    got = nn.attend(q, k, v, mask=None, implementation="xla", dropout_rate=0.25, key=key)
+    kept = jax.random.bernoulli(key, 0.75, (2, 2, 2, 7, 7))  # (B, K, G, T, S): head = K * G + g
+    keep = np.asarray(kept, np.float64).reshape(2, 4, 7, 7) / 0.75
+    np.testing.assert_allclose(got, numpy_attention(q, k, v, keep=keep), atol=1e-5)
+
+
+def test_read_out_adds_its_bias():
+    key_w, key_b, key_x = jax.random.split(jax.random.key(0), 3)
+    p = nn.init_read_out(key_w, 11, 8, axes=("vocab", "embed"), std=1.0, dtype=jnp.float32)
+    p = nn.ReadOut(p.weight, jax.random.normal(key_b, (11,)), p.axes)
+    x = jax.random.normal(key_x, (2, 3, 8))
+    want = np.asarray(x, np.float64) @ np.asarray(p.weight, np.float64).T + np.asarray(p.bias)
+    np.testing.assert_allclose(nn.read_out(p, x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():

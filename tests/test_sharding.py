@@ -15,9 +15,9 @@ from jaxpt.errors import ConfigError
 STEPS = 3
 
 
-def small_config(preset: str, **mesh):
+def small_config(preset: str, model=None, **mesh):
     config = preset_config(preset, "smoke")
-    config.model.update(vocab_size=512, block_size=32)
+    config.model.update(vocab_size=512, block_size=32, **(model or {}))
     # a small lr: Adam turns float noise in near-zero gradients into steps of about lr
     config.train.update(batch_size=8, grad_accum_steps=2, lr=1e-3, warmup_steps=1)
     config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
@@ -72,15 +72,16 @@ def activations(mesh, rules):
 
 
 @pytest.mark.parametrize(
-    ("preset", "mesh"),
+    ("preset", "mesh", "model"),
     [
-        ("gqa_glu_rope_gpt", dict(data=2, fsdp=2, tensor=2)),
-        ("gpt", dict(fsdp=4, tensor=2)),
-        ("tiny_moe_2", dict(data=2, tensor=2, expert=2)),
+        ("gqa_glu_rope_gpt", dict(data=2, fsdp=2, tensor=2), {}),
+        ("gpt", dict(fsdp=4, tensor=2), {}),
+        # training randomness: the same dropout masks and router noise on every mesh
+        ("tiny_moe_2", dict(data=2, tensor=2, expert=2), dict(dropout=0.1, router_noise=0.01)),
     ],
 )
-def test_sharded_steps_equal_one_device(preset, mesh):
-    config = small_config(preset, **mesh)
+def test_sharded_steps_equal_one_device(preset, mesh, model):
+    config = small_config(preset, model, **mesh)
     device_mesh = sharding.make_mesh(config.mesh)
     _, shardings = train.abstract_state(config, device_mesh)
     specs = {s.spec for s in jax.tree.leaves(shardings.params)}

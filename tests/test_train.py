@@ -1,5 +1,6 @@
 """Training: optimizer, gradient accumulation, the loop, checkpoints and exact resume."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import models, train
+from jaxpt import models, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
 
@@ -46,18 +47,72 @@ def test_decay_mask_spares_norms_biases_and_embeddings():
     assert train.decay_mask(params, decay_embeddings=True).wte.weight
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
-def test_learning_rate_schedules(schedule):
+@pytest.mark.parametrize(
+    "schedule, after_warmup",
+    [
+        ("cosine", {55: 0.1 + 0.9 * 0.5, 100: 0.1}),  # half way down at 55
+        ("wsd", {50: 1.0, 80: 1.0, 90: 0.55, 100: 0.1}),
+        ("inverse_sqrt", {40: 0.5, 90: 1 / 3, 1000: 0.1}),  # sqrt(10 / step), floor 0.1
+    ],
+)
+def test_learning_rate_schedules(schedule, after_warmup):
     cfg = char_config(
         schedule=schedule, steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, decay_fraction=0.2
     ).train
     lr = train.learning_rate(cfg)
     np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 0.5, 1.0], atol=1e-6)
-    np.testing.assert_allclose(lr(100), 0.1, atol=1e-6)
-    if schedule == "wsd":
-        np.testing.assert_allclose([lr(50), lr(80), lr(90)], [1.0, 1.0, 0.55], atol=1e-6)
-    else:
-        np.testing.assert_allclose(lr(55), 0.1 + 0.9 * 0.5, atol=1e-6)  # half way down
+    for step, want in after_warmup.items():
+        np.testing.assert_allclose(lr(step), want, atol=1e-6, err_msg=f"step {step}")
+
+
+@functools.cache
+def tiny_run(preset: str):
+    """A one-layer smoke config of ``preset`` with dropout (and router noise for a MoE) on,
+    and its initial params."""
+    config = char_config(preset, warmup_steps=1)
+    config.model.update(n_layer=1, block_size=16, dropout=0.1)
+    if "moe" in config.model.mixer:
+        config.model.router_noise = 0.01
+    cfg = models.config_from(config.model)
+    return config, models.get(preset).init(jax.random.key(0), cfg)
+
+
+@pytest.mark.parametrize(
+    "preset, optimizer",
+    [
+        ("tiny_moe_2", "adamw"),
+        ("gpt", "adam"),
+        ("gpt", "adafactor"),
+        ("gpt", "lion"),
+        ("tiny_moe_2", "muon"),  # Muon on the attention and the stacked expert matrices
+    ],
+)
+def test_each_optimizer_lowers_the_loss_and_resumes_exactly(preset, optimizer, tmp_path):
+    """Four steps straight, and two steps, a checkpoint, a restore and two more, with dropout
+    (and router noise) on: the same state bit for bit."""
+    config, params = tiny_run(preset)
+    config = config.copy_and_resolve_references()
+    config.train.optimizer = optimizer
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    abstract, shardings = train.abstract_state(config, mesh)
+    tx = train.optimizer(config.train, abstract.params)
+    state = jax.device_put(train.start_state(params, tx), shardings)
+    tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 128)
+    step = jax.jit(train.make_train_step(config, tx))
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+        losses.append(float(metrics["loss"]))
+        if int(state.step) == 2:
+            checkpoints = train.Checkpoints(tmp_path, keep=1)
+            checkpoints.save(2, state, {}, config)
+            checkpoints.wait()
+    assert losses[-1] < losses[0], losses
+    _, resumed, _ = checkpoints.restore_latest(abstract, shardings, config.model)
+    checkpoints.close()
+    for _ in range(2):
+        resumed, _ = step(resumed, tokens[:, :-1], tokens[:, 1:])
+    jax.tree.map(np.testing.assert_array_equal, resumed, state)
 
 
 def test_gradient_accumulation_equals_one_big_step():
@@ -78,6 +133,11 @@ def test_gradient_accumulation_equals_one_big_step():
     np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
     np.testing.assert_allclose(norm1, norm4, rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), p1, p4)
+
+
+def test_training_keys_differ_by_seed_step_and_micro_batch():
+    keys = [train.training_key(*args) for args in [(0, 3, 1), (1, 3, 1), (0, 4, 1), (0, 3, 0)]]
+    assert len({tuple(np.asarray(jax.random.key_data(k))) for k in keys}) == 4
 
 
 def test_non_finite_step_leaves_state_unchanged():
@@ -125,6 +185,7 @@ def test_smoke_run_writes_metrics_plot_and_checkpoint(tmp_path):
         ),
         (dict(batch_size=4), "does not divide over the 8 devices"),
         (dict(schedule="linear"), "train.schedule='linear' is not one of"),
+        (dict(optimizer="sgd"), "train.optimizer='sgd' is not one of"),
     ],
 )
 def test_config_errors_come_before_compiling(tmp_path, overrides, message):

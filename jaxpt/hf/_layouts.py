@@ -86,6 +86,7 @@ GPT2 = Layout(
         attention_bias=True,
         mlp_bias=True,
         qk_norm=False,
+        lm_head_bias=False,
     ),
     keys=dict(
         vocab_size="vocab_size",
@@ -147,7 +148,7 @@ LLAMA = Layout(
     architecture="LlamaForCausalLM",
     model_type="llama",
     preset="smollm",
-    fixed=dict(mixer="glu", position="rope", norm="rmsnorm", qk_norm=False),
+    fixed=dict(mixer="glu", position="rope", norm="rmsnorm", qk_norm=False, lm_head_bias=False),
     keys=dict(
         vocab_size="vocab_size",
         block_size="max_position_embeddings",

@@ -42,13 +42,14 @@ def apply(
     *,
     mask: Array | None = None,
     positions: Array | None = None,
+    key: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """``(B, T)`` tokens -> float32 ``(B, T, V)`` logits and zero auxiliary losses.
 
-    ``mask`` and ``positions`` are accepted for a uniform model signature; a bigram model
-    looks at one token, so neither changes its output.
+    ``mask``, ``positions`` and ``key`` are accepted for a uniform model signature; a bigram
+    model looks at one token and has no dropout, so none changes its output.
     """
-    del mask, positions
+    del mask, positions, key
     return nn.embed(params.table, tokens, jnp.float32), zero_aux()
 
 

@@ -134,6 +134,7 @@ class ModelConfig(_Fields):
     mlp_bias: bool = True
     qk_norm: bool = False  # RMSNorm on queries and keys per head
     tie_embeddings: bool = True  # logits read out through the token embedding
+    lm_head_bias: bool = False  # a (V,) bias on the untied read-out (the original Charformer)
     init_stddev: float = 0.02
     proj_init: str = "scaled"  # residual-out projections: normal | scaled (1/sqrt(2L)) | zero
     dtype: str = "float32"  # compute dtype (bfloat16 on GPU/TPU)
@@ -144,6 +145,11 @@ class ModelConfig(_Fields):
     logits_dtype: str = "float32"
     remat_policy: str = "none"  # none | full | a jax.checkpoint_policies name
     scan_layers: bool = True  # lax.scan over layers (False: unrolled loop, same params)
+    # Training-only randomness (apply with a key): embedding, attention-probability and
+    # residual dropout rate, as GPT-2 / nanoGPT; and the original JaxPT's router noise,
+    # moe router logits * U(1 - router_noise, 1 + router_noise) (its add_noise uses 0.01)
+    dropout: float = 0.0
+    router_noise: float = 0.0
     # Mixture of experts (mixer kinds moe, soft_moe); None in a dense model
     n_experts: int | None = None  # E
     moe_expert: str | None = None  # glu (gated) | mlp experts, activation from `activation`
@@ -160,6 +166,8 @@ class ModelConfig(_Fields):
             require_positive_int(field, getattr(self, field))
         check_range("model.ln_epsilon", self.ln_epsilon, above=0)
         check_range("model.rope_base", self.rope_base, above=0)
+        check_range("model.dropout", self.dropout, at_least=0, below=1)
+        check_range("model.router_noise", self.router_noise, at_least=0, below=1)
         require(
             self.n_embed % self.n_head == 0,
             f"model.n_embed={self.n_embed} is not divisible by model.n_head={self.n_head}: "
@@ -179,6 +187,10 @@ class ModelConfig(_Fields):
             self.n_layer % len(self.mixer_pattern) == 0,
             f"model.n_layer={self.n_layer} is not a multiple of the model.mixer pattern "
             f"{self.mixer!r} ({len(self.mixer_pattern)} layers).",
+        )
+        require(
+            not (self.lm_head_bias and self.tie_embeddings),
+            "model.lm_head_bias=True needs an untied read-out: set model.tie_embeddings=False.",
         )
         require_choice("activation", self.activation, nn.ACTIVATIONS)
         require_choice("position", self.position, POSITIONS)
@@ -216,6 +228,11 @@ class ModelConfig(_Fields):
                     "start from a MoE preset (tiny_moe, tiny_moe_2, tiny_moe_3).",
                 )
             MIXERS[kind].validate(self)
+        require(
+            self.router_noise == 0 or "moe" in self.mixer_pattern,
+            f"model.router_noise={self.router_noise} needs a top-k router (a 'moe' layer in "
+            f"model.mixer={self.mixer!r}); set it to 0.",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -268,6 +285,7 @@ class ModelConfig(_Fields):
             norm_eps=self.ln_epsilon,
             rope_base=self.rope_base if self.position == "rope" else None,
             implementation=self.sdpa_implementation,
+            dropout=self.dropout,
         )
 
     @property
@@ -278,6 +296,7 @@ class ModelConfig(_Fields):
             top_k=self.top_k,
             load_factor=self.load_factor,
             expert_weight_priority=self.expert_weight_priority,
+            router_noise=self.router_noise,
         )
 
     @property

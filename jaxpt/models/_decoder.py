@@ -40,7 +40,8 @@ class Decoder(eqx.Module):
     wpe: nn.Embedding | None  # (block_size, D), learned positions only
     blocks: tuple[Block, ...]  # arrays (L // len(pattern), ...)
     ln_f: nn.LayerNorm | nn.RMSNorm
-    lm_head: nn.Embedding | None  # (V, D), untied read-out only
+    lm_head: nn.Embedding | nn.ReadOut | None  # (V, D), untied read-out only; with lm_head_bias
+    # a ReadOut that adds a (V,) bias
 
 
 def init_block(key: Array, cfg: ModelConfig, kind: str) -> Block:
@@ -79,12 +80,18 @@ def init(key: Array, cfg: ModelConfig) -> Decoder:
             for kind, key in zip(pattern, block_keys, strict=True)
         ),
         ln_f=nn.NORMS[cfg.norm].init(cfg.n_embed, cfg.param_dtype),
-        lm_head=None
-        if cfg.tie_embeddings
-        else nn.init_embedding(
-            k_head, cfg.vocab_size, cfg.n_embed, axes=("vocab", "embed"), **table
-        ),
+        lm_head=_init_read_out(k_head, cfg),
     )
+
+
+def _init_read_out(key: Array, cfg: ModelConfig) -> nn.Embedding | nn.ReadOut | None:
+    """The untied read-out table (None when tied), N(0, init_stddev^2), with a zero bias if
+    ``cfg.lm_head_bias``."""
+    if cfg.tie_embeddings:
+        return None
+    init = nn.init_read_out if cfg.lm_head_bias else nn.init_embedding
+    table = dict(axes=("vocab", "embed"), std=cfg.init_stddev, dtype=cfg.param_dtype)
+    return init(key, cfg.vocab_size, cfg.n_embed, **table)
 
 
 @jax.named_scope("block")
@@ -98,23 +105,33 @@ def block(
     mask: Array | None,
     cache: nn.KVCache | None = None,
     layer: Array | int = 0,
+    key: Array | None = None,
 ) -> tuple[Array, dict[str, Array], nn.KVCache | None]:
     """``(B, T, D)`` -> ``(B, T, D)``, the layer's auxiliary losses and its updated cache.
 
     ``kind`` names the layer's mixer (``MIXERS``). With a ``cache`` (stacked over layers) the
-    attention reads and extends its entry ``layer`` (see ``nn.cached_attention``).
+    attention reads and extends its entry ``layer`` (see ``nn.cached_attention``). With a
+    ``key`` (training) attention probabilities and both residual writes are dropped at
+    ``cfg.dropout`` and the mixer draws its router noise.
     """
+    k_attn, k_attn_out, k_mixer, k_mixer_out = _split(key, 4)
     norm = nn.NORMS[cfg.norm].apply
     h = norm(p.ln_1, x, cfg.ln_epsilon)
     if cache is None:
-        y = nn.attention(p.attn, h, cfg.attention_spec, positions=positions, mask=mask)
+        y = nn.attention(p.attn, h, cfg.attention_spec, positions=positions, mask=mask, key=k_attn)
     else:
         y, cache = nn.cached_attention(
             p.attn, h, cfg.attention_spec, cache=cache, positions=positions, layer=layer
         )
-    x = x + y
-    y, aux = MIXERS[kind].apply(p.mixer, norm(p.ln_2, x, cfg.ln_epsilon), cfg, mask=mask)
-    return x + y, aux, cache
+    x = x + nn.dropout(y, cfg.dropout, k_attn_out)
+    h = norm(p.ln_2, x, cfg.ln_epsilon)
+    y, aux = MIXERS[kind].apply(p.mixer, h, cfg, mask=mask, key=k_mixer)
+    return x + nn.dropout(y, cfg.dropout, k_mixer_out), aux, cache
+
+
+def _split(key: Array | None, n: int) -> tuple[Array | None, ...]:
+    """``n`` keys from ``key``, or ``n`` Nones without one (no randomness)."""
+    return (None,) * n if key is None else tuple(jax.random.split(key, n))
 
 
 def init_cache(batch_size: int, length: int, cfg: ModelConfig) -> tuple[nn.KVCache, ...] | None:
@@ -140,8 +157,13 @@ def features(
     mask: Array | None = None,
     positions: Array | None = None,
     cache: tuple[nn.KVCache, ...] | None = None,
+    key: Array | None = None,
 ):
-    """The final normalised hidden states: ``(B, T, D)``, summed aux losses, updated cache."""
+    """The final normalised hidden states: ``(B, T, D)``, summed aux losses, updated cache.
+
+    ``key`` (training) turns on dropout and router noise: the embedding's own key, and one
+    per layer (the pattern repeat's key folded with the position in the pattern).
+    """
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -149,6 +171,9 @@ def features(
     x = nn.embed(params.wte, tokens, dtype)  # (B, T, D)
     if params.wpe is not None:
         x = x + nn.embed(params.wpe, positions, dtype)
+    k_embed, k_layers = _split(key, 2)
+    x = nn.dropout(x, cfg.dropout, k_embed)
+    repeat_keys = None if key is None else jax.random.split(k_layers, cfg.repeats)
     pattern = cfg.mixer_pattern
     caches = (None,) * len(pattern) if cache is None else cache
 
@@ -156,25 +181,34 @@ def features(
     # inputs/outputs they would be copied every step.
     def repeat(carry, layer):  # one repeat of the pattern
         x, caches = carry
-        blocks, index = layer
+        blocks, index, repeat_key = layer
         auxes, new_caches = [], []
-        for kind, p, c in zip(pattern, blocks, caches, strict=True):
-            x, aux, c = block(p, x, cfg, kind, positions=positions, mask=mask, cache=c, layer=index)
+        for i, (kind, p, c) in enumerate(zip(pattern, blocks, caches, strict=True)):
+            k = None if repeat_key is None else jax.random.fold_in(repeat_key, i)
+            x, aux, c = block(
+                p, x, cfg, kind, positions=positions, mask=mask, cache=c, layer=index, key=k
+            )
             auxes.append(aux)
             new_caches.append(c)
         return (x, tuple(new_caches)), jax.tree.map(lambda *a: sum(a), *auxes)
 
     repeat = nn.remat(repeat, cfg.remat_policy)
     (x, caches), aux = nn.scan_layers(
-        repeat, (x, caches), (params.blocks, jnp.arange(cfg.repeats)), scan=cfg.scan_layers
+        repeat,
+        (x, caches),
+        (params.blocks, jnp.arange(cfg.repeats), repeat_keys),
+        scan=cfg.scan_layers,
     )
     x = nn.NORMS[cfg.norm].apply(params.ln_f, x, cfg.ln_epsilon)
     return x, jax.tree.map(lambda a: a.sum(0), aux), None if cache is None else caches
 
 
 def _read_out(params: Decoder, x: Array, cfg: ModelConfig) -> Array:
+    dtype = jnp.dtype(cfg.logits_dtype)
+    if cfg.lm_head_bias:
+        return nn.read_out(params.lm_head, x, dtype)
     table = params.wte if params.lm_head is None else params.lm_head
-    return nn.unembed(table, x, jnp.dtype(cfg.logits_dtype))
+    return nn.unembed(table, x, dtype)
 
 
 def apply(
@@ -184,6 +218,7 @@ def apply(
     *,
     mask: Array | None = None,
     positions: Array | None = None,
+    key: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Next-token logits.
 
@@ -191,12 +226,14 @@ def apply(
         tokens: ``(B, T)`` int token ids, ``T <= block_size`` with learned positions.
         mask: optional ``(B, T)`` bool padding mask, True for real tokens.
         positions: optional ``(B, T)`` int positions; default ``0..T-1`` in every row.
+        key: training randomness (``cfg.dropout``, ``cfg.router_noise``); None (evaluation,
+            generation) is deterministic.
     Returns:
         ``(logits, aux)``: ``(B, T, V)`` in ``logits_dtype`` (float32 unless configured)
         and the auxiliary losses summed over layers
         (``AUX_KEYS``; zero for dense models).
     """
-    x, aux, _ = features(params, tokens, cfg, mask=mask, positions=positions)
+    x, aux, _ = features(params, tokens, cfg, mask=mask, positions=positions, key=key)
     return _read_out(params, x, cfg), aux
 
 

@@ -28,13 +28,14 @@ def zero_aux() -> dict[str, Array]:
 class Mixer(NamedTuple):
     """How one kind of feed-forward layer is built, applied and configured.
 
-    ``init(key, cfg) -> params``; ``apply(params, x, cfg, *, mask) -> (y, aux)`` with ``aux``
-    keyed by ``AUX_KEYS``; ``needs``: the config fields (None in a dense model) it reads;
-    ``validate(cfg)`` raises ConfigError for the values it reads; ``causal(cfg)`` says whether
-    the output at ``t`` is independent of the tokens after ``t``; ``cacheable(cfg)`` says
-    whether it also never changes as the sequence grows, so that the keys and values of earlier
-    tokens can be cached while generating; ``experts_per_token(cfg)`` is how many experts' worth
-    of the layer's ``experts`` params one token runs through (None: a dense layer).
+    ``init(key, cfg) -> params``; ``apply(params, x, cfg, *, mask, key) -> (y, aux)`` with
+    ``aux`` keyed by ``AUX_KEYS`` (``key``: the layer's training randomness, or None);
+    ``needs``: the config fields (None in a dense model) it reads; ``validate(cfg)`` raises
+    ConfigError for the values it reads; ``causal(cfg)`` says whether the output at ``t`` is
+    independent of the tokens after ``t``; ``cacheable(cfg)`` says whether it also never changes
+    as the sequence grows, so that the keys and values of earlier tokens can be cached while
+    generating; ``experts_per_token(cfg)`` is how many experts' worth of the layer's
+    ``experts`` params one token runs through (None: a dense layer).
     """
 
     init: Callable
@@ -60,8 +61,8 @@ def _dense(init_fn: Callable, apply_fn: Callable) -> Mixer:
             dtype=cfg.param_dtype,
         )
 
-    def apply(p, x: Array, cfg: ModelConfig, *, mask: Array | None):
-        del mask
+    def apply(p, x: Array, cfg: ModelConfig, *, mask: Array | None, key: Array | None = None):
+        del mask, key
         return apply_fn(p, x, activation=cfg.activation), zero_aux()
 
     return Mixer(init, apply)
@@ -93,8 +94,8 @@ def _init_moe(key: Array, cfg: ModelConfig) -> nn.MoE:
     )
 
 
-def _moe(p: nn.MoE, x: Array, cfg: ModelConfig, *, mask: Array | None):
-    return nn.moe(p, x, cfg.moe_spec, activation=cfg.activation, mask=mask)
+def _moe(p: nn.MoE, x: Array, cfg: ModelConfig, *, mask: Array | None, key: Array | None = None):
+    return nn.moe(p, x, cfg.moe_spec, activation=cfg.activation, mask=mask, key=key)
 
 
 def _init_soft_moe(key: Array, cfg: ModelConfig) -> nn.SoftMoE:
@@ -113,7 +114,10 @@ def _soft_moe_slots(cfg: ModelConfig) -> int:
     return cfg.block_size // cfg.n_experts
 
 
-def _soft_moe(p: nn.SoftMoE, x: Array, cfg: ModelConfig, *, mask: Array | None):
+def _soft_moe(
+    p: nn.SoftMoE, x: Array, cfg: ModelConfig, *, mask: Array | None, key: Array | None = None
+):
+    del key  # Soft MoE has no router noise
     return nn.soft_moe(p, x, activation=cfg.activation, mask=mask), zero_aux()
 
 

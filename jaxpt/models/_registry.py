@@ -63,9 +63,11 @@ class Model:
         """Params for ``cfg``, in ``cfg.param_dtype``."""
         return self._architecture(cfg).init(key, cfg)
 
-    def apply(self, params, tokens: Array, cfg, *, mask=None, positions=None):
-        """``(B, T)`` tokens -> ``(logits, aux)``; see the decoder's ``apply`` for arguments."""
-        return self._architecture(cfg).apply(params, tokens, cfg, mask=mask, positions=positions)
+    def apply(self, params, tokens: Array, cfg, *, mask=None, positions=None, key=None):
+        """``(B, T)`` tokens -> ``(logits, aux)``; see the decoder's ``apply`` for arguments
+        (``key``: training randomness, None for deterministic)."""
+        arch = self._architecture(cfg)
+        return arch.apply(params, tokens, cfg, mask=mask, positions=positions, key=key)
 
     def init_cache(self, batch_size: int, length: int, cfg):
         """An empty generation cache for ``length`` positions of ``batch_size`` sequences.
@@ -199,7 +201,8 @@ _decoder_preset(
 )
 _decoder_preset(
     "smollm",
-    "SmolLM-135M (Llama): GQA 9 / 3, rotary, SiLU GLU, RMSNorm, no biases, tied.",
+    "SmolLM-135M (Llama): GQA 9 / 3, rotary, SiLU GLU, RMSNorm, no biases, tied; residual-out "
+    "projections at 0.02 / sqrt(2L), as the original JaxPT inits them.",
     vocab_size=49152,
     block_size=2048,
     n_layer=30,
@@ -209,7 +212,6 @@ _decoder_preset(
     n_mlp_hidden=1536,
     norm="rmsnorm",
     attention_bias=False,
-    proj_init="normal",
     **_ROPE,
     **_GLU,
 )
@@ -224,11 +226,12 @@ _decoder_preset(
         load_factor=1.1,
         expert_weight_priority=True,
         moe_router_bias=False,
+        router_noise=0.01,  # the original's add_noise, on in training
     ),
 )
 _decoder_preset(
     "tiny_moe_2",
-    "Tiny_MoE_2: MoE in every layer, top-2 of 8 squared-ReLU experts in token order, "
+    "Tiny_MoE_2: MoE in every layer, top-2 of 8 gated squared-ReLU experts in token order, "
     "QK-norm, zero-initialised residual projections.",
     **_tiny_moe(
         mixer="moe",
@@ -239,12 +242,13 @@ _decoder_preset(
         qk_norm=True,
         proj_init="zero",
         activation="squared_relu",
-        moe_expert="mlp",
+        moe_expert="glu",  # the original's w_c_proj(relu(w_gate x)^2 * w_c_fc x)
         moe_bias=False,
         top_k=2,
         load_factor=1.25,
         expert_weight_priority=False,
         moe_router_bias=True,
+        router_noise=0.01,
     ),
 )
 _decoder_preset(
@@ -255,7 +259,8 @@ _decoder_preset(
 )
 _decoder_preset(
     "charformer",
-    "Character-level GPT: 30 layers, 960 wide, 15 heads, ReLU MLP, bfloat16 compute.",
+    "Character-level GPT: 30 layers, 960 wide, 15 heads, ReLU MLP, dropout 0.1, an untied "
+    "read-out with a bias, bfloat16 compute.",
     vocab_size=256,
     n_layer=30,
     n_head=15,
@@ -263,6 +268,9 @@ _decoder_preset(
     n_embed=960,
     n_mlp_hidden=3840,
     activation="relu",
+    dropout=0.1,
+    tie_embeddings=False,
+    lm_head_bias=True,
 )
 register(
     "bigram",

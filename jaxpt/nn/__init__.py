@@ -30,12 +30,16 @@ from jaxpt.nn._axes import constrain as constrain
 from jaxpt.nn._axes import logical_axes as logical_axes
 from jaxpt.nn._axes import map_params as map_params
 from jaxpt.nn._axes import shard_activations as shard_activations
+from jaxpt.nn._dropout import dropout as dropout
 from jaxpt.nn._linear import Embedding as Embedding
 from jaxpt.nn._linear import Linear as Linear
+from jaxpt.nn._linear import ReadOut as ReadOut
 from jaxpt.nn._linear import embed as embed
 from jaxpt.nn._linear import init_embedding as init_embedding
 from jaxpt.nn._linear import init_linear as init_linear
+from jaxpt.nn._linear import init_read_out as init_read_out
 from jaxpt.nn._linear import linear as linear
+from jaxpt.nn._linear import read_out as read_out
 from jaxpt.nn._linear import unembed as unembed
 from jaxpt.nn._loss import cross_entropy as cross_entropy
 from jaxpt.nn._mlp import ACTIVATIONS as ACTIVATIONS
@@ -59,6 +63,7 @@ from jaxpt.nn._moe import init_experts as init_experts
 from jaxpt.nn._moe import init_moe as init_moe
 from jaxpt.nn._moe import init_soft_moe as init_soft_moe
 from jaxpt.nn._moe import moe as moe
+from jaxpt.nn._moe import noisy_router_logits as noisy_router_logits
 from jaxpt.nn._moe import route as route
 from jaxpt.nn._moe import router_losses as router_losses
 from jaxpt.nn._moe import sequence_capacity as sequence_capacity

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxpt.nn._axes import constrain
+from jaxpt.nn._dropout import dropout
 from jaxpt.nn._linear import Linear, init_linear, linear
 from jaxpt.nn._norm import RMSNorm, init_rms_norm, rms_norm
 from jaxpt.nn._rope import apply_rope, rope_angles
@@ -33,6 +34,7 @@ class AttentionSpec:
     norm_eps: float = 1e-5  # that RMSNorm's epsilon
     rope_base: float | None = None  # rotary positions with this base; None: no rotation
     implementation: str = "auto"  # one of IMPLEMENTATIONS
+    dropout: float = 0.0  # attention-probability dropout rate when a key is given (training)
 
 
 class Attention(eqx.Module):
@@ -107,7 +109,13 @@ def _merge_heads(p: Attention, y: Array) -> Array:
 
 @jax.named_scope("attention")
 def attention(
-    p: Attention, x: Array, spec: AttentionSpec, *, positions: Array, mask: Array | None
+    p: Attention,
+    x: Array,
+    spec: AttentionSpec,
+    *,
+    positions: Array,
+    mask: Array | None,
+    key: Array | None = None,
 ) -> Array:
     """Causal self-attention over a full sequence.
 
@@ -117,6 +125,7 @@ def attention(
         mask: optional ``(B, T)`` bool padding mask, True for real tokens. Keys at padded
             positions are never attended to; outputs at padded positions are finite but
             meaningless.
+        key: drops attention probabilities at ``spec.dropout`` (training); None: no dropout.
     Returns:
         ``(B, T, D)``.
     """
@@ -125,7 +134,16 @@ def attention(
     q = constrain(q, ("batch", None, "q_heads", None))
     k, v = (constrain(a, ("batch", None, "kv_heads", None)) for a in (k, v))
     full_mask = None if mask is None else causal_mask(positions, positions, mask)
-    return _merge_heads(p, attend(q, k, v, mask=full_mask, implementation=spec.implementation))
+    y = attend(
+        q,
+        k,
+        v,
+        mask=full_mask,
+        implementation=spec.implementation,
+        dropout_rate=spec.dropout,
+        key=key,
+    )
+    return _merge_heads(p, y)
 
 
 @jax.named_scope("attention")
@@ -177,20 +195,33 @@ def causal_mask(q_positions: Array, kv_positions: Array, kv_valid: Array) -> Arr
     return not_future & kv_valid[:, None, :]
 
 
-def attend(q: Array, k: Array, v: Array, *, mask: Array | None, implementation: str) -> Array:
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None,
+    implementation: str,
+    dropout_rate: float = 0.0,
+    key: Array | None = None,
+) -> Array:
     """Scaled dot-product attention.
 
     Args:
         q: ``(B, T, H, Dh)``; k, v: ``(B, S, K, Dh)`` with ``H % K == 0``.
         mask: ``(B, T, S)`` bool (True = may attend), or None for plain causal with ``T == S``.
         implementation: one of ``IMPLEMENTATIONS``; ``"einsum"`` is the readable reference.
+        dropout_rate, key: with a key, each attention probability is dropped at this rate;
+            ``jax.nn.dot_product_attention`` has no dropout, so that runs the einsum path.
     Returns:
         ``(B, T, H, Dh)`` in q's dtype.
     """
+    if key is not None and dropout_rate > 0.0:
+        implementation = "einsum"
     if implementation == "auto":
         implementation = _best_implementation(q, mask)
     if implementation == "einsum":
-        return einsum_attention(q, k, v, mask=mask)
+        return einsum_attention(q, k, v, mask=mask, dropout_rate=dropout_rate, key=key)
     return jax.nn.dot_product_attention(
         q,
         k,
@@ -214,8 +245,17 @@ def _best_implementation(q: Array, mask: Array | None) -> str:
     return "cudnn" if cudnn_ok else "xla"
 
 
-def einsum_attention(q: Array, k: Array, v: Array, *, mask: Array | None) -> Array:
-    """Reference attention with explicit einsums; softmax in float32."""
+def einsum_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None,
+    dropout_rate: float = 0.0,
+    key: Array | None = None,
+) -> Array:
+    """Reference attention with explicit einsums; softmax in float32, then probabilities
+    dropped at ``dropout_rate`` if a ``key`` is given (see ``attend``)."""
     b, t, h, head_dim = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, head_dim)  # (B, T, K, G, Dh)
@@ -224,6 +264,6 @@ def einsum_attention(q: Array, k: Array, v: Array, *, mask: Array | None) -> Arr
     if mask is None:
         mask = jnp.tril(jnp.ones((t, s), bool))[None]  # (1, T, S)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, key).astype(v.dtype)
     y = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return y.reshape(b, t, h, head_dim)

@@ -66,6 +66,23 @@ def init_embedding(key: Array, rows: int, d: int, *, axes, std: float, dtype) ->
     return Embedding(normal_or_zeros(key, (rows, d), std, dtype), axes)
 
 
+class ReadOut(HasAxes):
+    """An untied read-out with a bias (the original Charformer's ``lm_head``): logits
+    ``x @ weight.T + bias``, the table laid out like the token embedding."""
+
+    weight: Array  # (V, D)
+    bias: Array  # (V,)
+    axes: tuple[str, str] = eqx.field(static=True)
+
+    def param_axes(self):
+        return {"weight": self.axes, "bias": self.axes[:1]}
+
+
+def init_read_out(key: Array, rows: int, d: int, *, axes, std: float, dtype) -> ReadOut:
+    """A read-out with N(0, std^2) weights and a zero bias."""
+    return ReadOut(normal_or_zeros(key, (rows, d), std, dtype), jnp.zeros((rows,), dtype), axes)
+
+
 @jax.named_scope("embed")
 def embed(p: Embedding, ids: Array, dtype) -> Array:
     """Rows ``ids`` of the table in ``dtype``. ``ids``: ``(...)`` int -> ``(..., D)``."""
@@ -73,7 +90,7 @@ def embed(p: Embedding, ids: Array, dtype) -> Array:
 
 
 @jax.named_scope("unembed")
-def unembed(p: Embedding, x: Array, dtype=jnp.float32) -> Array:
+def unembed(p: Embedding | ReadOut, x: Array, dtype=jnp.float32) -> Array:
     """Read-out through a ``(V, D)`` table: logits ``x @ weight.T``, accumulated in float32.
 
     ``x``: ``(..., D)`` in the compute dtype -> ``(..., V)`` in ``dtype`` (float32 by default;
@@ -82,6 +99,12 @@ def unembed(p: Embedding, x: Array, dtype=jnp.float32) -> Array:
     mixed-precision autocast: in bfloat16 they are the largest matmuls of a GPT-2 step.
     """
     return _logits(x, p.weight.astype(x.dtype), jnp.dtype(dtype))
+
+
+def read_out(p: ReadOut, x: Array, dtype=jnp.float32) -> Array:
+    """``unembed`` plus the read-out's bias: ``(..., D)`` -> ``(..., V)`` in ``dtype``."""
+    logits = unembed(p, x, dtype)
+    return logits + p.bias.astype(logits.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

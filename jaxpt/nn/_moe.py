@@ -124,6 +124,7 @@ class MoESpec:
     top_k: int  # experts per token
     load_factor: float  # slots per expert: ceil(load_factor * top_k * max(1, T / E))
     expert_weight_priority: bool  # surest tokens claim slots first (not causal); else in order
+    router_noise: float = 0.0  # eps of the training-time noise: logits * U(1 - eps, 1 + eps)
 
 
 class MoE(eqx.Module):
@@ -248,6 +249,17 @@ def _running_count(flat: Array) -> Array:
     return (jnp.cumsum(flat, axis=1) * flat).sum(-1) - 1
 
 
+def noisy_router_logits(logits: Array, eps: float, key: Array | None) -> Array:
+    """The original JaxPT's router noise (``add_noise``): ``logits * U(1 - eps, 1 + eps)``,
+    one draw per logit; ``logits`` unchanged without a key (evaluation, generation) or at 0.
+
+    ``(B, T, E)`` float32 -> ``(B, T, E)``.
+    """
+    if key is None or eps == 0.0:
+        return logits
+    return logits * jax.random.uniform(key, logits.shape, logits.dtype, 1.0 - eps, 1.0 + eps)
+
+
 def router_losses(logits: Array, probs: Array, expert: Array, valid: Array) -> dict[str, Array]:
     """Auxiliary router losses over the valid tokens of the whole batch.
 
@@ -274,7 +286,13 @@ def router_losses(logits: Array, probs: Array, expert: Array, valid: Array) -> d
 
 @jax.named_scope("moe")
 def moe(
-    p: MoE, x: Array, spec: MoESpec, *, activation: str, mask: Array | None
+    p: MoE,
+    x: Array,
+    spec: MoESpec,
+    *,
+    activation: str,
+    mask: Array | None,
+    key: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Top-k mixture of experts with per-sequence capacity (see :func:`route`).
 
@@ -287,13 +305,16 @@ def moe(
         activation: the experts' (``ACTIVATIONS``).
         mask: optional ``(B, T)`` bool, True for real tokens; padding takes no expert slot,
             gets a zero output, is left out of the losses and of T in the capacity.
+        key: router noise at ``spec.router_noise`` (:func:`noisy_router_logits`, training);
+            the z-loss reads the logits before the noise, routing and the load-balance loss
+            the probabilities after it, as in the original.
     Returns:
         ``(B, T, D)`` and ``{"load_balance_loss", "z_loss"}`` (:func:`router_losses`).
     """
     b, t, _ = x.shape
     valid = jnp.ones((b, t), bool) if mask is None else mask
     logits = linear(p.router, x.astype(jnp.float32))  # (B, T, E)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(noisy_router_logits(logits, spec.router_noise, key), axis=-1)
     capacity = expert_capacity(spec, t)  # buffer slots: the capacity of an unpadded row
     r = route(
         probs,

@@ -8,6 +8,8 @@ from jaxpt.train._loop import train as train
 from jaxpt.train._loop import validate_config as validate_config
 from jaxpt.train._metrics import peak_flops as peak_flops
 from jaxpt.train._metrics import read_metrics as read_metrics
+from jaxpt.train._optimizer import OPTIMIZERS as OPTIMIZERS
+from jaxpt.train._optimizer import SCHEDULES as SCHEDULES
 from jaxpt.train._optimizer import decay_mask as decay_mask
 from jaxpt.train._optimizer import learning_rate as learning_rate
 from jaxpt.train._optimizer import optimizer as optimizer
@@ -19,3 +21,5 @@ from jaxpt.train._step import init_state as init_state
 from jaxpt.train._step import loss_fn as loss_fn
 from jaxpt.train._step import make_eval_step as make_eval_step
 from jaxpt.train._step import make_train_step as make_train_step
+from jaxpt.train._step import start_state as start_state
+from jaxpt.train._step import training_key as training_key

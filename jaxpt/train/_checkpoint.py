@@ -31,9 +31,17 @@ from jaxpt.train._step import abstract_state
 log = logging.getLogger(__name__)
 
 # Model fields that choose how the model is computed, not what it computes: a run may change
-# them on resume, e.g. to remat or compute in bf16.
+# them on resume, e.g. to remat or compute in bf16, or to fine-tune with other dropout.
 FREE_MODEL_FIELDS = frozenset(
-    {"dtype", "sdpa_implementation", "logits_dtype", "remat_policy", "scan_layers"}
+    {
+        "dtype",
+        "sdpa_implementation",
+        "logits_dtype",
+        "remat_policy",
+        "scan_layers",
+        "dropout",
+        "router_noise",
+    }
 )
 
 

@@ -1,23 +1,35 @@
-"""AdamW with warmup + cosine or warmup-stable-decay, global-norm clipping, a decay mask."""
+"""Optimizers (AdamW, Adam, Adafactor, Lion, Muon) on a learning-rate schedule (warmup, then
+cosine, warmup-stable-decay or inverse square root), global-norm clipping, a decay mask."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
 import optax
 
 from jaxpt import nn
 from jaxpt.errors import ConfigError, check_range
 
-SCHEDULES = ("cosine", "wsd")
+SCHEDULES = ("cosine", "wsd", "inverse_sqrt")
 
 
 def learning_rate(train_cfg) -> optax.Schedule:
-    """Linear warmup to ``lr``, then cosine to ``lr * min_lr_ratio`` at ``steps``, or (wsd)
-    constant until the last ``decay_fraction`` of the steps and linear down to the same floor.
+    """Linear warmup to ``lr``, then cosine to ``lr * min_lr_ratio`` at ``steps``; or (wsd)
+    constant until the last ``decay_fraction`` of the steps and linear down to the same floor;
+    or (inverse_sqrt, as T5 and fairseq) ``lr * sqrt(warmup_steps / step)``, never below that
+    floor.
     """
     peak, steps, warmup = train_cfg.lr, train_cfg.steps, train_cfg.warmup_steps
     floor = peak * train_cfg.min_lr_ratio
     if train_cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1), floor)
+    if train_cfg.schedule == "inverse_sqrt":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup), _inverse_sqrt(peak, warmup, floor)],
+            boundaries=[warmup],
+        )
     decay_start = max(warmup, int(steps * (1 - train_cfg.decay_fraction)))
     return optax.join_schedules(
         [
@@ -29,31 +41,121 @@ def learning_rate(train_cfg) -> optax.Schedule:
     )
 
 
+def _inverse_sqrt(peak: float, warmup: int, floor: float) -> optax.Schedule:
+    """``peak * sqrt(w / (w + count))`` with ``w = max(warmup, 1)``: ``peak`` when the warmup
+    ends (``count`` counts from there; ``join_schedules`` also evaluates it before), at least
+    ``floor``."""
+    w = max(warmup, 1)
+    return lambda count: jnp.maximum(peak * jnp.sqrt(w / (w + jnp.maximum(count, 0))), floor)
+
+
 def decay_mask(params, *, decay_embeddings: bool):
     """True for the arrays weight decay applies to: matrices of every layer (rank >= 2 before
-    stacking), but not norms, biases, and, unless asked, embedding tables."""
+    stacking), but not norms, biases, and, unless asked, embedding and read-out tables."""
+    tables = (nn.Embedding, nn.ReadOut)
     return nn.map_params(
         lambda layer, array, names: (
-            len(names) >= 2 and (decay_embeddings or not isinstance(layer, nn.Embedding))
+            len(names) >= 2 and (decay_embeddings or not isinstance(layer, tables))
         ),
         params,
     )
 
 
+def _adamw(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
+    """AdamW (Loshchilov and Hutter, 2019): weight decay decoupled from the moments."""
+    del params
+    return optax.adamw(
+        lr,
+        b1=train_cfg.b1,
+        b2=train_cfg.b2,
+        eps=train_cfg.eps,
+        weight_decay=train_cfg.weight_decay,
+        mask=mask,
+    )
+
+
+def _adam(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
+    """Adam with L2 weight decay added to the gradient before the moments (torch.optim.Adam's
+    ``weight_decay``); plain Adam at ``weight_decay`` 0."""
+    del params
+    return optax.chain(
+        optax.add_decayed_weights(train_cfg.weight_decay, mask),
+        optax.adam(lr, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps),
+    )
+
+
+def _adafactor(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
+    """Adafactor (Shazeer and Stern, 2018) at optax's defaults: factored second moments, no
+    momentum, updates scaled by each param's RMS; decoupled weight decay (``b1``, ``b2`` and
+    ``eps`` are Adam's and unused)."""
+    del params
+    return optax.adafactor(lr, weight_decay_rate=train_cfg.weight_decay, weight_decay_mask=mask)
+
+
+def _lion(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
+    """Lion (Chen et al., 2023): the sign of interpolated momenta (``b1``, ``b2``), decoupled
+    weight decay. Lion's steps are larger than Adam's: its authors use a 3-10x smaller lr."""
+    del params
+    return optax.lion(
+        lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay, mask=mask
+    )
+
+
+def _muon(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
+    """Muon (Jordan et al., 2024; ``optax.contrib.muon``) for the matrices of every layer
+    (stacked layer and expert axes are batch axes), AdamW for embeddings, norms and biases, as
+    modded-nanogpt trains. Muon's updates are scaled to AdamW's RMS (``consistent_rms=0.2``,
+    Liu et al., 2025), so both share ``lr`` and ``weight_decay``."""
+    matrices = _muon_matrices(params)
+    return optax.partition(
+        {
+            "muon": optax.contrib.muon(
+                lr,
+                weight_decay=train_cfg.weight_decay,  # every matrix is in the decay mask
+                muon_weight_dimension_numbers=_muon_dimensions,
+                consistent_rms=0.2,
+            ),
+            "adamw": _adamw(train_cfg, lr, mask, params),
+        },
+        jax.tree.map(lambda muon: "muon" if muon else "adamw", matrices),
+    )
+
+
+def _muon_matrices(params):
+    """True for the weights of linear layers (per layer and expert), False for the rest."""
+    return nn.map_params(
+        lambda layer, array, names: (
+            isinstance(layer, (nn.Linear, nn.ExpertLinear)) and array is layer.weight
+        ),
+        params,
+    )
+
+
+def _muon_dimensions(updates):
+    """Each matrix's input (reduction) and output axes: its last two; the rest are batch."""
+    return jax.tree.map(
+        lambda u: optax.contrib.MuonDimensionNumbers(u.ndim - 2, u.ndim - 1), updates
+    )
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": _adamw,
+    "adam": _adam,
+    "adafactor": _adafactor,
+    "lion": _lion,
+    "muon": _muon,
+}
+
+
 def optimizer(train_cfg, params) -> optax.GradientTransformation:
-    """Clip by global norm (``grad_clip`` 0: no clipping), then AdamW on the learning-rate
-    schedule."""
+    """Clip by global norm (``grad_clip`` 0: no clipping), then ``train.optimizer`` on the
+    learning-rate schedule, with weight decay on ``decay_mask``'s arrays."""
     clip = train_cfg.grad_clip
+    mask = decay_mask(params, decay_embeddings=train_cfg.decay_embeddings)
+    rule = OPTIMIZERS[train_cfg.optimizer]
     return optax.chain(
         optax.clip_by_global_norm(clip) if clip else optax.identity(),
-        optax.adamw(
-            learning_rate(train_cfg),
-            b1=train_cfg.b1,
-            b2=train_cfg.b2,
-            eps=train_cfg.eps,
-            weight_decay=train_cfg.weight_decay,
-            mask=decay_mask(params, decay_embeddings=train_cfg.decay_embeddings),
-        ),
+        rule(train_cfg, learning_rate(train_cfg), mask, params),
     )
 
 
@@ -77,6 +179,10 @@ def validate_train(train_cfg) -> None:
         at_most=1,
         note=" (the final learning rate is lr * min_lr_ratio)",
     )
+    if train_cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(
+            f"train.optimizer={train_cfg.optimizer!r} is not one of {list(OPTIMIZERS)}."
+        )
     if train_cfg.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule={train_cfg.schedule!r} is not one of {list(SCHEDULES)}.")
     check_range("train.decay_fraction", train_cfg.decay_fraction, at_least=0, at_most=1)

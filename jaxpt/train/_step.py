@@ -41,6 +41,7 @@ def loss_fn(
     targets: Array,
     cfg: models.ModelConfig | models.BigramConfig,
     *,
+    key: Array | None = None,
     load_balance_loss_coeff: float = 0.0,
     z_loss_coeff: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
@@ -49,11 +50,13 @@ def loss_fn(
     Args:
         inputs, targets: ``(B, T)`` token ids; ``targets`` are ``inputs`` shifted by one.
         cfg: the model config.
+        key: training randomness (dropout, router noise; see ``training_key``); None:
+            deterministic, as in evaluation.
         load_balance_loss_coeff, z_loss_coeff: weights of the MoE losses in ``aux``.
     Returns:
         ``(loss, metrics)`` with the cross-entropy ``ce`` and the raw auxiliary losses.
     """
-    logits, aux = models.get(cfg.name).apply(params, inputs, cfg)
+    logits, aux = models.get(cfg.name).apply(params, inputs, cfg, key=key)
     ce = nn.cross_entropy(logits, targets)
     loss = ce + load_balance_loss_coeff * aux["load_balance_loss"] + z_loss_coeff * aux["z_loss"]
     return loss, {"loss": loss, "ce": ce, **aux}
@@ -76,6 +79,12 @@ def _run_loss(config) -> Callable:
 STEP_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
+def training_key(seed: int, step: Array, micro_batch: Array | int) -> Array:
+    """The dropout and router-noise key of one micro-batch: ``train.seed`` folded with the
+    step and the micro-batch index, so a resumed or resharded run draws the same noise."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_batch)
+
+
 def micro_batches(tokens: Array, n: int) -> Array:
     """``(B, T)`` -> ``(n, B // n, T)``; micro-batch ``i`` takes rows ``i, i + n, ...`` so
     that each device's rows of the global batch feed every micro-batch."""
@@ -96,26 +105,32 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
     update, so keeping the old state fuses into the update's one pass over the params; an
     update that overflows the params (a huge learning rate) shows as the next step's
     non-finite loss, and the loop never saves such params (``all_finite``)."""
-    n_micro = config.train.grad_accum_steps
+    n_micro, seed = config.train.grad_accum_steps, config.train.seed
     grad_fn = jax.value_and_grad(_run_loss(config), has_aux=True)
 
-    def mean_gradients(params, inputs: Array, targets: Array):
+    def mean_gradients(params, inputs: Array, targets: Array, step: Array):
         if n_micro == 1:
-            (_, metrics), grads = grad_fn(params, inputs, targets)
+            (_, metrics), grads = grad_fn(params, inputs, targets, key=training_key(seed, step, 0))
             return grads, metrics
 
         def accumulate(grads_sum, micro):
-            (_, metrics), grads = grad_fn(params, *micro)
+            inputs, targets, index = micro
+            key = training_key(seed, step, index)
+            (_, metrics), grads = grad_fn(params, inputs, targets, key=key)
             return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        micro = (micro_batches(inputs, n_micro), micro_batches(targets, n_micro))
+        micro = (
+            micro_batches(inputs, n_micro),
+            micro_batches(targets, n_micro),
+            jnp.arange(n_micro),
+        )
         grads, metrics = jax.lax.scan(accumulate, zeros, micro)
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         return grads, jax.tree.map(jnp.mean, metrics)
 
     def step(state: TrainState, inputs: Array, targets: Array):
-        grads, metrics = mean_gradients(state.params, inputs, targets)
+        grads, metrics = mean_gradients(state.params, inputs, targets, state.step)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -136,14 +151,23 @@ def make_eval_step(config) -> Callable:
 
 
 def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
-    """Shardings of the train state: optimizer moments follow their params."""
+    """Shardings of the train state: optimizer moments follow their params; statistics of
+    another shape (Adafactor's factored rows and columns) are replicated."""
     params = sharding.param_shardings(abstract.params, mesh, rules)
+
+    def follow_param(state, param_sharding, param):
+        if isinstance(state, optax.MaskedNode):  # another partition's param (Muon): no array
+            return state
+        return param_sharding if state.shape == param.shape else sharding.replicated(mesh)
+
     opt_state = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        follow_param,
         abstract.opt_state,
         params,
+        abstract.params,
         transform_non_params=lambda _: sharding.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
     return TrainState(sharding.replicated(mesh), params, opt_state)
 
