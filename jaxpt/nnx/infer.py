@@ -41,6 +41,7 @@ def generate_completions(
         temperature=temperature,
         top_k=50,
         key=key,
+        n_tokens=enc.vocab_size,  # never a padding id the tokenizer cannot decode
     )
     return [enc.decode(row[:max_length].tolist()) for row in np.asarray(out.tokens)]
 

@@ -90,6 +90,13 @@ class _TopKMoE(_Decoder):
         self.load_balance_loss = False
         self.z_loss = False
 
+    def _randomness(self, cfg):
+        """Router noise (logits times U(0.99, 1.01), the original's) while ``add_noise`` is
+        on, from the ``gate_noise`` stream (the default stream where there is none)."""
+        if not self.add_noise:
+            return cfg, None
+        return dataclasses.replace(cfg, router_noise=0.01), self.rngs.gate_noise()
+
     def __call__(self, idx: Array, mask: Array | None = None):
         """``(B, T)`` tokens -> logits, or ``(logits, load_balance_loss, z_loss)`` summed
         over layers when a loss flag is on (or always, ``always_returns_losses``)."""
@@ -153,7 +160,8 @@ class Bigram(FunctionalModel):
 
 class Charformer(FunctionalModel):
     """``Charformer(vocab_size, features, num_heads, num_blocks, block_size, rngs)``: the
-    core's ``charformer`` preset at those sizes (pre-norm GPT, ReLU MLP, untied read-out)."""
+    core's ``charformer`` preset at those sizes (pre-norm GPT, ReLU MLP, dropout 0.1, an
+    untied read-out with a bias)."""
 
     deterministic = False  # dropout on until eval(), as in the original
 
@@ -177,6 +185,12 @@ class Charformer(FunctionalModel):
 
     def model_config(self) -> models.ModelConfig:
         return self.config
+
+    def _randomness(self, cfg):
+        """Dropout (0.1) until ``eval()``, from the ``dropout`` stream (or the default)."""
+        if self.deterministic:
+            return dataclasses.replace(cfg, dropout=0.0), None
+        return cfg, self.rngs.dropout()
 
     def __call__(self, idx: Array, targets: Array | None = None) -> Array:
         """``(B, T)`` tokens -> float32 ``(B, T, V)`` logits; ``targets`` is ignored."""

@@ -26,6 +26,8 @@ _GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu_tanh"}
 _RUN_FIELDS = (
     "name",
     "proj_init",
+    "dropout",  # training randomness: the NNX models turn it on by their flags
+    "router_noise",
     "scan_layers",
     "remat_policy",
     "logits_dtype",
@@ -99,6 +101,8 @@ class Config:
 
     preset: ClassVar[str] = "gpt"
     fixed: ClassVar[dict[str, Any]] = {}
+    # The GPT family and the MoE models return logits in config.dtype; SmolLM in float32.
+    logits_in_dtype: ClassVar[bool] = True
 
     name: str = "gpt"  # the checkpoint folder name
     dtype: Any = jnp.float32  # compute dtype
@@ -120,14 +124,13 @@ class Config:
             {
                 **preset,
                 "scan_layers": True,  # compile time independent of depth
+                "dropout": 0.0,  # the original's GPT family and MoE models have none
+                "router_noise": 0.0,  # add_noise turns it on
                 "logits_dtype": "bfloat16" if bf16 and self.logits_in_dtype else "float32",
                 **self.fixed,
                 **ours,
             }
         )
-
-    # The GPT family and the MoE models return logits in config.dtype; SmolLM in float32.
-    logits_in_dtype: ClassVar[bool] = True
 
     @property
     def logits_dtype(self):

@@ -3,6 +3,7 @@ hub name, downloaded when the network allows) where the original always download
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from flax import nnx
@@ -27,10 +28,11 @@ def from_hf_pretrained(
     """A SmolLM holding the Llama checkpoint at ``path``; the config comes from its
     config.json (``config`` gives the other fields: name, dtype, use_cache)."""
     pretrained = hf.from_pretrained(path)
-    fields = {} if config is None else dict(name=config.name, use_cache=config.use_cache)
-    smol = SmolLM_Config.from_model_config(pretrained.config, **fields)
+    smol = SmolLM_Config.from_model_config(pretrained.config)
     if config is not None:
-        smol.dtype = config.dtype
+        smol = dataclasses.replace(
+            smol, name=config.name, dtype=config.dtype, use_cache=config.use_cache
+        )
     return SmolLM.from_params(pretrained.params, smol, rngs)
 
 

@@ -71,6 +71,11 @@ class FunctionalModel(nnx.Module):
     def _use_cache(self) -> bool:
         return False
 
+    def _randomness(self, cfg):
+        """The config and key of the next call: ``(cfg, None)`` for a deterministic model;
+        classes with dropout or router noise draw the key from ``rngs``."""
+        return cfg, None
+
     def _run(self, idx: Array, mask: Array | None) -> tuple[Array, dict[str, Array]]:
         """``(B, T)`` tokens -> the core's ``(logits, aux)``, through the cache if it is on."""
         cfg = self.model_config()
@@ -78,7 +83,8 @@ class FunctionalModel(nnx.Module):
         params = self.functional_params()
         if self._use_cache():
             return self._run_cached(model, params, idx, cfg, mask)
-        return model.apply(params, idx, cfg, mask=mask)
+        cfg, key = self._randomness(cfg)
+        return model.apply(params, idx, cfg, mask=mask, key=key)
 
     def _run_cached(self, model, params, idx, cfg, mask):
         """Prefill or extend the cache with ``idx``: logits at every new position, as the
