@@ -163,6 +163,7 @@ class Charformer(FunctionalModel):
     core's ``charformer`` preset at those sizes (pre-norm GPT, ReLU MLP, dropout 0.1, an
     untied read-out with a bias)."""
 
+    layout = _layout.CHARFORMER_LAYOUT
     deterministic = False  # dropout on until eval(), as in the original
 
     def __init__(self, vocab_size, features, num_heads, num_blocks, block_size, rngs: nnx.Rngs):

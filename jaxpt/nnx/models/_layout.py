@@ -10,6 +10,7 @@ convert a whole params pytree. Trees here are flat: ``{"h.0.attn.c_attn.kernel":
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -24,11 +25,12 @@ from jaxpt.errors import ConfigError
 class Place(NamedTuple):
     """Where one core array lives in the original's tree."""
 
-    path: str  # the original's path; "{i}" stands for the layer index
+    path: str | None  # the original's path in a layer or at the top; None: not in the original
     part: int = 0  # slice ``part`` of ``parts`` equal slices of the original's last axis
     parts: int = 1
     to_original: Callable = lambda a, cfg: a  # (core array of one layer, core config) -> its
-    from_original: Callable = lambda a: a  # the original's array -> core array of one layer
+    from_original: Callable = lambda a, cfg: a  # (the original's array, config) -> core array
+    per_head: bool = False  # the core's last axis is n_head arrays at path "...{p}..." (head p)
 
 
 def _linear(core: str, orig: str, part: int = 0, parts: int = 1) -> dict[str, Place]:
@@ -44,7 +46,7 @@ def _norm(core: str, orig: str) -> dict[str, Place]:
 
 def _experts(orig: str) -> dict[str, Place]:
     """Expert weights ``(E, in, out)``; the original's biases are ``(E, 1, out)``."""
-    bias = dict(to_original=lambda a, cfg: a[:, None, :], from_original=lambda a: a[:, 0, :])
+    bias = dict(to_original=lambda a, cfg: a[:, None, :], from_original=lambda a, cfg: a[:, 0, :])
     places = {}
     for core, name in (("up", "c_fc"), ("gate", "gate"), ("down", "c_proj")):
         places[f"mixer.experts.{core}.weight"] = Place(f"{orig}.experts.w_{name}")
@@ -57,7 +59,8 @@ def _slots_to_original(phi, cfg):
     return phi.T.reshape(cfg.n_experts, -1, phi.shape[0])
 
 
-def _slots_from_original(w):
+def _slots_from_original(w, cfg):
+    del cfg
     return w.reshape(-1, w.shape[-1]).T
 
 
@@ -106,6 +109,7 @@ class Layout(NamedTuple):
     top: dict[str, Place]  # core path -> place
     block: dict[str, Place]  # core path inside a block (attention, norms) -> place in h.<i>
     mixers: dict[str, dict[str, Place]]  # mixer kind -> core path inside a block -> place
+    layers: str = "h"  # the original's list of layers
 
     def place(self, core_path: str, kind: str | None) -> Place:
         """Where the core array ``core_path`` lives; ``kind``: its block's mixer (None: a
@@ -149,6 +153,48 @@ def llama_layout(*, glu: str) -> Layout:
 BIGRAM_LAYOUT = Layout(top={"table.weight": Place("embed.embedding")}, block={}, mixers={})
 
 
+def _query_to_original(q, cfg):
+    """The original Charformer scales scores by 1 / sqrt(n_embed), the core by
+    1 / sqrt(head width): its query kernel is the core's times sqrt(n_head)."""
+    return q * math.sqrt(cfg.n_head)
+
+
+def _transposed(a, cfg):
+    del cfg
+    return a.T
+
+
+CHARFORMER_LAYOUT = Layout(
+    top={
+        "wte.weight": Place("embed.embedding"),
+        "wpe.weight": Place("pos_emb.embedding"),
+        **_norm("ln_f", "ln"),
+        "lm_head.weight": Place(
+            "lm_head.kernel", to_original=_transposed, from_original=_transposed
+        ),
+        "lm_head.bias": Place("lm_head.bias"),
+    },
+    block={
+        **_norm("ln_1", "ln1"),
+        **_norm("ln_2", "ln2"),
+        "attn.q.weight": Place(
+            "heads.{p}.query.kernel",
+            per_head=True,
+            to_original=_query_to_original,
+            from_original=lambda q, cfg: q / math.sqrt(cfg.n_head),
+        ),
+        "attn.k.weight": Place("heads.{p}.key.kernel", per_head=True),
+        "attn.v.weight": Place("heads.{p}.value.kernel", per_head=True),
+        **{f"attn.{name}.bias": Place(None) for name in "qkv"},  # the heads have no bias
+        **_linear("attn.o", "proj"),
+    },
+    mixers={
+        "mlp": {**_linear("mixer.fc", "ffwd.linear1"), **_linear("mixer.proj", "ffwd.linear2")}
+    },
+    layers="blocks",
+)
+
+
 def _leaves(params) -> list[tuple[str, object]]:
     """``[("blocks.0.attn.q.weight", array), ...]``."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -163,18 +209,52 @@ def _split_block(name: str) -> tuple[int | None, str]:
     return int(j), rest
 
 
-def _original_path(layout: Layout | None, cfg, name: str) -> list[tuple[str, int, Place]]:
-    """Each (original path, stacked index r, place) the core array ``name`` spreads over
-    (r = -1: a top-level array, not stacked); ``layout=None`` keeps the core's tree."""
+class Entry(NamedTuple):
+    """One original array a core array (or a slice of it) goes to."""
+
+    path: str | None  # None: the original has no such array
+    layer: int  # the core's stacked index r; -1: a top-level array, not stacked
+    head: int | None  # with a per-head place: the head, a slice of the core's last axis
+    place: Place
+
+
+def _entries(layout: Layout | None, cfg, name: str) -> list[Entry]:
+    """Where the core array ``name`` goes in the original's tree; ``layout=None`` keeps the
+    core's tree."""
     if layout is None:
-        return [(name, -1, Place(name))]
+        return [Entry(name, -1, None, Place(name))]
     j, rest = _split_block(name)
     if j is None:
         place = layout.place(rest, None)
-        return [(place.path, -1, place)]
+        return [Entry(place.path, -1, None, place)]
     place = layout.place(rest, cfg.mixer_pattern[j])
+    if place.path is None:
+        return [Entry(None, r, None, place) for r in range(cfg.repeats)]
     width = len(cfg.mixer_pattern)
-    return [(f"h.{r * width + j}.{place.path}", r, place) for r in range(cfg.repeats)]
+    heads = range(cfg.n_head) if place.per_head else [None]
+    return [
+        Entry(f"{layout.layers}.{r * width + j}.{place.path.format(p=head)}", r, head, place)
+        for r in range(cfg.repeats)
+        for head in heads
+    ]
+
+
+def _head(array, head: int | None, n_head: int):
+    """Head ``head``'s slice of the last axis (all of it for None)."""
+    if head is None:
+        return array
+    width = array.shape[-1] // n_head
+    return array[..., head * width : (head + 1) * width]
+
+
+def dropped(layout: Layout | None, params, cfg) -> list[str]:
+    """The core arrays the original's tree has no place for that are not all zero (writing
+    the original's tree would lose them)."""
+    return [
+        name
+        for name, leaf in _leaves(params)
+        if _entries(layout, cfg, name)[0].path is None and np.any(np.asarray(leaf) != 0)
+    ]
 
 
 def omega(cfg, dtype) -> jax.Array:
@@ -189,8 +269,10 @@ def to_original(layout: Layout | None, params, cfg, omega_dtype=None) -> dict[st
     where the model rotates positions)."""
     parts: dict[str, list] = {}
     for name, leaf in _leaves(params):
-        for path, r, place in _original_path(layout, cfg, name):
-            array = leaf if r < 0 else leaf[r]
+        for path, r, head, place in _entries(layout, cfg, name):
+            if path is None:
+                continue
+            array = _head(leaf if r < 0 else leaf[r], head, cfg.n_head)
             slot = parts.setdefault(path, [None] * place.parts)
             slot[place.part] = place.to_original(array, cfg)
     tree = {path: jnp.concatenate(p, axis=-1) if len(p) > 1 else p[0] for path, p in parts.items()}
@@ -208,13 +290,15 @@ def from_original(layout: Layout | None, tree: Mapping[str, np.ndarray], abstrac
     """
     used = set()
 
-    def read(path: str, place: Place, shape: tuple[int, ...]) -> np.ndarray:
+    def read(path: str | None, place: Place, shape: tuple[int, ...]) -> np.ndarray:
+        if path is None:  # not in the original: zero (an attention bias it has not)
+            return np.zeros(shape, np.float32)
         if path not in tree:
             raise ConfigError(f"the checkpoint has no {path!r}, which {what} needs.")
         array = np.asarray(tree[path])
         if place.parts > 1:
             array = np.split(array, place.parts, axis=-1)[place.part]
-        array = place.from_original(array)
+        array = place.from_original(array, cfg)
         if array.shape != shape:
             raise ConfigError(
                 f"the checkpoint's {path!r} gives shape {array.shape}, but {what} needs "
@@ -225,11 +309,15 @@ def from_original(layout: Layout | None, tree: Mapping[str, np.ndarray], abstrac
 
     def fill(key_path, leaf):
         name = jax.tree_util.keystr(key_path, simple=True, separator=".")
-        places = _original_path(layout, cfg, name)
-        layer_shape = leaf.shape if places[0][1] < 0 else leaf.shape[1:]
-        arrays = [read(path, place, layer_shape) for path, _, place in places]
-        stacked = arrays[0] if places[0][1] < 0 else np.stack(arrays)
-        return jnp.asarray(stacked, leaf.dtype)
+        entries = _entries(layout, cfg, name)
+        stacked = entries[0].layer >= 0
+        shape = leaf.shape[1:] if stacked else leaf.shape
+        layers: dict[int, list] = {}
+        for path, r, head, place in entries:
+            piece = shape if head is None else (*shape[:-1], shape[-1] // cfg.n_head)
+            layers.setdefault(r, []).append(read(path, place, piece))
+        arrays = [np.concatenate(pieces, axis=-1) for _, pieces in sorted(layers.items())]
+        return jnp.asarray(np.stack(arrays) if stacked else arrays[0], leaf.dtype)
 
     params = jax.tree_util.tree_map_with_path(fill, abstract)
     if isinstance(cfg, models.ModelConfig) and cfg.position == "rope":

@@ -137,10 +137,14 @@ class FunctionalModel(nnx.Module):
     def original_tree(self) -> dict:
         """The params in the original JaxPT's nested on-disk form (NNX_API.md §8):
         ``{"h": {"0": {"attn": {"c_attn": {"kernel": {"value": array}}}}}}``."""
-        flat = _layout.to_original(
-            self.layout, self.functional_params(), self.model_config(), self._omega_dtype()
-        )
-        return _layout.nest(flat)
+        params, cfg = self.functional_params(), self.model_config()
+        lost = _layout.dropped(self.layout, params, cfg)
+        if lost:
+            raise ConfigError(
+                f"{lost[0]} is not zero, and the original {type(self).__name__} has no such "
+                "parameter: its tree cannot hold these params."
+            )
+        return _layout.nest(_layout.to_original(self.layout, params, cfg, self._omega_dtype()))
 
     def save_checkpoint(self, fpath: str | os.PathLike) -> None:
         """Writes ``original_tree()`` as an orbax checkpoint directory at ``fpath``, which must
