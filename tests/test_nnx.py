@@ -166,6 +166,10 @@ def test_moe_flags_choose_what_the_model_returns():
     assert z.dtype == jnp.int32  # a disabled term is the int 0
     _, lb, z = returns(build(m.Tiny_MoE_2))  # always a triple
     assert lb.dtype == z.dtype == jnp.int32
+    soft_moe = build(m.Tiny_MoE_3)
+    soft_moe.config = dataclasses.replace(soft_moe.config, use_cache=True)
+    with pytest.raises(ConfigError, match="'tiny_moe_3' cannot be cached"):
+        soft_moe(x)
 
 
 @pytest.mark.parametrize("cls", [m.GQA_GPT, m.GQA_GLU_RoPE_GPT])

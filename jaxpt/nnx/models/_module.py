@@ -106,8 +106,8 @@ class FunctionalModel(nnx.Module):
             cache = model.init_cache(b, n, cfg)
             if cache is None:
                 raise ConfigError(
-                    f"model.{cfg.name} routes tokens by capacity, so an earlier token's output "
-                    "changes as the sequence grows and cannot be cached: set use_cache=False."
+                    f"model {cfg.name!r} cannot be cached: a later token changes how earlier "
+                    "ones are routed (MoE capacity, Soft MoE); set use_cache=False."
                 )
         elif jax.tree.leaves(cache)[0].shape[1] != b:
             raise ConfigError(
