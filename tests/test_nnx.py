@@ -334,9 +334,8 @@ def test_generate_samples_every_row_and_infer_uses_the_core_sampler():
     texts = infer.generate_completions(
         bigram, enc, prefix="the fox", num_completions=2, max_length=T
     )
-    assert [t[:7] for t in texts] == ["the fox"] * 2 and all(
-        len(t) >= T for t in texts
-    )  # a char or end-of-text per token
+    assert [t[:7] for t in texts] == ["the fox"] * 2
+    assert all(len(t) >= T for t in texts)  # a char or end-of-text per token
     ids, key = infer.top_k_sampling(jnp.arange(8.0)[None].repeat(4, 0), jax.random.key(0), k=2)
     assert ids.shape == (4, 1) and set(np.asarray(ids).ravel()) <= {6, 7}
     assert not np.array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(0)))
