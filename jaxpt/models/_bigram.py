@@ -64,12 +64,13 @@ def decode(
     tokens: Array,
     cfg: BigramConfig,
     *,
-    at: Array,
+    at: Array | None,
     mask: Array | None = None,
     positions: Array | None = None,
     cache: tuple | None = None,
 ) -> tuple[Array, tuple | None]:
-    """float32 ``(B, V)`` logits after ``tokens[b, at[b]]``; ``cache`` passes through."""
+    """float32 ``(B, V)`` logits after ``tokens[b, at[b]]`` (``at=None``: ``(B, T, V)``
+    after every token); ``cache`` passes through."""
     del cfg, mask, positions
-    current = jnp.take_along_axis(tokens, at[:, None], axis=1)[:, 0]  # (B,)
+    current = tokens if at is None else jnp.take_along_axis(tokens, at[:, None], axis=1)[:, 0]
     return nn.embed(params.table, current, jnp.float32), cache

@@ -247,7 +247,7 @@ def decode(
     tokens: Array,
     cfg: ModelConfig,
     *,
-    at: Array,
+    at: Array | None,
     mask: Array | None = None,
     positions: Array | None = None,
     cache: tuple[nn.KVCache, ...] | None = None,
@@ -256,11 +256,12 @@ def decode(
 
     Args:
         tokens, mask, positions: as in ``apply``.
-        at: ``(B,)`` int, the index into T whose logits to return.
+        at: ``(B,)`` int, the index into T whose logits to return; None: every index.
         cache: from ``init_cache``; extended with the keys/values of ``tokens``.
     Returns:
-        float32 ``(B, V)`` logits and the updated cache.
+        float32 ``(B, V)`` logits (``(B, T, V)`` when ``at`` is None) and the updated cache.
     """
     x, _, cache = features(params, tokens, cfg, mask=mask, positions=positions, cache=cache)
-    x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]  # (B, D)
+    if at is not None:
+        x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]  # (B, D)
     return _read_out(params, x, cfg), cache

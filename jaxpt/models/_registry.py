@@ -79,8 +79,9 @@ class Model:
         return self._architecture(cfg).init_cache(batch_size, length, cfg)
 
     def decode(self, params, tokens: Array, cfg, *, at, mask=None, positions=None, cache=None):
-        """float32 ``(B, V)`` next-token logits at index ``at[b]`` of each row, and the cache
-        extended with ``tokens`` (``(B, T)`` at ``positions``; ``cache=None``: no cache)."""
+        """float32 ``(B, V)`` next-token logits at index ``at[b]`` of each row (``at=None``:
+        ``(B, T, V)`` at every index), and the cache extended with ``tokens`` (``(B, T)`` at
+        ``positions``; ``cache=None``: no cache)."""
         arch = self._architecture(cfg)
         return arch.decode(params, tokens, cfg, at=at, mask=mask, positions=positions, cache=cache)
 

@@ -1,0 +1,3 @@
+"""The original's `jaxpt.models.charformer`."""
+
+from jaxpt.nnx.models import Charformer as Charformer

@@ -1,0 +1,443 @@
+"""jaxpt.nnx, the original JaxPT's NNX API: parameter counts of the original, logits and
+gradients equal to the functional model's, training in the original's style, the MoE flags,
+the KV cache, checkpoints in the original's on-disk layout."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxpt import data, hf, models, sharding
+from jaxpt.errors import ConfigError
+from jaxpt.nnx import checkpointers, infer, utils
+from jaxpt.nnx import models as m
+from jaxpt.nnx.models import gpt as gpt_module
+from jaxpt.nnx.models import smol_lm
+
+V, T = 64, 16
+TINY = dict(block_size=T, vocab_size=V, n_layer=2, n_embed=32, n_head=4, n_mlp_hidden=64)
+TINY_MOE = dict(TINY, n_kv_head=2, n_experts=4, dtype=jnp.float32)
+TINY_CONFIGS = {
+    m.GPT: m.GPTConfig(**TINY),
+    m.NoPE_GPT: m.NoPE_GPTConfig(**TINY),
+    m.GLU_GPT: m.GLU_GPTConfig(**TINY),
+    m.RoPE_GPT: m.RoPE_GPTConfig(**TINY),
+    m.GLU_RoPE_GPT: m.GLU_RoPE_GPTConfig(**TINY),
+    m.GQA_GPT: m.GQA_GPTConfig(**TINY, n_kv_head=2),
+    m.GQA_GLU_RoPE_GPT: m.GQA_GLU_RoPE_GPTConfig(**TINY, n_kv_head=2),
+    m.SmolLM: m.SmolLM_Config(**TINY, n_kv_head=2),
+    m.Tiny_MoE: m.Tiny_MoE_Config(**TINY_MOE),
+    m.Tiny_MoE_2: m.Tiny_MoE_2_Config(**TINY_MOE),
+    m.Tiny_MoE_3: m.Tiny_MoE_3_Config(**TINY_MOE),
+}
+
+
+def build(cls, seed=0):
+    """A tiny model of ``cls`` with random params (numpy's: no init to compile)."""
+    if cls is m.Bigram:
+        return m.Bigram(V, nnx.Rngs(seed))
+    if cls is m.Charformer:
+        return m.Charformer(V, 32, 4, 2, T, nnx.Rngs(seed))
+    config = TINY_CONFIGS[cls]
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda: cls._abstract(config).functional_params())
+    params = jax.tree.map(
+        lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), abstract
+    )
+    return cls.from_params(params, config, nnx.Rngs(seed))
+
+
+def batch(seed=1, b=2):
+    tokens = jax.random.randint(jax.random.key(seed), (b, T + 1), 0, V)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def reference(model, x):
+    """The functional model's ``(logits, aux)`` on the params ``model`` holds."""
+    cfg = model.model_config()
+    return models.get(cfg.name).apply(model.functional_params(), x, cfg)
+
+
+@nnx.jit
+def call_and_reference(model, x):
+    """``model(x)`` and the functional model's output, in one compile."""
+    return model(x), reference(model, x)
+
+
+@pytest.mark.parametrize(
+    "cls, config, count",
+    [
+        (m.GPT, m.GPTConfig(), 124_475_904),
+        (m.SmolLM, m.SmolLM_Config(), 135_151_488),
+        (m.SmolLM, m.SmolLM_Config(vocab_size=49152), 134_515_008),
+        (m.Tiny_MoE, m.Tiny_MoE_Config(), 631_370_304),
+        (m.Tiny_MoE_2, m.Tiny_MoE_2_Config(), 1_061_041_200),
+        (m.Tiny_MoE_3, m.Tiny_MoE_3_Config(), 650_170_944),
+    ],
+)
+def test_parameter_counts_are_the_originals(cls, config, count):
+    model = nnx.eval_shape(lambda: cls(config, nnx.Rngs(0)))  # nothing allocated
+    assert utils.count_params(model) == count
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == count
+
+
+def test_count_params_by_layer_type_uses_the_originals_paths():
+    model = nnx.eval_shape(lambda: m.GPT(m.GPTConfig(), nnx.Rngs(0)))
+    d, layers = 768, 12
+    attn = layers * (d * 3 * d + 3 * d + d * d + d)  # c_attn and c_proj, kernels and biases
+    assert utils.count_params(model, "attn") == attn
+    assert utils.count_params(model, "wpe") == 1024 * d
+
+
+def train_step(model, optimizer, x, y):
+    """The original's train step (run under nnx.jit): cross-entropy plus the MoE losses the
+    model returns; returns the logits and gradients too, for the comparison."""
+
+    def loss_fn(model):
+        out = model(x)
+        logits, lb, z = out if isinstance(out, tuple) else (out, 0.0, 0.0)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return ce + 1e-2 * lb + 1e-3 * z, logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return loss, logits, grads
+
+
+def functional_loss(params, x, y, cfg, with_aux):
+    logits, aux = models.get(cfg.name).apply(params, x, cfg)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    extra = 1e-2 * aux["load_balance_loss"] + 1e-3 * aux["z_loss"] if with_aux else 0.0
+    return ce + extra, logits
+
+
+@nnx.jit(static_argnums=4)
+def train_step_and_reference(model, optimizer, x, y, with_aux):
+    """The functional model's loss, logits and gradients at the params before the step, and
+    the step (one compile per class)."""
+    params, cfg = model.functional_params(), model.model_config()
+    want = jax.value_and_grad(functional_loss, has_aux=True)(params, x, y, cfg, with_aux)
+    return train_step(model, optimizer, x, y), want
+
+
+def by_path(tree) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="."): v for p, v in flat}
+
+
+@pytest.mark.parametrize("cls", [*TINY_CONFIGS, m.Bigram, m.Charformer], ids=lambda c: c.__name__)
+def test_trains_in_the_original_style_with_the_functional_models_logits_and_grads(cls):
+    model = build(cls)
+    model.eval()  # Charformer's dropout off: the functional reference is deterministic
+    with_aux = cls in (m.Tiny_MoE, m.Tiny_MoE_2)
+    if with_aux:
+        model.train(load_balance_loss=True, z_loss=True)
+    x, y = batch()
+    optimizer = nnx.Optimizer(model, optax.sgd(0.3), wrt=nnx.Param)
+    (loss, logits, grads), ((want_loss, want_logits), want_grads) = train_step_and_reference(
+        model, optimizer, x, y, with_aux
+    )
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(logits, want_logits.astype(logits.dtype), rtol=1e-5, atol=1e-5)
+    got = {".".join(map(str, p[1:])): v.get_value() for p, v in grads.flat_state()}
+    want = by_path(want_grads)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    for _ in range(4):
+        (last, _, _), _ = train_step_and_reference(model, optimizer, x, y, with_aux)
+    assert last < loss
+
+
+def test_moe_flags_choose_what_the_model_returns():
+    """The return conventions, traced without compiling (the values: the training test)."""
+    x, _ = batch()
+    returns = lambda model: nnx.eval_shape(lambda model: model(x), model)
+    tiny_moe = build(m.Tiny_MoE)
+    assert returns(tiny_moe).shape == (2, T, V)  # logits alone while both flags are off
+    tiny_moe.train(load_balance_loss=True)  # on every block in the original; here one flag
+    tiny_moe.eval()  # keeps the flags
+    logits, lb, z = returns(tiny_moe)
+    assert logits.shape == (2, T, V) and lb.dtype == jnp.float32 and lb.shape == ()
+    assert z.dtype == jnp.int32  # a disabled term is the int 0
+    _, lb, z = returns(build(m.Tiny_MoE_2))  # always a triple
+    assert lb.dtype == z.dtype == jnp.int32
+    soft_moe = build(m.Tiny_MoE_3)
+    soft_moe.config = dataclasses.replace(soft_moe.config, use_cache=True)
+    with pytest.raises(ConfigError, match="'tiny_moe_3' cannot be cached"):
+        soft_moe(x)
+
+
+@pytest.mark.parametrize("cls", [m.GQA_GPT, m.GQA_GLU_RoPE_GPT])
+def test_cached_decoding_equals_the_full_pass(cls):
+    model = build(cls)
+    tokens, _ = batch()
+    _, (full, _) = call_and_reference(model, tokens)
+    model.config = dataclasses.replace(model.config, use_cache=True)  # read on every call
+    step = nnx.jit(lambda model, idx: model(idx))
+    pieces = [step(model, tokens[:, :13])]  # prefill
+    pieces.append(step(model, tokens[:, 13:15]))  # two tokens in one call
+    pieces.append(step(model, tokens[:, 15:]))  # one token
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="reset it"):
+        step(model, tokens[:, :1])  # past block_size
+    model.reset_cache()
+    np.testing.assert_allclose(step(model, tokens[:, :13]), full[:, :13], rtol=1e-4, atol=1e-4)
+
+
+def original_tree(cls, cfg, seed=0):
+    """A checkpoint tree as the original's save_checkpoint writes it, built from the paths
+    and shapes of NNX_API.md §4 and §8 (random values)."""
+    rng = np.random.default_rng(seed)
+    d, f, hd = cfg.n_embed, cfg.n_mlp_hidden, cfg.n_embed // cfg.n_head
+
+    def arr(*shape):
+        return {"value": (0.1 * rng.standard_normal(shape)).astype(np.float32)}
+
+    def linear(d_in, d_out, bias):
+        return {"kernel": arr(d_in, d_out), **({"bias": arr(d_out)} if bias else {})}
+
+    if cls is m.GPT:
+        tree = {"wte": {"embedding": arr(V, d)}, "wpe": {"embedding": arr(T, d)}}
+        tree["ln_f"] = {"scale": arr(d), "bias": arr(d)}
+        block = lambda: {
+            "ln_1": {"scale": arr(d), "bias": arr(d)},
+            "attn": {"c_attn": linear(d, 3 * d, True), "c_proj": linear(d, d, True)},
+            "ln_2": {"scale": arr(d), "bias": arr(d)},
+            "mlp": {"c_fc": linear(d, f, True), "c_proj": linear(f, d, True)},
+        }
+        tree["h"] = {str(i): block() for i in range(cfg.n_layer)}
+        return tree
+    # Tiny_MoE: MoE blocks at even indices, GLU blocks at odd ones
+    e, kv = cfg.n_experts, 2 * cfg.n_kv_head * hd
+    tree = {"wte": {"embedding": arr(V, d)}, "rms_n_f": {"scale": arr(d)}, "h": {}}
+    for i in range(cfg.n_layer):
+        block = {
+            "rms_n_1": {"scale": arr(d)},
+            "rms_n_2": {"scale": arr(d)},
+            "attn": {
+                "wq": linear(d, d, False),
+                "wkv": linear(d, kv, False),
+                "wproj": linear(d, d, False),
+            },
+        }
+        if i % 2 == 0:
+            experts = {"w_gate": arr(e, d, f), "w_c_fc": arr(e, d, f), "w_c_proj": arr(e, f, d)}
+            experts.update(b_gate=arr(e, 1, f), b_c_fc=arr(e, 1, f), b_c_proj=arr(e, 1, d))
+            block["moe"] = {"router_gate": linear(d, e, False), "experts": experts}
+        else:
+            block["glu"] = {
+                "c_fc": linear(d, f, False),
+                "gate": linear(d, f, False),
+                "c_proj": linear(f, d, False),
+            }
+        tree["h"][str(i)] = block
+    tree["h"]["0"]["attn"]["omega"] = {"value": np.zeros((T, hd), jnp.bfloat16)}
+    return tree
+
+
+@pytest.mark.parametrize("cls", [m.GPT, m.Tiny_MoE])
+def test_a_checkpoint_in_the_originals_layout_loads_and_converts_back(cls, tmp_path):
+    import orbax.checkpoint as ocp
+
+    config = TINY_CONFIGS[cls]
+    tree = original_tree(cls, config)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "original", tree)
+    checkpointer.wait_until_finished()
+
+    model = cls.from_checkpoint(str(tmp_path / "original"), nnx.Rngs(0), config)
+    p, h, d = model.functional_params(), tree["h"], config.n_embed
+    if cls is m.GPT:  # c_attn's columns are [q|k|v]; layer i is row i of the stack
+        np.testing.assert_array_equal(
+            p.blocks[0].attn.k.weight[1], h["1"]["attn"]["c_attn"]["kernel"]["value"][:, d : 2 * d]
+        )
+        np.testing.assert_array_equal(
+            p.blocks[0].attn.v.bias[0], h["0"]["attn"]["c_attn"]["bias"]["value"][2 * d :]
+        )
+    else:  # wkv's columns are [k|v]; MoE layers 0, 2, ... and GLU layers 1, 3, ...
+        kv = config.n_kv_head * d // config.n_head
+        np.testing.assert_array_equal(
+            p.blocks[0].attn.v.weight[0], h["0"]["attn"]["wkv"]["kernel"]["value"][:, kv:]
+        )
+        np.testing.assert_array_equal(
+            p.blocks[0].mixer.experts.down.bias[0],
+            h["0"]["moe"]["experts"]["b_c_proj"]["value"][:, 0],
+        )
+        np.testing.assert_array_equal(
+            p.blocks[1].mixer.gate.weight[0], h["1"]["glu"]["gate"]["kernel"]["value"]
+        )
+    logits, (want, _) = call_and_reference(model, batch()[0])
+    np.testing.assert_array_equal(logits, want)
+
+    back = dict(jax.tree_util.tree_flatten_with_path(model.original_tree())[0])
+    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if "omega" not in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(back[path], value, err_msg=jax.tree_util.keystr(path))
+    assert len(back) == len(jax.tree.leaves(tree))
+
+
+def test_save_checkpoint_round_trip_and_misfits(tmp_path):
+    model = build(m.SmolLM)
+    path = tmp_path / "smol"
+    model.save_checkpoint(str(path))
+    with pytest.raises(ValueError):  # orbax never overwrites a checkpoint
+        model.save_checkpoint(str(path))
+    loaded = m.SmolLM.from_checkpoint(str(path), nnx.Rngs(1), TINY_CONFIGS[m.SmolLM])
+    loaded = nnx.merge(*nnx.split(loaded))
+    np.testing.assert_array_equal(
+        loaded.functional_params().wte.weight, model.functional_params().wte.weight
+    )
+    x, _ = batch()
+    np.testing.assert_array_equal(call_and_reference(loaded, x)[0], call_and_reference(model, x)[0])
+
+    wider = dataclasses.replace(TINY_CONFIGS[m.SmolLM], n_mlp_hidden=96)
+    with pytest.raises(
+        ConfigError,
+        match=r"'h\.0\.mlp\.gate\.kernel' gives shape \(32, 64\), but SmolLM with this "
+        r"config needs \(32, 96\)",
+    ):
+        m.SmolLM.from_checkpoint(str(path), nnx.Rngs(1), wider)
+    shallower = dataclasses.replace(TINY_CONFIGS[m.SmolLM], n_layer=1)
+    with pytest.raises(ConfigError, match=r"holds 'h\.1\."):
+        m.SmolLM.from_checkpoint(str(path), nnx.Rngs(1), shallower)
+
+
+@nnx.jit
+def twice_and_reference(model, x):
+    """Two calls of ``model``, each drawing its own key from the model's rngs, and the
+    deterministic functional logits."""
+    return model(x), model(x), reference(model, x)[0]
+
+
+@pytest.mark.parametrize("cls", [m.Charformer, m.Tiny_MoE])
+def test_dropout_and_router_noise_draw_from_the_modules_rngs(cls):
+    model = build(cls)  # Charformer: dropout on until eval(), as in the original
+    if cls is m.Tiny_MoE:
+        model.train(add_noise=True)
+    first, second, clean = twice_and_reference(model, batch()[0])
+    assert not np.allclose(first, second) and not np.allclose(first, clean)
+    if cls is m.Tiny_MoE:  # the router logits move by 1%: the outputs stay close
+        np.testing.assert_allclose(first, clean, rtol=0.2, atol=0.2)
+
+
+def test_generate_samples_every_row_and_infer_uses_the_core_sampler():
+    bigram = m.Bigram(V, nnx.Rngs(0))
+    out = bigram.generate(jax.random.key(0), jnp.zeros((3, 2), jnp.int32), max_new_tokens=2)
+    assert out.shape == (3, 4)  # the original's categorical(shape=(B, 1)) needs B = 1 [D22]
+
+    enc = data.CharTokenizer.from_texts(["the quick brown fox jumps over a lazy dog"])
+    texts = infer.generate_completions(
+        bigram, enc, prefix="the fox", num_completions=2, max_length=T
+    )
+    assert [t[:7] for t in texts] == ["the fox"] * 2
+    assert all(len(t) >= T for t in texts)  # a char or end-of-text per token
+    ids, key = infer.top_k_sampling(jnp.arange(8.0)[None].repeat(4, 0), jax.random.key(0), k=2)
+    assert ids.shape == (4, 1) and set(np.asarray(ids).ravel()) <= {6, 7}
+    assert not np.array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(0)))
+
+
+def test_checkpointers_and_hf_helpers_use_the_originals_paths_and_local_checkpoints(tmp_path):
+    model = build(m.GPT)
+    checkpointers.save_checkpoint(model, tmp_path, "run", 3)
+    assert (tmp_path / "gpt" / "checkpoints" / "run" / "checkpoint-3.pt").is_dir()
+    loaded = checkpointers.load_checkpoint(m.GPT, tmp_path, model.config, "run", 3)
+    same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+    same(loaded.functional_params(), model.functional_params())
+
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    checkpointers.save_optimizer_state(tmp_path, "run", model.config, optimizer)
+    fresh = nnx.Optimizer(build(m.GPT, seed=1), optax.adam(1e-3), wrt=nnx.Param)
+    checkpointers.load_optimizer_state(model.config, fresh, tmp_path, "run", 0)
+    same(nnx.state(fresh.opt_state), nnx.state(optimizer.opt_state))
+
+    hf.save_pretrained(model.functional_params(), model.model_config(), tmp_path / "gpt2")
+    gpt = gpt_module.from_huggingface_pretrained(nnx.Rngs(0), tmp_path / "gpt2")
+    same(gpt.functional_params(), model.functional_params())
+    smol = build(m.SmolLM)
+    hf.save_pretrained(smol.functional_params(), smol.model_config(), tmp_path / "smol")
+    loaded = smol_lm.from_hf_pretrained(None, nnx.Rngs(0), tmp_path / "smol")
+    assert loaded.config.rope_theta == pytest.approx(1e-4)
+    same(loaded.functional_params(), smol.functional_params())
+    fits = r"model\.n_kv_head=2 does not fit GPTConfig, which has n_kv_head=4"
+    with pytest.raises(ConfigError, match=fits):
+        m.GPTConfig.from_model_config(smol.model_config())
+
+
+def test_create_sharded_model_places_params_by_the_core_rules():
+    mesh = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES)  # data, fsdp, tensor, expert
+    model = utils.create_sharded_model(m.GPT, TINY_CONFIGS[m.GPT], nnx.Rngs(0), mesh)
+    wte = model.functional_params().wte.weight  # (V, D): vocab -> tensor, embed -> fsdp
+    assert wte.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert utils.count_params(model) == model.model_config().n_params
+
+
+def original_charformer_logits(tree, idx, n_head):
+    """The original Charformer's forward pass in numpy (its source, flax's LayerNorm
+    epsilon 1e-6): per-head attention scaled by 1 / sqrt(features), ReLU MLP, biased head."""
+    v = lambda node: np.asarray(node["value"], np.float64)
+
+    def norm(p, x):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + 1e-6) * v(p["scale"]) + v(p["bias"])
+
+    def linear(p, x):
+        return x @ v(p["kernel"]) + (v(p["bias"]) if "bias" in p else 0)
+
+    t = idx.shape[1]
+    x = v(tree["embed"]["embedding"])[idx] + v(tree["pos_emb"]["embedding"])[:t]
+    causal = np.tril(np.ones((t, t), bool))
+    for i in range(len(tree["blocks"])):
+        block, h = tree["blocks"][str(i)], norm(tree["blocks"][str(i)]["ln1"], x)
+        heads = []
+        for j in range(n_head):
+            head = block["heads"][str(j)]
+            q, k = linear(head["query"], h), linear(head["key"], h)
+            scores = np.where(causal, q @ k.transpose(0, 2, 1), -np.inf) * x.shape[-1] ** -0.5
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            heads.append(weights / weights.sum(-1, keepdims=True) @ linear(head["value"], h))
+        x = x + linear(block["proj"], np.concatenate(heads, -1))
+        ffwd = block["ffwd"]
+        x = x + linear(
+            ffwd["linear2"], np.maximum(linear(ffwd["linear1"], norm(block["ln2"], x)), 0)
+        )
+    return linear(tree["lm_head"], norm(tree["ln"], x))
+
+
+def test_the_original_charformers_tree_loads_and_computes_the_originals_logits():
+    f, n_head = 32, 4
+    rng = np.random.default_rng(0)
+    arr = lambda *shape: {"value": (0.3 * rng.standard_normal(shape)).astype(np.float32)}
+    linear = lambda a, b: {"kernel": arr(a, b), "bias": arr(b)}
+    norm = lambda: {"scale": arr(f), "bias": arr(f)}
+    block = lambda: {
+        "heads": {
+            str(j): {name: {"kernel": arr(f, f // n_head)} for name in ("key", "query", "value")}
+            for j in range(n_head)
+        },
+        "proj": linear(f, f),
+        "ffwd": {"linear1": linear(f, 4 * f), "linear2": linear(4 * f, f)},
+        "ln1": norm(),
+        "ln2": norm(),
+    }
+    tree = {
+        "embed": {"embedding": arr(V, f)},
+        "pos_emb": {"embedding": arr(T, f)},
+        "blocks": {str(i): block() for i in range(2)},
+        "ln": norm(),
+        "lm_head": linear(f, V),
+    }
+    model = build(m.Charformer)
+    model.load_original_tree(tree)
+    model.eval()
+    x, _ = batch()
+    logits, _ = call_and_reference(model, x)
+    want = original_charformer_logits(tree, np.asarray(x), n_head)
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+    back = dict(jax.tree_util.tree_flatten_with_path(model.original_tree())[0])
+    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        np.testing.assert_allclose(back[path], value, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
