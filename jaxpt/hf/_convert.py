@@ -45,9 +45,9 @@ def config_from_hf(hf_config: Mapping, **overrides) -> models.ModelConfig:
     """The jaxpt model config of a transformers config (config.json as a dict).
 
     The registry preset ``gpt`` (GPT-2) or ``smollm`` (Llama) with the sizes, heads, epsilon,
-    rope base, biases and tying of ``hf_config``, computing in float32. ``overrides`` set
-    other model fields (``dtype="bfloat16"``, ``remat_policy``, ...); the ones the checkpoint
-    determines cannot be overridden.
+    rope base, biases and tying of ``hf_config``, computing in float32 (logits too).
+    ``overrides`` set other model fields (``dtype="bfloat16"``, ``remat_policy``, ...); the
+    ones the checkpoint determines cannot be overridden.
     """
     layout = layout_of_hf(hf_config)
     fields = {**layout.fixed, **_fields_of_hf(layout, hf_config)}
@@ -59,7 +59,7 @@ def config_from_hf(hf_config: Mapping, **overrides) -> models.ModelConfig:
                 "be overridden."
             )
     preset = models.get(layout.preset).default_config()
-    float32 = dict(dtype="float32", param_dtype="float32")
+    float32 = dict(dtype="float32", param_dtype="float32", logits_dtype="float32")
     return models.ModelConfig.from_dict({**preset.to_dict(), **float32, **fields, **overrides})
 
 

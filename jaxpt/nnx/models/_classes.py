@@ -180,6 +180,7 @@ class Charformer(FunctionalModel):
             ln_epsilon=1e-6,  # flax's LayerNorm default
             tie_embeddings=False,
             dtype="float32",
+            logits_dtype="float32",
             scan_layers=True,
         )
         self._set_up(init_params(rngs.params(), self.config), rngs)
