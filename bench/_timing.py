@@ -9,14 +9,10 @@ import numpy as np
 from jaxpt import models, train
 
 
-def time_train_step(config, *, warmup: int, steps: int) -> dict:
-    """Median seconds of one train step of the run config ``config`` on random tokens.
-
-    The step ``launch.py`` runs (``train.make_train_step``, donated state, the same compiler
-    options), micro-batch ``config.train.batch_size`` x ``config.model.block_size``, no
-    accumulation; ``warmup`` untimed steps (compilation included), then ``steps`` timed
-    ones, each waited for. MFU counts the active parameters (``flops_per_token``).
-    """
+def train_step(config):
+    """``(model config, fresh state, jitted step)`` as ``launch.py`` builds them for the run
+    config ``config`` on one device (donated state, the same compiler options), with no
+    gradient accumulation (``config.train.grad_accum_steps`` is set to 1)."""
     config.train.grad_accum_steps = 1
     cfg = models.config_from(config.model)
     model = models.get(cfg.name)
@@ -28,6 +24,18 @@ def time_train_step(config, *, warmup: int, steps: int) -> dict:
         donate_argnums=0,
         compiler_options=train.STEP_COMPILER_OPTIONS,
     )
+    return cfg, state, step
+
+
+def time_train_step(config, *, warmup: int, steps: int) -> dict:
+    """Median seconds of one train step of the run config ``config`` on random tokens.
+
+    The step ``launch.py`` runs (``train.make_train_step``, donated state, the same compiler
+    options), micro-batch ``config.train.batch_size`` x ``config.model.block_size``, no
+    accumulation; ``warmup`` untimed steps (compilation included), then ``steps`` timed
+    ones, each waited for. MFU counts the active parameters (``flops_per_token``).
+    """
+    cfg, state, step = train_step(config)
     batch, seq = config.train.batch_size, cfg.block_size
     rng = np.random.default_rng(0)
     times = []

@@ -18,11 +18,11 @@ import re
 import tempfile
 
 import _report  # bench/_report.py, beside this script
+import _timing
 import jax
 import numpy as np
 from absl import app, flags
 
-from jaxpt import models, train
 from jaxpt.config import preset_config
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
@@ -75,16 +75,8 @@ def make_step(f):
     """The jitted train step, its state and a batch of random tokens."""
     config = preset_config("gpt", None)
     config.model.update(block_size=f.seq, scan_layers=f.scan_layers, remat_policy=f.remat)
-    config.train.update(batch_size=f.batch, grad_accum_steps=1)
-    cfg = models.config_from(config.model)
-    abstract_params = jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
-    tx = train.optimizer(config.train, abstract_params)
-    state = jax.jit(lambda k: train.init_state(k, cfg, tx))(jax.random.key(0))
-    step = jax.jit(
-        train.make_train_step(config, tx),
-        donate_argnums=0,
-        compiler_options=train.STEP_COMPILER_OPTIONS,
-    )
+    config.train.batch_size = f.batch
+    _, state, step = _timing.train_step(config)
     tokens = np.random.default_rng(0).integers(0, 50257, (f.batch, f.seq + 1), dtype=np.int32)
     return step, state, tokens
 
