@@ -171,9 +171,41 @@ def init_moe(
 ) -> MoE:
     """MoE params: an N(0, std^2) router (with a zero bias if ``router_bias``) and
     ``init_experts``'s experts."""
+    router, experts = _router_and_experts(
+        key,
+        d_model,
+        d_hidden,
+        n_experts,
+        n_logits=n_experts,
+        router_bias=router_bias,
+        gated=gated,
+        bias=bias,
+        std=std,
+        out_std=out_std,
+        dtype=dtype,
+    )
+    return MoE(router, experts)
+
+
+def _router_and_experts(
+    key: Array,
+    d_model: int,
+    d_hidden: int,
+    n_experts: int,
+    *,
+    n_logits: int,
+    router_bias: bool,
+    gated: bool,
+    bias: bool,
+    std: float,
+    out_std: float,
+    dtype,
+) -> tuple[Linear, Experts]:
+    """A ``D -> n_logits`` N(0, std^2) router (zero bias if ``router_bias``) and
+    ``init_experts``'s experts: what a top-k MoE and a Soft MoE layer both hold."""
     k_router, k_experts = jax.random.split(key)
     router = init_linear(
-        k_router, d_model, n_experts, axes=("embed", None), bias=router_bias, std=std, dtype=dtype
+        k_router, d_model, n_logits, axes=("embed", None), bias=router_bias, std=std, dtype=dtype
     )
     experts = init_experts(
         k_experts,
@@ -186,7 +218,7 @@ def init_moe(
         out_std=out_std,
         dtype=dtype,
     )
-    return MoE(router, experts)
+    return router, experts
 
 
 def expert_capacity(spec: MoESpec, t: int) -> int:
@@ -612,15 +644,13 @@ def init_soft_moe(
 ) -> SoftMoE:
     """Soft MoE params: ``slots`` per expert read through an N(0, std^2) ``phi``, and
     ``init_experts``'s experts."""
-    k_phi, k_experts = jax.random.split(key)
-    phi = init_linear(
-        k_phi, d_model, n_experts * slots, axes=("embed", None), bias=False, std=std, dtype=dtype
-    )
-    experts = init_experts(
-        k_experts,
-        n_experts,
+    phi, experts = _router_and_experts(
+        key,
         d_model,
         d_hidden,
+        n_experts,
+        n_logits=n_experts * slots,
+        router_bias=False,
         gated=gated,
         bias=bias,
         std=std,
