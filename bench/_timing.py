@@ -9,10 +9,11 @@ import numpy as np
 from jaxpt import models, train
 
 
-def train_step(config):
+def train_step(config, extra_compiler_options=None):
     """``(model config, fresh state, jitted step)`` as ``launch.py`` builds them for the run
-    config ``config`` on one device (donated state, the same compiler options), with no
-    gradient accumulation (``config.train.grad_accum_steps`` is set to 1)."""
+    config ``config`` on one device (donated state, the same compiler options plus
+    ``extra_compiler_options``), with no gradient accumulation
+    (``config.train.grad_accum_steps`` is set to 1)."""
     config.train.grad_accum_steps = 1
     cfg = models.config_from(config.model)
     model = models.get(cfg.name)
@@ -22,12 +23,12 @@ def train_step(config):
     step = jax.jit(
         train.make_train_step(config, tx),
         donate_argnums=0,
-        compiler_options=train.STEP_COMPILER_OPTIONS,
+        compiler_options={**train.STEP_COMPILER_OPTIONS, **(extra_compiler_options or {})},
     )
     return cfg, state, step
 
 
-def time_train_step(config, *, warmup: int, steps: int) -> dict:
+def time_train_step(config, *, warmup: int, steps: int, extra_compiler_options=None) -> dict:
     """Median seconds of one train step of the run config ``config`` on random tokens.
 
     The step ``launch.py`` runs (``train.make_train_step``, donated state, the same compiler
@@ -35,7 +36,7 @@ def time_train_step(config, *, warmup: int, steps: int) -> dict:
     accumulation; ``warmup`` untimed steps (compilation included), then ``steps`` timed
     ones, each waited for. MFU counts the active parameters (``flops_per_token``).
     """
-    cfg, state, step = train_step(config)
+    cfg, state, step = train_step(config, extra_compiler_options)
     batch, seq = config.train.batch_size, cfg.block_size
     rng = np.random.default_rng(0)
     times = []
@@ -60,3 +61,15 @@ def time_train_step(config, *, warmup: int, steps: int) -> dict:
         mfu=None if peak is None else flops / peak,
         final_loss=float(metrics["loss"]),
     )
+
+
+def compiler_options(pairs: list[str]) -> dict:
+    """``["name=value", ...]`` (XLA debug options, e.g. ``xla_gpu_enable_cublaslt=true``) ->
+    the dict ``jax.jit(compiler_options=...)`` takes, ``true``/``false`` and integers typed."""
+    return {name: _typed(value) for name, value in (pair.split("=", 1) for pair in pairs)}
+
+
+def _typed(value: str) -> bool | int | str:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return int(value) if value.lstrip("-").isdigit() else value

@@ -5,9 +5,11 @@
 
 Runs ``bench/train_step.py``'s step (``configs/gpt.py``, ``--batch`` x ``--seq``), traces
 ``--steps`` steps after a warm-up, and sums the device kernels' durations per step into kinds
-(matmul, attention, copies and dynamic-update-slices, reductions, other fusions, collectives)
-and per kernel name. Prints the kinds and the top kernels, a table last; writes
-profile_step.json to --out.
+(matmul, attention, copies and dynamic-update-slices, reductions, other fusions, collectives),
+per part of the model (the named scope of the HLO op a kernel runs, forward or backward: layer
+norms, attention, MLP, read-out, loss, optimizer; from the compiled HLO's op metadata) and per
+kernel name. Prints the kinds, the parts and the top kernels, a table last; writes
+profile_step.json to --out. ``--xla`` adds XLA options to the step's (``train_step.py``'s).
 """
 
 import collections
@@ -32,6 +34,7 @@ flags.DEFINE_integer("steps", 5, "Traced steps.")
 flags.DEFINE_bool("scan_layers", False, "model.scan_layers.")
 flags.DEFINE_string("remat", "none", "model.remat_policy.")
 flags.DEFINE_integer("top", 25, "Kernels listed.")
+flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
 
 KINDS = (  # first match wins
     ("collective", r"nccl|all_gather|all-gather|reduce_scatter|all_reduce"),
@@ -43,14 +46,52 @@ KINDS = (  # first match wins
 )
 
 
+# The model's named scopes (jax.named_scope in jaxpt.nn and the train step), innermost first.
+PARTS = (
+    "cross_entropy",
+    "layer_norm",
+    "rms_norm",
+    "attention",
+    "experts",
+    "moe",
+    "soft_moe",
+    "mlp",
+    "glu",
+    "unembed",
+    "embed",
+    "optimizer",
+)
+
+
 def kind_of(name: str) -> str:
     """The kind of a kernel, from its name (``KINDS``), else ``other``."""
     lowered = name.lower()
     return next((k for k, pattern in KINDS if re.search(pattern, lowered)), "other")
 
 
-def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
-    """``(name, microseconds)`` of every event on a GPU stream in the perfetto trace."""
+def hlo_key(name: str) -> str:
+    """An HLO instruction or kernel name with dots and dashes as underscores (kernels are
+    named after their fusion, ``loop_add_fusion.3`` -> ``loop_add_fusion_3``)."""
+    return re.sub(r"[.\-]", "_", name)
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """``hlo_key(instruction)`` -> the ``op_name`` of its metadata (the JAX name stack)."""
+    pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
+    return {hlo_key(m[1]): m[2] for m in pattern.finditer(hlo_text)}
+
+
+def part_of(op_name: str | None) -> str:
+    """``"<scope> fwd"`` or ``"<scope> bwd"`` (``PARTS``; ``other``), bwd under a transpose."""
+    if op_name is None:
+        return "unattributed"
+    scope = next((p for p in PARTS if re.search(rf"\b{p}\b", op_name)), "other")
+    return f"{scope} {'bwd' if 'transpose(' in op_name else 'fwd'}"
+
+
+def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
+    """``(name, hlo op, microseconds)`` of every event on a GPU stream in the perfetto trace
+    (the HLO op from the event's ``hlo_op`` argument, else its name)."""
     path = next(trace_dir.rglob("perfetto_trace.json.gz"))
     with gzip.open(path) as fh:
         events = json.load(fh)["traceEvents"]
@@ -65,7 +106,7 @@ def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
         names = {e.get("args", {}).get("name") for e in events if e.get("name") == "process_name"}
         print(f"no GPU process in the trace; processes: {sorted(map(str, names))}")
     return [
-        (e["name"], float(e["dur"]))
+        (e["name"], e.get("args", {}).get("hlo_op", e["name"]), float(e["dur"]))
         for e in events
         if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e
     ]
@@ -76,7 +117,7 @@ def make_step(f):
     config = preset_config("gpt", None)
     config.model.update(block_size=f.seq, scan_layers=f.scan_layers, remat_policy=f.remat)
     config.train.batch_size = f.batch
-    _, state, step = _timing.train_step(config)
+    _, state, step = _timing.train_step(config, _timing.compiler_options(f.xla))
     tokens = np.random.default_rng(0).integers(0, 50257, (f.batch, f.seq + 1), dtype=np.int32)
     return step, state, tokens
 
@@ -85,6 +126,7 @@ def main(argv):
     del argv
     f = flags.FLAGS
     step, state, tokens = make_step(f)
+    ops = op_names(step.lower(state, tokens[:, :-1], tokens[:, 1:]).compile().as_text())
     for _ in range(3):
         state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
     jax.block_until_ready(metrics)
@@ -94,9 +136,12 @@ def main(argv):
                 state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
             jax.block_until_ready(metrics)
         kernels = device_kernels(pathlib.Path(tmp))
-    per_name = collections.Counter()
-    for name, us in kernels:
+    per_name, per_part, per_part_name = (collections.Counter() for _ in range(3))
+    for name, hlo_op, us in kernels:
+        part = part_of(ops.get(hlo_key(hlo_op), ops.get(hlo_key(name))))
         per_name[name] += us / f.steps
+        per_part[part] += us / f.steps
+        per_part_name[part, name] += us / f.steps
     per_kind = collections.Counter()
     for name, us in per_name.items():
         per_kind[kind_of(name)] += us
@@ -109,12 +154,17 @@ def main(argv):
         batch=f.batch,
         seq=f.seq,
         kernel_ms_per_step=total / 1e3,
+        xla=f.xla,
         kinds_ms={k: v / 1e3 for k, v in per_kind.most_common()},
+        parts_ms={k: v / 1e3 for k, v in per_part.most_common()},
         kernels_ms={k: v / 1e3 for k, v in per_name.most_common(200)},
     )
-    print(f"top kernels (ms/step), {result['device']}, scan_layers={f.scan_layers}:")
-    for name, us in per_name.most_common(f.top):
-        print(f"  {us / 1e3:8.3f}  {kind_of(name):<10} {name[:110]}")
+    print(f"top kernels by part (ms/step), {result['device']}, scan_layers={f.scan_layers}:")
+    for (part, name), us in per_part_name.most_common(f.top):
+        print(f"  {us / 1e3:8.3f}  {kind_of(name):<10} {part:<18} {name[:90]}")
+    print(f"{'part':<20} {'ms/step':>8} {'share':>6}")
+    for part, us in per_part.most_common():
+        print(f"{part:<20} {us / 1e3:>8.2f} {us / total:>6.1%}")
     print(f"GPU kernel time per step {total / 1e3:.2f} ms, scan_layers={f.scan_layers}")
     print(f"{'kind':<12} {'ms/step':>8} {'share':>6}")
     for kind, us in per_kind.most_common():

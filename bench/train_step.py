@@ -36,6 +36,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string("preset", "gpt", "Registry preset whose model is timed.")
 flags.DEFINE_enum("moe_matmul", None, ["padded", "ragged"], "model.moe_matmul (MoE presets).")
+flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
 
 
 def run_config(f):
@@ -52,7 +53,10 @@ def time_steps(batch: int, f) -> dict:
     """One row: the preset's step at micro-batch ``batch``."""
     config = run_config(f)
     config.train.batch_size = batch
-    return _timing.time_train_step(config, warmup=f.warmup, steps=f.steps)
+    options = _timing.compiler_options(f.xla)
+    return _timing.time_train_step(
+        config, warmup=f.warmup, steps=f.steps, extra_compiler_options=options
+    )
 
 
 def main(argv):
@@ -69,11 +73,13 @@ def main(argv):
         remat=f.remat,
         scan_layers=model.scan_layers,
         logits_dtype=model.logits_dtype,
+        xla=f.xla,
         rows=rows,
     )
     print(
         f"jaxpt {f.preset} train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
-        f"remat={f.remat}, scan_layers={model.scan_layers}, logits={model.logits_dtype}"
+        f"remat={f.remat}, scan_layers={model.scan_layers}, logits={model.logits_dtype}, "
+        f"xla={f.xla}"
     )
     print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
     for r in rows:

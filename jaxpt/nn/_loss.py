@@ -41,6 +41,7 @@ def _shifted_exp(logits: Array, peak: Array) -> Array:
     return jnp.exp(logits.astype(jnp.float32) - peak[..., None])
 
 
+@jax.named_scope("cross_entropy")
 def _nll_fwd(logits: Array, targets: Array):
     peak = jax.lax.stop_gradient(logits.max(axis=-1).astype(jnp.float32))  # (B, T)
     total = _shifted_exp(logits, peak).sum(axis=-1)
@@ -49,6 +50,7 @@ def _nll_fwd(logits: Array, targets: Array):
     return nll, (logits, peak, total, targets)
 
 
+@jax.named_scope("cross_entropy")
 def _nll_bwd(residuals, grad: Array):
     logits, peak, total, targets = residuals
     one_hot = jnp.arange(logits.shape[-1]) == targets[..., None]  # (B, T, V) bool

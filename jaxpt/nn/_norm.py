@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 
@@ -40,6 +41,7 @@ def init_rms_norm(d: int, dtype) -> RMSNorm:
     return RMSNorm(jnp.ones((d,), dtype))
 
 
+@jax.named_scope("layer_norm")
 def layer_norm(p: LayerNorm, x: Array, eps: float) -> Array:
     """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, in x's dtype."""
     x32 = x.astype(jnp.float32)
@@ -49,6 +51,7 @@ def layer_norm(p: LayerNorm, x: Array, eps: float) -> Array:
     return (y * p.scale + p.bias).astype(x.dtype)
 
 
+@jax.named_scope("rms_norm")
 def rms_norm(p: RMSNorm, x: Array, eps: float) -> Array:
     """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, in x's dtype."""
     x32 = x.astype(jnp.float32)

@@ -183,14 +183,15 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
 
     def step(state: TrainState, inputs: Array, targets: Array, loss_mask: Array | None = None):
         grads, metrics = mean_gradients(state.params, inputs, targets, loss_mask, state.step)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(
-            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)
-        )
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new_state = TrainState(
+                state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)
+            )
         return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
 
     return step
