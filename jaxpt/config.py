@@ -92,9 +92,9 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
     config.mesh.expert = 1
-    # Slices the data / FSDP axes span (their product: the number of slices); the mesh's data
-    # axis is data x dcn_data, its fsdp axis fsdp x dcn_fsdp
-    config.mesh.dcn_data = 1
+    # Slices the data / FSDP axes span (their product: the number of slices; -1: the slices
+    # the other leaves); the mesh's data axis is data x dcn_data, its fsdp axis fsdp x dcn_fsdp
+    config.mesh.dcn_data = -1
     config.mesh.dcn_fsdp = 1
     config.mesh.rules = sharding.default_rules()  # logical axis name -> mesh axes
 

@@ -58,12 +58,10 @@ def validate_mesh(mesh_cfg) -> None:
         if size != -1:
             check_range(f"mesh.{axis}", size, at_least=1, integer=True, note=", or -1 (the rest)")
     for field in DCN_FIELDS.values():
-        check_range(f"mesh.{field}", mesh_cfg[field], at_least=1, integer=True)
-    rest = [f"mesh.{axis}" for axis in MESH_AXES if mesh_cfg[axis] == -1]
-    if len(rest) > 1:
-        raise ConfigError(
-            f"{' and '.join(rest)} are all -1: at most one axis takes the devices left over."
-        )
+        if mesh_cfg[field] != -1:
+            check_range(f"mesh.{field}", mesh_cfg[field], at_least=1, integer=True, note=", or -1")
+    _at_most_one_rest([f"mesh.{axis}" for axis in MESH_AXES if mesh_cfg[axis] == -1], "devices")
+    _at_most_one_rest([f"mesh.{f}" for f in DCN_FIELDS.values() if mesh_cfg[f] == -1], "slices")
     for name, axes in mesh_cfg.rules.items():
         unknown = [a for a in axes if a not in MESH_AXES]
         if unknown:
@@ -71,6 +69,13 @@ def validate_mesh(mesh_cfg) -> None:
                 f"mesh.rules.{name}={tuple(axes)!r} names {unknown[0]!r}, not one of the mesh "
                 f"axes {list(MESH_AXES)}."
             )
+
+
+def _at_most_one_rest(fields: list[str], what: str) -> None:
+    if len(fields) > 1:
+        raise ConfigError(
+            f"{' and '.join(fields)} are all -1: at most one takes the {what} left over."
+        )
 
 
 def mesh_shape(mesh_cfg, n_devices: int, *, n_slices: int = 1) -> tuple[int, ...]:
@@ -96,11 +101,6 @@ def mesh_shape(mesh_cfg, n_devices: int, *, n_slices: int = 1) -> tuple[int, ...
     return tuple(sizes)
 
 
-def dcn_shape(mesh_cfg) -> tuple[int, ...]:
-    """How many slices each of MESH_AXES spans."""
-    return tuple(mesh_cfg[DCN_FIELDS[axis]] if axis in DCN_FIELDS else 1 for axis in MESH_AXES)
-
-
 def _process_is_slice(devices: Sequence[jax.Device]) -> bool:
     # TPU and GPU devices carry their slice (``slice_index``: a TPU slice, a GPU host). On CPU
     # each process stands for a host: the CPU client names no slice in one process and puts
@@ -117,21 +117,25 @@ def slices(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:
     return [groups[key] for key in sorted(groups)]
 
 
-def check_slices(mesh_cfg, groups: list[list[jax.Device]]) -> None:
-    """Raises ConfigError unless ``mesh.dcn_data x mesh.dcn_fsdp`` is the number of slices
-    the devices are in, and every slice holds as many devices."""
+def dcn_shape(mesh_cfg, groups: list[list[jax.Device]]) -> tuple[int, ...]:
+    """How many of the slices ``groups`` (``slices(devices)``) each of MESH_AXES spans;
+    ``mesh.dcn_data`` or ``mesh.dcn_fsdp`` at -1 takes the slices the other leaves (the
+    default: the data axis spans them all). Raises ConfigError unless the counts multiply to
+    the number of slices and every slice holds as many devices."""
     validate_mesh(mesh_cfg)
     kinds = "processes" if _process_is_slice(groups[0]) else "slices (TPU slices or GPU hosts)"
     n_devices, n = sum(map(len, groups)), len(groups)
-    if math.prod(dcn_shape(mesh_cfg)) != n:
-        advice = (
-            "set both to 1"
-            if n == 1
-            else f"set mesh.dcn_data={n} to put the slow links between them on the data axis"
-        )
+    counts = {axis: mesh_cfg[field] for axis, field in DCN_FIELDS.items()}
+    fixed = math.prod(c for c in counts.values() if c != -1)
+    rest = [axis for axis, c in counts.items() if c == -1]
+    if rest and n % fixed == 0:
+        counts[rest[0]] = n // fixed
+    if math.prod(counts.values()) != n:
+        given = " x ".join(f"mesh.{field}={mesh_cfg[field]}" for field in DCN_FIELDS.values())
         raise ConfigError(
-            f"mesh.dcn_data={mesh_cfg.dcn_data} x mesh.dcn_fsdp={mesh_cfg.dcn_fsdp} must equal "
-            f"the number of {kinds} the {n_devices} devices are in ({n}); {advice}."
+            f"{given} must equal the number of {kinds} the {n_devices} devices are in ({n}); "
+            "set mesh.dcn_data=-1 (and mesh.dcn_fsdp=1) to put the slow links between them "
+            "on the data axis."
         )
     sizes = sorted({len(group) for group in groups})
     if len(sizes) > 1:
@@ -139,6 +143,7 @@ def check_slices(mesh_cfg, groups: list[list[jax.Device]]) -> None:
             f"The {n_devices} devices are in {kinds} of unequal sizes {sizes}; a mesh needs "
             "the same number of devices in each."
         )
+    return tuple(counts.get(axis, 1) for axis in MESH_AXES)
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -147,14 +152,14 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     ``mesh.dcn_data`` and ``mesh.dcn_fsdp`` say."""
     devices = jax.devices() if devices is None else devices
     groups = slices(devices)
-    check_slices(mesh_cfg, groups)
+    dcn = dcn_shape(mesh_cfg, groups)
     shape = mesh_shape(mesh_cfg, len(devices), n_slices=len(groups))
     # Auto axes: shardings come from the rules and the compiler, as jit's in/out_shardings say
     auto = (AxisType.Auto,) * len(MESH_AXES)
     if len(groups) == 1:
         return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
     grid = mesh_utils.create_hybrid_device_mesh(
-        shape, dcn_shape(mesh_cfg), devices, process_is_granule=_process_is_slice(devices)
+        shape, dcn, devices, process_is_granule=_process_is_slice(devices)
     )
     return Mesh(grid, MESH_AXES, axis_types=auto)
 

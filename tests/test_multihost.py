@@ -35,7 +35,8 @@ def launch(workdir, devices: int, process: tuple[int, int, int] | None = None):
         JAX_NUM_PROCESSES=str(count),
         JAX_PROCESS_ID=str(index),
     )
-    hybrid = [f"--config.mesh.dcn_data={count}", "--config.mesh.fsdp=2", "--config.log.shardings"]
+    # mesh.dcn_data keeps its default, -1: the data axis spans the processes (the "slices")
+    hybrid = ["--config.mesh.fsdp=2", "--config.log.shardings"]
     return launch_run(workdir, *overrides, *hybrid, "--distributed", devices=devices, env=env)
 
 

@@ -4,6 +4,7 @@ other meshes; the mesh's DCN axes and the sharding report."""
 
 import contextlib
 import functools
+import re
 
 import jax
 import numpy as np
@@ -218,8 +219,33 @@ def test_dcn_axes_must_match_the_slices():
         sharding.make_mesh(config.mesh)
     assert str(caught.value) == (
         "mesh.dcn_data=2 x mesh.dcn_fsdp=1 must equal the number of processes the 8 devices "
-        "are in (1); set both to 1."
+        "are in (1); set mesh.dcn_data=-1 (and mesh.dcn_fsdp=1) to put the slow links between "
+        "them on the data axis."
     )
+
+
+@pytest.mark.parametrize(
+    "n_slices, dcn, expected",
+    [
+        (1, dict(), (1, 1, 1, 1)),  # the default: data spans every slice
+        (4, dict(), (4, 1, 1, 1)),
+        (4, dict(dcn_data=-1, dcn_fsdp=2), (2, 2, 1, 1)),
+        (4, dict(dcn_data=1, dcn_fsdp=-1), (1, 4, 1, 1)),
+        (2, dict(dcn_data=2, dcn_fsdp=1), (2, 1, 1, 1)),
+        (4, dict(dcn_data=-1, dcn_fsdp=3), "mesh.dcn_data=-1 x mesh.dcn_fsdp=3 must equal"),
+        (2, dict(dcn_data=-1, dcn_fsdp=-1), "are all -1: at most one takes the slices left"),
+    ],
+)
+def test_slice_counts_resolve_minus_one_to_the_slices_left(n_slices, dcn, expected):
+    config = small_config("gpt", data=-1, **dcn)
+    devices = jax.devices()
+    size = len(devices) // n_slices
+    groups = [devices[i * size : (i + 1) * size] for i in range(n_slices)]
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            sharding.dcn_shape(config.mesh, groups)
+    else:
+        assert sharding.dcn_shape(config.mesh, groups) == expected
 
 
 def test_the_report_names_every_spec_and_large_replicated_tensors():
