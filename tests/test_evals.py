@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpt import data, hf, launcher, models, sharding, train
+from jaxpt import data, evals, hf, launcher, models, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError, DataNotFoundError
 from jaxpt.evals import hellaswag
@@ -389,3 +389,44 @@ def test_eval_mode_on_init_from_without_a_checkpoint(tmp_path, capsys):
         sharded, cfg, ITEMS, tokenizer, batch_size=8, mesh=mesh, rules=config.mesh.rules
     )
     assert record["results"] == {"hellaswag": expected.summary()}
+
+
+class FixedBatches:
+    """The eval-batch side of a ``data.Loader``: these batches, in order."""
+
+    def __init__(self, batches: list):
+        self.batches, self.batch_size = batches, len(batches[0].tokens)
+
+    def eval_batches(self, n: int) -> list:
+        return self.batches[:n]
+
+
+def test_validation_ce_on_chat_data_averages_every_masked_target():
+    config = char_config()
+    config.model.update(vocab_size=32, block_size=16)
+    cfg = models.config_from(config.model)
+    params = models.get(cfg.name).init(jax.random.key(0), cfg)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, (2, 4, 17), dtype=np.int32)
+    masks = np.zeros((2, 4, 17), np.int32)
+    masks[0, 0, 1:3] = 1  # 2 targets in the first batch, 40 in the second
+    masks[1, :, 7:] = 1
+    batches = [data.MaskedBatch(t, m) for t, m in zip(tokens, masks, strict=True)]
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    batch_sh = sharding.batch_sharding(mesh, config.mesh.rules)
+    step = jax.jit(train.make_eval_step(config))
+    got = evals.validation_loss(step, params, FixedBatches(batches), 2, batch_sh)
+
+    nll, per_batch = [], []  # the reference: float64 log-softmax of every masked target
+    for batch in batches:
+        logits = np.asarray(models.get(cfg.name).apply(params, batch.tokens[:, :-1], cfg)[0])
+        logits = logits.astype(np.float64)
+        peak = logits.max(-1, keepdims=True)
+        log_probs = logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
+        target_lp = np.take_along_axis(log_probs, batch.tokens[:, 1:, None], -1)[..., 0]
+        kept = -target_lp[batch.loss_mask[:, 1:] == 1]
+        nll.extend(kept)
+        per_batch.append(kept.mean())
+    assert got["ce"] == pytest.approx(np.mean(nll), rel=1e-5)
+    assert got["loss"] == pytest.approx(np.mean(nll), rel=1e-5)  # dense: no auxiliary losses
+    assert abs(np.mean(per_batch) - np.mean(nll)) > 1e-3  # what a mean of batch means gives

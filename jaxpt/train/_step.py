@@ -199,11 +199,16 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
 
 def make_eval_step(config) -> Callable:
     """``eval_step(params, inputs, targets, loss_mask=None) -> metrics`` (the same losses,
-    no update)."""
+    no update; with a mask also ``loss_tokens``, the number of targets ``ce`` averages)."""
     loss = _run_loss(config)
-    return lambda params, inputs, targets, loss_mask=None: loss(
-        params, inputs, targets, loss_mask=loss_mask
-    )[1]
+
+    def eval_step(params, inputs: Array, targets: Array, loss_mask: Array | None = None):
+        metrics = loss(params, inputs, targets, loss_mask=loss_mask)[1]
+        if loss_mask is None:
+            return metrics
+        return {**metrics, "loss_tokens": loss_mask.astype(jnp.float32).sum()}
+
+    return eval_step
 
 
 def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
