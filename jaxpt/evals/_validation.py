@@ -24,7 +24,7 @@ def validation_loss(
     means = {key: float(np.mean([b[key] for b in batches])) for key in batches[0]}
     if "loss_tokens" not in means:
         return means
-    tokens = np.array([b.pop("loss_tokens") for b in batches], np.float64)
+    tokens = np.array([b["loss_tokens"] for b in batches], np.float64)
     ce = float(np.dot(tokens, [b["ce"] for b in batches]) / max(tokens.sum(), 1.0))
     del means["loss_tokens"]
     return {**means, "loss": means["loss"] - means["ce"] + ce, "ce": ce}
