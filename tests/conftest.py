@@ -1,7 +1,10 @@
-"""Test setup: 8 virtual CPU devices (before jax is imported) for sharding tests, and a
-private cache for the embedded corpus."""
+"""Test setup: 8 virtual CPU devices (before jax is imported) for sharding tests, and private
+caches for the embedded corpus, for compiled programs and for Python bytecode, shared by the
+xdist workers and the subprocesses the tests launch, and new in every run."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Tiny test models spend their time in XLA's compiler, not in the compiled code: skip the
@@ -10,3 +13,19 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAXPT_CACHE_DIR", tempfile.mkdtemp(prefix="jaxpt-test-cache-"))
+
+# Many tests compile the same programs (the char-level GPT smoke step in-process and in every
+# launch.py subprocess): compile each once per run. The cache starts empty in every run.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxpt-test-jax-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+# Under PYTHONDONTWRITEBYTECODE every subprocess compiles jax, torch (through tensorboardX) and
+# the rest from source again: about 8 s of a launch.py run's 16. Let them share bytecode in a
+# directory of this run instead (the environment and the sources stay untouched).
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and "PYTHONPYCACHEPREFIX" not in os.environ:
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="jaxpt-test-pycache-")
+    atexit.register(shutil.rmtree, os.environ["PYTHONPYCACHEPREFIX"], ignore_errors=True)
