@@ -279,13 +279,20 @@ def test_every_registry_preset_has_a_config_file():
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
-def test_every_preset_smoke_config_trains(path, tmp_path):
+def test_every_preset_smoke_config_trains(path, tmp_path, monkeypatch):
+    """Two steps of every preset's smoke config through ``train.train``, data parallel over
+    two devices (the batch split, the gradients reduced over both); the mesh tests in
+    test_sharding.py train on up to eight, and with FSDP, tensor and expert parallelism."""
+    two = jax.devices()[:2]  # eight run the same program, several times slower on CPU
+    monkeypatch.setattr(jax, "devices", lambda backend=None: two)
+    monkeypatch.setattr(jax, "device_count", lambda backend=None: len(two))
     config = load_config(path, "smoke")
     config.train.steps = 2
     config.eval.batches = 1
     config.log.every_steps = 1
     state = train.train(config, tmp_path)
     assert int(state.step) == 2
+    assert all(p.sharding.device_set == set(two) for p in jax.tree.leaves(state.params))
     assert all(
         np.isfinite(r["loss"])
         for r in train.read_metrics(tmp_path / "metrics.jsonl")
