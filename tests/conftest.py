@@ -29,3 +29,15 @@ if os.environ.get("PYTHONDONTWRITEBYTECODE") and "PYTHONPYCACHEPREFIX" not in os
     del os.environ["PYTHONDONTWRITEBYTECODE"]
     os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="jaxpt-test-pycache-")
     atexit.register(shutil.rmtree, os.environ["PYTHONPYCACHEPREFIX"], ignore_errors=True)
+
+
+def use_devices(monkeypatch, n: int) -> list:
+    """Makes ``jax.devices()``, so the mesh ``train.train`` builds, the first ``n`` of the
+    eight test devices: a run that needs no more than data parallelism runs its program on
+    ``n`` of them, not eight (each a thread competing for the CI machine's two cores)."""
+    import jax
+
+    devices = jax.devices()[:n]
+    monkeypatch.setattr(jax, "devices", lambda backend=None: devices)
+    monkeypatch.setattr(jax, "device_count", lambda backend=None: len(devices))
+    return devices

@@ -20,7 +20,7 @@ from jaxpt import models, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
 
-from .conftest import FAST_COMPILE
+from .conftest import FAST_COMPILE, use_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,9 +283,7 @@ def test_every_preset_smoke_config_trains(path, tmp_path, monkeypatch):
     """Two steps of every preset's smoke config through ``train.train``, data parallel over
     two devices (the batch split, the gradients reduced over both); the mesh tests in
     test_sharding.py train on up to eight, and with FSDP, tensor and expert parallelism."""
-    two = jax.devices()[:2]  # eight run the same program, several times slower on CPU
-    monkeypatch.setattr(jax, "devices", lambda backend=None: two)
-    monkeypatch.setattr(jax, "device_count", lambda backend=None: len(two))
+    two = use_devices(monkeypatch, 2)
     config = load_config(path, "smoke")
     config.train.steps = 2
     config.eval.batches = 1
