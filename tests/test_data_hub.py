@@ -17,6 +17,7 @@ from jaxpt.config import preset_config
 from jaxpt.data import _prepare, _resolve
 
 from . import test_data_prepare
+from .conftest import use_devices
 from .test_data_prepare import files_in, one_sentence, paragraph_jsonl, run_data, tokens_of
 
 book = test_data_prepare.book  # the shared test text (a fixture)
@@ -193,6 +194,7 @@ def test_max_tokens_sets_how_much_is_prepared_and_read(hub, tmp_path):
 
 def test_the_design_command_trains_on_a_hub_dataset(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXPT_CACHE_DIR", str(tmp_path / "cache"))
+    use_devices(monkeypatch, 2)  # data parallel over two devices, not eight: faster
     config = preset_config("gqa_glu_rope_gpt", "smoke")
     config.data.dataset = HUB
     config.train.update(steps=3, batch_size=8)

@@ -20,7 +20,7 @@ from jaxpt import models, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
 
-from .conftest import FAST_COMPILE
+from .conftest import FAST_COMPILE, use_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,13 +279,18 @@ def test_every_registry_preset_has_a_config_file():
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
-def test_every_preset_smoke_config_trains(path, tmp_path):
+def test_every_preset_smoke_config_trains(path, tmp_path, monkeypatch):
+    """Two steps of every preset's smoke config through ``train.train``, data parallel over
+    two devices (the batch split, the gradients reduced over both); the mesh tests in
+    test_sharding.py train on up to eight, and with FSDP, tensor and expert parallelism."""
+    two = use_devices(monkeypatch, 2)
     config = load_config(path, "smoke")
     config.train.steps = 2
     config.eval.batches = 1
     config.log.every_steps = 1
     state = train.train(config, tmp_path)
     assert int(state.step) == 2
+    assert all(p.sharding.device_set == set(two) for p in jax.tree.leaves(state.params))
     assert all(
         np.isfinite(r["loss"])
         for r in train.read_metrics(tmp_path / "metrics.jsonl")
