@@ -341,6 +341,71 @@ def test_generate_samples_every_row_and_infer_uses_the_core_sampler():
     assert not np.array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(0)))
 
 
+def test_completion_slow_and_fast_leave_masked_prefix_tokens_out():
+    bigram, key = m.Bigram(V, nnx.Rngs(0)), jax.random.key(3)
+    enc = data.CharTokenizer.from_texts(["the quick brown fox jumps over a lazy dog"])
+    mask = np.array([c != " " for c in "the fox"])  # the space: a padding token
+    slow = infer.generate_completion_slow(
+        bigram, enc, "the fox", attn_mask=mask, num_completions=2, max_length=T, key=key
+    )
+    unmasked = infer.generate_completions(
+        bigram, enc, "thefox", num_completions=2, max_length=T - 1, key=key
+    )
+    assert slow == unmasked and all(t.startswith("thefox") for t in slow)
+    assert infer.generate_completion_fast is infer.generate_completion_slow
+    plain = dict(num_completions=2, max_length=T, key=key)
+    assert infer.generate_completion_slow(bigram, enc, "the fox", **plain) == (
+        infer.generate_completions(bigram, enc, "the fox", **plain)
+    )
+    with pytest.raises(ConfigError, match=r"attn_mask has shape \(3,\): it must be \(7,\)"):
+        infer.generate_completion_slow(bigram, enc, "the fox", attn_mask=mask[:3])
+
+
+def test_generate_chat_writes_chatml_and_stops_at_a_stop_strings_first_token(capsys):
+    model = m.GPT(dataclasses.replace(TINY_CONFIGS[m.GPT], block_size=256), nnx.Rngs(0))
+    chatml = (  # the original's chatml.py, written out
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    enc = data.CharTokenizer.from_texts([chatml + "Because."])
+    kwargs = dict(enc=enc, system_prompt="Be brief.", format="chatml", key=jax.random.key(0))
+    first = np.asarray(infer.generate_chat(model, question="Why?", **kwargs))
+    prompt = enc.encode(chatml)
+    assert first.shape[0] == 1 and first[0, : len(prompt)].tolist() == prompt
+    reply = first[0, len(prompt) :].tolist()
+    # the random model drew "<", the first token of "<|im_end|>", before the block was full
+    assert 0 < len(reply) < 256 - len(prompt) and enc.encode("<")[0] not in reply
+    assert capsys.readouterr().out == enc.decode(reply) + "\n"
+    second = np.asarray(infer.generate_chat(model, first, question="Why?", **kwargs))
+    follow_up = enc.encode("<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n")
+    assert second[0, : first.shape[1] + len(follow_up)].tolist() == [
+        *first[0].tolist(),
+        *follow_up,
+    ]  # no system prompt in a conversation that has begun
+    plain = np.asarray(infer.generate_chat(model, question="Why?", enc=enc, key=jax.random.key(0)))
+    assert plain[0, :4].tolist() == enc.encode("Why?")
+    with pytest.raises(ConfigError, match="format='xml' is not one of 'completion', 'chatml'"):
+        infer.generate_chat(model, enc=enc, format="xml")
+
+
+def test_get_and_update_param_walk_the_cores_dotted_paths():
+    model = build(m.GPT)
+    state = nnx.state(model)
+    weight = utils.get_param(state, "params.blocks.0.attn.q.weight")
+    np.testing.assert_array_equal(weight, model.functional_params().blocks[0].attn.q.weight)
+    nnx.update(model, utils.update_param(state, "params.ln_f.scale", np.full(32, 2.0)))
+    np.testing.assert_array_equal(model.functional_params().ln_f.scale, np.full(32, 2.0))
+    for path, message in [
+        ("params.blocks.0.atn.q.weight", r"params\.blocks\.0 holds \['attn', 'ln_1'"),
+        ("params.ln_f", r"params\.ln_f holds several params \(\['bias', 'scale'\]\)"),
+        ("params.ln_f.scale.x", r"params\.ln_f\.scale is a param already"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            utils.get_param(state, path)
+    with pytest.raises(ConfigError, match=r"has shape \(32,\), the value \(3,\)"):
+        utils.update_param(state, "params.ln_f.scale", np.zeros(3))
+
+
 def test_checkpointers_and_hf_helpers_use_the_originals_paths_and_local_checkpoints(tmp_path):
     model = build(m.GPT)
     checkpointers.save_checkpoint(model, tmp_path, "run", 3)

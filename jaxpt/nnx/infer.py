@@ -3,12 +3,22 @@ class, any batch, a KV cache where the model allows one [D14]."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
 from jaxpt import data, generation
+from jaxpt.errors import ConfigError
 from jaxpt.nnx.models._module import FunctionalModel
+
+log = logging.getLogger(__name__)
+
+PREFIX = "Hello, I'm a language model,"
+FORMATS = ("completion", "chatml")
 
 
 def top_k_sampling(logits: Array, key: Array, k: int = 50) -> tuple[Array, Array]:
@@ -22,7 +32,7 @@ def top_k_sampling(logits: Array, key: Array, k: int = 50) -> tuple[Array, Array
 def generate_completions(
     model: FunctionalModel,
     enc: data.Tokenizer | None = None,
-    prefix: str = "Hello, I'm a language model,",
+    prefix: str = PREFIX,
     num_completions: int = 8,
     max_length: int = 20,
     temperature: float = 0.2,
@@ -31,19 +41,128 @@ def generate_completions(
     """``num_completions`` samples of ``prefix`` (top-50 at ``temperature``), each
     ``max_length`` tokens long with the prefix, decoded with ``enc`` (GPT-2's by default)."""
     enc = data.get_tokenizer("gpt2") if enc is None else enc
-    key = jax.random.key(1337) if key is None else key
     prompt = enc.encode(prefix)
-    out = generation.generate(
-        model.functional_params(),
-        np.tile(np.asarray(prompt), (num_completions, 1)),
-        model.model_config(),
-        max_new_tokens=max_length - len(prompt),
-        temperature=temperature,
-        top_k=50,
-        key=key,
-        n_tokens=enc.vocab_size,  # never a padding id the tokenizer cannot decode
-    )
-    return [enc.decode(row[:max_length].tolist()) for row in np.asarray(out.tokens)]
+    prompts = [prompt] * num_completions
+    return _complete(model, enc, prompts, max_length - len(prompt), temperature, key)
 
 
 generate = generate_completions
+
+
+def generate_completion_slow(
+    model: FunctionalModel,
+    enc: data.Tokenizer | None = None,
+    prefix: str = PREFIX,
+    attn_mask: Array | np.ndarray | None = None,
+    num_completions: int = 8,
+    max_length: int = 20,
+    temperature: float = 0.2,
+    key: Array | None = None,
+) -> list[str]:
+    """``generate_completions`` with a padding mask over the prefix's ``P`` tokens:
+    ``attn_mask`` ``(P,)`` or ``(num_completions, P)`` bool, False for a token no position
+    attends to, which then leaves that row's prompt (and its text); every new token is
+    attended (the original's growing mask). Each row gets ``max_length - P`` new tokens. The
+    original raised ValueError for any mask (``if attn_mask:``) [D14]."""
+    enc = data.get_tokenizer("gpt2") if enc is None else enc
+    prompt = np.asarray(enc.encode(prefix))
+    keep = _prompt_mask(attn_mask, num_completions, len(prompt))
+    prompts = [prompt[row].tolist() for row in keep]
+    return _complete(model, enc, prompts, max_length - len(prompt), temperature, key)
+
+
+# The original's "fast" variant kept the prefix's mask without the new tokens' entries, so
+# no new token would be read; its caching is what the core's generation does for both.
+generate_completion_fast = generate_completion_slow
+
+
+def _prompt_mask(attn_mask, rows: int, length: int) -> np.ndarray:
+    """``(rows, length)`` bool: the prompt tokens each row keeps (all without a mask)."""
+    if attn_mask is None:
+        return np.ones((rows, length), bool)
+    mask = np.asarray(attn_mask, bool)
+    if mask.shape not in ((length,), (rows, length)) or not mask.any(axis=-1).all():
+        raise ConfigError(
+            f"attn_mask has shape {mask.shape}: it must be ({length},) or ({rows}, {length}) "
+            "(the prefix's tokens, per completion or for all) with a True in every row."
+        )
+    return np.broadcast_to(mask, (rows, length))
+
+
+def _complete(model, enc, prompts: list[list[int]], new_tokens: int, temperature, key):
+    """The decoded prompts and their ``new_tokens`` top-50 samples (GPT-2's key 1337 by
+    default)."""
+    out = generation.generate(
+        model.functional_params(),
+        prompts,
+        model.model_config(),
+        max_new_tokens=new_tokens,
+        temperature=temperature,
+        top_k=50,
+        key=jax.random.key(1337) if key is None else key,
+        n_tokens=enc.vocab_size,  # never a padding id the tokenizer cannot decode
+    )
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [enc.decode(row[:n].tolist()) for row, n in zip(tokens, lengths, strict=True)]
+
+
+def generate_chat(
+    model: FunctionalModel,
+    x_prev: Array | np.ndarray | None = None,
+    enc: data.Tokenizer | None = None,
+    system_prompt: str = "You are a helpful assistant.",
+    question: str = "What is photosynthesis?",
+    format: str = "completion",
+    stop_tokens: Sequence[str] = ("<|im_end|>", "<|im_end|>"),
+    temperature: float = 0.2,
+    top_k: int = 50,
+    key: Array | None = None,
+    logger: logging.Logger = log,
+) -> Array:
+    """One turn of the original's chat: ``question`` after the conversation so far ``x_prev``
+    ``(1, T)``, continued by top-k sampling at ``temperature`` until the model draws the first
+    token of any of ``stop_tokens`` or its block is full; prints the reply.
+
+    ``format="chatml"`` wraps the question in ChatML (``<|im_start|>user\\n...<|im_end|>\\n``
+    then the assistant's prompt), with ``system_prompt`` first when ``x_prev`` is None (a new
+    conversation); ``"completion"`` reads the question as it is. ``logger`` logs the prompt.
+    Returns ``(1, T')`` int32 ids (the original: uint16): ``x_prev``, the prompt, the reply
+    without its stop token.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r} is not one of {', '.join(map(repr, FORMATS))}.")
+    enc = data.get_tokenizer("gpt2") if enc is None else enc
+    history = [] if x_prev is None else np.asarray(x_prev).reshape(-1).tolist()
+    prompt = history + _chat_prompt(enc, question, system_prompt, format, new=x_prev is None)
+    logger.debug("chat prompt: %r", enc.decode(prompt))
+    cfg = model.model_config()
+    if len(prompt) >= cfg.block_size:
+        raise ConfigError(
+            f"the conversation takes {len(prompt)} tokens, leaving none of the model's "
+            f"block_size={cfg.block_size} for a reply: start a new one (x_prev=None)."
+        )
+    stops = {enc.encode(text)[0] for text in stop_tokens}
+    out = generation.generate(
+        model.functional_params(),
+        [prompt],
+        cfg,
+        max_new_tokens=cfg.block_size - len(prompt),
+        temperature=temperature,
+        top_k=top_k,
+        key=jax.random.key(1337) if key is None else key,
+        stop_token=next(iter(stops)) if len(stops) == 1 else None,
+        n_tokens=enc.vocab_size,
+    )
+    reply = out.completions()[0]
+    reply = reply[: next((i for i, t in enumerate(reply) if t in stops), len(reply))]
+    print(enc.decode(reply))
+    return jnp.asarray([prompt + reply], jnp.int32)
+
+
+def _chat_prompt(enc, question: str, system_prompt: str, format: str, *, new: bool) -> list[int]:
+    """The ids of ``question`` as ``format`` writes it (ChatML: the system prompt first in a
+    ``new`` conversation, then the assistant's prompt)."""
+    if format == "completion":
+        return enc.encode(question)
+    system = [{"role": "system", "content": system_prompt}] if new else []
+    return data.chat_prompt(enc, [*system, {"role": "user", "content": question}], data.CHATML)

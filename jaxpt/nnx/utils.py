@@ -1,4 +1,4 @@
-"""The original's ``jaxpt.utils``: parameter counts and sharded construction."""
+"""The original's ``jaxpt.utils``: parameter counts, sharded construction, params by path."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxpt import sharding
+from jaxpt.errors import ConfigError
 from jaxpt.nnx.models import _layout
 from jaxpt.nnx.models._config import Config
 from jaxpt.nnx.models._module import ConfiguredModel, FunctionalModel, init_params
@@ -49,3 +50,39 @@ def create_sharded_model(
     shardings = sharding.param_shardings(abstract, mesh, rules)
     make = jax.jit(init_params, static_argnums=1, out_shardings=shardings)
     return Model.from_params(make(rngs.params(), cfg), config, rngs)
+
+
+def get_param(state: nnx.State, path: str) -> jax.Array:
+    """The array at the dotted ``path`` of ``state`` (``nnx.state(model)``), whose paths are
+    the core's, e.g. ``"params.blocks.0.attn.q.weight"`` (the original asserted a
+    ``VariableState``, which flax 0.11 no longer has [D17])."""
+    return _variable(state, path)[...]
+
+
+def update_param(state: nnx.State, path: str, value) -> nnx.State:
+    """Sets the array at the dotted ``path`` of ``state`` to ``value`` (the same shape; cast to
+    the param's dtype) and returns ``state``; ``nnx.update(model, state)`` then applies it."""
+    variable = _variable(state, path)
+    value = jax.numpy.asarray(value, variable.dtype)
+    if value.shape != variable.shape:
+        raise ConfigError(
+            f"update_param: {path} has shape {variable.shape}, the value {value.shape}."
+        )
+    variable.value = value
+    return state
+
+
+def _variable(state: nnx.State, path: str) -> nnx.Variable:
+    """The variable at the dotted ``path``; ConfigError naming what is there instead."""
+    node = state
+    for depth, key in enumerate(int(k) if k.isdigit() else k for k in path.split(".")):
+        where = ".".join(path.split(".")[:depth]) or "the state"
+        if not isinstance(node, nnx.State):
+            raise ConfigError(f"{path} is not a param path: {where} is a param already.")
+        if key not in node:
+            known = sorted(map(str, node))
+            raise ConfigError(f"{path} is not a param path: {where} holds {known}.")
+        node = node[key]
+    if not isinstance(node, nnx.Variable):
+        raise ConfigError(f"{path} holds several params ({sorted(map(str, node))}), not one.")
+    return node
