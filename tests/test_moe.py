@@ -10,11 +10,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxpt import models, nn
 from jaxpt.errors import ConfigError
+
+from .test_models import adam_losses
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -517,19 +518,7 @@ def test_smoke_config_training_lowers_the_loss_with_aux_losses():
             + config.train.z_loss_coeff * aux["z_loss"]
         )
 
-    opt = optax.adam(3e-2)
-
-    @jax.jit
-    def step(params, opt_state):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = opt.init(params)
-    losses = []
-    for _ in range(6):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    losses = adam_losses(loss_fn, params, steps=6)
     assert losses[-1] < losses[0] - 0.4, losses
 
 
