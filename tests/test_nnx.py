@@ -386,6 +386,8 @@ def test_generate_chat_writes_chatml_and_stops_at_a_stop_strings_first_token(cap
     assert plain[0, :4].tolist() == enc.encode("Why?")
     with pytest.raises(ConfigError, match="format='xml' is not one of 'completion', 'chatml'"):
         infer.generate_chat(model, enc=enc, format="xml")
+    with pytest.raises(ConfigError, match=r"x_prev has shape \(2, 3\): a chat continues one"):
+        infer.generate_chat(model, np.zeros((2, 3), int), enc=enc)
 
 
 def test_get_and_update_param_walk_the_cores_dotted_paths():

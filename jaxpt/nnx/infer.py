@@ -132,7 +132,7 @@ def generate_chat(
     if format not in FORMATS:
         raise ConfigError(f"format={format!r} is not one of {', '.join(map(repr, FORMATS))}.")
     enc = data.get_tokenizer("gpt2") if enc is None else enc
-    history = [] if x_prev is None else np.asarray(x_prev).reshape(-1).tolist()
+    history = [] if x_prev is None else _one_sequence(x_prev)
     prompt = history + _chat_prompt(enc, question, system_prompt, format, new=x_prev is None)
     logger.debug("chat prompt: %r", enc.decode(prompt))
     cfg = model.model_config()
@@ -157,6 +157,16 @@ def generate_chat(
     reply = reply[: next((i for i, t in enumerate(reply) if t in stops), len(reply))]
     print(enc.decode(reply))
     return jnp.asarray([prompt + reply], jnp.int32)
+
+
+def _one_sequence(x_prev) -> list[int]:
+    """The ids of a conversation so far, ``(1, T)`` or ``(T,)``."""
+    ids = np.asarray(x_prev)
+    if ids.ndim not in (1, 2) or (ids.ndim == 2 and ids.shape[0] != 1):
+        raise ConfigError(
+            f"x_prev has shape {ids.shape}: a chat continues one conversation, (1, T) ids."
+        )
+    return ids.reshape(-1).tolist()
 
 
 def _chat_prompt(enc, question: str, system_prompt: str, format: str, *, new: bool) -> list[int]:
