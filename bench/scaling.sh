@@ -3,8 +3,8 @@
 # device call, then scaling.json (bench/scaling_summary.py). From the project root:
 #   OUT=$OUT bash bench/scaling.sh            # on a 4-GPU machine (2-GPU rows on GPUs 0,1)
 # configs/gpt.py as shipped, PER_GPU x 1024 tokens per GPU, STEPS steps on a 4.5M-token corpus
-# tokenized from text every Python ships; then GPT-2 1.5B (48 x 1600, 25 heads, scanned) with
-# fsdp=4 at 8 x 1024 per GPU. tokens/s and MFU are the medians of the logged steps past 15.
+# tokenized from text every Python ships; then GPT-2 1.5B (48 x 1600, 25 heads, unrolled as
+# configs/gpt.py ships) with fsdp=4 at 8 x 1024 per GPU. tokens/s and MFU are the medians of the logged steps past 15.
 set -u
 OUT=${OUT:-bench/results/scaling}; mkdir -p "$OUT"
 PER_GPU=${PER_GPU:-16}; STEPS=${STEPS:-30}
@@ -34,8 +34,7 @@ run one 1 $PER_GPU data=1  # most telling first: a call cut short keeps those
 run data4 4 $PER_GPU data=4
 run fsdp4 4 $PER_GPU fsdp=4
 run xl_fsdp4 4 8 fsdp=4 --config.model.n_layer=48 --config.model.n_embed=1600 \
-  --config.model.n_head=25 --config.model.n_kv_head=25 --config.model.n_mlp_hidden=6400 \
-  --config.model.scan_layers=True
+  --config.model.n_head=25 --config.model.n_kv_head=25 --config.model.n_mlp_hidden=6400
 run data2 2 $PER_GPU data=2
 run fsdp2 2 $PER_GPU fsdp=2
 run data2_fsdp2 4 $PER_GPU data=2,fsdp=2
