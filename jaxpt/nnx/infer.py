@@ -40,7 +40,7 @@ def generate_completions(
 ) -> list[str]:
     """``num_completions`` samples of ``prefix`` (top-50 at ``temperature``), each
     ``max_length`` tokens long with the prefix, decoded with ``enc`` (GPT-2's by default)."""
-    enc = data.get_tokenizer("gpt2") if enc is None else enc
+    enc = _tokenizer(enc)
     prompt = enc.encode(prefix)
     prompts = [prompt] * num_completions
     return _complete(model, enc, prompts, max_length - len(prompt), temperature, key)
@@ -64,7 +64,7 @@ def generate_completion_slow(
     attends to, which then leaves that row's prompt (and its text); every new token is
     attended (the original's growing mask). Each row gets ``max_length - P`` new tokens. The
     original raised ValueError for any mask (``if attn_mask:``) [D14]."""
-    enc = data.get_tokenizer("gpt2") if enc is None else enc
+    enc = _tokenizer(enc)
     prompt = np.asarray(enc.encode(prefix))
     keep = _prompt_mask(attn_mask, num_completions, len(prompt))
     prompts = [prompt[row].tolist() for row in keep]
@@ -90,20 +90,31 @@ def _prompt_mask(attn_mask, rows: int, length: int) -> np.ndarray:
 
 
 def _complete(model, enc, prompts: list[list[int]], new_tokens: int, temperature, key):
-    """The decoded prompts and their ``new_tokens`` top-50 samples (GPT-2's key 1337 by
-    default)."""
-    out = generation.generate(
+    """The decoded prompts and their ``new_tokens`` top-50 samples."""
+    out = _sample(model, enc, prompts, new_tokens, temperature=temperature, top_k=50, key=key)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [enc.decode(row[:n].tolist()) for row, n in zip(tokens, lengths, strict=True)]
+
+
+def _sample(model, enc, prompts, new_tokens: int, *, temperature, top_k, key, stop_token=None):
+    """``generation.generate`` on the model's functional pair, drawing only ids ``enc`` can
+    decode (the model's vocabulary may be padded), with the original's key 1337 by default."""
+    return generation.generate(
         model.functional_params(),
         prompts,
         model.model_config(),
         max_new_tokens=new_tokens,
         temperature=temperature,
-        top_k=50,
+        top_k=top_k,
         key=jax.random.key(1337) if key is None else key,
-        n_tokens=enc.vocab_size,  # never a padding id the tokenizer cannot decode
+        stop_token=stop_token,
+        n_tokens=enc.vocab_size,
     )
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    return [enc.decode(row[:n].tolist()) for row, n in zip(tokens, lengths, strict=True)]
+
+
+def _tokenizer(enc: data.Tokenizer | None) -> data.Tokenizer:
+    """``enc``, or GPT-2's (the original's default)."""
+    return data.get_tokenizer("gpt2") if enc is None else enc
 
 
 def generate_chat(
@@ -131,7 +142,7 @@ def generate_chat(
     """
     if format not in FORMATS:
         raise ConfigError(f"format={format!r} is not one of {', '.join(map(repr, FORMATS))}.")
-    enc = data.get_tokenizer("gpt2") if enc is None else enc
+    enc = _tokenizer(enc)
     history = [] if x_prev is None else _one_sequence(x_prev)
     prompt = history + _chat_prompt(enc, question, system_prompt, format, new=x_prev is None)
     logger.debug("chat prompt: %r", enc.decode(prompt))
@@ -142,16 +153,16 @@ def generate_chat(
             f"block_size={cfg.block_size} for a reply: start a new one (x_prev=None)."
         )
     stops = {enc.encode(text)[0] for text in stop_tokens}
-    out = generation.generate(
-        model.functional_params(),
+    stop = next(iter(stops)) if len(stops) == 1 else None  # several: cut below
+    out = _sample(
+        model,
+        enc,
         [prompt],
-        cfg,
-        max_new_tokens=cfg.block_size - len(prompt),
+        cfg.block_size - len(prompt),
         temperature=temperature,
         top_k=top_k,
-        key=jax.random.key(1337) if key is None else key,
-        stop_token=next(iter(stops)) if len(stops) == 1 else None,
-        n_tokens=enc.vocab_size,
+        key=key,
+        stop_token=stop,
     )
     reply = out.completions()[0]
     reply = reply[: next((i for i, t in enumerate(reply) if t in stops), len(reply))]
