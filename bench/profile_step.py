@@ -125,8 +125,9 @@ def make_step(f):
 def main(argv):
     del argv
     f = flags.FLAGS
-    step, state, tokens = make_step(f)
-    ops = op_names(step.lower(state, tokens[:, :-1], tokens[:, 1:]).compile().as_text())
+    jitted, state, tokens = make_step(f)
+    step = jitted.lower(state, tokens[:, :-1], tokens[:, 1:]).compile()  # traced as it runs
+    ops = op_names(step.as_text())
     for _ in range(3):
         state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
     jax.block_until_ready(metrics)
