@@ -140,6 +140,9 @@ class ModelConfig(_Fields):
     dtype: str = "float32"  # compute dtype (bfloat16 on GPU/TPU)
     param_dtype: str = "float32"
     sdpa_implementation: str = "auto"  # auto | xla | cudnn | einsum (reference)
+    # jaxpt's Pallas kernels (the residual-stream norms, the loss): auto (on a GPU) | xla |
+    # pallas (everywhere; interpreted off a GPU, slowly: for tests)
+    kernels: str = "auto"
     # float32, or bfloat16 as under torch autocast: half the bytes of the largest activation;
     # the loss's softmax statistics are float32 either way
     logits_dtype: str = "float32"
@@ -200,6 +203,7 @@ class ModelConfig(_Fields):
         require_choice("norm", self.norm, nn.NORMS)
         require_choice("proj_init", self.proj_init, PROJ_INITS)
         require_choice("sdpa_implementation", self.sdpa_implementation, nn.IMPLEMENTATIONS)
+        require_choice("kernels", self.kernels, nn.KERNELS)
         require_choice("logits_dtype", self.logits_dtype, ("float32", "bfloat16"))
         require_choice("moe_matmul", self.moe_matmul, nn.GROUPED_MATMULS)
         if self.position == "rope":

@@ -120,7 +120,7 @@ def block(
     """
     k_attn, k_attn_out, k_mixer, k_mixer_out = _split(key, 4)
     norm = nn.NORMS[cfg.norm].apply
-    h = norm(p.ln_1, x, cfg.ln_epsilon)
+    h = norm(p.ln_1, x, cfg.ln_epsilon, kernels=cfg.kernels)
     if cache is None:
         y = nn.attention(p.attn, h, cfg.attention_spec, positions=positions, mask=mask, key=k_attn)
     else:
@@ -128,7 +128,7 @@ def block(
             p.attn, h, cfg.attention_spec, cache=cache, positions=positions, layer=layer
         )
     x = x + nn.dropout(y, cfg.dropout, k_attn_out)
-    h = norm(p.ln_2, x, cfg.ln_epsilon)
+    h = norm(p.ln_2, x, cfg.ln_epsilon, kernels=cfg.kernels)
     y, aux = MIXERS[kind].apply(p.mixer, h, cfg, mask=mask, key=k_mixer)
     return x + nn.dropout(y, cfg.dropout, k_mixer_out), aux, cache
 
@@ -204,7 +204,7 @@ def features(
         (params.blocks, jnp.arange(cfg.repeats), repeat_keys),
         scan=cfg.scan_layers,
     )
-    x = nn.NORMS[cfg.norm].apply(params.ln_f, x, cfg.ln_epsilon)
+    x = nn.NORMS[cfg.norm].apply(params.ln_f, x, cfg.ln_epsilon, kernels=cfg.kernels)
     return x, jax.tree.map(lambda a: a.sum(0), aux), None if cache is None else caches
 
 

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from jaxpt.nn import _norm_pallas
 from jaxpt.nn._axes import HasAxes
+from jaxpt.nn._pallas import use_kernel
 
 
 class LayerNorm(HasAxes):
@@ -42,8 +44,14 @@ def init_rms_norm(d: int, dtype) -> RMSNorm:
 
 
 @jax.named_scope("layer_norm")
-def layer_norm(p: LayerNorm, x: Array, eps: float) -> Array:
-    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, in x's dtype."""
+def layer_norm(p: LayerNorm, x: Array, eps: float, *, kernels: str = "xla") -> Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, in x's dtype.
+
+    ``kernels`` (``nn.KERNELS``) may run the Pallas kernel, for ``(B, ..., D)`` activations
+    whose rows are split like the batch and whose D is whole on every device.
+    """
+    if use_kernel(kernels) and _norm_pallas.supported(x):
+        return _norm_pallas.norm(x, p.scale, p.bias, eps)
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -52,15 +60,19 @@ def layer_norm(p: LayerNorm, x: Array, eps: float) -> Array:
 
 
 @jax.named_scope("rms_norm")
-def rms_norm(p: RMSNorm, x: Array, eps: float) -> Array:
-    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, in x's dtype."""
+def rms_norm(p: RMSNorm, x: Array, eps: float, *, kernels: str = "xla") -> Array:
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, in x's dtype; ``kernels``
+    as in ``layer_norm``."""
+    if use_kernel(kernels) and _norm_pallas.supported(x):
+        return _norm_pallas.norm(x, p.scale, None, eps)
     x32 = x.astype(jnp.float32)
     y = x32 * jnp.reciprocal(jnp.sqrt(jnp.square(x32).mean(-1, keepdims=True) + eps))
     return (y * p.scale).astype(x.dtype)
 
 
 class Norm(NamedTuple):
-    """One kind of norm: ``init(d, dtype) -> params`` and ``apply(params, x, eps) -> y``."""
+    """One kind of norm: ``init(d, dtype) -> params`` and
+    ``apply(params, x, eps, *, kernels) -> y``."""
 
     init: Callable
     apply: Callable

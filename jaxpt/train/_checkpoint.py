@@ -36,6 +36,7 @@ FREE_MODEL_FIELDS = frozenset(
     {
         "dtype",
         "sdpa_implementation",
+        "kernels",
         "logits_dtype",
         "remat_policy",
         "scan_layers",

@@ -1,0 +1,56 @@
+"""What jaxpt's hand-written (Pallas) kernels share: when they run, and how they run per shard.
+
+A kernel here is row-local: it reads and writes whole rows of ``(B, ..., D)`` arrays, so under
+a sharded step each device runs it on its own rows (``map_batch_shards``). Off the GPU a kernel
+runs only when asked for (``kernels="pallas"``), through the Pallas interpreter: slow, and
+exactly what the tests compare with their float64 references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from jaxpt.nn._axes import activation_sharding_of
+
+KERNELS = ("auto", "xla", "pallas")
+
+
+def use_kernel(kernels: str) -> bool:
+    """Whether ``kernels`` (``KERNELS``) asks for the Pallas kernel: ``auto`` on a GPU."""
+    return kernels == "pallas" or (kernels == "auto" and jax.default_backend() == "gpu")
+
+
+def interpret() -> bool:
+    """Kernels run through the Pallas interpreter everywhere but on a GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def map_batch_shards(
+    fn: Callable, args: Sequence[jax.Array], batched: Sequence[bool], out_batched: Sequence[bool]
+):
+    """``fn(*args)``, each device running it on its own rows while a sharded step is traced.
+
+    Args:
+        fn: a function of local arrays, row-local along dimension 0 of the batched ones.
+        args: arrays whose dimension 0 is the batch where ``batched`` says so (split like the
+            activations, ``"batch"``), the others whole on every device.
+        out_batched: the same for ``fn``'s outputs (a tuple): a batched output's shards are
+            concatenated along dimension 0 (per-device partial sums, for example).
+    Returns:
+        ``fn``'s outputs as global arrays.
+    """
+    first = next(a for a, b in zip(args, batched, strict=True) if b)
+    sharding = activation_sharding_of(first.shape, ("batch",) + (None,) * (first.ndim - 1))
+    if sharding is None:
+        return fn(*args)
+    rows = P(sharding.spec[0]) if sharding.spec else P()
+    return jax.shard_map(
+        fn,
+        mesh=sharding.mesh,
+        in_specs=tuple(rows if b else P() for b in batched),
+        out_specs=tuple(rows if b else P() for b in out_batched),
+        check_vma=False,
+    )(*args)
