@@ -36,6 +36,9 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string("preset", "gpt", "Registry preset whose model is timed.")
 flags.DEFINE_enum("moe_matmul", None, ["padded", "ragged"], "model.moe_matmul (MoE presets).")
+flags.DEFINE_enum(
+    "kernels", None, ["auto", "xla", "pallas"], "model.kernels; default: the preset's."
+)
 flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
 
 
@@ -43,7 +46,7 @@ def run_config(f):
     """The preset's run config as shipped, with the flags' overrides."""
     config = preset_config(f.preset, None)
     config.model.update(block_size=f.seq, sdpa_implementation=f.sdpa, remat_policy=f.remat)
-    for field in ("scan_layers", "logits_dtype", "moe_matmul"):
+    for field in ("scan_layers", "logits_dtype", "moe_matmul", "kernels"):
         if f[field].value is not None:
             config.model[field] = f[field].value
     return config
@@ -73,13 +76,14 @@ def main(argv):
         remat=f.remat,
         scan_layers=model.scan_layers,
         logits_dtype=model.logits_dtype,
+        kernels=model.kernels,
         xla=f.xla,
         rows=rows,
     )
     print(
         f"jaxpt {f.preset} train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
         f"remat={f.remat}, scan_layers={model.scan_layers}, logits={model.logits_dtype}, "
-        f"xla={f.xla}"
+        f"kernels={model.kernels}, xla={f.xla}"
     )
     print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
     for r in rows:
