@@ -21,7 +21,7 @@ from jax import Array
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxpt.nn._pallas import interpret, map_batch_shards
+from jaxpt.nn._pallas import block_indices, interpret, load_tile, map_batch_shards
 
 MAX_D = 8192  # one row's tile stays in registers
 TILE = 4096  # elements per tile: block_rows x block_cols
@@ -82,12 +82,6 @@ def _tiling(d: int) -> tuple[int, int]:
     return max(1, TILE // block_cols), block_cols
 
 
-def _tile(ref, rows: Array, cols: Array, mask: Array) -> Array:
-    """The ``(len(rows), len(cols))`` tile of a 2-D ref in float32, zeros where masked."""
-    tile = plgpu.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
-    return tile.astype(jnp.float32)
-
-
 def _forward(x, scale, bias=None, *, eps: float, centered: bool):
     """Local rows: ``(B, ..., D)`` -> y ``(B, ..., D)``, mean and rstd ``(B, ...)`` float32."""
     shape, d = x.shape, x.shape[-1]
@@ -114,11 +108,24 @@ def _forward(x, scale, bias=None, *, eps: float, centered: bool):
 
 
 def _forward_kernel(
-    x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, n, d, eps, centered, **tiling
+    x_ref,
+    scale_ref,
+    bias_ref,
+    y_ref,
+    mean_ref,
+    rstd_ref,
+    *,
+    n,
+    d,
+    eps,
+    centered,
+    block_rows,
+    block_cols,
 ):
-    rows, cols, row_ok, col_ok = _indices(pl.program_id(0), n, d, **tiling)
+    rows, row_ok = block_indices(pl.program_id(0), block_rows, n)
+    cols, col_ok = block_indices(0, block_cols, d)
     mask = row_ok[:, None] & col_ok[None, :]
-    x = _tile(x_ref, rows, cols, mask)
+    x = load_tile(x_ref, rows, cols, mask)
     mean = x.sum(1) / d if centered else jnp.zeros(x.shape[:1], jnp.float32)
     centred = jnp.where(mask, x - mean[:, None], 0.0)
     rstd = jax.lax.rsqrt((centred * centred).sum(1) / d + eps)
@@ -129,13 +136,6 @@ def _forward_kernel(
     plgpu.store(y_ref.at[rows[:, None], cols[None, :]], y.astype(y_ref.dtype), mask=mask)
     plgpu.store(mean_ref.at[rows], mean, mask=row_ok)
     plgpu.store(rstd_ref.at[rows], rstd, mask=row_ok)
-
-
-def _indices(tile: Array, n: int, d: int, *, block_rows: int, block_cols: int):
-    """Row and column indices of a tile and which of them are inside the ``(n, d)`` array."""
-    rows = tile * block_rows + jnp.arange(block_rows)
-    cols = jnp.arange(block_cols)
-    return rows, cols, rows < n, cols < d
 
 
 def _backward(x, g, mean, rstd, scale, *, centered: bool):
@@ -180,17 +180,17 @@ def _backward_kernel(
     d,
     centered,
     tiles_per_program,
-    **tiling,
+    block_rows,
+    block_cols,
 ):
     program = pl.program_id(0)
-    cols = jnp.arange(tiling["block_cols"])
-    col_ok = cols < d
+    cols, col_ok = block_indices(0, block_cols, d)
     scale = plgpu.load(scale_ref.at[cols], mask=col_ok, other=0).astype(jnp.float32)
 
     def tile_step(i, sums):
-        rows, _, row_ok, _ = _indices(program * tiles_per_program + i, n, d, **tiling)
+        rows, row_ok = block_indices(program * tiles_per_program + i, block_rows, n)
         mask = row_ok[:, None] & col_ok[None, :]
-        x, g = _tile(x_ref, rows, cols, mask), _tile(g_ref, rows, cols, mask)
+        x, g = load_tile(x_ref, rows, cols, mask), load_tile(g_ref, rows, cols, mask)
         mean = plgpu.load(mean_ref.at[rows], mask=row_ok, other=0)
         rstd = plgpu.load(rstd_ref.at[rows], mask=row_ok, other=0)
         x_hat = jnp.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)

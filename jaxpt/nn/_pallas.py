@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jaxpt.nn._axes import activation_sharding_of
@@ -26,6 +29,19 @@ def use_kernel(kernels: str) -> bool:
 def interpret() -> bool:
     """Kernels run through the Pallas interpreter everywhere but on a GPU."""
     return jax.default_backend() != "gpu"
+
+
+def block_indices(block: Array | int, size: int, extent: int) -> tuple[Array, Array]:
+    """The ``size`` indices of block number ``block`` along an axis of length ``extent`` and
+    which of them are inside it (``size``: a power of two, as Triton's tensors need)."""
+    indices = block * size + jnp.arange(size)
+    return indices, indices < extent
+
+
+def load_tile(ref, rows: Array, cols: Array, mask: Array) -> Array:
+    """The ``(len(rows), len(cols))`` tile of a 2-D ref in float32, zeros where masked."""
+    tile = plgpu.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
+    return tile.astype(jnp.float32)
 
 
 def map_batch_shards(
