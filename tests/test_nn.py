@@ -1,11 +1,15 @@
-"""Layers against float64 numpy references."""
+"""Layers against float64 numpy references; the Pallas kernels through the interpreter."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import nn
+from jaxpt import nn, sharding
+from jaxpt.config import preset_config
+from jaxpt.nn import _loss_pallas
 
 
 def numpy_attention(q, k, v, valid=None, keep=None):
@@ -130,16 +134,74 @@ def test_norms_match_numpy():
     np.testing.assert_allclose(nn.rms_norm(rms, jnp.asarray(x, jnp.float32), 1e-6), want, atol=1e-5)
 
 
-def test_cross_entropy_matches_numpy():
+def numpy_nll(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(nll, softmax - one_hot)`` of ``(..., V)`` logits and ``(...)`` targets."""
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    one_hot = np.eye(logits.shape[-1])[targets]
+    return -(logp * one_hot).sum(-1), np.exp(logp) - one_hot
+
+
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])
+def test_cross_entropy_matches_numpy(kernels):
     rng = np.random.default_rng(2)
     logits, targets = rng.normal(size=(2, 5, 11)), rng.integers(0, 11, size=(2, 5))
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    got = nn.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
+    nll, _ = numpy_nll(logits, targets)
+    loss = functools.partial(nn.cross_entropy, kernels=kernels)
+    got = loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
     np.testing.assert_allclose(got, nll.mean(), rtol=1e-5)
     mask = rng.random((2, 5)) > 0.3
-    got = nn.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), mask)
+    got = loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), mask)
     np.testing.assert_allclose(got, nll[mask].mean(), rtol=1e-5)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Cross-entropy kernel tiles of 4 rows x 128 vocabulary columns: a vocabulary of 300
+    takes three chunks, the last part-masked."""
+    monkeypatch.setattr(_loss_pallas, "CHUNK", 128)
+    monkeypatch.setattr(_loss_pallas, "TILE", 512)
+
+
+@pytest.mark.parametrize(
+    "dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)], ids=["float32", "bfloat16"]
+)
+def test_token_nll_kernel_matches_numpy(small_chunks, dtype, tolerance):
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(3, 5, 300)) * 4, dtype)  # 15 rows: a part tile
+    targets = rng.integers(0, 300, (3, 5))
+    grad = rng.normal(size=(3, 5))  # the incoming gradient, one per position
+    nll, pullback = jax.vjp(
+        lambda x: nn.token_nll(x, jnp.asarray(targets), kernels="pallas"), logits
+    )
+    (dlogits,) = pullback(jnp.asarray(grad, jnp.float32))
+    want_nll, want_dlogits = numpy_nll(np.asarray(logits, np.float32), targets)
+    assert nll.dtype == jnp.float32 and dlogits.dtype == dtype
+    np.testing.assert_allclose(nll, want_nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(dlogits, np.float32), want_dlogits * grad[..., None], atol=tolerance
+    )
+
+
+@pytest.mark.parametrize("tensor, per_shard", [(1, True), (2, False)])
+def test_cross_entropy_kernel_under_a_mesh_equals_xla(small_chunks, tensor, per_shard):
+    """Rows split 8 ways: the kernel runs on each device's rows; a vocabulary split over the
+    tensor axis: XLA's loss."""
+    mesh_cfg = preset_config("gpt", None).mesh
+    mesh_cfg.update(data=8 // tensor, tensor=tensor)
+    mesh = sharding.make_mesh(mesh_cfg)
+    rng = np.random.default_rng(6)
+    logits = jnp.asarray(rng.normal(size=(8, 3, 300)) * 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 300, (8, 3)))
+    loss_and_grad = jax.value_and_grad(functools.partial(nn.cross_entropy, kernels="pallas"))
+    with sharding.activation_sharding(mesh, mesh_cfg.rules):
+        program = str(jax.make_jaxpr(loss_and_grad)(logits, targets))
+        loss, dlogits = jax.jit(loss_and_grad)(logits, targets)
+    assert ("shard_map" in program and "pallas_call" in program) == per_shard
+    want_loss, want_dlogits = jax.value_and_grad(nn.cross_entropy)(logits, targets)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(dlogits, want_dlogits, atol=1e-7)
 
 
 def test_activations_match_definitions():
@@ -163,20 +225,19 @@ def test_logical_axes_follow_stacking():
     assert tuple(axes.bias) == ("layers", "mlp")
 
 
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_cross_entropy_gradient_is_softmax_minus_one_hot(masked):
+def test_cross_entropy_gradient_is_softmax_minus_one_hot(masked, kernels):
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(2, 5, 11)) * 3
     targets = rng.integers(0, 11, (2, 5))
     mask = rng.random((2, 5)) > 0.3 if masked else np.ones((2, 5), bool)
-    grad = jax.grad(nn.cross_entropy)(
+    grad = jax.grad(functools.partial(nn.cross_entropy, kernels=kernels))(
         jnp.asarray(logits, jnp.float32),
         jnp.asarray(targets),
         jnp.asarray(mask) if masked else None,
     )
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    want = (p - np.eye(11)[targets]) * mask[..., None] / mask.sum()
+    want = numpy_nll(logits, targets)[1] * mask[..., None] / mask.sum()
     np.testing.assert_allclose(grad, want, atol=1e-6)
 
 

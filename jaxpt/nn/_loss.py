@@ -6,31 +6,47 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from jaxpt.nn import _loss_pallas
+from jaxpt.nn._pallas import use_kernel
 
-def cross_entropy(logits: Array, targets: Array, mask: Array | None = None) -> Array:
+
+def cross_entropy(
+    logits: Array, targets: Array, mask: Array | None = None, *, kernels: str = "xla"
+) -> Array:
     """Mean negative log-likelihood of ``targets``.
 
     Args:
         logits: ``(B, T, V)``; targets: ``(B, T)`` int; mask: optional ``(B, T)`` weights
             (e.g. False for padding), the mean is taken over the weighted positions.
+        kernels: as in ``token_nll``.
     Returns:
         A float32 scalar.
     """
-    nll = token_nll(logits, targets)  # (B, T) float32
+    nll = token_nll(logits, targets, kernels=kernels)  # (B, T) float32
     if mask is None:
         return nll.mean()
     mask = mask.astype(jnp.float32)
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-@jax.custom_vjp
-def token_nll(logits: Array, targets: Array) -> Array:
+def token_nll(logits: Array, targets: Array, *, kernels: str = "xla") -> Array:
     """``logsumexp(logits) - logits[target]`` per position: ``(B, T, V)`` -> float32 ``(B, T)``.
 
-    The arithmetic is float32 whatever the logits' dtype (bfloat16 logits are read, not
-    copied). Its gradient ``softmax(logits) - one_hot(targets)`` is written as one
-    elementwise expression (no scatter into a zero ``(B, T, V)`` array, as the gradient of a
-    gather would be), so it fuses with whatever consumes it, e.g. a cast to bfloat16.
+    ``kernels`` (``nn.KERNELS``) may run the Pallas kernel (one read of the logits per pass),
+    for logits whose rows are split like the batch and whose V is whole on every device.
+    """
+    if use_kernel(kernels) and _loss_pallas.supported(logits):
+        return _loss_pallas.token_nll(logits, targets)
+    return _xla_token_nll(logits, targets)
+
+
+@jax.custom_vjp
+def _xla_token_nll(logits: Array, targets: Array) -> Array:
+    """``token_nll`` in XLA. The arithmetic is float32 whatever the logits' dtype (bfloat16
+    logits are read, not copied). Its gradient ``softmax(logits) - one_hot(targets)`` is
+    written as one elementwise expression (no scatter into a zero ``(B, T, V)`` array, as the
+    gradient of a gather would be), so it fuses with whatever consumes it, e.g. a cast to
+    bfloat16.
     """
     return _nll_fwd(logits, targets)[0]
 
@@ -59,4 +75,4 @@ def _nll_bwd(residuals, grad: Array):
     return dlogits.astype(logits.dtype), None
 
 
-token_nll.defvjp(_nll_fwd, _nll_bwd)
+_xla_token_nll.defvjp(_nll_fwd, _nll_bwd)

@@ -1,0 +1,152 @@
+"""Next-token cross-entropy as Pallas (Triton) kernels: one read of the logits per pass.
+
+XLA's forward reads the logits twice (a max pass, then a sum-exp pass); here each program
+walks its rows' vocabulary in chunks once, keeping a running max and a sum of exponentials
+rescaled to it (online softmax, Milakov & Gimelshein, 2018), and picks the target's logit on
+the way. It writes the nll and the logsumexp of each row; the backward reads the logits once
+more and writes ``softmax - one_hot`` times the incoming gradient in the logits' dtype.
+
+Tiles are ``block_rows`` x ``block_cols`` (``CHUNK`` columns, or fewer for a small
+vocabulary; powers of two, the columns past V masked), so any V works.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxpt.nn._axes import activation_sharding_of
+from jaxpt.nn._pallas import block_indices, interpret, load_tile, map_batch_shards
+
+CHUNK = 2048  # vocabulary columns a program reads at a time
+TILE = 8192  # elements per tile: block_rows x block_cols
+NUM_WARPS = 8  # 32 float32 elements of a TILE per thread (not tuned on a GPU yet)
+MAX_ELEMENTS = 2**31 - 1  # Triton indexes the logits with int32 offsets
+
+
+def supported(logits: Array) -> bool:
+    """Whether the kernel takes ``logits`` ``(B, ..., V)``: int32-indexable, and, while a
+    sharded step is traced, the vocabulary whole on every device (no tensor parallelism)."""
+    names = ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",)
+    sharding = activation_sharding_of(logits.shape, names)
+    spec = () if sharding is None else sharding.spec
+    vocab_split = len(spec) == logits.ndim and spec[-1] is not None
+    return logits.size <= MAX_ELEMENTS and not vocab_split
+
+
+@jax.custom_vjp
+def token_nll(logits: Array, targets: Array) -> Array:
+    """``logsumexp(logits) - logits[target]`` per position, as ``nn.token_nll``.
+
+    Args:
+        logits: ``(B, ..., V)``, any float dtype; targets: ``(B, ...)`` int in ``[0, V)``.
+    Returns:
+        ``(B, ...)`` float32; the gradient ``softmax - one_hot`` comes in the logits' dtype.
+    """
+    return _nll_fwd(logits, targets)[0]
+
+
+@jax.named_scope("cross_entropy")
+def _nll_fwd(logits: Array, targets: Array):
+    nll, lse = map_batch_shards(
+        _forward, (logits, targets), batched=(True, True), out_batched=(True, True)
+    )
+    return nll, (logits, targets, lse)
+
+
+@jax.named_scope("cross_entropy")
+def _nll_bwd(residuals, grad: Array):
+    logits, targets, lse = residuals
+    (dlogits,) = map_batch_shards(
+        _backward, (logits, targets, lse, grad), batched=(True,) * 4, out_batched=(True,)
+    )
+    return dlogits, None
+
+
+token_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
+def _tiling(v: int) -> tuple[int, int]:
+    """``(block_rows, block_cols)`` for rows of width v."""
+    block_cols = min(CHUNK, pl.next_power_of_2(v))
+    return max(1, TILE // block_cols), block_cols
+
+
+def _forward(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """Local rows: logits ``(B, ..., V)``, targets ``(B, ...)`` -> nll and logsumexp
+    ``(B, ...)`` float32."""
+    shape, v = logits.shape, logits.shape[-1]
+    n = math.prod(shape[:-1])
+    block_rows, block_cols = _tiling(v)
+    row_stat = jax.ShapeDtypeStruct((n,), jnp.float32)
+    nll, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, n=n, v=v, block_rows=block_rows, block_cols=block_cols),
+        grid=(pl.cdiv(n, block_rows),),
+        out_shape=(row_stat, row_stat),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
+        interpret=interpret(),
+        name="cross_entropy_forward",
+    )(logits.reshape(n, v), targets.reshape(n))
+    return nll.reshape(shape[:-1]), lse.reshape(shape[:-1])
+
+
+def _forward_kernel(logits_ref, targets_ref, nll_ref, lse_ref, *, n, v, block_rows, block_cols):
+    rows, row_ok = block_indices(pl.program_id(0), block_rows, n)
+    targets = plgpu.load(targets_ref.at[rows], mask=row_ok, other=0)
+
+    def chunk_step(chunk, carry):
+        peak, total, target_logit = carry  # (block_rows,) each
+        cols, col_ok = block_indices(chunk, block_cols, v)
+        x = load_tile(logits_ref, rows, cols, row_ok[:, None] & col_ok[None, :])
+        x = jnp.where(col_ok[None, :], x, -jnp.inf)  # rows past n read zeros: finite
+        new_peak = jnp.maximum(peak, x.max(1))
+        total = total * jnp.exp(peak - new_peak) + jnp.exp(x - new_peak[:, None]).sum(1)
+        target_logit += jnp.where(cols[None, :] == targets[:, None], x, 0.0).sum(1)
+        return new_peak, total, target_logit
+
+    zeros = jnp.zeros((block_rows,), jnp.float32)
+    start = (jnp.full((block_rows,), -jnp.inf, jnp.float32), zeros, zeros)
+    peak, total, target_logit = jax.lax.fori_loop(0, pl.cdiv(v, block_cols), chunk_step, start)
+    lse = peak + jnp.log(total)
+    plgpu.store(nll_ref.at[rows], lse - target_logit, mask=row_ok)
+    plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
+
+
+def _backward(logits: Array, targets: Array, lse: Array, grad: Array) -> tuple[Array]:
+    """Local rows: logits ``(B, ..., V)``; targets, lse, grad ``(B, ...)`` -> dlogits
+    ``(B, ..., V)`` in the logits' dtype."""
+    shape, v = logits.shape, logits.shape[-1]
+    n = math.prod(shape[:-1])
+    block_rows, block_cols = _tiling(v)
+    dlogits = pl.pallas_call(
+        functools.partial(_backward_kernel, n=n, v=v, block_rows=block_rows, block_cols=block_cols),
+        grid=(pl.cdiv(n, block_rows), pl.cdiv(v, block_cols)),
+        out_shape=jax.ShapeDtypeStruct((n, v), logits.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
+        interpret=interpret(),
+        name="cross_entropy_backward",
+    )(logits.reshape(n, v), targets.reshape(n), lse.reshape(n), grad.reshape(n))
+    return (dlogits.reshape(shape),)
+
+
+def _backward_kernel(
+    logits_ref, targets_ref, lse_ref, grad_ref, dlogits_ref, *, n, v, block_rows, block_cols
+):
+    rows, row_ok = block_indices(pl.program_id(0), block_rows, n)
+    cols, col_ok = block_indices(pl.program_id(1), block_cols, v)
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = load_tile(logits_ref, rows, cols, mask)
+    targets, lse, grad = (
+        plgpu.load(ref.at[rows], mask=row_ok, other=0) for ref in (targets_ref, lse_ref, grad_ref)
+    )
+    probs = jnp.exp(x - lse[:, None])
+    dlogits = jnp.where(cols[None, :] == targets[:, None], probs - 1.0, probs) * grad[:, None]
+    plgpu.store(
+        dlogits_ref.at[rows[:, None], cols[None, :]], dlogits.astype(dlogits_ref.dtype), mask=mask
+    )
