@@ -1,5 +1,6 @@
 """Training: optimizer, gradient accumulation, the loop, checkpoints and exact resume."""
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -133,6 +134,27 @@ def test_gradient_accumulation_equals_one_big_step():
     np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
     np.testing.assert_allclose(norm1, norm4, rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), p1, p4)
+
+
+def test_the_loss_follows_model_kernels():
+    """``model.kernels="pallas"`` (interpreted here) takes the loss's kernel: the same loss and
+    gradients as XLA's, for the bigram's config class too."""
+    config = char_config("bigram")
+    config.model.block_size = 16
+    cfg = models.config_from(config.model)
+    params = models.get("bigram").init(jax.random.key(0), cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 128)
+
+    def loss_and_grads(kernels):
+        loss = functools.partial(train.loss_fn, cfg=dataclasses.replace(cfg, kernels=kernels))
+        return jax.value_and_grad(lambda p: loss(p, tokens[:, :-1], tokens[:, 1:])[0])
+
+    assert "pallas_call" in str(jax.make_jaxpr(loss_and_grads("pallas"))(params))
+    (loss, grads), (want_loss, want_grads) = (
+        jax.jit(loss_and_grads(kernels))(params) for kernels in ("pallas", "xla")
+    )
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, want_grads)
 
 
 def test_training_keys_differ_by_seed_step_and_micro_batch():

@@ -69,12 +69,13 @@ class _Fields:
                 object.__setattr__(self, name, float(value))
 
     def _check_common(self) -> None:
-        """The fields every model has: sizes and dtypes."""
+        """The fields every model has: sizes, dtypes and kernels."""
         require_positive_int("vocab_size", self.vocab_size)
         require_positive_int("block_size", self.block_size)
         check_range("model.init_stddev", self.init_stddev, at_least=0)
         require_choice("dtype", self.dtype, FLOAT_DTYPES)
         require_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)
+        require_choice("kernels", self.kernels, nn.KERNELS)
 
 
 @functools.cache
@@ -203,7 +204,6 @@ class ModelConfig(_Fields):
         require_choice("norm", self.norm, nn.NORMS)
         require_choice("proj_init", self.proj_init, PROJ_INITS)
         require_choice("sdpa_implementation", self.sdpa_implementation, nn.IMPLEMENTATIONS)
-        require_choice("kernels", self.kernels, nn.KERNELS)
         require_choice("logits_dtype", self.logits_dtype, ("float32", "bfloat16"))
         require_choice("moe_matmul", self.moe_matmul, nn.GROUPED_MATMULS)
         if self.position == "rope":
@@ -343,6 +343,7 @@ class BigramConfig(_Fields):
     init_stddev: float = 0.02
     dtype: str = "float32"  # the run configs' common key; the table's logits are float32
     param_dtype: str = "float32"
+    kernels: str = "auto"  # the loss's Pallas kernel: auto (on a GPU) | xla | pallas
 
     def __post_init__(self) -> None:
         self._check_types()

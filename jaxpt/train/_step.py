@@ -60,7 +60,7 @@ def loss_fn(
         ``(loss, metrics)`` with the cross-entropy ``ce`` and the raw auxiliary losses.
     """
     logits, aux = models.get(cfg.name).apply(params, inputs, cfg, key=key)
-    ce = nn.cross_entropy(logits, targets, loss_mask)
+    ce = nn.cross_entropy(logits, targets, loss_mask, kernels=cfg.kernels)
     loss = ce + load_balance_loss_coeff * aux["load_balance_loss"] + z_loss_coeff * aux["z_loss"]
     return loss, {"loss": loss, "ce": ce, **aux}
 
