@@ -184,24 +184,37 @@ def test_token_nll_kernel_matches_numpy(small_chunks, dtype, tolerance):
     )
 
 
+def activations_over(data: int, tensor: int):
+    """A context in which activations are sharded over a (data, tensor) mesh of the 8 test
+    devices, by the default rules."""
+    mesh_cfg = preset_config("gpt", None).mesh
+    mesh_cfg.update(data=data, tensor=tensor)
+    return sharding.activation_sharding(sharding.make_mesh(mesh_cfg), mesh_cfg.rules)
+
+
 @pytest.mark.parametrize("tensor, per_shard", [(1, True), (2, False)])
 def test_cross_entropy_kernel_under_a_mesh_equals_xla(small_chunks, tensor, per_shard):
     """Rows split 8 ways: the kernel runs on each device's rows; a vocabulary split over the
     tensor axis: XLA's loss."""
-    mesh_cfg = preset_config("gpt", None).mesh
-    mesh_cfg.update(data=8 // tensor, tensor=tensor)
-    mesh = sharding.make_mesh(mesh_cfg)
     rng = np.random.default_rng(6)
     logits = jnp.asarray(rng.normal(size=(8, 3, 300)) * 4, jnp.float32)
     targets = jnp.asarray(rng.integers(0, 300, (8, 3)))
     loss_and_grad = jax.value_and_grad(functools.partial(nn.cross_entropy, kernels="pallas"))
-    with sharding.activation_sharding(mesh, mesh_cfg.rules):
+    with activations_over(8 // tensor, tensor):
         program = str(jax.make_jaxpr(loss_and_grad)(logits, targets))
         loss, dlogits = jax.jit(loss_and_grad)(logits, targets)
     assert ("shard_map" in program and "pallas_call" in program) == per_shard
     want_loss, want_dlogits = jax.value_and_grad(nn.cross_entropy)(logits, targets)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     np.testing.assert_allclose(dlogits, want_dlogits, atol=1e-7)
+
+
+def test_cross_entropy_kernel_size_limit_is_per_device(monkeypatch):
+    monkeypatch.setattr(_loss_pallas, "MAX_ELEMENTS", 1000)
+    logits = jax.ShapeDtypeStruct((8, 3, 300), jnp.float32)  # 900 elements a device
+    assert not _loss_pallas.supported(logits)
+    with activations_over(8, 1):
+        assert _loss_pallas.supported(logits)
 
 
 def test_activations_match_definitions():

@@ -31,13 +31,15 @@ MAX_ELEMENTS = 2**31 - 1  # Triton indexes the logits with int32 offsets
 
 
 def supported(logits: Array) -> bool:
-    """Whether the kernel takes ``logits`` ``(B, ..., V)``: int32-indexable, and, while a
-    sharded step is traced, the vocabulary whole on every device (no tensor parallelism)."""
+    """Whether the kernel takes ``logits`` ``(B, ..., V)``: each device's rows int32-indexable,
+    and, while a sharded step is traced, the vocabulary whole on every device (no tensor
+    parallelism)."""
     names = ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",)
     sharding = activation_sharding_of(logits.shape, names)
-    spec = () if sharding is None else sharding.spec
-    vocab_split = len(spec) == logits.ndim and spec[-1] is not None
-    return logits.size <= MAX_ELEMENTS and not vocab_split
+    if sharding is None:
+        return logits.size <= MAX_ELEMENTS
+    vocab_split = len(sharding.spec) == logits.ndim and sharding.spec[-1] is not None
+    return math.prod(sharding.shard_shape(logits.shape)) <= MAX_ELEMENTS and not vocab_split
 
 
 @jax.custom_vjp
