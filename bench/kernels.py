@@ -3,11 +3,12 @@
     python3 bench/kernels.py --out=$OUT                       # on a GPU
     python3 bench/kernels.py --out=$OUT --sweep               # and the norm kernel's tilings
 
-Each row is one call's time per norm: the median of ``--steps`` jitted calls (after a warm-up)
-of ``CHAIN`` norms applied one after another, divided by ``CHAIN`` (a single norm would time
-the dispatch). The residual-stream norm: GPT-2 16 x 1024 x 768 LayerNorm, smollm 8 x 2048 x 576
-RMSNorm, bfloat16. ``--sweep`` times the norm kernel over tile sizes, warps and backward
-programs. Prints a table last; writes kernels.json to --out.
+Each row is the median of ``--steps`` jitted calls after a warm-up. The residual-stream norm
+(GPT-2 16 x 1024 x 768 LayerNorm, smollm 8 x 2048 x 576 RMSNorm, bfloat16): one call applies
+``CHAIN`` norms one after another and the row is per norm (a single norm would time the
+dispatch). The loss: GPT-2's cross-entropy over 16 x 1024 x 50304 bfloat16 logits.
+``--sweep`` times the norm kernel over tile sizes, warps and backward programs. Prints a
+table last; writes kernels.json to --out.
 """
 
 import itertools
@@ -27,6 +28,7 @@ flags.DEFINE_integer("steps", 50, "Timed calls.")
 flags.DEFINE_bool("sweep", False, "Also time the norm kernel's tilings.")
 
 CHAIN = 25  # the norms of a 12-layer model
+LOGITS = (16, 1024, 50304)
 NORMS = (  # (name, shape, norm)
     ("gpt layernorm", (16, 1024, 768), "layernorm"),
     ("smollm rmsnorm", (8, 2048, 576), "rmsnorm"),
@@ -67,6 +69,22 @@ def norm_row(name: str, shape, norm: str, kernels: str, steps: int) -> dict:
     )
 
 
+def loss_row(kernels: str, steps: int) -> dict:
+    """Forward and forward+backward milliseconds of GPT-2's loss, one way."""
+    logits = jax.random.normal(jax.random.key(0), LOGITS, jnp.bfloat16) * 2
+    targets = jax.random.randint(jax.random.key(1), LOGITS[:-1], 0, LOGITS[-1])
+
+    def loss(logits):
+        return nn.cross_entropy(logits, targets, kernels=kernels)
+
+    return dict(
+        name="gpt cross-entropy",
+        kernels=kernels,
+        forward_ms=median_ms(jax.jit(loss), logits, steps=steps),
+        forward_backward_ms=median_ms(jax.jit(jax.grad(loss)), logits, steps=steps),
+    )
+
+
 def sweep_rows(steps: int) -> list[dict]:
     """The GPT-2 norm under every tiling of the kernel."""
     rows = []
@@ -83,10 +101,11 @@ def main(argv):
     del argv
     f = flags.FLAGS
     rows = [norm_row(*n, k, f.steps) for n in NORMS for k in ("xla", "pallas")]
+    rows += [loss_row(k, f.steps) for k in ("xla", "pallas")]
     if f.sweep:
         rows += sweep_rows(f.steps)
     result = _report.save(f.out, "kernels", rows=rows)
-    print(f"jaxpt kernels, {result['device']}, {result['date']}, milliseconds per norm")
+    print(f"jaxpt kernels, {result['device']}, {result['date']}, ms (per norm for the norms)")
     print(f"{'what':<36} {'kernels':<8} {'fwd ms':>8} {'fwd+bwd ms':>11}")
     for r in rows:
         fwd, bwd = r["forward_ms"], r["forward_backward_ms"]

@@ -25,6 +25,7 @@ from jaxpt.nn._pallas import block_indices, interpret, load_tile, map_batch_shar
 
 MAX_D = 8192  # one row's tile stays in registers
 TILE = 4096  # elements per tile: block_rows x block_cols
+WARPS = 4  # per program (bench/kernels.py measures the choice)
 PROGRAMS = 512  # backward programs (each sums its rows' scale/bias gradients)
 
 
@@ -100,7 +101,7 @@ def _forward(x, scale, bias=None, *, eps: float, centered: bool):
         ),
         grid=(pl.cdiv(n, block_rows),),
         out_shape=(jax.ShapeDtypeStruct((n, d), x.dtype), stat, stat),
-        compiler_params=plgpu.CompilerParams(num_warps=4),
+        compiler_params=plgpu.CompilerParams(num_warps=WARPS),
         interpret=interpret(),
         name="norm_forward",
     )(x.reshape(n, d), scale, scale if bias is None else bias)
@@ -159,7 +160,7 @@ def _backward(x, g, mean, rstd, scale, *, centered: bool):
         ),
         grid=(programs,),
         out_shape=(jax.ShapeDtypeStruct((n, d), x.dtype), partial, partial),
-        compiler_params=plgpu.CompilerParams(num_warps=4),
+        compiler_params=plgpu.CompilerParams(num_warps=WARPS),
         interpret=interpret(),
         name="norm_backward",
     )(x.reshape(n, d), g.reshape(n, d), mean.reshape(n), rstd.reshape(n), scale)

@@ -1,0 +1,104 @@
+"""jaxpt's Pallas kernels (interpreted on the CPU) against float64 references, alone, under
+an 8-device mesh and inside a model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxpt import models, nn, sharding
+from jaxpt.config import preset_config
+from jaxpt.nn import _norm_pallas
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of a few rows and three backward programs, so a test's rows span several tiles
+    per program, the last tile part-empty and the last program's tiles partly past the rows."""
+    monkeypatch.setattr(_norm_pallas, "TILE", 256)
+    monkeypatch.setattr(_norm_pallas, "PROGRAMS", 3)
+
+
+def float64_norm(x, scale, bias, eps):
+    """The norm's definition in float64 (jax, so it has a gradient)."""
+    mean = x.mean(-1, keepdims=True) if bias is not None else 0.0
+    centred = x - mean
+    y = centred / jnp.sqrt((centred * centred).mean(-1, keepdims=True) + eps) * scale
+    return y if bias is None else y + bias
+
+
+def norm_inputs(d, centered, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(3, 37, d)) * 2 + 0.5
+    scale = rng.normal(size=d)
+    bias = rng.normal(size=d) if centered else None
+    weights = rng.normal(size=x.shape)  # the loss sum(norm(x) * weights) gives g = weights
+    cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
+    return (x, scale, bias, weights), (cast(x), cast(scale), cast(bias))
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("d", [96, 40])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_norm_kernel_matches_float64(small_tiles, centered, d, dtype, tol):
+    (x, scale, bias, weights), args = norm_inputs(d, centered, dtype)
+    argnums = (0, 1, 2) if centered else (0, 1)
+
+    def loss_of(norm):
+        return lambda *args: (norm(*args, 1e-5).astype(jnp.float32) * weights).sum()
+
+    got = _norm_pallas.norm(*args, 1e-5)
+    grads = jax.grad(loss_of(_norm_pallas.norm), argnums)(*args)
+    with jax.enable_x64():
+        x64 = [None if a is None else jnp.asarray(a, jnp.float64) for a in (x, scale, bias)]
+        want = float64_norm(*x64, 1e-5)
+        want_grads = jax.grad(loss_of(float64_norm), argnums)(*x64)
+    assert got.dtype == dtype and all(g.dtype == dtype for g in grads)
+    scale_of = lambda a: np.abs(np.asarray(a, np.float64)).max()  # noqa: E731
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * scale_of(want))
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=tol * scale_of(w))
+
+
+def test_norm_kernel_runs_per_shard_under_a_mesh(small_tiles):
+    config = preset_config("gpt", "smoke")
+    config.mesh.update(data=2, fsdp=4)
+    mesh = sharding.make_mesh(config.mesh)
+    _, (_, scale, bias) = norm_inputs(40, True, jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (8, 5, 40))  # one row per device
+
+    def loss(x, scale, bias):
+        return (nn.layer_norm(nn.LayerNorm(scale, bias), x, 1e-5, kernels="pallas") ** 2).sum()
+
+    grad = jax.jit(jax.grad(loss, (0, 1, 2)))
+    want = grad(x, scale, bias)
+    x_sharded = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+    with sharding.activation_sharding(mesh, config.mesh.rules):
+        assert "shard_map" in str(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(x, scale, bias))
+        got = grad.lower(x_sharded, scale, bias).compile()(x_sharded, scale, bias)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["gpt", "smollm"])
+def test_model_with_kernels_equals_xla(small_tiles, preset):
+    cfg = dataclasses.replace(
+        models.config_from(preset_config(preset, "smoke").model), vocab_size=64
+    )
+    model = models.get(preset)
+    params = model.init(jax.random.key(0), cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+
+    def loss(params, kernels):
+        logits, _ = model.apply(params, tokens, dataclasses.replace(cfg, kernels=kernels))
+        return nn.cross_entropy(logits, tokens)
+
+    got, grads = jax.value_and_grad(loss)(params, "pallas")
+    want, want_grads = jax.value_and_grad(loss)(params, "xla")
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
