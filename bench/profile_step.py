@@ -28,6 +28,7 @@ from absl import app, flags
 from jaxpt.config import preset_config
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
+flags.DEFINE_string("preset", "gpt", "Registry preset whose step is profiled.")
 flags.DEFINE_integer("batch", 16, "Micro-batch (sequences).")
 flags.DEFINE_integer("seq", 1024, "Sequence length.")
 flags.DEFINE_integer("steps", 5, "Traced steps.")
@@ -114,7 +115,7 @@ def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
 
 def make_step(f):
     """The jitted train step, its state and a batch of random tokens."""
-    config = preset_config("gpt", None)
+    config = preset_config(f.preset, None)
     config.model.update(block_size=f.seq, scan_layers=f.scan_layers, remat_policy=f.remat)
     config.train.batch_size = f.batch
     _, state, step = _timing.train_step(config, _timing.compiler_options(f.xla))
@@ -150,6 +151,7 @@ def main(argv):
     result = _report.save(
         f.out,
         "profile_step",
+        preset=f.preset,
         scan_layers=f.scan_layers,
         remat=f.remat,
         batch=f.batch,

@@ -1,10 +1,11 @@
 """Next-token cross-entropy as Pallas (Triton) kernels: one read of the logits per pass.
 
 XLA's forward reads the logits twice (a max pass, then a sum-exp pass); here each program
-walks its rows' vocabulary in chunks once, keeping a running max and a sum of exponentials
-rescaled to it (online softmax, Milakov & Gimelshein, 2018), and picks the target's logit on
-the way. It writes the nll and the logsumexp of each row; the backward reads the logits once
-more and writes ``softmax - one_hot`` times the incoming gradient in the logits' dtype.
+walks its rows' vocabulary in chunks once, keeping in every lane of its tile a running max and
+a sum of exponentials rescaled to it (online softmax, Milakov & Gimelshein, 2018) and the
+target's logit, and reduces the lanes once at the end (no reduction inside the loop). It
+writes the nll and the logsumexp of each row; the backward reads the logits once more and
+writes ``softmax - one_hot`` times the incoming gradient in the logits' dtype.
 
 Tiles are ``block_rows`` x ``block_cols`` (``CHUNK`` columns, or fewer for a small
 vocabulary; powers of two, the columns past V masked), so any V works.
@@ -103,19 +104,24 @@ def _forward_kernel(logits_ref, targets_ref, nll_ref, lse_ref, *, n, v, block_ro
     targets = plgpu.load(targets_ref.at[rows], mask=row_ok, other=0)
 
     def chunk_step(chunk, carry):
-        peak, total, target_logit = carry  # (block_rows,) each
+        peak, total, target_logit = carry  # (block_rows, block_cols) each: per lane
         cols, col_ok = block_indices(chunk, block_cols, v)
         x = load_tile(logits_ref, rows, cols, row_ok[:, None] & col_ok[None, :])
-        x = jnp.where(col_ok[None, :], x, -jnp.inf)  # rows past n read zeros: finite
-        new_peak = jnp.maximum(peak, x.max(1))
-        total = total * jnp.exp(peak - new_peak) + jnp.exp(x - new_peak[:, None]).sum(1)
-        target_logit += jnp.where(cols[None, :] == targets[:, None], x, 0.0).sum(1)
-        return new_peak, total, target_logit
+        # One exponential per logit: exp(peak - x) where x raises the peak, else exp(x - peak).
+        scaled = jnp.exp(-jnp.abs(x - peak))
+        raised = jnp.where(x > peak, total * scaled + 1.0, total + scaled)
+        inside = col_ok[None, :]
+        total = jnp.where(inside, raised, total)
+        peak = jnp.where(inside, jnp.maximum(peak, x), peak)
+        target_logit += jnp.where(cols[None, :] == targets[:, None], x, 0.0)
+        return peak, total, target_logit
 
-    zeros = jnp.zeros((block_rows,), jnp.float32)
-    start = (jnp.full((block_rows,), -jnp.inf, jnp.float32), zeros, zeros)
+    tile = (block_rows, block_cols)
+    start = (jnp.full(tile, -jnp.inf, jnp.float32), jnp.zeros(tile), jnp.zeros(tile))
     peak, total, target_logit = jax.lax.fori_loop(0, pl.cdiv(v, block_cols), chunk_step, start)
-    lse = peak + jnp.log(total)
+    row_peak = peak.max(1)  # lanes that saw no column keep (-inf, 0) and add nothing
+    lse = row_peak + jnp.log((total * jnp.exp(peak - row_peak[:, None])).sum(1))
+    target_logit = target_logit.sum(1)
     plgpu.store(nll_ref.at[rows], lse - target_logit, mask=row_ok)
     plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
 
