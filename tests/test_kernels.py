@@ -37,8 +37,8 @@ def norm_inputs(d, centered, dtype, seed=0):
     scale = rng.normal(size=d)
     bias = rng.normal(size=d) if centered else None
     weights = rng.normal(size=x.shape)  # the loss sum(norm(x) * weights) gives g = weights
-    cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
-    return (x, scale, bias, weights), (cast(x), cast(scale), cast(bias))
+    cast = [None if a is None else jnp.asarray(a, dtype) for a in (x, scale, bias)]
+    return (x, scale, bias, weights), tuple(cast)
 
 
 @pytest.mark.parametrize("centered", [True, False], ids=["layernorm", "rmsnorm"])
@@ -58,10 +58,9 @@ def test_norm_kernel_matches_float64(small_tiles, centered, d, dtype, tol):
         want = float64_norm(*x64, 1e-5)
         want_grads = jax.grad(loss_of(float64_norm), argnums)(*x64)
     assert got.dtype == dtype and all(g.dtype == dtype for g in grads)
-    scale_of = lambda a: np.abs(np.asarray(a, np.float64)).max()  # noqa: E731
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * scale_of(want))
-    for g, w in zip(grads, want_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=tol * scale_of(w))
+    for g, w in zip((got, *grads), (want, *want_grads), strict=True):
+        w = np.asarray(w)
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=tol * np.abs(w).max())
 
 
 def test_norm_kernel_runs_per_shard_under_a_mesh(small_tiles):
