@@ -1,14 +1,15 @@
 """jaxpt's Pallas kernels against XLA at the shapes of a train step, forward and forward+backward.
 
     python3 bench/kernels.py --out=$OUT                       # on a GPU
-    python3 bench/kernels.py --out=$OUT --sweep               # and the norm kernel's tilings
+    python3 bench/kernels.py --out=$OUT --sweep=norm,loss     # and the kernels' tilings
 
 Each row is the median of ``--steps`` jitted calls after a warm-up. The residual-stream norm
 (GPT-2 16 x 1024 x 768 LayerNorm, smollm 8 x 2048 x 576 RMSNorm, bfloat16): one call applies
 ``CHAIN`` norms one after another and the row is per norm (a single norm would time the
 dispatch). The loss: GPT-2's cross-entropy over 16 x 1024 x 50304 bfloat16 logits.
-``--sweep`` times the norm kernel over tile sizes, warps and backward programs. Prints a
-table last; writes kernels.json to --out.
+``--sweep`` times the norm kernel over tile sizes, warps and backward programs, and the loss
+kernel over vocabulary chunks, tile sizes and warps. Prints a table last; writes
+kernels.json to --out.
 """
 
 import itertools
@@ -21,14 +22,24 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from jaxpt import nn
-from jaxpt.nn import _norm_pallas
+from jaxpt.nn import _loss_pallas, _norm_pallas
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
 flags.DEFINE_integer("steps", 50, "Timed calls.")
-flags.DEFINE_bool("sweep", False, "Also time the norm kernel's tilings.")
+flags.DEFINE_list("sweep", [], "Also time these kernels' tilings: norm, loss.")
 
 CHAIN = 25  # the norms of a 12-layer model
 LOGITS = (16, 1024, 50304)
+LOSS_TILINGS = (
+    (2048, 8192, 8),
+    (2048, 2048, 4),
+    (2048, 4096, 4),
+    (1024, 2048, 4),
+    (1024, 1024, 4),
+    (1024, 2048, 2),
+    (512, 1024, 4),
+    (512, 2048, 4),
+)
 NORMS = (  # (name, shape, norm)
     ("gpt layernorm", (16, 1024, 768), "layernorm"),
     ("smollm rmsnorm", (8, 2048, 576), "rmsnorm"),
@@ -85,7 +96,17 @@ def loss_row(kernels: str, steps: int) -> dict:
     )
 
 
-def sweep_rows(steps: int) -> list[dict]:
+def loss_sweep_rows(steps: int) -> list[dict]:
+    """GPT-2's loss under tilings of the kernel: (vocabulary chunk, tile, warps)."""
+    rows = []
+    for chunk, tile, warps in LOSS_TILINGS:
+        _loss_pallas.CHUNK, _loss_pallas.TILE, _loss_pallas.NUM_WARPS = chunk, tile, warps
+        row = loss_row("pallas", steps)
+        rows.append({**row, "name": f"loss chunk={chunk} tile={tile} warps={warps}"})
+    return rows
+
+
+def norm_sweep_rows(steps: int) -> list[dict]:
     """The GPT-2 norm under every tiling of the kernel."""
     rows = []
     for tile, warps, programs in itertools.product((2048, 4096, 8192), (2, 4, 8), (264, 1024)):
@@ -102,8 +123,10 @@ def main(argv):
     f = flags.FLAGS
     rows = [norm_row(*n, k, f.steps) for n in NORMS for k in ("xla", "pallas")]
     rows += [loss_row(k, f.steps) for k in ("xla", "pallas")]
-    if f.sweep:
-        rows += sweep_rows(f.steps)
+    if "norm" in f.sweep:
+        rows += norm_sweep_rows(f.steps)
+    if "loss" in f.sweep:
+        rows += loss_sweep_rows(f.steps)
     result = _report.save(f.out, "kernels", rows=rows)
     print(f"jaxpt kernels, {result['device']}, {result['date']}, ms (per norm for the norms)")
     print(f"{'what':<36} {'kernels':<8} {'fwd ms':>8} {'fwd+bwd ms':>11}")
