@@ -83,10 +83,13 @@ def test_norm_kernel_runs_per_shard_under_a_mesh(small_tiles):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["gpt", "smollm"])
-def test_model_with_kernels_equals_xla(small_tiles, preset):
+@pytest.mark.parametrize(
+    "preset,layers", [("gpt", dict(scan_layers=False)), ("smollm", dict(remat_policy="full"))]
+)
+def test_model_with_kernels_equals_xla(small_tiles, preset, layers):
     cfg = dataclasses.replace(
-        models.config_from(preset_config(preset, "smoke").model), vocab_size=64
+        models.config_from(preset_config(preset, "smoke").model),
+        **{"vocab_size": 64, "scan_layers": True, **layers},
     )
     model = models.get(preset)
     params = model.init(jax.random.key(0), cfg)
@@ -101,3 +104,11 @@ def test_model_with_kernels_equals_xla(small_tiles, preset):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_kernels_need_a_gpu_and_enough_rows(monkeypatch):
+    decoding, training = jnp.zeros((8, 1, 16)), jnp.zeros((2, nn.MIN_ROWS // 2, 16))
+    assert not nn.use_kernel("auto", training)  # on this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert nn.use_kernel("auto", training) and not nn.use_kernel("auto", decoding)
+    assert nn.use_kernel("pallas", decoding) and not nn.use_kernel("xla", training)

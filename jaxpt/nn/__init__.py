@@ -84,6 +84,8 @@ from jaxpt.nn._norm import RMSNorm as RMSNorm
 from jaxpt.nn._norm import layer_norm as layer_norm
 from jaxpt.nn._norm import rms_norm as rms_norm
 from jaxpt.nn._pallas import KERNELS as KERNELS
+from jaxpt.nn._pallas import MIN_ROWS as MIN_ROWS
+from jaxpt.nn._pallas import use_kernel as use_kernel
 from jaxpt.nn._rope import apply_rope as apply_rope
 from jaxpt.nn._rope import rope_angles as rope_angles
 from jaxpt.nn._scan import remat as remat

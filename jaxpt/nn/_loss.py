@@ -35,7 +35,7 @@ def token_nll(logits: Array, targets: Array, *, kernels: str = "xla") -> Array:
     ``kernels`` (``nn.KERNELS``) may run the Pallas kernel (one read of the logits per pass),
     for logits whose rows are split like the batch and whose V is whole on every device.
     """
-    if use_kernel(kernels) and _loss_pallas.supported(logits):
+    if use_kernel(kernels, logits) and _loss_pallas.supported(logits):
         return _loss_pallas.token_nll(logits, targets)
     return _xla_token_nll(logits, targets)
 

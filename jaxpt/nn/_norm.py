@@ -50,7 +50,7 @@ def layer_norm(p: LayerNorm, x: Array, eps: float, *, kernels: str = "xla") -> A
     ``kernels`` (``nn.KERNELS``) may run the Pallas kernel, for ``(B, ..., D)`` activations
     whose rows are split like the batch and whose D is whole on every device.
     """
-    if use_kernel(kernels) and _norm_pallas.supported(x):
+    if use_kernel(kernels, x) and _norm_pallas.supported(x):
         return _norm_pallas.norm(x, p.scale, p.bias, eps)
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
@@ -63,7 +63,7 @@ def layer_norm(p: LayerNorm, x: Array, eps: float, *, kernels: str = "xla") -> A
 def rms_norm(p: RMSNorm, x: Array, eps: float, *, kernels: str = "xla") -> Array:
     """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, in x's dtype; ``kernels``
     as in ``layer_norm``."""
-    if use_kernel(kernels) and _norm_pallas.supported(x):
+    if use_kernel(kernels, x) and _norm_pallas.supported(x):
         return _norm_pallas.norm(x, p.scale, None, eps)
     x32 = x.astype(jnp.float32)
     y = x32 * jnp.reciprocal(jnp.sqrt(jnp.square(x32).mean(-1, keepdims=True) + eps))

@@ -19,11 +19,17 @@ from jax.sharding import PartitionSpec as P
 from jaxpt.nn._axes import activation_sharding_of
 
 KERNELS = ("auto", "xla", "pallas")
+# Fewer rows than this (a decoding step's B rows) and a kernel's launch of its own costs more
+# than it saves: XLA fuses a small norm into its neighbours.
+MIN_ROWS = 1024
 
 
-def use_kernel(kernels: str) -> bool:
-    """Whether ``kernels`` (``KERNELS``) asks for the Pallas kernel: ``auto`` on a GPU."""
-    return kernels == "pallas" or (kernels == "auto" and jax.default_backend() == "gpu")
+def use_kernel(kernels: str, x: Array) -> bool:
+    """Whether ``kernels`` (``KERNELS``) asks for the Pallas kernel on ``(B, ..., D)`` x:
+    ``pallas`` always; ``auto`` on a GPU for at least ``MIN_ROWS`` rows."""
+    rows = x.size // x.shape[-1]
+    on_gpu = jax.default_backend() == "gpu"
+    return kernels == "pallas" or (kernels == "auto" and on_gpu and rows >= MIN_ROWS)
 
 
 def interpret() -> bool:
