@@ -13,7 +13,6 @@ vocabulary; powers of two, the columns past V masked), so any V works.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -23,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxpt.nn._axes import activation_sharding_of
-from jaxpt.nn._pallas import block_indices, interpret, load_tile, map_batch_shards
+from jaxpt.nn._pallas import block_indices, kernel_call, load_tile, map_batch_shards
 
 # The fastest of bench/kernels.py --sweep=loss on an H200 (GPT-2's 16 x 1024 x 50304 bf16
 # logits: forward 0.82 ms, with the backward 1.70, against XLA's 1.15 and 2.29; larger tiles
@@ -91,13 +90,16 @@ def _forward(logits: Array, targets: Array) -> tuple[Array, Array]:
     n = math.prod(shape[:-1])
     block_rows, block_cols = _tiling(v)
     row_stat = jax.ShapeDtypeStruct((n,), jnp.float32)
-    nll, lse = pl.pallas_call(
-        functools.partial(_forward_kernel, n=n, v=v, block_rows=block_rows, block_cols=block_cols),
+    nll, lse = kernel_call(
+        _forward_kernel,
         grid=(pl.cdiv(n, block_rows),),
         out_shape=(row_stat, row_stat),
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
-        interpret=interpret(),
         name="cross_entropy_forward",
+        num_warps=NUM_WARPS,
+        n=n,
+        v=v,
+        block_rows=block_rows,
+        block_cols=block_cols,
     )(logits.reshape(n, v), targets.reshape(n))
     return nll.reshape(shape[:-1]), lse.reshape(shape[:-1])
 
@@ -135,13 +137,16 @@ def _backward(logits: Array, targets: Array, lse: Array, grad: Array) -> tuple[A
     shape, v = logits.shape, logits.shape[-1]
     n = math.prod(shape[:-1])
     block_rows, block_cols = _tiling(v)
-    dlogits = pl.pallas_call(
-        functools.partial(_backward_kernel, n=n, v=v, block_rows=block_rows, block_cols=block_cols),
+    dlogits = kernel_call(
+        _backward_kernel,
         grid=(pl.cdiv(n, block_rows), pl.cdiv(v, block_cols)),
         out_shape=jax.ShapeDtypeStruct((n, v), logits.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
-        interpret=interpret(),
         name="cross_entropy_backward",
+        num_warps=NUM_WARPS,
+        n=n,
+        v=v,
+        block_rows=block_rows,
+        block_cols=block_cols,
     )(logits.reshape(n, v), targets.reshape(n), lse.reshape(n), grad.reshape(n))
     return (dlogits.reshape(shape),)
 

@@ -21,7 +21,7 @@ from jax import Array
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxpt.nn._pallas import block_indices, interpret, load_tile, map_batch_shards
+from jaxpt.nn._pallas import block_indices, kernel_call, load_tile, map_batch_shards
 
 MAX_D = 8192  # one row's tile stays in registers
 TILE = 4096  # elements per tile: block_rows x block_cols
@@ -89,21 +89,18 @@ def _forward(x, scale, bias=None, *, eps: float, centered: bool):
     n = math.prod(shape[:-1])
     block_rows, block_cols = _tiling(d)
     stat = jax.ShapeDtypeStruct((n,), jnp.float32)
-    y, mean, rstd = pl.pallas_call(
-        functools.partial(
-            _forward_kernel,
-            n=n,
-            d=d,
-            eps=eps,
-            centered=centered,
-            block_rows=block_rows,
-            block_cols=block_cols,
-        ),
+    y, mean, rstd = kernel_call(
+        _forward_kernel,
         grid=(pl.cdiv(n, block_rows),),
         out_shape=(jax.ShapeDtypeStruct((n, d), x.dtype), stat, stat),
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS),
-        interpret=interpret(),
         name="norm_forward",
+        num_warps=WARPS,
+        n=n,
+        d=d,
+        eps=eps,
+        centered=centered,
+        block_rows=block_rows,
+        block_cols=block_cols,
     )(x.reshape(n, d), scale, scale if bias is None else bias)
     return y.reshape(shape), mean.reshape(shape[:-1]), rstd.reshape(shape[:-1])
 
@@ -148,21 +145,18 @@ def _backward(x, g, mean, rstd, scale, *, centered: bool):
     tiles = pl.cdiv(n, block_rows)
     programs = min(PROGRAMS, tiles)
     partial = jax.ShapeDtypeStruct((programs, d), jnp.float32)
-    dx, dscale, dbias = pl.pallas_call(
-        functools.partial(
-            _backward_kernel,
-            n=n,
-            d=d,
-            centered=centered,
-            tiles_per_program=pl.cdiv(tiles, programs),
-            block_rows=block_rows,
-            block_cols=block_cols,
-        ),
+    dx, dscale, dbias = kernel_call(
+        _backward_kernel,
         grid=(programs,),
         out_shape=(jax.ShapeDtypeStruct((n, d), x.dtype), partial, partial),
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS),
-        interpret=interpret(),
         name="norm_backward",
+        num_warps=WARPS,
+        n=n,
+        d=d,
+        centered=centered,
+        tiles_per_program=pl.cdiv(tiles, programs),
+        block_rows=block_rows,
+        block_cols=block_cols,
     )(x.reshape(n, d), g.reshape(n, d), mean.reshape(n), rstd.reshape(n), scale)
     return dx.reshape(shape), dscale, dbias
 

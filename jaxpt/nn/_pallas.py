@@ -8,11 +8,13 @@ exactly what the tests compare with their float64 references.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
@@ -35,6 +37,21 @@ def use_kernel(kernels: str, x: Array) -> bool:
 def interpret() -> bool:
     """Kernels run through the Pallas interpreter everywhere but on a GPU."""
     return jax.default_backend() != "gpu"
+
+
+def kernel_call(
+    kernel: Callable, *, grid, out_shape, name: str, num_warps: int, **static
+) -> Callable:
+    """``pl.pallas_call`` of ``kernel`` with its ``static`` keyword arguments bound: a Triton
+    kernel of ``num_warps`` warps a program on a GPU, interpreted elsewhere."""
+    return pl.pallas_call(
+        functools.partial(kernel, **static),
+        grid=grid,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        interpret=interpret(),
+        name=name,
+    )
 
 
 def block_indices(block: Array | int, size: int, extent: int) -> tuple[Array, Array]:
