@@ -1,52 +1,74 @@
 """Timing jaxpt's train step the way ``launch.py`` runs it, for every bench."""
 
+import math
 import statistics
 import time
 
 import jax
 import numpy as np
 
-from jaxpt import models, train
+from jaxpt import models, sharding, train
+
+
+def set_mesh(config, axes: list[str]) -> int:
+    """Sets ``config.mesh`` to ``["data=2", "fsdp=2", ...]`` (unnamed axes 1; none: one
+    device) and returns its device count, the first that many of ``jax.devices()``."""
+    sizes = {axis: 1 for axis in sharding.MESH_AXES}
+    sizes.update((name, int(size)) for name, size in (pair.split("=") for pair in axes))
+    config.mesh.update(sizes)
+    return math.prod(sizes.values())
 
 
 def train_step(config, extra_compiler_options=None):
-    """``(model config, fresh state, jitted step)`` as ``launch.py`` builds them for the run
-    config ``config`` on one device (donated state, the same compiler options plus
-    ``extra_compiler_options``), with no gradient accumulation
-    (``config.train.grad_accum_steps`` is set to 1)."""
+    """``(model config, fresh state, jitted step, mesh)`` as ``launch.py`` builds them for the
+    run config ``config`` on its mesh (``set_mesh``) over the first devices: the state sharded
+    by the mesh rules, donated, the same compiler options plus ``extra_compiler_options``, no
+    gradient accumulation (``config.train.grad_accum_steps`` is set to 1). Trace the step
+    (its first call, or ``lower``) inside ``tracing(config, mesh)``."""
     config.train.grad_accum_steps = 1
     cfg = models.config_from(config.model)
-    model = models.get(cfg.name)
-    abstract_params = jax.eval_shape(lambda k: model.init(k, cfg), jax.random.key(0))
-    tx = train.optimizer(config.train, abstract_params)
-    state = jax.jit(lambda k: train.init_state(k, cfg, tx))(jax.random.key(0))
+    n_devices = math.prod(config.mesh[axis] for axis in sharding.MESH_AXES)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:n_devices])
+    abstract, shardings = train.abstract_state(config, mesh)
+    tx = train.optimizer(config.train, abstract.params)
+    init = jax.jit(lambda k: train.init_state(k, cfg, tx), out_shardings=shardings)
+    batch = sharding.batch_sharding(mesh, config.mesh.rules)
     step = jax.jit(
         train.make_train_step(config, tx),
+        in_shardings=(shardings, batch, batch),
+        out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
         compiler_options={**train.STEP_COMPILER_OPTIONS, **(extra_compiler_options or {})},
     )
-    return cfg, state, step
+    return cfg, init(jax.random.key(0)), step, mesh
+
+
+def tracing(config, mesh):
+    """The context a sharded step is traced in (the layers' activation shardings)."""
+    return sharding.activation_sharding(mesh, config.mesh.rules)
 
 
 def time_train_step(config, *, warmup: int, steps: int, extra_compiler_options=None) -> dict:
     """Median seconds of one train step of the run config ``config`` on random tokens.
 
-    The step ``launch.py`` runs (``train.make_train_step``, donated state, the same compiler
-    options), micro-batch ``config.train.batch_size`` x ``config.model.block_size``, no
-    accumulation; ``warmup`` untimed steps (compilation included), then ``steps`` timed
-    ones, each waited for. MFU counts the active parameters (``flops_per_token``).
+    The step ``launch.py`` runs (``train_step``: on ``config.mesh``, donated state, the same
+    compiler options), global batch ``config.train.batch_size`` x ``config.model.block_size``,
+    no accumulation; ``warmup`` untimed steps (compilation included), then ``steps`` timed
+    ones, each waited for. MFU counts the active parameters (``flops_per_token``) against the
+    peak of every device of the mesh.
     """
-    cfg, state, step = train_step(config, extra_compiler_options)
+    cfg, state, step, mesh = train_step(config, extra_compiler_options)
     batch, seq = config.train.batch_size, cfg.block_size
     rng = np.random.default_rng(0)
     times = []
-    for i in range(warmup + steps):
-        tokens = rng.integers(0, min(cfg.vocab_size, 50257), (batch, seq + 1), dtype=np.int32)
-        start = time.perf_counter()
-        state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
-        jax.block_until_ready(metrics["loss"])
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    with tracing(config, mesh):
+        for i in range(warmup + steps):
+            tokens = rng.integers(0, min(cfg.vocab_size, 50257), (batch, seq + 1), dtype=np.int32)
+            start = time.perf_counter()
+            state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+            jax.block_until_ready(metrics["loss"])
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
     median = statistics.median(times)
     tokens_per_s = batch * seq / median
     flops = cfg.flops_per_token * tokens_per_s
@@ -54,11 +76,12 @@ def time_train_step(config, *, warmup: int, steps: int, extra_compiler_options=N
     return dict(
         batch=batch,
         seq=seq,
+        devices=mesh.size,
         median_step_s=median,
         min_step_s=min(times),
         tokens_per_s=tokens_per_s,
         model_flops_per_s=flops,
-        mfu=None if peak is None else flops / peak,
+        mfu=None if peak is None else flops / (peak * mesh.size),
         final_loss=float(metrics["loss"]),
     )
 

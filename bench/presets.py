@@ -25,6 +25,7 @@ def time_preset(name: str, f) -> dict:
     """One row: ``configs/{name}.py``'s train step."""
     config = load_config_file(f"configs/{name}.py")
     config.train.batch_size = max(1, f.tokens // config.model.block_size)
+    _timing.set_mesh(config, [])  # one device
     return dict(name=name, **_timing.time_train_step(config, warmup=f.warmup, steps=f.steps))
 
 

@@ -2,13 +2,17 @@
 
     python3 bench/profile_step.py --out=$OUT --noscan_layers       # on a GPU
     python3 bench/profile_step.py --out=$OUT --scan_layers
+    python3 bench/profile_step.py --out=$OUT --mesh=fsdp=2        # sharded over 2 GPUs
 
-Runs ``bench/train_step.py``'s step (``configs/gpt.py``, ``--batch`` x ``--seq``), traces
+Runs ``bench/train_step.py``'s step (``configs/gpt.py`` or ``--preset``, ``--batch`` x ``--seq``
+per device, over the devices of ``--mesh``), traces
 ``--steps`` steps after a warm-up, and sums the device kernels' durations per step into kinds
 (matmul, attention, copies and dynamic-update-slices, reductions, other fusions, collectives),
 per part of the model (the named scope of the HLO op a kernel runs, forward or backward: layer
 norms, attention, MLP, read-out, loss, optimizer; from the compiled HLO's op metadata) and per
-kernel name. Prints the kinds, the parts and the top kernels, a table last; writes
+kernel name, averaged over the mesh's devices (collectives run on their own streams, so
+under a mesh the sum is not the step's time). Prints the kinds, the parts and the top
+kernels, a table last; writes
 profile_step.json to --out. ``--xla`` adds XLA options to the step's (``train_step.py``'s).
 """
 
@@ -25,6 +29,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from jaxpt import sharding
 from jaxpt.config import preset_config
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
@@ -35,6 +40,7 @@ flags.DEFINE_integer("steps", 5, "Traced steps.")
 flags.DEFINE_bool("scan_layers", False, "model.scan_layers.")
 flags.DEFINE_string("remat", "none", "model.remat_policy.")
 flags.DEFINE_integer("top", 25, "Kernels listed.")
+flags.DEFINE_list("mesh", [], "Mesh axes, e.g. fsdp=2 (the rest 1; none: one device).")
 flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
 
 KINDS = (  # first match wins
@@ -114,36 +120,42 @@ def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
 
 
 def make_step(f):
-    """The jitted train step, its state and a batch of random tokens."""
+    """The compiled train step (sharded over ``--mesh``), its state, its inputs and targets
+    (random tokens, ``--batch`` sequences per device) and the mesh."""
     config = preset_config(f.preset, None)
     config.model.update(block_size=f.seq, scan_layers=f.scan_layers, remat_policy=f.remat)
-    config.train.batch_size = f.batch
-    _, state, step = _timing.train_step(config, _timing.compiler_options(f.xla))
-    tokens = np.random.default_rng(0).integers(0, 50257, (f.batch, f.seq + 1), dtype=np.int32)
-    return step, state, tokens
+    config.train.batch_size = f.batch * _timing.set_mesh(config, f.mesh)
+    _, state, jitted, mesh = _timing.train_step(config, _timing.compiler_options(f.xla))
+    shape = (config.train.batch_size, f.seq + 1)
+    tokens = np.random.default_rng(0).integers(0, 50257, shape, dtype=np.int32)
+    batch = sharding.batch_sharding(mesh, config.mesh.rules)
+    inputs, targets = (jax.device_put(t, batch) for t in (tokens[:, :-1], tokens[:, 1:]))
+    with _timing.tracing(config, mesh):
+        step = jitted.lower(state, inputs, targets).compile()  # traced as it runs
+    return step, state, (inputs, targets), mesh
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    jitted, state, tokens = make_step(f)
-    step = jitted.lower(state, tokens[:, :-1], tokens[:, 1:]).compile()  # traced as it runs
+    step, state, batch, mesh = make_step(f)
     ops = op_names(step.as_text())
     for _ in range(3):
-        state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+        state, metrics = step(state, *batch)
     jax.block_until_ready(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(f.steps):
-                state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+                state, metrics = step(state, *batch)
             jax.block_until_ready(metrics)
         kernels = device_kernels(pathlib.Path(tmp))
     per_name, per_part, per_part_name = (collections.Counter() for _ in range(3))
+    per_step = f.steps * mesh.size  # per device: every GPU of the mesh runs the program
     for name, hlo_op, us in kernels:
         part = part_of(ops.get(hlo_key(hlo_op), ops.get(hlo_key(name))))
-        per_name[name] += us / f.steps
-        per_part[part] += us / f.steps
-        per_part_name[part, name] += us / f.steps
+        per_name[name] += us / per_step
+        per_part[part] += us / per_step
+        per_part_name[part, name] += us / per_step
     per_kind = collections.Counter()
     for name, us in per_name.items():
         per_kind[kind_of(name)] += us
@@ -156,13 +168,17 @@ def main(argv):
         remat=f.remat,
         batch=f.batch,
         seq=f.seq,
+        mesh=f.mesh,
         kernel_ms_per_step=total / 1e3,
         xla=f.xla,
         kinds_ms={k: v / 1e3 for k, v in per_kind.most_common()},
         parts_ms={k: v / 1e3 for k, v in per_part.most_common()},
         kernels_ms={k: v / 1e3 for k, v in per_name.most_common(200)},
     )
-    print(f"top kernels by part (ms/step), {result['device']}, scan_layers={f.scan_layers}:")
+    print(
+        f"top kernels by part (ms/step per device), {result['device']}, "
+        f"scan_layers={f.scan_layers}, mesh={f.mesh}:"
+    )
     for (part, name), us in per_part_name.most_common(f.top):
         print(f"  {us / 1e3:8.3f}  {kind_of(name):<10} {part:<18} {name[:90]}")
     print(f"{'part':<20} {'ms/step':>8} {'share':>6}")

@@ -14,7 +14,9 @@ formula of ``../shared/bench/ref_torch_gpt2.py``, which is the reference to run 
 call (N: the active parameters, ``ModelConfig.flops_per_token``). Prints a table last and
 writes train_step.json to --out. ``--preset`` times another registry preset's model the same
 way (its full size; the flags above still set the model fields they name);
-``--moe_matmul`` picks how a top-k MoE preset's experts run (``model.moe_matmul``).
+``--moe_matmul`` picks how a top-k MoE preset's experts run (``model.moe_matmul``);
+``--mesh=fsdp=2`` (any of data, fsdp, tensor, expert) runs the step sharded over that many of
+the host's devices, ``--batches`` sequences per device, MFU against all of them.
 """
 
 import _report  # bench/_report.py, beside this script
@@ -39,6 +41,7 @@ flags.DEFINE_enum("moe_matmul", None, ["padded", "ragged"], "model.moe_matmul (M
 flags.DEFINE_enum(
     "kernels", None, ["auto", "xla", "pallas"], "model.kernels; default: the preset's."
 )
+flags.DEFINE_list("mesh", [], "Mesh axes, e.g. fsdp=2 (the rest 1; none: one device).")
 flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
 
 
@@ -53,9 +56,9 @@ def run_config(f):
 
 
 def time_steps(batch: int, f) -> dict:
-    """One row: the preset's step at micro-batch ``batch``."""
+    """One row: the preset's step at micro-batch ``batch`` per device of ``--mesh``."""
     config = run_config(f)
-    config.train.batch_size = batch
+    config.train.batch_size = batch * _timing.set_mesh(config, f.mesh)
     options = _timing.compiler_options(f.xla)
     return _timing.time_train_step(
         config, warmup=f.warmup, steps=f.steps, extra_compiler_options=options
@@ -77,13 +80,14 @@ def main(argv):
         scan_layers=model.scan_layers,
         logits_dtype=model.logits_dtype,
         kernels=model.kernels,
+        mesh=f.mesh,
         xla=f.xla,
         rows=rows,
     )
     print(
         f"jaxpt {f.preset} train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
         f"remat={f.remat}, scan_layers={model.scan_layers}, logits={model.logits_dtype}, "
-        f"kernels={model.kernels}, xla={f.xla}"
+        f"kernels={model.kernels}, mesh={f.mesh}, xla={f.xla}"
     )
     print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
     for r in rows:
