@@ -2,17 +2,17 @@
 an 8-device mesh and inside a model."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxpt import models, nn, sharding
 from jaxpt.config import preset_config
-from jaxpt.nn import _norm_pallas
+from jaxpt.nn import _loss_pallas, _norm_pallas
+from tests.test_nn import numpy_nll
 
 
 @pytest.fixture
@@ -21,6 +21,14 @@ def small_tiles(monkeypatch):
     per program, the last tile part-empty and the last program's tiles partly past the rows."""
     monkeypatch.setattr(_norm_pallas, "TILE", 256)
     monkeypatch.setattr(_norm_pallas, "PROGRAMS", 3)
+
+
+def activations_over(data: int, tensor: int):
+    """A context in which activations are sharded over a (data, tensor) mesh of the 8 test
+    devices, by the default rules."""
+    mesh_cfg = preset_config("gpt", None).mesh
+    mesh_cfg.update(data=data, tensor=tensor)
+    return sharding.activation_sharding(sharding.make_mesh(mesh_cfg), mesh_cfg.rules)
 
 
 def float64_norm(x, scale, bias, eps):
@@ -64,9 +72,6 @@ def test_norm_kernel_matches_float64(small_tiles, centered, d, dtype, tol):
 
 
 def test_norm_kernel_runs_per_shard_under_a_mesh(small_tiles):
-    config = preset_config("gpt", "smoke")
-    config.mesh.update(data=2, fsdp=4)
-    mesh = sharding.make_mesh(config.mesh)
     _, (_, scale, bias) = norm_inputs(40, True, jnp.float32)
     x = jax.random.normal(jax.random.key(0), (8, 5, 40))  # one row per device
 
@@ -75,10 +80,9 @@ def test_norm_kernel_runs_per_shard_under_a_mesh(small_tiles):
 
     grad = jax.jit(jax.grad(loss, (0, 1, 2)))
     want = grad(x, scale, bias)
-    x_sharded = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
-    with sharding.activation_sharding(mesh, config.mesh.rules):
+    with activations_over(8, 1):
         assert "shard_map" in str(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(x, scale, bias))
-        got = grad.lower(x_sharded, scale, bias).compile()(x_sharded, scale, bias)
+        got = grad(x, scale, bias)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
@@ -112,3 +116,56 @@ def test_auto_kernels_need_a_gpu_and_enough_rows(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert nn.use_kernel("auto", training) and not nn.use_kernel("auto", decoding)
     assert nn.use_kernel("pallas", decoding) and not nn.use_kernel("xla", training)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Cross-entropy kernel tiles of 4 rows x 128 vocabulary columns: a vocabulary of 300
+    takes three chunks, the last part-masked."""
+    monkeypatch.setattr(_loss_pallas, "CHUNK", 128)
+    monkeypatch.setattr(_loss_pallas, "TILE", 512)
+
+
+@pytest.mark.parametrize(
+    "dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)], ids=["float32", "bfloat16"]
+)
+def test_token_nll_kernel_matches_numpy(small_chunks, dtype, tolerance):
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(3, 5, 300)) * 4, dtype)  # 15 rows: a part tile
+    targets = rng.integers(0, 300, (3, 5))
+    grad = rng.normal(size=(3, 5))  # the incoming gradient, one per position
+    nll, pullback = jax.vjp(
+        lambda x: nn.token_nll(x, jnp.asarray(targets), kernels="pallas"), logits
+    )
+    (dlogits,) = pullback(jnp.asarray(grad, jnp.float32))
+    want_nll, want_dlogits = numpy_nll(np.asarray(logits, np.float32), targets)
+    assert nll.dtype == jnp.float32 and dlogits.dtype == dtype
+    np.testing.assert_allclose(nll, want_nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(dlogits, np.float32), want_dlogits * grad[..., None], atol=tolerance
+    )
+
+
+@pytest.mark.parametrize("tensor, per_shard", [(1, True), (2, False)])
+def test_cross_entropy_kernel_under_a_mesh_equals_xla(small_chunks, tensor, per_shard):
+    """Rows split 8 ways: the kernel runs on each device's rows; a vocabulary split over the
+    tensor axis: XLA's loss."""
+    rng = np.random.default_rng(6)
+    logits = jnp.asarray(rng.normal(size=(8, 3, 300)) * 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 300, (8, 3)))
+    loss_and_grad = jax.value_and_grad(functools.partial(nn.cross_entropy, kernels="pallas"))
+    with activations_over(8 // tensor, tensor):
+        program = str(jax.make_jaxpr(loss_and_grad)(logits, targets))
+        loss, dlogits = jax.jit(loss_and_grad)(logits, targets)
+    assert ("shard_map" in program and "pallas_call" in program) == per_shard
+    want_loss, want_dlogits = jax.value_and_grad(nn.cross_entropy)(logits, targets)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(dlogits, want_dlogits, atol=1e-7)
+
+
+def test_cross_entropy_kernel_size_limit_is_per_device(monkeypatch):
+    monkeypatch.setattr(_loss_pallas, "MAX_ELEMENTS", 1000)
+    logits = jax.ShapeDtypeStruct((8, 3, 300), jnp.float32)  # 900 elements a device
+    assert not _loss_pallas.supported(logits)
+    with activations_over(8, 1):
+        assert _loss_pallas.supported(logits)

@@ -1,4 +1,5 @@
-"""Layers against float64 numpy references; the Pallas kernels through the interpreter."""
+"""Layers against float64 numpy references (both ways of ``kernels`` for the loss; the
+kernels themselves: test_kernels.py)."""
 
 import functools
 
@@ -7,9 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import nn, sharding
-from jaxpt.config import preset_config
-from jaxpt.nn import _loss_pallas
+from jaxpt import nn
 
 
 def numpy_attention(q, k, v, valid=None, keep=None):
@@ -154,67 +153,6 @@ def test_cross_entropy_matches_numpy(kernels):
     mask = rng.random((2, 5)) > 0.3
     got = loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), mask)
     np.testing.assert_allclose(got, nll[mask].mean(), rtol=1e-5)
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Cross-entropy kernel tiles of 4 rows x 128 vocabulary columns: a vocabulary of 300
-    takes three chunks, the last part-masked."""
-    monkeypatch.setattr(_loss_pallas, "CHUNK", 128)
-    monkeypatch.setattr(_loss_pallas, "TILE", 512)
-
-
-@pytest.mark.parametrize(
-    "dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)], ids=["float32", "bfloat16"]
-)
-def test_token_nll_kernel_matches_numpy(small_chunks, dtype, tolerance):
-    rng = np.random.default_rng(5)
-    logits = jnp.asarray(rng.normal(size=(3, 5, 300)) * 4, dtype)  # 15 rows: a part tile
-    targets = rng.integers(0, 300, (3, 5))
-    grad = rng.normal(size=(3, 5))  # the incoming gradient, one per position
-    nll, pullback = jax.vjp(
-        lambda x: nn.token_nll(x, jnp.asarray(targets), kernels="pallas"), logits
-    )
-    (dlogits,) = pullback(jnp.asarray(grad, jnp.float32))
-    want_nll, want_dlogits = numpy_nll(np.asarray(logits, np.float32), targets)
-    assert nll.dtype == jnp.float32 and dlogits.dtype == dtype
-    np.testing.assert_allclose(nll, want_nll, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        np.asarray(dlogits, np.float32), want_dlogits * grad[..., None], atol=tolerance
-    )
-
-
-def activations_over(data: int, tensor: int):
-    """A context in which activations are sharded over a (data, tensor) mesh of the 8 test
-    devices, by the default rules."""
-    mesh_cfg = preset_config("gpt", None).mesh
-    mesh_cfg.update(data=data, tensor=tensor)
-    return sharding.activation_sharding(sharding.make_mesh(mesh_cfg), mesh_cfg.rules)
-
-
-@pytest.mark.parametrize("tensor, per_shard", [(1, True), (2, False)])
-def test_cross_entropy_kernel_under_a_mesh_equals_xla(small_chunks, tensor, per_shard):
-    """Rows split 8 ways: the kernel runs on each device's rows; a vocabulary split over the
-    tensor axis: XLA's loss."""
-    rng = np.random.default_rng(6)
-    logits = jnp.asarray(rng.normal(size=(8, 3, 300)) * 4, jnp.float32)
-    targets = jnp.asarray(rng.integers(0, 300, (8, 3)))
-    loss_and_grad = jax.value_and_grad(functools.partial(nn.cross_entropy, kernels="pallas"))
-    with activations_over(8 // tensor, tensor):
-        program = str(jax.make_jaxpr(loss_and_grad)(logits, targets))
-        loss, dlogits = jax.jit(loss_and_grad)(logits, targets)
-    assert ("shard_map" in program and "pallas_call" in program) == per_shard
-    want_loss, want_dlogits = jax.value_and_grad(nn.cross_entropy)(logits, targets)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    np.testing.assert_allclose(dlogits, want_dlogits, atol=1e-7)
-
-
-def test_cross_entropy_kernel_size_limit_is_per_device(monkeypatch):
-    monkeypatch.setattr(_loss_pallas, "MAX_ELEMENTS", 1000)
-    logits = jax.ShapeDtypeStruct((8, 3, 300), jnp.float32)  # 900 elements a device
-    assert not _loss_pallas.supported(logits)
-    with activations_over(8, 1):
-        assert _loss_pallas.supported(logits)
 
 
 def test_activations_match_definitions():
