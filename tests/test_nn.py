@@ -211,3 +211,32 @@ def test_unembed_backward_runs_in_the_compute_dtype():
     np.testing.assert_allclose(
         np.asarray(dx16, np.float32), np.einsum("btv,vd->btd", g16, w16), rtol=2e-2, atol=2e-2
     )
+
+
+def reduce_sum_dtypes(jaxpr) -> list:
+    """The input dtype of every ``reduce_sum`` in ``jaxpr`` and the jaxprs nested in it."""
+    dtypes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reduce_sum":
+            dtypes.append(eqn.invars[0].aval.dtype)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                dtypes += reduce_sum_dtypes(inner)
+    return dtypes
+
+
+@pytest.mark.parametrize("layer", ["linear", "read_out"])
+def test_bias_gradients_accumulate_in_float32(layer):
+    """A bfloat16 layer's bias gradient (a sum over every row) reduces float32 values: the
+    transpose of a bfloat16 broadcast add would reduce bfloat16 ones."""
+    key = jax.random.key(0)
+    p = nn.init_linear(key, 8, 4, axes=("embed", "mlp"), bias=True, std=0.02, dtype=jnp.float32)
+    if layer == "read_out":
+        p = nn.ReadOut(p.weight.T, p.bias, ("vocab", "embed"))
+    apply = nn.linear if layer == "linear" else functools.partial(nn.read_out, dtype=jnp.bfloat16)
+    x = jnp.ones((64, 8), jnp.bfloat16)
+    grad = jax.grad(lambda p: apply(p, x).astype(jnp.float32).sum())
+    dtypes = reduce_sum_dtypes(jax.make_jaxpr(grad)(p).jaxpr)
+    assert dtypes and all(d == jnp.float32 for d in dtypes), dtypes
+    np.testing.assert_array_equal(grad(p).bias, np.full(4, 64.0))

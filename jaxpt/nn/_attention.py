@@ -16,7 +16,7 @@ from jax import Array
 
 from jaxpt.nn._axes import constrain
 from jaxpt.nn._dropout import dropout
-from jaxpt.nn._linear import Linear, init_linear, linear
+from jaxpt.nn._linear import Linear, add_bias, init_linear, linear
 from jaxpt.nn._norm import RMSNorm, init_rms_norm, rms_norm
 from jaxpt.nn._rope import apply_rope, rope_angles
 
@@ -113,7 +113,7 @@ def _stacked_linear(layers: tuple[Linear, ...], x: Array) -> tuple[Array, ...]:
     weight = jnp.stack([layer.weight for layer in layers]).astype(x.dtype)
     y = jnp.einsum("btd,sdf->btsf", x, weight)  # (B, T, S, F)
     if layers[0].bias is not None:
-        y = y + jnp.stack([layer.bias for layer in layers]).astype(x.dtype)
+        y = add_bias(y, jnp.stack([layer.bias for layer in layers]))
     return tuple(y[:, :, i] for i in range(len(layers)))
 
 

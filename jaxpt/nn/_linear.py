@@ -48,7 +48,14 @@ def init_linear(
 def linear(p: Linear, x: Array) -> Array:
     """Applies ``p`` in the dtype of ``x``. ``x``: ``(..., in)`` -> ``(..., out)``."""
     y = x @ p.weight.astype(x.dtype)
-    return y if p.bias is None else y + p.bias.astype(x.dtype)
+    return y if p.bias is None else add_bias(y, p.bias)
+
+
+def add_bias(y: Array, bias: Array) -> Array:
+    """``y + bias`` (broadcast over y's leading axes) added in float32 and rounded once to
+    y's dtype. Its gradient, the sum of y's cotangent over every row, then accumulates in
+    float32: the gradient of a bfloat16 add would sum 16K rows of a step in bfloat16."""
+    return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
 
 
 class Embedding(HasAxes):
@@ -103,8 +110,7 @@ def unembed(p: Embedding | ReadOut, x: Array, dtype=jnp.float32) -> Array:
 
 def read_out(p: ReadOut, x: Array, dtype=jnp.float32) -> Array:
     """``unembed`` plus the read-out's bias: ``(..., D)`` -> ``(..., V)`` in ``dtype``."""
-    logits = unembed(p, x, dtype)
-    return logits + p.bias.astype(logits.dtype)
+    return add_bias(unembed(p, x, dtype), p.bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

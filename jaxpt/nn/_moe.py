@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpt.errors import ConfigError
 from jaxpt.nn._axes import HasAxes, activation_sharding_of
-from jaxpt.nn._linear import Linear, init_linear, linear, normal_or_zeros
+from jaxpt.nn._linear import Linear, add_bias, init_linear, linear, normal_or_zeros
 from jaxpt.nn._mlp import ACTIVATIONS
 
 GROUPED_MATMULS = ("ragged", "padded")  # MoESpec.grouped_matmul
@@ -87,7 +87,7 @@ def init_expert_linear(
 def expert_linear(p: ExpertLinear, x: Array) -> Array:
     """Expert ``e`` maps its buffer ``x[:, e]``. ``(B, E, C, in)`` -> ``(B, E, C, out)``."""
     y = jnp.einsum("beci,eio->beco", x, p.weight.astype(x.dtype))
-    return y if p.bias is None else y + p.bias[:, None, :].astype(x.dtype)
+    return y if p.bias is None else add_bias(y, p.bias[:, None, :])
 
 
 class Experts(eqx.Module):
@@ -437,7 +437,7 @@ def ragged_expert_linear(p: ExpertLinear, x: Array, group_sizes: Array) -> Array
         return y
     n_experts = p.weight.shape[0]
     expert = jnp.repeat(jnp.arange(n_experts), group_sizes, total_repeat_length=x.shape[0])
-    return y + p.bias[expert].astype(x.dtype)
+    return add_bias(y, p.bias[expert])
 
 
 def grouped_experts(p: Experts, x: Array, rows: ExpertRows, *, activation: str) -> Array:
