@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 from jax import Array
 
-from jaxpt.nn._linear import Linear, init_linear, linear
+from jaxpt.nn._linear import Linear, init_linear, linear, stacked_linear
 
 
 def squared_relu(x: Array) -> Array:
@@ -78,5 +78,5 @@ def init_glu(
 @jax.named_scope("glu")
 def glu(p: GLU, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; the gate's ``activation`` names one of ``ACTIVATIONS``."""
-    gate = ACTIVATIONS[activation](linear(p.gate, x))
-    return linear(p.down, gate * linear(p.up, x))
+    gate, up = stacked_linear((p.gate, p.up), x)
+    return linear(p.down, ACTIVATIONS[activation](gate) * up)
