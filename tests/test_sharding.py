@@ -122,6 +122,7 @@ def mesh_key(**sizes) -> tuple[tuple[str, int], ...]:
         (DENSE, mesh_key(tensor=2), ()),  # on 2 devices
         (DENSE, mesh_key(fsdp=4, tensor=2), ()),
         (DENSE, mesh_key(data=2, fsdp=2, tensor=2), ()),
+        (DENSE, mesh_key(data=2, fsdp=2), (("kernels", "pallas"),)),  # per-device kernels
         ("tiny_moe_2", mesh_key(expert=8), ()),  # top-2 of 8 experts
         ("tiny_moe_2", mesh_key(data=2, tensor=2, expert=2), RANDOM),
     ],
