@@ -11,7 +11,7 @@ import pytest
 
 from jaxpt import models, nn, sharding
 from jaxpt.config import preset_config
-from jaxpt.nn import _loss_pallas, _norm_pallas
+from jaxpt.nn import _loss_pallas, _norm_pallas, _pallas
 from tests.test_nn import numpy_nll
 
 
@@ -110,10 +110,10 @@ def test_model_with_kernels_equals_xla(small_tiles, preset, layers):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
-def test_auto_kernels_need_a_gpu_and_enough_rows(monkeypatch):
+def test_auto_kernels_need_an_nvidia_gpu_and_enough_rows(monkeypatch):
     decoding, training = jnp.zeros((8, 1, 16)), jnp.zeros((2, nn.MIN_ROWS // 2, 16))
     assert not nn.use_kernel("auto", training)  # on this CPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_pallas, "on_cuda", lambda: True)
     assert nn.use_kernel("auto", training) and not nn.use_kernel("auto", decoding)
     assert nn.use_kernel("pallas", decoding) and not nn.use_kernel("xla", training)
 

@@ -28,10 +28,17 @@ MIN_ROWS = 1024
 
 def use_kernel(kernels: str, x: Array) -> bool:
     """Whether ``kernels`` (``KERNELS``) asks for the Pallas kernel on ``(B, ..., D)`` x:
-    ``pallas`` always; ``auto`` on a GPU for at least ``MIN_ROWS`` rows."""
+    ``pallas`` always; ``auto`` on an NVIDIA GPU for at least ``MIN_ROWS`` rows."""
     rows = x.size // x.shape[-1]
-    on_gpu = jax.default_backend() == "gpu"
-    return kernels == "pallas" or (kernels == "auto" and on_gpu and rows >= MIN_ROWS)
+    return kernels == "pallas" or (kernels == "auto" and on_cuda() and rows >= MIN_ROWS)
+
+
+def on_cuda() -> bool:
+    """Whether JAX computes on NVIDIA GPUs, where the kernels were written and measured (a
+    ROCm GPU is a ``gpu`` backend too)."""
+    if jax.default_backend() != "gpu":
+        return False
+    return "cuda" in jax.devices()[0].client.platform_version.lower()
 
 
 def interpret() -> bool:
