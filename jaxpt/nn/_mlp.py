@@ -6,7 +6,14 @@ import equinox as eqx
 import jax
 from jax import Array
 
-from jaxpt.nn._linear import Linear, init_linear, linear, stacked_linear
+from jaxpt.nn._linear import (
+    Linear,
+    add_bias,
+    init_linear,
+    linear,
+    stacked_bias,
+    stacked_matmul,
+)
 
 
 def squared_relu(x: Array) -> Array:
@@ -58,7 +65,21 @@ def init_mlp(
 @jax.named_scope("mlp")
 def mlp(p: MLP, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; ``activation`` names one of ``ACTIVATIONS``."""
-    return linear(p.proj, ACTIVATIONS[activation](linear(p.fc, x)))
+    h = x @ p.fc.weight.astype(x.dtype)  # (B, T, F)
+    return linear(p.proj, recomputed_activation(activation, h, p.fc.bias))
+
+
+def recomputed_activation(activation, h: Array, bias: Array | None) -> Array:
+    """``activation(h + bias)`` (a function, or an ``ACTIVATIONS`` name) whose backward
+    recomputes the bias add and the activation from ``h``, the matmul's output, instead of
+    saving their intermediates (GELU's tanh: a write and a read of a ``(B, T, F)`` array per
+    layer), as torch.compile's partitioner recomputes pointwise ops."""
+    act = ACTIVATIONS[activation] if isinstance(activation, str) else activation
+
+    def activate(h: Array, bias: Array | None) -> Array:
+        return act(h if bias is None else add_bias(h, bias))
+
+    return jax.checkpoint(activate)(h, bias)
 
 
 def init_glu(
@@ -78,5 +99,11 @@ def init_glu(
 @jax.named_scope("glu")
 def glu(p: GLU, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; the gate's ``activation`` names one of ``ACTIVATIONS``."""
-    gate, up = stacked_linear((p.gate, p.up), x)
-    return linear(p.down, ACTIVATIONS[activation](gate) * up)
+    layers = (p.gate, p.up)
+    y = stacked_matmul(layers, x)  # (B, T, 2, F)
+    return linear(p.down, recomputed_activation(_gated(activation), y, stacked_bias(layers)))
+
+
+def _gated(activation: str):
+    """``act(gate) * up`` of the stacked ``(..., 2, F)`` gate and up."""
+    return lambda y: ACTIVATIONS[activation](y[..., 0, :]) * y[..., 1, :]
