@@ -27,8 +27,9 @@ def train_step(config, extra_compiler_options=None):
     (its first call, or ``lower``) inside ``tracing(config, mesh)``."""
     config.train.grad_accum_steps = 1
     cfg = models.config_from(config.model)
-    n_devices = math.prod(config.mesh[axis] for axis in sharding.MESH_AXES)
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:n_devices])
+    sizes = [config.mesh[axis] for axis in sharding.MESH_AXES]  # -1: every device
+    devices = jax.devices() if -1 in sizes else jax.devices()[: math.prod(sizes)]
+    mesh = sharding.make_mesh(config.mesh, devices)
     abstract, shardings = train.abstract_state(config, mesh)
     tx = train.optimizer(config.train, abstract.params)
     init = jax.jit(lambda k: train.init_state(k, cfg, tx), out_shardings=shardings)

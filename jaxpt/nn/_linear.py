@@ -47,14 +47,21 @@ def init_linear(
 
 def linear(p: Linear, x: Array) -> Array:
     """Applies ``p`` in the dtype of ``x``. ``x``: ``(..., in)`` -> ``(..., out)``."""
-    y = x @ p.weight.astype(x.dtype)
-    return y if p.bias is None else add_bias(y, p.bias)
+    return add_bias(matmul(p, x), p.bias)
 
 
-def add_bias(y: Array, bias: Array) -> Array:
+def matmul(p: Linear, x: Array) -> Array:
+    """``x @ weight`` in the dtype of ``x``, without the bias: ``(..., in)`` -> ``(..., out)``."""
+    return x @ p.weight.astype(x.dtype)
+
+
+def add_bias(y: Array, bias: Array | None) -> Array:
     """``y + bias`` (broadcast over y's leading axes) added in float32 and rounded once to
-    y's dtype. Its gradient, the sum of y's cotangent over every row, then accumulates in
-    float32: the gradient of a bfloat16 add would sum 16K rows of a step in bfloat16."""
+    y's dtype; ``y`` itself without a bias. Its gradient, the sum of y's cotangent over every
+    row, then accumulates in float32: the gradient of a bfloat16 add would sum 16K rows of a
+    step in bfloat16."""
+    if bias is None:
+        return y
     return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
 
 
@@ -63,8 +70,7 @@ def stacked_linear(layers: tuple[Linear, ...], x: Array) -> tuple[Array, ...]:
     ``(..., D)`` with their weights stacked ``(S, D, F)`` (GPT-2's fused ``c_attn``): one
     GEMM S times as wide instead of S (q/k/v: a 2.7% faster GPT-2 step on an H200). Stacked
     on a new axis, not concatenated, so each weight's sharding carries over unchanged."""
-    y, bias = stacked_matmul(layers, x), stacked_bias(layers)
-    y = y if bias is None else add_bias(y, bias)
+    y = add_bias(stacked_matmul(layers, x), stacked_bias(layers))
     return tuple(y[..., i, :] for i in range(len(layers)))
 
 

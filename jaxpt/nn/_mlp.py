@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 from jax import Array
@@ -11,6 +13,7 @@ from jaxpt.nn._linear import (
     add_bias,
     init_linear,
     linear,
+    matmul,
     stacked_bias,
     stacked_matmul,
 )
@@ -65,21 +68,16 @@ def init_mlp(
 @jax.named_scope("mlp")
 def mlp(p: MLP, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; ``activation`` names one of ``ACTIVATIONS``."""
-    h = x @ p.fc.weight.astype(x.dtype)  # (B, T, F)
-    return linear(p.proj, recomputed_activation(activation, h, p.fc.bias))
+    h = matmul(p.fc, x)  # (B, T, F)
+    return linear(p.proj, recomputed_activation(ACTIVATIONS[activation], h, p.fc.bias))
 
 
-def recomputed_activation(activation, h: Array, bias: Array | None) -> Array:
-    """``activation(h + bias)`` (a function, or an ``ACTIVATIONS`` name) whose backward
-    recomputes the bias add and the activation from ``h``, the matmul's output, instead of
-    saving their intermediates (GELU's tanh: a write and a read of a ``(B, T, F)`` array per
-    layer), as torch.compile's partitioner recomputes pointwise ops."""
-    act = ACTIVATIONS[activation] if isinstance(activation, str) else activation
-
-    def activate(h: Array, bias: Array | None) -> Array:
-        return act(h if bias is None else add_bias(h, bias))
-
-    return jax.checkpoint(activate)(h, bias)
+def recomputed_activation(activation: Callable, h: Array, bias: Array | None) -> Array:
+    """``activation(h + bias)`` whose backward recomputes the bias add and the activation
+    from ``h``, the matmul's output, instead of saving their intermediates (GELU's tanh: a
+    write and a read of a ``(B, T, F)`` array per layer), as torch.compile's partitioner
+    recomputes pointwise ops."""
+    return jax.checkpoint(lambda h, bias: activation(add_bias(h, bias)))(h, bias)
 
 
 def init_glu(

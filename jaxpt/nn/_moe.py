@@ -87,7 +87,7 @@ def init_expert_linear(
 def expert_linear(p: ExpertLinear, x: Array) -> Array:
     """Expert ``e`` maps its buffer ``x[:, e]``. ``(B, E, C, in)`` -> ``(B, E, C, out)``."""
     y = jnp.einsum("beci,eio->beco", x, p.weight.astype(x.dtype))
-    return y if p.bias is None else add_bias(y, p.bias[:, None, :])
+    return add_bias(y, None if p.bias is None else p.bias[:, None, :])
 
 
 class Experts(eqx.Module):
