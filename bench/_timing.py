@@ -7,7 +7,26 @@ import time
 import jax
 import numpy as np
 
-from jaxpt import models, sharding, train
+from jaxpt import data, models, sharding, train
+
+TOKEN_SOURCES = ("random", "text")
+
+
+def token_sampler(source: str, vocab: int, seed: int = 0):
+    """``sample(batch, length) -> int32 (batch, length)`` tokens: ``random`` (uniform below
+    ``min(vocab, 50257)``) or ``text`` (windows at random offsets of the embedded corpus in
+    GPT-2's BPE: real prose, whose frequent tokens collide in the embedding's gradient)."""
+    rng = np.random.default_rng(seed)
+    if source == "random":
+        return lambda batch, length: rng.integers(0, min(vocab, 50257), (batch, length), np.int32)
+    gpt2 = data.get_tokenizer("gpt2")
+    corpus = np.array(gpt2.encode(" ".join(data.embedded_documents())), np.int32)
+
+    def windows(batch: int, length: int):
+        starts = rng.integers(0, len(corpus) - length, batch)
+        return np.stack([corpus[s : s + length] for s in starts])
+
+    return windows
 
 
 def set_mesh(config, axes: list[str]) -> int:
@@ -49,8 +68,11 @@ def tracing(config, mesh):
     return sharding.activation_sharding(mesh, config.mesh.rules)
 
 
-def time_train_step(config, *, warmup: int, steps: int, extra_compiler_options=None) -> dict:
-    """Median seconds of one train step of the run config ``config`` on random tokens.
+def time_train_step(
+    config, *, warmup: int, steps: int, extra_compiler_options=None, tokens: str = "random"
+) -> dict:
+    """Median seconds of one train step of the run config ``config`` on ``tokens``
+    (``token_sampler``'s source).
 
     The step ``launch.py`` runs (``train_step``: on ``config.mesh``, donated state, the same
     compiler options), global batch ``config.train.batch_size`` x ``config.model.block_size``,
@@ -60,13 +82,13 @@ def time_train_step(config, *, warmup: int, steps: int, extra_compiler_options=N
     """
     cfg, state, step, mesh = train_step(config, extra_compiler_options)
     batch, seq = config.train.batch_size, cfg.block_size
-    rng = np.random.default_rng(0)
+    sample = token_sampler(tokens, cfg.vocab_size)
     times = []
     with tracing(config, mesh):
         for i in range(warmup + steps):
-            tokens = rng.integers(0, min(cfg.vocab_size, 50257), (batch, seq + 1), dtype=np.int32)
+            window = sample(batch, seq + 1)
             start = time.perf_counter()
-            state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+            state, metrics = step(state, window[:, :-1], window[:, 1:])
             jax.block_until_ready(metrics["loss"])
             if i >= warmup:
                 times.append(time.perf_counter() - start)

@@ -26,7 +26,6 @@ import tempfile
 import _report  # bench/_report.py, beside this script
 import _timing
 import jax
-import numpy as np
 from absl import app, flags
 
 from jaxpt import sharding
@@ -42,6 +41,7 @@ flags.DEFINE_string("remat", "none", "model.remat_policy.")
 flags.DEFINE_integer("top", 25, "Kernels listed.")
 flags.DEFINE_list("mesh", [], "Mesh axes, e.g. fsdp=2 (the rest 1; none: one device).")
 flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
+flags.DEFINE_enum("tokens", "random", _timing.TOKEN_SOURCES, "Tokens (_timing.token_sampler).")
 
 KINDS = (  # first match wins
     ("collective", r"nccl|all_gather|all-gather|reduce_scatter|all_reduce"),
@@ -121,13 +121,13 @@ def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
 
 def make_step(f):
     """The compiled train step (sharded over ``--mesh``), its state, its inputs and targets
-    (random tokens, ``--batch`` sequences per device) and the mesh."""
+    (``--tokens``, ``--batch`` sequences per device) and the mesh."""
     config = preset_config(f.preset, None)
     config.model.update(block_size=f.seq, scan_layers=f.scan_layers, remat_policy=f.remat)
     config.train.batch_size = f.batch * _timing.set_mesh(config, f.mesh)
     _, state, jitted, mesh = _timing.train_step(config, _timing.compiler_options(f.xla))
     shape = (config.train.batch_size, f.seq + 1)
-    tokens = np.random.default_rng(0).integers(0, 50257, shape, dtype=np.int32)
+    tokens = _timing.token_sampler(f.tokens, config.model.vocab_size)(*shape)
     batch = sharding.batch_sharding(mesh, config.mesh.rules)
     inputs, targets = (jax.device_put(t, batch) for t in (tokens[:, :-1], tokens[:, 1:]))
     with _timing.tracing(config, mesh):

@@ -2,6 +2,7 @@
 # Multi-GPU throughput of launch.py on one host, every mesh of the README's scaling table in one
 # device call, then scaling.json (bench/scaling_summary.py). From the project root:
 #   OUT=$OUT bash bench/scaling.sh            # on a 4-GPU machine (2-GPU rows on GPUs 0,1)
+#   RUNS="one data4" OUT=$OUT bash bench/scaling.sh   # only the runs named (default: all)
 # configs/gpt.py as shipped, PER_GPU x 1024 tokens per GPU, STEPS steps on a 4.5M-token corpus
 # tokenized from text every Python ships; then GPT-2 1.5B (48 x 1600, 25 heads, unrolled as
 # configs/gpt.py ships) with fsdp=4 at 8 x 1024 per GPU. tokens/s and MFU are the medians of the logged steps past 15.
@@ -24,6 +25,7 @@ fi
 common="--config=configs/gpt.py --config.data.dataset=$data --config.train.steps=$STEPS --config.eval.every_steps=1000 --config.eval.batches=2 --config.checkpoint.every_steps=1000 --config.log.every_steps=5"
 # run NAME GPUS PER_GPU MESH [flags...]: MESH like data=2,fsdp=2 (the other axes 1)
 run() { name=$1; gpus=$2; per=$3; mesh=$4; shift 4
+  [[ -z ${RUNS:-} || " $RUNS " == *" $name "* ]] || return 0
   flags="--config.mesh.data=1"
   for kv in ${mesh//,/ }; do flags="$flags --config.mesh.${kv%%=*}=${kv#*=}"; done
   s=$(date +%s); echo "flags: $flags $*" >"$OUT/$name.log"

@@ -43,6 +43,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_list("mesh", [], "Mesh axes, e.g. fsdp=2 (the rest 1; none: one device).")
 flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
+flags.DEFINE_enum("tokens", "random", _timing.TOKEN_SOURCES, "Tokens (_timing.token_sampler).")
 
 
 def run_config(f):
@@ -61,7 +62,7 @@ def time_steps(batch: int, f) -> dict:
     config.train.batch_size = batch * _timing.set_mesh(config, f.mesh)
     options = _timing.compiler_options(f.xla)
     return _timing.time_train_step(
-        config, warmup=f.warmup, steps=f.steps, extra_compiler_options=options
+        config, warmup=f.warmup, steps=f.steps, extra_compiler_options=options, tokens=f.tokens
     )
 
 
@@ -82,12 +83,13 @@ def main(argv):
         kernels=model.kernels,
         mesh=f.mesh,
         xla=f.xla,
+        tokens=f.tokens,
         rows=rows,
     )
     print(
         f"jaxpt {f.preset} train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
         f"remat={f.remat}, scan_layers={model.scan_layers}, logits={model.logits_dtype}, "
-        f"kernels={model.kernels}, mesh={f.mesh}, xla={f.xla}"
+        f"kernels={model.kernels}, mesh={f.mesh}, xla={f.xla}, tokens={f.tokens}"
     )
     print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
     for r in rows:
