@@ -117,6 +117,10 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 10
     config.log.shardings = False  # print the mesh and every param's PartitionSpec at start
+    # Trace log.profile_steps steps with jax.profiler from this step on (0: never), into
+    # WORKDIR/profile (TensorBoard's profile plugin or Perfetto open it).
+    config.log.profile_from_step = 0
+    config.log.profile_steps = 5
     return config
 
 

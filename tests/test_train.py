@@ -181,16 +181,23 @@ def test_non_finite_step_leaves_state_unchanged():
     jax.tree.map(np.testing.assert_array_equal, new.opt_state, poisoned.opt_state)
 
 
-def test_smoke_run_writes_metrics_plot_and_checkpoint(tmp_path):
-    config = char_config(steps=6)
+def test_smoke_run_writes_metrics_plot_checkpoint_and_profile(tmp_path):
+    config = char_config(steps=6, warmup_steps=4)
     config.checkpoint.every_steps = 3
     config.eval.every_steps = 3
     config.eval.batches = 2
+    config.log.every_steps = 2  # log steps are fetched a step late
+    config.log.profile_from_step, config.log.profile_steps = 2, 2
     train.train(config, tmp_path)
     records = train.read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
-    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in steps)
+    schedule = train.learning_rate(config.train)
+    want = [schedule(s - 1) for s in range(1, 7)]  # warmup, then cosine: six different rates
+    np.testing.assert_allclose([r["lr"] for r in steps], want, rtol=1e-6)
+    assert list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert list((tmp_path / "tensorboard").iterdir())
     assert sorted(

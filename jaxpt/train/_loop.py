@@ -17,7 +17,7 @@ from jaxpt import data, evals, models, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog
-from jaxpt.train._optimizer import learning_rate, optimizer, validate_train
+from jaxpt.train._optimizer import optimizer, validate_train
 from jaxpt.train._step import (
     STEP_COMPILER_OPTIONS,
     TrainState,
@@ -46,11 +46,19 @@ def validate_config(config) -> None:
         ("eval", "every_steps"),
         ("eval", "batches"),
         ("log", "every_steps"),
+        ("log", "profile_steps"),
     ):
         check_range(f"{section}.{field}", config[section][field], at_least=1, integer=True)
     check_range(
         "eval.hellaswag_every_steps",
         config.eval.hellaswag_every_steps,
+        at_least=0,
+        integer=True,
+        note=" (0: never)",
+    )
+    check_range(
+        "log.profile_from_step",
+        config.log.profile_from_step,
         at_least=0,
         integer=True,
         note=" (0: never)",
@@ -150,20 +158,46 @@ class _StopRequest:
             signal.signal(s, handler)
 
 
+class _StepProfiler:
+    """Traces steps ``first`` to ``first + count - 1`` (numbered as logged) with jax.profiler
+    into ``directory``, in a new timestamped folder; does nothing when ``first`` is 0."""
+
+    def __init__(self, directory: Path, first: int, count: int):
+        self.directory, self.first, self.last = directory, first, first + count - 1
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        """Starts the trace if ``step`` (about to be dispatched) is the first traced."""
+        if self.first and step == self.first:
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.tracing = True
+
+    def after(self, step: int, metrics: dict) -> None:
+        """Stops the trace once the last traced step, just dispatched, has run."""
+        if self.tracing and step >= self.last:
+            jax.block_until_ready(metrics)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
+            print(f"profile of steps {self.first}-{self.last} in {self.directory}", flush=True)
+
+
 class _PendingSteps:
     """The metrics of the steps dispatched since the last fetch, the non-finite policy, and
     whether a step changed the state since ``saved_step`` (the last step saved or restored).
 
-    Metrics are fetched together (at log, eval and save points), so the host runs ahead of the
-    device. Under ``on_nonfinite='stop'`` each step's ``finite`` flag is also read once the
-    next step is dispatched: a bad step stops the run one step later, while the device still
-    has work queued, rather than at the next log point.
+    Metrics are fetched together, so the host runs ahead of the device: a log step's once the
+    step after it is dispatched (the device keeps busy while the host fetches and writes them),
+    and everything at eval and save points. Under ``on_nonfinite='stop'`` each step's
+    ``finite`` flag is also read once the next step is dispatched: a bad step stops the run
+    one step later, while the device still has work queued, rather than at the next log point.
     """
 
-    def __init__(
-        self, log: MetricsLog, schedule, policy: str, checkpoints: Checkpoints, saved_step: int
-    ):
-        self.log, self.schedule, self.policy = log, schedule, policy
+    def __init__(self, log: MetricsLog, policy: str, checkpoints: Checkpoints, saved_step: int):
+        self.log, self.policy = log, policy
         self.checkpoints, self.saved_step = checkpoints, saved_step
         self.steps: list[tuple[int, dict]] = []
         self.updated = False  # some step since saved_step was finite
@@ -175,13 +209,14 @@ class _PendingSteps:
         if self.policy == "stop" and len(self.steps) > 1 and not self.steps[-2][1]["finite"]:
             self.flush()
 
-    def flush(self) -> None:
-        """Fetches and logs the queued steps, up to the first non-finite one under 'stop'."""
+    def flush(self, through: int | None = None) -> None:
+        """Fetches and logs the queued steps (those up to step ``through``), up to the first
+        non-finite one under 'stop'."""
         records = []
-        fetched, self.steps = jax.device_get(self.steps), []
+        cut = len(self.steps) if through is None else sum(s <= through for s, _ in self.steps)
+        fetched, self.steps = jax.device_get(self.steps[:cut]), self.steps[cut:]
         for step, metrics in fetched:
             record = {"step": step, **{k: float(v) for k, v in metrics.items() if k != "finite"}}
-            record["lr"] = float(self.schedule(step - 1))
             records.append(record)
             if metrics["finite"]:
                 self.updated = True
@@ -297,10 +332,13 @@ def train(
             print_every=config.log.every_steps,
         )
         cleanup.callback(log.close)
-        schedule = learning_rate(config.train)
-        pending = _PendingSteps(log, schedule, config.train.on_nonfinite, checkpoints, step)
+        pending = _PendingSteps(log, config.train.on_nonfinite, checkpoints, step)
         stop = _StopRequest()
         cleanup.callback(stop.restore)
+        profiler = _StepProfiler(
+            workdir / "profile", config.log.profile_from_step, config.log.profile_steps
+        )
+        cleanup.callback(profiler.stop)
 
         def save(s: int) -> None:
             """Saves step ``s`` unless every step since the last save was skipped (non-finite):
@@ -318,11 +356,13 @@ def train(
         with sharding.activation_sharding(mesh, rules):  # the steps trace in here
             while step < config.train.steps and stop.signal is None:
                 batch, loader_state = train_data.next_batch(loader_state)
+                profiler.before(step + 1)
                 state, metrics = step_fn(state, *data.to_global(batch, batch_sh, batch_size))
                 step += 1
+                profiler.after(step, metrics)
                 pending.add(step, metrics)
-                if step % config.log.every_steps == 0:
-                    pending.flush()
+                if step > 1 and (step - 1) % config.log.every_steps == 0:
+                    pending.flush(through=step - 1)  # while this step runs
                 if step % config.eval.every_steps == 0 or step == config.train.steps:
                     pending.flush()
                     log.eval(

@@ -12,7 +12,7 @@ import optax
 from jax import Array
 
 from jaxpt import models, nn, sharding
-from jaxpt.train._optimizer import optimizer
+from jaxpt.train._optimizer import learning_rate, optimizer
 
 
 class TrainState(eqx.Module):
@@ -147,13 +147,16 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
     """``step(state, inputs, targets, loss_mask=None) -> (state, metrics)``: accumulate
     gradients over ``train.grad_accum_steps`` micro-batches, clip, update. With a ``(B, T)``
     ``loss_mask`` (chat data) ``ce`` is the mean over the masked targets of the whole step
-    (``masked_gradients``). A step whose loss or gradients are not finite leaves params and
-    optimizer state unchanged (``metrics["finite"]`` is False);
-    the loop then stops or goes on by ``train.on_nonfinite``. The verdict is known before the
+    (``masked_gradients``); ``metrics["lr"]`` is the schedule's learning rate at the step
+    (computed here: evaluating the schedule eagerly at each log point cost the host a dozen
+    device round trips a record). A step whose loss or gradients are not finite leaves params
+    and optimizer state unchanged (``metrics["finite"]`` is False); the loop then stops or
+    goes on by ``train.on_nonfinite``. The verdict is known before the
     update, so keeping the old state fuses into the update's one pass over the params; an
     update that overflows the params (a huge learning rate) shows as the next step's
     non-finite loss, and the loop never saves such params (``all_finite``)."""
     n_micro, seed = config.train.grad_accum_steps, config.train.seed
+    schedule = learning_rate(config.train)
     loss = _run_loss(config)
     grad_fn = jax.value_and_grad(loss, has_aux=True)
 
@@ -192,7 +195,8 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
             new_state = TrainState(
                 state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)
             )
-        return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
+        lr = schedule(state.step)
+        return new_state, {**metrics, "grad_norm": grad_norm, "lr": lr, "finite": finite}
 
     return step
 
