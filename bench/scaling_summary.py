@@ -71,9 +71,9 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "-"
         linear = one.get(r["n_params"])
-        vs_one = f"{r['tokens_per_s'] / (linear * r['gpus']):.2f}" if linear else "-"
+        vs_one = f"{r['tokens_per_s'] / (linear * r['gpus']):.3f}" if linear else "-"
         dp = data.get((r["n_params"], r["gpus"]))
-        vs_dp = f"{r['tokens_per_s'] / dp:.2f}" if dp else "-"
+        vs_dp = f"{r['tokens_per_s'] / dp:.3f}" if dp else "-"
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         lines.append(
             f"| {r['name']} | {r['gpus']} | {mesh} | {r['n_params'] / 1e6:,.0f}M "
