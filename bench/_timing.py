@@ -33,7 +33,14 @@ def set_mesh(config, axes: list[str]) -> int:
     """Sets ``config.mesh`` to ``["data=2", "fsdp=2", ...]`` (unnamed axes 1; none: one
     device) and returns its device count, the first that many of ``jax.devices()``."""
     sizes = {axis: 1 for axis in sharding.MESH_AXES}
-    sizes.update((name, int(size)) for name, size in (pair.split("=") for pair in axes))
+    for pair in axes:
+        name, _, size = pair.partition("=")
+        if name not in sizes or not size.isdigit() or int(size) < 1:
+            raise SystemExit(
+                f"--mesh={pair!r} is not AXIS=N with AXIS one of {', '.join(sizes)} and N >= 1; "
+                "write e.g. --mesh=data=2,fsdp=2"
+            )
+        sizes[name] = int(size)
     config.mesh.update(sizes)
     return math.prod(sizes.values())
 
@@ -48,6 +55,11 @@ def train_step(config, extra_compiler_options=None):
     cfg = models.config_from(config.model)
     sizes = [config.mesh[axis] for axis in sharding.MESH_AXES]  # -1: every device
     devices = jax.devices() if -1 in sizes else jax.devices()[: math.prod(sizes)]
+    if -1 not in sizes and len(devices) < math.prod(sizes):
+        raise SystemExit(
+            f"the mesh {dict(zip(sharding.MESH_AXES, sizes, strict=True))} needs "
+            f"{math.prod(sizes)} devices but this machine has {len(devices)}; use a smaller --mesh"
+        )
     mesh = sharding.make_mesh(config.mesh, devices)
     abstract, shardings = train.abstract_state(config, mesh)
     tx = train.optimizer(config.train, abstract.params)

@@ -3,9 +3,11 @@
 # side, then bench/results/gpu.json (bench/gpu_summary.py). From the project root, with the
 # references at shared/bench or ../shared/bench (REF=...):
 #   OUT=$OUT bash bench/gpu.sh
+# On a host of several GPUs everything runs on the first (CUDA_VISIBLE_DEVICES, unless set).
 set -u
 OUT=${OUT:-bench/results/gpu}; mkdir -p "$OUT"
 REF=${REF:-$( [ -d shared/bench ] && echo shared/bench || echo ../shared/bench )}
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 run() { name=$1; shift; s=$(date +%s); "$@" >"$OUT/$name.log" 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s"; }
 run train python3 bench/train_step.py --out="$OUT" --batches=16
