@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A/B of the train step: this tree's jaxpt against other copies of it, in one device call,
+# the variants alternating round by round so that drift of the machine hits them all alike.
+# From the project root, each DIR a folder holding a `jaxpt` package (ignored, carried to the
+# device), e.g. `mkdir .b-old && git archive REV jaxpt | tar -x -C .b-old`:
+#   OUT=$OUT bash bench/ab.sh .b-old [DIR...]
+#   ARGS="--preset=smollm --batches=8 --seq=2048" ROUNDS=3 OUT=$OUT bash bench/ab.sh .b-old
+# Every variant runs this tree's bench/train_step.py with ARGS (default: GPT-2, 16 x 1024) on
+# the first GPU; prints each run's ms/step, then each variant's median over the rounds.
+set -u
+[ $# -ge 1 ] || { echo "name at least one folder holding a jaxpt package to compare with" >&2; exit 2; }
+for dir in "$@"; do
+  [ -d "$dir/jaxpt" ] || { echo "$dir holds no jaxpt package; copy one there first" >&2; exit 2; }
+done
+OUT=${OUT:-bench/results/ab}; mkdir -p "$OUT"
+ARGS=${ARGS:---batches=16}; ROUNDS=${ROUNDS:-2}
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} PYTHONUNBUFFERED=1
+base=${PYTHONPATH:-}
+for round in $(seq "$ROUNDS"); do
+  for dir in . "$@"; do
+    name=$(basename "$(cd "$dir" && pwd)"); [ "$dir" = . ] && name=tree
+    PYTHONPATH=$dir${base:+:$base} python3 bench/train_step.py $ARGS --out="$OUT/$name-$round" \
+      >"$OUT/$name-$round.log" 2>&1
+    ms=$(python3 -c 'import json,sys; print(" ".join("%.2f" % (r["median_step_s"] * 1e3) for r in json.load(open(sys.argv[1]))["rows"]))' \
+      "$OUT/$name-$round/train_step.json" 2>/dev/null || echo "failed (see $name-$round.log)")
+    echo "round $round $name: $ms ms/step"
+  done
+done | tee "$OUT/ab.txt"
+python3 - "$OUT/ab.txt" <<'PY'
+import collections, statistics, sys
+runs = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    head, _, rest = line.partition(": ")
+    if rest.split()[0].replace(".", "", 1).isdigit():
+        runs[head.split()[2]].append(float(rest.split()[0]))
+base = statistics.median(runs["tree"]) if runs.get("tree") else None
+print(f"{'variant':<20} {'median ms/step':>15} {'vs tree':>8}")
+for name, times in runs.items():
+    median = statistics.median(times)
+    ratio = f"{base / median:.3f}x" if base else "-"
+    print(f"{name:<20} {median:>15.2f} {ratio:>8}")
+PY
