@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A/B of the train step: this tree's jaxpt against other copies of it, in one device call,
 # the variants alternating round by round so that drift of the machine hits them all alike.
-# From the project root, each DIR a folder holding a `jaxpt` package (ignored, carried to the
-# device), e.g. `mkdir .b-old && git archive REV jaxpt | tar -x -C .b-old`:
+# From the project root, each DIR a folder holding a `jaxpt` package, e.g.
+# `mkdir .b-old && git archive REV jaxpt | tar -x -C .b-old` (ignored: list it in
+# .git/info/exclude, and carry it to the device machine):
 #   OUT=$OUT bash bench/ab.sh .b-old [DIR...]
 #   ARGS="--preset=smollm --batches=8 --seq=2048" ROUNDS=3 OUT=$OUT bash bench/ab.sh .b-old
 # Every variant runs this tree's bench/train_step.py with ARGS (default: GPT-2, 16 x 1024) on
