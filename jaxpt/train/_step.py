@@ -151,10 +151,10 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
     (computed here: evaluating the schedule eagerly at each log point cost the host a dozen
     device round trips a record). A step whose loss or gradients are not finite leaves params
     and optimizer state unchanged (``metrics["finite"]`` is False); the loop then stops or
-    goes on by ``train.on_nonfinite``. The verdict is known before the
-    update, so keeping the old state fuses into the update's one pass over the params; an
-    update that overflows the params (a huge learning rate) shows as the next step's
-    non-finite loss, and the loop never saves such params (``all_finite``)."""
+    goes on by ``train.on_nonfinite``. The verdict is known before the update, so keeping the
+    old state fuses into the update's one pass over the params; an update that overflows the
+    params (a huge learning rate) shows as the next step's non-finite loss, and the loop never
+    saves such params (``all_finite``)."""
     n_micro, seed = config.train.grad_accum_steps, config.train.seed
     schedule = learning_rate(config.train)
     loss = _run_loss(config)
