@@ -4,7 +4,8 @@
 
 ``--runs`` holds what ``bench/gpu.sh`` wrote: ``train_step.json`` (configs/gpt.py as shipped),
 ``torch_gpt2.json`` (``../shared/bench/ref_torch_gpt2.py``), ``generate.json``,
-``hf_generate.json`` (``../shared/bench/ref_hf_generate.py``) and ``presets.json``. Writes
+``hf_generate.json`` (``../shared/bench/ref_hf_generate.py``), ``presets.json`` and
+``launch/scaling.json`` (``bench/scaling.sh``'s one-GPU run: launch.py's whole loop). Writes
 gpu.json (the jaxpt/reference ratios at 16 x 1024 and decode batch 1, the presets' tokens/s
 and MFU on active parameters) and prints the README's speed table last.
 """
@@ -40,6 +41,7 @@ def summary(runs: pathlib.Path, batch: int) -> dict:
     b32 = only(decode["rows"], impl="jaxpt", batch=32)
     hf_b1 = only(hf, variant="static_cache_autocompile", batch=1)
     hf_b32 = only(hf, variant="static_cache_autocompile", batch=32)
+    launch = only(read(runs / "launch", "scaling")["runs"], name="one")
     return dict(
         device=train["device"],
         date=train["date"],
@@ -50,6 +52,8 @@ def summary(runs: pathlib.Path, batch: int) -> dict:
         train_ref_tokens_per_s=ref["tokens_per_s"],
         train_ratio=ours["tokens_per_s"] / ref["tokens_per_s"],
         mfu=ours["mfu"],
+        train_launch_tokens_per_s=launch["tokens_per_s"],
+        train_launch_mfu=launch["mfu"],
         decode_b1_tokens_per_s=b1["new_tokens_per_s"],
         decode_b1_ref_tokens_per_s=hf_b1["new_tokens_per_s"],
         decode_b1_ratio=b1["new_tokens_per_s"] / hf_b1["new_tokens_per_s"],
@@ -73,6 +77,8 @@ def table(s: dict) -> str:
         f"| GPT-2 124M train step, tokens/s | {s['train_tokens_per_s']:,.0f} "
         f"(MFU {s['mfu']:.1%}) | torch.compile {s['train_ref_tokens_per_s']:,.0f} "
         f"| {s['train_ratio']:.2f}x |",
+        f"| same, `launch.py`'s whole loop (data, logging), tokens/s "
+        f"| {s['train_launch_tokens_per_s']:,.0f} (MFU {s['train_launch_mfu']:.1%}) | | |",
     ]
     for b in ("b1", "b32"):
         lines.append(
