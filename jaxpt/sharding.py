@@ -49,6 +49,14 @@ def default_rules() -> ml_collections.ConfigDict:
     )
 
 
+def moment_rules(rules, shard_optimizer: bool):
+    """The rules of the optimizer moments: the params' own, or with ``shard_optimizer``
+    (ZeRO-1) the ``embed`` dimension split over the data axis as well."""
+    if not shard_optimizer or "data" in rules["embed"]:
+        return rules
+    return {**dict(rules), "embed": (*rules["embed"], "data")}
+
+
 def validate_mesh(mesh_cfg) -> None:
     """Raises ConfigError naming the first ``config.mesh`` field that breaks a rule: sizes are
     positive or -1 (the devices left over, on one axis at most), slice counts positive, and
@@ -62,6 +70,10 @@ def validate_mesh(mesh_cfg) -> None:
             check_range(f"mesh.{field}", mesh_cfg[field], at_least=1, integer=True, note=", or -1")
     _at_most_one_rest([f"mesh.{axis}" for axis in MESH_AXES if mesh_cfg[axis] == -1], "devices")
     _at_most_one_rest([f"mesh.{f}" for f in DCN_FIELDS.values() if mesh_cfg[f] == -1], "slices")
+    if not isinstance(mesh_cfg.shard_optimizer, bool):
+        raise ConfigError(
+            f"mesh.shard_optimizer={mesh_cfg.shard_optimizer!r} must be True or False."
+        )
     for name, axes in mesh_cfg.rules.items():
         unknown = [a for a in axes if a not in MESH_AXES]
         if unknown:

@@ -38,6 +38,7 @@ BAD_FIELDS = [
     ("mesh.tensor", 0),
     ("mesh.fsdp", -2),
     ("mesh.dcn_data", 0),
+    ("mesh.shard_optimizer", None),  # a config file's None
     ("checkpoint.every_steps", 0),  # these three were a ZeroDivisionError after step 1
     ("eval.every_steps", 0),
     ("log.every_steps", 0),

@@ -215,10 +215,16 @@ def make_eval_step(config) -> Callable:
     return eval_step
 
 
-def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
-    """Shardings of the train state: optimizer moments follow their params; statistics of
-    another shape (Adafactor's factored rows and columns) are replicated."""
+def state_shardings(
+    abstract: TrainState, mesh, rules, tx, *, shard_optimizer: bool = False
+) -> TrainState:
+    """Shardings of the train state: optimizer moments follow their params (with
+    ``shard_optimizer``, split over the data axis too: ``sharding.moment_rules``); statistics
+    of another shape (Adafactor's factored rows and columns) are replicated."""
     params = sharding.param_shardings(abstract.params, mesh, rules)
+    moments = sharding.param_shardings(
+        abstract.params, mesh, sharding.moment_rules(rules, shard_optimizer)
+    )
 
     def follow_param(state, param_sharding, param):
         if isinstance(state, optax.MaskedNode):  # another partition's param (Muon): no array
@@ -229,7 +235,7 @@ def state_shardings(abstract: TrainState, mesh, rules, tx) -> TrainState:
         tx,
         follow_param,
         abstract.opt_state,
-        params,
+        moments,
         abstract.params,
         transform_non_params=lambda _: sharding.replicated(mesh),
         is_leaf=lambda x: isinstance(x, optax.MaskedNode),
@@ -244,4 +250,7 @@ def abstract_state(config, mesh) -> tuple[TrainState, TrainState]:
     abstract_params = jax.eval_shape(lambda k: models.get(model_cfg.name).init(k, model_cfg), key)
     tx = optimizer(config.train, abstract_params)
     abstract = jax.eval_shape(lambda k: init_state(k, model_cfg, tx), key)
-    return abstract, state_shardings(abstract, mesh, config.mesh.rules, tx)
+    shardings = state_shardings(
+        abstract, mesh, config.mesh.rules, tx, shard_optimizer=config.mesh.shard_optimizer
+    )
+    return abstract, shardings
