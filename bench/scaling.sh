@@ -3,6 +3,7 @@
 # device call, then scaling.json (bench/scaling_summary.py). From the project root:
 #   OUT=$OUT bash bench/scaling.sh            # on a 4-GPU machine (2-GPU rows on GPUs 0,1)
 #   RUNS="one data4" OUT=$OUT bash bench/scaling.sh   # only the runs named (default: all)
+#   EXTRA="--config.mesh.shard_optimizer=true" ...    # flags added to every run
 # configs/gpt.py as shipped, PER_GPU x 1024 tokens per GPU, STEPS steps on a 4.5M-token corpus
 # tokenized from text every Python ships; then GPT-2 1.5B (48 x 1600, 25 heads, unrolled as
 # configs/gpt.py ships) with fsdp=4 at 8 x 1024 per GPU. tokens/s and MFU are the medians of the logged steps past 15.
@@ -30,7 +31,7 @@ run() { name=$1; gpus=$2; per=$3; mesh=$4; shift 4
   for kv in ${mesh//,/ }; do flags="$flags --config.mesh.${kv%%=*}=${kv#*=}"; done
   s=$(date +%s); echo "flags: $flags $*" >"$OUT/$name.log"
   CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) timeout 300 python3 launch.py $common \
-    --workdir="$OUT/$name" --config.train.batch_size=$((per * gpus)) $flags "$@" >>"$OUT/$name.log" 2>&1
+    --workdir="$OUT/$name" --config.train.batch_size=$((per * gpus)) $flags "$@" ${EXTRA:-} >>"$OUT/$name.log" 2>&1
   echo "$name: $gpus GPU, $mesh, rc=$?, $(( $(date +%s) - s )) s"; rm -rf "$OUT/$name/checkpoints"; }
 run one 1 $PER_GPU data=1  # most telling first: a call cut short keeps those
 run data4 4 $PER_GPU data=4
