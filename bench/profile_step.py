@@ -17,14 +17,13 @@ profile_step.json to --out. ``--xla`` adds XLA options to the step's (``train_st
 """
 
 import collections
-import gzip
-import json
 import pathlib
 import re
 import tempfile
 
 import _report  # bench/_report.py, beside this script
 import _timing
+import _trace
 import jax
 from absl import app, flags
 
@@ -44,7 +43,7 @@ flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compil
 flags.DEFINE_enum("tokens", "random", _timing.TOKEN_SOURCES, "Tokens (_timing.token_sampler).")
 
 KINDS = (  # first match wins
-    ("collective", r"nccl|all_gather|all-gather|reduce_scatter|all_reduce"),
+    ("collective", _trace.COLLECTIVE.pattern),
     ("attention", r"cudnn|fmha|flash|sdpa|attention"),
     ("matmul", r"gemm|cutlass|nvjet|xmma|wgmma|cublas|dot|triton_gemm"),
     ("copy/dus", r"copy|memcpy|memset|dynamic_update|dynamic-update|dynamic_slice"),
@@ -99,23 +98,10 @@ def part_of(op_name: str | None) -> str:
 def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
     """``(name, hlo op, microseconds)`` of every event on a GPU stream in the perfetto trace
     (the HLO op from the event's ``hlo_op`` argument, else its name)."""
-    path = next(trace_dir.rglob("perfetto_trace.json.gz"))
-    with gzip.open(path) as fh:
-        events = json.load(fh)["traceEvents"]
-    gpu_pids = {
-        e["pid"]
-        for e in events
-        if e.get("ph") == "M"
-        and e.get("name") == "process_name"
-        and "GPU" in e.get("args", {}).get("name", "")
-    }
-    if not gpu_pids:
-        names = {e.get("args", {}).get("name") for e in events if e.get("name") == "process_name"}
-        print(f"no GPU process in the trace; processes: {sorted(map(str, names))}")
+    trace = _trace.events(trace_dir)
     return [
         (e["name"], e.get("args", {}).get("hlo_op", e["name"]), float(e["dur"]))
-        for e in events
-        if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e
+        for e in _trace.spans(trace, _trace.gpu_pids(trace))
     ]
 
 

@@ -1,0 +1,122 @@
+"""Where a training run's GPUs sat idle, and how much communication no computation hid.
+
+    python3 launch.py ... --workdir=W --config.log.profile_from_step=20   # on the GPU machine
+    python3 bench/trace_gaps.py --trace=W/profile --out=$OUT
+
+Reads the newest ``jax.profiler`` trace under ``--trace`` (``log.profile_from_step``'s, or any
+other) and, per GPU, measures from its first kernel to its last: the time some kernel ran, the
+time a computation ran, the time only collectives ran (communication left exposed) and the time
+nothing ran (idle). Then lists GPU 0's longest idle gaps, each with the kernels either side and
+what the host's Python thread was doing as the gap began (the profiler's Python tracer). A
+table last; writes trace_gaps.json to --out.
+"""
+
+import collections
+import pathlib
+
+import _report  # bench/_report.py, beside this script
+import _trace
+from absl import app, flags
+
+flags.DEFINE_string("trace", None, "A folder holding a jax.profiler trace.", required=True)
+flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
+flags.DEFINE_float("min_us", 50.0, "Shortest idle gap listed (microseconds).")
+flags.DEFINE_integer("top", 15, "Idle gaps listed.")
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def idle_gaps(kernels: list[dict]) -> list[tuple[float, float, dict, dict]]:
+    """``(start, length, kernel before, kernel after)`` of every stretch no kernel covers."""
+    gaps, reach, last = [], None, None
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        if reach is not None and e["ts"] > reach:
+            gaps.append((reach, e["ts"] - reach, last, e))
+        if reach is None or e["ts"] + e["dur"] > reach:
+            reach, last = e["ts"] + e["dur"], e
+    return gaps
+
+
+def gpu_times(kernels: list[dict]) -> dict:
+    """Span, busy, compute, exposed-collective and idle milliseconds of one GPU's kernels."""
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
+    compute = [(s, t) for (s, t), e in zip(spans, kernels, strict=True) if not collective(e)]
+    span = max(t for _, t in spans) - min(s for s, _ in spans)
+    busy, computing = union_length(spans), union_length(compute)
+    ms = lambda us: us / 1e3
+    return dict(
+        span_ms=ms(span),
+        busy_ms=ms(busy),
+        compute_ms=ms(computing),
+        exposed_collective_ms=ms(busy - computing),
+        idle_ms=ms(span - busy),
+    )
+
+
+def collective(event: dict) -> bool:
+    return bool(_trace.COLLECTIVE.search(event["name"].lower()))
+
+
+def python_stack(host: list[dict], at: float, depth: int = 3) -> str:
+    """The innermost ``depth`` Python frames of the host's main thread running at ``at``."""
+    frames = sorted((e for e in host if e["ts"] <= at < e["ts"] + e["dur"]), key=lambda e: e["ts"])
+    return " > ".join(e["name"].lstrip("$") for e in frames[-depth:]) or "-"
+
+
+def main_thread(trace: list[dict]) -> list[dict]:
+    """The host events of the thread the Python tracer saw most (the training loop's)."""
+    python = [e for e in trace if e.get("ph") == "X" and str(e.get("name", "")).startswith("$")]
+    if not python:
+        return []
+    counts = collections.Counter((e["pid"], e["tid"]) for e in python)
+    thread = counts.most_common(1)[0][0]
+    return [e for e in python if (e["pid"], e["tid"]) == thread]
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    trace = _trace.events(pathlib.Path(f.trace))
+    names = _trace.process_names(trace)
+    per_gpu = {names[pid]: _trace.spans(trace, [pid]) for pid in _trace.gpu_pids(trace)}
+    times = {gpu: gpu_times(kernels) for gpu, kernels in per_gpu.items() if kernels}
+    if not times:
+        raise SystemExit(f"the trace under {f.trace} holds no GPU kernels")
+    first = next(iter(per_gpu.values()))
+    origin, host = min(e["ts"] for e in first), main_thread(trace)
+    gaps = sorted((g for g in idle_gaps(first) if g[1] >= f.min_us), key=lambda g: -g[1])
+    listed = [
+        dict(
+            at_ms=(start - origin) / 1e3,
+            us=length,
+            before=before["name"],
+            after=after["name"],
+            host=python_stack(host, start),
+        )
+        for start, length, before, after in gaps[: f.top]
+    ]
+    _report.save(f.out, "trace_gaps", trace=f.trace, gpus=times, gaps=listed)
+    print(f"GPU 0's idle gaps of at least {f.min_us:.0f} us, longest first:")
+    for g in listed:
+        print(
+            f"  {g['us']:7.0f} us at {g['at_ms']:8.2f} ms  {g['before'][:30]} -> "
+            f"{g['after'][:30]}  host: {g['host'][:80]}"
+        )
+    print(f"{'GPU':<16} {'span ms':>8} {'busy':>8} {'compute':>8} {'exposed comm':>13} {'idle':>8}")
+    for gpu, t in times.items():
+        print(
+            f"{gpu:<16} {t['span_ms']:>8.2f} {t['busy_ms']:>8.2f} {t['compute_ms']:>8.2f} "
+            f"{t['exposed_collective_ms']:>13.2f} {t['idle_ms']:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
