@@ -36,7 +36,7 @@ def launch(workdir, devices: int, process: tuple[int, int, int] | None = None):
         JAX_PROCESS_ID=str(index),
     )
     # mesh.dcn_data keeps its default, -1: the data axis spans the processes (the "slices")
-    hybrid = ["--config.mesh.fsdp=2", "--config.log.shardings"]
+    hybrid = ["--config.mesh.fsdp=2", "--config.log.shardings", "--config.log.profile_from_step=2"]
     return launch_run(workdir, *overrides, *hybrid, "--distributed", devices=devices, env=env)
 
 
@@ -66,6 +66,8 @@ def test_two_processes_train_like_one_and_one_device_resumes_them(tmp_path):
     # log.shardings: the mesh across the processes, and FSDP within each
     assert "mesh (data=4, fsdp=2, tensor=1, expert=1) over 8 devices;" in report
     assert "P(None, 'fsdp')" in next(line for line in report.splitlines() if " wte.weight " in line)
+    for i in range(2):  # each process's trace in a folder of its own
+        assert list((tmp_path / "two" / "profile" / f"process_{i}").rglob("perfetto_trace.json.gz"))
 
     # the two processes' checkpoint 3 (a copy), resumed by one process on one device
     resumed = tmp_path / "resumed"

@@ -159,11 +159,17 @@ class _StopRequest:
 
 
 class _StepProfiler:
-    """Traces steps ``first`` to ``first + count - 1`` (numbered as logged) with jax.profiler
-    into ``directory``, in a new timestamped folder; does nothing when ``first`` is 0."""
+    """Traces ``log.profile_steps`` steps from step ``log.profile_from_step`` (numbered as
+    logged) with jax.profiler into ``workdir/profile`` (``profile/process_I`` for each of
+    several processes, whose traces would share file names), in a new timestamped folder;
+    does nothing when ``log.profile_from_step`` is 0."""
 
-    def __init__(self, directory: Path, first: int, count: int):
-        self.directory, self.first, self.last = directory, first, first + count - 1
+    def __init__(self, workdir: Path, log_cfg):
+        self.directory = workdir / "profile"
+        if jax.process_count() > 1:
+            self.directory /= f"process_{jax.process_index()}"
+        self.first = log_cfg.profile_from_step
+        self.last = self.first + log_cfg.profile_steps - 1
         self.tracing = False
 
     def before(self, step: int) -> None:
@@ -335,9 +341,7 @@ def train(
         pending = _PendingSteps(log, config.train.on_nonfinite, checkpoints, step)
         stop = _StopRequest()
         cleanup.callback(stop.restore)
-        profiler = _StepProfiler(
-            workdir / "profile", config.log.profile_from_step, config.log.profile_steps
-        )
+        profiler = _StepProfiler(workdir, config.log)
         cleanup.callback(profiler.stop)
 
         def save(s: int) -> None:
