@@ -34,6 +34,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and comp
 flags.DEFINE_bool("reference", True, "Also time transformers (skipped if not installed).")
 flags.DEFINE_bool("scan_layers", True, "jaxpt: scan the layers (else unroll them).")
 flags.DEFINE_enum("sdpa", "auto", ["auto", "xla", "einsum"], "jaxpt: attention implementation.")
+flags.DEFINE_enum("kernels", "auto", ["auto", "xla", "pallas"], "jaxpt: model.kernels.")
 
 VOCAB = 50257  # GPT-2's, as the reference
 
@@ -58,6 +59,7 @@ def jaxpt_row(batch: int, f) -> dict:
         param_dtype=f.dtype,
         scan_layers=f.scan_layers,
         sdpa_implementation=f.sdpa,
+        kernels=f.kernels,
     )
     params = jax.jit(lambda k: models.get("gpt").init(k, cfg))(jax.random.key(0))
     rng = np.random.default_rng(batch)
@@ -121,11 +123,12 @@ def main(argv):
         dtype=f.dtype,
         prompt=f.prompt,
         new=f.new,
+        kernels=f.kernels,
         rows=rows,
     )
     print(
         f"greedy decode, GPT-2 124M shape, {f.dtype}, prompt {f.prompt} + {f.new} new, "
-        f"{result['device']}, {result['date']}"
+        f"kernels={f.kernels}, {result['device']}, {result['date']}"
     )
     print(f"{'impl':>18} {'batch':>6} {'new tok/s':>11} {'ms/token':>9}")
     for r in rows:

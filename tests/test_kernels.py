@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import models, nn, sharding
+from jaxpt import generate, models, nn, sharding
 from jaxpt.config import preset_config
-from jaxpt.nn import _loss_pallas, _norm_pallas, _pallas
+from jaxpt.nn import _decode_pallas, _loss_pallas, _norm_pallas, _pallas
 from tests.test_nn import numpy_nll
 
 
@@ -169,3 +169,64 @@ def test_cross_entropy_kernel_size_limit_is_per_device(monkeypatch):
     assert not _loss_pallas.supported(logits)
     with activations_over(8, 1):
         assert _loss_pallas.supported(logits)
+
+
+def float64_decode_attention(q, cache_k, cache_v, layer, positions):
+    """Each new token's softmax attention over positions 0..its own of cache entry ``layer``."""
+    batch, _, n_head, head_dim = q.shape
+    group = n_head // cache_k.shape[3]
+    out = np.zeros(q.shape)
+    for b, h in np.ndindex(batch, n_head):
+        n = positions[b, 0] + 1
+        keys, values = (np.float64(c[layer, b, :n, h // group]) for c in (cache_k, cache_v))
+        scores = keys @ np.float64(q[b, 0, h]) / np.sqrt(head_dim)
+        weights = np.exp(scores - scores.max())
+        out[b, 0, h] = weights @ values / weights.sum()
+    return out
+
+
+@pytest.mark.parametrize(
+    "n_head,n_kv,head_dim,dtype,tol",
+    [(4, 2, 24, jnp.float32, 1e-5), (4, 4, 64, jnp.bfloat16, 3e-2)],
+    ids=["gqa-f32-masked-columns", "mha-bf16"],
+)
+def test_decode_attention_kernel_matches_float64(n_head, n_kv, head_dim, dtype, tol):
+    rng = np.random.default_rng(0)
+    layers, batch, seq = 3, 3, 70  # 70: the last block of positions is part-empty
+    q = jnp.asarray(rng.standard_normal((batch, 1, n_head, head_dim)), dtype)
+    cache_k, cache_v = (
+        jnp.asarray(rng.standard_normal((layers, batch, seq, n_kv, head_dim)), dtype)
+        for _ in range(2)
+    )
+    positions = np.array([[0], [37], [seq - 1]], np.int32)  # each row reads 1, 38, 70 keys
+    attend = jax.jit(_decode_pallas.decode_attention)  # the layer index traced, as in a scan
+    got = attend(q, cache_k, cache_v, jnp.int32(2), jnp.asarray(positions))
+    want = float64_decode_attention(*map(np.asarray, (q, cache_k, cache_v)), 2, positions)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.float64(got), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("preset", ["gpt", "smollm"])  # multi-head, grouped-query
+def test_greedy_decoding_with_the_decode_kernel_equals_xla(preset, monkeypatch):
+    traced = []  # the decoding loop's layers call the kernel (prefill: XLA's attention)
+    kernel = _decode_pallas.decode_attention
+    monkeypatch.setattr(
+        _decode_pallas, "decode_attention", lambda *a: traced.append(1) or kernel(*a)
+    )
+    cfg = dataclasses.replace(
+        models.config_from(preset_config(preset, "smoke").model), vocab_size=64, block_size=16
+    )
+    params = models.get(preset).init(jax.random.key(0), cfg)
+    prompts = [[5, 17, 3], [42, 7, 7, 1, 9]]
+    tokens = {
+        kernels: generate(
+            params,
+            prompts,
+            dataclasses.replace(cfg, kernels=kernels),
+            max_new_tokens=6,
+            temperature=0,
+        ).tokens
+        for kernels in ("pallas", "xla")
+    }
+    np.testing.assert_array_equal(tokens["pallas"], tokens["xla"])
+    assert traced

@@ -125,7 +125,13 @@ def block(
         y = nn.attention(p.attn, h, cfg.attention_spec, positions=positions, mask=mask, key=k_attn)
     else:
         y, cache = nn.cached_attention(
-            p.attn, h, cfg.attention_spec, cache=cache, positions=positions, layer=layer
+            p.attn,
+            h,
+            cfg.attention_spec,
+            cache=cache,
+            positions=positions,
+            layer=layer,
+            kernels=cfg.kernels,
         )
     x = x + nn.dropout(y, cfg.dropout, k_attn_out)
     h = norm(p.ln_2, x, cfg.ln_epsilon, kernels=cfg.kernels)

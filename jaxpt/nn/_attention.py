@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from jaxpt.nn import _decode_pallas
 from jaxpt.nn._axes import constrain
 from jaxpt.nn._dropout import dropout
 from jaxpt.nn._linear import Linear, init_linear, linear, stacked_linear
@@ -159,6 +160,7 @@ def cached_attention(
     cache: KVCache,
     positions: Array,
     layer: Array | int = 0,
+    kernels: str = "xla",
 ) -> tuple[Array, KVCache]:
     """Causal self-attention of new tokens over a sequence's cached keys and values.
 
@@ -171,6 +173,8 @@ def cached_attention(
         x: ``(B, T, D)``, the new tokens (T = prompt length at prefill, 1 per decode step).
         cache: ``KVCache`` with ``(layers, B, S, K, Dh)`` buffers; layer: the entry to use.
         positions: ``(B, T)`` int, each below the cache length S.
+        kernels: ``"pallas"`` runs a decoding step's attention (T = 1) as one Pallas kernel
+            (``_decode_pallas``; interpreted off a GPU); ``"auto"`` and ``"xla"`` keep XLA's.
     Returns:
         ``(B, T, D)`` and the updated cache.
     """
@@ -180,6 +184,9 @@ def cached_attention(
         cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
         cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)),
     )
+    if kernels == "pallas" and _decode_pallas.supported(q, cache.k):
+        y = _decode_pallas.decode_attention(q, cache.k, cache.v, layer, positions)
+        return _merge_heads(p, y), cache
     keys, values = cache.k[layer], cache.v[layer]  # (B, S, K, Dh)
     b, s = keys.shape[:2]
     kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
