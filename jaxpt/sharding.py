@@ -59,8 +59,8 @@ def moment_rules(rules, shard_optimizer: bool):
 
 def validate_mesh(mesh_cfg) -> None:
     """Raises ConfigError naming the first ``config.mesh`` field that breaks a rule: sizes are
-    positive or -1 (the devices left over, on one axis at most), slice counts positive, and
-    rules name mesh axes."""
+    positive or -1 (the devices left over, on one axis at most), slice counts positive,
+    ``shard_optimizer`` a bool, and rules name mesh axes."""
     for axis in MESH_AXES:
         size = mesh_cfg[axis]
         if size != -1:
