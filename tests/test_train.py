@@ -181,7 +181,7 @@ def test_non_finite_step_leaves_state_unchanged():
     jax.tree.map(np.testing.assert_array_equal, new.opt_state, poisoned.opt_state)
 
 
-def test_smoke_run_writes_metrics_plot_checkpoint_and_profile(tmp_path):
+def test_smoke_run_writes_metrics_plot_checkpoint_and_profile(tmp_path, capsys):
     config = char_config(steps=6, warmup_steps=4)
     config.checkpoint.every_steps = 3
     config.eval.every_steps = 3
@@ -197,12 +197,16 @@ def test_smoke_run_writes_metrics_plot_checkpoint_and_profile(tmp_path):
     schedule = train.learning_rate(config.train)
     want = [schedule(s - 1) for s in range(1, 7)]  # warmup, then cosine: six different rates
     np.testing.assert_allclose([r["lr"] for r in steps], want, rtol=1e-6)
-    assert list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))
+    assert len(list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))) == 1
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert list((tmp_path / "tensorboard").iterdir())
     assert sorted(
         int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
     ) == [3, 6]
+    config.train.steps = 7  # resumed at step 6, after profile_from_step: said, not traced
+    train.train(config, tmp_path)
+    assert "log.profile_from_step=2 is not after step 6" in capsys.readouterr().out
+    assert len(list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))) == 1
 
 
 @pytest.mark.parametrize(

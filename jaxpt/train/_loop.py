@@ -162,15 +162,22 @@ class _StepProfiler:
     """Traces ``log.profile_steps`` steps from step ``log.profile_from_step`` (numbered as
     logged) with jax.profiler into ``workdir/profile`` (``profile/process_I`` for each of
     several processes, whose traces would share file names), in a new timestamped folder;
-    does nothing when ``log.profile_from_step`` is 0."""
+    does nothing when ``log.profile_from_step`` is 0, and says so when the run starts (resumes)
+    after that step."""
 
-    def __init__(self, workdir: Path, log_cfg):
+    def __init__(self, workdir: Path, log_cfg, start_step: int):
         self.directory = workdir / "profile"
         if jax.process_count() > 1:
             self.directory /= f"process_{jax.process_index()}"
         self.first = log_cfg.profile_from_step
         self.last = self.first + log_cfg.profile_steps - 1
         self.tracing = False
+        if self.first and start_step >= self.first:
+            print(
+                f"log.profile_from_step={self.first} is not after step {start_step}, where this "
+                "run starts: no profile (set a later step)",
+                flush=True,
+            )
 
     def before(self, step: int) -> None:
         """Starts the trace if ``step`` (about to be dispatched) is the first traced."""
@@ -341,7 +348,7 @@ def train(
         pending = _PendingSteps(log, config.train.on_nonfinite, checkpoints, step)
         stop = _StopRequest()
         cleanup.callback(stop.restore)
-        profiler = _StepProfiler(workdir, config.log)
+        profiler = _StepProfiler(workdir, config.log, step)
         cleanup.callback(profiler.stop)
 
         def save(s: int) -> None:
