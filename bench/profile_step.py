@@ -12,8 +12,9 @@ per part of the model (the named scope of the HLO op a kernel runs, forward or b
 norms, attention, MLP, read-out, loss, optimizer; from the compiled HLO's op metadata) and per
 kernel name, averaged over the mesh's devices (collectives run on their own streams, so
 under a mesh the sum is not the step's time). Prints the kinds, the parts and the top
-kernels, a table last; writes
-profile_step.json to --out. ``--xla`` adds XLA options to the step's (``train_step.py``'s).
+kernels (with ``--explain=REGEX`` the HLO each matching one runs: a fusion's whole computation),
+a table last; writes profile_step.json to --out. ``--xla`` adds XLA options to the step's
+(``train_step.py``'s).
 """
 
 import collections
@@ -38,6 +39,7 @@ flags.DEFINE_integer("steps", 5, "Traced steps.")
 flags.DEFINE_bool("scan_layers", False, "model.scan_layers.")
 flags.DEFINE_string("remat", "none", "model.remat_policy.")
 flags.DEFINE_integer("top", 25, "Kernels listed.")
+flags.DEFINE_string("explain", "", "Print the HLO of the listed kernels matching this regex.")
 flags.DEFINE_list("mesh", [], "Mesh axes, e.g. fsdp=2 (the rest 1; none: one device).")
 flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
 flags.DEFINE_enum("tokens", "random", _timing.TOKEN_SOURCES, "Tokens (_timing.token_sampler).")
@@ -87,6 +89,18 @@ def op_names(hlo_text: str) -> dict[str, str]:
     return {hlo_key(m[1]): m[2] for m in pattern.finditer(hlo_text)}
 
 
+def hlo_of(hlo_text: str, kernel: str) -> str | None:
+    """The HLO instruction kernel ``kernel`` runs and, for a fusion, the computation it
+    calls (what it reads, computes and writes); None if no instruction has its name."""
+    for line in hlo_text.splitlines():
+        name = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        if name and hlo_key(name[1]) == kernel:
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            body = called and re.search(rf"^%?{re.escape(called[1])} .*?^}}", hlo_text, re.M | re.S)
+            return line.strip() + ("\n" + body[0] if body else "")
+    return None
+
+
 def part_of(op_name: str | None) -> str:
     """``"<scope> fwd"`` or ``"<scope> bwd"`` (``PARTS``; ``other``), bwd under a transpose."""
     if op_name is None:
@@ -125,7 +139,8 @@ def main(argv):
     del argv
     f = flags.FLAGS
     step, state, batch, mesh = make_step(f)
-    ops = op_names(step.as_text())
+    hlo_text = step.as_text()
+    ops = op_names(hlo_text)
     for _ in range(3):
         state, metrics = step(state, *batch)
     jax.block_until_ready(metrics)
@@ -167,6 +182,8 @@ def main(argv):
     )
     for (part, name), us in per_part_name.most_common(f.top):
         print(f"  {us / 1e3:8.3f}  {kind_of(name):<10} {part:<18} {name[:90]}")
+        if f.explain and re.search(f.explain, name):
+            print(hlo_of(hlo_text, name) or "    (no HLO instruction of that name)")
     print(f"{'part':<20} {'ms/step':>8} {'share':>6}")
     for part, us in per_part.most_common():
         print(f"{part:<20} {us / 1e3:>8.2f} {us / total:>6.1%}")
