@@ -7,11 +7,14 @@ Reads the newest ``jax.profiler`` trace under ``--trace`` (``log.profile_from_st
 other) and, per GPU, measures from its first kernel to its last: the time some kernel ran, the
 time a computation ran, the time only collectives ran (communication left exposed) and the time
 nothing ran (idle). Then lists GPU 0's longest idle gaps, each with the kernels either side and
-what the host's Python thread was doing as the gap began (the profiler's Python tracer). A
-table last; writes trace_gaps.json to --out.
+what the host's Python thread was doing as the gap began (the profiler's Python tracer), and
+its collectives by the time they ran with no computation beside them. A table last; writes
+trace_gaps.json to --out.
 """
 
+import bisect
 import collections
+import itertools
 import pathlib
 
 import _report  # bench/_report.py, beside this script
@@ -24,14 +27,39 @@ flags.DEFINE_float("min_us", 50.0, "Shortest idle gap listed (microseconds).")
 flags.DEFINE_integer("top", 15, "Idle gaps listed.")
 
 
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of ``(start, end)`` intervals as sorted disjoint intervals."""
+    union: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if union and start <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], end))
+        else:
+            union.append((start, end))
+    return union
+
+
 def union_length(intervals: list[tuple[float, float]]) -> float:
     """The length of the union of ``(start, end)`` intervals."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
+    return sum(end - start for start, end in merged(intervals))
+
+
+def uncovered(start: float, end: float, cover: list[tuple[float, float]]) -> float:
+    """How much of ``[start, end)`` the sorted disjoint intervals ``cover`` leave uncovered."""
+    first = max(bisect.bisect_right(cover, (start, float("inf"))) - 1, 0)
+    covered = 0.0
+    for s, t in itertools.takewhile(lambda c: c[0] < end, cover[first:]):
+        covered += max(0.0, min(t, end) - max(s, start))
+    return end - start - covered
+
+
+def exposed_collectives(kernels: list[dict]) -> collections.Counter:
+    """Microseconds each collective (by HLO op) ran with no computation beside it."""
+    compute = merged([(e["ts"], e["ts"] + e["dur"]) for e in kernels if not collective(e)])
+    exposed = collections.Counter()
+    for e in filter(collective, kernels):
+        name = e.get("args", {}).get("hlo_op", e["name"])
+        exposed[name] += uncovered(e["ts"], e["ts"] + e["dur"], compute)
+    return exposed
 
 
 def idle_gaps(kernels: list[dict]) -> list[tuple[float, float, dict, dict]]:
@@ -103,7 +131,19 @@ def main(argv):
         )
         for start, length, before, after in gaps[: f.top]
     ]
-    _report.save(f.out, "trace_gaps", trace=f.trace, gpus=times, gaps=listed)
+    exposed = exposed_collectives(first).most_common(f.top)
+    _report.save(
+        f.out,
+        "trace_gaps",
+        trace=f.trace,
+        gpus=times,
+        gaps=listed,
+        exposed_collectives_us=dict(exposed),
+    )
+    if exposed:
+        print("GPU 0's collectives by time no computation ran beside them (whole trace):")
+        for name, us in exposed:
+            print(f"  {us / 1e3:8.3f} ms  {name[:90]}")
     print(f"GPU 0's idle gaps of at least {f.min_us:.0f} us, longest first:")
     for g in listed:
         print(
