@@ -1,5 +1,6 @@
 """Timing jaxpt's train step the way ``launch.py`` runs it, for every bench."""
 
+import functools
 import math
 import statistics
 import time
@@ -12,6 +13,13 @@ from jaxpt import data, models, sharding, train
 TOKEN_SOURCES = ("random", "text")
 
 
+@functools.cache
+def _embedded_gpt2_tokens() -> np.ndarray:
+    """The embedded corpus in GPT-2's BPE, int32 (encoded once per process)."""
+    gpt2 = data.get_tokenizer("gpt2")
+    return np.array(gpt2.encode(" ".join(data.embedded_documents())), np.int32)
+
+
 def token_sampler(source: str, vocab: int, seed: int = 0):
     """``sample(batch, length) -> int32 (batch, length)`` tokens: ``random`` (uniform below
     ``min(vocab, 50257)``) or ``text`` (windows at random offsets of the embedded corpus in
@@ -19,8 +27,7 @@ def token_sampler(source: str, vocab: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     if source == "random":
         return lambda batch, length: rng.integers(0, min(vocab, 50257), (batch, length), np.int32)
-    gpt2 = data.get_tokenizer("gpt2")
-    corpus = np.array(gpt2.encode(" ".join(data.embedded_documents())), np.int32)
+    corpus = _embedded_gpt2_tokens()
 
     def windows(batch: int, length: int):
         starts = rng.integers(0, len(corpus) - length, batch)

@@ -73,9 +73,21 @@ def decode_attention(
     return out.reshape(q.shape)
 
 
-def _kernel(q_ref, k_ref, v_ref, positions_ref, layer_ref, out_ref, **dims):
-    batch, seq, n_head, n_kv = dims["batch"], dims["seq"], dims["n_head"], dims["n_kv"]
-    head_dim, block_d = dims["head_dim"], dims["block_d"]
+def _kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    positions_ref,
+    layer_ref,
+    out_ref,
+    *,
+    batch: int,
+    seq: int,
+    n_head: int,
+    n_kv: int,
+    head_dim: int,
+    block_d: int,
+):
     b, h = pl.program_id(0), pl.program_id(1)
     kv_head = h // (n_head // n_kv)
     cols, col_ok = block_indices(0, block_d, head_dim)
