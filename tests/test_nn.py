@@ -2,13 +2,11 @@
 kernels themselves: test_kernels.py)."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.ad_checkpoint import print_saved_residuals
 
 from jaxpt import nn
 
@@ -242,23 +240,3 @@ def test_bias_gradients_accumulate_in_float32(layer):
     dtypes = reduce_sum_dtypes(jax.make_jaxpr(grad)(p).jaxpr)
     assert dtypes and all(d == jnp.float32 for d in dtypes), dtypes
     np.testing.assert_array_equal(grad(p).bias, np.full(4, 64.0))
-
-
-@pytest.mark.parametrize("mixer", ["mlp", "glu"])
-def test_feed_forward_backward_recomputes_its_activation(mixer, capsys):
-    """Of the ``(B, T, F)``-sized arrays only the matmul's output and the down projection's
-    input are kept for the backward (not the activation's intermediates, e.g. GELU's tanh)."""
-    init, apply, activation = {
-        "mlp": (nn.init_mlp, nn.mlp, "gelu_tanh"),
-        "glu": (nn.init_glu, nn.glu, "silu"),
-    }[mixer]
-    p = init(jax.random.key(0), 16, 64, bias=True, std=0.02, out_std=0.02, dtype=jnp.float32)
-    x = jax.random.normal(jax.random.key(1), (2, 8, 16), jnp.bfloat16)
-
-    def loss(p, x):
-        return apply(p, x, activation=activation).astype(jnp.float32).sum()
-
-    print_saved_residuals(loss, p, x)
-    shapes = re.findall(r"^\w+\[([\d,]*)\]", capsys.readouterr().out, re.M)
-    hidden = [s for s in shapes if s.startswith("2,8,") and s.endswith(",64")]  # (B, T, ..., F)
-    assert len(hidden) == 2, shapes

@@ -70,19 +70,11 @@ def stacked_linear(layers: tuple[Linear, ...], x: Array) -> tuple[Array, ...]:
     ``(..., D)`` with their weights stacked ``(S, D, F)`` (GPT-2's fused ``c_attn``): one
     GEMM S times as wide instead of S (q/k/v: a 2.7% faster GPT-2 step on an H200). Stacked
     on a new axis, not concatenated, so each weight's sharding carries over unchanged."""
-    y = add_bias(stacked_matmul(layers, x), stacked_bias(layers))
-    return tuple(y[..., i, :] for i in range(len(layers)))
-
-
-def stacked_matmul(layers: tuple[Linear, ...], x: Array) -> Array:
-    """``(..., D)`` -> ``(..., S, F)``: x times each layer's weight, without the biases."""
     weight = jnp.stack([layer.weight for layer in layers]).astype(x.dtype)
-    return jnp.einsum("...d,sdf->...sf", x, weight)
-
-
-def stacked_bias(layers: tuple[Linear, ...]) -> Array | None:
-    """The layers' biases ``(S, F)``; None without biases."""
-    return None if layers[0].bias is None else jnp.stack([layer.bias for layer in layers])
+    y = jnp.einsum("...d,sdf->...sf", x, weight)  # (..., S, F)
+    bias = None if layers[0].bias is None else jnp.stack([layer.bias for layer in layers])
+    y = add_bias(y, bias)
+    return tuple(y[..., i, :] for i in range(len(layers)))
 
 
 class Embedding(HasAxes):

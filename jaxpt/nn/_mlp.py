@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import equinox as eqx
 import jax
 from jax import Array
 
-from jaxpt.nn._linear import (
-    Linear,
-    add_bias,
-    init_linear,
-    linear,
-    matmul,
-    stacked_bias,
-    stacked_matmul,
-)
+from jaxpt.nn._linear import Linear, init_linear, linear, stacked_linear
 
 
 def squared_relu(x: Array) -> Array:
@@ -68,16 +58,7 @@ def init_mlp(
 @jax.named_scope("mlp")
 def mlp(p: MLP, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; ``activation`` names one of ``ACTIVATIONS``."""
-    h = matmul(p.fc, x)  # (B, T, F)
-    return linear(p.proj, recomputed_activation(ACTIVATIONS[activation], h, p.fc.bias))
-
-
-def recomputed_activation(activation: Callable, h: Array, bias: Array | None) -> Array:
-    """``activation(h + bias)`` whose backward recomputes the bias add and the activation
-    from ``h``, the matmul's output, instead of saving their intermediates (GELU's tanh: a
-    write and a read of a ``(B, T, F)`` array per layer), as torch.compile's partitioner
-    recomputes pointwise ops."""
-    return jax.checkpoint(lambda h, bias: activation(add_bias(h, bias)))(h, bias)
+    return linear(p.proj, ACTIVATIONS[activation](linear(p.fc, x)))
 
 
 def init_glu(
@@ -97,11 +78,5 @@ def init_glu(
 @jax.named_scope("glu")
 def glu(p: GLU, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; the gate's ``activation`` names one of ``ACTIVATIONS``."""
-    layers = (p.gate, p.up)
-    y = stacked_matmul(layers, x)  # (B, T, 2, F)
-    return linear(p.down, recomputed_activation(_gated(activation), y, stacked_bias(layers)))
-
-
-def _gated(activation: str):
-    """``act(gate) * up`` of the stacked ``(..., 2, F)`` gate and up."""
-    return lambda y: ACTIVATIONS[activation](y[..., 0, :]) * y[..., 1, :]
+    gate, up = stacked_linear((p.gate, p.up), x)  # (B, T, F) each
+    return linear(p.down, ACTIVATIONS[activation](gate) * up)
