@@ -240,3 +240,25 @@ def test_bias_gradients_accumulate_in_float32(layer):
     dtypes = reduce_sum_dtypes(jax.make_jaxpr(grad)(p).jaxpr)
     assert dtypes and all(d == jnp.float32 for d in dtypes), dtypes
     np.testing.assert_array_equal(grad(p).bias, np.full(4, 64.0))
+
+
+def test_unstacked_layers_take_their_gradient_as_one_concatenate():
+    """Each array's gradient through ``unstack`` is one concatenate of the layers' gradients,
+    not a sum of zero-padded copies of the whole stack (one ``pad`` per layer)."""
+    stacked = {"w": jnp.ones((5, 3, 4)), "b": jnp.ones((5, 4))}
+
+    def loss(p):
+        return sum((i + 1) * (lr["w"].sum() + 2 * lr["b"].sum()) for i, lr in enumerate(p))
+
+    def unstacked_loss(stacked):
+        return loss(nn.unstack(stacked))
+
+    def indexed_loss(stacked):
+        return loss([jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(5)])
+
+    primitives = [e.primitive.name for e in jax.make_jaxpr(jax.grad(unstacked_loss))(stacked).eqns]
+    assert "pad" not in primitives and primitives.count("concatenate") == 2, primitives
+    want = jax.grad(indexed_loss)(stacked)
+    jax.tree.map(np.testing.assert_array_equal, jax.grad(unstacked_loss)(stacked), want)
+    np.testing.assert_array_equal(want["b"][:, 0], [2, 4, 6, 8, 10])
+    assert [x.shape for x in jax.tree.leaves(nn.unstack(stacked)[0])] == [(4,), (3, 4)]

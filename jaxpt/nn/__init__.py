@@ -91,3 +91,4 @@ from jaxpt.nn._rope import rope_angles as rope_angles
 from jaxpt.nn._scan import remat as remat
 from jaxpt.nn._scan import scan_layers as scan_layers
 from jaxpt.nn._scan import stack_layers as stack_layers
+from jaxpt.nn._scan import unstack as unstack

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax import Array
 
 
@@ -35,9 +36,22 @@ def scan_layers(body: Callable, carry, stacked, *, scan: bool = True):
     """
     if scan:
         return jax.lax.scan(body, carry, stacked)
-    n = jax.tree.leaves(stacked)[0].shape[0]
     outs = []
-    for i in range(n):
-        carry, out = body(carry, jax.tree.map(lambda a, i=i: a[i], stacked))
+    for layer in unstack(stacked):
+        carry, out = body(carry, layer)
         outs.append(out)
     return carry, jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
+
+
+def unstack(stacked) -> list:
+    """The layers of ``stacked`` (every array ``(L, ...)``) as ``L`` pytrees of ``(...)``.
+
+    One split per array, whose gradient is one concatenate. Indexing each layer (``a[i]``)
+    would give each array a gradient of ``L`` zero-padded copies of the whole stack added up,
+    which XLA:GPU evaluated inside the gradient norm: 60 of the 178 ms of a Tiny_MoE_2 step
+    (30 layers of ``(8, 672, 2048)`` experts, one H200).
+    """
+    leaves, treedef = jax.tree.flatten(stacked)
+    n = leaves[0].shape[0]
+    split = [[piece.reshape(piece.shape[1:]) for piece in jnp.split(a, n)] for a in leaves]
+    return [treedef.unflatten([pieces[i] for pieces in split]) for i in range(n)]
