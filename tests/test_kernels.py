@@ -206,27 +206,43 @@ def test_decode_attention_kernel_matches_float64(n_head, n_kv, head_dim, dtype, 
     np.testing.assert_allclose(np.float64(got), want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("preset", ["gpt", "smollm"])  # multi-head, grouped-query
-def test_greedy_decoding_with_the_decode_kernel_equals_xla(preset, monkeypatch):
-    traced = []  # the decoding loop's layers call the kernel (prefill: XLA's attention)
-    kernel = _decode_pallas.decode_attention
+def spy_on_decode_kernel(monkeypatch) -> list:
+    """A list that the decode kernel appends to each time a decoding step traces it."""
+    traced, kernel = [], _decode_pallas.decode_attention
     monkeypatch.setattr(
         _decode_pallas, "decode_attention", lambda *a: traced.append(1) or kernel(*a)
     )
+    return traced
+
+
+def smoke_model(preset):
     cfg = dataclasses.replace(
         models.config_from(preset_config(preset, "smoke").model), vocab_size=64, block_size=16
     )
-    params = models.get(preset).init(jax.random.key(0), cfg)
+    return models.get(preset).init(jax.random.key(0), cfg), cfg
+
+
+def greedy(params, cfg, prompts, kernels):
+    config = dataclasses.replace(cfg, kernels=kernels)
+    return generate(params, prompts, config, max_new_tokens=6, temperature=0).tokens
+
+
+@pytest.mark.parametrize("preset", ["gpt", "smollm"])  # multi-head, grouped-query
+def test_greedy_decoding_with_the_decode_kernel_equals_xla(preset, monkeypatch):
+    traced = spy_on_decode_kernel(monkeypatch)  # decoding steps (prefill: XLA's attention)
+    params, cfg = smoke_model(preset)
     prompts = [[5, 17, 3], [42, 7, 7, 1, 9]]
-    tokens = {
-        kernels: generate(
-            params,
-            prompts,
-            dataclasses.replace(cfg, kernels=kernels),
-            max_new_tokens=6,
-            temperature=0,
-        ).tokens
-        for kernels in ("pallas", "xla")
-    }
-    np.testing.assert_array_equal(tokens["pallas"], tokens["xla"])
+    np.testing.assert_array_equal(
+        greedy(params, cfg, prompts, "pallas"), greedy(params, cfg, prompts, "xla")
+    )
     assert traced
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_auto_decoding_runs_the_kernel_from_enough_sequences_x_heads(batch, monkeypatch):
+    traced = spy_on_decode_kernel(monkeypatch)
+    params, cfg = smoke_model("gpt")
+    monkeypatch.setattr(_pallas, "on_cuda", lambda: True)
+    monkeypatch.setattr(_decode_pallas, "MIN_PROGRAMS", 2 * cfg.n_head)
+    greedy(params, cfg, [[5, 17, 3]] * batch, "auto")
+    assert bool(traced) == (batch == 2)

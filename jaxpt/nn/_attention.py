@@ -19,6 +19,7 @@ from jaxpt.nn._axes import constrain
 from jaxpt.nn._dropout import dropout
 from jaxpt.nn._linear import Linear, init_linear, linear, stacked_linear
 from jaxpt.nn._norm import RMSNorm, init_rms_norm, rms_norm
+from jaxpt.nn._pallas import use_kernel
 from jaxpt.nn._rope import apply_rope, rope_angles
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum")
@@ -174,7 +175,8 @@ def cached_attention(
         cache: ``KVCache`` with ``(layers, B, S, K, Dh)`` buffers; layer: the entry to use.
         positions: ``(B, T)`` int, each below the cache length S.
         kernels: ``"pallas"`` runs a decoding step's attention (T = 1) as one Pallas kernel
-            (``_decode_pallas``; interpreted off a GPU); ``"auto"`` and ``"xla"`` keep XLA's.
+            (``_decode_pallas``; interpreted off a GPU); ``"auto"`` does on an NVIDIA GPU
+            from ``_decode_pallas.MIN_PROGRAMS`` sequences x query heads up; ``"xla"`` never.
     Returns:
         ``(B, T, D)`` and the updated cache.
     """
@@ -184,7 +186,8 @@ def cached_attention(
         cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
         cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)),
     )
-    if kernels == "pallas" and _decode_pallas.supported(q, cache.k):
+    decode_kernel = use_kernel(kernels, q, min_rows=_decode_pallas.MIN_PROGRAMS)  # B x H rows
+    if decode_kernel and _decode_pallas.supported(q, cache.k):
         y = _decode_pallas.decode_attention(q, cache.k, cache.v, layer, positions)
         return _merge_heads(p, y), cache
     keys, values = cache.k[layer], cache.v[layer]  # (B, S, K, Dh)

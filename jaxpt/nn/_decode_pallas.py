@@ -25,6 +25,11 @@ from jaxpt.nn._pallas import block_indices, kernel_call, load_tile
 BLOCK_S = 64  # cache positions a program reads at a time
 NUM_WARPS = 4
 MAX_ELEMENTS = 2**31 - 1  # Triton indexes the cache with int32 offsets
+# ``kernels="auto"`` runs the kernel from this many programs (sequences x query heads) up.
+# GPT-2 shape, bf16, 32 + 256 tokens on an H200 (2026-11-28), new tokens/s, XLA -> kernel:
+# batch 1 (12 programs) 1,542 -> 1,409, 4: 6,158 -> 6,047, 8 (96): 11,569 -> 11,977,
+# 16: 21,754 -> 22,804, 32: 36,108 -> 41,867 (bench/generate.py --kernels).
+MIN_PROGRAMS = 96
 
 
 def supported(q: Array, cache_k: Array) -> bool:

@@ -26,11 +26,11 @@ KERNELS = ("auto", "xla", "pallas")
 MIN_ROWS = 1024
 
 
-def use_kernel(kernels: str, x: Array) -> bool:
+def use_kernel(kernels: str, x: Array, min_rows: int = MIN_ROWS) -> bool:
     """Whether ``kernels`` (``KERNELS``) asks for the Pallas kernel on ``(B, ..., D)`` x:
-    ``pallas`` always; ``auto`` on an NVIDIA GPU for at least ``MIN_ROWS`` rows."""
+    ``pallas`` always; ``auto`` on an NVIDIA GPU for at least ``min_rows`` rows."""
     rows = x.size // x.shape[-1]
-    return kernels == "pallas" or (kernels == "auto" and on_cuda() and rows >= MIN_ROWS)
+    return kernels == "pallas" or (kernels == "auto" and on_cuda() and rows >= min_rows)
 
 
 def on_cuda() -> bool:
