@@ -40,7 +40,7 @@ def scan_layers(body: Callable, carry, stacked, *, scan: bool = True):
     for layer in unstack(stacked):
         carry, out = body(carry, layer)
         outs.append(out)
-    return carry, jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
 def unstack(stacked) -> list:
