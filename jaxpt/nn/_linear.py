@@ -47,12 +47,7 @@ def init_linear(
 
 def linear(p: Linear, x: Array) -> Array:
     """Applies ``p`` in the dtype of ``x``. ``x``: ``(..., in)`` -> ``(..., out)``."""
-    return add_bias(matmul(p, x), p.bias)
-
-
-def matmul(p: Linear, x: Array) -> Array:
-    """``x @ weight`` in the dtype of ``x``, without the bias: ``(..., in)`` -> ``(..., out)``."""
-    return x @ p.weight.astype(x.dtype)
+    return add_bias(x @ p.weight.astype(x.dtype), p.bias)
 
 
 def add_bias(y: Array, bias: Array | None) -> Array:
