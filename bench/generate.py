@@ -10,7 +10,10 @@ time of one whole generate call (prefill included), median of ``--reps`` runs af
 that compiles. The reference is transformers' ``GPT2LMHeadModel.generate(use_cache=True)``
 (its dynamic cache) with the same shape, dtype and prompts' length, when torch and
 transformers are importable; ``../shared/bench/ref_hf_generate.py`` times its other cache
-variants. Prints a table last and writes generate.json to --out.
+variants. Prints a table last and writes generate.json to --out. ``--trace=DIR`` also traces
+one more jaxpt call a batch, untimed, into ``DIR/b<batch>``: ``bench/trace_gaps.py
+--trace=DIR/b1`` says how much of a decoding call the GPU computed, which kernels it ran how
+often, and where it sat idle.
 """
 
 import dataclasses
@@ -35,6 +38,9 @@ flags.DEFINE_bool("reference", True, "Also time transformers (skipped if not ins
 flags.DEFINE_bool("scan_layers", True, "jaxpt: scan the layers (else unroll them).")
 flags.DEFINE_enum("sdpa", "auto", ["auto", "xla", "einsum"], "jaxpt: attention implementation.")
 flags.DEFINE_enum("kernels", "auto", ["auto", "xla", "pallas"], "jaxpt: model.kernels.")
+flags.DEFINE_string(
+    "trace", "", "Also trace one more jaxpt call a batch into TRACE/b<batch> (bench/trace_gaps.py)."
+)
 
 VOCAB = 50257  # GPT-2's, as the reference
 
@@ -71,6 +77,9 @@ def jaxpt_row(batch: int, f) -> dict:
         assert (lengths == f.prompt + f.new).all(), "every row makes all its tokens"
 
     median, times = median_seconds(run, f.reps)
+    if f.trace:
+        with jax.profiler.trace(f"{f.trace}/b{batch}", create_perfetto_trace=True):
+            run()
     return dict(impl="jaxpt", batch=batch, median_s=median, times_s=times)
 
 

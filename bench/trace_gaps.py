@@ -6,7 +6,8 @@
 Reads the newest ``jax.profiler`` trace under ``--trace`` (``log.profile_from_step``'s, or any
 other) and, per GPU, measures from its first kernel to its last: the time some kernel ran, the
 time a computation ran, the time only collectives ran (communication left exposed) and the time
-nothing ran (idle). Then lists GPU 0's longest idle gaps, each with the kernels either side and
+nothing ran (idle). Then lists GPU 0's kernels by summed time, with how many times each was
+launched, and its longest idle gaps, each with the kernels either side and
 what the host's Python thread was doing as the gap began (the profiler's Python tracer), and
 its collectives by the time they ran with no computation beside them. A table last; writes
 trace_gaps.json to --out.
@@ -89,6 +90,15 @@ def gpu_times(kernels: list[dict]) -> dict:
     )
 
 
+def kernel_totals(kernels: list[dict]) -> list[dict]:
+    """Each kernel name's launches and summed milliseconds, most time first."""
+    launches, us = collections.Counter(), collections.Counter()
+    for e in kernels:
+        launches[e["name"]] += 1
+        us[e["name"]] += e["dur"]
+    return [dict(name=n, launches=launches[n], ms=t / 1e3) for n, t in us.most_common()]
+
+
 def collective(event: dict) -> bool:
     return bool(_trace.COLLECTIVE.search(event["name"].lower()))
 
@@ -132,14 +142,20 @@ def main(argv):
         for start, length, before, after in gaps[: f.top]
     ]
     exposed = exposed_collectives(first).most_common(f.top)
+    totals = kernel_totals(first)
     _report.save(
         f.out,
         "trace_gaps",
         trace=f.trace,
         gpus=times,
+        launches=len(first),
+        kernels=totals[: f.top],
         gaps=listed,
         exposed_collectives_us=dict(exposed),
     )
+    print(f"GPU 0's kernels by summed time ({len(first)} launches in all):")
+    for k in totals[: f.top]:
+        print(f"  {k['ms']:8.3f} ms  {k['launches']:>7} x  {k['name'][:90]}")
     if exposed:
         print("GPU 0's collectives by time no computation ran beside them (whole trace):")
         for name, us in exposed:
