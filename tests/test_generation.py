@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import equinox as eqx
 import jax
@@ -11,7 +12,7 @@ import pytest
 
 from jaxpt import generate, launcher, models, train
 from jaxpt.errors import ConfigError
-from jaxpt.generation import Sampling, filter_logits
+from jaxpt.generation import Sampling, _generate, filter_logits, pad_prompts
 from tests.test_models import tiny_config
 from tests.test_train import ROOT, load_config
 
@@ -64,6 +65,36 @@ def test_gqa_caches_only_the_kv_heads():
     assert cfg.n_kv_head < cfg.n_head
     (cache,) = models.get("gqa_glu_rope_gpt").init_cache(3, 12, cfg)
     assert cache.k.shape == cache.v.shape == (cfg.n_layer, 3, 12, cfg.n_kv_head, cfg.head_dim)
+
+
+def ops_in_the_decoding_loop(hlo: str, scope: str) -> set[str]:
+    """The opcodes of the compiled instructions that JAX op ``scope`` became inside the token
+    loop (``while/body`` in their op name)."""
+    pattern = re.compile(rf'=\s+\S+\s+([\w-]+)\(.*op_name="[^"]*while/body[^"]*/{scope}"')
+    return {m[1] for m in pattern.finditer(hlo)}
+
+
+@pytest.mark.parametrize("name", ["gpt", "gqa_glu_rope_gpt"])
+def test_decoding_steps_do_not_restack_the_projection_weights(name):
+    # q/k/v (and a GLU's gate/up) run as one matmul of their weights stacked in the matmul's
+    # own layout: the stack is loop-invariant, built once a call, and each token's matmul
+    # reads it in place (stacked on a leading axis, a transpose copied it every token)
+    cfg = tiny_config(name, scan_layers=False)
+    params = models.get(name).init(jax.random.key(0), cfg)
+    tokens, lengths = pad_prompts(PROMPTS, cfg, max_new_tokens=NEW)
+    lowered = _generate.lower(
+        params,
+        tokens,
+        lengths,
+        jax.random.key(0),
+        cfg=cfg,
+        max_new_tokens=NEW,
+        sampling=Sampling(temperature=0.0),
+        stop_token=None,
+    )
+    hlo = lowered.compile().as_text()
+    assert "/stack" in hlo  # the scope the stacking runs under
+    assert ops_in_the_decoding_loop(hlo, "stack") <= {"bitcast"}
 
 
 @pytest.fixture(scope="module")

@@ -62,11 +62,13 @@ def add_bias(y: Array, bias: Array | None) -> Array:
 
 def stacked_linear(layers: tuple[Linear, ...], x: Array) -> tuple[Array, ...]:
     """``linear(layer, x)`` for each of ``S`` layers of one shape, as one matmul of ``x``
-    ``(..., D)`` with their weights stacked ``(S, D, F)`` (GPT-2's fused ``c_attn``): one
+    ``(..., D)`` with their weights stacked ``(D, S, F)`` (GPT-2's fused ``c_attn``): one
     GEMM S times as wide instead of S (q/k/v: a 2.7% faster GPT-2 step on an H200). Stacked
-    on a new axis, not concatenated, so each weight's sharding carries over unchanged."""
-    weight = jnp.stack([layer.weight for layer in layers]).astype(x.dtype)
-    y = jnp.einsum("...d,sdf->...sf", x, weight)  # (..., S, F)
+    on a new axis, not concatenated, so each weight's sharding carries over unchanged; the
+    middle axis is the matmul's own layout (rows of ``S x F``), so a loop-invariant stack (a
+    decoding loop's) is built once and read in place instead of transposed every step."""
+    weight = jnp.stack([layer.weight for layer in layers], axis=1).astype(x.dtype)
+    y = jnp.einsum("...d,dsf->...sf", x, weight)  # (..., S, F)
     bias = None if layers[0].bias is None else jnp.stack([layer.bias for layer in layers])
     y = add_bias(y, bias)
     return tuple(y[..., i, :] for i in range(len(layers)))
