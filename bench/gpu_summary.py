@@ -3,11 +3,13 @@
     python3 bench/gpu_summary.py --runs=$OUT --out=bench/results
 
 ``--runs`` holds what ``bench/gpu.sh`` wrote: ``train_step.json`` (configs/gpt.py as shipped),
-``torch_gpt2.json`` (``../shared/bench/ref_torch_gpt2.py``), ``generate.json``,
-``hf_generate.json`` (``../shared/bench/ref_hf_generate.py``), ``presets.json`` and
-``launch/scaling.json`` (``bench/scaling.sh``'s one-GPU run: launch.py's whole loop). Writes
-gpu.json (the jaxpt/reference ratios at 16 x 1024 and decode batch 1, the presets' tokens/s
-and MFU on active parameters) and prints the README's speed table last.
+``torch_gpt2.json`` (``../shared/bench/ref_torch_gpt2.py``), ``generate.json`` (scanned
+layers) and ``unrolled/generate.json``, ``hf_generate.json``
+(``../shared/bench/ref_hf_generate.py``), ``presets.json`` and ``launch/scaling.json``
+(``bench/scaling.sh``'s one-GPU run: launch.py's whole loop). Writes gpu.json (the
+jaxpt/reference ratios of the train step at 16 and 32 x 1024 and of decoding at batch 1 and
+32, scanned and unrolled; the presets' tokens/s and MFU on active parameters) and prints the
+README's speed table last.
 """
 
 import json
@@ -18,6 +20,7 @@ from absl import app, flags
 flags.DEFINE_string("runs", None, "Directory with one call's bench JSON files.", required=True)
 flags.DEFINE_string("out", "bench/results", "Directory for gpu.json.")
 flags.DEFINE_integer("batch", 16, "Train micro-batch compared with the reference.")
+flags.DEFINE_integer("big_batch", 32, "A second train micro-batch compared with it.")
 
 
 def read(runs: pathlib.Path, name: str) -> dict:
@@ -30,36 +33,53 @@ def only(rows, **match) -> dict:
     return row
 
 
-def summary(runs: pathlib.Path, batch: int) -> dict:
-    train = read(runs, "train_step")
-    torch_runs = read(runs, "torch_gpt2")["runs"]
-    decode = read(runs, "generate")
-    hf = read(runs, "hf_generate")["runs"]
+def train_fields(train: dict, torch_runs: list, batch: int, prefix: str) -> dict:
+    """``{prefix}tokens_per_s``, ``{prefix}ref_tokens_per_s`` and ``{prefix}ratio`` of the
+    train step at micro-batch ``batch`` against torch.compile's."""
     ours = only(train["rows"], batch=batch)
     ref = only(torch_runs, mode="compile", micro_batch=batch)
-    b1 = only(decode["rows"], impl="jaxpt", batch=1)
-    b32 = only(decode["rows"], impl="jaxpt", batch=32)
-    hf_b1 = only(hf, variant="static_cache_autocompile", batch=1)
-    hf_b32 = only(hf, variant="static_cache_autocompile", batch=32)
+    return {
+        f"{prefix}tokens_per_s": ours["tokens_per_s"],
+        f"{prefix}ref_tokens_per_s": ref["tokens_per_s"],
+        f"{prefix}ratio": ours["tokens_per_s"] / ref["tokens_per_s"],
+    }
+
+
+def decode_fields(decode: dict, hf: list, batch: int, prefix: str) -> dict:
+    """``{prefix}tokens_per_s``, ``{prefix}ref_tokens_per_s`` and ``{prefix}ratio`` of
+    decoding at ``batch`` against transformers' compiled static cache."""
+    ours = only(decode["rows"], impl="jaxpt", batch=batch)
+    ref = only(hf, variant="static_cache_autocompile", batch=batch)
+    return {
+        f"{prefix}tokens_per_s": ours["new_tokens_per_s"],
+        f"{prefix}ref_tokens_per_s": ref["new_tokens_per_s"],
+        f"{prefix}ratio": ours["new_tokens_per_s"] / ref["new_tokens_per_s"],
+    }
+
+
+def summary(runs: pathlib.Path, batch: int, big_batch: int) -> dict:
+    train = read(runs, "train_step")
+    torch_runs = read(runs, "torch_gpt2")["runs"]
+    hf = read(runs, "hf_generate")["runs"]
+    scanned, unrolled = read(runs, "generate"), read(runs / "unrolled", "generate")
     launch = only(read(runs / "launch", "scaling")["runs"], name="one")
+    seq = only(train["rows"], batch=batch)["seq"]
     return dict(
         device=train["device"],
         date=train["date"],
         jax=train["jax"],
-        train_config=f"configs/gpt.py as shipped, {batch} x {ours['seq']}, "
+        train_config=f"configs/gpt.py as shipped, {batch} x {seq}, "
         f"scan_layers={train['scan_layers']}, logits {train['logits_dtype']}",
-        train_tokens_per_s=ours["tokens_per_s"],
-        train_ref_tokens_per_s=ref["tokens_per_s"],
-        train_ratio=ours["tokens_per_s"] / ref["tokens_per_s"],
-        mfu=ours["mfu"],
+        **train_fields(train, torch_runs, batch, "train_"),
+        mfu=only(train["rows"], batch=batch)["mfu"],
+        big_batch=big_batch,
+        **train_fields(train, torch_runs, big_batch, "train_big_"),
         train_launch_tokens_per_s=launch["tokens_per_s"],
         train_launch_mfu=launch["mfu"],
-        decode_b1_tokens_per_s=b1["new_tokens_per_s"],
-        decode_b1_ref_tokens_per_s=hf_b1["new_tokens_per_s"],
-        decode_b1_ratio=b1["new_tokens_per_s"] / hf_b1["new_tokens_per_s"],
-        decode_b32_tokens_per_s=b32["new_tokens_per_s"],
-        decode_b32_ref_tokens_per_s=hf_b32["new_tokens_per_s"],
-        decode_b32_ratio=b32["new_tokens_per_s"] / hf_b32["new_tokens_per_s"],
+        **decode_fields(scanned, hf, 1, "decode_b1_"),
+        **decode_fields(scanned, hf, 32, "decode_b32_"),
+        **decode_fields(unrolled, hf, 1, "decode_unrolled_b1_"),
+        **decode_fields(unrolled, hf, 32, "decode_unrolled_b32_"),
         presets=[
             dict(name=r["name"], tokens_per_s=r["tokens_per_s"], mfu_active=r["mfu"])
             for r in read(runs, "presets")["rows"]
@@ -77,15 +97,19 @@ def table(s: dict) -> str:
         f"| GPT-2 124M train step, tokens/s | {s['train_tokens_per_s']:,.0f} "
         f"(MFU {s['mfu']:.1%}) | torch.compile {s['train_ref_tokens_per_s']:,.0f} "
         f"| {s['train_ratio']:.2f}x |",
+        f"| same at {s['big_batch']} x 1024 | {s['train_big_tokens_per_s']:,.0f} "
+        f"| torch.compile {s['train_big_ref_tokens_per_s']:,.0f} | {s['train_big_ratio']:.2f}x |",
         f"| same, `launch.py`'s whole loop (data, logging), tokens/s "
         f"| {s['train_launch_tokens_per_s']:,.0f} (MFU {s['train_launch_mfu']:.1%}) | | |",
     ]
-    for b in ("b1", "b32"):
-        lines.append(
-            f"| decode, batch {b[1:]}, new tokens/s | {s[f'decode_{b}_tokens_per_s']:,.0f} "
-            f"| transformers, compiled static cache {s[f'decode_{b}_ref_tokens_per_s']:,.0f} "
-            f"| {s[f'decode_{b}_ratio']:.2f}x |"
-        )
+    for layers, prefix in (("scanned", "decode_"), ("unrolled", "decode_unrolled_")):
+        for b in (1, 32):
+            key = f"{prefix}b{b}_"
+            lines.append(
+                f"| decode, batch {b}, {layers} layers, new tokens/s "
+                f"| {s[key + 'tokens_per_s']:,.0f} | transformers, compiled static cache "
+                f"{s[key + 'ref_tokens_per_s']:,.0f} | {s[key + 'ratio']:.2f}x |"
+            )
     lines += ["", "| preset | tokens/s | MFU (active params) |", "|---|---|---|"]
     lines += [
         f"| {p['name']} | {p['tokens_per_s']:,.0f} | {p['mfu_active']:.1%} |" for p in s["presets"]
@@ -96,7 +120,7 @@ def table(s: dict) -> str:
 def main(argv):
     del argv
     f = flags.FLAGS
-    s = summary(pathlib.Path(f.runs), f.batch)
+    s = summary(pathlib.Path(f.runs), f.batch, f.big_batch)
     out = pathlib.Path(f.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(s, indent=1) + "\n")
