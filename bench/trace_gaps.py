@@ -7,10 +7,10 @@ Reads the newest ``jax.profiler`` trace under ``--trace`` (``log.profile_from_st
 other) and, per GPU, measures from its first kernel to its last: the time some kernel ran, the
 time a computation ran, the time only collectives ran (communication left exposed) and the time
 nothing ran (idle). Then lists GPU 0's kernels by summed time, with how many times each was
-launched, and its longest idle gaps, each with the kernels either side and
-what the host's Python thread was doing as the gap began (the profiler's Python tracer), and
-its collectives by the time they ran with no computation beside them. A table last; writes
-trace_gaps.json to --out.
+launched, and its longest idle gaps, each with the kernels either side and what the host's
+Python thread was doing as the gap began (the profiler's Python tracer), and its collectives
+by the time they ran with no computation beside them. A table last; writes trace_gaps.json
+to --out.
 """
 
 import bisect
