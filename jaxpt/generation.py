@@ -185,6 +185,7 @@ def _check_sampling(temperature, top_k, top_p, key, n_tokens, vocab_size: int) -
 def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampling, stop_token):
     """The prefill and the decode loop. tokens: ``(B, L)``; prompt_lengths: ``(B,)``."""
     model = models.get(cfg.name)
+    params = model.prepare_decoding(params, cfg)
     batch, length = tokens.shape
     rows = jnp.arange(batch)
     cache = model.init_cache(batch, length, cfg)

@@ -67,6 +67,15 @@ def test_gqa_caches_only_the_kv_heads():
     assert cache.k.shape == cache.v.shape == (cfg.n_layer, 3, 12, cfg.n_kv_head, cfg.head_dim)
 
 
+def compiled_generate(cfg, params) -> str:
+    """The compiled HLO of greedy ``generate`` on ``PROMPTS`` (this machine's backend)."""
+    tokens, lengths = pad_prompts(PROMPTS, cfg, max_new_tokens=NEW)
+    greedy = Sampling(temperature=0.0)
+    args = params, tokens, lengths, jax.random.key(0)
+    lowered = _generate.lower(*args, cfg=cfg, max_new_tokens=NEW, sampling=greedy, stop_token=None)
+    return lowered.compile().as_text()
+
+
 def ops_in_the_decoding_loop(hlo: str, scope: str) -> set[str]:
     """The opcodes of the compiled instructions that JAX op ``scope`` became inside the token
     loop (``while/body`` in their op name)."""
@@ -80,21 +89,18 @@ def test_decoding_steps_do_not_restack_the_projection_weights(name):
     # own layout: the stack is loop-invariant, built once a call, and each token's matmul
     # reads it in place (stacked on a leading axis, a transpose copied it every token)
     cfg = tiny_config(name, scan_layers=False)
-    params = models.get(name).init(jax.random.key(0), cfg)
-    tokens, lengths = pad_prompts(PROMPTS, cfg, max_new_tokens=NEW)
-    lowered = _generate.lower(
-        params,
-        tokens,
-        lengths,
-        jax.random.key(0),
-        cfg=cfg,
-        max_new_tokens=NEW,
-        sampling=Sampling(temperature=0.0),
-        stop_token=None,
-    )
-    hlo = lowered.compile().as_text()
+    hlo = compiled_generate(cfg, models.get(name).init(jax.random.key(0), cfg))
     assert "/stack" in hlo  # the scope the stacking runs under
     assert ops_in_the_decoding_loop(hlo, "stack") <= {"bitcast"}
+
+
+def test_unrolled_layers_leave_their_stacks_before_the_decoding_loop():
+    # split inside the loop, XLA:GPU copied every layer's weights out of the stacks each token
+    # (a quarter of a batch-32 token on an H200)
+    cfg = tiny_config("gpt", scan_layers=False)
+    hlo = compiled_generate(cfg, models.get("gpt").init(jax.random.key(0), cfg))
+    assert "/split" in hlo
+    assert ops_in_the_decoding_loop(hlo, "split") == set()
 
 
 @pytest.fixture(scope="module")

@@ -262,3 +262,16 @@ def test_unstacked_layers_take_their_gradient_as_one_concatenate():
     jax.tree.map(np.testing.assert_array_equal, jax.grad(unstacked_loss)(stacked), want)
     np.testing.assert_array_equal(want["b"][:, 0], [2, 4, 6, 8, 10])
     assert [x.shape for x in jax.tree.leaves(nn.unstack(stacked)[0])] == [(4,), (3, 4)]
+
+
+def test_layers_split_ahead_unstack_like_their_stacks():
+    stacked = {"w": jnp.arange(30.0).reshape(5, 3, 2), "b": None}
+    split = nn.split_layers(stacked)
+    assert len(split["w"]) == 5 and split["b"] is None
+    # as the decoder's layer loop gets them: split params beside a stacked layer index
+    layers = nn.unstack((split, jnp.arange(5)))
+    for i, (p, index) in enumerate(layers):
+        np.testing.assert_array_equal(p["w"], stacked["w"][i])
+        assert int(index) == i
+    jitted = jax.jit(lambda split: nn.unstack(split)[3])(split)  # SplitLayers is a pytree
+    np.testing.assert_array_equal(jitted["w"], stacked["w"][3])

@@ -248,6 +248,14 @@ def apply(
     return _read_out(params, x, cfg), aux
 
 
+def prepare_decoding(params: Decoder, cfg: ModelConfig) -> Decoder:
+    """``params`` for a decoding loop: with unrolled layers, the blocks split into layers once,
+    before the loop (``nn.split_layers``), instead of at every step inside it."""
+    if cfg.scan_layers:
+        return params
+    return eqx.tree_at(lambda p: p.blocks, params, nn.split_layers(params.blocks))
+
+
 def decode(
     params: Decoder,
     tokens: Array,

@@ -23,12 +23,21 @@ class Architecture(NamedTuple):
     init: Callable
     apply: Callable
     init_cache: Callable
+    prepare_decoding: Callable
     decode: Callable
 
 
 ARCHITECTURES: dict[type, Architecture] = {
-    ModelConfig: Architecture(_decoder.init, _decoder.apply, _decoder.init_cache, _decoder.decode),
-    BigramConfig: Architecture(_bigram.init, _bigram.apply, _bigram.init_cache, _bigram.decode),
+    ModelConfig: Architecture(
+        _decoder.init,
+        _decoder.apply,
+        _decoder.init_cache,
+        _decoder.prepare_decoding,
+        _decoder.decode,
+    ),
+    BigramConfig: Architecture(
+        _bigram.init, _bigram.apply, _bigram.init_cache, lambda params, cfg: params, _bigram.decode
+    ),
 }
 
 
@@ -38,8 +47,10 @@ class Model:
 
     ``apply`` always returns ``(logits, aux)``: ``(B, T, V)`` logits and a dict of auxiliary
     losses (MoE load balance and router z-loss; zeros for dense models). ``init_cache`` and
-    ``decode`` serve generation (``jaxpt.generate``). Every method takes a config of the
-    preset's class (``ModelConfig`` or ``BigramConfig``), validated when it was built.
+    ``decode`` serve generation (``jaxpt.generate``), which calls ``decode`` in a loop on
+    params from ``prepare_decoding`` (``decode`` takes the params as they are, too). Every
+    method takes a config of the preset's class (``ModelConfig`` or ``BigramConfig``),
+    validated when it was built.
     """
 
     name: str
@@ -77,6 +88,11 @@ class Model:
         whole sequence each step.
         """
         return self._architecture(cfg).init_cache(batch_size, length, cfg)
+
+    def prepare_decoding(self, params, cfg):
+        """``params`` laid out for ``decode`` in a loop, computed once before it (the
+        decoder's unrolled layers: split out of their stacks)."""
+        return self._architecture(cfg).prepare_decoding(params, cfg)
 
     def decode(self, params, tokens: Array, cfg, *, at, mask=None, positions=None, cache=None):
         """float32 ``(B, V)`` next-token logits at index ``at[b]`` of each row (``at=None``:

@@ -88,7 +88,9 @@ from jaxpt.nn._pallas import MIN_ROWS as MIN_ROWS
 from jaxpt.nn._pallas import use_kernel as use_kernel
 from jaxpt.nn._rope import apply_rope as apply_rope
 from jaxpt.nn._rope import rope_angles as rope_angles
+from jaxpt.nn._scan import SplitLayers as SplitLayers
 from jaxpt.nn._scan import remat as remat
 from jaxpt.nn._scan import scan_layers as scan_layers
+from jaxpt.nn._scan import split_layers as split_layers
 from jaxpt.nn._scan import stack_layers as stack_layers
 from jaxpt.nn._scan import unstack as unstack
