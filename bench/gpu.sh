@@ -3,18 +3,26 @@
 # side, then bench/results/gpu.json (bench/gpu_summary.py). From the project root, with the
 # references at shared/bench or ../shared/bench (REF=...):
 #   OUT=$OUT bash bench/gpu.sh
-# On a host of several GPUs everything runs on the first (CUDA_VISIBLE_DEVICES, unless set).
+# On a host of several GPUs everything runs on the first (CUDA_VISIBLE_DEVICES, unless set);
+# PRESETS_GPU=1 times the presets (jaxpt alone, no reference) on that GPU meanwhile, for a
+# call shorter by their time.
 set -u
 OUT=${OUT:-bench/results/gpu}; mkdir -p "$OUT"
 REF=${REF:-$( [ -d shared/bench ] && echo shared/bench || echo ../shared/bench )}
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 run() { name=$1; shift; s=$(date +%s); "$@" >"$OUT/$name.log" 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s"; }
+presets() {
+  run presets python3 bench/presets.py --out="$OUT" --warmup=2 --steps=6 \
+    gpt gqa_glu_rope smollm tiny_moe tiny_moe_2 tiny_moe_3 charformer
+}
+[ -z "${PRESETS_GPU:-}" ] || CUDA_VISIBLE_DEVICES=$PRESETS_GPU presets &
 run train python3 bench/train_step.py --out="$OUT" --batches=16,32
 run torch python3 "$REF/ref_torch_gpt2.py" --out="$OUT" --configs=compile:16,compile:32
 run launch env RUNS=one OUT="$OUT/launch" bash bench/scaling.sh  # the whole loop, on one GPU
 run decode python3 bench/generate.py --out="$OUT" --dtype=bfloat16 --noreference
 run decode_unrolled python3 bench/generate.py --out="$OUT/unrolled" --dtype=bfloat16 --noreference --noscan_layers
 run hf python3 "$REF/ref_hf_generate.py" --out="$OUT" --with-compiled-static
-run presets python3 bench/presets.py --out="$OUT" --warmup=2 --steps=6 gpt gqa_glu_rope smollm tiny_moe tiny_moe_2 tiny_moe_3 charformer
+[ -n "${PRESETS_GPU:-}" ] || presets
+wait
 python3 bench/gpu_summary.py --runs="$OUT" --out="$OUT"
