@@ -86,8 +86,8 @@ def ops_in_the_decoding_loop(hlo: str, scope: str) -> set[str]:
 @pytest.mark.parametrize("name", ["gpt", "gqa_glu_rope_gpt"])
 def test_decoding_steps_do_not_restack_the_projection_weights(name):
     # q/k/v (and a GLU's gate/up) run as one matmul of their weights stacked in the matmul's
-    # own layout: the stack is loop-invariant, built once a call, and each token's matmul
-    # reads it in place (stacked on a leading axis, a transpose copied it every token)
+    # own layout: the stack is loop-invariant, and XLA:CPU builds it once a call (XLA:GPU
+    # does not hoist it); stacked on a leading axis, a transpose copied it every token
     cfg = tiny_config(name, scan_layers=False)
     hlo = compiled_generate(cfg, models.get(name).init(jax.random.key(0), cfg))
     assert "/stack" in hlo  # the scope the stacking runs under
