@@ -36,7 +36,11 @@ ARCHITECTURES: dict[type, Architecture] = {
         _decoder.decode,
     ),
     BigramConfig: Architecture(
-        _bigram.init, _bigram.apply, _bigram.init_cache, lambda params, cfg: params, _bigram.decode
+        _bigram.init,
+        _bigram.apply,
+        _bigram.init_cache,
+        _bigram.prepare_decoding,
+        _bigram.decode,
     ),
 }
 
