@@ -39,3 +39,23 @@ def spans(trace: list[dict], pids) -> list[dict]:
     """The complete events (``ph == "X"``, with a duration) of the processes ``pids``."""
     wanted = set(pids)
     return [e for e in trace if e.get("ph") == "X" and "dur" in e and e.get("pid") in wanted]
+
+
+def hlo_key(name: str) -> str:
+    """An HLO instruction or kernel name with dots and dashes as underscores (kernels are
+    named after their fusion, ``loop_add_fusion.3`` -> ``loop_add_fusion_3``)."""
+    return re.sub(r"[.\-]", "_", name)
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """``hlo_key`` of each instruction of compiled HLO text, and of the kernel it shares with
+    its look-alikes (its ``deduplicated_name``), -> the ``op_name`` of its metadata (the JAX
+    name stack)."""
+    ops = {}
+    for line in hlo_text.splitlines():
+        found = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', line)
+        if found:
+            shared = re.search(r'deduplicated_name="([^"]+)"', line)
+            for name in (found[1], shared[1] if shared else found[1]):
+                ops.setdefault(hlo_key(name), found[2])
+    return ops

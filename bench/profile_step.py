@@ -77,24 +77,12 @@ def kind_of(name: str) -> str:
     return next((k for k, pattern in KINDS if re.search(pattern, lowered)), "other")
 
 
-def hlo_key(name: str) -> str:
-    """An HLO instruction or kernel name with dots and dashes as underscores (kernels are
-    named after their fusion, ``loop_add_fusion.3`` -> ``loop_add_fusion_3``)."""
-    return re.sub(r"[.\-]", "_", name)
-
-
-def op_names(hlo_text: str) -> dict[str, str]:
-    """``hlo_key(instruction)`` -> the ``op_name`` of its metadata (the JAX name stack)."""
-    pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
-    return {hlo_key(m[1]): m[2] for m in pattern.finditer(hlo_text)}
-
-
 def hlo_of(hlo_text: str, kernel: str) -> str | None:
     """The HLO instruction kernel ``kernel`` runs and, for a fusion, the computation it
     calls (what it reads, computes and writes); None if no instruction has its name."""
     for line in hlo_text.splitlines():
         name = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-        if name and hlo_key(name[1]) == kernel:
+        if name and _trace.hlo_key(name[1]) == kernel:
             called = re.search(r"calls=%?([\w.\-]+)", line)
             body = called and re.search(rf"^%?{re.escape(called[1])} .*?^}}", hlo_text, re.M | re.S)
             return line.strip() + ("\n" + body[0] if body else "")
@@ -140,7 +128,7 @@ def main(argv):
     f = flags.FLAGS
     step, state, batch, mesh = make_step(f)
     hlo_text = step.as_text()
-    ops = op_names(hlo_text)
+    ops = _trace.op_names(hlo_text)
     for _ in range(3):
         state, metrics = step(state, *batch)
     jax.block_until_ready(metrics)
@@ -153,7 +141,7 @@ def main(argv):
     per_name, per_part, per_part_name = (collections.Counter() for _ in range(3))
     per_step = f.steps * mesh.size  # per device: every GPU of the mesh runs the program
     for name, hlo_op, us in kernels:
-        part = part_of(ops.get(hlo_key(hlo_op), ops.get(hlo_key(name))))
+        part = part_of(ops.get(_trace.hlo_key(hlo_op), ops.get(_trace.hlo_key(name))))
         per_name[name] += us / per_step
         per_part[part] += us / per_step
         per_part_name[part, name] += us / per_step

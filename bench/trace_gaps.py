@@ -9,8 +9,11 @@ time a computation ran, the time only collectives ran (communication left expose
 nothing ran (idle). Then lists GPU 0's kernels by summed time, with how many times each was
 launched, and its longest idle gaps, each with the kernels either side and what the host's
 Python thread was doing as the gap began (the profiler's Python tracer), and its collectives
-by the time they ran with no computation beside them. A table last; writes trace_gaps.json
-to --out.
+by the time they ran with no computation beside them. With ``--hlo``, the compiled HLO text
+of the traced program (an XLA dump's ``*after_optimizations.txt``: run with
+``XLA_FLAGS="--xla_dump_to=D --xla_dump_hlo_as_text"``), each kernel is named by the JAX op it
+runs (its ``op_name``) and GPU 0's kernel time is totalled by op as well. A table last; writes
+trace_gaps.json to --out.
 """
 
 import bisect
@@ -26,6 +29,7 @@ flags.DEFINE_string("trace", None, "A folder holding a jax.profiler trace.", req
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
 flags.DEFINE_float("min_us", 50.0, "Shortest idle gap listed (microseconds).")
 flags.DEFINE_integer("top", 15, "Idle gaps listed.")
+flags.DEFINE_string("hlo", None, "Compiled HLO text of the traced program (names kernels' ops).")
 
 
 def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -99,6 +103,24 @@ def kernel_totals(kernels: list[dict]) -> list[dict]:
     return [dict(name=n, launches=launches[n], ms=t / 1e3) for n, t in us.most_common()]
 
 
+def op_totals(kernels: list[dict], ops: dict[str, str]) -> list[dict]:
+    """Launches and summed milliseconds by the JAX op (``op_name``) each kernel runs, most time
+    first; ``ops`` from ``_trace.op_names``."""
+    launches, us = collections.Counter(), collections.Counter()
+    for e in kernels:
+        op = op_of(e, ops)
+        launches[op] += 1
+        us[op] += e["dur"]
+    return [dict(op=o, launches=launches[o], ms=t / 1e3) for o, t in us.most_common()]
+
+
+def op_of(event: dict, ops: dict[str, str]) -> str:
+    """The ``op_name`` of the HLO instruction a kernel event ran (its ``hlo_op`` argument, else
+    its name), or ``?``."""
+    hlo_op = event.get("args", {}).get("hlo_op", event["name"])
+    return ops.get(_trace.hlo_key(hlo_op), ops.get(_trace.hlo_key(event["name"]), "?"))
+
+
 def collective(event: dict) -> bool:
     return bool(_trace.COLLECTIVE.search(event["name"].lower()))
 
@@ -143,6 +165,12 @@ def main(argv):
     ]
     exposed = exposed_collectives(first).most_common(f.top)
     totals = kernel_totals(first)
+    ops = _trace.op_names(pathlib.Path(f.hlo).read_text()) if f.hlo else {}
+    if ops:
+        example = {e["name"]: e for e in first}
+        for k in totals:
+            k["op"] = op_of(example[k["name"]], ops)
+    by_op = op_totals(first, ops)[: f.top] if ops else []
     _report.save(
         f.out,
         "trace_gaps",
@@ -150,12 +178,18 @@ def main(argv):
         gpus=times,
         launches=len(first),
         kernels=totals[: f.top],
+        ops=by_op,
         gaps=listed,
         exposed_collectives_us=dict(exposed),
     )
     print(f"GPU 0's kernels by summed time ({len(first)} launches in all):")
     for k in totals[: f.top]:
-        print(f"  {k['ms']:8.3f} ms  {k['launches']:>7} x  {k['name'][:90]}")
+        op = k.get("op", "")[:90]
+        print(f"  {k['ms']:8.3f} ms  {k['launches']:>7} x  {k['name'][:60]}  {op}")
+    if by_op:
+        print("GPU 0's kernel time by the JAX op its kernels ran (op_name):")
+        for o in by_op:
+            print(f"  {o['ms']:8.3f} ms  {o['launches']:>7} x  {o['op'][:110]}")
     if exposed:
         print("GPU 0's collectives by time no computation ran beside them (whole trace):")
         for name, us in exposed:
