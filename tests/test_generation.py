@@ -33,6 +33,8 @@ def generation_cases():
     cases = [(name, {}) for name in models.names()]
     # top-k MoE whose capacity can never drop a choice is cacheable; check that path too
     cases.append(("tiny_moe_2", dict(load_factor=4.0)))
+    # the presets unroll their layers; decoding scanned ones keeps them stacked
+    cases.append(("gqa_glu_rope_gpt", dict(scan_layers=True)))
     return cases
 
 
