@@ -9,7 +9,7 @@
 # configs/gpt.py ships) with fsdp=4 at 8 x 1024 per GPU. tokens/s and MFU are the medians of the logged steps past 15.
 set -u
 OUT=${OUT:-bench/results/scaling}; mkdir -p "$OUT"
-PER_GPU=${PER_GPU:-16}; STEPS=${STEPS:-30}
+PER_GPU=${PER_GPU:-16}; STEPS=${STEPS:-45}  # logged every 5 steps: six past step 15 for the medians
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 data=/tmp/scaling_data  # .npy shards (read without a manifest): no `datasets` needed
 if [ ! -f $data/scaling_train_1.npy ]; then python3 - $data <<'PY'
