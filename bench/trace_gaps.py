@@ -20,6 +20,7 @@ import bisect
 import collections
 import itertools
 import pathlib
+from collections.abc import Callable
 
 import _report  # bench/_report.py, beside this script
 import _trace
@@ -94,24 +95,14 @@ def gpu_times(kernels: list[dict]) -> dict:
     )
 
 
-def kernel_totals(kernels: list[dict]) -> list[dict]:
-    """Each kernel name's launches and summed milliseconds, most time first."""
+def totals_by(kernels: list[dict], key: Callable[[dict], str], field: str) -> list[dict]:
+    """Launches and summed milliseconds of the kernel events grouped by ``key(event)`` (kept
+    as ``field``), most time first."""
     launches, us = collections.Counter(), collections.Counter()
     for e in kernels:
-        launches[e["name"]] += 1
-        us[e["name"]] += e["dur"]
-    return [dict(name=n, launches=launches[n], ms=t / 1e3) for n, t in us.most_common()]
-
-
-def op_totals(kernels: list[dict], ops: dict[str, str]) -> list[dict]:
-    """Launches and summed milliseconds by the JAX op (``op_name``) each kernel runs, most time
-    first; ``ops`` from ``_trace.op_names``."""
-    launches, us = collections.Counter(), collections.Counter()
-    for e in kernels:
-        op = op_of(e, ops)
-        launches[op] += 1
-        us[op] += e["dur"]
-    return [dict(op=o, launches=launches[o], ms=t / 1e3) for o, t in us.most_common()]
+        launches[key(e)] += 1
+        us[key(e)] += e["dur"]
+    return [{field: k, "launches": launches[k], "ms": t / 1e3} for k, t in us.most_common()]
 
 
 def op_of(event: dict, ops: dict[str, str]) -> str:
@@ -164,13 +155,13 @@ def main(argv):
         for start, length, before, after in gaps[: f.top]
     ]
     exposed = exposed_collectives(first).most_common(f.top)
-    totals = kernel_totals(first)
+    totals = totals_by(first, lambda e: e["name"], "name")
     ops = _trace.op_names(pathlib.Path(f.hlo).read_text()) if f.hlo else {}
     if ops:
         example = {e["name"]: e for e in first}
         for k in totals:
             k["op"] = op_of(example[k["name"]], ops)
-    by_op = op_totals(first, ops)[: f.top] if ops else []
+    by_op = totals_by(first, lambda e: op_of(e, ops), "op")[: f.top] if ops else []
     _report.save(
         f.out,
         "trace_gaps",
