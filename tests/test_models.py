@@ -115,6 +115,35 @@ def unrolled_by_hand(params, tokens, cfg):
     return nn.unembed(params.wte, x)
 
 
+def primitive_count(jaxpr, name: str) -> int:
+    """How many ``name`` equations ``jaxpr`` and the jaxprs nested in it hold."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                count += primitive_count(inner, name)
+    return count
+
+
+def test_read_out_weight_gradient_passes_a_barrier_with_the_layers_below():
+    """The read-out table's gradient and the activation gradient the layers below take meet
+    at one optimization barrier (``nn.weight_gradients_first``); the gradients equal those of
+    the plain loop, which has none."""
+    cfg = tiny_config("gpt", n_layer=3)
+    params = models.get("gpt").init(jax.random.key(7), cfg)
+    tokens = random_tokens(8)
+
+    def grad(apply):
+        return jax.grad(lambda p: jnp.mean(apply(p) ** 2))
+
+    model_grad = grad(lambda p: models.get("gpt").apply(p, tokens, cfg)[0])
+    want = grad(lambda p: unrolled_by_hand(p, tokens, cfg))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), model_grad(params), want)
+    assert primitive_count(jax.make_jaxpr(model_grad)(params).jaxpr, "optimization_barrier") == 1
+
+
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 def test_remat_changes_nothing_but_memory(policy):
     cfg = tiny_config("glu_rope_gpt")

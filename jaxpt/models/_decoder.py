@@ -219,6 +219,7 @@ def _read_out(params: Decoder, x: Array, cfg: ModelConfig) -> Array:
     if cfg.lm_head_bias:
         return nn.read_out(params.lm_head, x, dtype)
     table = params.wte if params.lm_head is None else params.lm_head
+    table, x = nn.weight_gradients_first(table, x)
     return nn.unembed(table, x, dtype)
 
 

@@ -41,6 +41,7 @@ from jaxpt.nn._linear import init_read_out as init_read_out
 from jaxpt.nn._linear import linear as linear
 from jaxpt.nn._linear import read_out as read_out
 from jaxpt.nn._linear import unembed as unembed
+from jaxpt.nn._linear import weight_gradients_first as weight_gradients_first
 from jaxpt.nn._loss import cross_entropy as cross_entropy
 from jaxpt.nn._loss import token_nll as token_nll
 from jaxpt.nn._mlp import ACTIVATIONS as ACTIVATIONS
