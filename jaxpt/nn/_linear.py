@@ -140,8 +140,8 @@ def weight_gradients_first(params, x: Array):
     activation gradients, so under data parallelism the table's float32 ``(V, D)`` all-reduce
     (154 MB for GPT-2) ran in the step's last milliseconds; with the barrier it overlaps the
     layers' backward (``data=4`` on 4 x H200: 1,901,000 to 1,908,000 tokens/s against
-    1,872,000 to 1,906,000). The same barrier at every layer was slower (1,850,000): each
-    layer's all-reduce then ran alone while the GPU waited for it.
+    1,872,000 to 1,906,000). The same barrier at every layer was slower (1,781,000 to
+    1,848,000): each layer's all-reduce then ran alone while the GPU waited for it.
     """
     return params, x
 
