@@ -213,17 +213,17 @@ def test_unembed_backward_runs_in_the_compute_dtype():
     )
 
 
-def reduce_sum_dtypes(jaxpr) -> list:
-    """The input dtype of every ``reduce_sum`` in ``jaxpr`` and the jaxprs nested in it."""
-    dtypes = []
+def equations(jaxpr, primitive: str) -> list:
+    """The ``primitive`` equations of ``jaxpr`` and of the jaxprs nested in it."""
+    found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "reduce_sum":
-            dtypes.append(eqn.invars[0].aval.dtype)
+        if eqn.primitive.name == primitive:
+            found.append(eqn)
         for param in eqn.params.values():
             inner = getattr(param, "jaxpr", param)
             if hasattr(inner, "eqns"):
-                dtypes += reduce_sum_dtypes(inner)
-    return dtypes
+                found += equations(inner, primitive)
+    return found
 
 
 @pytest.mark.parametrize("layer", ["linear", "read_out"])
@@ -237,7 +237,9 @@ def test_bias_gradients_accumulate_in_float32(layer):
     apply = nn.linear if layer == "linear" else functools.partial(nn.read_out, dtype=jnp.bfloat16)
     x = jnp.ones((64, 8), jnp.bfloat16)
     grad = jax.grad(lambda p: apply(p, x).astype(jnp.float32).sum())
-    dtypes = reduce_sum_dtypes(jax.make_jaxpr(grad)(p).jaxpr)
+    dtypes = [
+        e.invars[0].aval.dtype for e in equations(jax.make_jaxpr(grad)(p).jaxpr, "reduce_sum")
+    ]
     assert dtypes and all(d == jnp.float32 for d in dtypes), dtypes
     np.testing.assert_array_equal(grad(p).bias, np.full(4, 64.0))
 
