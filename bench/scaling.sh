@@ -6,10 +6,11 @@
 #   EXTRA="--config.mesh.shard_optimizer=true" ...    # flags added to every run
 # configs/gpt.py as shipped, PER_GPU x 1024 tokens per GPU, STEPS steps on a 4.5M-token corpus
 # tokenized from text every Python ships; then GPT-2 1.5B (48 x 1600, 25 heads, unrolled as
-# configs/gpt.py ships) with fsdp=4 at 8 x 1024 per GPU. tokens/s and MFU are the medians of the logged steps past 15.
+# configs/gpt.py ships) with fsdp=4 at 8 x 1024 per GPU. tokens/s and MFU are the medians of the logged steps
+# past FROM_STEP: an H200 reaches its power limit about 0.9 s into a run and runs slower from then on.
 set -u
 OUT=${OUT:-bench/results/scaling}; mkdir -p "$OUT"
-PER_GPU=${PER_GPU:-16}; STEPS=${STEPS:-45}  # logged every 5 steps: six past step 15 for the medians
+PER_GPU=${PER_GPU:-16}; STEPS=${STEPS:-150}; FROM_STEP=${FROM_STEP:-75}  # logged every 5: 15 for the medians
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 data=/tmp/scaling_data  # .npy shards (read without a manifest): no `datasets` needed
 if [ ! -f $data/scaling_train_1.npy ]; then python3 - $data <<'PY'
@@ -41,4 +42,4 @@ run xl_fsdp4 4 8 fsdp=4 --config.model.n_layer=48 --config.model.n_embed=1600 \
 run data2 2 $PER_GPU data=2
 run fsdp2 2 $PER_GPU fsdp=2
 run data2_fsdp2 4 $PER_GPU data=2,fsdp=2
-python3 bench/scaling_summary.py --runs="$OUT" --out="$OUT"
+python3 bench/scaling_summary.py --runs="$OUT" --out="$OUT" --from_step=$FROM_STEP

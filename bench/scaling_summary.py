@@ -4,7 +4,8 @@
 
 Each run is a workdir ``--runs/NAME`` (its metrics.jsonl) with its log ``NAME.log`` (the mesh
 and parameter count launch.py prints). tokens/s and MFU are the medians of the steps logged
-after step 15 (compilation and warm-up excluded). Writes scaling.json (a ``runs`` list: device,
+after ``--from_step`` (compilation, warm-up and the GPUs' climb to their power limit excluded;
+the step is written beside the runs). Writes scaling.json (a ``runs`` list: device,
 date, gpus, mesh, n_params, tokens_per_s, mfu) and prints the README's table last: each mesh's
 tokens/s per GPU against one GPU and against data parallelism on as many GPUs.
 """
@@ -21,6 +22,7 @@ from absl import app, flags
 
 flags.DEFINE_string("runs", None, "Directory of bench/scaling.sh's runs.", required=True)
 flags.DEFINE_string("out", "bench/results", "Directory for scaling.json.")
+flags.DEFINE_integer("from_step", 75, "Medians of the steps logged after this one.")
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -33,13 +35,14 @@ def mesh_of(log: str) -> dict[str, int]:
     return mesh
 
 
-def summarise(workdir: pathlib.Path, device: str, date: str) -> dict | None:
-    """One run's record, or None where it logged no timed steps (it failed: see its log)."""
+def summarise(workdir: pathlib.Path, device: str, date: str, from_step: int) -> dict | None:
+    """One run's record, or None where it logged no steps past ``from_step`` (it failed or
+    was too short: see its log)."""
     log = workdir.with_suffix(".log").read_text()
     metrics = workdir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     rows = [json.loads(line) for line in lines]
-    late = [r for r in rows if "tokens_per_s" in r and r["step"] > 15]
+    late = [r for r in rows if "tokens_per_s" in r and r["step"] > from_step]
     if not late:
         return None
     mesh = mesh_of(log)
@@ -87,13 +90,18 @@ def main(argv):
     f = flags.FLAGS
     device, date = jax.devices()[0].device_kind, datetime.date.today().isoformat()
     workdirs = sorted(p.with_suffix("") for p in pathlib.Path(f.runs).glob("*.log"))
-    records = [summarise(w, device, date) for w in workdirs]
+    records = [summarise(w, device, date, f.from_step) for w in workdirs]
     failed = [w.name for w, r in zip(workdirs, records, strict=True) if r is None]
     runs = [r for r in records if r is not None]
     out = pathlib.Path(f.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scaling.json").write_text(json.dumps(dict(runs=runs, failed=failed), indent=1) + "\n")
-    print(table(runs) + (f"\nfailed (see their logs): {failed}" if failed else ""))
+    (out / "scaling.json").write_text(
+        json.dumps(dict(runs=runs, failed=failed, medians_after_step=f.from_step), indent=1) + "\n"
+    )
+    print(
+        table(runs)
+        + (f"\nno steps logged past {f.from_step} (see their logs): {failed}" if failed else "")
+    )
 
 
 if __name__ == "__main__":
