@@ -25,16 +25,23 @@ np.save(out / "scaling_val_0.npy", ids[:200_000]); np.save(out / "scaling_train_
 PY
 fi
 common="--config=configs/gpt.py --config.data.dataset=$data --config.train.steps=$STEPS --config.eval.every_steps=1000 --config.eval.batches=2 --config.checkpoint.every_steps=1000 --config.log.every_steps=5"
-# run NAME GPUS PER_GPU MESH [flags...]: MESH like data=2,fsdp=2 (the other axes 1)
+# run NAME GPUS PER_GPU MESH [flags...]: MESH like data=2,fsdp=2 (the other axes 1), on the host's
+# first GPUS GPUs or on DEVICES. RUNS="one" picks one_gpu1... too.
 run() { name=$1; gpus=$2; per=$3; mesh=$4; shift 4
-  [[ -z ${RUNS:-} || " $RUNS " == *" $name "* ]] || return 0
+  [[ -z ${RUNS:-} || " $RUNS " == *" ${name%_gpu*} "* ]] || return 0
   flags="--config.mesh.data=1"
   for kv in ${mesh//,/ }; do flags="$flags --config.mesh.${kv%%=*}=${kv#*=}"; done
   s=$(date +%s); echo "flags: $flags $* ${EXTRA:-}" >"$OUT/$name.log"
-  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) timeout 300 python3 launch.py $common \
+  CUDA_VISIBLE_DEVICES=${DEVICES:-$(seq -s, 0 $((gpus - 1)))} timeout 300 python3 launch.py $common \
     --workdir="$OUT/$name" --config.train.batch_size=$((per * gpus)) $flags "$@" ${EXTRA:-} >>"$OUT/$name.log" 2>&1
   echo "$name: $gpus GPU, $mesh, rc=$?, $(( $(date +%s) - s )) s"; rm -rf "$OUT/$name/checkpoints"; }
-run one 1 $PER_GPU data=1  # most telling first: a call cut short keeps those
+# One GPU alone on each GPU at once ("one" on the first, one_gpu<i> on the others), as the other runs
+# load them all: linear is N x their mean (at the power limit one host's GPUs differ by a few %).
+ids=${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)}
+for i in ${ids//,/ }; do
+  name=one_gpu$i; [ "$i" = "${ids%%,*}" ] && name=one
+  DEVICES=$i run $name 1 $PER_GPU data=1 &  # most telling first: a call cut short keeps those
+done; wait
 run data4 4 $PER_GPU data=4
 run fsdp4 4 $PER_GPU fsdp=4
 run xl_fsdp4 4 8 fsdp=4 --config.model.n_layer=48 --config.model.n_embed=1600 \

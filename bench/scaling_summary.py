@@ -6,8 +6,9 @@ Each run is a workdir ``--runs/NAME`` (its metrics.jsonl) with its log ``NAME.lo
 and parameter count launch.py prints). tokens/s and MFU are the medians of the steps logged
 after ``--from_step`` (compilation, warm-up and the GPUs' climb to their power limit excluded;
 the step is written beside the runs). Writes scaling.json (a ``runs`` list: device,
-date, gpus, mesh, n_params, tokens_per_s, mfu) and prints the README's table last: each mesh's
-tokens/s per GPU against one GPU and against data parallelism on as many GPUs.
+date, gpus, mesh, n_params, tokens_per_s, mfu; ``one_gpu_mean``: per model, the mean of its
+one-GPU runs, one on each GPU of the host) and prints the README's table last: each mesh's
+tokens/s against N x that mean and against data parallelism on as many GPUs.
 """
 
 import datetime
@@ -59,14 +60,20 @@ def summarise(workdir: pathlib.Path, device: str, date: str, from_step: int) -> 
     )
 
 
+def data_parallel(runs: list[dict]) -> dict[tuple[int, int], float]:
+    """``(n_params, gpus)`` -> the mean tokens/s of that model's ``data=gpus`` runs: for one GPU,
+    of its runs alone on each GPU of the host."""
+    groups = {}
+    for r in runs:
+        if r["mesh"]["data"] == r["gpus"]:
+            groups.setdefault((r["n_params"], r["gpus"]), []).append(r["tokens_per_s"])
+    return {key: statistics.mean(values) for key, values in groups.items()}
+
+
 def table(runs: list[dict]) -> str:
     """Markdown: tokens/s, per GPU, vs one GPU x N and vs data=N (same model and GPUs)."""
-    one = {r["n_params"]: r["tokens_per_s"] for r in runs if r["gpus"] == 1}
-    data = {
-        (r["n_params"], r["gpus"]): r["tokens_per_s"]
-        for r in runs
-        if r["mesh"]["data"] == r["gpus"]
-    }
+    data = data_parallel(runs)
+    one = {n_params: tokens for (n_params, gpus), tokens in data.items() if gpus == 1}
     lines = [
         "| run | GPUs | mesh | params | tokens/s | MFU | vs N x 1 GPU | vs data=N |",
         "|---|---|---|---|---|---|---|---|",
@@ -96,7 +103,16 @@ def main(argv):
     out = pathlib.Path(f.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(
-        json.dumps(dict(runs=runs, failed=failed, medians_after_step=f.from_step), indent=1) + "\n"
+        json.dumps(
+            dict(
+                runs=runs,
+                failed=failed,
+                medians_after_step=f.from_step,
+                one_gpu_mean={n: t for (n, gpus), t in data_parallel(runs).items() if gpus == 1},
+            ),
+            indent=1,
+        )
+        + "\n"
     )
     print(
         table(runs)
