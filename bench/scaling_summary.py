@@ -70,10 +70,15 @@ def data_parallel(runs: list[dict]) -> dict[tuple[int, int], float]:
     return {key: statistics.mean(values) for key, values in groups.items()}
 
 
+def one_gpu(data: dict[tuple[int, int], float]) -> dict[int, float]:
+    """``n_params`` -> one GPU's tokens/s (its mean over the host's GPUs) from ``data_parallel``."""
+    return {n_params: tokens for (n_params, gpus), tokens in data.items() if gpus == 1}
+
+
 def table(runs: list[dict]) -> str:
     """Markdown: tokens/s, per GPU, vs one GPU x N and vs data=N (same model and GPUs)."""
     data = data_parallel(runs)
-    one = {n_params: tokens for (n_params, gpus), tokens in data.items() if gpus == 1}
+    one = one_gpu(data)
     lines = [
         "| run | GPUs | mesh | params | tokens/s | MFU | vs N x 1 GPU | vs data=N |",
         "|---|---|---|---|---|---|---|---|",
@@ -108,7 +113,7 @@ def main(argv):
                 runs=runs,
                 failed=failed,
                 medians_after_step=f.from_step,
-                one_gpu_mean={n: t for (n, gpus), t in data_parallel(runs).items() if gpus == 1},
+                one_gpu_mean=one_gpu(data_parallel(runs)),
             ),
             indent=1,
         )
