@@ -75,9 +75,9 @@ def one_gpu(data: dict[tuple[int, int], float]) -> dict[int, float]:
     return {n_params: tokens for (n_params, gpus), tokens in data.items() if gpus == 1}
 
 
-def table(runs: list[dict]) -> str:
-    """Markdown: tokens/s, per GPU, vs one GPU x N and vs data=N (same model and GPUs)."""
-    data = data_parallel(runs)
+def table(runs: list[dict], data: dict[tuple[int, int], float]) -> str:
+    """Markdown: tokens/s, per GPU, vs one GPU x N and vs data=N (same model and GPUs);
+    ``data`` is ``data_parallel(runs)``."""
     one = one_gpu(data)
     lines = [
         "| run | GPUs | mesh | params | tokens/s | MFU | vs N x 1 GPU | vs data=N |",
@@ -105,6 +105,7 @@ def main(argv):
     records = [summarise(w, device, date, f.from_step) for w in workdirs]
     failed = [w.name for w, r in zip(workdirs, records, strict=True) if r is None]
     runs = [r for r in records if r is not None]
+    data = data_parallel(runs)
     out = pathlib.Path(f.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(
@@ -113,14 +114,14 @@ def main(argv):
                 runs=runs,
                 failed=failed,
                 medians_after_step=f.from_step,
-                one_gpu_mean=one_gpu(data_parallel(runs)),
+                one_gpu_mean=one_gpu(data),
             ),
             indent=1,
         )
         + "\n"
     )
     print(
-        table(runs)
+        table(runs, data)
         + (f"\nno steps logged past {f.from_step} (see their logs): {failed}" if failed else "")
     )
 

@@ -100,8 +100,9 @@ def totals_by(kernels: list[dict], key: Callable[[dict], str], field: str) -> li
     as ``field``), most time first."""
     launches, us = collections.Counter(), collections.Counter()
     for e in kernels:
-        launches[key(e)] += 1
-        us[key(e)] += e["dur"]
+        k = key(e)
+        launches[k] += 1
+        us[k] += e["dur"]
     return [{field: k, "launches": launches[k], "ms": t / 1e3} for k, t in us.most_common()]
 
 
