@@ -213,6 +213,25 @@ def test_unembed_backward_runs_in_the_compute_dtype():
     )
 
 
+def test_embedding_gradient_sums_rows_in_float32_and_leaves_in_the_compute_dtype():
+    rng = np.random.default_rng(5)
+    table = nn.Embedding(jnp.asarray(rng.normal(size=(13, 8)), jnp.float32), ("vocab", "embed"))
+    ids = rng.integers(0, 13, (4, 6))  # 24 rows of 13: repeats
+    g = rng.normal(size=(4, 6, 8))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        cotangent = jnp.asarray(g, dtype)
+        want = np.zeros((13, 8))
+        np.add.at(want, ids, np.asarray(cotangent, np.float64))
+        _, pullback = jax.vjp(lambda t, dtype=dtype: nn.embed(t, jnp.asarray(ids), dtype), table)
+        grad = np.asarray(pullback(cotangent)[0].weight)
+        assert grad.dtype == np.float32
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(grad, want, rtol=1e-6)
+        else:  # the float32 sums rounded once to bfloat16
+            np.testing.assert_array_equal(grad, np.asarray(jnp.asarray(grad, dtype), np.float32))
+            np.testing.assert_allclose(grad, want, rtol=2**-7, atol=1e-6)
+
+
 def equations(jaxpr, primitive: str) -> list:
     """The ``primitive`` equations of ``jaxpr`` and of the jaxprs nested in it."""
     found = []

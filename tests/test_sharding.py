@@ -7,6 +7,7 @@ import functools
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -197,6 +198,43 @@ def test_expert_parallel_moe_moves_tokens_by_all_to_all_and_equals_one_device(ca
         jax.device_get(state.params),
         jax.device_get(single[-1].params),
     )
+
+
+def test_data_parallel_reduces_a_tied_tables_gradients_in_the_compute_dtype(tmp_path):
+    """Under data=4 both ``(V, D)`` gradients of a tied table, the read-out's and the
+    lookup's, cross the devices in bfloat16 (as every layer's weight gradient does): half the
+    bytes of float32. Their sum equals the one-device gradient within bfloat16 rounding of
+    the largest sums."""
+    config = small_config(DENSE, data=4)
+    device_mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
+    rules = config.mesh.rules
+    rng = np.random.default_rng(0)
+    vocab, width = 64, 16
+    table = nn.Embedding(
+        jnp.asarray(rng.normal(size=(vocab, width)), jnp.float32), ("vocab", "embed")
+    )
+    ids = rng.integers(0, vocab, (8, 4))
+    weights = rng.normal(size=(8, 4, vocab))
+
+    def loss(table, ids, weights):
+        hidden = nn.embed(table, ids, jnp.bfloat16)
+        return (nn.unembed(table, hidden) * weights).sum()
+
+    one_device = jax.jit(jax.grad(loss))(table, ids, weights)
+    options = {"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"}
+    grad = jax.jit(jax.grad(loss), compiler_options=options)
+    batch = sharding.batch_sharding(device_mesh, rules)
+    with sharding.activation_sharding(device_mesh, rules):
+        sharded = grad(
+            table,
+            jax.device_put(ids, batch),
+            jax.device_put(weights, sharding.batch_sharding(device_mesh, rules, 3)),
+        )
+    (partitioned,) = tmp_path.glob("*after_spmd-partitioning*")
+    reduced = re.findall(r"= (\w+)\[(\d+),(\d+)\]\S* all-reduce\(", partitioned.read_text())
+    assert reduced == [("bf16", str(vocab), str(width))] * 2, reduced
+    scale = np.abs(one_device.weight).max()  # each device's sums are rounded at about it
+    np.testing.assert_allclose(sharded.weight, one_device.weight, atol=2**-7 * scale)
 
 
 def test_ragged_experts_split_over_the_mesh_are_one_sentence():

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from jaxpt.nn._axes import HasAxes
+from jaxpt.nn._axes import HasAxes, activation_sharding_of, constrain
 
 
 def normal_or_zeros(key: Array, shape: tuple[int, ...], std: float, dtype) -> Array:
@@ -109,8 +109,45 @@ def init_read_out(key: Array, rows: int, d: int, *, axes, std: float, dtype) -> 
 
 @jax.named_scope("embed")
 def embed(p: Embedding, ids: Array, dtype) -> Array:
-    """Rows ``ids`` of the table in ``dtype``. ``ids``: ``(...)`` int -> ``(..., D)``."""
-    return jnp.take(p.weight, ids, axis=0).astype(dtype)
+    """Rows ``ids`` of the table in ``dtype``. ``ids``: ``(B, ...)`` int -> ``(B, ..., D)``.
+
+    The table's gradient leaves in ``dtype``, as a matmul's weight gradient does: each device
+    of a sharded step adds up its own sequences' row gradients in float32 and rounds that sum
+    to ``dtype``, and only then are the devices' sums added, so data parallelism reduces the
+    ``(V, D)`` gradient in ``dtype``'s bytes (half of float32's in bfloat16).
+    """
+    return _rows(p.weight, ids, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rows(table: Array, ids: Array, dtype) -> Array:
+    return jnp.take(table, ids, axis=0).astype(dtype)
+
+
+def _rows_fwd(table: Array, ids: Array, dtype):
+    return _rows(table, ids, dtype), (table, ids)
+
+
+def _rows_bwd(dtype, residuals, grad: Array):
+    table, ids = residuals
+    shards = _batch_shards(ids)
+    ids = constrain(ids.reshape(shards, -1), ("batch", None))  # (S, N / S)
+    grad = constrain(grad.reshape(shards, -1, grad.shape[-1]), ("batch", None, None))
+    sums = constrain(jnp.zeros((shards, *table.shape), jnp.float32), ("batch", None, None))
+    sums = jax.vmap(lambda s, i, g: s.at[i].add(g.astype(jnp.float32)))(sums, ids, grad)
+    sums = constrain(sums, ("batch", None, None)).astype(dtype)  # (S, V, D)
+    total = jax.lax.reduce(sums, jnp.zeros((), dtype), jax.lax.add, (0,))  # added in dtype
+    return total.astype(table.dtype), None
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+def _batch_shards(ids: Array) -> int:
+    """How many pieces the sharded step being traced splits ``ids``' leading (batch) axis
+    into; 1 when none is."""
+    sharding = activation_sharding_of(ids.shape, ("batch",) + (None,) * (ids.ndim - 1))
+    return 1 if sharding is None else ids.shape[0] // sharding.shard_shape(ids.shape)[0]
 
 
 @jax.named_scope("unembed")
@@ -170,7 +207,7 @@ def _logits_bwd(dtype, residuals, grad: Array):
     x, weight = residuals
     grad = grad.astype(x.dtype)  # (..., V)
     dx = jnp.einsum("...v,vd->...d", grad, weight)
-    dw = jnp.einsum("...v,...d->vd", grad, x, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("...v,...d->vd", grad, x)  # accumulated in float32, returned in x's dtype
     return dx, dw.astype(weight.dtype)
 
 
