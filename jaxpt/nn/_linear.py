@@ -157,7 +157,9 @@ def unembed(p: Embedding | ReadOut, x: Array, dtype=jnp.float32) -> Array:
     ``x``: ``(..., D)`` in the compute dtype -> ``(..., V)`` in ``dtype`` (float32 by default;
     bfloat16 halves the bytes of the largest activation, as autocast does). The backward
     matmuls run in the compute dtype (the logits' cotangent is cast to it first), as under
-    mixed-precision autocast: in bfloat16 they are the largest matmuls of a GPT-2 step.
+    mixed-precision autocast: in bfloat16 they are the largest matmuls of a GPT-2 step. The
+    table's gradient leaves its matmul in the compute dtype too (accumulated in float32), as
+    every layer's weight gradient does, so a sharded step reduces it in those bytes.
     """
     return _logits(x, p.weight.astype(x.dtype), jnp.dtype(dtype))
 
@@ -174,8 +176,8 @@ def weight_gradients_first(params, x: Array):
 
     Before the read-out: its table's gradient is then computed before the layers below run
     their backward. Left free, XLA:GPU computes every weight gradient after all the
-    activation gradients, so under data parallelism the table's float32 ``(V, D)`` all-reduce
-    (154 MB for GPT-2) ran in the step's last milliseconds; with the barrier it overlaps the
+    activation gradients, so under data parallelism the table's ``(V, D)`` all-reduce (154 MB
+    for GPT-2, float32 then) ran in the step's last milliseconds; with the barrier it overlaps the
     layers' backward (``data=4`` on 4 x H200: 1,901,000 to 1,908,000 tokens/s against
     1,872,000 to 1,906,000). The same barrier at every layer was slower (1,781,000 to
     1,848,000): each layer's all-reduce then ran alone while the GPU waited for it.
