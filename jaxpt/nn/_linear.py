@@ -129,10 +129,13 @@ def _rows_fwd(table: Array, ids: Array, dtype):
 
 
 def _rows_bwd(dtype, residuals, grad: Array):
+    """``grad``: ``(B, ..., D)`` -> the table's ``(V, D)``: S per-shard float32 sums ``(S, V,
+    D)``, one on each of the S devices that split the batch, rounded, then added in ``dtype``."""
     table, ids = residuals
     shards = _batch_shards(ids)
     ids = constrain(ids.reshape(shards, -1), ("batch", None))  # (S, N / S)
     grad = constrain(grad.reshape(shards, -1, grad.shape[-1]), ("batch", None, None))
+    # pinned before and after the scatter: each device fills its own (V, D), nothing moves
     sums = constrain(jnp.zeros((shards, *table.shape), jnp.float32), ("batch", None, None))
     sums = jax.vmap(lambda s, i, g: s.at[i].add(g.astype(jnp.float32)))(sums, ids, grad)
     sums = constrain(sums, ("batch", None, None)).astype(dtype)  # (S, V, D)
@@ -177,8 +180,8 @@ def weight_gradients_first(params, x: Array):
     Before the read-out: its table's gradient is then computed before the layers below run
     their backward. Left free, XLA:GPU computes every weight gradient after all the
     activation gradients, so under data parallelism the table's ``(V, D)`` all-reduce (154 MB
-    for GPT-2, float32 then) ran in the step's last milliseconds; with the barrier it overlaps the
-    layers' backward (``data=4`` on 4 x H200: 1,901,000 to 1,908,000 tokens/s against
+    for GPT-2, float32 then) ran in the step's last milliseconds; with the barrier it overlaps
+    the layers' backward (``data=4`` on 4 x H200: 1,901,000 to 1,908,000 tokens/s against
     1,872,000 to 1,906,000). The same barrier at every layer was slower (1,781,000 to
     1,848,000): each layer's all-reduce then ran alone while the GPU waited for it.
     """
