@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -279,6 +279,70 @@ def _stop_message(record: dict, checkpoints: Checkpoints) -> str:
     )
 
 
+class _Run(NamedTuple):
+    """What a run is made of, each part checked against the config before anything compiles."""
+
+    model_cfg: Any  # the model's config dataclass
+    mesh: jax.sharding.Mesh
+    abstract: TrainState  # shapes and dtypes
+    shardings: TrainState
+    tx: Any  # the optax optimizer
+    batch_sh: jax.sharding.NamedSharding
+    train_data: data.Loader
+    val_data: data.Loader
+    hellaswag: Callable | None  # params -> HellaSwag metrics, with eval.hellaswag_every_steps
+
+
+def _prepare(config) -> _Run:
+    """Validates ``config`` and builds the run's mesh, state shapes, optimizer and loaders:
+    every input error surfaces here, before any compile. Prints the start-of-run summary."""
+    validate_config(config)
+    model_cfg = models.config_from(config.model)
+    batch_size, seq_len = config.train.batch_size, model_cfg.block_size
+    need = data.tokens_needed(config.train.steps, batch_size, seq_len, config.eval.batches)
+    manifest = data.ensure_prepared(config.data, need=need)
+    data.check_vocab(manifest, model_cfg.vocab_size)
+    mesh = sharding.make_mesh(config.mesh)
+    check_batch_fits_mesh(config, mesh)
+    abstract, shardings = abstract_state(config, mesh)
+    tx = optimizer(config.train, abstract.params)
+    print(describe(config, model_cfg), flush=True)
+    report_shardings(config, abstract.params, mesh)
+    batch_sh = sharding.batch_sharding(mesh, config.mesh.rules)
+    rows = data.process_rows(batch_sh, (batch_size, seq_len))
+    train_data = data.Loader(manifest, "train", batch_size, seq_len, rows=rows)
+    val_data = validation_data(config, manifest, batch_sh)
+    hellaswag = None
+    if config.eval.hellaswag_every_steps:  # its items are read here
+        tokenizer = data.tokenizer_for(manifest)
+        hellaswag = functools.partial(evals.hellaswag.for_run(config, mesh), tokenizer=tokenizer)
+    return _Run(model_cfg, mesh, abstract, shardings, tx, batch_sh, train_data, val_data, hellaswag)
+
+
+class _Steps(NamedTuple):
+    """The run's jitted functions (traced at their first call)."""
+
+    train: Callable  # (state, *batch) -> (state, metrics); donates the state
+    eval: Callable  # (params, *batch) -> metrics
+    params_finite: Callable  # params -> bool
+
+
+def _jit_steps(config, run: _Run) -> _Steps:
+    """The train step (explicit shardings, donated state), the eval step and the finite check
+    of params, over ``run``'s mesh."""
+    batch_args = (run.batch_sh,) * (3 if run.train_data.by_rows else 2)  # chat: + loss_mask
+    train_step = jax.jit(
+        make_train_step(config, run.tx),
+        in_shardings=(run.shardings, *batch_args),
+        out_shardings=(run.shardings, sharding.replicated(run.mesh)),
+        donate_argnums=0,
+        compiler_options=STEP_COMPILER_OPTIONS,
+    )
+    eval_step = jax.jit(make_eval_step(config), in_shardings=(run.shardings.params, *batch_args))
+    params_finite = jax.jit(all_finite, in_shardings=(run.shardings.params,))
+    return _Steps(train_step, eval_step, params_finite)
+
+
 def train(
     config, workdir: str | Path, *, init_params: Callable[[], Any] | None = None
 ) -> TrainState:
@@ -289,49 +353,18 @@ def train(
     Raises NonFiniteError when a step is not finite under ``train.on_nonfinite='stop'``, and
     Interrupted after saving when SIGTERM or SIGINT arrives."""
     workdir = Path(workdir)
-    validate_config(config)
-    model_cfg = models.config_from(config.model)
-    batch_size, seq_len = config.train.batch_size, model_cfg.block_size
-    need = data.tokens_needed(config.train.steps, batch_size, seq_len, config.eval.batches)
-    manifest = data.ensure_prepared(config.data, need=need)
-    data.check_vocab(manifest, model_cfg.vocab_size)
-    mesh = sharding.make_mesh(config.mesh)
-    check_batch_fits_mesh(config, mesh)
-    rules = config.mesh.rules
-
-    key = jax.random.key(config.train.seed)
-    abstract, shardings = abstract_state(config, mesh)
-    tx = optimizer(config.train, abstract.params)
-    print(describe(config, model_cfg), flush=True)
-    report_shardings(config, abstract.params, mesh)
-
-    batch_sh = sharding.batch_sharding(mesh, rules)
-    rows = data.process_rows(batch_sh, (batch_size, seq_len))
-    train_data = data.Loader(manifest, "train", batch_size, seq_len, rows=rows)
-    val_data = validation_data(config, manifest, batch_sh)  # checked before anything compiles
-    hellaswag_every, hellaswag = config.eval.hellaswag_every_steps, None
-    if hellaswag_every:  # its items are read here, before anything compiles
-        tokenizer = data.tokenizer_for(manifest)
-        hellaswag = functools.partial(evals.hellaswag.for_run(config, mesh), tokenizer=tokenizer)
-
+    run = _prepare(config)
     workdir.mkdir(parents=True, exist_ok=True)
-    batch_args = (batch_sh,) * (3 if train_data.by_rows else 2)  # chat data: + loss_mask
-    step_fn = jax.jit(
-        make_train_step(config, tx),
-        in_shardings=(shardings, *batch_args),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-        compiler_options=STEP_COMPILER_OPTIONS,
-    )
-    eval_fn = jax.jit(make_eval_step(config), in_shardings=(shardings.params, *batch_args))
-    params_finite = jax.jit(all_finite, in_shardings=(shardings.params,))
+    steps = _jit_steps(config, run)
+    batch_size = config.train.batch_size
     with contextlib.ExitStack() as cleanup:
         checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
         cleanup.callback(checkpoints.close)
-        restored = checkpoints.restore_latest(abstract, shardings, config.model)
+        restored = checkpoints.restore_latest(run.abstract, run.shardings, config.model)
         if restored is None:
-            state = fresh_state(model_cfg, tx, shardings, key, init_params)
-            loader_state = train_data.init_state(config.train.seed)
+            key = jax.random.key(config.train.seed)
+            state = fresh_state(run.model_cfg, run.tx, run.shardings, key, init_params)
+            loader_state = run.train_data.init_state(config.train.seed)
         else:
             _, state, loader_state = restored
             print(f"resumed from checkpoint {restored[0]}", flush=True)
@@ -340,8 +373,8 @@ def train(
             workdir,
             total_steps=config.train.steps,
             first_step=step,
-            tokens_per_step=batch_size * seq_len,
-            flops_per_token=model_cfg.flops_per_token,
+            tokens_per_step=batch_size * run.model_cfg.block_size,
+            flops_per_token=run.model_cfg.flops_per_token,
             print_every=config.log.every_steps,
         )
         cleanup.callback(log.close)
@@ -358,33 +391,37 @@ def train(
             pending.flush()
             if not pending.updated:
                 print(f"step {s}: unchanged since step {pending.saved_step}; not saved", flush=True)
-            elif not params_finite(state.params):
+            elif not steps.params_finite(state.params):
                 pending.refuse_save(s)
             else:
                 checkpoints.save(s, state, loader_state, config)
                 pending.updated, pending.saved_step = False, s
 
-        with sharding.activation_sharding(mesh, rules):  # the steps trace in here
+        def evaluate(s: int) -> None:
+            """After step ``s``: the validation loss every ``eval.every_steps``, HellaSwag
+            every ``eval.hellaswag_every_steps`` (with it on), both after the last step."""
+            last = s == config.train.steps
+            if s % config.eval.every_steps == 0 or last:
+                pending.flush()
+                val = run.val_data, config.eval.batches, run.batch_sh
+                log.eval(s, evals.validation_loss(steps.eval, state.params, *val))
+            if run.hellaswag and (s % config.eval.hellaswag_every_steps == 0 or last):
+                pending.flush()
+                log.task(s, "hellaswag", run.hellaswag(state.params))
+
+        with sharding.activation_sharding(run.mesh, config.mesh.rules):  # the steps trace in here
             while step < config.train.steps and stop.signal is None:
-                batch, loader_state = train_data.next_batch(loader_state)
+                batch, loader_state = run.train_data.next_batch(loader_state)
                 profiler.before(step + 1)
-                state, metrics = step_fn(state, *data.to_global(batch, batch_sh, batch_size))
+                state, metrics = steps.train(
+                    state, *data.to_global(batch, run.batch_sh, batch_size)
+                )
                 step += 1
                 profiler.after(step, metrics)
                 pending.add(step, metrics)
                 if step > 1 and (step - 1) % config.log.every_steps == 0:
                     pending.flush(through=step - 1)  # while this step runs
-                if step % config.eval.every_steps == 0 or step == config.train.steps:
-                    pending.flush()
-                    log.eval(
-                        step,
-                        evals.validation_loss(
-                            eval_fn, state.params, val_data, config.eval.batches, batch_sh
-                        ),
-                    )
-                if hellaswag and (step % hellaswag_every == 0 or step == config.train.steps):
-                    pending.flush()
-                    log.task(step, "hellaswag", hellaswag(state.params))
+                evaluate(step)
                 if step % config.checkpoint.every_steps == 0:
                     save(step)
             if stop.signal is not None:
