@@ -169,6 +169,12 @@ class ModelConfig(_Fields):
     def __post_init__(self) -> None:
         self._check_types()
         self._check_common()
+        self._check_sizes()
+        self._check_choices()
+        self._check_mixers()
+
+    def _check_sizes(self) -> None:
+        """Counts, rates and the head layout."""
         for field in ("n_layer", "n_head", "n_kv_head", "n_embed", "n_mlp_hidden"):
             require_positive_int(field, getattr(self, field))
         check_range("model.ln_epsilon", self.ln_epsilon, above=0)
@@ -185,16 +191,9 @@ class ModelConfig(_Fields):
             f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}: "
             "each key/value head serves a whole group of query heads.",
         )
-        for kind in self.mixer_pattern:
-            require(
-                kind in MIXERS,
-                f"model.mixer={self.mixer!r} names {kind!r}, not one of {sorted(MIXERS)}.",
-            )
-        require(
-            self.n_layer % len(self.mixer_pattern) == 0,
-            f"model.n_layer={self.n_layer} is not a multiple of the model.mixer pattern "
-            f"{self.mixer!r} ({len(self.mixer_pattern)} layers).",
-        )
+
+    def _check_choices(self) -> None:
+        """The named options, and the combinations and backends they need."""
         require(
             not (self.lm_head_bias and self.tie_embeddings),
             "model.lm_head_bias=True needs an untied read-out: set model.tie_embeddings=False.",
@@ -228,6 +227,19 @@ class ModelConfig(_Fields):
                 f"model.sdpa_implementation='cudnn' needs a 16-bit model.dtype, not "
                 f"{self.dtype!r}.",
             )
+
+    def _check_mixers(self) -> None:
+        """The mixer pattern: known kinds, whole repeats, each kind's fields and rules."""
+        for kind in self.mixer_pattern:
+            require(
+                kind in MIXERS,
+                f"model.mixer={self.mixer!r} names {kind!r}, not one of {sorted(MIXERS)}.",
+            )
+        require(
+            self.n_layer % len(self.mixer_pattern) == 0,
+            f"model.n_layer={self.n_layer} is not a multiple of the model.mixer pattern "
+            f"{self.mixer!r} ({len(self.mixer_pattern)} layers).",
+        )
         for kind in sorted(set(self.mixer_pattern)):
             for field in MIXERS[kind].needs:
                 require(
