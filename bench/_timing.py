@@ -128,9 +128,10 @@ def time_train_step(
     )
 
 
-def compiler_options(pairs: list[str]) -> dict:
-    """``["name=value", ...]`` (XLA debug options, e.g. ``xla_gpu_enable_cublaslt=true``) ->
-    the dict ``jax.jit(compiler_options=...)`` takes, ``true``/``false`` and integers typed."""
+def typed_pairs(pairs: list[str]) -> dict:
+    """``["name=value", ...]`` -> ``{name: value}``, ``true``/``false`` and integers typed: XLA
+    debug options (``xla_gpu_enable_cublaslt=true``, the dict ``jax.jit(compiler_options=...)``
+    takes) or config fields (``n_layer=48``)."""
     return {name: _typed(value) for name, value in (pair.split("=", 1) for pair in pairs)}
 
 

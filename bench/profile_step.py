@@ -113,7 +113,7 @@ def make_step(f):
     config = preset_config(f.preset, None)
     config.model.update(block_size=f.seq, scan_layers=f.scan_layers, remat_policy=f.remat)
     config.train.batch_size = f.batch * _timing.set_mesh(config, f.mesh)
-    _, state, jitted, mesh = _timing.train_step(config, _timing.compiler_options(f.xla))
+    _, state, jitted, mesh = _timing.train_step(config, _timing.typed_pairs(f.xla))
     shape = (config.train.batch_size, f.seq + 1)
     tokens = _timing.token_sampler(f.tokens, config.model.vocab_size)(*shape)
     batch = sharding.batch_sharding(mesh, config.mesh.rules)

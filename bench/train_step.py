@@ -16,7 +16,9 @@ writes train_step.json to --out. ``--preset`` times another registry preset's mo
 way (its full size; the flags above still set the model fields they name);
 ``--moe_matmul`` picks how a top-k MoE preset's experts run (``model.moe_matmul``);
 ``--mesh=fsdp=2`` (any of data, fsdp, tensor, expert) runs the step sharded over that many of
-the host's devices, ``--batches`` sequences per device, MFU against all of them.
+the host's devices, ``--batches`` sequences per device, MFU against all of them; ``--model``
+sets any model field last (GPT-2 1.5B: ``--model=n_layer=48,n_embed=1600,n_head=25,``
+``n_kv_head=25,n_mlp_hidden=6400``).
 """
 
 import _report  # bench/_report.py, beside this script
@@ -43,6 +45,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_list("mesh", [], "Mesh axes, e.g. fsdp=2 (the rest 1; none: one device).")
 flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
+flags.DEFINE_list("model", [], "Model fields, name=value (e.g. n_layer=48), set after the rest.")
 flags.DEFINE_enum("tokens", "random", _timing.TOKEN_SOURCES, "Tokens (_timing.token_sampler).")
 
 
@@ -53,6 +56,7 @@ def run_config(f):
     for field in ("scan_layers", "logits_dtype", "moe_matmul", "kernels"):
         if f[field].value is not None:
             config.model[field] = f[field].value
+    config.model.update(_timing.typed_pairs(f.model))
     return config
 
 
@@ -60,7 +64,7 @@ def time_steps(batch: int, f) -> dict:
     """One row: the preset's step at micro-batch ``batch`` per device of ``--mesh``."""
     config = run_config(f)
     config.train.batch_size = batch * _timing.set_mesh(config, f.mesh)
-    options = _timing.compiler_options(f.xla)
+    options = _timing.typed_pairs(f.xla)
     return _timing.time_train_step(
         config, warmup=f.warmup, steps=f.steps, extra_compiler_options=options, tokens=f.tokens
     )
@@ -83,13 +87,14 @@ def main(argv):
         kernels=model.kernels,
         mesh=f.mesh,
         xla=f.xla,
+        model=f.model,
         tokens=f.tokens,
         rows=rows,
     )
     print(
         f"jaxpt {f.preset} train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
         f"remat={f.remat}, scan_layers={model.scan_layers}, logits={model.logits_dtype}, "
-        f"kernels={model.kernels}, mesh={f.mesh}, xla={f.xla}, tokens={f.tokens}"
+        f"kernels={model.kernels}, mesh={f.mesh}, xla={f.xla}, model={f.model}, tokens={f.tokens}"
     )
     print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
     for r in rows:

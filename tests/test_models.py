@@ -15,7 +15,7 @@ import jaxpt
 from jaxpt import hf, models, nn
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError
-from tests.test_nn import equations
+from tests.test_nn import equations, kept_for_backward
 
 VOCAB = 97
 
@@ -131,6 +131,22 @@ def test_read_out_weight_gradient_passes_a_barrier_with_the_layers_below():
     want = grad(lambda p: unrolled_by_hand(p, tokens, cfg))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), model_grad(params), want)
     assert len(equations(jax.make_jaxpr(model_grad)(params).jaxpr, "optimization_barrier")) == 1
+
+
+@pytest.mark.parametrize("name,kept", [("gpt", 2), ("glu_rope_gpt", 3)])
+def test_scanned_layers_keep_no_activation_intermediates(name, kept):
+    """Under ``scan_layers`` each value a layer keeps for the backward is copied into an
+    ``(L, B, T, F)`` stack: of the feed-forward's hidden values only the up projections and the
+    down projection's input are kept (GELU's tanh form kept four more, SiLU three)."""
+    cfg = tiny_config(name, n_layer=2, scan_layers=True, dtype="float32")
+    params = models.get(name).init(jax.random.key(0), cfg)
+    tokens = random_tokens(1)
+
+    def loss(p):
+        return nn.cross_entropy(models.get(name).apply(p, tokens, cfg)[0], tokens)
+
+    stacked_hidden = f"[{cfg.n_layer},{tokens.shape[0]},{tokens.shape[1]},{cfg.n_mlp_hidden}]"
+    assert sum(stacked_hidden in line for line in kept_for_backward(loss, params)) == kept
 
 
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])

@@ -1,12 +1,17 @@
 """Layers against float64 numpy references (both ways of ``kernels`` for the loss; the
 kernels themselves: test_kernels.py)."""
 
+import contextlib
 import functools
+import io
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from jaxpt import nn
 
@@ -160,6 +165,49 @@ def test_activations_match_definitions():
     np.testing.assert_allclose(nn.ACTIVATIONS["squared_relu"](x), np.maximum(x, 0) ** 2)
     gelu_tanh = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     np.testing.assert_allclose(nn.ACTIVATIONS["gelu_tanh"](x), gelu_tanh, atol=1e-6)
+
+
+FLOAT64_ACTIVATIONS = {
+    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
+    "gelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2))),
+    "relu": lambda x: np.maximum(x, 0),
+    "silu": lambda x: x / (1 + np.exp(-x)),
+    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+    "squared_relu": lambda x: np.maximum(x, 0) ** 2,
+}
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("name", sorted(nn.ACTIVATIONS))
+def test_activation_gradients_match_float64_and_keep_only_the_inputs(name, gated):
+    """``nn.activate``'s gradients against float64 central differences, and its backward keeps
+    nothing but its inputs (the activation's intermediates are recomputed)."""
+    assert set(FLOAT64_ACTIVATIONS) == set(nn.ACTIVATIONS)
+    rng = np.random.default_rng(0)
+    x = np.linspace(-3.05, 3.05, 24).reshape(2, 3, 4)  # 0, the kink of relu, is not a point
+    up = rng.normal(size=x.shape) if gated else None
+    w = rng.normal(size=x.shape)  # d loss / d output
+
+    def loss(x, up):
+        return jnp.sum(nn.activate(name, x, up) * w)
+
+    args = [None if a is None else jnp.asarray(a, jnp.float32) for a in (x, up)]
+    dx, dup = jax.grad(loss, argnums=(0, 1))(*args)
+    act, h = FLOAT64_ACTIVATIONS[name], 1e-6
+    want_dx = (act(x + h) - act(x - h)) / (2 * h) * w * (1 if up is None else up)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+    if gated:
+        np.testing.assert_allclose(dup, act(x) * w, rtol=1e-5, atol=1e-6)
+    kept = kept_for_backward(loss, *args)
+    assert all(re.search(" from (the argument|a constant)", line) for line in kept), kept  # w
+
+
+def kept_for_backward(f, *args) -> list[str]:
+    """What ``f``'s backward keeps, a line each: ``dtype[shape] from ...`` (its source)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(f, *args)
+    return out.getvalue().splitlines()
 
 
 def test_logical_axes_follow_stacking():

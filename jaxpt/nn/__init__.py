@@ -47,6 +47,7 @@ from jaxpt.nn._loss import token_nll as token_nll
 from jaxpt.nn._mlp import ACTIVATIONS as ACTIVATIONS
 from jaxpt.nn._mlp import GLU as GLU
 from jaxpt.nn._mlp import MLP as MLP
+from jaxpt.nn._mlp import activate as activate
 from jaxpt.nn._mlp import glu as glu
 from jaxpt.nn._mlp import init_glu as init_glu
 from jaxpt.nn._mlp import init_mlp as init_mlp

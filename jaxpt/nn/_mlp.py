@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 from jax import Array
@@ -22,6 +24,26 @@ ACTIVATIONS = {
     "sigmoid": jax.nn.sigmoid,
     "squared_relu": squared_relu,
 }
+
+
+def activate(activation: str, x: Array, up: Array | None = None) -> Array:
+    """``act(x)``, or ``act(x) * up`` for a gated unit; ``activation`` names one of
+    ``ACTIVATIONS``. Any shape.
+
+    Its backward keeps only ``x`` and ``up`` and recomputes the activation's elementwise
+    intermediates from them. Plain autodiff keeps those intermediates for the backward (four
+    more ``(B, T, F)`` arrays for GELU's tanh form), and under ``lax.scan`` (``scan_layers``)
+    each kept array is copied into an ``(L, B, T, F)`` stack in the forward and out of it in
+    the backward. Without the CSE barrier (``prevent_cse=False``) an unrolled step runs as fast
+    as with plain autodiff (``bench/README.md``).
+    """
+    return _activate(activation, x, up)
+
+
+@functools.partial(jax.checkpoint, static_argnums=0, prevent_cse=False)
+def _activate(activation: str, x: Array, up: Array | None) -> Array:
+    y = ACTIVATIONS[activation](x)
+    return y if up is None else y * up
 
 
 class MLP(eqx.Module):
@@ -58,7 +80,7 @@ def init_mlp(
 @jax.named_scope("mlp")
 def mlp(p: MLP, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; ``activation`` names one of ``ACTIVATIONS``."""
-    return linear(p.proj, ACTIVATIONS[activation](linear(p.fc, x)))
+    return linear(p.proj, activate(activation, linear(p.fc, x)))
 
 
 def init_glu(
@@ -79,4 +101,4 @@ def init_glu(
 def glu(p: GLU, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; the gate's ``activation`` names one of ``ACTIVATIONS``."""
     gate, up = stacked_linear((p.gate, p.up), x)  # (B, T, F) each
-    return linear(p.down, ACTIVATIONS[activation](gate) * up)
+    return linear(p.down, activate(activation, gate, up))

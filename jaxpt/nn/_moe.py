@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpt.errors import ConfigError
 from jaxpt.nn._axes import HasAxes, activation_sharding_of
 from jaxpt.nn._linear import Linear, add_bias, init_linear, linear, normal_or_zeros
-from jaxpt.nn._mlp import ACTIVATIONS
+from jaxpt.nn._mlp import activate
 
 GROUPED_MATMULS = ("ragged", "padded")  # MoESpec.grouped_matmul
 
@@ -129,8 +129,8 @@ def experts(p: Experts, x: Array, *, activation: str, layer=expert_linear) -> Ar
     ``(B, E, C, D)`` -> ``(B, E, C, D)`` with :func:`expert_linear`; ``layer`` may map other
     layouts of the experts' rows (:func:`ragged_expert_linear`).
     """
-    act = ACTIVATIONS[activation]
-    h = act(layer(p.up, x)) if p.gate is None else act(layer(p.gate, x)) * layer(p.up, x)
+    up = layer(p.up, x)
+    h = activate(activation, up) if p.gate is None else activate(activation, layer(p.gate, x), up)
     return layer(p.down, h)
 
 
