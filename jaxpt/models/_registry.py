@@ -156,7 +156,7 @@ def config_from(section: Mapping[str, Any]) -> ModelConfig | BigramConfig:
 
 # The presets are the full-size models as a run trains them on a GPU or TPU: float32 params,
 # bfloat16 compute and logits (as under torch autocast; the loss reduces in float32), and an
-# unrolled layer loop, which makes the GPT-2 train step 1.3x faster on an H200 than the
+# unrolled layer loop, which makes the GPT-2 train step 1.2x faster on an H200 than the
 # scanned one (bench/train_step.py, bench/profile_step.py; compiling takes longer, once a run).
 _RUN = dict(dtype="bfloat16", logits_dtype="bfloat16", scan_layers=False)
 _GLU = dict(mixer="glu", activation="silu", mlp_bias=False)
