@@ -181,6 +181,33 @@ def _check_sampling(temperature, top_k, top_p, key, n_tokens, vocab_size: int) -
     return Sampling(float(temperature), top_k, top_p, n_tokens)
 
 
+def _prefill_and_step(model, params, cfg, shape: tuple[int, int], prompt: int, cached: bool):
+    """``(prefill, step)``, each ``(tokens, lengths, cache) -> (logits, cache)`` over the
+    ``(B, L)`` token buffer ``shape`` whose first ``prompt`` columns hold the prompts: with a
+    cache, ``prefill`` writes the prompts' keys and values and ``step`` feeds each row's newest
+    token; without one, both re-run the whole buffer masked to each row's tokens."""
+    batch, length = shape
+
+    def whole_buffer(tokens, lengths, cache):
+        mask = jnp.arange(length)[None, :] < lengths[:, None]  # (B, L)
+        return model.decode(params, tokens, cfg, at=lengths - 1, mask=mask)
+
+    def prefill(tokens, lengths, cache):
+        positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
+        mask = positions < lengths[:, None]
+        prompts = tokens[:, :prompt]
+        return model.decode(
+            params, prompts, cfg, at=lengths - 1, mask=mask, positions=positions, cache=cache
+        )
+
+    def step(tokens, lengths, cache):
+        newest = tokens[jnp.arange(batch), lengths - 1][:, None]  # (B, 1)
+        at, positions = jnp.zeros_like(lengths), (lengths - 1)[:, None]
+        return model.decode(params, newest, cfg, at=at, positions=positions, cache=cache)
+
+    return (prefill, step) if cached else (whole_buffer, whole_buffer)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_token"))
 def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampling, stop_token):
     """The prefill and the decode loop. tokens: ``(B, L)``; prompt_lengths: ``(B,)``."""
@@ -189,36 +216,10 @@ def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampl
     batch, length = tokens.shape
     rows = jnp.arange(batch)
     cache = model.init_cache(batch, length, cfg)
-
-    if cache is None:  # every step re-runs the whole buffer, masked to each row's tokens
-
-        def step(tokens, lengths, cache):
-            mask = jnp.arange(length)[None, :] < lengths[:, None]  # (B, L)
-            return model.decode(params, tokens, cfg, at=lengths - 1, mask=mask)
-
-        prefill = step
-
-    else:
-
-        def prefill(tokens, lengths, cache):  # the prompts' keys/values into the cache
-            prompt = length - max_new_tokens
-            positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
-            mask = positions < lengths[:, None]
-            return model.decode(
-                params,
-                tokens[:, :prompt],
-                cfg,
-                at=lengths - 1,
-                mask=mask,
-                positions=positions,
-                cache=cache,
-            )
-
-        def step(tokens, lengths, cache):  # the newest token of each row, at its position
-            newest = tokens[rows, lengths - 1][:, None]  # (B, 1)
-            at = jnp.zeros_like(lengths)
-            positions = (lengths - 1)[:, None]
-            return model.decode(params, newest, cfg, at=at, positions=positions, cache=cache)
+    prompt = length - max_new_tokens
+    prefill, step = _prefill_and_step(
+        model, params, cfg, tokens.shape, prompt, cached=cache is not None
+    )
 
     def append(i, tokens, lengths, done, logits):  # draw token i of every unfinished row
         token = sample(jax.random.fold_in(key, i), logits, sampling)  # (B,)
