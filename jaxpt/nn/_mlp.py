@@ -26,6 +26,7 @@ ACTIVATIONS = {
 }
 
 
+@functools.partial(jax.checkpoint, static_argnums=0, prevent_cse=False)
 def activate(activation: str, x: Array, up: Array | None = None) -> Array:
     """``act(x)``, or ``act(x) * up`` for a gated unit; ``activation`` names one of
     ``ACTIVATIONS``. Any shape.
@@ -33,15 +34,10 @@ def activate(activation: str, x: Array, up: Array | None = None) -> Array:
     Its backward keeps only ``x`` and ``up`` and recomputes the activation's elementwise
     intermediates from them. Plain autodiff keeps those intermediates for the backward (four
     more ``(B, T, F)`` arrays for GELU's tanh form), and under ``lax.scan`` (``scan_layers``)
-    each kept array is copied into an ``(L, B, T, F)`` stack in the forward and out of it in
+    each kept array is written into an ``(L, B, T, F)`` stack in the forward and read back in
     the backward. Without the CSE barrier (``prevent_cse=False``) an unrolled step runs as fast
     as with plain autodiff (``bench/README.md``).
     """
-    return _activate(activation, x, up)
-
-
-@functools.partial(jax.checkpoint, static_argnums=0, prevent_cse=False)
-def _activate(activation: str, x: Array, up: Array | None) -> Array:
     y = ACTIVATIONS[activation](x)
     return y if up is None else y * up
 
