@@ -7,6 +7,7 @@ perturbed so that norms and biases are not at their init values.
 
 import functools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -262,6 +263,22 @@ def test_a_gpt2_vocabulary_brings_gpt2s_tokenizer_and_exports_it(tmp_path):
     text = "Hello world, said the tokenizer."
     assert theirs(text)["input_ids"] == tokenizer.encode(text)
     assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 50256
+
+
+def test_saved_files_get_the_mode_of_any_new_file(tmp_path):
+    """Under a umask of 027 every file is rw-r----- (safetensors alone would write 0600, which
+    no one else may read)."""
+    cfg = tiny_config("gpt")
+    params = models.get("gpt").init(jax.random.key(0), cfg)
+    previous = os.umask(0o027)
+    try:
+        hf.save_pretrained(params, cfg, tmp_path, tokenizer=data.get_tokenizer("gpt2"))
+    finally:
+        os.umask(previous)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(
+        ["config.json", "model.safetensors", "vocab.json", "merges.txt"], "0o640"
+    )
 
 
 def with_keys(config, **entries):

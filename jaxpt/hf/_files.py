@@ -203,10 +203,19 @@ def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` writes the file under a temporary name beside ``path``, which is then
-    renamed to ``path``: a reader finds each file whole or absent, never half-written."""
+    renamed to ``path``: a reader finds each file whole or absent, never half-written. The file
+    gets the mode a new file gets under the umask (safetensors writes its own 0600)."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=None) -> Path:
