@@ -1,8 +1,13 @@
 """Charformer: character-level GPT, 30 layers x 960.
 
-uv run python launch.py --config=configs/charformer.py --workdir=runs/charformer
+uv run python -m jaxpt.data.prepare --dataset=corpus/ --tokenizer=char --out=data/chars
+uv run python launch.py --config=configs/charformer.py --config.data.dataset=data/chars \
+    --workdir=runs/charformer
 uv run python launch.py --config=configs/charformer.py:smoke --workdir=runs/charformer-smoke
-uv run python launch.py --config=configs/charformer.py --config.train.steps=100 --workdir=...
+uv run python launch.py --config=configs/charformer.py --config.train.steps=100 ...
+
+The full run needs a corpus prepared with the char tokenizer (its vocabulary is the corpus's
+characters): ``data.dataset`` names it. ``:smoke`` trains on the embedded corpus.
 """
 
 from jaxpt.config import preset_config
