@@ -269,6 +269,7 @@ def _harness_runner(config, tasks: list[str], mesh) -> Callable:
             f"eval.tasks={config.eval.tasks!r} names lm-evaluation-harness tasks, but lm-eval "
             f"does not import ({error}); install it with `uv sync --extra harness`."
         ) from None
+    harness.check_tasks(tasks)
     model_cfg = models.config_from(config.model)
     rows = config.train.batch_size // config.train.grad_accum_steps
 

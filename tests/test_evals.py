@@ -4,6 +4,7 @@ and the mesh; items from a file or the hub; ``--mode=eval``; the lm-evaluation-h
 import dataclasses
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -253,6 +254,27 @@ def test_harness_multiple_choice_task_asks_for_the_native_scores(tmp_path):
     assert out["results"]["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
     metrics = harness.evaluate(params, cfg, CHARS, [str(task)], batch_size=6)
     assert metrics["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
+
+
+def test_harness_unknown_task_and_offline_data_are_one_sentence(tmp_path, monkeypatch):
+    """A task that is neither registered nor a YAML file is a ConfigError before anything
+    runs; a task whose dataset cannot be reached (datasets' ConnectionError) a DataError."""
+    harness = harness_or_skip()
+    import lm_eval
+
+    for task in ["no_such_task", str(tmp_path / "missing.yaml")]:
+        with pytest.raises(ConfigError, match=f"harness:{re.escape(task)} is neither a task YAML"):
+            harness.check_tasks([task])
+    task = tmp_path / "local_hellaswag.yaml"
+    task.write_text(TASK_YAML.format(jsonl=tmp_path / "items.jsonl"))
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    cfg, params = model("bigram")
+    with pytest.raises(DataNotFoundError, match=r"could not load the data of .*connect to"):
+        harness.evaluate(params, cfg, CHARS, [str(task)], batch_size=6)
 
 
 def test_harness_rolling_loglikelihood_and_generation():

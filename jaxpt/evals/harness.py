@@ -16,6 +16,7 @@ GPT-2 124M: acc 0.2892, acc_norm 0.3114, its ``acc_norm`` per byte, not per toke
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from jaxpt import data, models
+from jaxpt.errors import ConfigError, DataNotFoundError
 from jaxpt.evals import _scoring
 from jaxpt.generation import generate
 
@@ -155,6 +157,29 @@ class JaxptLM(LM):
         return text
 
 
+def _task_manager(tasks: Sequence[str]) -> TaskManager:
+    """The harness's task index: the built-ins (~10 s to index, once) unless every task is a
+    YAML file."""
+    return _manager(include_defaults=not all(Path(task).is_file() for task in tasks))
+
+
+@functools.cache
+def _manager(include_defaults: bool) -> TaskManager:
+    return TaskManager(include_defaults=include_defaults)
+
+
+def check_tasks(tasks: Sequence[str]) -> None:
+    """ConfigError naming the first task that is neither a task YAML file nor a name the
+    harness registers (a task, group or tag)."""
+    manager = _task_manager(tasks)
+    for task in tasks:
+        if not Path(task).is_file() and task not in manager.all_tasks:
+            raise ConfigError(
+                f"eval.tasks: harness:{task} is neither a task YAML file nor a task, group or "
+                "tag lm-evaluation-harness registers (`lm-eval ls tasks` lists them)."
+            )
+
+
 def evaluate(
     params,
     model_config: models.ModelConfig | models.BigramConfig,
@@ -167,14 +192,18 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """The harness's metrics of each task (a registered name, or a task YAML file), e.g.
     ``{"arc_easy": {"acc,none": 0.43, "acc_stderr,none": 0.01, ...}}``."""
+    check_tasks(tasks)
     lm = JaxptLM(params, model_config, tokenizer, batch_size=batch_size, mesh=mesh, rules=rules)
-    files_only = all(Path(task).is_file() for task in tasks)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=TaskManager(include_defaults=not files_only),  # the built-ins take ~10 s
-        log_samples=False,
-    )
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), task_manager=_task_manager(tasks), log_samples=False
+        )
+    except ConnectionError as error:  # `datasets` offline, or the hub unreachable
+        raise DataNotFoundError(
+            f"lm-evaluation-harness could not load the data of {', '.join(tasks)} ({error}); "
+            "connect to the network once (datasets caches it), or name a task YAML file whose "
+            "dataset is local."
+        ) from error
     return {
         task: {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         for task, metrics in out["results"].items()
