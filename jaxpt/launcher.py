@@ -62,6 +62,8 @@ def init_distributed() -> None:
 def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None = None) -> None:
     """Runs ``mode`` (one of ``MODES``) for ``config`` in ``workdir``, after checking every
     config field (and, to train, that ``workdir`` can be written) before anything compiles."""
+    if not str(workdir):  # Path("") is the current directory, which holds someone's files
+        raise ConfigError("--workdir is empty: name the run's directory, e.g. --workdir=runs/x.")
     if mode == "train":
         train.validate_config(config)
         check_writable_directory(workdir, "--workdir")

@@ -158,8 +158,10 @@ def run_launch(*args, cwd=ROOT):
             "--config=configs/gpt.py:smok: config argument 'smok' is not one of ['smoke'].",
         ),
         (["--config=configs/gpt.py:smoke", "--workdir=a_file"], "is a file; choose another"),
+        # trained in the current directory, beside the user's files
+        (["--config=configs/gpt.py:smoke", "--workdir="], "--workdir is empty: name the run's"),
     ],
-    ids=["unknown field", "no such file", "bad config argument", "workdir is a file"],
+    ids=["unknown field", "no such file", "bad config argument", "workdir is a file", "empty"],
 )
 def test_launch_errors_are_one_sentence_and_exit_1(args, words, tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
