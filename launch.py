@@ -47,7 +47,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:  # e.g. a flag without its dashes, which would be ignored
+        sys.exit(
+            f"launch.py: unexpected arguments {' '.join(argv[1:])!r}; pass each as --flag=value."
+        )
     logging.set_verbosity(logging.WARNING)  # orbax and absl narrate every save at INFO
     f = flags.FLAGS
     if f.distributed:

@@ -160,8 +160,20 @@ def run_launch(*args, cwd=ROOT):
         (["--config=configs/gpt.py:smoke", "--workdir=a_file"], "is a file; choose another"),
         # trained in the current directory, beside the user's files
         (["--config=configs/gpt.py:smoke", "--workdir="], "--workdir is empty: name the run's"),
+        # ignored: the run trained 200 steps without the override and exited 0
+        (
+            ["--config=configs/gpt.py:smoke", "config.train.steps=1"],
+            "unexpected arguments 'config.train.steps=1'; pass each as --flag=value.",
+        ),
     ],
-    ids=["unknown field", "no such file", "bad config argument", "workdir is a file", "empty"],
+    ids=[
+        "unknown field",
+        "no such file",
+        "bad config argument",
+        "workdir is a file",
+        "empty workdir",
+        "positional argument",
+    ],
 )
 def test_launch_errors_are_one_sentence_and_exit_1(args, words, tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
