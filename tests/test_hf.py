@@ -478,6 +478,20 @@ def test_command_line_refuses_an_out_directory_holding_files(tmp_path, to):
     assert (out / "config.json").read_text() == "a user's file\n"
 
 
+def test_command_line_refuses_a_positional_argument_in_one_sentence(tmp_path):
+    result = subprocess.run(  # printed the whole --help
+        [sys.executable, "-m", "jaxpt.hf", "--to=jaxpt", "--source=gpt2", "--out=out", "extra"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "jaxpt.hf: unexpected arguments 'extra'; pass each as --flag=value.\n"
+    ), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_damaged_checkpoint_is_one_sentence_naming_the_file(tmp_path):
     source = Path(smoke_gpt2_dir(tmp_path / "hf"))
     weights = source / "model.safetensors"

@@ -86,8 +86,10 @@ def export_checkpoint(config, workdir: str | os.PathLike, out: str | os.PathLike
 
 
 def _main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if len(argv) > 1:  # one sentence, as launch.py says it (a UsageError prints the help)
+        sys.exit(
+            f"jaxpt.hf: unexpected arguments {' '.join(argv[1:])!r}; pass each as --flag=value."
+        )
     logging.set_verbosity(logging.WARNING)  # as launch.py: no absl/orbax narration at INFO
     f = flags.FLAGS
     try:
