@@ -223,10 +223,11 @@ def test_launch_stops_on_a_non_finite_step_in_one_sentence(tmp_path):
     assert "Traceback" not in out
 
 
-def test_a_damaged_metrics_line_is_one_sentence(workdir):
+@pytest.mark.parametrize("line", ["garbage", '{"loss": 1.0}', "[1, 2]"])  # JSON: a KeyError
+def test_a_damaged_metrics_line_is_one_sentence(workdir, line):
     metrics = workdir / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
-    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    metrics.write_text("\n".join([lines[0], line, *lines[1:]]) + "\n")
     before = snapshot(workdir)
     with pytest.raises(models.ConfigError, match=r"metrics.jsonl line 2 is not a JSON record"):
         resume(trained_config(), workdir)

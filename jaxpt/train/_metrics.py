@@ -138,23 +138,32 @@ def _drop_records_after(path: Path, step: int) -> None:
 
 def _parse(path: Path, *, note: bool) -> list[dict]:
     """The records of a ``metrics.jsonl``; a torn last line (a killed run's, or a full disk's)
-    is left out, with a note when ``note``. A damaged line elsewhere is a ConfigError."""
+    is left out, with a note when ``note``. A damaged line elsewhere, or valid JSON that is not
+    an object with an integer ``step``, is a ConfigError."""
     lines = Path(path).read_text().splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
-                raise ConfigError(
-                    f"{path} line {number} is not a JSON record: repair or remove that line "
-                    "(the run's history of logged steps)."
-                ) from None
+                raise _damaged(path, number) from None
             if note:
                 print(f"{path}: dropped a torn last line (a run was cut off mid-write)")
+            continue
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise _damaged(path, number)  # it failed as a KeyError wherever steps are read
+        records.append(record)
     return records
+
+
+def _damaged(path: Path, number: int) -> ConfigError:
+    return ConfigError(
+        f"{path} line {number} is not a JSON record of a logged step: repair or remove that "
+        "line (the run's history of logged steps)."
+    )
 
 
 def _duration(seconds: float) -> str:
