@@ -97,6 +97,20 @@ def test_a_changed_model_is_one_sentence_and_touches_nothing(workdir, command, f
     assert not (workdir.parent / "exported").exists()
 
 
+def test_training_never_rewrites_a_users_metrics_or_plot(tmp_path):
+    """A directory that is not a run's (no checkpoints/): its metrics.jsonl lost every record
+    after step 0 and its loss.png was drawn over."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "acc": 0.5}\n{"step": 2, "acc": 0.6}\n')
+    (tmp_path / "loss.png").write_bytes(b"a user's plot")
+    before = snapshot(tmp_path)
+    with pytest.raises(
+        models.ConfigError,
+        match=r"holds metrics\.jsonl and loss\.png but no checkpoints/, so it is not a jaxpt run's",
+    ):
+        train.train(trained_config(), tmp_path)
+    assert snapshot(tmp_path) == before
+
+
 def test_how_the_model_is_computed_may_change(workdir):
     config = trained_config()
     config.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)

@@ -319,6 +319,21 @@ def _prepare(config) -> _Run:
     return _Run(model_cfg, mesh, abstract, shardings, tx, batch_sh, train_data, val_data, hellaswag)
 
 
+def _check_workdir(workdir: Path) -> None:
+    """Raises ConfigError when ``workdir`` holds a ``metrics.jsonl`` or ``loss.png`` (which
+    training rewrites) but no ``checkpoints/``: a run makes that directory before it logs, so
+    those files are not a run's but someone else's."""
+    if (workdir / "checkpoints").is_dir():
+        return
+    held = [name for name in ("metrics.jsonl", "loss.png") if (workdir / name).exists()]
+    if held:
+        raise ConfigError(
+            f"{workdir} holds {' and '.join(held)} but no checkpoints/, so it is not a jaxpt "
+            "run's and training would overwrite them: choose a new or empty --workdir (nothing "
+            "was changed)."
+        )
+
+
 class _Steps(NamedTuple):
     """The run's jitted functions (traced at their first call)."""
 
@@ -354,6 +369,7 @@ def train(
     Interrupted after saving when SIGTERM or SIGINT arrives."""
     workdir = Path(workdir)
     run = _prepare(config)
+    _check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     steps = _jit_steps(config, run)
     batch_size = config.train.batch_size
