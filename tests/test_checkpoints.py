@@ -111,6 +111,21 @@ def test_training_never_rewrites_a_users_metrics_or_plot(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_training_never_sets_aside_another_programs_checkpoint(workdir):
+    """A step directory that is not a jaxpt checkpoint: training renamed the newest to
+    <step>.unreadable-1, and orbax's rotation would have deleted an older one."""
+    for step in (1, 9):
+        (workdir / "checkpoints" / str(step)).mkdir()
+        (workdir / "checkpoints" / str(step) / "model.pt").write_text("another program's")
+    before = snapshot(workdir)
+    with pytest.raises(
+        models.ConfigError, match=r"checkpoints/1 is not a jaxpt checkpoint \(it holds model\.pt\)"
+    ):
+        resume(trained_config(), workdir)
+    assert snapshot(workdir) == before
+    assert checkpoint_steps(workdir) == [1, 2, 4, 9]
+
+
 def test_how_the_model_is_computed_may_change(workdir):
     config = trained_config()
     config.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)

@@ -47,6 +47,13 @@ FREE_MODEL_FIELDS = frozenset(
 )
 
 
+# What a checkpoint of ours holds at its top: orbax's markers and our items (an interrupted
+# rotation leaves any part of it, nothing included).
+_CHECKPOINT_NAMES = frozenset(
+    {"_CHECKPOINT_METADATA", "commit_success.txt", "descriptor", "config", "loader", "state"}
+)
+
+
 class Checkpoints:
     """Save and restore ``(state, loader_state, config)`` under ``directory``.
 
@@ -105,9 +112,12 @@ class Checkpoints:
 
         ``abstract_state`` gives the tree, shapes and dtypes, ``shardings`` (the same tree)
         where each array goes, so a checkpoint restores onto a different mesh. Raises
-        ConfigError when the checkpoint holds another model than ``model_config``. Unreadable
-        newer checkpoints are skipped with a warning (and, unless read only, moved aside).
+        ConfigError when the checkpoint holds another model than ``model_config``, or (unless
+        read only) when a step directory is not a jaxpt checkpoint. Unreadable newer
+        checkpoints are skipped with a warning (and, unless read only, moved aside).
         """
+        if not self.read_only:
+            self._check_ours()
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_state,
@@ -150,6 +160,19 @@ class Checkpoints:
                 ),
             )
         return step, items["state"], dict(items["loader"])
+
+    def _check_ours(self) -> None:
+        """ConfigError naming the first step directory that holds a name no checkpoint of
+        ours does: another program's, which training would set aside as unreadable or rotate
+        out."""
+        for step in self.steps():
+            path = self.directory / str(step)
+            foreign = sorted({p.name for p in path.iterdir()} - _CHECKPOINT_NAMES)
+            if foreign:
+                raise ConfigError(
+                    f"{path} is not a jaxpt checkpoint (it holds {foreign[0]}), so this is not "
+                    "a jaxpt run's directory: choose another --workdir (nothing was changed)."
+                )
 
     def _check_model(self, step: int, stored: dict, model_config) -> None:
         """ConfigError naming the first model field whose value differs from checkpoint
