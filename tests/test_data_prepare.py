@@ -220,6 +220,8 @@ def one_sentence(error: pytest.ExceptionInfo) -> str:
         ("blank.jsonl", '{"text": ""}\n{"text": null}\n', {}, errors.DataError, "is empty"),
         ("blank.jsonl", '{"text": ""}\n', {"tokenizer": "char"}, errors.DataError, "is empty"),
         ("rows.jsonl", '{"body": "hi"}\n', {}, errors.DataError, "no field 'text'"),
+        # char built its vocabulary first and called such a dataset empty
+        ("rows.jsonl", '{"body": "hi"}\n', {"tokenizer": "char"}, errors.DataError, "no field"),
         ("book.pdf", "%PDF", {}, errors.DataError, "its type is not one of"),
         ("ok.txt", "text", {"tokenizer": "bpe.json"}, errors.DataNotFoundError, "neither 'gpt2'"),
         ("ok.txt", "text", {"shard_tokens": 0}, errors.DataError, "shard_tokens must be at least"),
