@@ -289,8 +289,14 @@ def test_ensure_prepared_errors(small, tmp_path):
             data.ensure_prepared(config, tmp_path / "cache")
         return one_sentence(e)
 
-    assert "does not exist; run `python -m jaxpt.data.prepare" in ensure(tmp_path / "nowhere")
-    assert "no manifest.json and no shards; run `python -m jaxpt.data.prepare" in ensure(tmp_path)
+    run = "; run `python -m jaxpt.data.prepare"
+    assert f"does not exist{run} --dataset=<source> --out=" in ensure(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    assert f"no shards{run} --dataset=<source> --out=" in ensure(tmp_path / "empty")
+    # a directory or file of the user's: that advice named it as --out, which prepare refuses
+    (tmp_path / "book.txt").write_text("a user's book")
+    for mine in (tmp_path, tmp_path / "book.txt"):
+        assert f"{run} --dataset={mine} --out=<new dir>` and set data.dataset=" in ensure(mine)
     assert "prepared with the gpt2 tokenizer but data.tokenizer is 'char'" in ensure(
         small.directory, "char"
     )

@@ -106,11 +106,15 @@ def _directory_manifest(path: Path, dataset: str, tokenizer: str, cache_dir: Pat
         return load_manifest(path)
     if path.is_dir() and shard_files(path):
         return read_shard_directory(path, tokenizer, cache_dir)
-    problem = "does not exist" if not path.exists() else f"holds no {MANIFEST} and no shards"
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        problem = "does not exist" if not path.exists() else f"holds no {MANIFEST} and no shards"
+        prepare = f"--dataset=<source> --out={dataset}` to prepare a source there"
+    else:  # the user's files, which prepare reads but never writes among
+        problem = "is a file" if path.is_file() else f"holds no {MANIFEST} and no shards"
+        prepare = f"--dataset={dataset} --out=<new dir>` and set data.dataset=<new dir>"
     raise DataNotFoundError(
-        f"{path} {problem}; run `python -m jaxpt.data.prepare --dataset=<source> --out={dataset}`"
-        " to prepare a source there, point data.dataset at a directory of llm.c .bin or .npy "
-        "shards, or use data.dataset='embedded'"
+        f"{path} {problem}; run `python -m jaxpt.data.prepare {prepare}, point data.dataset at "
+        "a directory of llm.c .bin or .npy shards, or use data.dataset='embedded'"
     )
 
 
