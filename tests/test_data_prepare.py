@@ -170,6 +170,19 @@ def test_embedded_corpus_is_prepared_once(tmp_path):
     assert chars.tokenizer["kind"] == "char" and chars.directory != manifest.directory
 
 
+def test_embedded_corpus_that_cannot_be_prepared_is_one_sentence(tmp_path):
+    """Tracebacks: JAXPT_CACHE_DIR a file (NotADirectoryError), a damaged cache directory
+    without its manifest (OSError: Directory not empty)."""
+    (tmp_path / "a_file").write_text("a user's file")
+    damaged = data.prepare_embedded(tmp_path / "cache").directory
+    (damaged / "manifest.json").unlink()
+    for cache in (tmp_path / "a_file", tmp_path / "cache"):
+        with pytest.raises(errors.DataError, match="cannot prepare the embedded corpus in ") as e:
+            data.ensure_prepared(run_data("embedded"), cache)
+        one_sentence(e)
+    assert (tmp_path / "a_file").read_text() == "a user's file"
+
+
 def test_cli(tmp_path):
     source = tmp_path / "story.txt"
     source.write_text("Once upon a time, a lion met a bull. They became friends.\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 from jaxpt.data._prepare import prepare_documents, resolve_tokenizer_name
 from jaxpt.data._shards import MANIFEST, Manifest, load_manifest
 from jaxpt.data._tokenizers import tokenizer_key
-from jaxpt.errors import DataNotFoundError
+from jaxpt.errors import DataError, DataNotFoundError
 
 EMBEDDED = "embedded"
 EMBEDDED_SHARD_TOKENS = 2**14  # a handful of shards; the first is the validation split
@@ -69,9 +69,12 @@ def prepare_embedded(cache_dir: str | os.PathLike, tokenizer: str = "gpt2") -> M
                 progress=False,
             )
             os.rename(tmp, final)
-        except OSError:
-            if not (final / MANIFEST).is_file():  # lost the race: another process's is there
-                raise
+        except OSError as e:
+            if not (final / MANIFEST).is_file():  # else lost the race: another process's is there
+                raise DataError(
+                    f"cannot prepare the embedded corpus in {final} ({e.strerror}); set "
+                    "JAXPT_CACHE_DIR to a writable directory with room"
+                ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_manifest(final)
