@@ -100,8 +100,14 @@ def mesh_shape(mesh_cfg, n_devices: int, *, n_slices: int = 1) -> tuple[int, ...
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if per_slice % fixed:
+            named = " x ".join(
+                f"mesh.{axis}={size}"
+                for axis, size in zip(MESH_AXES, sizes, strict=True)
+                if size > 1
+            )
             raise ConfigError(
-                f"The fixed mesh axes multiply to {fixed}, which does not divide {where}."
+                f"{named} (the sizes other than -1) multiply to {fixed}, which does not divide "
+                f"{where}; make their product a divisor of {per_slice}."
             )
         sizes[sizes.index(-1)] = per_slice // fixed
     if math.prod(sizes) != per_slice:

@@ -258,6 +258,16 @@ def test_a_mesh_that_does_not_fit_the_devices_is_one_sentence():
         sharding.make_mesh(config.mesh)
 
 
+def test_fixed_mesh_sizes_that_do_not_divide_the_devices_are_named():
+    config = small_config("gpt", data=-1, fsdp=3)
+    with pytest.raises(ConfigError) as caught:  # named no field and gave no remedy
+        sharding.make_mesh(config.mesh)
+    assert str(caught.value) == (
+        "mesh.fsdp=3 (the sizes other than -1) multiply to 3, which does not divide the 8 "
+        "devices; make their product a divisor of 8."
+    )
+
+
 def test_dcn_axes_must_match_the_slices():
     config = small_config("gpt", data=-1, dcn_data=2)
     with pytest.raises(ConfigError) as caught:
