@@ -218,3 +218,6 @@ def test_generate_mode_without_a_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match="train this config with --mode=train"):
         launcher.sample(config, tmp_path, launcher.SampleOptions())
     assert not (tmp_path / "checkpoints").exists()
+    (tmp_path / "a_file").write_text("a user's file")  # advised training there, which refuses
+    with pytest.raises(ConfigError, match="a_file is a file, not a run's directory"):
+        launcher.sample(config, tmp_path / "a_file", launcher.SampleOptions())

@@ -228,6 +228,11 @@ def latest_params(config, workdir: str | Path) -> tuple[int, object]:
     """The step and params of the newest readable checkpoint in ``workdir/checkpoints``
     (ConfigError when it holds another model than ``config.model``); reads only."""
     directory = Path(workdir) / "checkpoints"
+    if Path(workdir).is_file():  # training there would fail too
+        raise ConfigError(
+            f"--workdir={workdir} is a file, not a run's directory: name the --workdir a run "
+            "trained in."
+        )
     if not directory.is_dir():
         raise ConfigError(
             f"{directory} does not exist: train this config with --mode=train and "
