@@ -53,8 +53,6 @@ def main(argv):
         )
     logging.set_verbosity(logging.WARNING)  # orbax and absl narrate every save at INFO
     f = flags.FLAGS
-    if f.distributed:
-        launcher.init_distributed()
     options = launcher.SampleOptions(
         prompt=f.prompt,
         num_samples=f.num_samples,
@@ -66,6 +64,8 @@ def main(argv):
         system_prompt=f.system_prompt,
     )
     try:
+        if f.distributed:
+            launcher.init_distributed()
         launcher.run(f.config, workdir=f.workdir, mode=f.mode, sample_options=options)
     except (ConfigError, DataError, train.NonFiniteError) as error:  # one sentence, no traceback
         sys.exit(f"launch.py: {error}")

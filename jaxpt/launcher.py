@@ -49,14 +49,24 @@ def init_distributed() -> None:
     ``jax.distributed.initialize()`` finds the cluster itself on TPU pods, SLURM and Open MPI;
     elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES``
     and ``JAX_PROCESS_ID``. CPU processes exchange collectives through gloo (GPU and TPU use
-    their own).
+    their own). Raises ConfigError when it cannot join one or a variable is not a count.
     """
     count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    for name, value in (("JAX_NUM_PROCESSES", count), ("JAX_PROCESS_ID", index)):
+        if value is not None and not value.isdigit():
+            raise ConfigError(f"{name}={value!r} must be a whole number (see --distributed).")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        num_processes=None if count is None else int(count),
-        process_id=None if index is None else int(index),
-    )
+    try:
+        jax.distributed.initialize(
+            num_processes=None if count is None else int(count),
+            process_id=None if index is None else int(index),
+        )
+    except ValueError as error:  # jax's own checks of what it found, e.g. no coordinator
+        raise ConfigError(
+            f"--distributed could not join a cluster ({str(error).rstrip('.')}); run it under a "
+            "TPU pod, SLURM or Open MPI, or set JAX_COORDINATOR_ADDRESS (host:port of process "
+            "0), JAX_NUM_PROCESSES and JAX_PROCESS_ID."
+        ) from None
 
 
 def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None = None) -> None:

@@ -165,6 +165,11 @@ def run_launch(*args, cwd=ROOT):
             ["--config=configs/gpt.py:smoke", "config.train.steps=1"],
             "unexpected arguments 'config.train.steps=1'; pass each as --flag=value.",
         ),
+        # jax's ValueError traceback: no coordinator outside a cluster
+        (
+            ["--config=configs/gpt.py:smoke", "--distributed"],
+            "--distributed could not join a cluster",
+        ),
     ],
     ids=[
         "unknown field",
@@ -173,6 +178,7 @@ def run_launch(*args, cwd=ROOT):
         "workdir is a file",
         "empty workdir",
         "positional argument",
+        "distributed without a cluster",
     ],
 )
 def test_launch_errors_are_one_sentence_and_exit_1(args, words, tmp_path):
