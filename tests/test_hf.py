@@ -509,3 +509,6 @@ def test_a_damaged_checkpoint_is_one_sentence_naming_the_file(tmp_path):
     (source / "config.json").write_text('{"model_type": "gpt2",')
     with pytest.raises(hf.CheckpointError, match=r"config\.json is not valid JSON"):
         hf.from_pretrained(source)
+    (source / "config.json").write_text("[1, 2]")  # JSON, no object: an AttributeError
+    with pytest.raises(hf.CheckpointError, match=r"config\.json is not a JSON object"):
+        hf.from_pretrained(source)

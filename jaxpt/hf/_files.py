@@ -69,13 +69,21 @@ def _directory(source: str | os.PathLike) -> Path:
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in ``path`` (config.json, a shard index); CheckpointError naming the
+    file when it does not parse or is no object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(
             f"{path} is not valid JSON ({error}): the checkpoint is damaged; fetch or export it "
             "again."
         ) from None
+    if not isinstance(value, dict):  # was an AttributeError traceback
+        raise CheckpointError(
+            f"{path} is not a JSON object (it holds a {type(value).__name__}): the checkpoint "
+            "is damaged; fetch or export it again."
+        )
+    return value
 
 
 def _read_hf_config(directory: Path) -> dict:
