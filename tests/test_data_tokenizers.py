@@ -126,6 +126,13 @@ def test_char_round_trip(tmp_path):
         data.get_tokenizer("char")
 
 
+@pytest.mark.parametrize("content", ["", "[1]", '{"x": 1}', '{"chars": 5}'])
+def test_a_damaged_char_vocabulary_is_one_sentence(tmp_path, content):
+    (tmp_path / "vocab.json").write_text(content)  # each was a traceback (JSON, Type, Key)
+    with pytest.raises(errors.DataError, match=r"vocab\.json is damaged .*new directory$"):
+        data.CharTokenizer.load(tmp_path)
+
+
 def build_hf_tokenizer(directory: Path, eos: str | None = None) -> Path:
     """A small byte-level BPE tokenizer.json trained here (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -190,11 +190,21 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> CharTokenizer:
-        """The tokenizer saved by `save` in `directory`."""
+        """The tokenizer saved by `save` in `directory`; DataError naming the file when it is
+        damaged."""
         path = Path(directory) / cls.file
         if not path.is_file():
             raise DataNotFoundError(f"char vocabulary {path} does not exist")
-        return cls(json.loads(path.read_text(encoding="utf-8"))["chars"])
+        try:
+            chars = json.loads(path.read_text(encoding="utf-8"))["chars"]
+        except (ValueError, TypeError, KeyError):  # not JSON, not an object, no "chars"
+            chars = None
+        if not isinstance(chars, str):
+            raise DataError(
+                f"char vocabulary {path} is damaged (not a JSON object with a 'chars' string); "
+                "prepare the data again into a new directory"
+            )
+        return cls(chars)
 
     def encode(self, text: str) -> list[int]:
         """One id per character; a character outside the vocabulary raises DataError."""
