@@ -154,6 +154,14 @@ def build_hf_tokenizer(directory: Path, eos: str | None = None) -> Path:
     return directory
 
 
+@pytest.mark.parametrize("file", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_damaged_hf_tokenizer_is_one_sentence(tmp_path, file):
+    build_hf_tokenizer(tmp_path)
+    (tmp_path / file).write_text('{"model": ')  # each was a traceback (Exception, JSON)
+    with pytest.raises(errors.DataError, match=rf"{file} cannot be read \(.*\); name an intact"):
+        data.HFTokenizer(tmp_path)
+
+
 def test_hf_tokenizer_round_trip(tmp_path):
     tok = data.get_tokenizer(build_hf_tokenizer(tmp_path / "tok"))
     text = "The jackal, the lion: friends? Ünïcode ✓"

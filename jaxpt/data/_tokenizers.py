@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from jaxpt.data._shards import parse_json
 from jaxpt.errors import DataError, DataNotFoundError
 
 if TYPE_CHECKING:
@@ -233,10 +234,13 @@ class CharTokenizer:
 # ----------------------------------------------------------------------------- Hugging Face
 
 
+_DAMAGED_ADVICE = "name an intact one, e.g. fetch or export its checkpoint again"
+
+
 def _hf_config(directory: Path) -> dict:
     """tokenizer_config.json beside tokenizer.json ({} if there is none)."""
     path = directory / HF_CONFIG
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return parse_json(path, _DAMAGED_ADVICE) if path.is_file() else {}
 
 
 def _token_name(config: dict, key: str) -> str | None:
@@ -279,7 +283,12 @@ class HFTokenizer:
         self.path = path / self.file if path.is_dir() else path
         if not self.path.is_file():
             raise DataNotFoundError(f"tokenizer {self.path} does not exist")
-        self._tok = tokenizers.Tokenizer.from_file(str(self.path))
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(self.path))
+        except Exception as error:  # tokenizers raises a bare Exception
+            raise DataError(
+                f"tokenizer {self.path} cannot be read ({error}); {_DAMAGED_ADVICE}"
+            ) from None
         self.eot = eot or _hf_eot(self._tok, self.path.parent)
         config = _hf_config(self.path.parent)
         self.bos: str | None = _token_name(config, "bos_token")
