@@ -227,6 +227,7 @@ def one_sentence(error: pytest.ExceptionInfo) -> str:
     "name, content, kw, error, match",
     [
         ("missing.txt", None, {}, errors.DataNotFoundError, "does not exist"),
+        ("", None, {}, errors.DataError, "the dataset name is empty"),  # read the current dir
         ("./nowhere/corpus", None, {}, errors.DataNotFoundError, "does not exist"),
         ("empty.txt", "", {}, errors.DataError, "is empty"),
         ("empty.jsonl", "", {}, errors.DataError, "is empty"),
@@ -302,6 +303,7 @@ def test_ensure_prepared_errors(small, tmp_path):
             data.ensure_prepared(config, tmp_path / "cache")
         return one_sentence(e)
 
+    assert ensure("").startswith("data.dataset is empty; name a data directory")  # was "."
     run = "; run `python -m jaxpt.data.prepare"
     assert f"does not exist{run} --dataset=<source> --out=" in ensure(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()

@@ -157,6 +157,10 @@ def dataset_source(
     text_field: str = "text",
 ) -> dict:
     """The description of a source that preparation records (local files are checked now)."""
+    if not dataset:  # Path("") is the current directory
+        raise DataError(
+            "the dataset name is empty; name a hub dataset or a local file or directory"
+        )
     path = Path(dataset).expanduser()
     if path.exists():
         _local_source(path)  # fails early, before anything is written

@@ -81,6 +81,11 @@ def ensure_prepared(
         data_config.tokenizer,
         data_config.max_tokens,
     )
+    if not dataset:  # Path("") is the current directory
+        raise DataError(
+            "data.dataset is empty; name a data directory or a hub dataset, or use "
+            "data.dataset='embedded'"
+        )
     cache_dir = Path(cache_dir or default_cache_dir())
     path = Path(dataset).expanduser()
     hub = dataset != EMBEDDED and not path.exists() and not looks_like_path(dataset)
