@@ -238,6 +238,8 @@ def one_sentence(error: pytest.ExceptionInfo) -> str:
         ("rows.jsonl", '{"body": "hi"}\n', {"tokenizer": "char"}, errors.DataError, "no field"),
         ("book.pdf", "%PDF", {}, errors.DataError, "its type is not one of"),
         ("ok.txt", "text", {"tokenizer": "bpe.json"}, errors.DataNotFoundError, "neither 'gpt2'"),
+        # read ./tokenizer.json, or said "tokenizer tokenizer.json does not exist"
+        ("ok.txt", "text", {"tokenizer": ""}, errors.DataNotFoundError, "'' is neither 'gpt2'"),
         ("ok.txt", "text", {"shard_tokens": 0}, errors.DataError, "shard_tokens must be at least"),
     ],
 )

@@ -333,7 +333,7 @@ def get_tokenizer(name: str | os.PathLike) -> Tokenizer:
             "with tokenizer_for(manifest), or build it with CharTokenizer.from_texts"
         )
     path = Path(name)
-    if not path.exists():
+    if not str(name) or not path.exists():  # Path("") is the current directory
         raise DataNotFoundError(
             f"tokenizer {str(name)!r} is neither 'gpt2', 'char' nor an existing tokenizer.json "
             "or directory holding one"
