@@ -111,6 +111,23 @@ def test_training_never_rewrites_a_users_metrics_or_plot(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("name", ["checkpoints", "tensorboard", "profile"])
+def test_a_file_where_a_run_keeps_a_directory_is_one_sentence(tmp_path, name):
+    """Tracebacks: orbax's at the first save, after minutes of waiting (checkpoints), a
+    NotADirectoryError (tensorboard), a JaxRuntimeError mid-run (profile); generate said
+    checkpoints did not exist."""
+    (tmp_path / name).write_text("a user's file")
+    config = trained_config()
+    config.log.profile_from_step = 1
+    with pytest.raises(models.ConfigError, match=rf"{name} is a file, where training keeps"):
+        train.train(config, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    if name == "checkpoints":
+        with pytest.raises(models.ConfigError, match=r"checkpoints is a file, not a run's"):
+            generate(config, tmp_path)
+    assert (tmp_path / name).read_text() == "a user's file"
+
+
 def test_training_never_sets_aside_another_programs_checkpoint(workdir):
     """A step directory that is not a jaxpt checkpoint: training renamed the newest to
     <step>.unreadable-1, and orbax's rotation would have deleted an older one."""

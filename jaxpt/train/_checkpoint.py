@@ -233,6 +233,10 @@ def latest_params(config, workdir: str | Path) -> tuple[int, object]:
             f"--workdir={workdir} is a file, not a run's directory: name the --workdir a run "
             "trained in."
         )
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(
+            f"{directory} is a file, not a run's checkpoints: name another --workdir."
+        )
     if not directory.is_dir():
         raise ConfigError(
             f"{directory} does not exist: train this config with --mode=train and "

@@ -320,9 +320,17 @@ def _prepare(config) -> _Run:
 
 
 def _check_workdir(workdir: Path) -> None:
-    """Raises ConfigError when ``workdir`` holds a ``metrics.jsonl`` or ``loss.png`` (which
-    training rewrites) but no ``checkpoints/``: a run makes that directory before it logs, so
-    those files are not a run's but someone else's."""
+    """Raises ConfigError when ``workdir`` holds a file where training makes a directory, or
+    a ``metrics.jsonl`` or ``loss.png`` (which training rewrites) but no ``checkpoints/``: a
+    run makes that directory before it logs, so those files are not a run's but someone
+    else's."""
+    for name in ("checkpoints", "tensorboard", "profile"):
+        path = workdir / name
+        if path.exists() and not path.is_dir():  # orbax hung and failed at the first save
+            raise ConfigError(
+                f"{path} is a file, where training keeps its {name}/ directory: choose a new "
+                "or empty --workdir (nothing was changed)."
+            )
     if (workdir / "checkpoints").is_dir():
         return
     held = [name for name in ("metrics.jsonl", "loss.png") if (workdir / name).exists()]
