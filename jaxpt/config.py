@@ -22,6 +22,8 @@ from absl import flags
 from jaxpt import models, sharding
 from jaxpt.errors import ConfigError
 
+SECTIONS = ("model", "data", "train", "mesh", "checkpoint", "eval", "log")  # of a run config
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses a config argument such as ``"smoke"`` or ``"smoke,steps=50"``.
@@ -172,21 +174,35 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """The config ``--config=<file>[:<arg>]`` names, loaded as ``config_flags`` loads it: the
     file's ``get_config(arg)``, or ``get_config()`` without a colon.
 
-    Raises ConfigError for a file that does not exist or an argument ``get_config`` rejects.
+    Raises ConfigError for a file that does not exist, is not a preset file (Python with a
+    ``get_config`` returning a run config of every section) or an argument ``get_config``
+    rejects.
     """
     path, colon, arg = spec.partition(":")
+    preset = "name a preset file such as configs/gpt.py"
     if not Path(path).is_file():
         raise ConfigError(
-            f"--config={spec}: {path!r} is not a file; name a preset file such as "
-            "configs/gpt.py, or configs/gpt.py:smoke for its tiny CPU variant."
+            f"--config={spec}: {path!r} is not a file; {preset}, or configs/gpt.py:smoke for "
+            "its tiny CPU variant."
         )
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if module_spec is None:  # not a .py file
+        raise ConfigError(f"--config={spec}: {path!r} is not a Python file; {preset}.")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    if "get_config" not in vars(module):
+        raise ConfigError(f"--config={spec}: {path!r} defines no get_config(arg); {preset}.")
     try:
-        return module.get_config(*([arg] if colon else []))
+        config = module.get_config(*([arg] if colon else []))
     except ConfigError as error:
         raise ConfigError(f"--config={spec}: {error}") from None
+    if not isinstance(config, ml_collections.ConfigDict) or any(s not in config for s in SECTIONS):
+        raise ConfigError(
+            f"--config={spec}: get_config did not return a run config with the sections "
+            f"{', '.join(SECTIONS)}; build it with jaxpt.config.preset_config, as the files in "
+            "configs/ do."
+        )
+    return config
 
 
 def check_override(config: ml_collections.ConfigDict, path: str) -> None:

@@ -170,6 +170,10 @@ def run_launch(*args, cwd=ROOT):
             ["--config=configs/gpt.py:smoke", "--distributed"],
             "--distributed could not join a cluster",
         ),
+        # AttributeError tracebacks: a file that is no preset
+        (["--config=a_file"], "--config=a_file: 'a_file' is not a Python file; name a preset"),
+        (["--config=no_get_config.py"], "'no_get_config.py' defines no get_config(arg); name"),
+        (["--config=returns_a_dict.py"], "get_config did not return a run config with the"),
     ],
     ids=[
         "unknown field",
@@ -179,10 +183,15 @@ def run_launch(*args, cwd=ROOT):
         "empty workdir",
         "positional argument",
         "distributed without a cluster",
+        "config not python",
+        "config without get_config",
+        "config not a run config",
     ],
 )
 def test_launch_errors_are_one_sentence_and_exit_1(args, words, tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "no_get_config.py").write_text("x = 1\n")
+    (tmp_path / "returns_a_dict.py").write_text("def get_config(arg=None):\n    return {}\n")
     configs = tmp_path / "configs"
     configs.symlink_to(ROOT / "configs")
     result = run_launch("--workdir=run", *args, cwd=tmp_path)
