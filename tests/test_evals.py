@@ -265,6 +265,8 @@ def test_harness_unknown_task_and_offline_data_are_one_sentence(tmp_path, monkey
     for task in ["no_such_task", str(tmp_path / "missing.yaml")]:
         with pytest.raises(ConfigError, match=f"harness:{re.escape(task)} is neither a task YAML"):
             harness.check_tasks([task])
+    with pytest.raises(ConfigError, match=r"registers \(close: arc_easy"):
+        harness.check_tasks(["arc_eassy"])
     task = tmp_path / "local_hellaswag.yaml"
     task.write_text(TASK_YAML.format(jsonl=tmp_path / "items.jsonl"))
 

@@ -16,6 +16,7 @@ GPT-2 124M: acc 0.2892, acc_norm 0.3114, its ``acc_norm`` per byte, not per toke
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,9 +175,12 @@ def check_tasks(tasks: Sequence[str]) -> None:
     manager = _task_manager(tasks)
     for task in tasks:
         if not Path(task).is_file() and task not in manager.all_tasks:
+            close = difflib.get_close_matches(task, manager.all_tasks, n=3)
             raise ConfigError(
                 f"eval.tasks: harness:{task} is neither a task YAML file nor a task, group or "
-                "tag lm-evaluation-harness registers (`lm-eval ls tasks` lists them)."
+                "tag lm-evaluation-harness registers"
+                + (f" (close: {', '.join(close)})" if close else "")
+                + "; `lm-eval ls tasks` lists them."
             )
 
 
