@@ -143,6 +143,15 @@ def test_training_never_sets_aside_another_programs_checkpoint(workdir):
     assert checkpoint_steps(workdir) == [1, 2, 4, 9]
 
 
+def test_orbax_markers_of_any_version_belong_to_a_checkpoint(workdir, capsys):
+    """Names that begin with "_" are orbax's (another version may write more): the run resumes
+    from that checkpoint."""
+    (workdir / "checkpoints" / "4" / "_A_NEWER_ORBAX_MARKER").write_text("{}")
+    resume(trained_config(), workdir)
+    assert "resumed from checkpoint 4" in capsys.readouterr().out
+    assert checkpoint_steps(workdir) == [2, 4, 6]
+
+
 def test_how_the_model_is_computed_may_change(workdir):
     config = trained_config()
     config.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
@@ -226,7 +235,7 @@ def test_skipped_steps_never_rotate_out_the_last_finite_checkpoint(workdir):
     config.checkpoint.keep = 2
     config.train.steps = 12
     train.train(config, workdir)
-    assert checkpoint_steps(workdir) == [4, 6]  # 6 holds step 5's update; no copies of it
+    assert checkpoint_steps(workdir) == [2, 4, 6]  # 6 holds step 5's update; no copies of it
     assert all(all_finite(workdir, step) for step in (4, 6))
 
 

@@ -47,11 +47,16 @@ FREE_MODEL_FIELDS = frozenset(
 )
 
 
-# What a checkpoint of ours holds at its top: orbax's markers and our items (an interrupted
-# rotation leaves any part of it, nothing included).
-_CHECKPOINT_NAMES = frozenset(
-    {"_CHECKPOINT_METADATA", "commit_success.txt", "descriptor", "config", "loader", "state"}
-)
+# What a checkpoint of ours holds at its top: our items and orbax's markers, which are these
+# or, in any orbax version, begin with "_" (an interrupted rotation leaves any part of it,
+# nothing included).
+_CHECKPOINT_NAMES = frozenset({"config", "loader", "state", "commit_success.txt", "descriptor"})
+
+
+def _foreign_names(step_dir: Path) -> list[str]:
+    """The names in ``step_dir`` that no checkpoint of ours holds, sorted."""
+    names = {p.name for p in step_dir.iterdir()}
+    return sorted(n for n in names - _CHECKPOINT_NAMES if not n.startswith("_"))
 
 
 class Checkpoints:
@@ -167,7 +172,7 @@ class Checkpoints:
         out."""
         for step in self.steps():
             path = self.directory / str(step)
-            foreign = sorted({p.name for p in path.iterdir()} - _CHECKPOINT_NAMES)
+            foreign = _foreign_names(path)
             if foreign:
                 raise ConfigError(
                     f"{path} is not a jaxpt checkpoint (it holds {foreign[0]}), so this is not "
