@@ -376,8 +376,8 @@ def train(
     Raises NonFiniteError when a step is not finite under ``train.on_nonfinite='stop'``, and
     Interrupted after saving when SIGTERM or SIGINT arrives."""
     workdir = Path(workdir)
-    run = _prepare(config)
     _check_workdir(workdir)
+    run = _prepare(config)
     workdir.mkdir(parents=True, exist_ok=True)
     steps = _jit_steps(config, run)
     batch_size = config.train.batch_size
