@@ -93,6 +93,15 @@ def test_count_params_by_layer_type_uses_the_originals_paths():
     assert utils.count_params(model, "wpe") == 1024 * d
 
 
+def test_bigram_counts_and_writes_the_originals_tree(tmp_path):
+    bigram = m.Bigram(V, nnx.Rngs(0))  # its config has no heads
+    assert utils.count_params(bigram) == V * V
+    (table,) = jax.tree.leaves(bigram.functional_params())
+    np.testing.assert_array_equal(bigram.original_tree()["embed"]["embedding"]["value"], table)
+    bigram.save_checkpoint(tmp_path / "bigram")
+    assert (tmp_path / "bigram").is_dir()
+
+
 def train_step(model, optimizer, x, y):
     """The original's train step (run under nnx.jit): cross-entropy plus the MoE losses the
     model returns; returns the logits and gradients too, for the comparison."""

@@ -239,11 +239,12 @@ def _entries(layout: Layout | None, cfg, name: str) -> list[Entry]:
     ]
 
 
-def _head(array, head: int | None, n_head: int):
-    """Head ``head``'s slice of the last axis (all of it for None)."""
+def _head(array, head: int | None, cfg):
+    """Head ``head``'s slice of the last axis (all of it for None, the only case of a config
+    without heads: Bigram's)."""
     if head is None:
         return array
-    width = array.shape[-1] // n_head
+    width = array.shape[-1] // cfg.n_head
     return array[..., head * width : (head + 1) * width]
 
 
@@ -272,7 +273,7 @@ def to_original(layout: Layout | None, params, cfg, omega_dtype=None) -> dict[st
         for path, r, head, place in _entries(layout, cfg, name):
             if path is None:
                 continue
-            array = _head(leaf if r < 0 else leaf[r], head, cfg.n_head)
+            array = _head(leaf if r < 0 else leaf[r], head, cfg)
             slot = parts.setdefault(path, [None] * place.parts)
             slot[place.part] = place.to_original(array, cfg)
     tree = {path: jnp.concatenate(p, axis=-1) if len(p) > 1 else p[0] for path, p in parts.items()}
