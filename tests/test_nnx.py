@@ -181,6 +181,17 @@ def test_moe_flags_choose_what_the_model_returns():
         soft_moe(x)
 
 
+def test_moe_padding_takes_no_slot_and_no_part_in_the_losses():
+    model = build(m.Tiny_MoE_2)
+    model.train(load_balance_loss=True, z_loss=True)
+    x, _ = batch(b=1)
+    n = 10  # real tokens, then padding
+    logits, lb, z = model(x, jnp.arange(T)[None] < n)
+    alone, lb_alone, z_alone = model(x[:, :n])
+    np.testing.assert_allclose(logits[:, :n], alone, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose([lb, z], [lb_alone, z_alone], rtol=1e-5)
+
+
 @pytest.mark.parametrize("cls", [m.GQA_GPT, m.GQA_GLU_RoPE_GPT])
 def test_cached_decoding_equals_the_full_pass(cls):
     model = build(cls)
