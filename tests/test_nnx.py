@@ -192,6 +192,23 @@ def test_moe_padding_takes_no_slot_and_no_part_in_the_losses():
     np.testing.assert_allclose([lb, z], [lb_alone, z_alone], rtol=1e-5)
 
 
+def test_moe_classes_cache_only_when_no_choice_can_be_dropped():
+    x, _ = batch()
+    for cls, load_factor in [(m.Tiny_MoE_2, 1.25), (m.Tiny_MoE_2, 2.0), (m.Tiny_MoE_3, None)]:
+        model = build(cls)
+        config = model.config
+        if load_factor is not None:
+            config = dataclasses.replace(config, load_factor=load_factor)
+        model.config = dataclasses.replace(config, use_cache=True)
+        if load_factor != 2.0:  # 1.25 * 2 < 4 experts: a choice can be dropped
+            with pytest.raises(ConfigError, match="cannot be cached"):
+                model(x)
+            continue
+        first, second = model(x[:, :6])[0], model(x[:, 6:])[0]
+        full = cls.from_params(model.functional_params(), config)(x)[0]
+        np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, atol=1e-5)
+
+
 @pytest.mark.parametrize("cls", [m.GQA_GPT, m.GQA_GLU_RoPE_GPT])
 def test_cached_decoding_equals_the_full_pass(cls):
     model = build(cls)
