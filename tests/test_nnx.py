@@ -102,6 +102,13 @@ def test_bigram_counts_and_writes_the_originals_tree(tmp_path):
     assert (tmp_path / "bigram").is_dir()
 
 
+def test_init_stddev_scales_every_weight():
+    config = m.GPTConfig(**{**TINY, "n_embed": 128, "n_mlp_hidden": 256}, init_stddev=0.1)
+    tree = m.GPT(config, nnx.Rngs(0)).original_tree()["h"]["0"]  # the original: 0.02 for both
+    for kernel in (tree["attn"]["c_attn"]["kernel"], tree["mlp"]["c_fc"]["kernel"]):
+        assert float(jnp.std(kernel["value"])) == pytest.approx(0.1, rel=0.05)
+
+
 def train_step(model, optimizer, x, y):
     """The original's train step (run under nnx.jit): cross-entropy plus the MoE losses the
     model returns; returns the logits and gradients too, for the comparison."""
