@@ -83,7 +83,12 @@ def filter_logits(logits: Array, sampling: Sampling) -> Array:
 
 
 def sample(key: Array, logits: Array, sampling: Sampling) -> Array:
-    """One token per row: ``(B, V)`` logits -> ``(B,)`` int32."""
+    """One token per row: ``(B, V)`` logits -> ``(B,)`` int32.
+
+    Drawn in float32 whatever the logits' dtype: bfloat16 Gumbel noise and probabilities
+    cannot reach the unlikely tokens (a token of probability 0.001 was never drawn).
+    """
+    logits = logits.astype(jnp.float32)
     if sampling.n_tokens is not None:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < sampling.n_tokens, logits, -jnp.inf)
     if sampling.temperature == 0:

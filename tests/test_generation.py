@@ -12,7 +12,7 @@ import pytest
 
 from jaxpt import generate, launcher, models, train
 from jaxpt.errors import ConfigError
-from jaxpt.generation import Sampling, _generate, filter_logits, pad_prompts
+from jaxpt.generation import Sampling, _generate, filter_logits, pad_prompts, sample
 from tests.test_models import tiny_config
 from tests.test_train import ROOT, load_config
 
@@ -150,6 +150,18 @@ def test_top_k_filter_and_temperature():
     logits = jnp.asarray([[1.0, 4.0, 2.0, 3.0]])
     filtered = filter_logits(logits, Sampling(temperature=2.0, top_k=2))
     np.testing.assert_array_equal(filtered, [[-np.inf, 2.0, -np.inf, 1.5]])
+
+
+def test_bfloat16_logits_are_sampled_in_float32():
+    # the presets' logits_dtype: with bfloat16 noise the 0.001 token was never drawn
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.04, 0.009, 0.001]])).astype(jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(1), 2000)
+    for sampling in (Sampling(1.0), Sampling(0.7, top_k=5, top_p=0.99)):
+
+        def draws(x, sampling=sampling):
+            return jax.vmap(lambda key: sample(key, x, sampling)[0])(keys)
+
+        np.testing.assert_array_equal(draws(logits), draws(logits.astype(jnp.float32)))
 
 
 def test_n_tokens_keeps_padded_ids_out(gpt):

@@ -274,7 +274,8 @@ def decode(
         at: ``(B,)`` int, the index into T whose logits to return; None: every index.
         cache: from ``init_cache``; extended with the keys/values of ``tokens``.
     Returns:
-        float32 ``(B, V)`` logits (``(B, T, V)`` when ``at`` is None) and the updated cache.
+        ``(B, V)`` logits in ``logits_dtype`` (``(B, T, V)`` when ``at`` is None) and the
+        updated cache.
     """
     x, _, cache = features(params, tokens, cfg, mask=mask, positions=positions, cache=cache)
     if at is not None:
