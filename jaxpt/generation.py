@@ -61,7 +61,8 @@ def filter_logits(logits: Array, sampling: Sampling) -> Array:
     """Temperature-scaled logits with tokens outside the top-k / top-p sets at -inf.
 
     Top-p keeps, in order of probability, the tokens until their mass first reaches ``p``
-    (the smallest such set); the most likely token is always kept.
+    (the smallest such set); the most likely token is always kept, and ``p = 1`` keeps every
+    token (a float32 running sum reaches 1 before the last ones).
 
     Args:
         logits: ``(B, V)`` float32, ``sampling.temperature > 0``.
@@ -70,7 +71,7 @@ def filter_logits(logits: Array, sampling: Sampling) -> Array:
     if sampling.top_k is not None:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # (B, 1)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p is not None:
+    if sampling.top_p is not None and sampling.top_p < 1:
         order = jnp.argsort(-logits, axis=-1)  # (B, V) most likely first
         probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs

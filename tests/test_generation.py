@@ -144,6 +144,8 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     assert kept(0.8) == {1, 3}
     assert kept(0.81) == {1, 3, 2}
     assert kept(1.0) == {0, 1, 2, 3}
+    many = jax.random.normal(jax.random.key(0), (2, 50304)) * 3  # GPT-2's vocabulary
+    assert jnp.isfinite(filter_logits(many, Sampling(temperature=1.0, top_p=1.0))).all()
 
 
 def test_top_k_filter_and_temperature():
