@@ -145,10 +145,17 @@ def generate(
 def pad_prompts(prompts, cfg, *, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """The left-aligned ``(B, P + max_new_tokens)`` int32 buffer and the prompt lengths.
 
-    Raises ConfigError for an empty prompt, a token id outside the vocabulary, or a total
-    length beyond the model's ``max_length``.
+    Raises ConfigError for a prompt that is not a list of ids (one prompt's ids not wrapped
+    in a list were taken for many one-token prompts), an empty prompt, a token id outside
+    the vocabulary, or a total length beyond the model's ``max_length``.
     """
-    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    rows = [np.asarray(p) for p in prompts]
+    for i, row in enumerate(rows):
+        if row.ndim != 1 or (row.size and row.dtype.kind not in "iu"):
+            raise ConfigError(
+                f"prompt {i} is not a list of token ids (shape {row.shape}, {row.dtype}): "
+                "pass a list of prompts, e.g. [ids] for one."
+            )
     if not rows or min(len(r) for r in rows) == 0:
         raise ConfigError("generate needs at least one prompt, each of at least one token.")
     check_range("max_new_tokens", max_new_tokens, at_least=1, integer=True)

@@ -197,6 +197,9 @@ def test_bad_requests_get_one_clear_sentence(gpt):
         generate(params, [[1]], cfg, max_new_tokens=2)
     with pytest.raises(ConfigError, match="at least one token"):
         generate(params, [[1], []], cfg, max_new_tokens=2, temperature=0)
+    for prompts in ([1, 2, 3], np.array([1, 2, 3]), [[[1, 2]]], [[1.5, 2.0]]):
+        with pytest.raises(ConfigError, match="not a list of token ids"):
+            generate(params, prompts, cfg, max_new_tokens=2, temperature=0)
     with pytest.raises(ConfigError, match="top_p"):
         generate(params, [[1]], cfg, max_new_tokens=2, top_p=0.0, key=jax.random.key(0))
     for temperature in ("nan", "inf"):  # were garbage, and a padding id that crashed decoding
