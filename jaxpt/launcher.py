@@ -136,7 +136,8 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
 def converse(config, workdir: str | Path, options: SampleOptions) -> None:
     """``--mode=chat``: a conversation in the terminal with the model ``sample`` would use.
     Each line read is a user message, answered by ``jaxpt.chat`` with the conversation so far
-    (``options.system_prompt`` first); end of input (Ctrl-D) or Ctrl-C ends it."""
+    (``options.system_prompt`` first); end of input (Ctrl-D) or Ctrl-C, also while a reply
+    is drawn, ends it."""
     train.validate_config(config)
     options.validate()
     params, tokenizer = params_and_tokenizer(config, workdir)
@@ -146,29 +147,28 @@ def converse(config, workdir: str | Path, options: SampleOptions) -> None:
         messages.append({"role": "system", "content": options.system_prompt})
     key = jax.random.key(options.seed)
     print("chat: type a message and press Enter; Ctrl-D ends the conversation", flush=True)
-    while True:
-        try:
+    try:
+        while True:
             text = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(flush=True)
-            return
-        if not text.strip():
-            continue
-        messages.append({"role": "user", "content": text})
-        key, turn_key = jax.random.split(key)
-        reply = chat(
-            params,
-            model_cfg,
-            tokenizer,
-            messages,
-            max_new_tokens=options.max_new_tokens,
-            temperature=options.temperature,
-            top_k=options.top_k or None,
-            top_p=None if options.top_p == 1 else options.top_p,
-            key=turn_key,
-        )
-        print(reply, flush=True)
-        messages.append({"role": "assistant", "content": reply})
+            if not text.strip():
+                continue
+            messages.append({"role": "user", "content": text})
+            key, turn_key = jax.random.split(key)
+            reply = chat(
+                params,
+                model_cfg,
+                tokenizer,
+                messages,
+                max_new_tokens=options.max_new_tokens,
+                temperature=options.temperature,
+                top_k=options.top_k or None,
+                top_p=None if options.top_p == 1 else options.top_p,
+                key=turn_key,
+            )
+            print(reply, flush=True)
+            messages.append({"role": "assistant", "content": reply})
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt or mid-reply
+        print(flush=True)
 
 
 def params_and_tokenizer(config, workdir: str | Path) -> tuple[object, data.Tokenizer]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxpt
-from jaxpt import data, models, train
+from jaxpt import data, launcher, models, train
 from jaxpt.config import load_config_file, preset_config
 
 from .conftest import FAST_COMPILE, use_devices
@@ -249,3 +249,20 @@ def test_launch_chat_answers_and_exits_on_end_of_input(fine_tuned):
     )
     assert result.returncode == 0, result.stderr
     assert "> hey\n" in result.stdout
+
+
+def test_ctrl_c_while_a_reply_is_drawn_ends_the_chat(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the reply's prefill or decoding
+
+    config = preset_config("bigram", "smoke")
+    monkeypatch.setattr(
+        launcher, "params_and_tokenizer", lambda *_: (None, data.CharTokenizer("hi"))
+    )
+    monkeypatch.setattr(launcher, "chat", interrupted)
+    monkeypatch.setattr("builtins.input", lambda prompt: "hi")
+    try:
+        launcher.converse(config, "unused", launcher.SampleOptions())  # returns: status 0
+    except KeyboardInterrupt:  # would stop pytest itself
+        pytest.fail("Ctrl-C while a reply was drawn left converse with a traceback")
+    assert capsys.readouterr().out.endswith("conversation\n\n")
