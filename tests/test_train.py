@@ -48,6 +48,15 @@ def test_decay_mask_spares_norms_biases_and_embeddings():
     assert train.decay_mask(params, decay_embeddings=True).wte.weight
 
 
+def test_decay_mask_spares_expert_biases():
+    """An expert's bias is ``(E, F)``: a vector per expert, not a matrix."""
+    cfg = models.config_from(char_config("tiny_moe").model)
+    params = jax.eval_shape(lambda k: models.get("tiny_moe").init(k, cfg), jax.random.key(0))
+    experts = train.decay_mask(params, decay_embeddings=False).blocks[0].mixer.experts
+    assert experts.up.weight and experts.gate.weight and experts.down.weight
+    assert not experts.up.bias and not experts.gate.bias and not experts.down.bias
+
+
 @pytest.mark.parametrize(
     "schedule, after_warmup",
     [

@@ -51,11 +51,13 @@ def _inverse_sqrt(peak: float, warmup: int, floor: float) -> optax.Schedule:
 
 def decay_mask(params, *, decay_embeddings: bool):
     """True for the arrays weight decay applies to: matrices of every layer (rank >= 2 before
-    stacking), but not norms, biases, and, unless asked, embedding and read-out tables."""
+    stacking, the expert axis aside: an expert's bias is a vector), but not norms, biases,
+    and, unless asked, embedding and read-out tables."""
     tables = (nn.Embedding, nn.ReadOut)
     return nn.map_params(
         lambda layer, array, names: (
-            len(names) >= 2 and (decay_embeddings or not isinstance(layer, tables))
+            len(names) - ("expert" in names) >= 2
+            and (decay_embeddings or not isinstance(layer, tables))
         ),
         params,
     )
