@@ -15,6 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxpt import models, sharding, train
@@ -123,6 +124,23 @@ def test_each_optimizer_lowers_the_loss_and_resumes_exactly(preset, optimizer, t
     for _ in range(2):
         resumed, _ = step(resumed, tokens[:, :-1], tokens[:, 1:])
     jax.tree.map(np.testing.assert_array_equal, resumed, state)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "lion", "muon"])
+def test_decoupled_weight_decay_is_lr_times_weight_decay(optimizer):
+    """With zero gradients a step shrinks each decayed matrix by ``1 - lr * weight_decay``, as
+    AdamW does, and leaves the rest alone."""
+    config = char_config(optimizer=optimizer, warmup_steps=0, lr=1e-2, weight_decay=0.1)
+    config.model.n_layer = 1
+    cfg = models.config_from(config.model)
+    params = models.get("gpt").init(jax.random.key(0), cfg)
+    tx = train.optimizer(config.train, params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    old, new = params.blocks[0], new.blocks[0]
+    np.testing.assert_allclose(new.mixer.fc.weight, old.mixer.fc.weight * (1 - 1e-3), rtol=1e-6)
+    np.testing.assert_array_equal(new.ln_1.scale, old.ln_1.scale)
 
 
 def test_gradient_accumulation_equals_one_big_step():

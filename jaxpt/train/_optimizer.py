@@ -89,9 +89,11 @@ def _adam(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransfor
 def _adafactor(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
     """Adafactor (Shazeer and Stern, 2018) at optax's defaults: factored second moments, no
     momentum, updates scaled by each param's RMS; decoupled weight decay (``b1``, ``b2`` and
-    ``eps`` are Adam's and unused)."""
+    ``eps`` are Adam's and unused). optax adds the decay after the learning rate, so it is
+    scaled by the schedule here: ``lr * weight_decay`` per step, as AdamW decays."""
     del params
-    return optax.adafactor(lr, weight_decay_rate=train_cfg.weight_decay, weight_decay_mask=mask)
+    decay = lambda count: train_cfg.weight_decay * lr(count)
+    return optax.adafactor(lr, weight_decay_rate=decay, weight_decay_mask=mask)
 
 
 def _lion(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
