@@ -4,11 +4,13 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import equinox as eqx
@@ -74,6 +76,25 @@ def test_learning_rate_schedules(schedule, after_warmup):
     np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 0.5, 1.0], atol=1e-6)
     for step, want in after_warmup.items():
         np.testing.assert_allclose(lr(step), want, atol=1e-6, err_msg=f"step {step}")
+
+
+@pytest.mark.parametrize("steps, decay_fraction", [(10, 0.9), (10, 0.8), (25, 0.56), (17, 0.2)])
+def test_wsd_decays_over_the_last_decay_fraction_of_the_steps(steps, decay_fraction):
+    """Over ``ceil(steps * decay_fraction)`` steps (4 of 17 at 0.2), also where the product
+    is a whole number that floats miss (10 * (1 - 0.9) is 0.99999...)."""
+    lr = train.learning_rate(
+        char_config(
+            schedule="wsd",
+            steps=steps,
+            warmup_steps=0,
+            lr=1.0,
+            min_lr_ratio=0.0,
+            decay_fraction=decay_fraction,
+        ).train
+    )
+    n = math.ceil(Fraction(steps) * Fraction(str(decay_fraction)))
+    want = [min(1.0, (steps - s) / n) for s in range(steps + 1)]
+    np.testing.assert_allclose([lr(s) for s in range(steps + 1)], want, atol=1e-6)
 
 
 @functools.cache

@@ -3,6 +3,7 @@ cosine, warmup-stable-decay or inverse square root), global-norm clipping, a dec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -30,7 +31,10 @@ def learning_rate(train_cfg) -> optax.Schedule:
             [optax.linear_schedule(0.0, peak, warmup), _inverse_sqrt(peak, warmup, floor)],
             boundaries=[warmup],
         )
-    decay_start = max(warmup, int(steps * (1 - train_cfg.decay_fraction)))
+    # The last ceil(steps * decay_fraction) steps; rounded first, as 10 * (1 - 0.9) is
+    # 0.99999... in floats, which truncated to a 10-step decay instead of 9.
+    decay_steps = math.ceil(round(steps * train_cfg.decay_fraction, 6))
+    decay_start = max(warmup, steps - decay_steps)
     return optax.join_schedules(
         [
             optax.linear_schedule(0.0, peak, warmup),
