@@ -241,6 +241,15 @@ def one_sentence(error: pytest.ExceptionInfo) -> str:
         # read ./tokenizer.json, or said "tokenizer tokenizer.json does not exist"
         ("ok.txt", "text", {"tokenizer": ""}, errors.DataNotFoundError, "'' is neither 'gpt2'"),
         ("ok.txt", "text", {"shard_tokens": 0}, errors.DataError, "shard_tokens must be at least"),
+        # rounded down to whole rows, 10 tokens became 0, "the whole source"
+        (
+            "chat.jsonl",
+            '{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "assistant", "content": "hello"}]}\n',
+            {"format": "chat", "block_size": 63, "max_tokens": 10},
+            errors.DataError,
+            "max_tokens must be 0 [(]the whole source[)] or at least one row of 64 tokens",
+        ),
     ],
 )
 def test_bad_input_is_one_sentence_and_writes_nothing(

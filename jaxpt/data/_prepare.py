@@ -140,6 +140,11 @@ def prepare_dataset(
         source = chat_source(dataset, tokenizer, config_name, split, messages_field, block_size)
         row = source["row_tokens"]
         _check_arguments(shard_tokens=(shard_tokens, row))
+        if 0 < max_tokens < row:  # rounded down to 0 rows, it would mean the whole source
+            raise DataError(
+                f"max_tokens must be 0 (the whole source) or at least one row of {row} tokens "
+                f"(block_size + 1), got {max_tokens}"
+            )
         shard_tokens, max_tokens = shard_tokens // row * row, max_tokens // row * row
     else:
         source = dataset_source(dataset, tokenizer, config_name, split, text_field)
