@@ -168,6 +168,8 @@ def test_loader_errors(manifest, tmp_path):
         data.Loader(manifest, "train", B, T, rows=[B])
     with pytest.raises(errors.DataError, match="too few for 1 batch"):
         data.Loader(manifest, "train", 1000, T).init_state()
+    with pytest.raises(errors.DataError, match="too few for 1 batch"):  # said "for 0 batch(es)"
+        next(data.Loader(manifest, "val", 1000, T).eval_batches())
     with pytest.raises(errors.DataError, match=r"model\.vocab_size is 10;"):
         data.check_vocab(loader, 10)
     no_val = synthetic(tmp_path / "no_val", TRAIN, val_shards=0)

@@ -136,7 +136,7 @@ class Loader:
         available = windows // self.batch_size
         num_batches = available if num_batches is None else num_batches
         if num_batches > available or available < 1:
-            raise DataError(self._too_small(windows, num_batches))
+            raise DataError(self._too_small(windows, max(num_batches, 1)))
         return num_batches
 
     @property
