@@ -5,6 +5,7 @@ Every model is a tiny random-init transformers model built here (no downloads), 
 perturbed so that norms and biases are not at their init values.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -265,6 +266,19 @@ def test_a_gpt2_vocabulary_brings_gpt2s_tokenizer_and_exports_it(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 50256
 
 
+def test_a_llama_trained_on_gpt2s_tokenizer_exports_one_transformers_loads(tmp_path):
+    """configs/smollm.py trains on GPT-2's BPE: with model_type llama and no tokenizer_config,
+    AutoTokenizer looked for a SentencePiece file and raised."""
+    cfg = dataclasses.replace(tiny_config("smollm"), vocab_size=50304)
+    params = models.get("smollm").init(jax.random.key(0), cfg)
+    tokenizer = data.get_tokenizer("gpt2")
+    hf.save_pretrained(params, cfg, tmp_path, tokenizer=tokenizer)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello world, said the tokenizer."
+    assert theirs(text)["input_ids"] == tokenizer.encode(text)
+    assert theirs.eos_token_id == tokenizer.eot_id
+
+
 def test_saved_files_get_the_mode_of_any_new_file(tmp_path):
     """Under a umask of 027 every file is rw-r----- (safetensors alone would write 0600, which
     no one else may read)."""
@@ -277,7 +291,8 @@ def test_saved_files_get_the_mode_of_any_new_file(tmp_path):
         os.umask(previous)
     modes = {path.name: oct(path.stat().st_mode & 0o777) for path in tmp_path.iterdir()}
     assert modes == dict.fromkeys(
-        ["config.json", "model.safetensors", "vocab.json", "merges.txt"], "0o640"
+        ["config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"],
+        "0o640",
     )
 
 

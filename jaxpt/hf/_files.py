@@ -191,7 +191,8 @@ def _gpt2_vocab_files() -> Path:
 
 def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
     """File name -> content: tokenizer.json (and its tokenizer_config.json), or GPT-2's
-    vocab.json and merges.txt."""
+    vocab.json and merges.txt with a tokenizer_config.json naming GPT2Tokenizer (without it
+    transformers picks the tokenizer by model_type: a Llama's needs a SentencePiece file)."""
     if isinstance(tokenizer, data.HFTokenizer):
         files = {tokenizer.file: tokenizer.path.read_bytes()}
         beside = tokenizer.path.parent / "tokenizer_config.json"
@@ -203,6 +204,7 @@ def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
         return {
             "vocab.json": (vocab / "encoder.json").read_bytes(),
             "merges.txt": (vocab / "vocab.bpe").read_bytes(),
+            "tokenizer_config.json": b'{"tokenizer_class": "GPT2Tokenizer"}\n',
         }
     raise ConfigError(
         f"a {type(tokenizer).__name__} has no Hugging Face format; save without tokenizer."
