@@ -312,6 +312,10 @@ def with_keys(config, **entries):
             with_keys(llama(), rope_parameters=None, rope_scaling={"type": "dynamic"}),
             "rope_scaling=",
         ),
+        (  # transformers 5 reads rope_scaling over a default rope_parameters
+            with_keys(llama(), rope_scaling={"rope_type": "linear", "factor": 2.0}),
+            "rope_scaling=",
+        ),
         (with_keys(llama(), head_dim=32), "head_dim=32"),
         (with_keys(llama(), hidden_act="gelu"), "hidden_act='gelu'"),
         (

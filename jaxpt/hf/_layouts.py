@@ -55,13 +55,14 @@ def _prepare_gpt2(hf: dict) -> dict:
 
 
 def _prepare_llama(hf: dict) -> dict:
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    rope = hf.get(key) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(
-            f"config.json sets {key}={rope!r}: jaxpt implements plain rotary embeddings only "
-            "(rope_type 'default'), not scaled ones."
-        )
+    for key in ("rope_parameters", "rope_scaling"):  # transformers applies either (scaling wins)
+        rope = hf.get(key) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise CheckpointError(
+                f"config.json sets {key}={rope!r}: jaxpt implements plain rotary embeddings "
+                "only (rope_type 'default'), not scaled ones."
+            )
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     heads, width = hf["num_attention_heads"], hf["hidden_size"]
     if hf.get("head_dim") not in (None, width // heads):
         raise CheckpointError(
