@@ -312,12 +312,7 @@ def _tokenizer(source: dict, documents: Documents, saved_in: Path | None) -> Tok
     texts = documents(0)
     if _is_chat(source):
         texts = (plain_text(source["chat_template"], messages) for messages in texts)
-    chars = set()
-    for text in texts:  # an error reading them (a missing field, say) says what it is
-        chars.update(text)
-    if not chars:
-        raise DataError(f"dataset {source['dataset']} is empty (no text)")
-    return CharTokenizer("".join(sorted(chars)))
+    return CharTokenizer.from_texts(texts, corpus=f"dataset {source['dataset']}")
 
 
 # ----------------------------------------------------------------------------- the output

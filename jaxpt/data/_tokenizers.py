@@ -180,13 +180,14 @@ class CharTokenizer:
         self.eot_id: int = len(chars)
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
-        """The tokenizer of every character in `texts`."""
+    def from_texts(cls, texts: Iterable[str], *, corpus: str = "the corpus") -> CharTokenizer:
+        """The tokenizer of every character in `texts`; DataError when there is none, naming
+        `corpus`. An error reading `texts` passes through as it is."""
         seen: set[str] = set()
         for text in texts:
             seen.update(text)
         if not seen:
-            raise DataError("the corpus has no characters, so there is no char vocabulary")
+            raise DataError(f"{corpus} is empty (no text), so there is no char vocabulary")
         return cls("".join(sorted(seen)))
 
     @classmethod
