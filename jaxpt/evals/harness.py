@@ -166,6 +166,7 @@ def _task_manager(tasks: Sequence[str]) -> TaskManager:
 
 @functools.cache
 def _manager(include_defaults: bool) -> TaskManager:
+    """One index of each kind a process (indexing the built-ins takes seconds)."""
     return TaskManager(include_defaults=include_defaults)
 
 

@@ -160,6 +160,7 @@ def _parse(path: Path, *, note: bool) -> list[dict]:
 
 
 def _damaged(path: Path, number: int) -> ConfigError:
+    """The error for line ``number`` of ``path``, which is no record of a logged step."""
     return ConfigError(
         f"{path} line {number} is not a JSON record of a logged step: repair or remove that "
         "line (the run's history of logged steps)."
