@@ -110,6 +110,7 @@ class Layout(NamedTuple):
     block: dict[str, Place]  # core path inside a block (attention, norms) -> place in h.<i>
     mixers: dict[str, dict[str, Place]]  # mixer kind -> core path inside a block -> place
     layers: str = "h"  # the original's list of layers
+    slow_mask: bool = False  # its attention keeps a causal mask under "slow" (CausalSelfAttention)
 
     def place(self, core_path: str, kind: str | None) -> Place:
         """Where the core array ``core_path`` lives; ``kind``: its block's mixer (None: a
@@ -133,6 +134,7 @@ def gpt_layout(*, mixer: str = "mlp", gqa: bool = False) -> Layout:
             **(_GQ_ATTENTION if gqa else _FUSED_ATTENTION),
         },
         mixers=_mixers(mlp=mixer, glu=mixer),
+        slow_mask=not gqa,
     )
 
 
@@ -258,16 +260,25 @@ def dropped(layout: Layout | None, params, cfg) -> list[str]:
     ]
 
 
-def omega(cfg, dtype) -> jax.Array:
-    """The original's RoPE table: ``omega[p] = p * concat(inv_freq, inv_freq)``, ``(S, hd)``."""
+def omega(cfg) -> jax.Array:
+    """The original's RoPE table in config.dtype: ``omega[p] = p * concat(inv_freq,
+    inv_freq)``, ``(S, hd)``."""
     inv_freq = cfg.rope_base ** (-jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
     angles = jnp.arange(cfg.block_size, dtype=jnp.float32)[:, None] * inv_freq
-    return jnp.concatenate([angles, angles], axis=-1).astype(dtype)
+    return jnp.concatenate([angles, angles], axis=-1).astype(cfg.dtype)
 
 
-def to_original(layout: Layout | None, params, cfg, omega_dtype=None) -> dict[str, jax.Array]:
-    """The original's flat tree of the core ``params`` (with ``omega`` in ``omega_dtype``
-    where the model rotates positions)."""
+def slow_masks(cfg) -> dict[str, jax.Array]:
+    """``{"h.<i>.attn.mask": mask}``: the causal mask ``tril(1)``, ``(1, 1, S, S)``, that each
+    layer of the original's "slow" CausalSelfAttention keeps (the core's "einsum")."""
+    mask = jnp.tril(jnp.ones((cfg.block_size, cfg.block_size), cfg.dtype))[None, None]
+    return {f"h.{i}.attn.mask": mask for i in range(cfg.n_layer)}
+
+
+def to_original(layout: Layout | None, params, cfg, variables=False) -> dict[str, jax.Array]:
+    """The original's flat tree of the core ``params``; with ``variables``, also the arrays it
+    keeps in config.dtype beside them: ``omega`` where the model rotates positions, and the
+    masks of a "slow" attention that keeps them (``Layout.slow_mask``)."""
     parts: dict[str, list] = {}
     for name, leaf in _leaves(params):
         for path, r, head, place in _entries(layout, cfg, name):
@@ -277,8 +288,12 @@ def to_original(layout: Layout | None, params, cfg, omega_dtype=None) -> dict[st
             slot = parts.setdefault(path, [None] * place.parts)
             slot[place.part] = place.to_original(array, cfg)
     tree = {path: jnp.concatenate(p, axis=-1) if len(p) > 1 else p[0] for path, p in parts.items()}
-    if omega_dtype is not None and isinstance(cfg, models.ModelConfig) and cfg.position == "rope":
-        tree[OMEGA] = omega(cfg, omega_dtype)
+    if not variables:
+        return tree
+    if cfg.position == "rope":
+        tree[OMEGA] = omega(cfg)
+    if layout.slow_mask and cfg.sdpa_implementation == "einsum":
+        tree.update(slow_masks(cfg))
     return tree
 
 
