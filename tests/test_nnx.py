@@ -499,6 +499,17 @@ def test_checkpointers_and_hf_helpers_use_the_originals_paths_and_local_checkpoi
         m.GPTConfig.from_model_config(smol.model_config())
 
 
+@pytest.mark.parametrize("cls", [m.GPTConfig, m.SmolLM_Config, m.Tiny_MoE_Config])
+def test_from_model_config_gives_the_originals_jnp_dtypes(cls):
+    """The original's configs hold jax.numpy's scalar types (NNX_API.md §3: jnp.float32,
+    jnp.bfloat16), not numpy's or ml_dtypes'."""
+    original = cls()
+    config = cls.from_model_config(original.model_config())
+    for name in ("dtype", "param_dtype"):
+        assert getattr(config, name) is getattr(original, name), name
+    assert repr(config) == repr(original)
+
+
 def test_create_sharded_model_places_params_by_the_core_rules():
     mesh = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES)  # data, fsdp, tensor, expert
     model = utils.create_sharded_model(m.GPT, TINY_CONFIGS[m.GPT], nnx.Rngs(0), mesh)

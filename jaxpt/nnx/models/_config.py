@@ -63,8 +63,9 @@ _TO_CORE: dict[str, tuple[str, Any, Any]] = {
             "moe_router_bias",
         )
     },
-    "dtype": ("dtype", _dtype_name, lambda c: jnp.dtype(c.dtype).type),
-    "param_dtype": ("param_dtype", _dtype_name, lambda c: jnp.dtype(c.param_dtype).type),
+    # the original's configs hold jax.numpy's scalar types (jnp.bfloat16)
+    "dtype": ("dtype", _dtype_name, lambda c: getattr(jnp, c.dtype)),
+    "param_dtype": ("param_dtype", _dtype_name, lambda c: getattr(jnp, c.param_dtype)),
     "sdpa_implementation": (
         "sdpa_implementation",
         lambda v: _SDPA.get(v, v),
