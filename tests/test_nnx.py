@@ -256,7 +256,8 @@ def original_tree(cls, cfg, seed=0):
         }
         tree["h"] = {str(i): block() for i in range(cfg.n_layer)}
         return tree
-    # Tiny_MoE: MoE blocks at even indices, GLU blocks at odd ones
+    # Tiny_MoE: MoE blocks at even indices, GLU blocks at odd ones; mlp_bias biases the
+    # router and the GLU layers
     e, kv = cfg.n_experts, 2 * cfg.n_kv_head * hd
     tree = {"wte": {"embedding": arr(V, d)}, "rms_n_f": {"scale": arr(d)}, "h": {}}
     for i in range(cfg.n_layer):
@@ -272,23 +273,30 @@ def original_tree(cls, cfg, seed=0):
         if i % 2 == 0:
             experts = {"w_gate": arr(e, d, f), "w_c_fc": arr(e, d, f), "w_c_proj": arr(e, f, d)}
             experts.update(b_gate=arr(e, 1, f), b_c_fc=arr(e, 1, f), b_c_proj=arr(e, 1, d))
-            block["moe"] = {"router_gate": linear(d, e, False), "experts": experts}
+            block["moe"] = {"router_gate": linear(d, e, cfg.mlp_bias), "experts": experts}
         else:
             block["glu"] = {
-                "c_fc": linear(d, f, False),
-                "gate": linear(d, f, False),
-                "c_proj": linear(f, d, False),
+                "c_fc": linear(d, f, cfg.mlp_bias),
+                "gate": linear(d, f, cfg.mlp_bias),
+                "c_proj": linear(f, d, cfg.mlp_bias),
             }
         tree["h"][str(i)] = block
     tree["h"]["0"]["attn"]["omega"] = {"value": np.zeros((T, hd), jnp.bfloat16)}
     return tree
 
 
-@pytest.mark.parametrize("cls", [m.GPT, m.Tiny_MoE])
-def test_a_checkpoint_in_the_originals_layout_loads_and_converts_back(cls, tmp_path):
+@pytest.mark.parametrize(
+    "cls, config",
+    [
+        (m.GPT, TINY_CONFIGS[m.GPT]),
+        (m.Tiny_MoE, TINY_CONFIGS[m.Tiny_MoE]),
+        (m.Tiny_MoE, m.Tiny_MoE_Config(**TINY_MOE, mlp_bias=True)),  # the router's bias too
+    ],
+    ids=["GPT", "Tiny_MoE", "Tiny_MoE-mlp_bias"],
+)
+def test_a_checkpoint_in_the_originals_layout_loads_and_converts_back(cls, config, tmp_path):
     import orbax.checkpoint as ocp
 
-    config = TINY_CONFIGS[cls]
     tree = original_tree(cls, config)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp_path / "original", tree)

@@ -314,12 +314,14 @@ class Tiny_MoE_Config(_TopK):
     """Top-2 of 8 SiLU-GLU experts in the even layers, GLU in the odd ones."""
 
     preset: ClassVar[str] = "tiny_moe"
-    fixed: ClassVar[dict[str, Any]] = dict(
-        _LLAMA, mixer="moe,glu", moe_expert="glu", moe_router_bias=False
-    )
+    fixed: ClassVar[dict[str, Any]] = dict(_LLAMA, mixer="moe,glu", moe_expert="glu")
 
     name: str = "Tiny_MoE"
     glu_activation: str = "silu"
+
+    def model_config(self) -> models.ModelConfig:
+        """The core config; the original's router has a bias when ``mlp_bias`` is on."""
+        return dataclasses.replace(super().model_config(), moe_router_bias=self.mlp_bias)
 
 
 @dataclasses.dataclass(eq=True, unsafe_hash=True)
