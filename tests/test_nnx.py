@@ -188,6 +188,16 @@ def test_moe_flags_choose_what_the_model_returns():
         soft_moe(x)
 
 
+@pytest.mark.parametrize("cls", [m.Tiny_MoE_Config, m.Tiny_MoE_3_Config])
+def test_moe_configs_refuse_a_glu_activation_their_experts_would_not_have(cls):
+    """The original's experts gate with SiLU whatever glu_activation says (NNX_API.md §6);
+    only its GLU layers follow it, and the core's experts share the GLU layers' gate."""
+    assert cls(**TINY_MOE).model_config().activation == "silu"
+    for activation in ("gelu", "sigmoid"):
+        with pytest.raises(ConfigError, match=f"glu_activation='{activation}' would gate"):
+            cls(**TINY_MOE, glu_activation=activation).model_config()
+
+
 def test_moe_padding_takes_no_slot_and_no_part_in_the_losses():
     model = build(m.Tiny_MoE_2)
     model.train(load_balance_loss=True, z_loss=True)

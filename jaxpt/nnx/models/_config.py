@@ -299,6 +299,19 @@ class _MoE(_Llama):
     moe_bias: bool = True
     expert_partition_spec: PartitionSpec = _EXPERTS_SPEC  # never read [D5]
 
+    def model_config(self) -> models.ModelConfig:
+        """The core config. Raises ConfigError for a ``glu_activation`` other than SiLU: the
+        original's experts gate with SiLU whatever it says, and the core's experts share the
+        GLU layers' activation."""
+        cfg = super().model_config()
+        if cfg.activation not in ("silu", "squared_relu"):  # Tiny_MoE_2: use_squared_relu
+            raise ConfigError(
+                f"{type(self).__name__}.glu_activation={self.glu_activation!r} would gate the "
+                f"experts with {cfg.activation}, where the original's experts always use SiLU "
+                "(only its GLU layers follow glu_activation): set glu_activation='silu'."
+            )
+        return cfg
+
 
 @dataclasses.dataclass(eq=True, unsafe_hash=True)
 class _TopK(_MoE):
