@@ -125,6 +125,74 @@ def test_rope_matches_numpy_rotate_half():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def randomised(params, seed=0):
+    """``params`` with every array drawn N(0, 1) by numpy (nonzero biases and norm scales)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), params)
+
+
+def numpy_rms_norm(x, scale, eps):
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * scale
+
+
+def numpy_rope(x, positions, base):
+    """float64 rotate-half rotation of ``(B, T, N, Dh)`` by ``(B, T)`` positions: pairs
+    ``(i, i + Dh/2)`` turn by ``position * base ** (-2i / Dh)``."""
+    half = x.shape[-1] // 2
+    angles = positions[..., None, None] * base ** (-np.arange(half) * 2 / x.shape[-1])
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate(
+        [x1 * np.cos(angles) - x2 * np.sin(angles), x2 * np.cos(angles) + x1 * np.sin(angles)],
+        -1,
+    )
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_layer_matches_float64_numpy(qk_norm):
+    """The whole layer: biased projections, GQA (6 query / 2 KV heads), QK-norm before rotary
+    positions (offset, base 500), causal attention and the output projection."""
+    b, t, d = 2, 7, 12
+    spec = nn.AttentionSpec(6, 2, 4, qk_norm=qk_norm, norm_eps=1e-5, rope_base=500.0)
+    init = functools.partial(nn.init_attention, bias=True, std=1.0, out_std=1.0, dtype=jnp.float32)
+    p = randomised(jax.eval_shape(lambda key: init(key, d, spec), jax.random.key(0)))
+    x = np.random.default_rng(1).normal(size=(b, t, d))
+    positions = np.broadcast_to(3 + np.arange(t), (b, t))  # as after a cached prefix
+    got = nn.attention(
+        p, jnp.asarray(x, jnp.float32), spec, positions=jnp.asarray(positions), mask=None
+    )
+
+    def project(layer, heads):
+        y = x @ np.asarray(layer.weight, np.float64) + np.asarray(layer.bias, np.float64)
+        return y.reshape(b, t, heads, 4)
+
+    q, k, v = project(p.q, 6), project(p.k, 2), project(p.v, 2)
+    if qk_norm:
+        q = numpy_rms_norm(q, np.asarray(p.q_norm.scale, np.float64), 1e-5)
+        k = numpy_rms_norm(k, np.asarray(p.k_norm.scale, np.float64), 1e-5)
+    q, k = numpy_rope(q, positions, 500.0), numpy_rope(k, positions, 500.0)
+    y = numpy_attention(q, k, v).reshape(b, t, 24)
+    want = y @ np.asarray(p.o.weight, np.float64) + np.asarray(p.o.bias, np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu", "sigmoid", "squared_relu"])
+def test_mlp_and_glu_match_float64_numpy(activation):
+    """``proj(act(fc(x)))`` and ``down(act(gate(x)) * up(x))``, biased."""
+    act, d, f = FLOAT64_ACTIVATIONS[activation], 6, 10
+    x = np.random.default_rng(2).normal(size=(2, 3, d))
+    lin = lambda layer, h: h @ np.asarray(layer.weight, np.float64) + np.asarray(layer.bias)
+    sizes = dict(bias=True, std=1.0, out_std=1.0, dtype=jnp.float32)
+    for init, apply, want in [
+        (nn.init_mlp, nn.mlp, lambda p: lin(p.proj, act(lin(p.fc, x)))),
+        (nn.init_glu, nn.glu, lambda p: lin(p.down, act(lin(p.gate, x)) * lin(p.up, x))),
+    ]:
+        p = randomised(
+            jax.eval_shape(lambda key, init=init: init(key, d, f, **sizes), jax.random.key(0))
+        )
+        got = apply(p, jnp.asarray(x, jnp.float32), activation=activation)
+        np.testing.assert_allclose(got, want(p), rtol=1e-4, atol=1e-4, err_msg=apply.__name__)
+
+
 def test_norms_match_numpy():
     x = np.random.default_rng(1).normal(size=(2, 3, 8)) * 3 + 1
     ln = nn.LayerNorm(jnp.linspace(0.5, 2, 8), jnp.linspace(-1, 1, 8))
