@@ -343,24 +343,26 @@ def test_a_checkpoint_in_the_originals_layout_loads_and_converts_back(cls, confi
     assert len(back) == len(jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_a_slow_attention_save_opens_as_the_original_restores_it(dtype, tmp_path):
-    """The original's "slow" CausalSelfAttention keeps a causal mask Variable per layer
-    (NNX_API.md §4), and its from_checkpoint restores into a target that holds them."""
+@pytest.mark.parametrize(
+    "sdpa, dtype", [("slow", jnp.float32), ("slow", jnp.bfloat16), ("einsum", jnp.float32)]
+)
+def test_a_slow_attention_save_opens_as_the_original_restores_it(sdpa, dtype, tmp_path):
+    """The original's CausalSelfAttention keeps a causal mask Variable per layer when its
+    sdpa_implementation is "slow" (NNX_API.md §4; any other value runs its slow path without
+    one), and its from_checkpoint restores into a target that holds exactly its Variables."""
     import orbax.checkpoint as ocp
 
-    config = dataclasses.replace(TINY_CONFIGS[m.GPT], sdpa_implementation="slow", dtype=dtype)
-    m.GPT.from_params(build(m.GPT).functional_params(), config).save_checkpoint(tmp_path / "slow")
+    config = dataclasses.replace(TINY_CONFIGS[m.GPT], sdpa_implementation=sdpa, dtype=dtype)
+    m.GPT.from_params(build(m.GPT).functional_params(), config).save_checkpoint(tmp_path / "ckpt")
     target = original_tree(m.GPT, config)  # the original's tree, and its masks:
-    mask = {"value": np.zeros((1, 1, T, T), dtype)}
     for block in target["h"].values():
-        block["attn"]["mask"] = mask
-    restored = ocp.StandardCheckpointer().restore(tmp_path / "slow", target)
+        if sdpa == "slow":
+            block["attn"]["mask"] = {"value": np.zeros((1, 1, T, T), dtype)}
+    restored = ocp.StandardCheckpointer().restore(tmp_path / "ckpt", target)
     tril = np.tril(np.ones((T, T)))[None, None]  # (1, 1, S, S): the original's value
-    for i in range(config.n_layer):
-        got = restored["h"][str(i)]["attn"]["mask"]["value"]
-        assert got.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(got, np.float64), tril)
+    for block in restored["h"].values() if sdpa == "slow" else ():
+        assert block["attn"]["mask"]["value"].dtype == dtype
+        np.testing.assert_array_equal(np.asarray(block["attn"]["mask"]["value"], float), tril)
 
 
 def test_save_checkpoint_round_trip_and_misfits(tmp_path):

@@ -260,25 +260,25 @@ def dropped(layout: Layout | None, params, cfg) -> list[str]:
     ]
 
 
-def omega(cfg) -> jax.Array:
-    """The original's RoPE table in config.dtype: ``omega[p] = p * concat(inv_freq,
-    inv_freq)``, ``(S, hd)``."""
+def omega(cfg, dtype) -> jax.Array:
+    """The original's RoPE table: ``omega[p] = p * concat(inv_freq, inv_freq)``, ``(S, hd)``."""
     inv_freq = cfg.rope_base ** (-jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
     angles = jnp.arange(cfg.block_size, dtype=jnp.float32)[:, None] * inv_freq
-    return jnp.concatenate([angles, angles], axis=-1).astype(cfg.dtype)
+    return jnp.concatenate([angles, angles], axis=-1).astype(dtype)
 
 
-def slow_masks(cfg) -> dict[str, jax.Array]:
+def slow_masks(cfg, dtype) -> dict[str, jax.Array]:
     """``{"h.<i>.attn.mask": mask}``: the causal mask ``tril(1)``, ``(1, 1, S, S)``, that each
-    layer of the original's "slow" CausalSelfAttention keeps (the core's "einsum")."""
-    mask = jnp.tril(jnp.ones((cfg.block_size, cfg.block_size), cfg.dtype))[None, None]
+    layer of the original's CausalSelfAttention keeps under ``sdpa_implementation="slow"``."""
+    mask = jnp.tril(jnp.ones((cfg.block_size, cfg.block_size), dtype))[None, None]
     return {f"h.{i}.attn.mask": mask for i in range(cfg.n_layer)}
 
 
-def to_original(layout: Layout | None, params, cfg, variables=False) -> dict[str, jax.Array]:
-    """The original's flat tree of the core ``params``; with ``variables``, also the arrays it
-    keeps in config.dtype beside them: ``omega`` where the model rotates positions, and the
-    masks of a "slow" attention that keeps them (``Layout.slow_mask``)."""
+def to_original(layout: Layout | None, params, cfg, original=None) -> dict[str, jax.Array]:
+    """The original's flat tree of the core ``params``. With ``original``, the original's
+    config, also the arrays it keeps beside them in its ``dtype``: ``omega`` where the model
+    rotates positions, and the masks of a "slow" attention that keeps them
+    (``Layout.slow_mask``)."""
     parts: dict[str, list] = {}
     for name, leaf in _leaves(params):
         for path, r, head, place in _entries(layout, cfg, name):
@@ -288,12 +288,12 @@ def to_original(layout: Layout | None, params, cfg, variables=False) -> dict[str
             slot = parts.setdefault(path, [None] * place.parts)
             slot[place.part] = place.to_original(array, cfg)
     tree = {path: jnp.concatenate(p, axis=-1) if len(p) > 1 else p[0] for path, p in parts.items()}
-    if not variables:
+    if original is None:
         return tree
     if cfg.position == "rope":
-        tree[OMEGA] = omega(cfg)
-    if layout.slow_mask and cfg.sdpa_implementation == "einsum":
-        tree.update(slow_masks(cfg))
+        tree[OMEGA] = omega(cfg, original.dtype)
+    if layout.slow_mask and original.sdpa_implementation == "slow":
+        tree.update(slow_masks(cfg, original.dtype))
     return tree
 
 

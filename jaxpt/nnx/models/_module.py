@@ -54,8 +54,6 @@ class FunctionalModel(nnx.Module):
 
     layout: ClassVar[_layout.Layout | None] = None  # the original's tree; None: the core's
     deterministic: bool = True  # dropout off (``train()`` / ``eval()`` set it)
-    # the original keeps its RoPE table and "slow" attention masks beside the params
-    original_variables: ClassVar[bool] = False
 
     def _set_up(self, params, rngs: nnx.Rngs) -> None:
         self.params = nnx.data(jax.tree.map(nnx.Param, params))
@@ -132,6 +130,11 @@ class FunctionalModel(nnx.Module):
 
     # ------------------------------------------------------------ checkpoints
 
+    def _original_config(self) -> Config | None:
+        """The original's config, by which its tree also holds a RoPE table and "slow"
+        attention masks (None: the class has none, as Bigram and Charformer)."""
+        return None
+
     def original_tree(self) -> dict:
         """The params in the original JaxPT's nested on-disk form (NNX_API.md §8):
         ``{"h": {"0": {"attn": {"c_attn": {"kernel": {"value": array}}}}}}``."""
@@ -142,7 +145,7 @@ class FunctionalModel(nnx.Module):
                 f"{lost[0]} is not zero, and the original {type(self).__name__} has no such "
                 "parameter: its tree cannot hold these params."
             )
-        return _layout.nest(_layout.to_original(self.layout, params, cfg, self.original_variables))
+        return _layout.nest(_layout.to_original(self.layout, params, cfg, self._original_config()))
 
     def save_checkpoint(self, fpath: str | os.PathLike) -> None:
         """Writes ``original_tree()`` as an orbax checkpoint directory at ``fpath``, which must
@@ -173,7 +176,6 @@ class ConfiguredModel(FunctionalModel):
 
     config_class: ClassVar[type[Config]] = Config
     has_cache: ClassVar[bool] = False  # the config has use_cache (GQ-attention classes)
-    original_variables = True
 
     def __init__(self, config: Config | None = None, rngs: nnx.Rngs | None = None):
         self.config = self.config_class() if config is None else config
@@ -183,6 +185,9 @@ class ConfiguredModel(FunctionalModel):
 
     def model_config(self) -> models.ModelConfig:
         return self.config.model_config()
+
+    def _original_config(self) -> Config:
+        return self.config
 
     def _use_cache(self) -> bool:
         return self.has_cache and self.config.use_cache
