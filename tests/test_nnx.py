@@ -519,6 +519,14 @@ def test_checkpointers_and_hf_helpers_use_the_originals_paths_and_local_checkpoi
         m.GPTConfig.from_model_config(smol.model_config())
 
 
+@pytest.mark.parametrize("rope_theta", [0, -1e-4, float("nan")])
+def test_a_rope_theta_without_a_base_is_one_sentence_naming_it(rope_theta):
+    """rope_theta is the reciprocal of HF's base (NNX_API.md §5): 0 has none (it divided by
+    zero), and a negative one was reported as the core's rope_base."""
+    with pytest.raises(ConfigError, match=rf"^rope_theta={rope_theta!r} must be a positive"):
+        m.RoPE_GPTConfig(**TINY, rope_theta=rope_theta).model_config()
+
+
 @pytest.mark.parametrize("cls", [m.GPTConfig, m.SmolLM_Config, m.Tiny_MoE_Config])
 def test_from_model_config_gives_the_originals_jnp_dtypes(cls):
     """The original's configs hold jax.numpy's scalar types (NNX_API.md §3: jnp.float32,

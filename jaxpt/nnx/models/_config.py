@@ -39,6 +39,17 @@ def _dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
 
 
+def _rope_base(rope_theta: float) -> float:
+    """The core's ``rope_base`` (HF's base), ``1 / rope_theta``; ConfigError naming
+    ``rope_theta`` when it is not positive."""
+    if not rope_theta > 0:  # nan too
+        raise ConfigError(
+            f"rope_theta={rope_theta!r} must be a positive number: the inverse frequencies are "
+            "rope_theta ** (2j / head width), and rope_theta=1e-4 is a base of 10000."
+        )
+    return 1.0 / rope_theta
+
+
 # original field -> (core field, original value -> core value, core config -> original value)
 _TO_CORE: dict[str, tuple[str, Any, Any]] = {
     **{
@@ -71,7 +82,7 @@ _TO_CORE: dict[str, tuple[str, Any, Any]] = {
         lambda v: _SDPA.get(v, v),
         lambda c: {core: orig for orig, core in _SDPA.items()}.get(c.sdpa_implementation, "xla"),
     ),
-    "rope_theta": ("rope_base", lambda v: 1.0 / v, lambda c: 1.0 / c.rope_base),
+    "rope_theta": ("rope_base", _rope_base, lambda c: 1.0 / c.rope_base),
     "glu_activation": (
         "activation",
         lambda v: _GLU_ACTIVATIONS.get(v, "sigmoid"),
