@@ -519,6 +519,13 @@ def test_checkpointers_and_hf_helpers_use_the_originals_paths_and_local_checkpoi
         m.GPTConfig.from_model_config(smol.model_config())
 
 
+@pytest.mark.parametrize("field, value", [("dtype", "float33"), ("param_dtype", None)])
+def test_a_value_that_is_no_dtype_is_one_sentence_naming_it(field, value):
+    """A misspelt dtype raised numpy's TypeError; None became float64, reported as such."""
+    with pytest.raises(ConfigError, match=rf"^{field}={value!r} is not a dtype: use jnp"):
+        m.GPTConfig(**TINY, **{field: value}).model_config()
+
+
 @pytest.mark.parametrize("rope_theta", [0, -1e-4, float("nan")])
 def test_a_rope_theta_without_a_base_is_one_sentence_naming_it(rope_theta):
     """rope_theta is the reciprocal of HF's base (NNX_API.md §5): 0 has none (it divided by

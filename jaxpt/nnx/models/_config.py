@@ -9,6 +9,7 @@ reads ``config.model_config()`` on every call, so a field changed after building
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar, Literal
 
@@ -35,8 +36,18 @@ _RUN_FIELDS = (
 )
 
 
-def _dtype_name(dtype) -> str:
-    return jnp.dtype(dtype).name
+def _dtype_name(field: str, dtype) -> str:
+    """The core's name of ``dtype`` (``jnp.bfloat16`` -> ``"bfloat16"``); ConfigError naming
+    ``field`` for a value that is no dtype (None would be numpy's default, float64)."""
+    try:
+        name = None if dtype is None else jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name is None:
+        raise ConfigError(
+            f"{field}={dtype!r} is not a dtype: use jnp.float32, jnp.bfloat16 or jnp.float16."
+        )
+    return name
 
 
 def _rope_base(rope_theta: float) -> float:
@@ -75,8 +86,12 @@ _TO_CORE: dict[str, tuple[str, Any, Any]] = {
         )
     },
     # the original's configs hold jax.numpy's scalar types (jnp.bfloat16)
-    "dtype": ("dtype", _dtype_name, lambda c: getattr(jnp, c.dtype)),
-    "param_dtype": ("param_dtype", _dtype_name, lambda c: getattr(jnp, c.param_dtype)),
+    "dtype": ("dtype", functools.partial(_dtype_name, "dtype"), lambda c: getattr(jnp, c.dtype)),
+    "param_dtype": (
+        "param_dtype",
+        functools.partial(_dtype_name, "param_dtype"),
+        lambda c: getattr(jnp, c.param_dtype),
+    ),
     "sdpa_implementation": (
         "sdpa_implementation",
         lambda v: _SDPA.get(v, v),
