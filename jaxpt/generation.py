@@ -147,7 +147,8 @@ def pad_prompts(prompts, cfg, *, max_new_tokens: int) -> tuple[np.ndarray, np.nd
 
     Raises ConfigError for a prompt that is not a list of ids (one prompt's ids not wrapped
     in a list were taken for many one-token prompts), an empty prompt, a token id outside
-    the vocabulary, or a total length beyond the model's ``max_length``.
+    the vocabulary, or a total length beyond the model's ``max_length`` plus one (the last
+    new token is drawn, never fed to the model).
     """
     rows = [np.asarray(p) for p in prompts]
     for i, row in enumerate(rows):
@@ -167,10 +168,11 @@ def pad_prompts(prompts, cfg, *, max_new_tokens: int) -> tuple[np.ndarray, np.nd
                 f"0..{cfg.vocab_size - 1}: encode it with the model's tokenizer."
             )
     length = max(len(r) for r in rows) + max_new_tokens
-    if cfg.max_length is not None and length > cfg.max_length:
+    if cfg.max_length is not None and length > cfg.max_length + 1:
         raise ConfigError(
             f"the longest prompt plus max_new_tokens is {length} tokens, beyond "
-            f"model.block_size={cfg.block_size}: shorten the prompt or ask for fewer tokens."
+            f"model.block_size + 1 = {cfg.max_length + 1} (the last new token is never fed "
+            "back): shorten the prompt or ask for fewer tokens."
         )
     tokens = np.zeros((len(rows), length), np.int32)
     for i, row in enumerate(rows):
@@ -196,14 +198,15 @@ def _check_sampling(temperature, top_k, top_p, key, n_tokens, vocab_size: int) -
 
 def _prefill_and_step(model, params, cfg, shape: tuple[int, int], prompt: int, cached: bool):
     """``(prefill, step)``, each ``(tokens, lengths, cache) -> (logits, cache)`` over the
-    ``(B, L)`` token buffer ``shape`` whose first ``prompt`` columns hold the prompts: with a
+    token buffer whose first ``prompt`` columns hold the prompts and whose first ``shape =
+    (B, L)`` columns the model reads (not the last, which is drawn but never fed back): with a
     cache, ``prefill`` writes the prompts' keys and values and ``step`` feeds each row's newest
-    token; without one, both re-run the whole buffer masked to each row's tokens."""
+    token; without one, both re-run those columns masked to each row's tokens."""
     batch, length = shape
 
     def whole_buffer(tokens, lengths, cache):
         mask = jnp.arange(length)[None, :] < lengths[:, None]  # (B, L)
-        return model.decode(params, tokens, cfg, at=lengths - 1, mask=mask)
+        return model.decode(params, tokens[:, :length], cfg, at=lengths - 1, mask=mask)
 
     def prefill(tokens, lengths, cache):
         positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
@@ -228,11 +231,10 @@ def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampl
     params = model.prepare_decoding(params, cfg)
     batch, length = tokens.shape
     rows = jnp.arange(batch)
-    cache = model.init_cache(batch, length, cfg)
+    fed = (batch, length - 1)  # the last column's token is drawn, never fed back
+    cache = model.init_cache(*fed, cfg)
     prompt = length - max_new_tokens
-    prefill, step = _prefill_and_step(
-        model, params, cfg, tokens.shape, prompt, cached=cache is not None
-    )
+    prefill, step = _prefill_and_step(model, params, cfg, fed, prompt, cached=cache is not None)
 
     def append(i, tokens, lengths, done, logits):  # draw token i of every unfinished row
         token = sample(jax.random.fold_in(key, i), logits, sampling)  # (B,)
@@ -279,8 +281,9 @@ def chat(
     The conversation is rendered as in training rows (``jaxpt.data.encode_chat``), followed by
     the assistant's prompt; the reply ends at the template's end-of-turn marker
     (``<|im_end|>`` in ChatML), which is not returned. When the conversation and
-    ``max_new_tokens`` do not fit in ``model_config.block_size``, the oldest turns are left
-    out (leading system messages are kept), down to the last user message.
+    ``max_new_tokens`` do not fit in ``model_config.block_size`` plus one (the last new token
+    is never fed back), the oldest turns are left out (leading system messages are kept), down
+    to the last user message.
 
     Args:
         params, model_config: the model.
@@ -323,13 +326,13 @@ def _recent_history(tokenizer, messages: list[dict], template: str, cfg, max_new
     starts = [system] + [
         i for i in range(system + 1, len(messages)) if messages[i]["role"] == "user"
     ]
-    room = cfg.block_size - max_new_tokens
+    room = cfg.block_size + 1 - max_new_tokens  # generate's limit
     for start in starts:
         prompt = data.chat_prompt(tokenizer, messages[:system] + messages[start:], template)
         if len(prompt) <= room:
             return prompt
     raise ConfigError(
         f"the last user message and the system prompt take {len(prompt)} tokens, and with "
-        f"max_new_tokens={max_new_tokens} that exceeds model.block_size={cfg.block_size}: "
-        "shorten them or ask for fewer new tokens."
+        f"max_new_tokens={max_new_tokens} that exceeds model.block_size + 1 = "
+        f"{cfg.block_size + 1}: shorten them or ask for fewer new tokens."
     )

@@ -4,6 +4,7 @@ loss, preparation of chat data, a tiny model fine-tuned on it answering in jaxpt
 
 import json
 import os
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 import jaxpt
 from jaxpt import data, launcher, models, train
 from jaxpt.config import load_config_file, preset_config
+from jaxpt.errors import ConfigError
+from jaxpt.generation import _recent_history
 
 from .conftest import FAST_COMPILE, use_devices
 
@@ -51,6 +54,21 @@ def test_chatml_conversation_ids_and_mask():
     prompt = data.chat_prompt(tok, CONVERSATION[:4], data.CHATML)
     assert prompt == pieces_to_ids_and_mask(tok, expected[:4])[0]  # ... Bye? and assistant\n
     assert data.end_of_turn(tok, data.CHATML) == "<|im_end|>"
+
+
+def test_chat_keeps_the_turns_that_fit_the_block_plus_one():
+    # generate takes prompt + max_new_tokens up to block_size + 1 (the last new token is never
+    # fed back); chat left out a turn that fitted exactly
+    tok = data.CharTokenizer.from_texts([string.printable])
+    messages = CONVERSATION[:4]  # system, user, assistant, user
+    whole = data.chat_prompt(tok, messages, data.CHATML)
+    recent = data.chat_prompt(tok, messages[:1] + messages[3:], data.CHATML)
+    cfg = models.config_from(tiny_config(block_size=len(whole) + 9).model)
+    assert _recent_history(tok, messages, data.CHATML, cfg, 10) == whole
+    assert _recent_history(tok, messages, data.CHATML, cfg, 11) == recent
+    too_many = len(whole) + 10 - len(recent) + 1
+    with pytest.raises(ConfigError, match=rf"model\.block_size \+ 1 = {len(whole) + 10}:"):
+        _recent_history(tok, messages, data.CHATML, cfg, too_many)
 
 
 # A template unlike ChatML: a begin token, turns in <t>...</t>, a "role:" word, and a default

@@ -52,6 +52,18 @@ def test_greedy_with_cache_equals_full_forward_and_padding_changes_nothing(name,
         assert (row[length:] == 0).all()
 
 
+@pytest.mark.parametrize("name", ["gpt", "tiny_moe_2"])  # learned positions; no cache, causal
+def test_the_block_plus_one_last_token_is_computable(name):
+    # the last new token is drawn from the logits at block_size - 1 and never fed back, so a
+    # prompt of 10 and 7 new tokens fit a block of 16; they were refused
+    cfg = tiny_config(name)
+    params = models.get(name).init(jax.random.key(0), cfg)
+    prompt = list(range(1, 11))
+    (completion,) = generate(params, [prompt], cfg, max_new_tokens=7, temperature=0).completions()
+    logits, _ = models.get(name).apply(params, jnp.asarray([prompt + completion[:-1]]), cfg)
+    assert completion == np.argmax(logits[0, 9:], axis=-1).tolist()  # causal: greedy in one pass
+
+
 def test_which_models_use_the_cache():
     cacheable = {
         name
@@ -191,8 +203,8 @@ def test_bad_requests_get_one_clear_sentence(gpt):
     cfg, params = gpt
     with pytest.raises(ConfigError, match=r"token id 97, outside the model's vocabulary 0..96"):
         generate(params, [[1, 97]], cfg, max_new_tokens=2, temperature=0)
-    with pytest.raises(ConfigError, match=r"beyond model\.block_size=16"):
-        generate(params, [[1] * 10], cfg, max_new_tokens=7, temperature=0)
+    with pytest.raises(ConfigError, match=r"is 18 tokens, beyond model\.block_size \+ 1 = 17"):
+        generate(params, [[1] * 10], cfg, max_new_tokens=8, temperature=0)
     with pytest.raises(ConfigError, match="needs key"):
         generate(params, [[1]], cfg, max_new_tokens=2)
     with pytest.raises(ConfigError, match="at least one token"):
