@@ -29,11 +29,15 @@ from jax import Array
 from jaxpt import data, models
 from jaxpt.errors import ConfigError, check_range
 
+# The smallest normal float32: a temperature below it is flushed to 0 on CPUs and GPUs, so
+# sampling takes the limit, greedy decoding.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
 
 class Sampling(NamedTuple):
     """How the next token is drawn from the logits (hashable: a static jit argument)."""
 
-    temperature: float = 1.0  # 0: greedy (argmax)
+    temperature: float = 1.0  # 0 (or below FLOAT32_TINY): greedy (argmax)
     top_k: int | None = None  # keep the k most likely tokens
     top_p: float | None = None  # keep the smallest set whose probability reaches p
     n_tokens: int | None = None  # draw only ids below this (a padded vocabulary's real part)
@@ -58,16 +62,20 @@ class Generated(NamedTuple):
 
 
 def filter_logits(logits: Array, sampling: Sampling) -> Array:
-    """Temperature-scaled logits with tokens outside the top-k / top-p sets at -inf.
+    """Temperature-scaled logits, shifted so the largest is 0, with tokens outside the top-k /
+    top-p sets at -inf.
+
+    Shifted before the division, no logit overflows to +inf however small the temperature:
+    the likeliest tokens stay at 0 and the others go to -inf, as in the limit (greedy).
 
     Top-p keeps, in order of probability, the tokens until their mass first reaches ``p``
     (the smallest such set); the most likely token is always kept, and ``p = 1`` keeps every
     token (a float32 running sum reaches 1 before the last ones).
 
     Args:
-        logits: ``(B, V)`` float32, ``sampling.temperature > 0``.
+        logits: ``(B, V)`` float32, ``sampling.temperature >= FLOAT32_TINY``.
     """
-    logits = logits / sampling.temperature
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / sampling.temperature
     if sampling.top_k is not None:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # (B, 1)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -92,7 +100,7 @@ def sample(key: Array, logits: Array, sampling: Sampling) -> Array:
     logits = logits.astype(jnp.float32)
     if sampling.n_tokens is not None:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < sampling.n_tokens, logits, -jnp.inf)
-    if sampling.temperature == 0:
+    if sampling.temperature < FLOAT32_TINY:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, sampling)).astype(jnp.int32)
 

@@ -163,7 +163,19 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
 def test_top_k_filter_and_temperature():
     logits = jnp.asarray([[1.0, 4.0, 2.0, 3.0]])
     filtered = filter_logits(logits, Sampling(temperature=2.0, top_k=2))
-    np.testing.assert_array_equal(filtered, [[-np.inf, 2.0, -np.inf, 1.5]])
+    np.testing.assert_array_equal(filtered, [[-np.inf, 0.0, -np.inf, -0.5]])  # (l - 4) / 2
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 2e-38, 1e-38, 1e-40, 1e-45, 1e-300])
+def test_tiny_temperatures_draw_the_most_likely_token(temperature):
+    # logits / temperature overflowed float32 (to inf, or 0 / a flushed subnormal to NaN), and
+    # token 0 or 1 was drawn whatever the logits
+    logits = jax.random.normal(jax.random.key(0), (4, 50)) * 10
+    most_likely = np.argmax(np.asarray(logits, np.float64), axis=-1)
+    for sampling in (Sampling(temperature), Sampling(temperature, top_k=5, top_p=0.9)):
+        for seed in range(3):
+            drawn = sample(jax.random.key(seed), logits, sampling)
+            np.testing.assert_array_equal(drawn, most_likely)
 
 
 def test_bfloat16_logits_are_sampled_in_float32():
