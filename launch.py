@@ -37,7 +37,12 @@ flags.DEFINE_string(
     "prompt", _DEFAULTS.prompt, "generate: text to continue (empty: a new document)."
 )
 flags.DEFINE_integer("num_samples", _DEFAULTS.num_samples, "generate: samples of the prompt.")
-flags.DEFINE_integer("max_new_tokens", _DEFAULTS.max_new_tokens, "generate: tokens per sample.")
+flags.DEFINE_integer(
+    "max_new_tokens",
+    _DEFAULTS.max_new_tokens,
+    f"generate, chat: the most tokens per sample or reply (0: as many as the block leaves after "
+    f"the prompt, for chat half the block, at most {launcher.DEFAULT_NEW_TOKENS}).",
+)
 flags.DEFINE_float("temperature", _DEFAULTS.temperature, "generate: 0 is greedy.")
 flags.DEFINE_integer("top_k", _DEFAULTS.top_k, "generate: keep the k likeliest tokens (0: all).")
 flags.DEFINE_float("top_p", _DEFAULTS.top_p, "generate: nucleus mass to keep (1: all).")

@@ -18,6 +18,7 @@ sequence so far.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -176,7 +177,7 @@ def pad_prompts(prompts, cfg, *, max_new_tokens: int) -> tuple[np.ndarray, np.nd
                 f"0..{cfg.vocab_size - 1}: encode it with the model's tokenizer."
             )
     length = max(len(r) for r in rows) + max_new_tokens
-    if cfg.max_length is not None and length > cfg.max_length + 1:
+    if max_new_tokens > room(cfg, length - max_new_tokens):
         raise ConfigError(
             f"the longest prompt plus max_new_tokens is {length} tokens, beyond "
             f"model.block_size + 1 = {cfg.max_length + 1} (the last new token is never fed "
@@ -186,6 +187,13 @@ def pad_prompts(prompts, cfg, *, max_new_tokens: int) -> tuple[np.ndarray, np.nd
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = row
     return tokens, np.array([len(r) for r in rows], np.int32)
+
+
+def room(cfg: models.ModelConfig | models.BigramConfig, prompt_length: int) -> float:
+    """The most new tokens ``generate`` adds to a prompt of ``prompt_length`` tokens: up to
+    ``cfg.max_length + 1`` in all, the last new token being drawn and never fed back; inf for a
+    model of any length."""
+    return math.inf if cfg.max_length is None else cfg.max_length + 1 - prompt_length
 
 
 def _check_sampling(temperature, top_k, top_p, key, n_tokens, vocab_size: int) -> Sampling:

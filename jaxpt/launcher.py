@@ -15,9 +15,10 @@ import jax
 from jaxpt import data, evals, hf, models, sharding, train
 from jaxpt.config import check_writable_directory
 from jaxpt.errors import ConfigError, check_range
-from jaxpt.generation import chat, generate
+from jaxpt.generation import chat, generate, room
 
 MODES = ("train", "generate", "eval", "chat")
+DEFAULT_NEW_TOKENS = 100  # the most --max_new_tokens=0 asks for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,8 @@ class SampleOptions:
 
     prompt: str = ""  # empty: start from the end-of-text token, i.e. a new document
     num_samples: int = 4
-    max_new_tokens: int = 100
+    # 0: as many as the block leaves (generate: after the prompt; chat: half of it), at most 100
+    max_new_tokens: int = 0
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1: no nucleus filter
@@ -36,11 +38,17 @@ class SampleOptions:
     def validate(self) -> None:
         """Raises ConfigError naming the first option (as its flag) out of range."""
         check_range("--num_samples", self.num_samples, at_least=1, integer=True)
-        check_range("--max_new_tokens", self.max_new_tokens, at_least=1, integer=True)
+        fill = " (0: as many as the block leaves)"
+        check_range("--max_new_tokens", self.max_new_tokens, at_least=0, integer=True, note=fill)
         check_range("--top_k", self.top_k, at_least=0, integer=True, note=" (0: no top-k filter)")
         check_range("--temperature", self.temperature, at_least=0, note=" (0: greedy)")
         check_range("--top_p", self.top_p, above=0, at_most=1, note=" (1: no nucleus filter)")
         check_range("--seed", self.seed, at_least=0, at_most=2**32 - 1, integer=True)
+
+    def new_tokens(self, room: float) -> int:
+        """``max_new_tokens``, or for 0 the ``room`` left in the block, from 1 to
+        ``DEFAULT_NEW_TOKENS``."""
+        return self.max_new_tokens or int(max(1, min(DEFAULT_NEW_TOKENS, room)))
 
 
 def init_distributed() -> None:
@@ -118,11 +126,12 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     options.validate()
     params, tokenizer = params_and_tokenizer(config, workdir)
     prompt = tokenizer.encode(options.prompt) if options.prompt else [tokenizer.eot_id]
+    model_cfg = models.config_from(config.model)
     generated = generate(
         params,
         [prompt] * options.num_samples,
-        models.config_from(config.model),
-        max_new_tokens=options.max_new_tokens,
+        model_cfg,
+        max_new_tokens=options.new_tokens(room(model_cfg, len(prompt))),
         temperature=options.temperature,
         top_k=options.top_k or None,
         top_p=None if options.top_p == 1 else options.top_p,
@@ -159,7 +168,7 @@ def converse(config, workdir: str | Path, options: SampleOptions) -> None:
                 model_cfg,
                 tokenizer,
                 messages,
-                max_new_tokens=options.max_new_tokens,
+                max_new_tokens=options.new_tokens(model_cfg.block_size // 2),
                 temperature=options.temperature,
                 top_k=options.top_k or None,
                 top_p=None if options.top_p == 1 else options.top_p,

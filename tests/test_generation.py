@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import generate, launcher, models, train
+from jaxpt import data, generate, launcher, models, train
 from jaxpt.errors import ConfigError
 from jaxpt.generation import Sampling, _generate, filter_logits, pad_prompts, sample
 from tests.test_models import tiny_config
@@ -252,6 +252,39 @@ def test_generate_mode_samples_from_the_latest_checkpoint(name, tmp_path, capsys
     texts = launcher.sample(config, tmp_path, options)
     assert len(texts) == 2 and all(t.startswith("The ") for t in texts)
     assert texts == launcher.sample(config, tmp_path, options)  # the seed fixes them
+
+
+def eof():
+    raise EOFError  # Ctrl-D: the end of a chat
+
+
+def test_default_max_new_tokens_fills_the_block_up_to_100(monkeypatch):
+    # the default was 100 new tokens, refused by every smoke config (block_size 64)
+    tokenizer = data.CharTokenizer("abcdefghij ")
+    asked = []
+
+    def recording(generate_or_chat):
+        def run(*args, max_new_tokens, **kwargs):
+            asked.append(max_new_tokens)
+            return generate_or_chat(*args, max_new_tokens=max_new_tokens, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(launcher, "generate", recording(launcher.generate))
+    monkeypatch.setattr(launcher, "chat", recording(lambda *args, **kwargs: "reply"))
+    for block_size, expected in ((16, [17 - 3, 8]), (300, [100, 100])):
+        config = load_config(ROOT / "configs" / "gpt.py", "smoke")
+        config.model.update(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=1)
+        params = models.get("gpt").init(jax.random.key(0), models.config_from(config.model))
+        loaded = lambda *_, params=params: (params, tokenizer)
+        monkeypatch.setattr(launcher, "params_and_tokenizer", loaded)
+        lines = iter(["hi"])
+        monkeypatch.setattr("builtins.input", lambda prompt, lines=lines: next(lines, "") or eof())
+        options = launcher.SampleOptions(prompt="abc", num_samples=1, temperature=0)
+        launcher.sample(config, "unused", options)
+        launcher.converse(config, "unused", options)  # half the block for the reply
+        assert asked == expected
+        asked.clear()
 
 
 def test_generate_mode_without_a_checkpoint_says_what_to_do(tmp_path):
