@@ -210,8 +210,8 @@ def test_training_keys_differ_by_seed_step_and_micro_batch():
     assert len({tuple(np.asarray(jax.random.key_data(k))) for k in keys}) == 4
 
 
-def test_non_finite_step_leaves_state_unchanged():
-    config = char_config()
+def test_non_finite_step_leaves_state_unchanged_and_the_logged_lr_is_the_applied_one():
+    config = char_config(warmup_steps=4)
     cfg = models.config_from(config.model)
     tx = train.optimizer(
         config.train, jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
@@ -227,6 +227,15 @@ def test_non_finite_step_leaves_state_unchanged():
     assert int(new.step) == 1
     jax.tree.map(np.testing.assert_array_equal, new.params, poisoned.params)
     jax.tree.map(np.testing.assert_array_equal, new.opt_state, poisoned.opt_state)
+    # the optimizer's count lags the step by the skip: the logged lr was the schedule at the
+    # step (0.25, 0.5 of the warmup below), not the lr the updates applied
+    schedule = train.learning_rate(config.train)
+    state = train.TrainState(new.step, state.params, new.opt_state)  # finite params again
+    for updates_applied in range(2):
+        state, metrics = step(state, tokens[:, :-1], tokens[:, 1:])
+        assert metrics["finite"]
+        np.testing.assert_allclose(metrics["lr"], schedule(updates_applied), rtol=1e-6)
+    assert int(state.step) == 3
 
 
 def test_smoke_run_writes_metrics_plot_checkpoint_and_profile(tmp_path, capsys):

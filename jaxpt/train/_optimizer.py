@@ -45,6 +45,14 @@ def learning_rate(train_cfg) -> optax.Schedule:
     )
 
 
+def schedule_count(opt_state) -> jax.Array:
+    """The count ``optimizer``'s learning-rate schedule reads: the updates applied so far,
+    which lags the train state's step by the non-finite steps skipped (they keep the state)."""
+    is_schedule = lambda path, value: path[-1].tuple_name == "ScaleByScheduleState"
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count", filtering=is_schedule)
+    return counts[0][1]  # Muon's partition keeps one per part, all equal
+
+
 def _inverse_sqrt(peak: float, warmup: int, floor: float) -> optax.Schedule:
     """``peak * sqrt(w / (w + count))`` with ``w = max(warmup, 1)``: ``peak`` when the warmup
     ends (``count`` counts from there; ``join_schedules`` also evaluates it before), at least

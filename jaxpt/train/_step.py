@@ -12,7 +12,7 @@ import optax
 from jax import Array
 
 from jaxpt import models, nn, sharding
-from jaxpt.train._optimizer import learning_rate, optimizer
+from jaxpt.train._optimizer import learning_rate, optimizer, schedule_count
 
 
 class TrainState(eqx.Module):
@@ -147,8 +147,9 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
     """``step(state, inputs, targets, loss_mask=None) -> (state, metrics)``: accumulate
     gradients over ``train.grad_accum_steps`` micro-batches, clip, update. With a ``(B, T)``
     ``loss_mask`` (chat data) ``ce`` is the mean over the masked targets of the whole step
-    (``masked_gradients``); ``metrics["lr"]`` is the schedule's learning rate at the step
-    (computed here: evaluating the schedule eagerly at each log point cost the host a dozen
+    (``masked_gradients``); ``metrics["lr"]`` is the learning rate the update applies, the
+    schedule at the optimizer's count (``schedule_count``: the step less the non-finite steps
+    skipped; computed here: evaluating the schedule eagerly at each log point cost the host a dozen
     device round trips a record). A step whose loss or gradients are not finite leaves params
     and optimizer state unchanged (``metrics["finite"]`` is False); the loop then stops or
     goes on by ``train.on_nonfinite``. The verdict is known before the update, so keeping the
@@ -195,7 +196,7 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
             new_state = TrainState(
                 state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)
             )
-        lr = schedule(state.step)
+        lr = schedule(schedule_count(state.opt_state))
         return new_state, {**metrics, "grad_norm": grad_norm, "lr": lr, "finite": finite}
 
     return step
