@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from jaxpt import data, models, sharding, train
+from jaxpt.errors import ConfigError
 
 TOKEN_SOURCES = ("random", "text")
 
@@ -52,6 +53,12 @@ def set_mesh(config, axes: list[str]) -> int:
     return math.prod(sizes.values())
 
 
+def set_model_fields(config, **fields) -> None:
+    """Sets the model fields given a value; None keeps the preset's (and leaves out a field
+    the preset's model has not: the bigram's table has no layers, attention or remat)."""
+    config.model.update({name: value for name, value in fields.items() if value is not None})
+
+
 def train_step(config, extra_compiler_options=None):
     """``(model config, fresh state, jitted step, mesh)`` as ``launch.py`` builds them for the
     run config ``config`` on its mesh (``set_mesh``) over the first devices: the state sharded
@@ -59,7 +66,10 @@ def train_step(config, extra_compiler_options=None):
     gradient accumulation (``config.train.grad_accum_steps`` is set to 1). Trace the step
     (its first call, or ``lower``) inside ``tracing(config, mesh)``."""
     config.train.grad_accum_steps = 1
-    cfg = models.config_from(config.model)
+    try:
+        cfg = models.config_from(config.model)
+    except ConfigError as error:  # e.g. a flag for a field the preset's model has not
+        raise SystemExit(str(error)) from None
     sizes = [config.mesh[axis] for axis in sharding.MESH_AXES]  # -1: every device
     devices = jax.devices() if -1 in sizes else jax.devices()[: math.prod(sizes)]
     if -1 not in sizes and len(devices) < math.prod(sizes):

@@ -36,8 +36,8 @@ flags.DEFINE_string("preset", "gpt", "Registry preset whose step is profiled.")
 flags.DEFINE_integer("batch", 16, "Micro-batch (sequences).")
 flags.DEFINE_integer("seq", 1024, "Sequence length.")
 flags.DEFINE_integer("steps", 5, "Traced steps.")
-flags.DEFINE_bool("scan_layers", False, "model.scan_layers.")
-flags.DEFINE_string("remat", "none", "model.remat_policy.")
+flags.DEFINE_bool("scan_layers", None, "model.scan_layers; default: the preset's.")
+flags.DEFINE_string("remat", None, "model.remat_policy; default: the preset's.")
 flags.DEFINE_integer("top", 25, "Kernels listed.")
 flags.DEFINE_string("explain", "", "Print the HLO of the listed kernels matching this regex.")
 flags.DEFINE_list("mesh", [], "Mesh axes, e.g. fsdp=2 (the rest 1; none: one device).")
@@ -107,11 +107,18 @@ def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
     ]
 
 
-def make_step(f):
-    """The compiled train step (sharded over ``--mesh``), its state, its inputs and targets
-    (``--tokens``, ``--batch`` sequences per device) and the mesh."""
+def run_config(f):
+    """The preset's run config as shipped, with the flags' overrides (``--scan_layers`` and
+    ``--remat`` left out keep the preset's values)."""
     config = preset_config(f.preset, None)
-    config.model.update(block_size=f.seq, scan_layers=f.scan_layers, remat_policy=f.remat)
+    config.model.block_size = f.seq
+    _timing.set_model_fields(config, scan_layers=f.scan_layers, remat_policy=f.remat)
+    return config
+
+
+def make_step(config, f):
+    """The compiled train step of ``config`` (sharded over ``--mesh``), its state, its inputs
+    and targets (``--tokens``, ``--batch`` sequences per device) and the mesh."""
     config.train.batch_size = f.batch * _timing.set_mesh(config, f.mesh)
     _, state, jitted, mesh = _timing.train_step(config, _timing.typed_pairs(f.xla))
     shape = (config.train.batch_size, f.seq + 1)
@@ -126,7 +133,9 @@ def make_step(f):
 def main(argv):
     del argv
     f = flags.FLAGS
-    step, state, batch, mesh = make_step(f)
+    config = run_config(f)
+    step, state, batch, mesh = make_step(config, f)
+    scan_layers, remat = config.model.get("scan_layers"), config.model.get("remat_policy")
     hlo_text = step.as_text()
     ops = _trace.op_names(hlo_text)
     for _ in range(3):
@@ -153,8 +162,8 @@ def main(argv):
         f.out,
         "profile_step",
         preset=f.preset,
-        scan_layers=f.scan_layers,
-        remat=f.remat,
+        scan_layers=scan_layers,
+        remat=remat,
         batch=f.batch,
         seq=f.seq,
         mesh=f.mesh,
@@ -166,7 +175,7 @@ def main(argv):
     )
     print(
         f"top kernels by part (ms/step per device), {result['device']}, "
-        f"scan_layers={f.scan_layers}, mesh={f.mesh}:"
+        f"scan_layers={scan_layers}, mesh={f.mesh}:"
     )
     for (part, name), us in per_part_name.most_common(f.top):
         print(f"  {us / 1e3:8.3f}  {kind_of(name):<10} {part:<18} {name[:90]}")
@@ -175,7 +184,7 @@ def main(argv):
     print(f"{'part':<20} {'ms/step':>8} {'share':>6}")
     for part, us in per_part.most_common():
         print(f"{part:<20} {us / 1e3:>8.2f} {us / total:>6.1%}")
-    print(f"GPU kernel time per step {total / 1e3:.2f} ms, scan_layers={f.scan_layers}")
+    print(f"GPU kernel time per step {total / 1e3:.2f} ms, scan_layers={scan_layers}")
     print(f"{'kind':<12} {'ms/step':>8} {'share':>6}")
     for kind, us in per_kind.most_common():
         print(f"{kind:<12} {us / 1e3:>8.2f} {us / total:>6.1%}")

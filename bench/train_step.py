@@ -13,7 +13,8 @@ loss, AdamW with the weight-decay mask, global-norm clipping, donated state) on
 formula of ``../shared/bench/ref_torch_gpt2.py``, which is the reference to run in the same
 call (N: the active parameters, ``ModelConfig.flops_per_token``). Prints a table last and
 writes train_step.json to --out. ``--preset`` times another registry preset's model the same
-way (its full size; the flags above still set the model fields they name);
+way (its full size; the flags above set the model fields they name, and left out keep the
+preset's: the bigram's table has no attention, layers or remat);
 ``--moe_matmul`` picks how a top-k MoE preset's experts run (``model.moe_matmul``);
 ``--mesh=fsdp=2`` (any of data, fsdp, tensor, expert) runs the step sharded over that many of
 the host's devices, ``--batches`` sequences per device, MFU against all of them; ``--model``
@@ -32,8 +33,8 @@ flags.DEFINE_list("batches", ["16", "32"], "Micro-batch sizes (sequences).")
 flags.DEFINE_integer("seq", 1024, "Sequence length.")
 flags.DEFINE_integer("warmup", 5, "Untimed steps first (compilation included).")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
-flags.DEFINE_string("sdpa", "auto", "model.sdpa_implementation.")
-flags.DEFINE_string("remat", "none", "model.remat_policy.")
+flags.DEFINE_string("sdpa", None, "model.sdpa_implementation; default: the preset's.")
+flags.DEFINE_string("remat", None, "model.remat_policy; default: the preset's.")
 flags.DEFINE_bool("scan_layers", None, "model.scan_layers; default: the preset's.")
 flags.DEFINE_enum(
     "logits_dtype", None, ["float32", "bfloat16"], "model.logits_dtype; default: the preset's."
@@ -47,15 +48,20 @@ flags.DEFINE_list("mesh", [], "Mesh axes, e.g. fsdp=2 (the rest 1; none: one dev
 flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
 flags.DEFINE_list("model", [], "Model fields, name=value (e.g. n_layer=48), set after the rest.")
 flags.DEFINE_enum("tokens", "random", _timing.TOKEN_SOURCES, "Tokens (_timing.token_sampler).")
+FIELD_FLAGS = ("scan_layers", "logits_dtype", "moe_matmul", "kernels")  # flags named as fields
 
 
 def run_config(f):
-    """The preset's run config as shipped, with the flags' overrides."""
+    """The preset's run config as shipped, with the flags' overrides (a flag left out keeps
+    the preset's value, and a model without the field, the bigram's table, has none)."""
     config = preset_config(f.preset, None)
-    config.model.update(block_size=f.seq, sdpa_implementation=f.sdpa, remat_policy=f.remat)
-    for field in ("scan_layers", "logits_dtype", "moe_matmul", "kernels"):
-        if f[field].value is not None:
-            config.model[field] = f[field].value
+    config.model.block_size = f.seq
+    _timing.set_model_fields(
+        config,
+        sdpa_implementation=f.sdpa,
+        remat_policy=f.remat,
+        **{field: f[field].value for field in FIELD_FLAGS},
+    )
     config.model.update(_timing.typed_pairs(f.model))
     return config
 
@@ -80,10 +86,10 @@ def main(argv):
         "train_step",
         preset=f.preset,
         moe_matmul=model.get("moe_matmul"),
-        sdpa=f.sdpa,
-        remat=f.remat,
-        scan_layers=model.scan_layers,
-        logits_dtype=model.logits_dtype,
+        sdpa=model.get("sdpa_implementation"),
+        remat=model.get("remat_policy"),
+        scan_layers=model.get("scan_layers"),
+        logits_dtype=model.get("logits_dtype"),
         kernels=model.kernels,
         mesh=f.mesh,
         xla=f.xla,
@@ -92,9 +98,10 @@ def main(argv):
         rows=rows,
     )
     print(
-        f"jaxpt {f.preset} train step, {result['device']}, {result['date']}, sdpa={f.sdpa}, "
-        f"remat={f.remat}, scan_layers={model.scan_layers}, logits={model.logits_dtype}, "
-        f"kernels={model.kernels}, mesh={f.mesh}, xla={f.xla}, model={f.model}, tokens={f.tokens}"
+        f"jaxpt {f.preset} train step, {result['device']}, {result['date']}, "
+        f"sdpa={result['sdpa']}, remat={result['remat']}, scan_layers={result['scan_layers']}, "
+        f"logits={result['logits_dtype']}, kernels={model.kernels}, mesh={f.mesh}, xla={f.xla}, "
+        f"model={f.model}, tokens={f.tokens}"
     )
     print(f"{'batch':>6} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
     for r in rows:

@@ -1,0 +1,36 @@
+"""Benchmarks: each script runs at a tiny size on CPU (their figures are not checked here)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import FAST_COMPILE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("script", "size"),
+    [
+        ("train_step", ["--batches=2", "--seq=8", "--warmup=1", "--steps=1"]),
+        ("profile_step", ["--batch=2", "--seq=8", "--steps=1"]),
+    ],
+)
+def test_step_benches_time_the_bigram(script, size, tmp_path):
+    # they set model fields (remat_policy, sdpa_implementation, scan_layers) that the bigram
+    # table has not, and stopped with a traceback
+    result = subprocess.run(
+        [sys.executable, f"bench/{script}.py", "--preset=bigram", f"--out={tmp_path}", *size],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": FAST_COMPILE},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / f"{script}.json").read_text())
+    assert record["preset"] == "bigram" and record["remat"] is None
