@@ -3,9 +3,13 @@
 import json
 import os
 import platform
+import sys
 from datetime import date
 
 import jax
+from absl import app
+
+from jaxpt.errors import ConfigError
 
 
 def save(out: str, name: str, **fields) -> dict:
@@ -23,3 +27,16 @@ def save(out: str, name: str, **fields) -> dict:
     with open(os.path.join(out, f"{name}.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     return result
+
+
+def run(main) -> None:
+    """``app.run(main)``, where a ConfigError (an unknown preset, a field its model has not, a
+    value out of range) ends the bench in its one sentence, exit status 1, not a traceback."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except ConfigError as error:
+            raise SystemExit(f"{os.path.basename(sys.argv[0])}: {error}") from None
+
+    app.run(guarded)

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 
 from jaxpt import data, models, sharding, train
-from jaxpt.errors import ConfigError
 
 TOKEN_SOURCES = ("random", "text")
 
@@ -66,10 +65,7 @@ def train_step(config, extra_compiler_options=None):
     gradient accumulation (``config.train.grad_accum_steps`` is set to 1). Trace the step
     (its first call, or ``lower``) inside ``tracing(config, mesh)``."""
     config.train.grad_accum_steps = 1
-    try:
-        cfg = models.config_from(config.model)
-    except ConfigError as error:  # e.g. a flag for a field the preset's model has not
-        raise SystemExit(str(error)) from None
+    cfg = models.config_from(config.model)
     sizes = [config.mesh[axis] for axis in sharding.MESH_AXES]  # -1: every device
     devices = jax.devices() if -1 in sizes else jax.devices()[: math.prod(sizes)]
     if -1 not in sizes and len(devices) < math.prod(sizes):

@@ -11,9 +11,10 @@ import time
 import _report  # bench/_report.py, beside this script
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from jaxpt import models
+from jaxpt.errors import ConfigError
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
 flags.DEFINE_string("model", "gpt", "Registry name.")
@@ -35,6 +36,11 @@ def compile_seconds(name: str, n_layer: int, scan: bool, seq: int) -> float:
 def main(argv):
     del argv
     f = flags.FLAGS
+    if not isinstance(models.get(f.model).default_config(), models.ModelConfig):
+        raise ConfigError(
+            f"--model={f.model} has no layers: compile time against depth needs a decoder "
+            "preset, e.g. --model=gpt."
+        )
     rows = []
     for scan in (True, False):
         for n_layer in map(int, f.layers):
@@ -58,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _report.run(main)

@@ -23,7 +23,7 @@ import time
 import _report  # bench/_report.py, beside this script
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import jaxpt
 from jaxpt import models
@@ -146,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _report.run(main)

@@ -11,7 +11,7 @@ presets.json to --out.
 
 import _report  # bench/_report.py, beside this script
 import _timing
-from absl import app, flags
+from absl import flags
 
 from jaxpt.config import load_config_file
 
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _report.run(main)

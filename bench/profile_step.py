@@ -26,7 +26,7 @@ import _report  # bench/_report.py, beside this script
 import _timing
 import _trace
 import jax
-from absl import app, flags
+from absl import flags
 
 from jaxpt import sharding
 from jaxpt.config import preset_config
@@ -191,4 +191,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _report.run(main)

@@ -24,7 +24,7 @@ sets any model field last (GPT-2 1.5B: ``--model=n_layer=48,n_embed=1600,n_head=
 
 import _report  # bench/_report.py, beside this script
 import _timing
-from absl import app, flags
+from absl import flags
 
 from jaxpt.config import preset_config
 
@@ -112,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _report.run(main)

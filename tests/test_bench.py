@@ -34,3 +34,25 @@ def test_step_benches_time_the_bigram(script, size, tmp_path):
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / f"{script}.json").read_text())
     assert record["preset"] == "bigram" and record["remat"] is None
+
+
+@pytest.mark.parametrize(
+    ("command", "sentence"),
+    [
+        ("compile_time.py --model=bigram", "--model=bigram has no layers: compile time against"),
+        ("train_step.py --preset=bigram --remat=full", "model.remat_policy is not a Bigram"),
+        ("train_step.py --preset=gtp", "model.name='gtp' is not one of"),
+    ],
+)
+def test_bad_bench_flags_get_one_sentence(command, sentence, tmp_path):
+    # they stopped with a traceback (compile_time.py: a TypeError from inside the model config)
+    result = subprocess.run(
+        [sys.executable, *f"bench/{command} --out={tmp_path}".split()],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert sentence in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
