@@ -197,12 +197,27 @@ class Loaded(NamedTuple):
     tokenizer: data.Tokenizer
 
 
-def load_params(config, workdir: str | Path, verb: str) -> Loaded:
-    """What ``params_and_tokenizer`` reads, printing ``"<verb> <source>"``; reads only."""
+def _reads_init_from(config, workdir: str | Path) -> bool:
+    """Whether ``load_params`` reads ``checkpoint.init_from``: it is set and ``workdir`` holds
+    no checkpoint."""
     directory = Path(workdir) / "checkpoints"  # orbax names each checkpoint by its step
     trained = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    return bool(config.checkpoint.init_from) and not trained
+
+
+def _check_params_source(config, workdir: str | Path) -> None:
+    """ConfigError unless ``load_params`` has params to read: a checkpoint in ``workdir`` or
+    a ``checkpoint.init_from`` whose config.json matches ``config.model``; reads no params."""
+    if _reads_init_from(config, workdir):
+        hf.check_init_from(models.config_from(config.model), config.checkpoint.init_from)
+    else:
+        train.trained_checkpoints(workdir)
+
+
+def load_params(config, workdir: str | Path, verb: str) -> Loaded:
+    """What ``params_and_tokenizer`` reads, printing ``"<verb> <source>"``; reads only."""
     source = config.checkpoint.init_from
-    if trained or not source:
+    if not _reads_init_from(config, workdir):
         step, params = train.latest_params(config, workdir)
         tokenizer = data.run_tokenizer(config.data)
         loaded = Loaded(step, f"checkpoint {step} of {workdir}", params, tokenizer)
@@ -223,14 +238,16 @@ def evaluate(config, workdir: str | Path) -> Path | None:
     """``--mode=eval``: the tasks of ``eval.tasks`` on the latest checkpoint in ``workdir`` (or
     on ``checkpoint.init_from``, as ``params_and_tokenizer`` reads them), printed as a table
     and written by process 0 to ``<workdir>/eval/<step>.json``, whose path it returns. Every
-    input (config, data, HellaSwag items, lm-eval) is checked before anything compiles. A file
-    of that name is never overwritten: evaluating a step again writes ``<step>.1.json``, and
-    so on."""
+    input (config, data, HellaSwag items, lm-eval) is checked before anything compiles, and
+    that there are params to evaluate before any task data is read (which can take long). A
+    file of that name is never overwritten: evaluating a step again writes ``<step>.1.json``,
+    and so on."""
     train.validate_config(config)
     tasks = evals.parse_tasks(config.eval.tasks)
     check_writable_directory(Path(workdir) / "eval", "--workdir")
     mesh = sharding.make_mesh(config.mesh)
     train.check_batch_fits_mesh(config, mesh)
+    _check_params_source(config, workdir)
     runners = _task_runners(config, tasks, mesh)
     loaded = load_params(config, workdir, "evaluating")
     shardings = sharding.param_shardings(loaded.params, mesh, config.mesh.rules)

@@ -415,6 +415,28 @@ def test_eval_mode_on_init_from_without_a_checkpoint(tmp_path, capsys):
     assert record["results"] == {"hellaswag": expected.summary()}
 
 
+@pytest.mark.parametrize("empty_checkpoints", [False, True])
+def test_eval_mode_without_params_says_so_before_reading_task_data(
+    tmp_path, monkeypatch, empty_checkpoints
+):
+    """No checkpoint in the workdir and no checkpoint.init_from: one sentence before any task
+    data is read (HellaSwag's hub copy retried for ~16 s offline first), nothing written."""
+
+    def read_task_data(*args, **kwargs):
+        raise AssertionError("task data read before the checkpoint was looked for")
+
+    monkeypatch.setattr(datasets, "load_dataset", read_task_data)
+    monkeypatch.setattr(data, "ensure_prepared", read_task_data)
+    if empty_checkpoints:
+        (tmp_path / "checkpoints").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    config = char_config()
+    config.eval.tasks = "val_loss,hellaswag"
+    with pytest.raises(ConfigError, match=r"checkpoints (does not exist|holds no checkpoint): tr"):
+        launcher.evaluate(config, tmp_path)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 class FixedBatches:
     """The eval-batch side of a ``data.Loader``: these batches, in order."""
 

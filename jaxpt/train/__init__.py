@@ -2,6 +2,7 @@
 
 from jaxpt.train._checkpoint import Checkpoints as Checkpoints
 from jaxpt.train._checkpoint import latest_params as latest_params
+from jaxpt.train._checkpoint import trained_checkpoints as trained_checkpoints
 from jaxpt.train._loop import Interrupted as Interrupted
 from jaxpt.train._loop import NonFiniteError as NonFiniteError
 from jaxpt.train._loop import check_batch_fits_mesh as check_batch_fits_mesh

@@ -229,9 +229,9 @@ class Checkpoints:
         self.manager.close()
 
 
-def latest_params(config, workdir: str | Path) -> tuple[int, object]:
-    """The step and params of the newest readable checkpoint in ``workdir/checkpoints``
-    (ConfigError when it holds another model than ``config.model``); reads only."""
+def trained_checkpoints(workdir: str | Path) -> Path:
+    """``workdir/checkpoints``, after checking that it holds a step's checkpoint (ConfigError
+    saying what to do when it does not); reads no checkpoint."""
     directory = Path(workdir) / "checkpoints"
     if Path(workdir).is_file():  # training there would fail too
         raise ConfigError(
@@ -247,6 +247,19 @@ def latest_params(config, workdir: str | Path) -> tuple[int, object]:
             f"{directory} does not exist: train this config with --mode=train and "
             f"--workdir={workdir} first."
         )
+    if not any(p.name.isdigit() for p in directory.iterdir()):  # orbax names each by its step
+        raise ConfigError(
+            f"{directory} holds no checkpoint: train this config with --mode=train and "
+            f"--workdir={workdir} first."
+        )
+    return directory
+
+
+def latest_params(config, workdir: str | Path) -> tuple[int, object]:
+    """The step and params of the newest readable checkpoint in ``workdir/checkpoints``
+    (ConfigError when it holds another model than ``config.model``, or none, as
+    ``trained_checkpoints`` says); reads only."""
+    directory = trained_checkpoints(workdir)
     checkpoints = Checkpoints(directory, keep=None)  # read only: nothing is touched
     try:
         mesh = sharding.make_mesh(config.mesh)
