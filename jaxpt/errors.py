@@ -18,6 +18,12 @@ class DataNotFoundError(DataError, FileNotFoundError):
     """A dataset, shard or tokenizer file that does not exist."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (at most 200 characters; its type's name when
+    empty), to quote a library's error inside one of jaxpt's sentences."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def check_range(
     name: str,
     value,

@@ -307,7 +307,7 @@ def _harness_runner(config, tasks: list[str], mesh) -> Callable:
             f"eval.tasks={config.eval.tasks!r} names lm-evaluation-harness tasks, but lm-eval "
             f"does not import ({error}); install it with `uv sync --extra harness`."
         ) from None
-    harness.check_tasks(tasks)
+    loaded = harness.load_tasks(tasks)
     model_cfg = models.config_from(config.model)
     rows = config.train.batch_size // config.train.grad_accum_steps
 
@@ -316,7 +316,7 @@ def _harness_runner(config, tasks: list[str], mesh) -> Callable:
             params,
             model_cfg,
             tokenizer,
-            tasks,
+            loaded,
             batch_size=rows,
             mesh=mesh,
             rules=config.mesh.rules,

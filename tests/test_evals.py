@@ -252,15 +252,15 @@ def test_harness_multiple_choice_task_asks_for_the_native_scores(tmp_path):
         logliks = [loglik for loglik, _ in sample["filtered_resps"]]
         np.testing.assert_allclose(logliks, -np.array(item.sum_losses), rtol=1e-6)
     assert out["results"]["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
-    metrics = harness.evaluate(params, cfg, CHARS, [str(task)], batch_size=6)
+    metrics = harness.evaluate(params, cfg, CHARS, harness.load_tasks([str(task)]), batch_size=6)
     assert metrics["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
 
 
-def test_harness_unknown_task_and_offline_data_are_one_sentence(tmp_path, monkeypatch):
-    """A task that is neither registered nor a YAML file is a ConfigError before anything
-    runs; a task whose dataset cannot be reached (datasets' ConnectionError) a DataError."""
+def test_harness_unknown_task_and_unloadable_data_are_one_sentence(tmp_path, monkeypatch):
+    """A task that is neither registered nor a YAML file is a ConfigError; a task whose data
+    cannot be loaded (a local file missing: it was a FileNotFoundError traceback; the hub
+    unreachable: datasets' ConnectionError) a DataNotFoundError, when the tasks load."""
     harness = harness_or_skip()
-    import lm_eval
 
     for task in ["no_such_task", str(tmp_path / "missing.yaml")]:
         with pytest.raises(ConfigError, match=f"harness:{re.escape(task)} is neither a task YAML"):
@@ -268,15 +268,17 @@ def test_harness_unknown_task_and_offline_data_are_one_sentence(tmp_path, monkey
     with pytest.raises(ConfigError, match=r"registers \(close: arc_easy"):
         harness.check_tasks(["arc_eassy"])
     task = tmp_path / "local_hellaswag.yaml"
-    task.write_text(TASK_YAML.format(jsonl=tmp_path / "items.jsonl"))
+    task.write_text(TASK_YAML.format(jsonl=tmp_path / "missing.jsonl"))
+    with pytest.raises(DataNotFoundError, match=r"load the data of .*missing\.jsonl.*; connect"):
+        harness.load_tasks([str(task)])
 
-    def offline(**kwargs):
+    def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub")
 
-    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
-    cfg, params = model("bigram")
-    with pytest.raises(DataNotFoundError, match=r"could not load the data of .*connect to"):
-        harness.evaluate(params, cfg, CHARS, [str(task)], batch_size=6)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    task.write_text(TASK_YAML.format(jsonl=write_jsonl(tmp_path / "items.jsonl", original_rows())))
+    with pytest.raises(DataNotFoundError, match=r"load the data of .*Couldn't reach.*; connect"):
+        harness.load_tasks([str(task)])
 
 
 def test_harness_rolling_loglikelihood_and_generation():
@@ -376,6 +378,24 @@ def test_eval_mode_runs_a_harness_task(trained_run, tmp_path):
     config.eval.tasks = f"hellaswag,harness:{task}"
     results = json.loads(launcher.evaluate(config, workdir).read_text())["results"]
     assert results["harness:local_hellaswag"]["acc,none"] == results["hellaswag"]["acc"]
+
+
+def test_eval_mode_loads_harness_task_data_before_the_params(trained_run, tmp_path, monkeypatch):
+    """Data a harness task cannot load is one sentence before the checkpoint is read (it was a
+    traceback, or a sentence after val_loss and hellaswag had compiled and run)."""
+    harness_or_skip()
+    workdir, config = trained_run
+    task = tmp_path / "local_hellaswag.yaml"
+    task.write_text(TASK_YAML.format(jsonl=tmp_path / "missing.jsonl"))
+    config = config.copy_and_resolve_references()
+    config.eval.tasks = f"val_loss,hellaswag,harness:{task}"
+
+    def load_params(*args):
+        raise AssertionError("the checkpoint was read before the harness task data")
+
+    monkeypatch.setattr(launcher, "load_params", load_params)
+    with pytest.raises(DataNotFoundError, match=r"could not load the data of .*missing\.jsonl"):
+        launcher.evaluate(config, workdir)
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,12 @@ and ``loglikelihood_rolling`` through the batched scorer under ``evals.hellaswag
     lm = JaxptLM(params, model_config, tokenizer, batch_size=32)
     lm_eval.simple_evaluate(model=lm, tasks=["hellaswag", "arc_easy"])
 
-or ``evaluate`` below, which ``launch.py --mode=eval --config.eval.tasks=harness:arc_easy``
-calls. A context and its continuation are encoded separately, as llm.c encodes HellaSwag's,
-so a harness task over the same items asks for exactly the native scorer's numbers. The
-harness's own ``hellaswag`` task words the items differently (activity label, cleaned text;
-GPT-2 124M: acc 0.2892, acc_norm 0.3114, its ``acc_norm`` per byte, not per token).
+or ``load_tasks`` and ``evaluate`` below, which ``launch.py --mode=eval
+--config.eval.tasks=harness:arc_easy`` calls. A context and its continuation are encoded
+separately, as llm.c encodes HellaSwag's, so a harness task over the same items asks for
+exactly the native scorer's numbers. The harness's own ``hellaswag`` task words the items
+differently (activity label, cleaned text; GPT-2 124M: acc 0.2892, acc_norm 0.3114, its
+``acc_norm`` per byte, not per token).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from jaxpt import data, models
-from jaxpt.errors import ConfigError, DataNotFoundError
+from jaxpt.errors import ConfigError, DataNotFoundError, first_line
 from jaxpt.evals import _scoring
 from jaxpt.generation import generate
 
@@ -185,30 +186,41 @@ def check_tasks(tasks: Sequence[str]) -> None:
             )
 
 
+def load_tasks(tasks: Sequence[str]) -> list:
+    """The harness's tasks and groups named by ``tasks`` (registered names or task YAML files)
+    with their data loaded, for ``evaluate``. Raises ConfigError naming an unknown task
+    (``check_tasks``) and DataNotFoundError when a task's data cannot be loaded (the hub
+    unreachable and nothing cached, a local file missing)."""
+    check_tasks(tasks)
+    try:
+        loaded = _task_manager(tasks).load(list(tasks))
+    except Exception as error:  # `datasets`, the hub and a task's own code raise many kinds
+        raise DataNotFoundError(
+            f"lm-evaluation-harness could not load the data of {', '.join(tasks)} "
+            f"({first_line(error)}); connect to the network once (datasets caches it), or name "
+            "a task YAML file whose dataset is local."
+        ) from error
+    groups, leaves = loaded["groups"].values(), loaded["tasks"].values()
+    inner = {id(t) for group in groups for t in (*group.get_all_tasks(), *group.get_all_groups())}
+    return [task for task in (*groups, *leaves) if id(task) not in inner]
+
+
 def evaluate(
     params,
     model_config: models.ModelConfig | models.BigramConfig,
     tokenizer: data.Tokenizer,
-    tasks: Sequence[str],
+    tasks: list,
     *,
     batch_size: int,
     mesh: Mesh | None = None,
     rules=None,
 ) -> dict[str, dict[str, float]]:
-    """The harness's metrics of each task (a registered name, or a task YAML file), e.g.
+    """The harness's metrics of each of ``tasks`` (what ``load_tasks`` returns), e.g.
     ``{"arc_easy": {"acc,none": 0.43, "acc_stderr,none": 0.01, ...}}``."""
-    check_tasks(tasks)
     lm = JaxptLM(params, model_config, tokenizer, batch_size=batch_size, mesh=mesh, rules=rules)
-    try:
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=_task_manager(tasks), log_samples=False
-        )
-    except ConnectionError as error:  # `datasets` offline, or the hub unreachable
-        raise DataNotFoundError(
-            f"lm-evaluation-harness could not load the data of {', '.join(tasks)} ({error}); "
-            "connect to the network once (datasets caches it), or name a task YAML file whose "
-            "dataset is local."
-        ) from error
+    out = lm_eval.simple_evaluate(  # loaded tasks: an index without the built-ins will do
+        model=lm, tasks=tasks, task_manager=_manager(include_defaults=False), log_samples=False
+    )
     return {
         task: {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         for task, metrics in out["results"].items()

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxpt import data, models
-from jaxpt.errors import DataError, DataNotFoundError
+from jaxpt.errors import DataError, DataNotFoundError, first_line
 from jaxpt.evals import _scoring
 
 HUB_DATASET = "Rowan/hellaswag"  # its "validation" split: the 10,042 items everyone reports
@@ -183,11 +183,11 @@ def _hub_rows():
     try:
         return datasets.load_dataset(HUB_DATASET, split="validation")
     except Exception as error:  # `datasets` and the hub raise many kinds
-        cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise DataNotFoundError(
             f"HellaSwag's validation split could not be loaded from the Hugging Face hub "
-            f"({HUB_DATASET}: {cause}); connect to the network once (datasets caches it), or "
-            "set --config.eval.hellaswag_path to a local jsonl file (fields ctx, endings, label)."
+            f"({HUB_DATASET}: {first_line(error)}); connect to the network once (datasets "
+            "caches it), or set --config.eval.hellaswag_path to a local jsonl file (fields ctx, "
+            "endings, label)."
         ) from error
 
 
