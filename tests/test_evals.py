@@ -19,6 +19,7 @@ from jaxpt.errors import ConfigError, DataError, DataNotFoundError
 from jaxpt.evals import hellaswag
 
 from .test_checkpoints import snapshot
+from .test_data_tokenizers import build_hf_tokenizer
 from .test_models import tiny_config
 from .test_train import char_config
 
@@ -455,6 +456,26 @@ def test_eval_mode_without_params_says_so_before_reading_task_data(
     with pytest.raises(ConfigError, match=r"checkpoints (does not exist|holds no checkpoint): tr"):
         launcher.evaluate(config, tmp_path)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_eval_mode_refuses_val_loss_on_data_of_another_tokenizer(tmp_path):
+    """checkpoint.init_from ships its tokenizer.json, the run's validation data was tokenized by
+    characters: val_loss scored the model on ids that mean other text to it, silently."""
+    config = char_config()
+    config.model.vocab_size = 512
+    config.eval.tasks = "val_loss,hellaswag"
+    config.eval.hellaswag_path = str(write_jsonl(tmp_path / "items.jsonl", original_rows()))
+    cfg = models.config_from(config.model)
+    params = models.get("gpt").init(jax.random.key(2), cfg)
+    tokenizer = data.HFTokenizer(build_hf_tokenizer(tmp_path / "tokenizer"))
+    config.checkpoint.init_from = str(
+        hf.save_pretrained(params, cfg, tmp_path / "hf", tokenizer=tokenizer)
+    )
+    with pytest.raises(
+        ConfigError, match=r"another tokenizer than data.tokenizer='char'.*tokenizer=\S+hf/tok"
+    ):
+        launcher.evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 class FixedBatches:

@@ -342,6 +342,15 @@ def get_tokenizer(name: str | os.PathLike) -> Tokenizer:
     return HFTokenizer(path)
 
 
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether ``a`` and ``b`` give every token id the same text and end-of-text id, so that
+    token ids one of them wrote mean the same text to the other (e.g. tiktoken's GPT-2 and
+    GPT-2's tokenizer.json)."""
+    if (a.vocab_size, a.eot_id) != (b.vocab_size, b.eot_id):
+        return False
+    return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
+
+
 def tokenizer_key(name: str) -> str:
     """A short file-name-safe key of a resolved tokenizer name: "gpt2", "char" or "hf-<hash>"."""
     return name if name in ("gpt2", "char") else "hf-" + HFTokenizer(name).spec()["sha256"][:12]
