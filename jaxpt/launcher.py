@@ -205,28 +205,27 @@ def _reads_init_from(config, workdir: str | Path) -> bool:
     return bool(config.checkpoint.init_from) and not trained
 
 
-def _check_params_source(config, workdir: str | Path) -> None:
-    """ConfigError unless ``load_params`` has params to read: a checkpoint in ``workdir`` or
-    a ``checkpoint.init_from`` whose config.json matches ``config.model``; reads no params."""
-    if _reads_init_from(config, workdir):
-        hf.check_init_from(models.config_from(config.model), config.checkpoint.init_from)
-    else:
+def _tokenizer_of(config, workdir: str | Path) -> data.Tokenizer:
+    """The tokenizer of the params ``load_params`` reads, after checking that there are some
+    (ConfigError: see ``train.trained_checkpoints`` and ``hf.check_init_from``); reads no
+    params."""
+    if not _reads_init_from(config, workdir):
         train.trained_checkpoints(workdir)
+        return data.run_tokenizer(config.data)
+    own = hf.init_from_tokenizer(models.config_from(config.model), config.checkpoint.init_from)
+    return data.run_tokenizer(config.data) if own is None else own
 
 
 def load_params(config, workdir: str | Path, verb: str) -> Loaded:
     """What ``params_and_tokenizer`` reads, printing ``"<verb> <source>"``; reads only."""
+    tokenizer = _tokenizer_of(config, workdir)
     source = config.checkpoint.init_from
-    if not _reads_init_from(config, workdir):
-        step, params = train.latest_params(config, workdir)
-        tokenizer = data.run_tokenizer(config.data)
-        loaded = Loaded(step, f"checkpoint {step} of {workdir}", params, tokenizer)
+    if _reads_init_from(config, workdir):
+        params = hf.load_init_from(models.config_from(config.model), source).params
+        loaded = Loaded(0, f"checkpoint.init_from={source}", params, tokenizer)
     else:
-        pretrained = hf.load_init_from(models.config_from(config.model), source)
-        tokenizer = pretrained.tokenizer
-        if tokenizer is None:
-            tokenizer = data.run_tokenizer(config.data)
-        loaded = Loaded(0, f"checkpoint.init_from={source}", pretrained.params, tokenizer)
+        step, params = train.latest_params(config, workdir)
+        loaded = Loaded(step, f"checkpoint {step} of {workdir}", params, tokenizer)
     print(f"{verb} {loaded.source}", flush=True)
     return loaded
 
@@ -238,25 +237,22 @@ def evaluate(config, workdir: str | Path) -> Path | None:
     """``--mode=eval``: the tasks of ``eval.tasks`` on the latest checkpoint in ``workdir`` (or
     on ``checkpoint.init_from``, as ``params_and_tokenizer`` reads them), printed as a table
     and written by process 0 to ``<workdir>/eval/<step>.json``, whose path it returns. Every
-    input (config, data, HellaSwag items, lm-eval) is checked before anything compiles, and
-    that there are params to evaluate before any task data is read (which can take long). A
-    file of that name is never overwritten: evaluating a step again writes ``<step>.1.json``,
-    and so on."""
+    input (config, data, HellaSwag items and their tokens, lm-eval) is checked before the
+    params are read, and that there are params to evaluate before any task data is read (which
+    can take long). A file of that name is never overwritten: evaluating a step again writes
+    ``<step>.1.json``, and so on."""
     train.validate_config(config)
     tasks = evals.parse_tasks(config.eval.tasks)
     check_writable_directory(Path(workdir) / "eval", "--workdir")
     mesh = sharding.make_mesh(config.mesh)
     train.check_batch_fits_mesh(config, mesh)
-    _check_params_source(config, workdir)
-    runners = _task_runners(config, tasks, mesh)
+    runners = _task_runners(config, tasks, mesh, _tokenizer_of(config, workdir))
     loaded = load_params(config, workdir, "evaluating")
-    if "val_loss" in tasks:
-        _check_val_tokenizer(config, loaded.tokenizer)
     shardings = sharding.param_shardings(loaded.params, mesh, config.mesh.rules)
     params = jax.device_put(loaded.params, shardings)
     results = {}
     for run_task in runners:
-        results.update(run_task(params, loaded.tokenizer))
+        results.update(run_task(params))
     print(results_table(results), flush=True)
     if jax.process_index() != 0:  # one process writes
         return None
@@ -264,33 +260,33 @@ def evaluate(config, workdir: str | Path) -> Path | None:
     return write_new_json(Path(workdir) / "eval", str(loaded.step), record)
 
 
-def _task_runners(config, tasks: list[str], mesh) -> list[Callable]:
-    """One ``(params, tokenizer) -> {task: metrics}`` per kind of task asked for, each set
-    up (data read and checked) now."""
+def _task_runners(config, tasks: list[str], mesh, tokenizer: data.Tokenizer) -> list[Callable]:
+    """One ``params -> {task: metrics}`` per kind of task asked for, of a model that reads
+    ``tokenizer``, each set up (data read and checked) now."""
     runners = []
     if "val_loss" in tasks:
-        runners.append(_val_loss_runner(config, mesh))
+        runners.append(_val_loss_runner(config, mesh, tokenizer))
     if "hellaswag" in tasks:
-        hellaswag = evals.hellaswag.for_run(config, mesh)
-        runners.append(lambda params, tokenizer: {"hellaswag": hellaswag(params, tokenizer)})
+        hellaswag = evals.hellaswag.for_run(config, mesh, tokenizer)
+        runners.append(lambda params: {"hellaswag": hellaswag(params)})
     harness_tasks = [t.removeprefix(evals.HARNESS) for t in tasks if t.startswith(evals.HARNESS)]
     if harness_tasks:
-        runners.append(_harness_runner(config, harness_tasks, mesh))
+        runners.append(_harness_runner(config, harness_tasks, mesh, tokenizer))
     return runners
 
 
-def _val_loss_runner(config, mesh) -> Callable:
+def _val_loss_runner(config, mesh, tokenizer: data.Tokenizer) -> Callable:
     model_cfg = models.config_from(config.model)
     batch_size, seq_len = config.train.batch_size, model_cfg.block_size
     need = data.tokens_needed(0, batch_size, seq_len, config.eval.batches)
     manifest = data.ensure_prepared(config.data, need=need)
     data.check_vocab(manifest, model_cfg.vocab_size)
+    _check_val_tokenizer(config, data.tokenizer_for(manifest), tokenizer)
     batch_sh = sharding.batch_sharding(mesh, config.mesh.rules)
     loader = train.validation_data(config, manifest, batch_sh)
     step = jax.jit(train.make_eval_step(config))
 
-    def run(params, tokenizer) -> dict:
-        del tokenizer  # the data is tokenized already
+    def run(params) -> dict:
         with sharding.activation_sharding(mesh, config.mesh.rules):
             return {
                 "val_loss": evals.validation_loss(
@@ -301,11 +297,11 @@ def _val_loss_runner(config, mesh) -> Callable:
     return run
 
 
-def _check_val_tokenizer(config, tokenizer: data.Tokenizer) -> None:
-    """ConfigError unless ``tokenizer`` (the evaluated checkpoint's) reads the run's validation
-    data as the tokenizer that wrote it does: else val_loss scores ids that mean other text to
-    the model (a ``checkpoint.init_from`` that ships its own tokenizer)."""
-    if data.same_vocabulary(data.run_tokenizer(config.data), tokenizer):
+def _check_val_tokenizer(config, prepared: data.Tokenizer, tokenizer: data.Tokenizer) -> None:
+    """ConfigError unless ``tokenizer`` (the evaluated checkpoint's) reads the validation data
+    as ``prepared``, the tokenizer that wrote it, does: else val_loss scores ids that mean other
+    text to the model (a ``checkpoint.init_from`` that ships its own tokenizer)."""
+    if data.same_vocabulary(prepared, tokenizer):
         return
     own = str(tokenizer.path) if isinstance(tokenizer, data.HFTokenizer) else "gpt2"
     raise ConfigError(
@@ -316,7 +312,7 @@ def _check_val_tokenizer(config, tokenizer: data.Tokenizer) -> None:
     )
 
 
-def _harness_runner(config, tasks: list[str], mesh) -> Callable:
+def _harness_runner(config, tasks: list[str], mesh, tokenizer: data.Tokenizer) -> Callable:
     try:
         from jaxpt.evals import harness
     except ImportError as error:  # lm-eval is an optional extra
@@ -328,7 +324,7 @@ def _harness_runner(config, tasks: list[str], mesh) -> Callable:
     model_cfg = models.config_from(config.model)
     rows = config.train.batch_size // config.train.grad_accum_steps
 
-    def run(params, tokenizer) -> dict:
+    def run(params) -> dict:
         metrics = harness.evaluate(
             params,
             model_cfg,

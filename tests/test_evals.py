@@ -399,6 +399,28 @@ def test_eval_mode_loads_harness_task_data_before_the_params(trained_run, tmp_pa
         launcher.evaluate(config, workdir)
 
 
+def test_items_the_tokenizer_cannot_read_are_one_sentence_before_training_or_eval(
+    trained_run, tmp_path, monkeypatch
+):
+    """A character the char vocabulary lacks: training stopped with a sentence that named no
+    item at the first HellaSwag evaluation, its steps unsaved; --mode=eval after val_loss."""
+    workdir, config = trained_run
+    config = config.copy_and_resolve_references()
+    row = {"ctx": "The café was", "endings": ["open.", "shut."], "label": 0}
+    config.eval.hellaswag_path = str(write_jsonl(tmp_path / "items.jsonl", [*original_rows(), row]))
+    message = r"^HellaSwag item 6 of 6 cannot be tokenized \(character 'é' is not in the char"
+    with pytest.raises(DataError, match=message):
+        train.train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    def load_params(*args):
+        raise AssertionError("the checkpoint was read before the HellaSwag items were checked")
+
+    monkeypatch.setattr(launcher, "load_params", load_params)
+    with pytest.raises(DataError, match=message):
+        launcher.evaluate(config, workdir)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [

@@ -72,11 +72,18 @@ class Result:
 
 
 def requests(items: Sequence[Item], tokenizer: data.Tokenizer) -> list[tuple[list[int], list[int]]]:
-    """The ``(context, ending)`` token pairs of every item's endings, in order."""
+    """The ``(context, ending)`` token pairs of every item's endings, in order. Raises
+    DataError naming the first item ``tokenizer`` cannot encode."""
     pairs = []
-    for item in items:
-        context = tokenizer.encode(item.context)
-        pairs.extend((context, tokenizer.encode(" " + ending)) for ending in item.endings)
+    for number, item in enumerate(items, 1):
+        try:
+            context = tokenizer.encode(item.context)
+            pairs.extend((context, tokenizer.encode(" " + ending)) for ending in item.endings)
+        except DataError as error:  # e.g. a character outside a char-level model's vocabulary
+            raise DataError(
+                f"HellaSwag item {number} of {len(items)} cannot be tokenized ({error}); give "
+                "eval.hellaswag_path items the model's tokenizer reads, or leave hellaswag out."
+            ) from None
     return pairs
 
 
@@ -92,14 +99,15 @@ def evaluate(
 ) -> Result:
     """Scores ``items`` with the model ``params``, ``batch_size`` endings per jitted call
     (sharded over ``mesh`` by ``rules`` where given, as ``_scoring.score`` says)."""
+    pairs = requests(items, tokenizer)
     scores = _scoring.score(
-        params,
-        model_config,
-        requests(items, tokenizer),
-        batch_size=batch_size,
-        mesh=mesh,
-        rules=rules,
+        params, model_config, pairs, batch_size=batch_size, mesh=mesh, rules=rules
     )
+    return _result(items, scores)
+
+
+def _result(items: Sequence[Item], scores: _scoring.Scores) -> Result:
+    """The items' results from the scores of their ``requests``."""
     results, start = [], 0
     for item in items:
         end = start + len(item.endings)
@@ -118,25 +126,20 @@ def evaluate(
     return Result(tuple(results))
 
 
-def for_run(config, mesh: Mesh) -> Callable[[Any, data.Tokenizer], dict]:
-    """``(params, tokenizer) -> Result.summary()`` for a run config: its model, the items of
-    ``eval.hellaswag_path`` (read now, before anything compiles), batches of a training
-    micro-batch's rows split over ``mesh`` by ``mesh.rules``."""
+def for_run(config, mesh: Mesh, tokenizer: data.Tokenizer) -> Callable[[Any], dict]:
+    """``params -> Result.summary()`` for a run config: its model, the items of
+    ``eval.hellaswag_path`` (read and tokenized by ``tokenizer`` now, before anything
+    compiles), batches of a training micro-batch's rows split over ``mesh`` by ``mesh.rules``."""
     items = load_items(config.eval.hellaswag_path)
+    pairs = requests(items, tokenizer)
     model_config = models.config_from(config.model)
     rows = config.train.batch_size // config.train.grad_accum_steps
 
-    def run(params, tokenizer: data.Tokenizer) -> dict:
-        result = evaluate(
-            params,
-            model_config,
-            items,
-            tokenizer,
-            batch_size=rows,
-            mesh=mesh,
-            rules=config.mesh.rules,
+    def run(params) -> dict:
+        scores = _scoring.score(
+            params, model_config, pairs, batch_size=rows, mesh=mesh, rules=config.mesh.rules
         )
-        return result.summary()
+        return _result(items, scores).summary()
 
     return run
 

@@ -22,6 +22,7 @@ from jaxpt.hf._convert import to_state_dict as to_state_dict
 from jaxpt.hf._files import Pretrained as Pretrained
 from jaxpt.hf._files import check_init_from as check_init_from
 from jaxpt.hf._files import from_pretrained as from_pretrained
+from jaxpt.hf._files import init_from_tokenizer as init_from_tokenizer
 from jaxpt.hf._files import load_init_from as load_init_from
 from jaxpt.hf._files import save_pretrained as save_pretrained
 from jaxpt.hf._layouts import GPT2 as GPT2

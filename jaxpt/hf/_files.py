@@ -265,6 +265,14 @@ def check_init_from(model_config: models.ModelConfig, init_from: str) -> None:
     check_fields(model_config, _read_hf_config(_directory(init_from)), init_from)
 
 
+def init_from_tokenizer(model_config: models.ModelConfig, init_from: str) -> data.Tokenizer | None:
+    """The tokenizer ``load_init_from`` returns with the ``checkpoint.init_from`` checkpoint
+    (checked first as by ``check_init_from``), without reading its weights."""
+    directory = _directory(init_from)
+    check_fields(model_config, _read_hf_config(directory), init_from)
+    return _tokenizer(directory, model_config)
+
+
 def load_init_from(model_config: models.ModelConfig, init_from: str) -> Pretrained:
     """The ``checkpoint.init_from`` checkpoint's params in ``model_config``'s shapes and
     dtypes, and its tokenizer (checked first as by ``check_init_from``)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import signal
 from collections.abc import Callable
@@ -314,8 +313,7 @@ def _prepare(config) -> _Run:
     val_data = validation_data(config, manifest, batch_sh)
     hellaswag = None
     if config.eval.hellaswag_every_steps:  # its items are read here
-        tokenizer = data.tokenizer_for(manifest)
-        hellaswag = functools.partial(evals.hellaswag.for_run(config, mesh), tokenizer=tokenizer)
+        hellaswag = evals.hellaswag.for_run(config, mesh, data.tokenizer_for(manifest))
     return _Run(model_cfg, mesh, abstract, shardings, tx, batch_sh, train_data, val_data, hellaswag)
 
 
