@@ -130,7 +130,7 @@ def mesh_key(**sizes) -> tuple[tuple[str, int], ...]:
     ],
     ids=lambda v: v if isinstance(v, str) else ",".join(f"{a}={n}" for a, n in v),
 )
-def test_sharded_steps_equal_one_device(preset, mesh, model):
+def test_sharded_steps_equal_one_device(preset, mesh, model, capfd):
     config, _, shardings, _ = compiled(preset, mesh, model)
     specs = {s.spec for s in jax.tree.leaves(shardings.params)}
     for axis, size in mesh:  # every mesh axis in use splits some weight
@@ -145,6 +145,7 @@ def test_sharded_steps_equal_one_device(preset, mesh, model):
         else:
             assert moments == jax.tree.leaves(shardings.params)
     sharded, sharded_losses = trajectory(preset, mesh, model)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
     single, single_losses = trajectory(preset, (), model)
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
     jax.tree.map(
@@ -235,6 +236,34 @@ def test_data_parallel_reduces_a_tied_tables_gradients_in_the_compute_dtype(tmp_
     assert reduced == [("bf16", str(vocab), str(width))] * 2, reduced
     scale = np.abs(one_device.weight).max()  # each device's sums are rounded at about it
     np.testing.assert_allclose(sharded.weight, one_device.weight, atol=2**-7 * scale)
+
+
+def test_the_token_lookup_is_split_by_sequence_without_rematerializing(capfd, tmp_path):
+    """Under data x fsdp x tensor (a table split over vocab and width, ids over the batch)
+    each device looks up its own sequences' rows: XLA warned of an "involuntary full
+    rematerialization" of the gather's output when the width stayed split. The rows and the
+    table's gradient equal float64 numpy's."""
+    config = small_config(DENSE, data=2, fsdp=2, tensor=2)
+    mesh, rules = sharding.make_mesh(config.mesh), config.mesh.rules
+    rng = np.random.default_rng(0)
+    table = nn.Embedding(jnp.asarray(rng.normal(size=(64, 16)), jnp.float32), ("vocab", "embed"))
+    ids, weights = rng.integers(0, 64, (8, 4)), rng.normal(size=(8, 4, 16))
+
+    def loss(table, ids):
+        rows = nn.constrain(nn.embed(table, ids, jnp.float32), ("batch", None, None))
+        return (rows * weights).sum(), rows
+
+    # a compile of its own: the dump folder keys it apart from the persistent cache's entries
+    step = jax.jit(jax.grad(loss, has_aux=True), compiler_options={"xla_dump_to": str(tmp_path)})
+    table = jax.device_put(table, sharding.param_shardings(table, mesh, rules))
+    with sharding.activation_sharding(mesh, rules):
+        grad, rows = step(table, jax.device_put(ids, sharding.batch_sharding(mesh, rules)))
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    reference = np.asarray(table.weight, np.float64)
+    np.testing.assert_allclose(rows, reference[ids], rtol=1e-6)
+    expected = np.zeros_like(reference)
+    np.add.at(expected, ids, weights)
+    np.testing.assert_allclose(grad.weight, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_ragged_experts_split_over_the_mesh_are_one_sentence():

@@ -115,8 +115,15 @@ def embed(p: Embedding, ids: Array, dtype) -> Array:
     of a sharded step adds up its own sequences' row gradients in float32 and rounds that sum
     to ``dtype``, and only then are the devices' sums added, so data parallelism reduces the
     ``(V, D)`` gradient in ``dtype``'s bytes (half of float32's in bfloat16).
+
+    In a sharded step the table's width is gathered whole first, as FSDP gathers a weight for
+    its matmul, so each device looks up its own sequences' rows. Left to itself, XLA's SPMD
+    partitioner looked the rows up with the width split and could then not move them to the
+    batch's split: under ``data x fsdp x tensor`` it replicated them ("involuntary full
+    rematerialization").
     """
-    return _rows(p.weight, ids, jnp.dtype(dtype))
+    table = constrain(p.weight, (p.axes[0], None))  # (rows, D): D whole
+    return _rows(table, ids, jnp.dtype(dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
