@@ -60,7 +60,7 @@ def moment_rules(rules, shard_optimizer: bool):
 def validate_mesh(mesh_cfg) -> None:
     """Raises ConfigError naming the first ``config.mesh`` field that breaks a rule: sizes are
     positive or -1 (the devices left over, on one axis at most), slice counts positive,
-    ``shard_optimizer`` a bool, and rules name mesh axes."""
+    ``shard_optimizer`` a bool, and rules name mesh axes, each at most once."""
     for axis in MESH_AXES:
         size = mesh_cfg[axis]
         if size != -1:
@@ -80,6 +80,12 @@ def validate_mesh(mesh_cfg) -> None:
             raise ConfigError(
                 f"mesh.rules.{name}={tuple(axes)!r} names {unknown[0]!r}, not one of the mesh "
                 f"axes {list(MESH_AXES)}."
+            )
+        repeated = [a for i, a in enumerate(axes) if a in axes[:i]]
+        if repeated:  # a PartitionSpec splits a dimension over each mesh axis once
+            raise ConfigError(
+                f"mesh.rules.{name}={tuple(axes)!r} names {repeated[0]!r} twice; name each mesh "
+                "axis once."
             )
 
 

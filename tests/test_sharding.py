@@ -297,6 +297,16 @@ def test_fixed_mesh_sizes_that_do_not_divide_the_devices_are_named():
     )
 
 
+def test_a_rule_that_names_a_mesh_axis_twice_is_one_sentence():
+    config = small_config(DENSE, fsdp=2)
+    config.mesh.rules.embed = ("fsdp", "fsdp")  # was a DuplicateSpecError from inside jax
+    with pytest.raises(ConfigError) as caught:
+        train.validate_config(config)
+    assert str(caught.value) == (
+        "mesh.rules.embed=('fsdp', 'fsdp') names 'fsdp' twice; name each mesh axis once."
+    )
+
+
 def test_dcn_axes_must_match_the_slices():
     config = small_config("gpt", data=-1, dcn_data=2)
     with pytest.raises(ConfigError) as caught:
