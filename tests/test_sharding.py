@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jaxpt import models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError
+from tests import test_moe
 
 STEPS = 4
 DENSE = "gqa_glu_rope_gpt"  # grouped-query heads: tensor parallelism splits K and V too
@@ -264,6 +265,44 @@ def test_the_token_lookup_is_split_by_sequence_without_rematerializing(capfd, tm
     expected = np.zeros_like(reference)
     np.add.at(expected, ids, weights)
     np.testing.assert_allclose(grad.weight, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_moe_sends_its_slots_to_their_experts_by_all_to_all(capfd, tmp_path):
+    """Soft MoE under data x expert x tensor: each device computes its own sequences' slots
+    and all-to-alls carry them to their experts' devices and back. Left to XLA, every device
+    gathered every expert's weights (and a train step under data=2 x expert=4 replicated the
+    ``(B, E, C, D)`` slots: an "involuntary full rematerialization"). The output equals
+    float64 numpy's, the gradients one device's."""
+    cfg = test_moe.moe_config(mixer="soft_moe", block_size=12)  # 4 experts of 3 slots
+    params, x = test_moe.setup_soft_moe(cfg, seed=11, shape=(8, 12))
+    valid = np.ones((8, 12), bool)
+    valid[::2, :3] = False  # left padding
+    weights = np.random.default_rng(0).normal(size=x.shape)
+
+    def loss(params, x, valid):
+        y = nn.soft_moe(params, x, activation=cfg.activation, mask=valid)
+        return (y * weights).sum(), y
+
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    config = small_config(DENSE, data=2, expert=2, tensor=2)
+    mesh, rules = sharding.make_mesh(config.mesh), config.mesh.rules
+    sharded_params = jax.device_put(params, sharding.param_shardings(params, mesh, rules))
+    inputs = (
+        jax.device_put(x, sharding.batch_sharding(mesh, rules, 3)),
+        jax.device_put(valid, sharding.batch_sharding(mesh, rules)),
+    )
+    # a compile of its own: the dump folder keys it apart from the persistent cache's entries
+    step = jax.jit(grad, compiler_options={"xla_dump_to": str(tmp_path)})
+    with sharding.activation_sharding(mesh, rules):
+        compiled = step.lower(sharded_params, *inputs).compile()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    assert "all-to-all(" in compiled.as_text() and "all-gather(" not in compiled.as_text()
+    grads, y = compiled(sharded_params, *inputs)
+    np.testing.assert_allclose(y, test_moe.np_soft_moe(params, x, valid, cfg)[0], atol=1e-4)
+    one_device, _ = jax.jit(grad)(params, x, valid)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads, one_device
+    )
 
 
 def test_ragged_experts_split_over_the_mesh_are_one_sentence():

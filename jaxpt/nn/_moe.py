@@ -440,13 +440,14 @@ def ragged_expert_linear(p: ExpertLinear, x: Array, group_sizes: Array) -> Array
     return add_bias(y, p.bias[expert])
 
 
-def grouped_experts(p: Experts, x: Array, rows: ExpertRows, *, activation: str) -> Array:
-    """:func:`experts` on the rows of :func:`expert_rows`: ``(N, D)`` -> ``(N, D)``."""
-    if rows.group_sizes is None:  # padded: E equal groups, one batched matmul per layer
+def grouped_experts(p: Experts, x: Array, group_sizes: Array | None, *, activation: str) -> Array:
+    """:func:`experts` on rows grouped by expert (:func:`expert_rows`): ``(N, D)`` ->
+    ``(N, D)``; ``group_sizes`` ``(E,)``, or None for E equal groups."""
+    if group_sizes is None:  # padded: E equal groups, one batched matmul per layer
         n_experts = p.up.weight.shape[0]
         y = experts(p, x.reshape(1, n_experts, -1, x.shape[-1]), activation=activation)
         return y.reshape(x.shape)
-    layer = functools.partial(ragged_expert_linear, group_sizes=rows.group_sizes)
+    layer = functools.partial(ragged_expert_linear, group_sizes=group_sizes)
     return experts(p, x, activation=activation, layer=layer)
 
 
@@ -519,7 +520,7 @@ def route_and_dispatch(
     )
     capacity = expert_capacity(spec, x.shape[1])  # slots: the capacity of an unpadded row
     rows = expert_rows(r, spec.n_experts, capacity, padded=spec.grouped_matmul == "padded")
-    y = run_experts(p, gather_rows(x, rows), rows, activation=activation)
+    y = run_experts(p, gather_rows(x, rows), rows.group_sizes, activation=activation)
     return combine_rows(y, rows, r.weight), r.expert
 
 
@@ -528,8 +529,9 @@ def route_and_dispatch(
 
 def sharded_route_and_dispatch(
     p: Experts, x: Array, probs: Array, valid: Array, *, batch: NamedSharding, run
-) -> tuple[Array, Array]:
-    """``run`` (:func:`route_and_dispatch`) on each device's own sequences, in ``shard_map``.
+) -> tuple[Array, ...]:
+    """``run`` (:func:`route_and_dispatch` or :func:`soft_dispatch`) on each device's own
+    sequences, in ``shard_map``; its outputs ``(y, ...)`` are split like the batch.
 
     Routing is per sequence, so each device routes its sequences alone. Where the experts are
     split over mesh axes that also split the batch (``mesh.expert``, by the ``"expert"`` rule),
@@ -539,6 +541,8 @@ def sharded_route_and_dispatch(
     ``"mlp"`` rule splits it (tensor parallelism, :func:`_tensor_parallel`).
 
     Args:
+        x: ``(B, T, D)``; probs: ``(B, T, ...)``, what ``run`` routes by (top-k: router
+            probabilities, Soft MoE: slot logits); valid: ``(B, T)`` bool.
         batch: the sharding of ``(B, T, D)`` activations (``activation_sharding_of``).
     """
     batch_axes = _axes_of(batch.spec[0])
@@ -558,12 +562,18 @@ def sharded_route_and_dispatch(
         functools.partial(_tensor_parallel, run=run, mlp_axes=mlp_axes),
         mesh=batch.mesh,
         in_specs=(_expert_specs(p, expert_axes, mlp_axes), rows, rows, rows),
-        out_specs=(rows, rows),
+        out_specs=rows,
     )(p, x, probs, valid)
 
 
 def expert_parallel_experts(
-    p: Experts, x: Array, rows: ExpertRows, *, activation: str, axes: tuple[str, ...], n_groups: int
+    p: Experts,
+    x: Array,
+    group_sizes: Array | None,
+    *,
+    activation: str,
+    axes: tuple[str, ...],
+    n_groups: int,
 ) -> Array:
     """:func:`grouped_experts` inside ``shard_map`` with the experts split into ``n_groups``
     groups of ``E / n_groups`` over the mesh ``axes`` (``p``: this device's group).
@@ -574,7 +584,7 @@ def expert_parallel_experts(
     fixed-size buffers: the padded layout (``jax.lax.ragged_all_to_all`` would move the
     ragged one's).
     """
-    if rows.group_sizes is not None:
+    if group_sizes is not None:
         raise ConfigError(
             "model.moe_matmul='ragged' cannot split the experts over the mesh (mesh.expert > 1); "
             "use model.moe_matmul='padded'."
@@ -605,18 +615,18 @@ def _expert_specs(p: Experts, expert_axes: tuple[str, ...], mlp_axes: tuple[str,
     return Experts(up=specs(p.up, None, f), gate=gate, down=specs(p.down, f, None))
 
 
-def _tensor_parallel(p: Experts, *args, run, mlp_axes: tuple[str, ...]) -> tuple[Array, Array]:
+def _tensor_parallel(p: Experts, *args, run, mlp_axes: tuple[str, ...]) -> tuple[Array, ...]:
     """``run(p, *args)`` with each device holding a slice of every expert's hidden width over
-    ``mlp_axes``: the partial outputs are summed (``psum``), the down-projection's bias added
-    on one device of each group."""
+    ``mlp_axes``: the partial outputs ``y`` (the first) are summed (``psum``), the
+    down-projection's bias added on one device of each group."""
     if not mlp_axes:
         return run(p, *args)
     if p.down.bias is not None:
         first = jax.lax.axis_index(mlp_axes) == 0
         down = dataclasses.replace(p.down, bias=jnp.where(first, p.down.bias, 0))
         p = dataclasses.replace(p, down=down)
-    y, expert = run(p, *args)
-    return jax.lax.psum(y, mlp_axes), expert
+    y, *others = run(p, *args)
+    return jax.lax.psum(y, mlp_axes), *others
 
 
 # ---------------------------------------------------------------- Soft MoE
@@ -684,13 +694,41 @@ def soft_moe(p: SoftMoE, x: Array, *, activation: str, mask: Array | None) -> Ar
             read into any slot and gets a zero output).
     Returns:
         ``(B, T, D)``. Soft MoE has no auxiliary losses.
+
+    While a sharded step is traced each device computes its own sequences' slots, and with
+    the experts split over ``mesh.expert`` the slots travel to their experts' devices and back
+    as top-k routing's rows do (:func:`sharded_route_and_dispatch`).
     """
     b, t, _ = x.shape
     valid = jnp.ones((b, t), bool) if mask is None else mask
     n_experts = p.experts.up.weight.shape[0]  # (E, D, F)
     logits = linear(p.phi, x.astype(jnp.float32)).reshape(b, t, n_experts, -1)
+    run = functools.partial(soft_dispatch, activation=activation)
+    batch = activation_sharding_of(x.shape, ("batch", None, None))
+    if batch is not None:
+        run = functools.partial(sharded_route_and_dispatch, batch=batch, run=run)
+    return run(p.experts, x, logits, valid)[0]
+
+
+def soft_dispatch(
+    p: Experts,
+    x: Array,
+    logits: Array,
+    valid: Array,
+    *,
+    activation: str,
+    run_experts=grouped_experts,
+) -> tuple[Array]:
+    """Soft MoE's slots through the experts (``run_experts``, :func:`grouped_experts`'s
+    signature: the slots are E equal groups of rows) and back to the tokens.
+
+    Args:
+        x: ``(B, T, D)``; logits: ``(B, T, E, C)`` float32 slot logits; valid: ``(B, T)`` bool.
+    Returns:
+        ``((B, T, D),)``, zero at padding.
+    """
     dispatch, combine = soft_moe_weights(logits, valid)  # (B, T, E, C)
-    slots = jnp.einsum("btec,btd->becd", dispatch.astype(x.dtype), x)  # (B, E, C, D)
-    expert_out = experts(p.experts, slots, activation=activation)
-    y = jnp.einsum("btec,becd->btd", combine.astype(x.dtype), expert_out)
-    return jnp.where(valid[..., None], y, 0)
+    slots = jnp.einsum("btec,btd->ebcd", dispatch.astype(x.dtype), x)  # (E, B, C, D)
+    rows = run_experts(p, slots.reshape(-1, x.shape[-1]), None, activation=activation)
+    y = jnp.einsum("btec,ebcd->btd", combine.astype(x.dtype), rows.reshape(slots.shape))
+    return (jnp.where(valid[..., None], y, 0),)
