@@ -73,24 +73,28 @@ def resume(config, workdir):
     "command, field, value",
     [
         # other shapes: these renamed every checkpoint to <step>.unreadable and started over
-        pytest.param(generate, "n_layer", 4, id="generate-n_layer"),
-        pytest.param(export, "n_layer", 4, id="export-n_layer"),
-        pytest.param(resume, "n_layer", 4, id="resume-n_layer"),
+        pytest.param(generate, "model.n_layer", 4, id="generate-n_layer"),
+        pytest.param(export, "model.n_layer", 4, id="export-n_layer"),
+        pytest.param(resume, "model.n_layer", 4, id="resume-n_layer"),
+        # Lion's state is a subset of AdamW's: this one moved every checkpoint aside as
+        # unreadable and trained from step 0 again
+        pytest.param(resume, "train.optimizer", "lion", id="resume-optimizer"),
         # the same shapes: these went on with the other model, silently
-        pytest.param(generate, "activation", "relu", id="generate-activation"),
-        pytest.param(resume, "activation", "relu", id="resume-activation"),
-        pytest.param(resume, "position", "rope", id="resume-position"),
+        pytest.param(generate, "model.activation", "relu", id="generate-activation"),
+        pytest.param(resume, "model.activation", "relu", id="resume-activation"),
+        pytest.param(resume, "model.position", "rope", id="resume-position"),
     ],
 )
 def test_a_changed_model_is_one_sentence_and_touches_nothing(workdir, command, field, value):
     before = snapshot(workdir)
     config = trained_config()
-    stored = config.model[field]
-    config.model[field] = value
+    section, name = field.split(".")
+    stored = config[section][name]
+    config[section][name] = value
     with pytest.raises(
         models.ConfigError,
-        match=rf"^model\.{field}={value!r} differs from checkpoint 4 in .*, which was trained "
-        rf"with model\.{field}={stored!r}: run with --config\.model\.{field}={stored} ",
+        match=rf"^{field}={value!r} differs from checkpoint 4 in .*, which was trained "
+        rf"with {field}={stored!r}: run with --config\.{field}={stored} ",
     ):
         command(config, workdir)
     assert snapshot(workdir) == before
@@ -160,21 +164,43 @@ def test_how_the_model_is_computed_may_change(workdir):
     assert jax.tree.leaves(params)[0].dtype == np.float32  # the stored params, as trained
 
 
-def test_a_checkpoint_whose_config_lacks_a_field_is_compared_by_shapes(workdir):
-    for step in (2, 4):  # as if written by a version without model.n_layer
+def read_params(config, workdir):
+    train.latest_params(config, workdir)
+
+
+@pytest.mark.parametrize(
+    "command, field, value, message",
+    [
+        (
+            read_params,
+            "model.n_layer",
+            4,
+            r"holds params\.blocks\.0\.\S+ with shape \(2, .* where this config's model needs "
+            r"shape \(4, ",
+        ),
+        # AdamW's nu, which Lion's state lacks: the checkpoints were moved aside as unreadable
+        (
+            resume,
+            "train.optimizer",
+            "lion",
+            r"holds opt_state\.\S+\.nu\.\S+ where this config's optimizer state has no such array",
+        ),
+    ],
+)
+def test_a_checkpoint_whose_config_lacks_a_field_is_compared_by_shapes(
+    workdir, command, field, value, message
+):
+    section, name = field.split(".")
+    for step in (2, 4):  # as if written by a version without that field
         path = workdir / "checkpoints" / str(step) / "config" / "metadata"
         stored = json.loads(path.read_text())
-        del stored["model"]["n_layer"]
+        del stored[section][name]
         path.write_text(json.dumps(stored))
     before = snapshot(workdir)
     config = trained_config()
-    config.model.n_layer = 4
-    with pytest.raises(
-        models.ConfigError,
-        match=r"^Checkpoint 4 in .* holds params\.blocks\.0\.\S+ with shape \(2, .* where this "
-        r"config's model needs shape \(4, ",
-    ):
-        train.latest_params(config, workdir)
+    config[section][name] = value
+    with pytest.raises(models.ConfigError, match=rf"^Checkpoint 4 in .* {message}"):
+        command(config, workdir)
     assert snapshot(workdir) == before
 
 

@@ -168,7 +168,7 @@ def test_fsdp_checkpoint_resumes_on_two_devices_and_on_one(tmp_path):
     for mesh in (mesh_key(data=2), ()):
         _, device_mesh, shardings, _ = compiled(DENSE, mesh)
         abstract, _ = train.abstract_state(config, device_mesh)
-        step, state, loader = checkpoints.restore_latest(abstract, shardings, config.model)
+        step, state, loader = checkpoints.restore_latest(abstract, shardings, config)
         assert (step, loader) == (RESUME_AT, {"step": RESUME_AT})
         assert state.params.wte.weight.sharding == shardings.params.wte.weight
         saved = jax.device_get(states[RESUME_AT - 1])

@@ -140,7 +140,7 @@ def test_each_optimizer_lowers_the_loss_and_resumes_exactly(preset, optimizer, t
             checkpoints.save(2, state, {}, config)
             checkpoints.wait()
     assert losses[-1] < losses[0], losses
-    _, resumed, _ = checkpoints.restore_latest(abstract, shardings, config.model)
+    _, resumed, _ = checkpoints.restore_latest(abstract, shardings, config)
     checkpoints.close()
     for _ in range(2):
         resumed, _ = step(resumed, tokens[:, :-1], tokens[:, 1:])

@@ -2,11 +2,11 @@
 
 Saves are asynchronous; orbax writes each one under a temporary name and renames it when
 complete, so a half-written checkpoint is never listed. Restoring first checks that a
-checkpoint holds the run's model (its stored model config, then its array shapes): a difference
-is a ConfigError naming it, and nothing on disk is touched. A checkpoint that cannot be read as
-written (truncated, missing files) is skipped for the previous one with a warning; only
-training moves it aside, to ``<step>.unreadable-<n>`` (nothing is deleted), since it saves that
-step again.
+checkpoint holds the run's model and optimizer (its stored model config and train.optimizer,
+then its array shapes): a difference is a ConfigError naming it, and nothing on disk is
+touched. A checkpoint that cannot be read as written (truncated, missing files) is skipped for
+the previous one with a warning; only training moves it aside, to ``<step>.unreadable-<n>``
+(nothing is deleted), since it saves that step again.
 """
 
 from __future__ import annotations
@@ -110,16 +110,16 @@ class Checkpoints:
         """Complete checkpoints, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def restore_latest(
-        self, abstract_state, shardings, model_config
-    ) -> tuple[int, object, dict] | None:
+    def restore_latest(self, abstract_state, shardings, config) -> tuple[int, object, dict] | None:
         """The newest readable checkpoint as ``(step, state, loader_state)``, or None.
 
         ``abstract_state`` gives the tree, shapes and dtypes, ``shardings`` (the same tree)
         where each array goes, so a checkpoint restores onto a different mesh. Raises
-        ConfigError when the checkpoint holds another model than ``model_config``, or (unless
-        read only) when a step directory is not a jaxpt checkpoint. Unreadable newer
-        checkpoints are skipped with a warning (and, unless read only, moved aside).
+        ConfigError when the checkpoint holds another model than the run config ``config``'s,
+        or another optimizer's state (``train.optimizer``, or arrays ``abstract_state`` lacks
+        or shapes differ), or (unless read only) when a step directory is not a jaxpt
+        checkpoint. Unreadable newer checkpoints are skipped with a warning (and, unless read
+        only, moved aside).
         """
         if not self.read_only:
             self._check_ours()
@@ -132,7 +132,7 @@ class Checkpoints:
         restored = None
         for step in reversed(self.steps()):
             try:
-                restored = self._restore(step, target, model_config)
+                restored = self._restore(step, target, config)
                 break
             except _Unreadable as error:
                 log.warning(
@@ -146,16 +146,17 @@ class Checkpoints:
             self._move_aside(unreadable)
         return restored
 
-    def _restore(self, step: int, target, model_config) -> tuple[int, object, dict]:
-        """Checks that ``step`` holds the run's model, then restores it."""
+    def _restore(self, step: int, target, config) -> tuple[int, object, dict]:
+        """Checks that ``step`` holds the run's model and optimizer, then restores it."""
         with _unreadable_on_error(), _absl_level(logging.ERROR):  # ours says what is missing
             stored = self.manager.restore(
                 step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-            )["config"]["model"]
+            )["config"]
+            stored = {"model": dict(stored["model"]), "train": dict(stored.get("train", {}))}
             arrays = jax.tree.leaves(self.manager.item_metadata(step)["state"])
             if not arrays:
                 raise ValueError("the state's array metadata is missing")
-        self._check_model(step, stored, model_config)
+        self._check_fields(step, stored, _fields_to_compare(config.model, config.train.optimizer))
         self._check_arrays(step, {array.name: array.shape for array in arrays}, target)
         with _unreadable_on_error(abandons_reads=True):
             items = self.manager.restore(
@@ -179,36 +180,46 @@ class Checkpoints:
                     "a jaxpt run's directory: choose another --workdir (nothing was changed)."
                 )
 
-    def _check_model(self, step: int, stored: dict, model_config) -> None:
-        """ConfigError naming the first model field whose value differs from checkpoint
-        ``step``'s (fields either side lacks, e.g. from another version, are not compared)."""
-        for field, value in model_config.items():
-            if field in FREE_MODEL_FIELDS or field not in stored or stored[field] == value:
+    def _check_fields(self, step: int, stored: dict, fields: dict) -> None:
+        """ConfigError naming the first of ``fields`` (``"section.field"`` -> the run's value)
+        whose value differs from checkpoint ``step``'s ``stored`` config (fields it lacks,
+        e.g. from another version, are not compared)."""
+        for name, value in fields.items():
+            section, field = name.split(".")
+            saved = stored[section]
+            if field not in saved or saved[field] == value:
                 continue
             raise ConfigError(
-                f"model.{field}={value!r} differs from checkpoint {step} in {self.directory}, "
-                f"which was trained with model.{field}={stored[field]!r}: run with "
-                f"--config.model.{field}={stored[field]} to use it, or start the new model in "
+                f"{name}={value!r} differs from checkpoint {step} in {self.directory}, "
+                f"which was trained with {name}={saved[field]!r}: run with "
+                f"--config.{name}={saved[field]} to use it, or start the new run in "
                 "another --workdir (nothing was changed)."
             )
 
     def _check_arrays(self, step: int, stored_shapes: dict, target) -> None:
-        """ConfigError naming the first array whose shape differs from checkpoint ``step``'s
-        (``stored_shapes``: orbax's dotted array name -> shape)."""
+        """ConfigError naming the first array of ``target`` whose shape differs from
+        checkpoint ``step``'s, or else the first array the checkpoint holds that ``target``
+        lacks (``stored_shapes``: orbax's dotted array name -> shape)."""
         names = ocp.tree.get_param_names(target, include_empty_nodes=False)
-        for name, array in zip(jax.tree.leaves(names), jax.tree.leaves(target), strict=True):
-            if stored_shapes.get(name) != array.shape:
-                held = (
-                    f"{name} with shape {stored_shapes[name]}"
-                    if name in stored_shapes
-                    else f"no {name}"
-                )
-                raise ConfigError(
-                    f"Checkpoint {step} in {self.directory} holds {held} where "
-                    f"this config's model needs shape {array.shape}: run with the config it "
-                    "was trained with, or start the new model in another --workdir (nothing "
-                    "was changed)."
-                )
+        needed = {
+            name: array.shape
+            for name, array in zip(jax.tree.leaves(names), jax.tree.leaves(target), strict=True)
+        }
+        for name, shape in needed.items():
+            if stored_shapes.get(name) != shape:
+                held = f"{name} with shape {stored_shapes[name]}" if name in stored_shapes else None
+                needs = f"{_part(name)} needs shape {shape}"
+                raise self._array_mismatch(step, held or f"no {name}", needs)
+        extra = sorted(set(stored_shapes) - set(needed))
+        if extra:
+            raise self._array_mismatch(step, extra[0], f"{_part(extra[0])} has no such array")
+
+    def _array_mismatch(self, step: int, held: str, where: str) -> ConfigError:
+        return ConfigError(
+            f"Checkpoint {step} in {self.directory} holds {held} where this config's {where}: "
+            "run with the config it was trained with, or start the new run in another "
+            "--workdir (nothing was changed)."
+        )
 
     def _move_aside(self, steps: list[int]) -> None:
         self.manager.close()
@@ -263,13 +274,25 @@ def latest_params(config, workdir: str | Path) -> tuple[int, object]:
     checkpoints = Checkpoints(directory, keep=None)  # read only: nothing is touched
     try:
         mesh = sharding.make_mesh(config.mesh)
-        restored = checkpoints.restore_latest(*abstract_state(config, mesh), config.model)
+        restored = checkpoints.restore_latest(*abstract_state(config, mesh), config)
     finally:
         checkpoints.close()
     if restored is None:
         raise ConfigError(f"no checkpoint in {directory} could be read.")
     step, state, _ = restored
     return step, state.params
+
+
+def _fields_to_compare(model_config, optimizer: str) -> dict:
+    """What a checkpoint must share with a run, ``"section.field"`` -> the run's value: the
+    model fields but ``FREE_MODEL_FIELDS``, and ``train.optimizer``, whose state it holds."""
+    fields = {f"model.{k}": v for k, v in model_config.items() if k not in FREE_MODEL_FIELDS}
+    return {**fields, "train.optimizer": optimizer}
+
+
+def _part(array_name: str) -> str:
+    """Which part of the train state an orbax array name (``params.wte.weight``) is in."""
+    return "model" if array_name.startswith("params.") else "optimizer state"
 
 
 class _Unreadable(Exception):

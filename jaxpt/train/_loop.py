@@ -382,7 +382,7 @@ def train(
     with contextlib.ExitStack() as cleanup:
         checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
         cleanup.callback(checkpoints.close)
-        restored = checkpoints.restore_latest(run.abstract, run.shardings, config.model)
+        restored = checkpoints.restore_latest(run.abstract, run.shardings, config)
         if restored is None:
             key = jax.random.key(config.train.seed)
             state = fresh_state(run.model_cfg, run.tx, run.shardings, key, init_params)
