@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxpt import launcher, models, train
@@ -64,6 +65,10 @@ def generate(config, workdir):
     launcher.sample(config, workdir, launcher.SampleOptions(num_samples=1, max_new_tokens=2))
 
 
+def read_params(config, workdir):
+    train.latest_params(config, workdir)
+
+
 def resume(config, workdir):
     config.train.steps = 6
     train.train(config, workdir)
@@ -99,6 +104,26 @@ def test_a_changed_model_is_one_sentence_and_touches_nothing(workdir, command, f
         command(config, workdir)
     assert snapshot(workdir) == before
     assert not (workdir.parent / "exported").exists()
+
+
+@pytest.mark.parametrize("command", [generate, export, read_params])
+def test_reading_params_takes_any_optimizer(workdir, command):
+    """Sampling, evaluation and export read the params alone: a config whose train.optimizer
+    was not the checkpoint's (training's launch flags left out, say) was refused, saying
+    that the checkpoint held no opt_state...nu... where the model needed one."""
+    before = snapshot(workdir)
+    command(trained_config(optimizer="lion"), workdir)
+    assert snapshot(workdir) == before
+
+
+def test_read_params_are_the_checkpoints(workdir):
+    step, params = train.latest_params(trained_config(optimizer="adafactor"), workdir)
+    names = jax.tree.leaves(ocp.tree.get_param_names(params, include_empty_nodes=False))
+    stored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "4" / "state")
+    stored = {".".join(k): v for k, v in ocp.tree.to_flat_dict(stored["params"]).items()}
+    assert step == 4 and sorted(names) == sorted(stored)
+    for name, array in zip(names, jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(array, stored[name])
 
 
 def test_training_never_rewrites_a_users_metrics_or_plot(tmp_path):
@@ -162,10 +187,6 @@ def test_how_the_model_is_computed_may_change(workdir):
     step, params = train.latest_params(config, workdir)
     assert step == 4
     assert jax.tree.leaves(params)[0].dtype == np.float32  # the stored params, as trained
-
-
-def read_params(config, workdir):
-    train.latest_params(config, workdir)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -77,7 +78,7 @@ class Checkpoints:
 
     def _open(self) -> ocp.CheckpointManager:
         handlers = {
-            "state": ocp.StandardCheckpointHandler(),
+            "state": ocp.PyTreeCheckpointHandler(),  # restores the params alone, too
             "loader": ocp.JsonCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         }
@@ -95,7 +96,7 @@ class Checkpoints:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 loader=ocp.args.JsonSave(loader_state),
                 config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
             ),
@@ -123,16 +124,41 @@ class Checkpoints:
         """
         if not self.read_only:
             self._check_ours()
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_state,
-            shardings,
+        target = _placed(abstract_state, shardings)
+        fields = _fields_to_compare(config.model, config.train.optimizer)
+        restored = self._newest_readable(lambda step: self._restore(step, target, fields))
+        if restored is None:
+            return None
+        step, items = restored
+        return step, items["state"], dict(items["loader"])
+
+    def restore_latest_params(
+        self, abstract_params, shardings, model_config
+    ) -> tuple[int, object] | None:
+        """The newest readable checkpoint's ``(step, params)``, or None: what sampling,
+        evaluation and export read. Nothing else is read, so the run's optimizer need not be
+        the checkpoint's; raises ConfigError when it holds another model than
+        ``model_config``. Unreadable newer checkpoints are skipped as ``restore_latest``
+        skips them."""
+        target = {"params": _placed(abstract_params, shardings)}
+        fields = _fields_to_compare(model_config)
+        restored = self._newest_readable(
+            lambda step: self._restore(step, target, fields, whole=False)
         )
+        if restored is None:
+            return None
+        step, items = restored
+        return step, items["state"]["params"]
+
+    def _newest_readable(self, restore: Callable[[int], dict]) -> tuple[int, dict] | None:
+        """``(step, restore(step))`` for the newest step ``restore`` can read, or None;
+        unreadable newer steps are skipped with a warning (and, unless read only, moved
+        aside)."""
         unreadable = []
         restored = None
         for step in reversed(self.steps()):
             try:
-                restored = self._restore(step, target, config)
+                restored = step, restore(step)
                 break
             except _Unreadable as error:
                 log.warning(
@@ -146,8 +172,10 @@ class Checkpoints:
             self._move_aside(unreadable)
         return restored
 
-    def _restore(self, step: int, target, config) -> tuple[int, object, dict]:
-        """Checks that ``step`` holds the run's model and optimizer, then restores it."""
+    def _restore(self, step: int, target, fields: dict, *, whole: bool = True) -> dict:
+        """Checks that ``step`` holds the run's ``fields`` (see ``_fields_to_compare``) and
+        the arrays of ``target``, then restores its items: the state's arrays ``target``
+        names and, when it is the ``whole`` state, the loader's."""
         with _unreadable_on_error(), _absl_level(logging.ERROR):  # ours says what is missing
             stored = self.manager.restore(
                 step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
@@ -156,16 +184,14 @@ class Checkpoints:
             arrays = jax.tree.leaves(self.manager.item_metadata(step)["state"])
             if not arrays:
                 raise ValueError("the state's array metadata is missing")
-        self._check_fields(step, stored, _fields_to_compare(config.model, config.train.optimizer))
-        self._check_arrays(step, {array.name: array.shape for array in arrays}, target)
+        self._check_fields(step, stored, fields)
+        self._check_arrays(step, {array.name: array.shape for array in arrays}, target, whole)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        items = {"state": ocp.args.PyTreeRestore(target, restore_args, partial_restore=not whole)}
+        if whole:
+            items["loader"] = ocp.args.JsonRestore()
         with _unreadable_on_error(abandons_reads=True):
-            items = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()
-                ),
-            )
-        return step, items["state"], dict(items["loader"])
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
 
     def _check_ours(self) -> None:
         """ConfigError naming the first step directory that holds a name no checkpoint of
@@ -196,10 +222,11 @@ class Checkpoints:
                 "another --workdir (nothing was changed)."
             )
 
-    def _check_arrays(self, step: int, stored_shapes: dict, target) -> None:
+    def _check_arrays(self, step: int, stored_shapes: dict, target, whole: bool) -> None:
         """ConfigError naming the first array of ``target`` whose shape differs from
-        checkpoint ``step``'s, or else the first array the checkpoint holds that ``target``
-        lacks (``stored_shapes``: orbax's dotted array name -> shape)."""
+        checkpoint ``step``'s, or else, when ``target`` is the ``whole`` state, the first
+        array the checkpoint holds that it lacks (``stored_shapes``: orbax's dotted array
+        name -> shape)."""
         names = ocp.tree.get_param_names(target, include_empty_nodes=False)
         needed = {
             name: array.shape
@@ -210,7 +237,7 @@ class Checkpoints:
                 held = f"{name} with shape {stored_shapes[name]}" if name in stored_shapes else None
                 needs = f"{_part(name)} needs shape {shape}"
                 raise self._array_mismatch(step, held or f"no {name}", needs)
-        extra = sorted(set(stored_shapes) - set(needed))
+        extra = sorted(set(stored_shapes) - set(needed)) if whole else []
         if extra:
             raise self._array_mismatch(step, extra[0], f"{_part(extra[0])} has no such array")
 
@@ -269,25 +296,36 @@ def trained_checkpoints(workdir: str | Path) -> Path:
 def latest_params(config, workdir: str | Path) -> tuple[int, object]:
     """The step and params of the newest readable checkpoint in ``workdir/checkpoints``
     (ConfigError when it holds another model than ``config.model``, or none, as
-    ``trained_checkpoints`` says); reads only."""
+    ``trained_checkpoints`` says; the rest of the config, the optimizer included, may differ);
+    reads only, and nothing but the params."""
     directory = trained_checkpoints(workdir)
     checkpoints = Checkpoints(directory, keep=None)  # read only: nothing is touched
     try:
         mesh = sharding.make_mesh(config.mesh)
-        restored = checkpoints.restore_latest(*abstract_state(config, mesh), config)
+        abstract, shardings = abstract_state(config, mesh)
+        restored = checkpoints.restore_latest_params(
+            abstract.params, shardings.params, config.model
+        )
     finally:
         checkpoints.close()
     if restored is None:
         raise ConfigError(f"no checkpoint in {directory} could be read.")
-    step, state, _ = restored
-    return step, state.params
+    return restored
 
 
-def _fields_to_compare(model_config, optimizer: str) -> dict:
+def _fields_to_compare(model_config, optimizer: str | None = None) -> dict:
     """What a checkpoint must share with a run, ``"section.field"`` -> the run's value: the
-    model fields but ``FREE_MODEL_FIELDS``, and ``train.optimizer``, whose state it holds."""
+    model fields but ``FREE_MODEL_FIELDS``, and, to restore its optimizer state,
+    ``train.optimizer``."""
     fields = {f"model.{k}": v for k, v in model_config.items() if k not in FREE_MODEL_FIELDS}
-    return {**fields, "train.optimizer": optimizer}
+    return fields if optimizer is None else {**fields, "train.optimizer": optimizer}
+
+
+def _placed(abstract, shardings):
+    """``abstract``'s shapes and dtypes with ``shardings`` (the same tree): a restore target."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
 
 
 def _part(array_name: str) -> str:
