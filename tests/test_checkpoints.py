@@ -172,6 +172,32 @@ def test_training_never_sets_aside_another_programs_checkpoint(workdir):
     assert checkpoint_steps(workdir) == [1, 2, 4, 9]
 
 
+def test_training_never_deletes_another_programs_unfinished_checkpoint(workdir):
+    """Orbax deletes a step's temporary directory before it saves that step: step 6's, which
+    the resumed run saves, went with the other program's file in it."""
+    unfinished = workdir / "checkpoints" / "6.orbax-checkpoint-tmp"
+    unfinished.mkdir()
+    (unfinished / "model.pt").write_text("another program's")
+    before = snapshot(workdir)
+    with pytest.raises(
+        models.ConfigError,
+        match=r"6\.orbax-checkpoint-tmp is not a jaxpt checkpoint \(it holds model\.pt\)",
+    ):
+        resume(trained_config(), workdir)
+    assert snapshot(workdir) == before
+
+
+def test_training_resumes_past_its_own_unfinished_checkpoint(workdir, capsys):
+    """What a kill in mid-save leaves: the step's and its items' temporary directories."""
+    unfinished = workdir / "checkpoints" / "6.orbax-checkpoint-tmp"
+    state = workdir / "checkpoints" / "4" / "state"
+    shutil.copytree(state, unfinished / f"state{unfinished.suffix}")
+    (unfinished / "_CHECKPOINT_METADATA").write_text("{}")
+    resume(trained_config(), workdir)
+    assert "resumed from checkpoint 4" in capsys.readouterr().out
+    assert checkpoint_steps(workdir) == [2, 4, 6] and not unfinished.exists()
+
+
 def test_orbax_markers_of_any_version_belong_to_a_checkpoint(workdir, capsys):
     """Names that begin with "_" are orbax's (another version may write more): the run resumes
     from that checkpoint."""

@@ -53,10 +53,14 @@ FREE_MODEL_FIELDS = frozenset(
 # nothing included).
 _CHECKPOINT_NAMES = frozenset({"config", "loader", "state", "commit_success.txt", "descriptor"})
 
+# Orbax writes a checkpoint (and each item in it) under its name plus this suffix, then renames
+# it; a save of a step whose temporary directory is there deletes that directory first.
+_UNFINISHED = ocp.path.atomicity_types.TMP_DIR_SUFFIX
+
 
 def _foreign_names(step_dir: Path) -> list[str]:
-    """The names in ``step_dir`` that no checkpoint of ours holds, sorted."""
-    names = {p.name for p in step_dir.iterdir()}
+    """The names in ``step_dir`` that no checkpoint of ours holds (finished or not), sorted."""
+    names = {p.name.split(_UNFINISHED)[0] for p in step_dir.iterdir()}
     return sorted(n for n in names - _CHECKPOINT_NAMES if not n.startswith("_"))
 
 
@@ -194,11 +198,15 @@ class Checkpoints:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
 
     def _check_ours(self) -> None:
-        """ConfigError naming the first step directory that holds a name no checkpoint of
-        ours does: another program's, which training would set aside as unreadable or rotate
-        out."""
-        for step in self.steps():
-            path = self.directory / str(step)
+        """ConfigError naming the first step directory, finished or not, that holds a name no
+        checkpoint of ours does: another program's, which training would set aside as
+        unreadable or rotate out, or (unfinished) delete when it saves that step."""
+        unfinished = sorted(
+            path
+            for path in self.directory.glob(f"*{_UNFINISHED}*")
+            if path.is_dir() and path.name.split(_UNFINISHED)[0].isdigit()
+        )
+        for path in [self.directory / str(step) for step in self.steps()] + unfinished:
             foreign = _foreign_names(path)
             if foreign:
                 raise ConfigError(
