@@ -3,6 +3,7 @@ gradients equal to the functional model's, training in the original's style, the
 the KV cache, checkpoints in the original's on-disk layout."""
 
 import dataclasses
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -389,6 +390,19 @@ def test_save_checkpoint_round_trip_and_misfits(tmp_path):
     shallower = dataclasses.replace(TINY_CONFIGS[m.SmolLM], n_layer=1)
     with pytest.raises(ConfigError, match=r"holds 'h\.1\."):
         m.SmolLM.from_checkpoint(str(path), nnx.Rngs(1), shallower)
+
+
+def test_from_checkpoint_of_a_missing_or_damaged_directory_is_one_sentence(tmp_path):
+    """Orbax's FileNotFoundError and tensorstore's ValueError ("DATA_LOSS: ...") came through."""
+    path = tmp_path / "smol"
+    build(m.SmolLM).save_checkpoint(str(path))
+    truncated = shutil.copytree(path, tmp_path / "truncated")
+    for file in truncated.rglob("*"):
+        if file.is_file() and file.stat().st_size > 100:
+            file.write_bytes(file.read_bytes()[:50])
+    for broken in (tmp_path / "missing", truncated):
+        with pytest.raises(ConfigError, match=rf"^{broken} cannot be read as a checkpoint \("):
+            m.SmolLM.from_checkpoint(str(broken), nnx.Rngs(1), TINY_CONFIGS[m.SmolLM])
 
 
 @nnx.jit

@@ -2,6 +2,7 @@
 
 from jaxpt.train._checkpoint import Checkpoints as Checkpoints
 from jaxpt.train._checkpoint import latest_params as latest_params
+from jaxpt.train._checkpoint import read_tree as read_tree
 from jaxpt.train._checkpoint import trained_checkpoints as trained_checkpoints
 from jaxpt.train._loop import Interrupted as Interrupted
 from jaxpt.train._loop import NonFiniteError as NonFiniteError

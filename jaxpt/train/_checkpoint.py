@@ -321,6 +321,20 @@ def latest_params(config, workdir: str | Path) -> tuple[int, object]:
     return restored
 
 
+def read_tree(directory: str | Path):
+    """The pytree an orbax checkpointer saved in ``directory``, as nested dicts of numpy
+    arrays; ConfigError naming ``directory`` and the cause when it is missing, incomplete or
+    damaged."""
+    try:
+        with _unreadable_on_error(abandons_reads=True), _absl_level(logging.ERROR):
+            return ocp.StandardCheckpointer().restore(Path(directory).absolute())
+    except _Unreadable as error:
+        raise ConfigError(
+            f"{directory} cannot be read as a checkpoint ({error}): name a complete checkpoint "
+            "directory."
+        ) from None
+
+
 def _fields_to_compare(model_config, optimizer: str | None = None) -> dict:
     """What a checkpoint must share with a run, ``"section.field"`` -> the run's value: the
     model fields but ``FREE_MODEL_FIELDS``, and, to restore its optimizer state,

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax import Array
 
-from jaxpt import models
+from jaxpt import models, train
 from jaxpt.errors import ConfigError
 from jaxpt.nnx.models import _layout
 from jaxpt.nnx.models._config import Config
@@ -223,10 +223,11 @@ class ConfiguredModel(FunctionalModel):
         JaxPT. ``sharding`` (optional) places the params; ``rngs`` defaults to the original's
         ``Rngs(default=1337, gate_noise=42)``.
 
-        Raises ConfigError naming the first path that does not fit ``config``.
+        Raises ConfigError naming ``fpath`` when it is missing, incomplete or damaged, or
+        the first path that does not fit ``config``.
         """
         model = cls._abstract(config)
-        params = model._params_from_tree(ocp.StandardCheckpointer().restore(os.path.abspath(fpath)))
+        params = model._params_from_tree(train.read_tree(fpath))
         if sharding is not None:
             params = jax.device_put(params, sharding)
         return model._fill(params, rngs)
