@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -403,6 +404,18 @@ def test_from_checkpoint_of_a_missing_or_damaged_directory_is_one_sentence(tmp_p
     for broken in (tmp_path / "missing", truncated):
         with pytest.raises(ConfigError, match=rf"^{broken} cannot be read as a checkpoint \("):
             m.SmolLM.from_checkpoint(str(broken), nnx.Rngs(1), TINY_CONFIGS[m.SmolLM])
+
+
+def test_from_checkpoint_of_a_tree_with_lists_names_what_does_not_fit(tmp_path):
+    """A tree holding a list (a jaxpt run's train state, say) raised AttributeError
+    ('SequenceKey' object has no attribute 'key')."""
+    model = build(m.SmolLM)
+    tree = {**model.original_tree(), "opt_state": [np.zeros(2)]}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "listed", tree)
+    checkpointer.wait_until_finished()
+    with pytest.raises(ConfigError, match=r"holds 'opt_state\.0'"):
+        m.SmolLM.from_checkpoint(str(tmp_path / "listed"), nnx.Rngs(1), TINY_CONFIGS[m.SmolLM])
 
 
 @nnx.jit

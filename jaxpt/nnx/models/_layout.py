@@ -368,8 +368,6 @@ def flatten(tree: Mapping) -> dict[str, object]:
     """The inverse of ``nest``."""
     flat = {}
     for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(k.key) for k in path]
-        if keys[-1] == "value":
-            keys = keys[:-1]
-        flat[".".join(keys)] = value
+        name = jax.tree_util.keystr(path, simple=True, separator=".")  # lists too: "a.0.b"
+        flat[name.removesuffix(".value")] = value
     return flat
