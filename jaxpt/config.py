@@ -20,7 +20,7 @@ import ml_collections
 from absl import flags
 
 from jaxpt import models, sharding
-from jaxpt.errors import ConfigError
+from jaxpt.errors import ConfigError, did_you_mean
 
 SECTIONS = ("model", "data", "train", "mesh", "checkpoint", "eval", "log")  # of a run config
 
@@ -215,8 +215,7 @@ def check_override(config: ml_collections.ConfigDict, path: str) -> None:
             raise ConfigError(f"--config.{path}: {where} is a value, not a section.")
         if key not in node:
             raise ConfigError(
-                f"--config.{path}: {where} has no field {key!r}; its fields are "
-                f"{', '.join(sorted(node))}."
+                f"--config.{path}: {where} has no field {key!r}; {did_you_mean(key, sorted(node))}"
             )
         node, where = node[key], f"{where}.{key}"
 

@@ -2,8 +2,10 @@
 field or file, the value, the rule) and what to do; ``launch.py`` prints it without a traceback.
 """
 
+import difflib
 import math
 import numbers
+from collections.abc import Sequence
 
 
 class ConfigError(ValueError):
@@ -57,3 +59,14 @@ def check_range(
         bounds = ""
     number = "an integer" if integer else "a finite number"
     raise ConfigError(f"{name}={value!r} must be {number}{bounds}{note}.")
+
+
+def did_you_mean(name: str, known: Sequence[str]) -> str:
+    """The end of a sentence about an unknown ``name``: ``"did you mean steps?"`` naming the
+    closest of ``known`` (up to three: ``"a, b or c"``), or, when none is close, ``"the fields
+    are a, b, c."``."""
+    close = difflib.get_close_matches(name, known, n=3)
+    if not close:
+        return f"the fields are {', '.join(known)}."
+    *first, last = close
+    return f"did you mean {', '.join(first) + ' or ' if first else ''}{last}?"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxpt import launcher, models, train
+from jaxpt.config import check_override
 from jaxpt.errors import ConfigError
 from tests.test_train import CONFIG_FILES, ROOT, char_config, load_config
 
@@ -135,6 +136,21 @@ def test_a_read_only_workdir_is_one_sentence(tmp_path):
         tmp_path.chmod(0o700)
 
 
+@pytest.mark.parametrize(
+    "path, words",
+    [
+        # these listed every field of the section, leaving the user to spot the one they meant
+        ("train.stpes", "config.train has no field 'stpes'; did you mean steps?"),
+        ("trian.steps", "--config.trian.steps: config has no field 'trian'; did you mean train?"),
+        ("model.n_heads", "config.model has no field 'n_heads'; did you mean n_head, n_kv_head or"),
+    ],
+)
+def test_a_misspelt_override_names_the_close_fields(path, words):
+    with pytest.raises(ConfigError) as caught:
+        check_override(small_config(), path)
+    assert str(caught.value).startswith(f"--config.{path}: ") and words in str(caught.value)
+
+
 def run_launch(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
@@ -150,7 +166,7 @@ def run_launch(*args, cwd=ROOT):
     [
         (
             ["--config=configs/gpt.py:smoke", "--config.train.nosuch=1"],
-            "--config.train.nosuch: config.train has no field 'nosuch'; its fields are b1, b2,",
+            "--config.train.nosuch: config.train has no field 'nosuch'; the fields are b1, b2,",
         ),
         (["--config=configs/nosuch.py"], "--config=configs/nosuch.py: 'configs/nosuch.py' is not"),
         (

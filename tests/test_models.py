@@ -289,7 +289,7 @@ def test_dropout_and_router_noise_act_only_with_a_key():
         (dict(dtype="float8"), "model.dtype='float8' is not one of"),
         (dict(n_layer="4"), "model.n_layer='4' must be an integer."),
         (dict(qk_norm=1), "model.qk_norm=1 must be True or False."),
-        (dict(n_layers=4), "model.n_layers is not a ModelConfig field: did you mean n_layer?"),
+        (dict(n_layers=4), "model.n_layers is not a ModelConfig field: did you mean n_layer"),
         (dict(dropout=1.0), "model.dropout=1.0"),
         (dict(router_noise=0.01), "model.router_noise=0.01 needs a top-k router"),
         (dict(lm_head_bias=True), "model.lm_head_bias=True needs an untied read-out"),

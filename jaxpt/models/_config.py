@@ -10,7 +10,6 @@ config's ``model`` section (ml_collections) converts to one with ``jaxpt.models.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import typing
 from collections.abc import Callable, Mapping
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpt import nn
-from jaxpt.errors import ConfigError, check_range
+from jaxpt.errors import ConfigError, check_range, did_you_mean
 from jaxpt.models import _bigram, _decoder
 from jaxpt.models._checks import require, require_choice, require_positive_int
 from jaxpt.models._mixers import MIXERS
@@ -45,9 +44,9 @@ class _Fields:
         known = [f.name for f in dataclasses.fields(cls)]
         for name in fields:
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"did you mean {close[0]}?" if close else f"the fields are {known}."
-                raise ConfigError(f"model.{name} is not a {cls.__name__} field: {hint}")
+                raise ConfigError(
+                    f"model.{name} is not a {cls.__name__} field: {did_you_mean(name, known)}"
+                )
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
