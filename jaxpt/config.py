@@ -206,11 +206,12 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def check_override(config: ml_collections.ConfigDict, path: str) -> None:
-    """Raises ConfigError unless ``--config.<path>`` (e.g. ``train.steps``, or
-    ``mesh.rules.batch[0]``) names a field of ``config``."""
+    """Raises ConfigError unless ``--config.<path>`` (e.g. ``train.steps``) names a field of
+    ``config``; only a list's element can be set alone (``mesh.rules.batch[0]``, of a tuple,
+    cannot)."""
     node, where = config, "config"
     for key in path.split("."):
-        key = key.split("[")[0]  # a tuple element: the field is the tuple
+        key, bracket, _ = key.partition("[")
         if not isinstance(node, ml_collections.ConfigDict):
             raise ConfigError(f"--config.{path}: {where} is a value, not a section.")
         if key not in node:
@@ -218,6 +219,13 @@ def check_override(config: ml_collections.ConfigDict, path: str) -> None:
                 f"--config.{path}: {where} has no field {key!r}; {did_you_mean(key, sorted(node))}"
             )
         node, where = node[key], f"{where}.{key}"
+        if bracket and not isinstance(node, list):  # config_flags raised IndexError
+            field = where.removeprefix("config.")
+            shown = f'"{node!r}"' if isinstance(node, tuple) else node  # quoted for the shell
+            raise ConfigError(
+                f"--config.{path}: {where} has no elements to set one by one; set the whole "
+                f"field, e.g. --config.{field}={shown}."
+            )
 
 
 def check_config_flags(argv: Sequence[str]) -> None:

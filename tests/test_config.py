@@ -151,6 +151,23 @@ def test_a_misspelt_override_names_the_close_fields(path, words):
     assert str(caught.value).startswith(f"--config.{path}: ") and words in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "path, words",
+    [
+        ("mesh.rules.batch[0]", "set the whole field, e.g. --config.mesh.rules.batch=\"('data', "),
+        ("mesh.rules.layers[0]", 'set the whole field, e.g. --config.mesh.rules.layers="()".'),
+        ("train.steps[0]", "set the whole field, e.g. --config.train.steps=2."),
+    ],
+)
+def test_an_element_override_of_a_field_without_elements_is_one_sentence(path, words):
+    """config_flags sets only a list's elements: each of these was an IndexError traceback."""
+    with pytest.raises(ConfigError) as caught:
+        check_override(small_config(), path)
+    field = path.partition("[")[0]
+    assert str(caught.value).startswith(f"--config.{path}: config.{field} has no elements to ")
+    assert words in str(caught.value)
+
+
 def run_launch(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
@@ -167,6 +184,11 @@ def run_launch(*args, cwd=ROOT):
         (
             ["--config=configs/gpt.py:smoke", "--config.train.nosuch=1"],
             "--config.train.nosuch: config.train has no field 'nosuch'; the fields are b1, b2,",
+        ),
+        # config_flags' IndexError traceback
+        (
+            ["--config=configs/gpt.py:smoke", "--config.mesh.rules.batch[0]=fsdp"],
+            "config.mesh.rules.batch has no elements to set one by one; set the whole field",
         ),
         (["--config=configs/nosuch.py"], "--config=configs/nosuch.py: 'configs/nosuch.py' is not"),
         (
@@ -193,6 +215,7 @@ def run_launch(*args, cwd=ROOT):
     ],
     ids=[
         "unknown field",
+        "tuple element",
         "no such file",
         "bad config argument",
         "workdir is a file",
