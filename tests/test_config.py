@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import launcher, models, train
+from jaxpt import data, launcher, models, train
 from jaxpt.config import check_override
 from jaxpt.errors import ConfigError
+from tests.conftest import use_devices
 from tests.test_train import CONFIG_FILES, ROOT, char_config, load_config
 
 BAD_FIELDS = [
@@ -80,6 +81,25 @@ def test_mesh_rules_and_sizes_name_the_field(mesh, message):
     config.mesh.update(mesh)
     with pytest.raises(ConfigError, match=message):
         train.validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (dict(mesh=dict(data=3)), "The mesh {'data': 3, 'fsdp': 1, 'tensor': 1, 'expert': 1}"),
+        (dict(train=dict(batch_size=6)), "A micro-batch of 6 sequences (train.batch_size=6 / "),
+    ],
+)
+def test_the_mesh_is_checked_before_the_data_is_read(fields, words, tmp_path, monkeypatch):
+    """A hub dataset is downloaded and tokenized before training: these came after that."""
+    use_devices(monkeypatch, 4)
+    monkeypatch.setattr(data, "ensure_prepared", lambda *a, **k: pytest.fail("data read"))
+    config = small_config()
+    for section, values in fields.items():
+        config[section].update(values)
+    with pytest.raises(ConfigError) as caught:
+        train.train(config, tmp_path / "run")
+    assert str(caught.value).startswith(words)
 
 
 def test_every_preset_passes_as_shipped():

@@ -297,12 +297,12 @@ def _prepare(config) -> _Run:
     every input error surfaces here, before any compile. Prints the start-of-run summary."""
     validate_config(config)
     model_cfg = models.config_from(config.model)
+    mesh = sharding.make_mesh(config.mesh)
+    check_batch_fits_mesh(config, mesh)
     batch_size, seq_len = config.train.batch_size, model_cfg.block_size
     need = data.tokens_needed(config.train.steps, batch_size, seq_len, config.eval.batches)
     manifest = data.ensure_prepared(config.data, need=need)
     data.check_vocab(manifest, model_cfg.vocab_size)
-    mesh = sharding.make_mesh(config.mesh)
-    check_batch_fits_mesh(config, mesh)
     abstract, shardings = abstract_state(config, mesh)
     tx = optimizer(config.train, abstract.params)
     print(describe(config, model_cfg), flush=True)
