@@ -6,7 +6,7 @@ uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/sm
     --mode=generate --prompt="The" --num_samples=2 --max_new_tokens=40
 uv run python launch.py --config=configs/gqa_glu_rope.py:smoke --workdir=runs/smoke \\
     --mode=eval --config.eval.tasks=val_loss,hellaswag
-uv run python launch.py --config=configs/smollm_sft.py --workdir=runs/smollm-sft --mode=chat \
+uv run python launch.py --config=configs/smollm_sft.py --workdir=runs/smollm-sft --mode=chat \\
     --system_prompt="You are a helpful assistant." --temperature=0.7 --top_k=50
 """
 
@@ -43,10 +43,12 @@ flags.DEFINE_integer(
     f"generate, chat: the most tokens per sample or reply (0: as many as the block leaves after "
     f"the prompt, for chat half the block, at most {launcher.DEFAULT_NEW_TOKENS}).",
 )
-flags.DEFINE_float("temperature", _DEFAULTS.temperature, "generate: 0 is greedy.")
-flags.DEFINE_integer("top_k", _DEFAULTS.top_k, "generate: keep the k likeliest tokens (0: all).")
-flags.DEFINE_float("top_p", _DEFAULTS.top_p, "generate: nucleus mass to keep (1: all).")
-flags.DEFINE_integer("seed", _DEFAULTS.seed, "generate: sampling seed.")
+flags.DEFINE_float("temperature", _DEFAULTS.temperature, "generate, chat: 0 is greedy.")
+flags.DEFINE_integer(
+    "top_k", _DEFAULTS.top_k, "generate, chat: keep the k likeliest tokens (0: all)."
+)
+flags.DEFINE_float("top_p", _DEFAULTS.top_p, "generate, chat: nucleus mass to keep (1: all).")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "generate, chat: sampling seed.")
 flags.DEFINE_string("system_prompt", _DEFAULTS.system_prompt, "chat: system message (none: '').")
 flags.mark_flags_as_required(["config", "workdir"])
 

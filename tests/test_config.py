@@ -4,6 +4,7 @@ switch, sampling options, and launch.py's one-sentence errors for bad flags and 
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -260,3 +261,19 @@ def test_launch_errors_are_one_sentence_and_exit_1(args, words, tmp_path):
     assert result.stderr.count("\n") == 1  # one line: no traceback, no usage dump
     assert (tmp_path / "a_file").read_text() == "not a directory"
     assert not (tmp_path / "run").exists()
+
+
+def test_help_matches_the_readme():
+    """The flags the README's Chat paragraph lists say they serve chat (their help said
+    generate only), and each command of the usage text is on its own lines (the chat example
+    ran into one line with a gap)."""
+    result = run_launch("--help")  # absl's usage, exit status 1
+    readme = (ROOT / "README.md").read_text()
+    chat = readme[readme.index("**Chat.** `--mode=chat`") :].split("\n\n")[0]
+    chat_flags = re.findall(r"`--(\w+)`", chat)
+    assert len(chat_flags) >= 6, chat_flags
+    for flag in chat_flags:
+        flag_help = re.search(rf"^  --{flag}: (.*)$", result.stdout, re.MULTILINE).group(1)
+        assert "chat" in flag_help, (flag, flag_help)
+    usage = result.stdout.split("flags:")[0]
+    assert not re.search(r"\S {2,}--", usage), usage
