@@ -9,6 +9,7 @@ that reads them; ``jaxpt.train.validate_config`` runs them all.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -228,12 +229,37 @@ def check_override(config: ml_collections.ConfigDict, path: str) -> None:
             )
 
 
+# How config_flags parses an override of a field of each type (the others cannot fail)
+_OVERRIDE_PARSERS = {
+    bool: (flags.BooleanParser(), "true or false"),
+    int: (flags.IntegerParser(), "a whole number"),
+    float: (flags.FloatParser(), "a number"),
+}
+
+
+def check_override_value(config: ml_collections.ConfigDict, path: str, value: str) -> None:
+    """Raises ConfigError unless ``--config.<path>=<value>`` parses as its field's type, e.g.
+    ``train.steps=1e3`` (config_flags' message: ``invalid literal for int() with base 10``)."""
+    field = functools.reduce(lambda node, key: node[key], path.split("."), config)
+    parser, kind = _OVERRIDE_PARSERS.get(type(field), (None, None))
+    if parser is None:
+        return
+    try:
+        parser.parse(value)
+    except ValueError:
+        example = str(field).lower() if isinstance(field, bool) else field
+        raise ConfigError(
+            f"--config.{path}={value!r} is not {kind}; write one, e.g. --config.{path}={example}."
+        ) from None
+
+
 def check_config_flags(argv: Sequence[str]) -> None:
     """Loads the config ``--config=...`` in ``argv`` names and checks that every
-    ``--config.<field>`` override names one of its fields; raises ConfigError where
-    ``config_flags`` would print a traceback (a missing file, a bad ``:arg``, an unknown field).
+    ``--config.<field>`` override names one of its fields and that its value parses as the
+    field's type; raises ConfigError where ``config_flags`` would print a traceback (a missing
+    file, a bad ``:arg``, an unknown field) or Python's words for a value that does not parse.
     Does nothing without the flag (absl reports a required one missing)."""
-    spec, paths = None, []
+    spec, overrides = None, []
     for i, arg in enumerate(argv[1:], start=1):
         if arg == "--":  # absl parses no flags after it
             break
@@ -241,12 +267,14 @@ def check_config_flags(argv: Sequence[str]) -> None:
         if flag in ("-config", "--config"):
             spec = value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
         elif match := re.fullmatch(r"--?(no)?config\.(.+)", flag):
-            paths.append(match.group(2))
+            overrides.append((match.group(2), value if equals else None))
     if spec is None:
         return
     config = load_config_file(spec)
-    for path in paths:
+    for path, value in overrides:
         check_override(config, path)
+        if value is not None and "[" not in path:
+            check_override_value(config, path, value)
 
 
 def parse_flags(program: str) -> Callable[[list[str]], list[str]]:

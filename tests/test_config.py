@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxpt import data, launcher, models, train
-from jaxpt.config import check_override
+from jaxpt.config import check_config_flags, check_override
 from jaxpt.errors import ConfigError
 from tests.conftest import use_devices
 from tests.test_train import CONFIG_FILES, ROOT, char_config, load_config
@@ -157,6 +157,30 @@ def test_a_read_only_workdir_is_one_sentence(tmp_path):
         tmp_path.chmod(0o700)
 
 
+GPT_SMOKE = f"--config={ROOT / 'configs' / 'gpt.py'}:smoke"
+
+
+@pytest.mark.parametrize(
+    "path, value, words",
+    [
+        ("train.steps", "1e3", "is not a whole number; write one, e.g. --config.train.steps=200."),
+        ("train.lr", "fast", "is not a number; write one, e.g. --config.train.lr=0.003."),
+        ("log.shardings", "maybe", "is not true or false; write one, e.g. --config.log.shardings="),
+    ],
+)
+def test_an_override_that_does_not_parse_is_one_sentence(path, value, words):
+    """These were Python's words: "invalid literal for int() with base 10: '1e3'", "could not
+    convert string to float: 'fast'", "('Non-boolean argument to boolean flag', 'maybe')"."""
+    with pytest.raises(ConfigError) as caught:
+        check_config_flags(["launch.py", GPT_SMOKE, f"--config.{path}={value}"])
+    assert str(caught.value).startswith(f"--config.{path}={value!r} {words}")
+
+
+@pytest.mark.parametrize("value", ["1000", "0x10", "-1"])
+def test_an_override_that_parses_passes(value):
+    check_config_flags(["launch.py", GPT_SMOKE, f"--config.train.steps={value}"])
+
+
 @pytest.mark.parametrize(
     "path, words",
     [
@@ -211,6 +235,12 @@ def run_launch(*args, cwd=ROOT):
             ["--config=configs/gpt.py:smoke", "--config.mesh.rules.batch[0]=fsdp"],
             "config.mesh.rules.batch has no elements to set one by one; set the whole field",
         ),
+        # "flag --config.train.steps=1e3: invalid literal for int() with base 10: '1e3'"
+        (
+            ["--config=configs/gpt.py:smoke", "--config.train.steps=1e3"],
+            "--config.train.steps='1e3' is not a whole number; write one, e.g. "
+            "--config.train.steps=200.",
+        ),
         (["--config=configs/nosuch.py"], "--config=configs/nosuch.py: 'configs/nosuch.py' is not"),
         (
             ["--config=configs/gpt.py:smok"],
@@ -237,6 +267,7 @@ def run_launch(*args, cwd=ROOT):
     ids=[
         "unknown field",
         "tuple element",
+        "not a number",
         "no such file",
         "bad config argument",
         "workdir is a file",
