@@ -103,6 +103,20 @@ def test_the_mesh_is_checked_before_the_data_is_read(fields, words, tmp_path, mo
     assert str(caught.value).startswith(words)
 
 
+@pytest.mark.parametrize("steps, warmup_steps", [(100, 715), (20, 20)])
+def test_a_run_that_never_leaves_its_warmup_says_so(steps, warmup_steps):
+    """gpt.py's docstring command --config.train.steps=100 (warmup 715) trained at a tenth of
+    train.lr or less, silently: the lr ends at (steps - 1) / warmup_steps of its peak."""
+    config = small_config(warmup_steps=warmup_steps, lr=6e-4)
+    config.train.steps = steps
+    note = train.warmup_note(config.train)
+    last = 6e-4 * (steps - 1) / warmup_steps
+    assert note.startswith(f"note: train.warmup_steps={warmup_steps} is not below train.steps=")
+    assert f"to {last:.3g} ({(steps - 1) / warmup_steps:.0%} of train.lr) at the last step" in note
+    config.train.steps = warmup_steps + 1
+    assert train.warmup_note(config.train) is None
+
+
 def test_every_preset_passes_as_shipped():
     for path in CONFIG_FILES:
         for arg in ("smoke", None):

@@ -18,6 +18,7 @@ from jaxpt.train._optimizer import decay_mask as decay_mask
 from jaxpt.train._optimizer import learning_rate as learning_rate
 from jaxpt.train._optimizer import optimizer as optimizer
 from jaxpt.train._optimizer import validate_train as validate_train
+from jaxpt.train._optimizer import warmup_note as warmup_note
 from jaxpt.train._step import STEP_COMPILER_OPTIONS as STEP_COMPILER_OPTIONS
 from jaxpt.train._step import TrainState as TrainState
 from jaxpt.train._step import abstract_state as abstract_state

@@ -16,7 +16,7 @@ from jaxpt import data, evals, models, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog
-from jaxpt.train._optimizer import optimizer, validate_train
+from jaxpt.train._optimizer import optimizer, validate_train, warmup_note
 from jaxpt.train._step import (
     STEP_COMPILER_OPTIONS,
     TrainState,
@@ -306,6 +306,8 @@ def _prepare(config) -> _Run:
     abstract, shardings = abstract_state(config, mesh)
     tx = optimizer(config.train, abstract.params)
     print(describe(config, model_cfg), flush=True)
+    if note := warmup_note(config.train):
+        print(note, flush=True)
     report_shardings(config, abstract.params, mesh)
     batch_sh = sharding.batch_sharding(mesh, config.mesh.rules)
     rows = data.process_rows(batch_sh, (batch_size, seq_len))

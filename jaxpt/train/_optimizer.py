@@ -53,6 +53,22 @@ def schedule_count(opt_state) -> jax.Array:
     return counts[0][1]  # Muon's partition keeps one per part, all equal
 
 
+def warmup_note(train_cfg) -> str | None:
+    """A sentence for the start of a run whose warmup does not end before ``train.steps`` (a
+    short run of a full-size preset, say), where the learning rate never reaches ``lr`` nor
+    follows the schedule; None for any other run."""
+    steps, warmup = train_cfg.steps, train_cfg.warmup_steps
+    if warmup < steps:
+        return None
+    last = float(learning_rate(train_cfg)(steps - 1))
+    return (
+        f"note: train.warmup_steps={warmup} is not below train.steps={steps}, so the learning "
+        f"rate only warms up, to {last:.3g} ({last / train_cfg.lr:.0%} of train.lr) at the last "
+        f"step, and the {train_cfg.schedule} schedule never starts; lower train.warmup_steps "
+        "to follow it"
+    )
+
+
 def _inverse_sqrt(peak: float, warmup: int, floor: float) -> optax.Schedule:
     """``peak * sqrt(w / (w + count))`` with ``w = max(warmup, 1)``: ``peak`` when the warmup
     ends (``count`` counts from there; ``join_schedules`` also evaluates it before), at least
