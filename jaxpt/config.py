@@ -255,10 +255,11 @@ def check_override_value(config: ml_collections.ConfigDict, path: str, value: st
 
 def check_config_flags(argv: Sequence[str]) -> None:
     """Loads the config ``--config=...`` in ``argv`` names and checks that every
-    ``--config.<field>`` override names one of its fields and that its value parses as the
-    field's type; raises ConfigError where ``config_flags`` would print a traceback (a missing
-    file, a bad ``:arg``, an unknown field) or Python's words for a value that does not parse.
-    Does nothing without the flag (absl reports a required one missing)."""
+    ``--config.<field>`` override names one of its fields, that its value parses as the
+    field's type and that ``model.name`` keeps its preset; raises ConfigError where
+    ``config_flags`` would print a traceback (a missing file, a bad ``:arg``, an unknown field)
+    or Python's words for a value that does not parse. Does nothing without the flag (absl
+    reports a required one missing)."""
     spec, overrides = None, []
     for i, arg in enumerate(argv[1:], start=1):
         if arg == "--":  # absl parses no flags after it
@@ -275,6 +276,12 @@ def check_config_flags(argv: Sequence[str]) -> None:
         check_override(config, path)
         if value is not None and "[" not in path:
             check_override_value(config, path, value)
+        if path == "model.name" and value not in (None, config.model.name):
+            raise ConfigError(
+                f"--config.model.name={value} would only relabel the model section, which holds "
+                f"{config.model.name}'s fields; start from {value}'s own file in configs/ "
+                "instead (see jaxpt.models.names())."
+            )
 
 
 def parse_flags(program: str) -> Callable[[list[str]], list[str]]:

@@ -190,6 +190,17 @@ def test_an_override_that_does_not_parse_is_one_sentence(path, value, words):
     assert str(caught.value).startswith(f"--config.{path}={value!r} {words}")
 
 
+def test_overriding_the_model_name_is_one_sentence():
+    """It trained gpt's layers (4 query and 4 key/value heads at smoke size) labelled gqa_gpt,
+    whose own config has 2 key/value heads."""
+    with pytest.raises(ConfigError) as caught:
+        check_config_flags(["launch.py", GPT_SMOKE, "--config.model.name=gqa_gpt"])
+    assert str(caught.value).startswith(
+        "--config.model.name=gqa_gpt would only relabel the model section, which holds gpt's"
+    )
+    check_config_flags(["launch.py", GPT_SMOKE, "--config.model.name=gpt"])
+
+
 @pytest.mark.parametrize("value", ["1000", "0x10", "-1"])
 def test_an_override_that_parses_passes(value):
     check_config_flags(["launch.py", GPT_SMOKE, f"--config.train.steps={value}"])
