@@ -3,6 +3,7 @@ caches for the embedded corpus, for compiled programs and for Python bytecode, s
 xdist workers and the subprocesses the tests launch, and new in every run."""
 
 import atexit
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -10,11 +11,11 @@ import tempfile
 # Tiny test models spend their time in XLA's compiler, not in the compiled code: skip the
 # expensive LLVM passes (results are the same, compiles take about half as long), and emit
 # fusions with XLA:CPU's loop emitters instead of its MLIR fusion emitters, whose compiles
-# take about twice as long (a tiny_moe train step: 4.1 s -> 1.9 s; the same losses).
-FAST_COMPILE = (
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-    "--xla_cpu_use_fusion_emitters=false"
-)
+# take about twice as long (a tiny_moe train step: 4.1 s -> 1.9 s; the same losses). jaxlib
+# 0.11 has no loop emitters and aborts on the flag, as on any flag it does not know.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if tuple(map(int, importlib.metadata.version("jaxlib").split(".")[:2])) < (0, 11):
+    FAST_COMPILE += " --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAXPT_CACHE_DIR", tempfile.mkdtemp(prefix="jaxpt-test-cache-"))
