@@ -271,6 +271,33 @@ def replication_warnings(params, mesh: Mesh, rules, *, min_size: int = LARGE_TEN
     return warnings
 
 
+def attention_warnings(n_head: int, n_kv_head: int, mesh: Mesh, rules) -> list[str]:
+    """One sentence when a head count does not divide by the mesh axes of its rule
+    (``q_heads`` for ``n_head``, ``kv_heads`` for ``n_kv_head``): the q, k, v and output
+    weights, stored flat as ``(D, heads x Dh)``, then split part-way through a head, and every
+    device computes all those heads (results are right; attention gets no tensor parallelism).
+    """
+    fields = {"q_heads": ("n_head", n_head), "kv_heads": ("n_kv_head", n_kv_head)}
+    placed = {  # name -> (mesh axes, whether the count divides by them)
+        name: next(_placements((count,), (name,), mesh, rules))
+        for name, (_, count) in fields.items()
+    }
+    unsplit = [name for name, (_, divides) in placed.items() if not divides]
+    if not unsplit:
+        return []
+    mesh_axes = placed[unsplit[0]][0]
+    n = math.prod(mesh.shape[a] for a in mesh_axes)
+    named = " and ".join("model.{}={}".format(*fields[name]) for name in unsplit)
+    heads = "head" if "q_heads" in unsplit else "key/value head"
+    return [
+        f"Attention is not split over mesh axis {' x '.join(map(repr, mesh_axes))}: {named} "
+        f"{'do' if len(unsplit) > 1 else 'does'} not divide by {n}, so every device computes "
+        f"every {heads} and the weights split part-way through one; choose "
+        f"{' x '.join(f'mesh.{a}' for a in mesh_axes)} dividing model.n_kv_head={n_kv_head}, "
+        f"or change mesh.rules.{' and mesh.rules.'.join(unsplit)}."
+    ]
+
+
 def batch_axes(mesh: Mesh, rules) -> tuple[str, ...]:
     """Mesh axes that split the batch dimension (those of size > 1)."""
     return tuple(a for a in rules["batch"] if mesh.shape[a] > 1)

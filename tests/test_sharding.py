@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 
 from jaxpt import models, nn, sharding, train
 from jaxpt.config import preset_config
-from jaxpt.errors import ConfigError
+from jaxpt.errors import ConfigError, DataError
 from tests import test_moe
 
 STEPS = 4
@@ -400,3 +400,45 @@ def test_the_report_names_every_spec_and_large_replicated_tensors():
     config.model.vocab_size = 50304
     params = train.abstract_state(config, mesh)[0].params
     assert sharding.replication_warnings(params, mesh, rules) == []
+
+
+@pytest.mark.parametrize(
+    "n_head, n_kv_head, tensor",
+    [(6, 2, 2), (6, 2, 4), (8, 2, 4), (8, 2, 8), (8, 8, 8), (9, 3, 2)],
+)
+def test_attention_heads_that_the_tensor_axis_cannot_split_are_one_warning(
+    n_head, n_kv_head, tensor
+):
+    """The warning comes exactly when the resolved sharding of q, or of k and v, leaves their
+    heads whole on every device of the tensor axis."""
+    config = small_config(DENSE, data=8 // tensor, tensor=tensor)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = config.mesh.rules
+    split = lambda heads, name: (
+        "tensor" in sharding.spec_for((8, 32, heads, 16), ("batch", None, name, None), mesh, rules)
+    )
+    warnings = sharding.attention_warnings(n_head, n_kv_head, mesh, rules)
+    q_split, kv_split = split(n_head, "q_heads"), split(n_kv_head, "kv_heads")
+    assert len(warnings) == (not (q_split and kv_split))
+    if warnings:
+        unsplit = ([f"model.n_head={n_head}"] if not q_split else []) + [
+            f"model.n_kv_head={n_kv_head}"
+        ]
+        assert warnings[0].startswith(
+            f"Attention is not split over mesh axis 'tensor': {' and '.join(unsplit)} "
+        )
+        assert f"choose mesh.tensor dividing model.n_kv_head={n_kv_head}, or" in warnings[0]
+
+
+def test_the_run_warns_of_unsplit_attention_heads_at_start(tmp_path, caplog):
+    config = small_config(DENSE, data=2, tensor=4)  # 6 query and 2 key/value heads
+    config.model.vocab_size = 50304  # the embedded corpus's GPT-2 ids
+    config.eval.batches = 10_000  # refused after the start-of-run report: nothing compiles
+    with pytest.raises(DataError, match="too few for 10000 batch"):
+        train.train(config, tmp_path)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "Attention is not split over mesh axis 'tensor': model.n_head=6 and model.n_kv_head=2 "
+        "do not divide by 4, so every device computes every head and the weights split "
+        "part-way through one; choose mesh.tensor dividing model.n_kv_head=2, or change "
+        "mesh.rules.q_heads and mesh.rules.kv_heads."
+    ]

@@ -103,15 +103,20 @@ def fresh_state(
     return jax.jit(lambda p: start_state(p, tx), out_shardings=shardings)(params)
 
 
-def report_shardings(config, params, mesh) -> None:
+def report_shardings(config, model_cfg, params, mesh) -> None:
     """On process 0: with ``log.shardings``, prints the mesh and every param's PartitionSpec;
     always, warns of each large param that a mesh axis cannot split (see
-    ``sharding.replication_warnings``)."""
+    ``sharding.replication_warnings``) and of attention heads it cannot split
+    (``sharding.attention_warnings``)."""
     if jax.process_index() != 0:
         return
+    rules = config.mesh.rules
     if config.log.shardings:
-        print(sharding.describe_shardings(params, mesh, config.mesh.rules), flush=True)
-    for warning in sharding.replication_warnings(params, mesh, config.mesh.rules):
+        print(sharding.describe_shardings(params, mesh, rules), flush=True)
+    warnings = sharding.replication_warnings(params, mesh, rules)
+    if isinstance(model_cfg, models.ModelConfig):  # the bigram has no attention
+        warnings += sharding.attention_warnings(model_cfg.n_head, model_cfg.n_kv_head, mesh, rules)
+    for warning in warnings:
         log.warning(warning)
 
 
@@ -308,7 +313,7 @@ def _prepare(config) -> _Run:
     print(describe(config, model_cfg), flush=True)
     if note := warmup_note(config.train):
         print(note, flush=True)
-    report_shardings(config, abstract.params, mesh)
+    report_shardings(config, model_cfg, abstract.params, mesh)
     batch_sh = sharding.batch_sharding(mesh, config.mesh.rules)
     rows = data.process_rows(batch_sh, (batch_size, seq_len))
     train_data = data.Loader(manifest, "train", batch_size, seq_len, rows=rows)
