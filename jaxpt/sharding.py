@@ -51,7 +51,8 @@ def default_rules() -> ml_collections.ConfigDict:
 
 def moment_rules(rules, shard_optimizer: bool):
     """The rules of the optimizer moments: the params' own, or with ``shard_optimizer``
-    (ZeRO-1) the ``embed`` dimension split over the data axis as well."""
+    (ZeRO-1) the ``embed`` dimension split over the data axis as well (where it divides:
+    see ``moment_shardings``)."""
     if not shard_optimizer or "data" in rules["embed"]:
         return rules
     return {**dict(rules), "embed": (*rules["embed"], "data")}
@@ -225,6 +226,33 @@ def param_shardings(params, mesh: Mesh, rules):
     )
 
 
+def _moment_spec(shape, axes, mesh: Mesh, rules, shard_optimizer: bool) -> P:
+    """The PartitionSpec of one param's optimizer moments: the one ``moment_rules`` give where
+    it keeps every split of the param's own, else the param's (an ``embed`` size that divides
+    by fsdp but not by fsdp x data would lose its fsdp split too)."""
+    own = spec_for(shape, axes, mesh, rules)
+    moments = spec_for(shape, axes, mesh, moment_rules(rules, shard_optimizer))
+    return moments if _taken(own) <= _taken(moments) else own
+
+
+def moment_shardings(params, mesh: Mesh, rules, *, shard_optimizer: bool):
+    """NamedShardings for the optimizer moments of every array of ``params``: those of the
+    params, or with ``shard_optimizer`` (ZeRO-1) the ``embed`` dimension split over the data
+    axis too wherever it divides by the fsdp and data axes together."""
+    return jax.tree.map(
+        lambda x, axes: NamedSharding(
+            mesh, _moment_spec(x.shape, axes, mesh, rules, shard_optimizer)
+        ),
+        params,
+        nn.logical_axes(params),
+    )
+
+
+def _taken(spec: P) -> set[str]:
+    """The mesh axes ``spec`` splits some dimension over."""
+    return set(jax.tree.leaves(tuple(spec)))
+
+
 def _named_arrays(params) -> list[tuple[str, jax.Array, nn.Axes]]:
     """``(path, array, logical axes)`` of every array of ``params``, e.g.
     ``("blocks.0.attn.q.weight", ...)``."""
@@ -248,27 +276,47 @@ def describe_shardings(params, mesh: Mesh, rules) -> str:
     return "\n".join(lines)
 
 
-def replication_warnings(params, mesh: Mesh, rules, *, min_size: int = LARGE_TENSOR) -> list[str]:
+def replication_warnings(
+    params, mesh: Mesh, rules, *, shard_optimizer: bool = False, min_size: int = LARGE_TENSOR
+) -> list[str]:
     """One sentence for each array of at least ``min_size`` elements that stays replicated
-    over mesh axes its rules name because its size there does not divide by theirs."""
+    over mesh axes its rules name because its size there does not divide by theirs; with
+    ``shard_optimizer``, also for each whose optimizer moments stay whole over the axes
+    ZeRO-1 adds (``moment_rules``) for that reason."""
     warnings = []
+    zero_rules = moment_rules(rules, shard_optimizer)
     for path, array, axes in _named_arrays(params):
         if array.size < min_size:
             continue
-        taken = set(jax.tree.leaves(tuple(spec_for(array.shape, axes, mesh, rules))))
-        placements = _placements(array.shape, axes, mesh, rules)
-        for dim, (mesh_axes, divides) in enumerate(placements):
-            missed = [a for a in mesh_axes if a not in taken]
-            if divides or not missed:
-                continue
-            n = math.prod(mesh.shape[a] for a in mesh_axes)
-            warnings.append(
-                f"{path} {tuple(array.shape)} stays replicated over mesh axis "
-                f"{' x '.join(map(repr, missed))}: its dimension {dim} ({axes[dim]!r}, "
-                f"{array.shape[dim]}) does not divide by {n}; make it a multiple of {n} or "
-                f"change mesh.rules.{axes[dim]}."
-            )
+        shape = tuple(array.shape)
+        own = spec_for(shape, axes, mesh, rules)
+        for dim, missed, n in _unsplit(shape, axes, mesh, rules, own):
+            warnings.append(_replicated(f"{path} {shape} stays", axes[dim], dim, missed, n, shape))
+        moments = _moment_spec(shape, axes, mesh, rules, shard_optimizer)
+        for dim, missed, n in _unsplit(shape, axes, mesh, zero_rules, moments):
+            if added := [a for a in missed if a not in rules.get(axes[dim], ())]:
+                subject = f"{path} {shape} keeps its optimizer moments (mesh.shard_optimizer)"
+                warnings.append(_replicated(subject, axes[dim], dim, added, n, shape))
     return warnings
+
+
+def _unsplit(shape, axes, mesh: Mesh, rules, spec: P) -> Iterator[tuple[int, list[str], int]]:
+    """``(dimension, mesh axes, n)`` for each dimension of an array sharded as ``spec`` whose
+    size does not divide by the size n of the mesh axes its rules name: those that ``spec``
+    leaves out."""
+    taken = _taken(spec)
+    for dim, (mesh_axes, divides) in enumerate(_placements(shape, axes, mesh, rules)):
+        missed = [a for a in mesh_axes if a not in taken]
+        if missed and not divides:
+            yield dim, missed, math.prod(mesh.shape[a] for a in mesh_axes)
+
+
+def _replicated(subject: str, name: str, dim: int, missed: list[str], n: int, shape) -> str:
+    return (
+        f"{subject} replicated over mesh axis {' x '.join(map(repr, missed))}: its dimension "
+        f"{dim} ({name!r}, {shape[dim]}) does not divide by {n}; make it a multiple of {n} or "
+        f"change mesh.rules.{name}."
+    )
 
 
 def attention_warnings(n_head: int, n_kv_head: int, mesh: Mesh, rules) -> list[str]:

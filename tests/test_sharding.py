@@ -126,6 +126,8 @@ def mesh_key(**sizes) -> tuple[tuple[str, int], ...]:
         (DENSE, mesh_key(data=2, fsdp=2, tensor=2), ()),
         (DENSE, mesh_key(data=2, fsdp=2), (("kernels", "pallas"),)),  # per-device kernels
         (DENSE, mesh_key(data=2, fsdp=2, shard_optimizer=True), ()),  # ZeRO-1
+        # ZeRO-1 where the width 36 divides by fsdp (2) but not by fsdp x data (8)
+        (DENSE, mesh_key(data=4, fsdp=2, shard_optimizer=True), (("n_embed", 36),)),
         ("tiny_moe_2", mesh_key(expert=8), ()),  # top-2 of 8 experts
         ("tiny_moe_2", mesh_key(data=2, tensor=2, expert=2), RANDOM),
     ],
@@ -138,9 +140,11 @@ def test_sharded_steps_equal_one_device(preset, mesh, model, capfd):
         if size > 1 and axis != "data":
             assert any(axis in jax.tree.leaves(tuple(spec)) for spec in specs), axis
     uses_data = lambda spec: "data" in jax.tree.leaves(tuple(spec))
+    data_and_fsdp = config.mesh.data * config.mesh.fsdp  # ZeRO-1 splits widths they divide
+    zero_1 = config.mesh.shard_optimizer and config.model.n_embed % data_and_fsdp == 0
     for moment in ("mu", "nu"):  # optimizer moments are sharded like their params ...
         moments = jax.tree.leaves(optax.tree.get(shardings.opt_state, moment))
-        if config.mesh.shard_optimizer:  # ... or, ZeRO-1, over the data axis too
+        if zero_1:  # ... or, ZeRO-1, over the data axis too
             assert any(uses_data(m.spec) for m in moments)
             assert not any(uses_data(spec) for spec in specs)
         else:
@@ -430,15 +434,63 @@ def test_attention_heads_that_the_tensor_axis_cannot_split_are_one_warning(
         assert f"choose mesh.tensor dividing model.n_kv_head={n_kv_head}, or" in warnings[0]
 
 
-def test_the_run_warns_of_unsplit_attention_heads_at_start(tmp_path, caplog):
-    config = small_config(DENSE, data=2, tensor=4)  # 6 query and 2 key/value heads
+@pytest.mark.parametrize("n_embed", [36, 96])  # divides by fsdp (2) only; by fsdp x data (8)
+def test_zero_1_moments_keep_their_params_split_where_the_data_axis_does_not_divide(n_embed):
+    config = small_config(DENSE, (("n_embed", n_embed),), data=4, fsdp=2, shard_optimizer=True)
+    mesh = sharding.make_mesh(config.mesh)
+    abstract, shardings = train.abstract_state(config, mesh)
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract.params)
+    paths = [jax.tree_util.keystr(path, simple=True, separator=".") for path, _ in flat]
+    params = [p for _, p in flat]
+    axes = jax.tree.leaves(nn.logical_axes(abstract.params))
+    zero_1 = ["embed" in names and n_embed % 8 == 0 for names in axes]  # data (4) splits too
+    per_device = lambda s, p: int(np.prod(s.shard_shape(p.shape)))
+    for moment in ("mu", "nu"):
+        moments = jax.tree.leaves(optax.tree.get(shardings.opt_state, moment))
+        own = jax.tree.leaves(shardings.params)
+        for p, o, m, zero in zip(params, own, moments, zero_1, strict=True):
+            assert per_device(m, p) == per_device(o, p) // (4 if zero else 1)
+    warnings = sharding.replication_warnings(
+        abstract.params, mesh, config.mesh.rules, shard_optimizer=True, min_size=10_000
+    )
+    assert [w.split()[0] for w in warnings] == [
+        path
+        for path, p, names in zip(paths, params, axes, strict=True)
+        if p.size >= 10_000 and "embed" in names and n_embed % 8
+    ]
+    if warnings:
+        assert warnings[0] == (
+            "wte.weight (512, 36) keeps its optimizer moments (mesh.shard_optimizer) replicated "
+            "over mesh axis 'data': its dimension 1 ('embed', 36) does not divide by 8; make it "
+            "a multiple of 8 or change mesh.rules.embed."
+        )
+
+
+@pytest.mark.parametrize(
+    "model, mesh, warning",
+    [
+        (
+            (),  # 6 query and 2 key/value heads
+            dict(data=2, tensor=4),
+            "Attention is not split over mesh axis 'tensor': model.n_head=6 and "
+            "model.n_kv_head=2 do not divide by 4, so every device computes every head and the "
+            "weights split part-way through one; choose mesh.tensor dividing "
+            "model.n_kv_head=2, or change mesh.rules.q_heads and mesh.rules.kv_heads.",
+        ),
+        (
+            (("n_embed", 36),),
+            dict(data=4, fsdp=2, shard_optimizer=True),
+            "wte.weight (50304, 36) keeps its optimizer moments (mesh.shard_optimizer) "
+            "replicated over mesh axis 'data': its dimension 1 ('embed', 36) does not divide "
+            "by 8; make it a multiple of 8 or change mesh.rules.embed.",
+        ),
+    ],
+    ids=["heads", "zero_1"],
+)
+def test_the_run_warns_at_start(model, mesh, warning, tmp_path, caplog):
+    config = small_config(DENSE, model, **mesh)
     config.model.vocab_size = 50304  # the embedded corpus's GPT-2 ids
     config.eval.batches = 10_000  # refused after the start-of-run report: nothing compiles
     with pytest.raises(DataError, match="too few for 10000 batch"):
         train.train(config, tmp_path)
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        "Attention is not split over mesh axis 'tensor': model.n_head=6 and model.n_kv_head=2 "
-        "do not divide by 4, so every device computes every head and the weights split "
-        "part-way through one; choose mesh.tensor dividing model.n_kv_head=2, or change "
-        "mesh.rules.q_heads and mesh.rules.kv_heads."
-    ]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [warning]

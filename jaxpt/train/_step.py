@@ -220,11 +220,11 @@ def state_shardings(
     abstract: TrainState, mesh, rules, tx, *, shard_optimizer: bool = False
 ) -> TrainState:
     """Shardings of the train state: optimizer moments follow their params (with
-    ``shard_optimizer``, split over the data axis too: ``sharding.moment_rules``); statistics
-    of another shape (Adafactor's factored rows and columns) are replicated."""
+    ``shard_optimizer``, split over the data axis too: ``sharding.moment_shardings``);
+    statistics of another shape (Adafactor's factored rows and columns) are replicated."""
     params = sharding.param_shardings(abstract.params, mesh, rules)
-    moments = sharding.param_shardings(
-        abstract.params, mesh, sharding.moment_rules(rules, shard_optimizer)
+    moments = sharding.moment_shardings(
+        abstract.params, mesh, rules, shard_optimizer=shard_optimizer
     )
 
     def follow_param(state, param_sharding, param):
