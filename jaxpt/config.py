@@ -237,10 +237,15 @@ _OVERRIDE_PARSERS = {
 }
 
 
+def _field(config: ml_collections.ConfigDict, path: str):
+    """The value of ``config``'s field at the dotted ``path`` (e.g. ``train.steps``)."""
+    return functools.reduce(lambda node, key: node[key], path.split("."), config)
+
+
 def check_override_value(config: ml_collections.ConfigDict, path: str, value: str) -> None:
     """Raises ConfigError unless ``--config.<path>=<value>`` parses as its field's type, e.g.
     ``train.steps=1e3`` (config_flags' message: ``invalid literal for int() with base 10``)."""
-    field = functools.reduce(lambda node, key: node[key], path.split("."), config)
+    field = _field(config, path)
     parser, kind = _OVERRIDE_PARSERS.get(type(field), (None, None))
     if parser is None:
         return
@@ -268,13 +273,19 @@ def check_config_flags(argv: Sequence[str]) -> None:
         if flag in ("-config", "--config"):
             spec = value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
         elif match := re.fullmatch(r"--?(no)?config\.(.+)", flag):
-            overrides.append((match.group(2), value if equals else None))
+            spaced = not equals and not match.group(1) and i + 1 < len(argv)
+            following = argv[i + 1] if spaced else None  # absl's `--config.<field> <value>`
+            overrides.append((match.group(2), value if equals else None, following))
     if spec is None:
         return
     config = load_config_file(spec)
-    for path, value in overrides:
+    for path, value, following in overrides:
         check_override(config, path)
-        if value is not None and "[" not in path:
+        if "[" in path:
+            continue
+        if value is None and following is not None and not isinstance(_field(config, path), bool):
+            value = following  # not a switch, so absl takes the next argument as its value
+        if value is not None:
             check_override_value(config, path, value)
         if path == "model.name" and value not in (None, config.model.name):
             raise ConfigError(

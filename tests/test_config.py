@@ -190,15 +190,30 @@ def test_an_override_that_does_not_parse_is_one_sentence(path, value, words):
     assert str(caught.value).startswith(f"--config.{path}={value!r} {words}")
 
 
-def test_overriding_the_model_name_is_one_sentence():
+def spellings(path: str, value: str) -> list[list[str]]:
+    """The two ways absl takes a flag's value: ``--flag=value`` and ``--flag value``."""
+    return [[f"--config.{path}={value}"], [f"--config.{path}", value]]
+
+
+@pytest.mark.parametrize("override", spellings("train.steps", "1e3"), ids=["equals", "space"])
+def test_an_override_is_checked_however_it_is_spelt(override):
+    """``--config.train.steps 1e3`` was config_flags' words, "invalid literal for int() with
+    base 10: '1e3'"; a switch takes no value, so the argument after it is left alone."""
+    with pytest.raises(ConfigError, match=re.escape("--config.train.steps='1e3' is not a whole")):
+        check_config_flags(["launch.py", GPT_SMOKE, *override])
+    check_config_flags(["launch.py", GPT_SMOKE, "--config.log.shardings", "--config.train.steps=5"])
+
+
+@pytest.mark.parametrize("override", spellings("model.name", "gqa_gpt"), ids=["equals", "space"])
+def test_overriding_the_model_name_is_one_sentence(override):
     """It trained gpt's layers (4 query and 4 key/value heads at smoke size) labelled gqa_gpt,
-    whose own config has 2 key/value heads."""
+    whose own config has 2 key/value heads; spelt with a space, it still did."""
     with pytest.raises(ConfigError) as caught:
-        check_config_flags(["launch.py", GPT_SMOKE, "--config.model.name=gqa_gpt"])
+        check_config_flags(["launch.py", GPT_SMOKE, *override])
     assert str(caught.value).startswith(
         "--config.model.name=gqa_gpt would only relabel the model section, which holds gpt's"
     )
-    check_config_flags(["launch.py", GPT_SMOKE, "--config.model.name=gpt"])
+    check_config_flags(["launch.py", GPT_SMOKE, *spellings("model.name", "gpt")[1]])
 
 
 @pytest.mark.parametrize("value", ["1000", "0x10", "-1"])
