@@ -2,7 +2,7 @@
 
     python3 bench/train_step.py --out=$OUT                     # on a GPU
     uv run python bench/train_step.py --batches=2 --seq=128      # a CPU smoke run
-    python3 bench/train_step.py --preset=tiny_moe --seq=2048 --batches=8 --noscan_layers \
+    python3 bench/train_step.py --preset=tiny_moe --seq=2048 --batches=8 --noscan_layers \\
         --moe_matmul=ragged --out=$OUT                           # a MoE preset's experts
 
 The step ``launch.py`` runs (``jaxpt.train.make_train_step``: bf16 compute, float32 params and

@@ -1,7 +1,7 @@
 """Bigram: next-token logits from a (V, V) table.
 
 uv run python -m jaxpt.data.prepare --dataset=corpus/ --tokenizer=char --out=data/chars
-uv run python launch.py --config=configs/bigram.py --config.data.dataset=data/chars \
+uv run python launch.py --config=configs/bigram.py --config.data.dataset=data/chars \\
     --workdir=runs/bigram
 uv run python launch.py --config=configs/bigram.py:smoke --workdir=runs/bigram-smoke
 uv run python launch.py --config=configs/bigram.py --config.train.steps=100 ...

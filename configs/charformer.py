@@ -1,7 +1,7 @@
 """Charformer: character-level GPT, 30 layers x 960.
 
 uv run python -m jaxpt.data.prepare --dataset=corpus/ --tokenizer=char --out=data/chars
-uv run python launch.py --config=configs/charformer.py --config.data.dataset=data/chars \
+uv run python launch.py --config=configs/charformer.py --config.data.dataset=data/chars \\
     --workdir=runs/charformer
 uv run python launch.py --config=configs/charformer.py:smoke --workdir=runs/charformer-smoke
 uv run python launch.py --config=configs/charformer.py --config.train.steps=100 ...

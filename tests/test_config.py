@@ -1,6 +1,7 @@
 """Run configs: every field's range check before anything compiles, the optimizer's clipping
 switch, sampling options, and launch.py's one-sentence errors for bad flags and workdirs."""
 
+import ast
 import dataclasses
 import math
 import os
@@ -348,3 +349,19 @@ def test_help_matches_the_readme():
         assert "chat" in flag_help, (flag, flag_help)
     usage = result.stdout.split("flags:")[0]
     assert not re.search(r"\S {2,}--", usage), usage
+
+
+USAGE_FILES = sorted(
+    p.relative_to(ROOT)
+    for pattern in ("launch.py", "configs/*.py", "bench/*.py", "jaxpt/**/*.py")
+    for p in ROOT.glob(pattern)
+)
+
+
+@pytest.mark.parametrize("path", USAGE_FILES, ids=str)
+def test_usage_texts_keep_each_command_on_its_lines(path):
+    """A docstring's command continued with a bare backslash ran into one line with a gap in
+    ``--help`` (``python -m jaxpt.data.prepare``'s chat example, ``bench/train_step.py``'s) and
+    in ``__doc__``: Python joins the lines; ``\\`` keeps the backslash and the line break."""
+    doc = ast.get_docstring(ast.parse((ROOT / path).read_text())) or ""
+    assert not re.search(r"\S {2,}--", doc), doc

@@ -1,9 +1,9 @@
 """Prepares a corpus as token shards for training.
 
   uv run python -m jaxpt.data.prepare --out=data/fineweb-edu   # FineWeb-Edu sample-10BT
-  uv run python -m jaxpt.data.prepare --dataset=book.txt --out=data/book --shard_tokens=1000000
+  uv run python -m jaxpt.data.prepare --dataset=book.txt --out=data/book --shard_tokens=10000
   uv run python -m jaxpt.data.prepare --dataset=corpus/ --tokenizer=char --out=data/chars
-  uv run python -m jaxpt.data.prepare --format=chat --dataset=HuggingFaceTB/smol-smoltalk \
+  uv run python -m jaxpt.data.prepare --format=chat --dataset=HuggingFaceTB/smol-smoltalk \\
       --tokenizer=hf/smollm --block_size=2048 --out=data/smol-smoltalk
 
 --format=chat reads conversations (a column of {role, content} messages) and writes one
