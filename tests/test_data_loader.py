@@ -166,9 +166,11 @@ def test_loader_errors(manifest, tmp_path):
         data.Loader(manifest, "train", B // 2, T).next_batch(state)
     with pytest.raises(errors.DataError, match="rows must lie in"):
         data.Loader(manifest, "train", B, T, rows=[B])
-    with pytest.raises(errors.DataError, match="too few for 1 batch"):
+    fields = r"lower train\.batch_size or model\.block_size, or use more data$"
+    one_batch = r"1 batch\(es\) of 1000 \(train\.batch_size\); "
+    with pytest.raises(errors.DataError, match=one_batch + fields):
         data.Loader(manifest, "train", 1000, T).init_state()
-    with pytest.raises(errors.DataError, match="too few for 1 batch"):  # said "for 0 batch(es)"
+    with pytest.raises(errors.DataError, match="too few for 1 batch.*" + fields):  # "0 batch(es)"
         next(data.Loader(manifest, "val", 1000, T).eval_batches())
     with pytest.raises(errors.DataError, match=r"model\.vocab_size is 10;"):
         data.check_vocab(loader, 10)

@@ -288,7 +288,11 @@ def test_config_errors_come_before_compiling(tmp_path, overrides, message):
 def test_too_little_validation_data_is_reported_before_compiling(tmp_path):
     config = char_config(steps=3)
     config.eval.batches = 10_000
-    with pytest.raises(DataError, match=r"too few for 10000 batch\(es\) of 8"):
+    fields = (  # the config fields to change, not "the batch size or sequence length"
+        r"too few for 10000 batch\(es\) of 8 \(eval\.batches of train\.batch_size\); lower "
+        r"eval\.batches to at most \d+, or train\.batch_size or model\.block_size, or use more"
+    )
+    with pytest.raises(DataError, match=fields):
         train.train(config, tmp_path)
     assert not list((tmp_path / "checkpoints").glob("*"))  # nothing trained, nothing saved
 

@@ -95,21 +95,20 @@ class Loader:
         self._masks = [self.manifest.open_mask(s) for s in shards] if self.by_rows else []
         self._starts = np.cumsum([0] + [s.tokens for s in shards])  # (S + 1,) stream offsets
         self.tokens = self.manifest.tokens(split)  # N, within the manifest's max_tokens
-        self.windows = self._windows(self.tokens)  # W, per epoch
+        self.windows = _epoch_windows(self.tokens, seq_len, self.by_rows)  # W, per epoch
         self.steps_per_epoch = self.windows // batch_size
         self._order_cache: dict[tuple[int, int, int], tuple[int, np.ndarray]] = {}
 
     def init_state(self, seed: int = 0) -> LoaderState:
         """The state of a loader at the first step of epoch 0, for `seed`."""
-        if self.steps_per_epoch < 1:
-            raise DataError(self._too_small(self.windows))
+        check_batches(self.manifest, self.split, self.batch_size, self.seq_len)
         return {"seed": seed, "epoch": 0, "step": 0, **self._shape(), "tokens": self.tokens}
 
     def next_batch(self, state: LoaderState) -> tuple[np.ndarray | MaskedBatch, LoaderState]:
         """The batch at `state`: this process's rows, (len(rows), T + 1) int32 (a `MaskedBatch`
         of such arrays for chat data); the next state."""
         self._check(state)
-        windows = self._windows(state["tokens"])
+        windows = _epoch_windows(state["tokens"], self.seq_len, self.by_rows)
         shift, order = self._epoch_order(state["seed"], state["epoch"], windows)
         batch = self._read_windows(
             shift + order[state["step"] * self.batch_size + self.rows] * self._stride
@@ -131,29 +130,16 @@ class Loader:
 
     def check_eval(self, num_batches: int | None = None) -> int:
         """The number of evaluation batches (default: all there are); raises DataError when
-        the split holds fewer than ``num_batches``."""
-        windows = self._eval_windows()
-        available = windows // self.batch_size
-        num_batches = available if num_batches is None else num_batches
-        if num_batches > available or available < 1:
-            raise DataError(self._too_small(windows, max(num_batches, 1)))
-        return num_batches
+        the split holds fewer than ``num_batches`` (or none)."""
+        held = check_batches(
+            self.manifest, self.split, self.batch_size, self.seq_len, eval_batches=num_batches or 1
+        )
+        return held if num_batches is None else num_batches
 
     @property
     def _stride(self) -> int:
         """Tokens from one window's start to the next: T (chat data: a row, T + 1)."""
         return self.seq_len + 1 if self.by_rows else self.seq_len
-
-    def _eval_windows(self) -> int:
-        """The windows k*T (chat data: rows) that fit in the split."""
-        return self.tokens // self._stride if self.by_rows else (self.tokens - 1) // self.seq_len
-
-    def _windows(self, tokens: int) -> int:
-        """W, the windows of an epoch over the split's first `tokens` tokens (one fewer than
-        fit, for the epoch's shift; chat data: the rows, unshifted)."""
-        if self.by_rows:
-            return tokens // self._stride
-        return max((tokens - 1) // self.seq_len - 1, 0)
 
     def _shape(self) -> dict:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len}
@@ -171,11 +157,9 @@ class Loader:
                 f"{self.split!r} split but {self.manifest.directory} holds {self._starts[-1]}; "
                 "resume with the data the run started on"
             )
-        if not 0 <= state["step"] < self._windows(state["tokens"]) // self.batch_size:
-            raise DataError(
-                f"loader state step {state['step']} is outside its epoch "
-                f"[0, {self._windows(state['tokens']) // self.batch_size})"
-            )
+        steps = _epoch_windows(state["tokens"], self.seq_len, self.by_rows) // self.batch_size
+        if not 0 <= state["step"] < steps:
+            raise DataError(f"loader state step {state['step']} is outside its epoch [0, {steps})")
 
     def _missing_split(self) -> str:
         """Why a split is missing and how to prepare data that has it."""
@@ -190,13 +174,6 @@ class Loader:
             f"{directory} has no 'train' shards (its {total} tokens all went to the 'val' "
             f"split); prepare the source again into a new directory with "
             f"--shard_tokens={max(total // 10, 1)} so that the val split is its first tenth"
-        )
-
-    def _too_small(self, windows: int, batches: int = 1) -> str:
-        return (
-            f"the {self.split!r} split of {self.manifest.directory} has {self.tokens} tokens, "
-            f"{windows} windows of {self.seq_len + 1}: too few for {batches} batch(es) of "
-            f"{self.batch_size}; lower the batch size or sequence length, or use more data"
         )
 
     def _epoch_order(self, seed: int, epoch: int, windows: int) -> tuple[int, np.ndarray]:
@@ -233,6 +210,50 @@ class Loader:
             pieces.append(piece)
             start, length, i = start + len(piece), length - len(piece), i + 1
         return np.concatenate(pieces)
+
+
+def _epoch_windows(tokens: int, seq_len: int, by_rows: bool) -> int:
+    """W, the windows of an epoch over a split's first `tokens` tokens (one fewer than fit,
+    for the epoch's shift; chat data, `by_rows`: the rows, unshifted)."""
+    if by_rows:
+        return tokens // (seq_len + 1)
+    return max((tokens - 1) // seq_len - 1, 0)
+
+
+def _eval_windows(tokens: int, seq_len: int, by_rows: bool) -> int:
+    """The windows k*T (chat data, `by_rows`: rows) that fit in a split of `tokens` tokens."""
+    return tokens // (seq_len + 1) if by_rows else (tokens - 1) // seq_len
+
+
+def check_batches(
+    manifest: Manifest,
+    split: str,
+    batch_size: int,
+    seq_len: int,
+    *,
+    eval_batches: int | None = None,
+) -> int:
+    """The batches of `batch_size` windows of `seq_len` + 1 tokens in an epoch of `split` (with
+    `eval_batches`: the batches `Loader.eval_batches` reads); raises DataError, naming the run
+    config fields to change, when there are none or fewer than `eval_batches`. Allocates
+    nothing per row, so a run checks a batch of any size before `process_rows` lists its
+    rows."""
+    by_rows, tokens = manifest.row_tokens > 0, manifest.tokens(split)
+    windows = (_epoch_windows if eval_batches is None else _eval_windows)(tokens, seq_len, by_rows)
+    held = windows // batch_size
+    wanted = eval_batches or 1
+    if held >= wanted:
+        return held
+    fields = "train.batch_size or model.block_size"
+    if held:
+        fields = f"eval.batches to at most {held}, or {fields}"
+    batches = f"{wanted} batch(es) of {batch_size}" + (
+        " (eval.batches of train.batch_size)" if eval_batches else " (train.batch_size)"
+    )
+    raise DataError(
+        f"the {split!r} split of {manifest.directory} has {tokens} tokens, {windows} windows of "
+        f"{seq_len + 1}: too few for {batches}; lower {fields}, or use more data"
+    )
 
 
 def process_rows(sharding, global_shape: tuple[int, ...]) -> np.ndarray:
