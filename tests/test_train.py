@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpt import models, sharding, train
+from jaxpt import data, models, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
 
@@ -295,6 +295,23 @@ def test_too_little_validation_data_is_reported_before_compiling(tmp_path):
     with pytest.raises(DataError, match=fields):
         train.train(config, tmp_path)
     assert not list((tmp_path / "checkpoints").glob("*"))  # nothing trained, nothing saved
+
+
+def test_a_batch_no_data_holds_is_refused_before_its_rows_are_listed(tmp_path, monkeypatch):
+    """train.batch_size=10**12 was killed for memory (exit 137): ``process_rows`` listed every
+    row of the batch before the loader found that no split holds it."""
+    list_rows = data.process_rows
+
+    def rows_of_a_batch_the_data_holds(batch_sharding, global_shape):
+        assert global_shape[0] < 10**6, "the rows of a batch no data holds were listed"
+        return list_rows(batch_sharding, global_shape)
+
+    monkeypatch.setattr(data, "process_rows", rows_of_a_batch_the_data_holds)
+    config = char_config(steps=3, batch_size=10**12)
+    message = r"'train' split .* too few for 1 batch\(es\) of 1000000000000 \(train\.batch_size\)"
+    with pytest.raises(DataError, match=message):
+        train.train(config, tmp_path)
+    assert not list((tmp_path / "checkpoints").glob("*"))
 
 
 def launch(workdir, *overrides, devices: int = 1, env: dict | None = None):

@@ -85,11 +85,19 @@ def check_batch_fits_mesh(config, mesh) -> None:
 def validation_data(config, manifest: data.Manifest, batch_sh) -> data.Loader:
     """The validation batches of a run, split as ``batch_sh`` says; raises DataError when the
     split holds fewer than ``eval.batches``."""
+    return _loader(config, manifest, "val", batch_sh, eval_batches=config.eval.batches)
+
+
+def _loader(
+    config, manifest: data.Manifest, split: str, batch_sh, *, eval_batches: int | None = None
+) -> data.Loader:
+    """The run's loader of ``split``, reading this process's rows of ``batch_sh``, after
+    checking that the split holds a batch (``eval_batches``: as many evaluation batches)
+    before the rows are listed (one index per sequence: a batch of 10^12 filled the memory)."""
     batch_size, seq_len = config.train.batch_size, models.config_from(config.model).block_size
+    data.check_batches(manifest, split, batch_size, seq_len, eval_batches=eval_batches)
     rows = data.process_rows(batch_sh, (batch_size, seq_len))
-    loader = data.Loader(manifest, "val", batch_size, seq_len, rows=rows)
-    loader.check_eval(config.eval.batches)
-    return loader
+    return data.Loader(manifest, split, batch_size, seq_len, rows=rows)
 
 
 def fresh_state(
@@ -317,8 +325,7 @@ def _prepare(config) -> _Run:
         print(note, flush=True)
     report_shardings(config, model_cfg, abstract.params, mesh)
     batch_sh = sharding.batch_sharding(mesh, config.mesh.rules)
-    rows = data.process_rows(batch_sh, (batch_size, seq_len))
-    train_data = data.Loader(manifest, "train", batch_size, seq_len, rows=rows)
+    train_data = _loader(config, manifest, "train", batch_sh)
     val_data = validation_data(config, manifest, batch_sh)
     hellaswag = None
     if config.eval.hellaswag_every_steps:  # its items are read here
