@@ -84,6 +84,9 @@ def resume(config, workdir):
         # Lion's state is a subset of AdamW's: this one moved every checkpoint aside as
         # unreadable and trained from step 0 again
         pytest.param(resume, "train.optimizer", "lion", id="resume-optimizer"),
+        # the loader state counts batches of 8: "the loader state was saved for {'batch_size':
+        # 8, 'seq_len': 64} ...; resume with the same ... batch size", naming no config field
+        pytest.param(resume, "train.batch_size", 16, id="resume-batch_size"),
         # the same shapes: these went on with the other model, silently
         pytest.param(generate, "model.activation", "relu", id="generate-activation"),
         pytest.param(resume, "model.activation", "relu", id="resume-activation"),

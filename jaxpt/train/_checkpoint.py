@@ -2,11 +2,11 @@
 
 Saves are asynchronous; orbax writes each one under a temporary name and renames it when
 complete, so a half-written checkpoint is never listed. Restoring first checks that a
-checkpoint holds the run's model and optimizer (its stored model config and train.optimizer,
-then its array shapes): a difference is a ConfigError naming it, and nothing on disk is
-touched. A checkpoint that cannot be read as written (truncated, missing files) is skipped for
-the previous one with a warning; only training moves it aside, to ``<step>.unreadable-<n>``
-(nothing is deleted), since it saves that step again.
+checkpoint holds the run's model and optimizer (its stored model config, train.optimizer and
+train.batch_size, then its array shapes): a difference is a ConfigError naming it, and
+nothing on disk is touched. A checkpoint that cannot be read as written (truncated, missing
+files) is skipped for the previous one with a warning; only training moves it aside, to
+``<step>.unreadable-<n>`` (nothing is deleted), since it saves that step again.
 """
 
 from __future__ import annotations
@@ -122,14 +122,14 @@ class Checkpoints:
         where each array goes, so a checkpoint restores onto a different mesh. Raises
         ConfigError when the checkpoint holds another model than the run config ``config``'s,
         or another optimizer's state (``train.optimizer``, or arrays ``abstract_state`` lacks
-        or shapes differ), or (unless read only) when a step directory is not a jaxpt
-        checkpoint. Unreadable newer checkpoints are skipped with a warning (and, unless read
-        only, moved aside).
+        or shapes differ), or a loader state of another ``train.batch_size``, or (unless read
+        only) when a step directory is not a jaxpt checkpoint. Unreadable newer checkpoints
+        are skipped with a warning (and, unless read only, moved aside).
         """
         if not self.read_only:
             self._check_ours()
         target = _placed(abstract_state, shardings)
-        fields = _fields_to_compare(config.model, config.train.optimizer)
+        fields = _fields_to_compare(config.model, config.train)
         restored = self._newest_readable(lambda step: self._restore(step, target, fields))
         if restored is None:
             return None
@@ -335,12 +335,16 @@ def read_tree(directory: str | Path):
         ) from None
 
 
-def _fields_to_compare(model_config, optimizer: str | None = None) -> dict:
+def _fields_to_compare(model_config, train_config=None) -> dict:
     """What a checkpoint must share with a run, ``"section.field"`` -> the run's value: the
-    model fields but ``FREE_MODEL_FIELDS``, and, to restore its optimizer state,
-    ``train.optimizer``."""
+    model fields but ``FREE_MODEL_FIELDS``, and, to resume training (``train_config`` given),
+    ``train.optimizer`` (whose state it holds) and ``train.batch_size`` (whose batches its
+    loader state counts)."""
     fields = {f"model.{k}": v for k, v in model_config.items() if k not in FREE_MODEL_FIELDS}
-    return fields if optimizer is None else {**fields, "train.optimizer": optimizer}
+    if train_config is None:
+        return fields
+    resumed = {f"train.{k}": train_config[k] for k in ("optimizer", "batch_size")}
+    return {**fields, **resumed}
 
 
 def _placed(abstract, shardings):
