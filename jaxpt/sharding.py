@@ -80,7 +80,7 @@ def validate_mesh(mesh_cfg) -> None:
         if unknown:
             raise ConfigError(
                 f"mesh.rules.{name}={tuple(axes)!r} names {unknown[0]!r}, not one of the mesh "
-                f"axes {list(MESH_AXES)}."
+                f"axes {list(MESH_AXES)}{_several_axes_syntax(name, axes)}."
             )
         repeated = [a for i, a in enumerate(axes) if a in axes[:i]]
         if repeated:  # a PartitionSpec splits a dimension over each mesh axis once
@@ -88,6 +88,16 @@ def validate_mesh(mesh_cfg) -> None:
                 f"mesh.rules.{name}={tuple(axes)!r} names {repeated[0]!r} twice; name each mesh "
                 "axis once."
             )
+
+
+def _several_axes_syntax(rule: str, axes) -> str:
+    """For a rule whose axis names hold commas (``--config.mesh.rules.batch=data,fsdp`` is the
+    one-name tuple ``('data,fsdp',)``), the end of a sentence showing the flag that names
+    them; else nothing."""
+    if not any("," in axis for axis in axes):
+        return ""
+    names = tuple(name.strip() for axis in axes for name in axis.split(","))
+    return f'; to name several axes, pass a tuple: --config.mesh.rules.{rule}="{names!r}"'
 
 
 def _at_most_one_rest(fields: list[str], what: str) -> None:

@@ -350,6 +350,22 @@ def test_a_rule_that_names_a_mesh_axis_twice_is_one_sentence():
     )
 
 
+def test_a_rule_of_comma_separated_axes_shows_the_tuple_to_pass():
+    """``--config.mesh.rules.batch=data,fsdp`` is the tuple ``('data,fsdp',)``: refused as one
+    unknown axis, without the syntax that names two."""
+    config = small_config(DENSE, fsdp=2)
+    config.mesh.rules.batch = ("data,fsdp",)  # what config_flags makes of data,fsdp
+    with pytest.raises(ConfigError) as caught:
+        train.validate_config(config)
+    assert str(caught.value) == (
+        "mesh.rules.batch=('data,fsdp',) names 'data,fsdp', not one of the mesh axes ['data', "
+        "'fsdp', 'tensor', 'expert']; to name several axes, pass a tuple: "
+        """--config.mesh.rules.batch="('data', 'fsdp')"."""
+    )
+    config.mesh.rules.batch = ("data", "fsdp")
+    train.validate_config(config)  # the tuple it shows is a valid rule
+
+
 def test_dcn_axes_must_match_the_slices():
     config = small_config("gpt", data=-1, dcn_data=2)
     with pytest.raises(ConfigError) as caught:
