@@ -288,6 +288,21 @@ def test_only_training_sets_aside_what_a_crash_left(workdir, capsys):
     assert logged == [1, 2, 3, 4, 5, 6]
 
 
+def test_no_readable_checkpoint_says_what_to_do(workdir):
+    """It said "no checkpoint in ... could be read." and no more."""
+    for step in (2, 4):
+        truncate_data_files(workdir / "checkpoints" / str(step))
+    before = snapshot(workdir)
+    with pytest.raises(models.ConfigError) as caught:
+        train.latest_params(trained_config(), workdir)
+    assert str(caught.value) == (
+        f"no checkpoint in {workdir / 'checkpoints'} could be read (the warnings above give each "
+        "one's cause): restore their files from a copy, or train this config again with "
+        f"--mode=train and --workdir={workdir}, which sets them aside and starts at step 0."
+    )
+    assert snapshot(workdir) == before
+
+
 @pytest.mark.parametrize("keep", [0, -1])
 def test_keep_must_be_at_least_one(tmp_path, keep):
     config = trained_config()

@@ -317,7 +317,11 @@ def latest_params(config, workdir: str | Path) -> tuple[int, object]:
     finally:
         checkpoints.close()
     if restored is None:
-        raise ConfigError(f"no checkpoint in {directory} could be read.")
+        raise ConfigError(
+            f"no checkpoint in {directory} could be read (the warnings above give each one's "
+            "cause): restore their files from a copy, or train this config again with "
+            f"--mode=train and --workdir={workdir}, which sets them aside and starts at step 0."
+        )
     return restored
 
 
