@@ -210,7 +210,7 @@ def _tokenizer_of(config, workdir: str | Path) -> data.Tokenizer:
     (ConfigError: see ``train.trained_checkpoints`` and ``hf.check_init_from``); reads no
     params."""
     if not _reads_init_from(config, workdir):
-        train.trained_checkpoints(workdir)
+        train.trained_checkpoints(workdir, or_init_from=True)
         return data.run_tokenizer(config.data)
     own = hf.init_from_tokenizer(models.config_from(config.model), config.checkpoint.init_from)
     return data.run_tokenizer(config.data) if own is None else own

@@ -288,9 +288,16 @@ def test_default_max_new_tokens_fills_the_block_up_to_100(monkeypatch):
 
 
 def test_generate_mode_without_a_checkpoint_says_what_to_do(tmp_path):
+    """generate, eval and chat read ``checkpoint.init_from`` in a workdir without checkpoints,
+    which the sentence did not say."""
     config = load_config(ROOT / "configs" / "bigram.py", "smoke")
-    with pytest.raises(ConfigError, match="train this config with --mode=train"):
+    with pytest.raises(ConfigError) as caught:
         launcher.sample(config, tmp_path, launcher.SampleOptions())
+    assert str(caught.value) == (
+        f"{tmp_path / 'checkpoints'} does not exist: train this config with --mode=train and "
+        f"--workdir={tmp_path} first, or read a Hugging Face checkpoint with "
+        "--config.checkpoint.init_from=<its directory or hub name>."
+    )
     assert not (tmp_path / "checkpoints").exists()
     (tmp_path / "a_file").write_text("a user's file")  # advised training there, which refuses
     with pytest.raises(ConfigError, match="a_file is a file, not a run's directory"):

@@ -275,10 +275,18 @@ class Checkpoints:
         self.manager.close()
 
 
-def trained_checkpoints(workdir: str | Path) -> Path:
+def trained_checkpoints(workdir: str | Path, *, or_init_from: bool = False) -> Path:
     """``workdir/checkpoints``, after checking that it holds a step's checkpoint (ConfigError
-    saying what to do when it does not); reads no checkpoint."""
+    saying what to do when it does not: train, or, ``or_init_from`` where the command reads
+    ``checkpoint.init_from`` without one, name a pretrained checkpoint); reads no
+    checkpoint."""
     directory = Path(workdir) / "checkpoints"
+    todo = f"train this config with --mode=train and --workdir={workdir} first" + (
+        ", or read a Hugging Face checkpoint with --config.checkpoint.init_from=<its directory "
+        "or hub name>"
+        if or_init_from
+        else ""
+    )
     if Path(workdir).is_file():  # training there would fail too
         raise ConfigError(
             f"--workdir={workdir} is a file, not a run's directory: name the --workdir a run "
@@ -289,15 +297,9 @@ def trained_checkpoints(workdir: str | Path) -> Path:
             f"{directory} is a file, not a run's checkpoints: name another --workdir."
         )
     if not directory.is_dir():
-        raise ConfigError(
-            f"{directory} does not exist: train this config with --mode=train and "
-            f"--workdir={workdir} first."
-        )
+        raise ConfigError(f"{directory} does not exist: {todo}.")
     if not any(p.name.isdigit() for p in directory.iterdir()):  # orbax names each by its step
-        raise ConfigError(
-            f"{directory} holds no checkpoint: train this config with --mode=train and "
-            f"--workdir={workdir} first."
-        )
+        raise ConfigError(f"{directory} holds no checkpoint: {todo}.")
     return directory
 
 
