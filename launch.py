@@ -10,6 +10,7 @@ uv run python launch.py --config=configs/smollm_sft.py --workdir=runs/smollm-sft
     --system_prompt="You are a helpful assistant." --temperature=0.7 --top_k=50
 """
 
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -78,6 +79,9 @@ def main(argv):
         sys.exit(f"launch.py: {error}")
     except train.Interrupted as stop:  # saved; the shell's status for death by that signal
         sys.exit(128 + stop.signal)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (data, restore, other modes)
+        print("launch.py: interrupted (SIGINT); run the command again to go on.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -373,6 +373,38 @@ def test_sigterm_saves_then_exits_143(tmp_path):
     assert saved == [last]
 
 
+def test_ctrl_c_before_the_training_loop_is_one_line_and_exits_130(tmp_path):
+    """Ctrl-C while the data was prepared or a checkpoint restored, before the loop handles
+    SIGINT, printed a KeyboardInterrupt traceback."""
+    preparing = (  # launch.py, with data preparation that takes long (in short sleeps: a signal
+        # another thread takes interrupts no sleep, and the main thread sees it after its own)
+        "import runpy, sys, time; from jaxpt import data; "
+        "data.ensure_prepared = lambda *a, **k: [print('preparing', flush=True)] + "
+        "[time.sleep(0.05) for _ in range(2000)]; "
+        f"sys.argv[0] = 'launch.py'; runpy.run_path({str(ROOT / 'launch.py')!r}, "
+        "run_name='__main__')"
+    )
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            preparing,
+            "--config=configs/bigram.py:smoke",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while run.stdout.readline() not in ("preparing\n", ""):
+        pass
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGINT
+    assert err == "launch.py: interrupted (SIGINT); run the command again to go on.\n"
+
+
 def load_config(path: Path, arg: str):
     """``get_config(arg)`` of a config file, loaded the way config_flags loads it."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
