@@ -22,6 +22,7 @@ from jaxpt.data._loader import MaskedBatch as MaskedBatch
 from jaxpt.data._loader import TokenNeed as TokenNeed
 from jaxpt.data._loader import check_batches as check_batches
 from jaxpt.data._loader import check_vocab as check_vocab
+from jaxpt.data._loader import missing_split as missing_split
 from jaxpt.data._loader import process_rows as process_rows
 from jaxpt.data._loader import to_global as to_global
 from jaxpt.data._loader import tokens_needed as tokens_needed

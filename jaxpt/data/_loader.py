@@ -90,7 +90,7 @@ class Loader:
             )
         shards = self.manifest.split(split)
         if not shards:
-            raise DataError(self._missing_split())
+            raise DataError(missing_split(self.manifest, split))
         self._shards = [self.manifest.open(s) for s in shards]
         self._masks = [self.manifest.open_mask(s) for s in shards] if self.by_rows else []
         self._starts = np.cumsum([0] + [s.tokens for s in shards])  # (S + 1,) stream offsets
@@ -161,21 +161,6 @@ class Loader:
         if not 0 <= state["step"] < steps:
             raise DataError(f"loader state step {state['step']} is outside its epoch [0, {steps})")
 
-    def _missing_split(self) -> str:
-        """Why a split is missing and how to prepare data that has it."""
-        manifest, directory = self.manifest, self.manifest.directory
-        if self.split == "val":
-            return (
-                f"{directory} has no 'val' shards; prepare the source again into a new "
-                "directory with --val_shards=1"
-            )
-        total = manifest.tokens()
-        return (
-            f"{directory} has no 'train' shards (its {total} tokens all went to the 'val' "
-            f"split); prepare the source again into a new directory with "
-            f"--shard_tokens={max(total // 10, 1)} so that the val split is its first tenth"
-        )
-
     def _epoch_order(self, seed: int, epoch: int, windows: int) -> tuple[int, np.ndarray]:
         """(shift, permutation (W,)) of an epoch of `windows`; the current one is cached."""
         key = (seed, epoch, windows)
@@ -210,6 +195,21 @@ class Loader:
             pieces.append(piece)
             start, length, i = start + len(piece), length - len(piece), i + 1
         return np.concatenate(pieces)
+
+
+def missing_split(manifest: Manifest, split: str) -> str:
+    """Why ``manifest``'s data has no shard of ``split`` and how to prepare data that has it."""
+    if split == "val":
+        return (
+            f"{manifest.directory} has no 'val' shards; prepare the source again into a new "
+            "directory with --val_shards=1"
+        )
+    total = manifest.tokens()
+    return (
+        f"{manifest.directory} has no 'train' shards (its {total} tokens all went to the 'val' "
+        f"split); prepare the source again into a new directory with "
+        f"--shard_tokens={max(total // 10, 1)} so that the val split is its first tenth"
+    )
 
 
 def _epoch_windows(tokens: int, seq_len: int, by_rows: bool) -> int:

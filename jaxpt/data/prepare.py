@@ -20,6 +20,7 @@ import sys
 
 from absl import app, flags
 
+from jaxpt.data._loader import missing_split
 from jaxpt.data._prepare import DEFAULT_DATASET, DEFAULT_SHARD_TOKENS, FORMATS, prepare_dataset
 from jaxpt.errors import DataError
 
@@ -85,6 +86,9 @@ def main(argv: list[str]) -> None:
         f"{manifest.directory}: {manifest.tokens():,} {manifest.dtype} tokens ({splits}) from "
         f"{manifest.documents:,} documents in {len(manifest.shards)} shards"
     )
+    for split in ("train", "val"):  # a run reads both: say now what training would refuse
+        if not manifest.split(split):
+            print(f"warning: {missing_split(manifest, split)}.", file=sys.stderr)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
