@@ -107,6 +107,43 @@ def all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _summed_gradients(grad_fn: Callable, params, micro: list) -> tuple[object, dict[str, Array]]:
+    """The sum over the micro-batches of ``grad_fn(params, *batch, index) -> (grads, metrics)``'s
+    gradients, and each one's metrics ``(n_micro,)``; ``micro`` holds arrays ``(n_micro, ...)``,
+    scanned, and ``index`` counts the micro-batches."""
+
+    def accumulate(grads_sum, batch):
+        grads, metrics = grad_fn(params, *batch)
+        return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return jax.lax.scan(accumulate, zeros, (*micro, jnp.arange(micro[0].shape[0])))
+
+
+def _mean_gradients(
+    loss: Callable,
+    params,
+    n_micro: int,
+    inputs: Array,
+    targets: Array,
+    key_of: Callable[[Array], Array],
+) -> tuple[object, dict[str, Array]]:
+    """Gradients and metrics of ``loss``, each the mean over the ``n_micro`` micro-batches of
+    ``inputs`` and ``targets`` ``(B, T)``; ``key_of(i)`` is micro-batch ``i``'s training key."""
+    value_and_grad = jax.value_and_grad(loss, has_aux=True)
+
+    def grad_fn(params, inputs: Array, targets: Array, index):  # one micro-batch
+        (_, metrics), grads = value_and_grad(params, inputs, targets, key=key_of(index))
+        return grads, metrics
+
+    if n_micro == 1:
+        return grad_fn(params, inputs, targets, 0)
+    micro = [micro_batches(inputs, n_micro), micro_batches(targets, n_micro)]
+    grads, metrics = _summed_gradients(grad_fn, params, micro)
+    grads = jax.tree.map(lambda g: g / n_micro, grads)
+    return grads, jax.tree.map(jnp.mean, metrics)
+
+
 def masked_gradients(
     loss: Callable,
     params,
@@ -130,13 +167,7 @@ def masked_gradients(
     micro = [micro_batches(x, n_micro) for x in (inputs, targets, loss_mask)]
     counts = micro[2].astype(jnp.float32).sum(axis=(1, 2))  # (n_micro,)
     weights = counts / jnp.maximum(counts.sum(), 1.0)
-
-    def accumulate(grads_sum, batch):
-        grads, metrics = grad_fn(params, *batch)
-        return jax.tree.map(jnp.add, grads_sum, grads), metrics
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, metrics = jax.lax.scan(accumulate, zeros, (*micro, weights, jnp.arange(n_micro)))
+    grads, metrics = _summed_gradients(grad_fn, params, [*micro, weights])
     ce = jnp.sum(weights * metrics["ce"])
     mean = jax.tree.map(jnp.mean, metrics)
     loss_value = mean["loss"] - mean["ce"] + ce  # the auxiliary terms' mean, plus ce
@@ -159,31 +190,12 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
     n_micro, seed = config.train.grad_accum_steps, config.train.seed
     schedule = learning_rate(config.train)
     loss = _run_loss(config)
-    grad_fn = jax.value_and_grad(loss, has_aux=True)
 
     def mean_gradients(params, inputs: Array, targets: Array, loss_mask, step: Array):
-        if loss_mask is not None:
-            key_of = functools.partial(training_key, seed, step)
-            return masked_gradients(loss, params, n_micro, inputs, targets, loss_mask, key_of)
-        if n_micro == 1:
-            (_, metrics), grads = grad_fn(params, inputs, targets, key=training_key(seed, step, 0))
-            return grads, metrics
-
-        def accumulate(grads_sum, micro):
-            inputs, targets, index = micro
-            key = training_key(seed, step, index)
-            (_, metrics), grads = grad_fn(params, inputs, targets, key=key)
-            return jax.tree.map(jnp.add, grads_sum, grads), metrics
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        micro = (
-            micro_batches(inputs, n_micro),
-            micro_batches(targets, n_micro),
-            jnp.arange(n_micro),
-        )
-        grads, metrics = jax.lax.scan(accumulate, zeros, micro)
-        grads = jax.tree.map(lambda g: g / n_micro, grads)
-        return grads, jax.tree.map(jnp.mean, metrics)
+        key_of = functools.partial(training_key, seed, step)
+        if loss_mask is None:
+            return _mean_gradients(loss, params, n_micro, inputs, targets, key_of)
+        return masked_gradients(loss, params, n_micro, inputs, targets, loss_mask, key_of)
 
     def step(state: TrainState, inputs: Array, targets: Array, loss_mask: Array | None = None):
         grads, metrics = mean_gradients(state.params, inputs, targets, loss_mask, state.step)
