@@ -138,20 +138,25 @@ def prepare_dataset(
                 f"a row of block_size + 1 tokens), got {block_size}; pass --block_size"
             )
         source = chat_source(dataset, tokenizer, config_name, split, messages_field, block_size)
-        row = source["row_tokens"]
-        _check_arguments(shard_tokens=(shard_tokens, row))
-        if 0 < max_tokens < row:  # rounded down to 0 rows, it would mean the whole source
-            raise DataError(
-                f"max_tokens must be 0 (the whole source) or at least one row of {row} tokens "
-                f"(block_size + 1), got {max_tokens}"
-            )
-        shard_tokens, max_tokens = shard_tokens // row * row, max_tokens // row * row
+        shard_tokens, max_tokens = _whole_rows(shard_tokens, max_tokens, source["row_tokens"])
     else:
         source = dataset_source(dataset, tokenizer, config_name, split, text_field)
     val_tokens = val_shards * shard_tokens
     return prepare_source(
         source, out, shard_tokens, val_tokens, max_tokens, workers, streaming, progress
     )
+
+
+def _whole_rows(shard_tokens: int, max_tokens: int, row: int) -> tuple[int, int]:
+    """Chat data: `shard_tokens` and `max_tokens` rounded down to whole rows of `row` tokens
+    (block_size + 1), each checked to hold at least one."""
+    _check_arguments(shard_tokens=(shard_tokens, row))
+    if 0 < max_tokens < row:  # rounded down to 0 rows, it would mean the whole source
+        raise DataError(
+            f"max_tokens must be 0 (the whole source) or at least one row of {row} tokens "
+            f"(block_size + 1), got {max_tokens}"
+        )
+    return shard_tokens // row * row, max_tokens // row * row
 
 
 def dataset_source(
@@ -242,14 +247,7 @@ def prepare_documents(
     describes them (it goes into the manifest, and a re-run resumes only if it is unchanged).
     The first `val_tokens` tokens form the val split; `max_tokens` > 0 stops the stream there.
     """
-    _check_arguments(
-        shard_tokens=(shard_tokens, 1),
-        val_tokens=(val_tokens, 0),
-        max_tokens=(max_tokens, 0),
-        workers=(workers, 1),
-    )
-    if shard_tokens > MAX_SHARD_TOKENS:
-        raise DataError(f"shard_tokens must be at most {MAX_SHARD_TOKENS}, got {shard_tokens}")
+    _check_sizes(shard_tokens, val_tokens, max_tokens, workers)
     out = Path(out)
     settings = {"source": source, "shard_tokens": shard_tokens, "val_tokens": val_tokens}
     finished = _finished(out, settings, max_tokens)
@@ -260,20 +258,10 @@ def prepare_documents(
     tok = _tokenizer(source, documents, out if records else None)
     writer = _ShardWriter(out, tok, settings, records, max_tokens)
     encode = _encoder(source, tok, writer.dtype)
-    start_doc, start_offset = records[-1]["end"] if records else (0, 0)
-    docs = start_doc + (start_offset > 0)
     if progress:
         print(_starting(out, source, records, writer.tokens, max_tokens), flush=True)
-    if not writer.full:
-        stream = _token_stream(encode, documents(start_doc), start_doc, workers)
-        bar = _progress_bar(stream, writer.tokens, max_tokens, progress, out.name)
-        with contextlib.closing(bar):  # stops the workers when the budget is reached
-            for doc, tokens in bar:
-                writer.add(tokens, doc, start_offset if doc == start_doc else 0)
-                docs = doc + 1
-                if writer.full:
-                    break
-        writer.finish(docs)
+    start = records[-1]["end"] if records else (0, 0)
+    docs = _tokenize_into(writer, encode, documents, start, workers, progress)
     if not writer.records:
         raise DataError(f"dataset {source['dataset']} is empty ({docs} documents, no text)")
     manifest = writer.manifest(docs)
@@ -286,6 +274,45 @@ def _check_arguments(**values: tuple[int, int]) -> None:
     for name, (value, least) in values.items():
         if value < least:
             raise DataError(f"{name} must be at least {least}, got {value}")
+
+
+def _check_sizes(shard_tokens: int, val_tokens: int, max_tokens: int, workers: int) -> None:
+    """Raises DataError naming the first of `prepare_documents`' sizes out of range."""
+    _check_arguments(
+        shard_tokens=(shard_tokens, 1),
+        val_tokens=(val_tokens, 0),
+        max_tokens=(max_tokens, 0),
+        workers=(workers, 1),
+    )
+    if shard_tokens > MAX_SHARD_TOKENS:
+        raise DataError(f"shard_tokens must be at most {MAX_SHARD_TOKENS}, got {shard_tokens}")
+
+
+def _tokenize_into(
+    writer: _ShardWriter,
+    encode: Encode,
+    documents: Documents,
+    start: tuple[int, int],
+    workers: int,
+    progress: bool,
+) -> int:
+    """Feeds `writer` the documents' tokens from `start` (document index, token offset in it)
+    until it is full or they end, then writes its last shard; returns how many documents have
+    been read."""
+    start_doc, start_offset = start
+    docs = start_doc + (start_offset > 0)
+    if writer.full:
+        return docs
+    stream = _token_stream(encode, documents(start_doc), start_doc, workers)
+    bar = _progress_bar(stream, writer.tokens, writer.max_tokens, progress, writer.out.name)
+    with contextlib.closing(bar):  # stops the workers when the budget is reached
+        for doc, tokens in bar:
+            writer.add(tokens, doc, start_offset if doc == start_doc else 0)
+            docs = doc + 1
+            if writer.full:
+                break
+    writer.finish(docs)
+    return docs
 
 
 def _starting(out: Path, source: dict, records: list, tokens: int, max_tokens: int) -> str:
