@@ -142,26 +142,11 @@ def read_shard_directory(directory: Path, tokenizer: str, cache_dir: Path) -> Ma
         raise DataError(f"{directory} mixes .bin and .npy shards; keep one format per directory")
     splits = [_split_of(p) for p in files]
     infos = [_checked_info(p) for p in files]
-    dtypes = sorted({dtype for dtype, _ in infos})
-    if len(dtypes) > 1:
-        raise DataError(
-            f"the shards in {directory} mix token dtypes ({', '.join(dtypes)}); use one"
-        )
-    for split in ("val", "train"):
-        if split not in splits:
-            raise DataError(
-                f"{directory} has no {split} shard (a file named like fineweb_{split}_000000"
-                f"{files[0].suffix}); add one"
-            )
+    dtype = _one_dtype(directory, infos)
+    _check_both_splits(directory, splits, files[0].suffix)
     tok, spec = _tokenizer(tokenizer, directory)
     stats = _token_stats(files, infos, tok.eot_id, cache_dir)
-    highest = max(s["max_token_id"] for s in stats)
-    if highest >= tok.vocab_size:
-        raise DataError(
-            f"the shards in {directory} hold token ids up to {highest} but data.tokenizer="
-            f"{tokenizer!r} has {tok.vocab_size} ids; set data.tokenizer to the tokenizer the "
-            "shards were made with"
-        )
+    _check_ids_fit(directory, stats, tokenizer, tok.vocab_size)
     order = sorted(range(len(files)), key=lambda i: splits[i] != "val")  # val first, stable
     shards = tuple(
         Shard(files[i].name, splits[i], infos[i][1], stats[i]["max_token_id"]) for i in order
@@ -171,7 +156,7 @@ def read_shard_directory(directory: Path, tokenizer: str, cache_dir: Path) -> Ma
         tokenizer=spec,
         vocab_size=tok.vocab_size,
         eot_id=tok.eot_id,
-        dtype=dtypes[0],
+        dtype=dtype,
         source={"dataset": str(directory), "format": formats.pop()},
         shard_tokens=max(s.tokens for s in shards),
         val_shards=splits.count("val"),
@@ -179,3 +164,34 @@ def read_shard_directory(directory: Path, tokenizer: str, cache_dir: Path) -> Ma
         shards=shards,
         val_tokens=sum(s.tokens for s in shards if s.split == "val"),
     )
+
+
+def _one_dtype(directory: Path, infos: list[tuple[str, int]]) -> str:
+    """The token dtype of every shard (`infos`: each shard's (dtype, tokens))."""
+    dtypes = sorted({dtype for dtype, _ in infos})
+    if len(dtypes) > 1:
+        raise DataError(
+            f"the shards in {directory} mix token dtypes ({', '.join(dtypes)}); use one"
+        )
+    return dtypes[0]
+
+
+def _check_both_splits(directory: Path, splits: list[str], suffix: str) -> None:
+    """Raises DataError unless the shards' `splits` hold both "val" and "train"."""
+    for split in ("val", "train"):
+        if split not in splits:
+            raise DataError(
+                f"{directory} has no {split} shard (a file named like fineweb_{split}_000000"
+                f"{suffix}); add one"
+            )
+
+
+def _check_ids_fit(directory: Path, stats: list[dict], tokenizer: str, vocab_size: int) -> None:
+    """Raises DataError if a shard holds a token id the tokenizer (`data.tokenizer`) lacks."""
+    highest = max(s["max_token_id"] for s in stats)
+    if highest >= vocab_size:
+        raise DataError(
+            f"the shards in {directory} hold token ids up to {highest} but data.tokenizer="
+            f"{tokenizer!r} has {vocab_size} ids; set data.tokenizer to the tokenizer the "
+            "shards were made with"
+        )
