@@ -10,6 +10,7 @@ repeats, so compile time does not grow with depth.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import equinox as eqx
@@ -177,32 +178,12 @@ def features(
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    dtype = jnp.dtype(cfg.dtype)
-    x = nn.embed(params.wte, tokens, dtype)  # (B, T, D)
-    if params.wpe is not None:
-        x = x + nn.embed(params.wpe, positions, dtype)
+    x = _embed(params, tokens, positions, cfg)  # (B, T, D)
     k_embed, k_layers = _split(key, 2)
     x = nn.constrain(nn.dropout(x, cfg.dropout, k_embed), RESIDUAL_AXES)
     repeat_keys = None if key is None else jax.random.split(k_layers, cfg.repeats)
-    pattern = cfg.mixer_pattern
-    caches = (None,) * len(pattern) if cache is None else cache
-
-    # The caches ride in the carry, whole, and each layer writes its rows in place: as scanned
-    # inputs/outputs they would be copied every step.
-    def repeat(carry, layer):  # one repeat of the pattern
-        x, caches = carry
-        blocks, index, repeat_key = layer
-        auxes, new_caches = [], []
-        for i, (kind, p, c) in enumerate(zip(pattern, blocks, caches, strict=True)):
-            k = None if repeat_key is None else jax.random.fold_in(repeat_key, i)
-            x, aux, c = block(
-                p, x, cfg, kind, positions=positions, mask=mask, cache=c, layer=index, key=k
-            )
-            x = nn.constrain(x, RESIDUAL_AXES)
-            auxes.append(aux)
-            new_caches.append(c)
-        return (x, tuple(new_caches)), jax.tree.map(lambda *a: sum(a), *auxes)
-
+    caches = (None,) * len(cfg.mixer_pattern) if cache is None else cache
+    repeat = functools.partial(_repeat, cfg=cfg, positions=positions, mask=mask)
     repeat = nn.remat(repeat, cfg.remat_policy)
     (x, caches), aux = nn.scan_layers(
         repeat,
@@ -212,6 +193,37 @@ def features(
     )
     x = nn.NORMS[cfg.norm].apply(params.ln_f, x, cfg.ln_epsilon, kernels=cfg.kernels)
     return x, jax.tree.map(lambda a: a.sum(0), aux), None if cache is None else caches
+
+
+def _embed(params: Decoder, tokens: Array, positions: Array, cfg: ModelConfig) -> Array:
+    """Token embeddings, plus learned position embeddings where the model has them:
+    ``(B, T, D)`` in ``cfg.dtype``."""
+    dtype = jnp.dtype(cfg.dtype)
+    x = nn.embed(params.wte, tokens, dtype)
+    if params.wpe is not None:
+        x = x + nn.embed(params.wpe, positions, dtype)
+    return x
+
+
+def _repeat(carry, layer, *, cfg: ModelConfig, positions: Array, mask: Array | None):
+    """One repeat of the mixer pattern, a block of each kind in turn: the ``scan_layers`` body
+    over ``((x, caches), (blocks, repeat index, repeat key))``.
+
+    The caches ride in the carry, whole, and each layer writes its rows in place: as scanned
+    inputs/outputs they would be copied every step.
+    """
+    x, caches = carry
+    blocks, index, repeat_key = layer
+    auxes, new_caches = [], []
+    for i, (kind, p, c) in enumerate(zip(cfg.mixer_pattern, blocks, caches, strict=True)):
+        k = None if repeat_key is None else jax.random.fold_in(repeat_key, i)
+        x, aux, c = block(
+            p, x, cfg, kind, positions=positions, mask=mask, cache=c, layer=index, key=k
+        )
+        x = nn.constrain(x, RESIDUAL_AXES)
+        auxes.append(aux)
+        new_caches.append(c)
+    return (x, tuple(new_caches)), jax.tree.map(lambda *a: sum(a), *auxes)
 
 
 def _read_out(params: Decoder, x: Array, cfg: ModelConfig) -> Array:
