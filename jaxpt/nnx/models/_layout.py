@@ -337,20 +337,32 @@ def from_original(layout: Layout | None, tree: Mapping[str, np.ndarray], abstrac
 
     params = jax.tree_util.tree_map_with_path(fill, abstract)
     if isinstance(cfg, models.ModelConfig) and cfg.position == "rope":
-        want = (cfg.block_size, cfg.head_dim)
-        if OMEGA in tree and np.shape(tree[OMEGA]) != want:
-            raise ConfigError(
-                f"the checkpoint's {OMEGA!r} has shape {np.shape(tree[OMEGA])}, but {what} "
-                f"needs {want} (block_size, head width): pass the config it was saved with."
-            )
+        _check_rope_table(tree, cfg, what)
         used.add(OMEGA)
+    _check_all_used(tree, used, what)
+    return params
+
+
+def _check_rope_table(tree: Mapping[str, np.ndarray], cfg, what: str) -> None:
+    """Raises ConfigError if the original's rotary table, where ``tree`` holds one, is not
+    ``(block_size, head_dim)`` (it is computed, not read)."""
+    want = (cfg.block_size, cfg.head_dim)
+    if OMEGA in tree and np.shape(tree[OMEGA]) != want:
+        raise ConfigError(
+            f"the checkpoint's {OMEGA!r} has shape {np.shape(tree[OMEGA])}, but {what} "
+            f"needs {want} (block_size, head width): pass the config it was saved with."
+        )
+
+
+def _check_all_used(tree: Mapping[str, np.ndarray], used: set[str], what: str) -> None:
+    """Raises ConfigError naming the first path of ``tree`` outside ``used`` (the original's
+    kv caches and causal masks aside)."""
     extra = [p for p in tree if p not in used and not p.endswith(CACHE_AND_MASK)]
     if extra:
         raise ConfigError(
             f"the checkpoint holds {extra[0]!r} ({len(extra)} such arrays), which has no place "
             f"in {what}: pass the config the checkpoint was saved with."
         )
-    return params
 
 
 def nest(flat: Mapping[str, object]) -> dict:
