@@ -146,28 +146,39 @@ def generate_chat(
     history = [] if x_prev is None else _one_sequence(x_prev)
     prompt = history + _chat_prompt(enc, question, system_prompt, format, new=x_prev is None)
     logger.debug("chat prompt: %r", enc.decode(prompt))
-    cfg = model.model_config()
-    if len(prompt) >= cfg.block_size:
+    block_size = model.model_config().block_size
+    if len(prompt) >= block_size:
         raise ConfigError(
             f"the conversation takes {len(prompt)} tokens, leaving none of the model's "
-            f"block_size={cfg.block_size} for a reply: start a new one (x_prev=None)."
+            f"block_size={block_size} for a reply: start a new one (x_prev=None)."
         )
     stops = {enc.encode(text)[0] for text in stop_tokens}
+    new_tokens = block_size - len(prompt)
+    reply = _reply(
+        model, enc, prompt, new_tokens, stops, temperature=temperature, top_k=top_k, key=key
+    )
+    print(enc.decode(reply))
+    return jnp.asarray([prompt + reply], jnp.int32)
+
+
+def _reply(
+    model, enc, prompt: list[int], new_tokens: int, stops: set[int], *, temperature, top_k, key
+) -> list[int]:
+    """Up to ``new_tokens`` ids sampled after ``prompt`` (as ``_sample``), cut before the
+    first of the ``stops`` ids."""
     stop = next(iter(stops)) if len(stops) == 1 else None  # several: cut below
     out = _sample(
         model,
         enc,
         [prompt],
-        cfg.block_size - len(prompt),
+        new_tokens,
         temperature=temperature,
         top_k=top_k,
         key=key,
         stop_token=stop,
     )
     reply = out.completions()[0]
-    reply = reply[: next((i for i, t in enumerate(reply) if t in stops), len(reply))]
-    print(enc.decode(reply))
-    return jnp.asarray([prompt + reply], jnp.int32)
+    return reply[: next((i for i, t in enumerate(reply) if t in stops), len(reply))]
 
 
 def _one_sequence(x_prev) -> list[int]:
