@@ -29,7 +29,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from jaxpt import data, generate, hf, launcher, models, train  # noqa: E402
 from jaxpt.errors import ConfigError  # noqa: E402
 from jaxpt.hf.__main__ import export_checkpoint  # noqa: E402
-from tests.test_models import tiny_config  # noqa: E402
+from tests.test_models import perturbed, tiny_config  # noqa: E402
 from tests.test_train import ROOT, char_config  # noqa: E402
 
 NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -94,11 +94,6 @@ def jaxpt_logits(cfg, params, tokens):
 
 def random_tokens(cfg, seed=0):
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, cfg.block_size))
-
-
-def perturbed(params, seed=0):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: a + rng.normal(0, 0.1, a.shape).astype(a.dtype), params)
 
 
 @pytest.mark.parametrize("case", HF_CONFIGS)

@@ -34,6 +34,14 @@ def random_tokens(seed, shape=(2, 16)):
     return jax.random.randint(jax.random.key(seed), shape, 0, VOCAB)
 
 
+def perturbed(params, seed=0, std=0.1):
+    """``params`` plus N(0, std) noise drawn by numpy: norms and biases off their init values,
+    and (std 0.3) logits that depend on the context. At init a tied tiny model's greedy choice
+    is the token it was fed, whatever came before."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: a + rng.normal(0, std, a.shape).astype(a.dtype), params)
+
+
 @pytest.mark.parametrize("name", models.names())
 def test_logits_shape_finite_and_causal(name):
     cfg = tiny_config(name)
