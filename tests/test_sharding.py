@@ -429,8 +429,9 @@ def test_the_report_names_every_spec_and_large_replicated_tensors():
 def test_attention_heads_that_the_tensor_axis_cannot_split_are_one_warning(
     n_head, n_kv_head, tensor
 ):
-    """The warning comes exactly when the resolved sharding of q, or of k and v, leaves their
-    heads whole on every device of the tensor axis."""
+    """The warning comes exactly when a head count does not divide by the tensor axis (the
+    default rules split both head axes over it), and then the heads are whole on every device
+    of the tensor axis."""
     config = small_config(DENSE, data=8 // tensor, tensor=tensor)
     mesh = sharding.make_mesh(config.mesh)
     rules = config.mesh.rules
@@ -438,7 +439,8 @@ def test_attention_heads_that_the_tensor_axis_cannot_split_are_one_warning(
         "tensor" in sharding.spec_for((8, 32, heads, 16), ("batch", None, name, None), mesh, rules)
     )
     warnings = sharding.attention_warnings(n_head, n_kv_head, mesh, rules)
-    q_split, kv_split = split(n_head, "q_heads"), split(n_kv_head, "kv_heads")
+    q_split, kv_split = n_head % tensor == 0, n_kv_head % tensor == 0
+    assert (split(n_head, "q_heads"), split(n_kv_head, "kv_heads")) == (q_split, kv_split)
     assert len(warnings) == (not (q_split and kv_split))
     if warnings:
         unsplit = ([f"model.n_head={n_head}"] if not q_split else []) + [
