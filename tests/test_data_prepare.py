@@ -2,9 +2,12 @@
 
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -220,6 +223,31 @@ def test_cli(tmp_path):
     assert run.returncode == 1 and run.stderr.strip().splitlines() == [
         "error: flag --shard_tokens=many: invalid literal for int() with base 10: 'many'; "
         "see --help"
+    ]
+
+
+def test_ctrl_c_with_workers_is_one_line(book, tmp_path):
+    """Ctrl-C at a terminal signals the whole process group: the tokenizer workers say
+    nothing (they printed a KeyboardInterrupt traceback each) and the parent one line."""
+    paragraph_jsonl(book.read_text(encoding="utf-8") * 40, tmp_path / "d.jsonl")  # ~5M tokens
+    log = tmp_path / "stderr"
+    cmd = [sys.executable, "-m", "jaxpt.data.prepare", f"--dataset={tmp_path / 'd.jsonl'}"]
+    with open(log, "w") as err:
+        run = subprocess.Popen(
+            [*cmd, f"--out={tmp_path / 'out'}", "--workers=2", "--shard_tokens=100000"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+        deadline = time.monotonic() + 120
+        while not re.search(r"\b[1-9][\d.]*[kM]tok\b", log.read_text()):  # workers at work
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)
+        assert run.wait(timeout=60) == 130
+    lines = [line for line in log.read_text().split("\n") if "tok" not in line]  # less the bar
+    assert [line for line in lines if line.strip()] == [
+        "error: interrupted; run the same command again to resume"
     ]
 
 

@@ -31,6 +31,8 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -625,13 +627,34 @@ def _encode_in_worker(documents: list) -> list[np.ndarray]:
     return _worker(documents)
 
 
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Processes started meanwhile ignore SIGINT (SIG_IGN survives exec, a blocked mask does
+    not): Ctrl-C, which a terminal sends to its whole process group, then interrupts the
+    caller alone, which says so in one line, rather than each worker too, with a traceback. A
+    SIGINT meanwhile is held back and delivered after. Only the main thread can set handlers;
+    elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+
+
 def _encode_in_pool(
     encode: Encode, batches: Iterator[list], workers: int
 ) -> Iterator[list[np.ndarray]]:
     """`encode` over `batches` in worker processes, in order, with a bounded read-ahead."""
     # spawn, not fork: the caller may already run threads (JAX, datasets' prefetching).
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(encode,)) as pool:
+    with _children_ignore_sigint():
+        pool = context.Pool(workers, initializer=_init_worker, initargs=(encode,))
+    with pool:
         pending = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(_encode_in_worker, (batch,)))
