@@ -394,6 +394,16 @@ def test_prepare_writes_only_where_it_may(small, tmp_path):
     assert prepare(source, small.directory, shard_tokens=64) == small  # its own: nothing to do
 
 
+def test_an_out_that_is_a_dangling_link_is_refused_before_tokenizing(small, tmp_path, monkeypatch):
+    out = tmp_path / "linked"
+    out.symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setattr(_prepare, "_tokenize_into", None)  # said "File exists" after it
+    with pytest.raises(data.DataError, match="does not exist; create that directory") as e:
+        prepare(tmp_path / "story.txt", out, shard_tokens=64)
+    assert str(tmp_path / "elsewhere") in one_sentence(e)
+    assert out.is_symlink() and not out.exists() and not (tmp_path / "elsewhere").exists()
+
+
 @pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
 def test_a_damaged_manifest_is_one_sentence_and_prepare_rewrites_it(small, tmp_path, damage):
     path = small.directory / "manifest.json"

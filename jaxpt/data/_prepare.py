@@ -351,6 +351,11 @@ def _check_ours(out: Path) -> None:
     """Raises unless `out` is absent, an empty directory, or holds a manifest or progress.json."""
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} is a file, not a directory")
+    if out.is_symlink() and not out.exists():  # mkdir would fail only at the first shard
+        raise DataError(
+            f"output {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
+            "create that directory or choose another output directory"
+        )
     if not out.is_dir() or (out / MANIFEST).is_file() or (out / PROGRESS).is_file():
         return
     names = sorted(p.name for p in out.iterdir())
