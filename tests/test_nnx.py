@@ -3,6 +3,7 @@ gradients equal to the functional model's, training in the original's style, the
 the KV cache, checkpoints in the original's on-disk layout."""
 
 import dataclasses
+import re
 import shutil
 
 import jax
@@ -544,6 +545,57 @@ def test_checkpointers_and_hf_helpers_use_the_originals_paths_and_local_checkpoi
     fits = r"model\.n_kv_head=2 does not fit GPTConfig, which has n_kv_head=4"
     with pytest.raises(ConfigError, match=fits):
         m.GPTConfig.from_model_config(smol.model_config())
+
+
+def adam_state_saved_after_a_step(model, output_dir):
+    """An Adam optimizer of ``model`` after one update (nonzero moments), saved at step 1."""
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), nnx.state(model, nnx.Param))
+    nnx.jit(lambda optimizer, model, grads: optimizer.update(model, grads))(optimizer, model, grads)
+    checkpointers.save_optimizer_state(output_dir, "run", model.config, optimizer)
+    return optimizer
+
+
+def test_load_optimizer_state_of_an_unreadable_or_foreign_directory_is_one_sentence(tmp_path):
+    """Orbax's FileNotFoundError, tensorstore's errors and orbax's tree-structure or shape
+    ValueErrors (pages of metadata) came through, and another param dtype was cast silently."""
+    model = build(m.GPT)
+    saved = adam_state_saved_after_a_step(model, tmp_path)
+    fresh = nnx.Optimizer(build(m.GPT, seed=1), optax.adam(1e-3), wrt=nnx.Param)
+    checkpointers.load_optimizer_state(model.config, fresh, tmp_path, "run", 1)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(fresh), nnx.state(saved))
+    runs = tmp_path / "gpt" / "optimizer_checkpoints" / "run"
+    truncated = shutil.copytree(runs / "step-1", runs / "step-2")
+    for file in truncated.rglob("*"):
+        if file.is_file() and file.stat().st_size > 100:
+            file.write_bytes(file.read_bytes()[:50])
+    for step in (3, 2):  # missing, damaged
+        with pytest.raises(ConfigError, match=rf"^{runs / f'step-{step}'} cannot be read as a"):
+            checkpointers.load_optimizer_state(model.config, fresh, tmp_path, "run", step)
+    deeper = dataclasses.replace(TINY_CONFIGS[m.GPT], n_layer=3)
+    in_bf16 = dataclasses.replace(TINY_CONFIGS[m.GPT], param_dtype=jnp.bfloat16)
+    its_bias = "its opt_state.0.mu.params.blocks.0.attn.k.bias is float32 (2, 32)"
+    others = [
+        (deeper, optax.adam(1e-3), f"{its_bias}, this optimizer's float32 (3, 32)"),
+        (in_bf16, optax.adam(1e-3), f"{its_bias}, this optimizer's bfloat16 (2, 32)"),
+        (
+            deeper,
+            optax.sgd(1e-3, momentum=0.9),
+            "this optimizer's opt_state.0.trace.params.blocks.0.attn.k.bias (float32 (3, 32)) is "
+            "not in it",
+        ),
+        (deeper, optax.sgd(1e-3), "it holds opt_state.0.count, which this optimizer has not"),
+    ]
+    for config, tx, difference in others:
+        message = f"{runs / 'step-1'} holds the state of another model or optimizer ("
+        with pytest.raises(ConfigError, match="^" + re.escape(f"{message}{difference}): load")):
+            optimizer = abstract_optimizer(config, tx)
+            checkpointers.load_optimizer_state(config, optimizer, tmp_path, "run", 1)
+
+
+def abstract_optimizer(config, tx):
+    """``nnx.Optimizer(GPT(config), tx)`` with nothing initialised."""
+    return nnx.eval_shape(lambda: nnx.Optimizer(m.GPT(config, nnx.Rngs(0)), tx, wrt=nnx.Param))
 
 
 @pytest.mark.parametrize("field, value", [("dtype", "float33"), ("param_dtype", None)])
