@@ -624,12 +624,35 @@ def test_from_model_config_gives_the_originals_jnp_dtypes(cls):
     assert repr(config) == repr(original)
 
 
-def test_create_sharded_model_places_params_by_the_core_rules():
+@nnx.jit
+def original_train_step(model, optimizer, x, y):
+    return train_step(model, optimizer, x, y)[0]
+
+
+def test_create_sharded_model_places_params_by_the_core_rules_and_trains_as_one_device():
+    """jax.make_mesh gives Explicit axes, on which the sharded model's first product raised
+    ShardingTypeError ("Contracting dimensions are sharded"); a mesh without the rules' axes
+    (the original's ("devices",)) raised KeyError: 'tensor'."""
+    config, x, y = TINY_CONFIGS[m.GPT], *batch(b=4)
     mesh = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES)  # data, fsdp, tensor, expert
-    model = utils.create_sharded_model(m.GPT, TINY_CONFIGS[m.GPT], nnx.Rngs(0), mesh)
-    wte = model.functional_params().wte.weight  # (V, D): vocab -> tensor, embed -> fsdp
+    sharded = utils.create_sharded_model(m.GPT, config, nnx.Rngs(0), mesh)
+    wte = sharded.functional_params().wte.weight  # (V, D): vocab -> tensor, embed -> fsdp
     assert wte.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-    assert utils.count_params(model) == model.model_config().n_params
+    assert utils.count_params(sharded) == sharded.model_config().n_params
+    one = m.GPT.from_params(jax.device_get(sharded.functional_params()), config)
+    losses = [
+        original_train_step(model, nnx.Optimizer(model, optax.sgd(0.3), wrt=nnx.Param), x, y)
+        for model in (sharded, one)
+    ]
+    np.testing.assert_allclose(*losses, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        sharded.functional_params(),
+        one.functional_params(),
+    )
+    devices = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    with pytest.raises(ConfigError, match=r"^the mesh's axes are \('devices',\), but the sharding"):
+        utils.create_sharded_model(m.GPT, config, nnx.Rngs(0), devices)
 
 
 def original_charformer_logits(tree, idx, n_head):

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from jaxpt import sharding
 from jaxpt.errors import ConfigError
@@ -42,14 +42,35 @@ def create_sharded_model(
     Each param's PartitionSpec comes from the core's logical-axis ``rules``
     (``jaxpt.sharding.default_rules()`` by default, over the mesh axes of
     ``jaxpt.sharding.make_mesh``: data, fsdp, tensor, expert), not from per-weight config
-    fields; a dimension whose mesh axes do not divide it stays replicated.
+    fields; a dimension whose mesh axes do not divide it stays replicated. The params are
+    placed on ``mesh``'s devices with ``Auto`` axes, as the core's meshes have, whatever
+    ``mesh``'s axis types (``jax.make_mesh`` makes ``Explicit`` ones, on which the layers'
+    products of sharded dimensions do not trace).
+
+    Raises ConfigError naming the first mesh axis the rules name that ``mesh`` lacks.
     """
     rules = sharding.default_rules() if rules is None else rules
+    _check_rule_axes(mesh, rules)
+    auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
     cfg = config.model_config()
     abstract = jax.eval_shape(init_params, jax.random.key(0), cfg)
-    shardings = sharding.param_shardings(abstract, mesh, rules)
+    shardings = sharding.param_shardings(abstract, auto, rules)
     make = jax.jit(init_params, static_argnums=1, out_shardings=shardings)
     return Model.from_params(make(rngs.params(), cfg), config, rngs)
+
+
+def _check_rule_axes(mesh: Mesh, rules: Mapping) -> None:
+    """ConfigError naming the first mesh axis ``rules`` (logical name -> mesh axes) names
+    that ``mesh`` lacks."""
+    for name, axes in rules.items():
+        missing = [axis for axis in axes if axis not in mesh.axis_names]
+        if missing:
+            raise ConfigError(
+                f"the mesh's axes are {mesh.axis_names}, but the sharding rule {name}="
+                f"{tuple(axes)!r} names {missing[0]!r}: build the mesh over "
+                "jaxpt.sharding.MESH_AXES (jax.make_mesh(shape, MESH_AXES)), or pass rules "
+                "that name its axes."
+            )
 
 
 def get_param(state: nnx.State, path: str) -> jax.Array:
