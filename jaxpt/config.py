@@ -324,3 +324,17 @@ def check_writable_directory(path: str | os.PathLike, flag: str) -> None:
             f"{flag}={path} is not writable ({existing} is read-only for this user); choose "
             f"another {flag} or change its permissions."
         )
+
+
+def check_new_directory(path: str | os.PathLike, flag: str) -> None:
+    """Raises ConfigError naming ``flag`` unless ``path`` is absent or an empty directory (and
+    writable): the command writes into it and must not overwrite a user's files."""
+    check_writable_directory(path, flag)
+    path = Path(path)
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if held:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ConfigError(
+            f"{flag}={path} already holds files ({shown}), which this command does not "
+            f"overwrite: choose a new or empty {flag}."
+        )

@@ -598,6 +598,17 @@ def abstract_optimizer(config, tx):
     return nnx.eval_shape(lambda: nnx.Optimizer(m.GPT(config, nnx.Rngs(0)), tx, wrt=nnx.Param))
 
 
+def test_convert_to_hf_never_overwrites_a_directory_that_holds_files(tmp_path):
+    """It wrote config.json and model.safetensors over those of the directory it was given."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("my own")
+    with pytest.raises(ConfigError, match=rf"^path={mine} already holds files \(config\.json\)"):
+        smol_lm.convert_to_hf(build(m.SmolLM), mine)
+    assert [p.name for p in mine.iterdir()] == ["config.json"]
+    assert (mine / "config.json").read_text() == "my own"
+
+
 @pytest.mark.parametrize("field, value", [("dtype", "float33"), ("param_dtype", None)])
 def test_a_value_that_is_no_dtype_is_one_sentence_naming_it(field, value):
     """A misspelt dtype raised numpy's TypeError; None became float64, reported as such."""

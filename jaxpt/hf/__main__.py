@@ -19,25 +19,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpt import data, models, train
-from jaxpt.config import check_writable_directory, parse_flags
+from jaxpt.config import check_new_directory, parse_flags
 from jaxpt.errors import ConfigError, DataError
 from jaxpt.hf._convert import config_to_hf
 from jaxpt.hf._files import Pretrained, from_pretrained, save_pretrained
 from jaxpt.hf._layouts import layout_of
-
-
-def check_new_directory(path: str | os.PathLike, flag: str) -> None:
-    """Raises ConfigError naming ``flag`` unless ``path`` is absent or an empty directory (and
-    writable): the command writes into it and must not overwrite a user's files."""
-    check_writable_directory(path, flag)
-    path = Path(path)
-    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    if held:
-        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-        raise ConfigError(
-            f"{flag}={path} already holds files ({shown}), which this command does not "
-            f"overwrite: choose a new or empty {flag}."
-        )
 
 
 def _launch_flags(config, out: Path) -> str:

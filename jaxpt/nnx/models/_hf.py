@@ -9,6 +9,7 @@ import os
 from flax import nnx
 
 from jaxpt import hf
+from jaxpt.config import check_new_directory
 from jaxpt.nnx.models._classes import GPT, SmolLM
 from jaxpt.nnx.models._config import GPTConfig, SmolLM_Config
 
@@ -46,6 +47,8 @@ def load_hf_pretrained(model_name: str = "HuggingFaceTB/SmolLM-135M"):
 def convert_to_hf(m: GPT | SmolLM, path: str | os.PathLike):
     """Writes ``m`` as a transformers checkpoint directory at ``path`` (``jaxpt.hf``'s
     layout: q_proj and o_proj transposed as they should be [D16]) and loads it with
-    ``load_hf_pretrained``."""
+    ``load_hf_pretrained``. ``path`` must be new or empty: a ConfigError names what it holds
+    rather than overwrite it."""
+    check_new_directory(path, "path")
     hf.save_pretrained(m.functional_params(), m.model_config(), path)
     return load_hf_pretrained(str(path))
