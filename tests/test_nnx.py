@@ -372,8 +372,8 @@ def test_save_checkpoint_round_trip_and_misfits(tmp_path):
     model = build(m.SmolLM)
     path = tmp_path / "smol"
     model.save_checkpoint(str(path))
-    with pytest.raises(ValueError):  # orbax never overwrites a checkpoint
-        model.save_checkpoint(str(path))
+    with pytest.raises(ConfigError, match=rf"^{path} exists already, and a checkpoint is never"):
+        model.save_checkpoint(str(path))  # orbax's ValueError said nothing to do
     loaded = m.SmolLM.from_checkpoint(str(path), nnx.Rngs(1), TINY_CONFIGS[m.SmolLM])
     loaded = nnx.merge(*nnx.split(loaded))
     np.testing.assert_array_equal(
@@ -558,13 +558,16 @@ def adam_state_saved_after_a_step(model, output_dir):
 
 def test_load_optimizer_state_of_an_unreadable_or_foreign_directory_is_one_sentence(tmp_path):
     """Orbax's FileNotFoundError, tensorstore's errors and orbax's tree-structure or shape
-    ValueErrors (pages of metadata) came through, and another param dtype was cast silently."""
+    ValueErrors (pages of metadata) came through, and another param dtype was cast silently;
+    saving over a step saved already was orbax's ValueError, which said nothing to do."""
     model = build(m.GPT)
     saved = adam_state_saved_after_a_step(model, tmp_path)
     fresh = nnx.Optimizer(build(m.GPT, seed=1), optax.adam(1e-3), wrt=nnx.Param)
     checkpointers.load_optimizer_state(model.config, fresh, tmp_path, "run", 1)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(fresh), nnx.state(saved))
     runs = tmp_path / "gpt" / "optimizer_checkpoints" / "run"
+    with pytest.raises(ConfigError, match=rf"^{runs / 'step-1'} exists already, and a checkpoint"):
+        checkpointers.save_optimizer_state(tmp_path, "run", model.config, fresh)
     truncated = shutil.copytree(runs / "step-1", runs / "step-2")
     for file in truncated.rglob("*"):
         if file.is_file() and file.stat().st_size > 100:

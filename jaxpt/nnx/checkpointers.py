@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxpt import train
 from jaxpt.errors import ConfigError
 from jaxpt.nnx.models._config import Config
-from jaxpt.nnx.models._module import ConfiguredModel
+from jaxpt.nnx.models._module import ConfiguredModel, save_new_checkpoint
 
 
 def checkpoint_path(output_dir: Path, name: str, run_dirname: str, step: int) -> Path:
@@ -45,12 +44,10 @@ def _optimizer_path(output_dir: Path, config: Config, run_dirname: str, step: in
 def save_optimizer_state(
     output_dir: Path, run_dirname: str, config: Config, optimizer: nnx.Optimizer
 ) -> None:
-    """The optimizer's state (step, moments) at ``.../optimizer_checkpoints/<run>/step-<step>``."""
-    state = nnx.to_pure_dict(nnx.state(optimizer))
+    """The optimizer's state (step, moments) at ``.../optimizer_checkpoints/<run>/step-<step>``,
+    which must not exist yet (ConfigError)."""
     path = _optimizer_path(output_dir, config, run_dirname, int(optimizer.step[...]))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path.absolute(), state)
-    checkpointer.wait_until_finished()
+    save_new_checkpoint(path, nnx.to_pure_dict(nnx.state(optimizer)))
 
 
 def load_optimizer_state(

@@ -39,6 +39,20 @@ def init_params(key: Array, cfg):
     return models.get(cfg.name).init(key, cfg)
 
 
+def save_new_checkpoint(path: str | os.PathLike, tree) -> None:
+    """Writes ``tree`` as an orbax checkpoint directory at ``path``; ConfigError if ``path``
+    exists (orbax's own ValueError names no way out)."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        raise ConfigError(
+            f"{path} exists already, and a checkpoint is never written over anything: save "
+            "to a new path (another step or run directory), or move it away first."
+        )
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+
+
 def _default_rngs() -> nnx.Rngs:
     """The original's ``from_checkpoint`` streams."""
     return nnx.Rngs(default=1337, gate_noise=42)
@@ -149,11 +163,9 @@ class FunctionalModel(nnx.Module):
 
     def save_checkpoint(self, fpath: str | os.PathLike) -> None:
         """Writes ``original_tree()`` as an orbax checkpoint directory at ``fpath``, which must
-        not exist yet (orbax raises ValueError rather than overwrite it); the original JaxPT's
-        ``from_checkpoint`` reads it."""
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.abspath(fpath), self.original_tree())
-        checkpointer.wait_until_finished()
+        not exist yet (a ConfigError, a ValueError as orbax's, rather than overwrite it); the
+        original JaxPT's ``from_checkpoint`` reads it."""
+        save_new_checkpoint(fpath, self.original_tree())
 
     def _params_from_tree(self, tree) -> Any:
         """Core params for this model's config from a tree in the original's on-disk form."""
