@@ -216,9 +216,13 @@ def _tokenizer_of(config, workdir: str | Path) -> data.Tokenizer:
     return data.run_tokenizer(config.data) if own is None else own
 
 
-def load_params(config, workdir: str | Path, verb: str) -> Loaded:
-    """What ``params_and_tokenizer`` reads, printing ``"<verb> <source>"``; reads only."""
-    tokenizer = _tokenizer_of(config, workdir)
+def load_params(
+    config, workdir: str | Path, verb: str, tokenizer: data.Tokenizer | None = None
+) -> Loaded:
+    """What ``params_and_tokenizer`` reads, printing ``"<verb> <source>"``; reads only.
+    ``tokenizer``: the params' (``_tokenizer_of``), where the caller has it already."""
+    if tokenizer is None:
+        tokenizer = _tokenizer_of(config, workdir)
     source = config.checkpoint.init_from
     if _reads_init_from(config, workdir):
         params = hf.load_init_from(models.config_from(config.model), source).params
@@ -246,8 +250,9 @@ def evaluate(config, workdir: str | Path) -> Path | None:
     check_writable_directory(Path(workdir) / "eval", "--workdir")
     mesh = sharding.make_mesh(config.mesh)
     train.check_batch_fits_mesh(config, mesh)
-    runners = _task_runners(config, tasks, mesh, _tokenizer_of(config, workdir))
-    loaded = load_params(config, workdir, "evaluating")
+    tokenizer = _tokenizer_of(config, workdir)
+    runners = _task_runners(config, tasks, mesh, tokenizer)
+    loaded = load_params(config, workdir, "evaluating", tokenizer)
     shardings = sharding.param_shardings(loaded.params, mesh, config.mesh.rules)
     params = jax.device_put(loaded.params, shardings)
     results = {}
