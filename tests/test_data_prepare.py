@@ -458,3 +458,11 @@ def test_the_advice_for_validation_only_data_works(tmp_path):
     advice = re.search(r"into a new directory with --shard_tokens=(\d+)", one_sentence(e))
     fixed = prepare(source, tmp_path / "new", shard_tokens=int(advice.group(1)))
     assert data.Loader(fixed, "train", 2, 8).steps_per_epoch > 5
+
+
+def test_the_prepare_command_and_its_workers_start_without_jax():
+    """Preparing data needs no jax: importing it cost each tokenizer worker seconds, and a
+    Ctrl-C during that import could be swallowed by jax's gc callback."""
+    check = "import sys, jaxpt.data.prepare; print(sorted({'jax', 'torch'} & set(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr
