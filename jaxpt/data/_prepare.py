@@ -29,9 +29,11 @@ import contextlib
 import functools
 import itertools
 import json
+import logging as std_logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -705,6 +707,8 @@ def _local_source(path: Path) -> tuple[str, list[str]]:
 
 def _load(source: dict, streaming: bool):
     """The `datasets` Dataset or IterableDataset that `source` names."""
+    if "datasets" not in sys.modules:  # its import logs which frameworks it found (at INFO,
+        std_logging.getLogger("datasets").setLevel(std_logging.WARNING)  # before its own level)
     import datasets
 
     name, split = source["dataset"], source["split"]

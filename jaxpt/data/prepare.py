@@ -16,6 +16,7 @@ new, empty, or written by this command. See `prepare_dataset` for what each flag
 error is one line, `error: <sentence>`, with exit status 1 (130 when interrupted).
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -55,6 +56,9 @@ def main(argv: list[str]) -> None:
         sys.exit(
             f"error: unexpected arguments {' '.join(argv[1:])!r}; pass everything as --flag=value"
         )
+    # `datasets` imports torch where installed (~3 s) for every streamed source; prepare has no
+    # use for torch tensors
+    os.environ.setdefault("USE_TORCH", "0")
     try:
         manifest = prepare_dataset(
             _DATASET.value,
