@@ -200,9 +200,7 @@ class Loaded(NamedTuple):
 def _reads_init_from(config, workdir: str | Path) -> bool:
     """Whether ``load_params`` reads ``checkpoint.init_from``: it is set and ``workdir`` holds
     no checkpoint."""
-    directory = Path(workdir) / "checkpoints"  # orbax names each checkpoint by its step
-    trained = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-    return bool(config.checkpoint.init_from) and not trained
+    return bool(config.checkpoint.init_from) and not train.has_checkpoint(workdir)
 
 
 def _tokenizer_of(config, workdir: str | Path) -> data.Tokenizer:

@@ -275,6 +275,13 @@ class Checkpoints:
         self.manager.close()
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+    """Whether ``workdir/checkpoints`` holds a step's checkpoint (orbax names each by its
+    step); reads none."""
+    directory = Path(workdir) / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def trained_checkpoints(workdir: str | Path, *, or_init_from: bool = False) -> Path:
     """``workdir/checkpoints``, after checking that it holds a step's checkpoint (ConfigError
     saying what to do when it does not: train, or, ``or_init_from`` where the command reads
@@ -298,7 +305,7 @@ def trained_checkpoints(workdir: str | Path, *, or_init_from: bool = False) -> P
         )
     if not directory.is_dir():
         raise ConfigError(f"{directory} does not exist: {todo}.")
-    if not any(p.name.isdigit() for p in directory.iterdir()):  # orbax names each by its step
+    if not has_checkpoint(workdir):
         raise ConfigError(f"{directory} holds no checkpoint: {todo}.")
     return directory
 
