@@ -273,15 +273,19 @@ def _named_arrays(params) -> list[tuple[str, jax.Array, nn.Axes]]:
     ]
 
 
-def describe_shardings(params, mesh: Mesh, rules) -> str:
+def describe_shardings(params, mesh: Mesh, rules, *, shard_optimizer: bool = False) -> str:
     """The mesh, then one line per array of ``params``: its path, shape, logical axes and
-    resolved PartitionSpec (abstract shapes are fine)."""
+    resolved PartitionSpec (abstract shapes are fine); with ``shard_optimizer`` (ZeRO-1) also
+    its optimizer moments' PartitionSpec (``moment_shardings``)."""
     sizes = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
-    lines = [f"mesh ({sizes}) over {mesh.devices.size} devices; param shardings:"]
+    what = "param shardings" + (", then their optimizer moments'" if shard_optimizer else "")
+    lines = [f"mesh ({sizes}) over {mesh.devices.size} devices; {what}:"]
     named = _named_arrays(params)
     width = max(len(path) for path, _, _ in named)
     for path, array, axes in named:
         spec = spec_for(array.shape, axes, mesh, rules)
+        if shard_optimizer:
+            spec = f"{spec!s:<28} {_moment_spec(array.shape, axes, mesh, rules, True)}"
         lines.append(f"  {path:<{width}}  {array.shape!s:<20} {tuple(axes)!s:<36} {spec}")
     return "\n".join(lines)
 

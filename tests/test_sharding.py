@@ -422,6 +422,21 @@ def test_the_report_names_every_spec_and_large_replicated_tensors():
     assert sharding.replication_warnings(params, mesh, rules) == []
 
 
+@pytest.mark.parametrize("n_embed", [48, 36])  # 36: no split by fsdp x data, fsdp's kept
+def test_the_report_names_the_optimizer_moments_specs_the_step_uses_with_zero_1(n_embed):
+    config = small_config("gqa_glu_rope_gpt", (("n_embed", n_embed),), data=4, fsdp=2)
+    config.mesh.shard_optimizer = True
+    mesh = sharding.make_mesh(config.mesh)
+    abstract, shardings = train.abstract_state(config, mesh)
+    rules = config.mesh.rules
+    report = sharding.describe_shardings(abstract.params, mesh, rules, shard_optimizer=True)
+    assert report.splitlines()[0].endswith("param shardings, then their optimizer moments':")
+    moments = [line[line.rindex("P(") :] for line in report.splitlines()[1:]]
+    mu = optax.tree_utils.tree_get(shardings.opt_state, "mu")  # Adam's first moments
+    assert moments == [str(s.spec) for s in jax.tree.leaves(mu)]
+    assert any("'data'" in spec for spec in moments) == (n_embed % 8 == 0)
+
+
 @pytest.mark.parametrize(
     "n_head, n_kv_head, tensor",
     [(6, 2, 2), (6, 2, 4), (8, 2, 4), (8, 2, 8), (8, 8, 8), (9, 3, 2)],

@@ -112,18 +112,18 @@ def fresh_state(
 
 
 def report_shardings(config, model_cfg, params, mesh) -> None:
-    """On process 0: with ``log.shardings``, prints the mesh and every param's PartitionSpec;
+    """On process 0: with ``log.shardings``, prints the mesh and every param's PartitionSpec
+    (and its optimizer moments' with ``mesh.shard_optimizer``);
     always, warns of each large param (or its optimizer moments) that a mesh axis cannot
     split (see ``sharding.replication_warnings``) and of attention heads it cannot split
     (``sharding.attention_warnings``)."""
     if jax.process_index() != 0:
         return
-    rules = config.mesh.rules
+    rules, shard_optimizer = config.mesh.rules, config.mesh.shard_optimizer
     if config.log.shardings:
-        print(sharding.describe_shardings(params, mesh, rules), flush=True)
-    warnings = sharding.replication_warnings(
-        params, mesh, rules, shard_optimizer=config.mesh.shard_optimizer
-    )
+        report = sharding.describe_shardings(params, mesh, rules, shard_optimizer=shard_optimizer)
+        print(report, flush=True)
+    warnings = sharding.replication_warnings(params, mesh, rules, shard_optimizer=shard_optimizer)
     if isinstance(model_cfg, models.ModelConfig):  # the bigram has no attention
         warnings += sharding.attention_warnings(model_cfg.n_head, model_cfg.n_kv_head, mesh, rules)
     for warning in warnings:
