@@ -174,9 +174,11 @@ def get_config():
 """
 
 
-def prepare_toy(directory: Path, out: Path, repeats: int, rows_per_shard: int, **kw):
+def prepare_toy(
+    directory: Path, out: Path, repeats: int, rows_per_shard: int, block_size: int = 127, **kw
+):
     """TOY repeated `repeats` times as jsonl in `directory`, prepared as chat data in `out`
-    (character tokenizer, rows of 128 tokens)."""
+    (character tokenizer, rows of `block_size` + 1 tokens)."""
     with open(directory / "toy.jsonl", "w") as f:
         for _ in range(repeats):
             for messages in TOY:
@@ -186,8 +188,8 @@ def prepare_toy(directory: Path, out: Path, repeats: int, rows_per_shard: int, *
         out,
         format="chat",
         tokenizer="char",
-        block_size=127,
-        shard_tokens=rows_per_shard * 128 + 5,  # rounded down to whole rows
+        block_size=block_size,
+        shard_tokens=rows_per_shard * (block_size + 1) + 5,  # rounded down to whole rows
         workers=1,
         progress=False,
         **kw,
@@ -204,6 +206,15 @@ def test_chat_preparation_resumes_and_repairs_its_masks(tmp_path):
     for shard in manifest.shards:
         for name in (shard.file, shard.file.replace(".bin", ".mask.bin")):
             assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+
+
+def test_conversations_whose_replies_lie_beyond_the_block_name_block_size(tmp_path):
+    # each prompt alone, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", is 52
+    # characters: rows of 33 hold no reply, and prepare said the dataset was empty (no text)
+    assert len("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n") == 52
+    with pytest.raises(data.DataError, match=r"none of the 3 conversations .* raise --block_s"):
+        prepare_toy(tmp_path, tmp_path / "out", repeats=1, rows_per_shard=4, block_size=32)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -267,10 +267,23 @@ def prepare_documents(
     start = records[-1]["end"] if records else (0, 0)
     docs = _tokenize_into(writer, encode, documents, start, workers, progress)
     if not writer.records:
-        raise DataError(f"dataset {source['dataset']} is empty ({docs} documents, no text)")
+        raise DataError(_nothing_to_write(source, docs))
     manifest = writer.manifest(docs)
     save_manifest(manifest)
     return manifest
+
+
+def _nothing_to_write(source: dict, docs: int) -> str:
+    """Why the `docs` documents of `source` gave no shard: they hold no text, or (chat data)
+    no conversation has an assistant token in its row."""
+    if not _is_chat(source):
+        return f"dataset {source['dataset']} is empty ({docs} documents, no text)"
+    return (
+        f"none of the {docs} conversations of dataset {source['dataset']} has an assistant "
+        f"token within its first {source['row_tokens']} tokens (block_size + 1), so there is "
+        "nothing to train on; raise --block_size, or check that the conversations have "
+        "assistant messages"
+    )
 
 
 def _check_arguments(**values: tuple[int, int]) -> None:
