@@ -17,6 +17,7 @@ import pytest
 import jaxpt
 from jaxpt import data, launcher, models, train
 from jaxpt.config import load_config_file, preset_config
+from jaxpt.data import _prepare as data_prepare
 from jaxpt.errors import ConfigError
 from jaxpt.generation import _recent_history
 
@@ -215,6 +216,21 @@ def test_conversations_whose_replies_lie_beyond_the_block_name_block_size(tmp_pa
     with pytest.raises(data.DataError, match=r"none of the 3 conversations .* raise --block_s"):
         prepare_toy(tmp_path, tmp_path / "out", repeats=1, rows_per_shard=4, block_size=32)
     assert not (tmp_path / "out").exists()
+
+
+def test_prepare_counts_the_conversations_it_kept_and_skipped(tmp_path):
+    # configs/smollm_sft.py sets train.steps from the conversations prepare prints; it printed
+    # the conversations read, the skipped ones too
+    def prompt(messages):  # ChatML up to the assistant's reply, as plain python writes it
+        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return turns + "<|im_start|>assistant\n"
+
+    assert [len(prompt(m[:-1])) for m in TOY] == [52, 53, 90]  # rows of 64: TOY[2] skipped
+    manifest = prepare_toy(tmp_path, tmp_path / "out", repeats=2, rows_per_shard=1, block_size=63)
+    assert manifest.documents == 6 and manifest.tokens() == 4 * 64
+    assert "256 uint16 tokens (val 64, train 192) from 4 conversations, one a row (2 more " in (
+        data_prepare.summary(manifest)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -273,6 +273,23 @@ def prepare_documents(
     return manifest
 
 
+def summary(manifest: Manifest) -> str:
+    """The line the prepare command ends with: tokens per split, and the documents they came
+    from (chat data: the conversations kept, one row each, and those skipped)."""
+    splits = ", ".join(f"{s} {manifest.tokens(s):,}" for s in ("val", "train"))
+    documents = f"{manifest.documents:,} documents"
+    if manifest.row_tokens:
+        rows = manifest.tokens() // manifest.row_tokens
+        documents = (
+            f"{rows:,} conversations, one a row ({manifest.documents - rows:,} more skipped: no "
+            f"assistant token within their first {manifest.row_tokens} tokens)"
+        )
+    return (
+        f"{manifest.directory}: {manifest.tokens():,} {manifest.dtype} tokens ({splits}) from "
+        f"{documents} in {len(manifest.shards)} shards"
+    )
+
+
 def _nothing_to_write(source: dict, docs: int) -> str:
     """Why the `docs` documents of `source` gave no shard: they hold no text, or (chat data)
     no conversation has an assistant token in its row."""

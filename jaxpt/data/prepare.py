@@ -22,7 +22,13 @@ import sys
 from absl import app, flags
 
 from jaxpt.data._loader import missing_split
-from jaxpt.data._prepare import DEFAULT_DATASET, DEFAULT_SHARD_TOKENS, FORMATS, prepare_dataset
+from jaxpt.data._prepare import (
+    DEFAULT_DATASET,
+    DEFAULT_SHARD_TOKENS,
+    FORMATS,
+    prepare_dataset,
+    summary,
+)
 from jaxpt.errors import DataError
 
 _DATASET = flags.DEFINE_string(
@@ -85,11 +91,7 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
-    splits = ", ".join(f"{s} {manifest.tokens(s):,}" for s in ("val", "train"))
-    print(
-        f"{manifest.directory}: {manifest.tokens():,} {manifest.dtype} tokens ({splits}) from "
-        f"{manifest.documents:,} documents in {len(manifest.shards)} shards"
-    )
+    print(summary(manifest))
     for split in ("train", "val"):  # a run reads both: say now what training would refuse
         if not manifest.split(split):
             print(f"warning: {missing_split(manifest, split)}.", file=sys.stderr)
