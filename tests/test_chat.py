@@ -233,6 +233,25 @@ def test_prepare_counts_the_conversations_it_kept_and_skipped(tmp_path):
     )
 
 
+def test_data_all_in_the_val_split_names_a_shard_size_of_whole_rows_that_splits_it(tmp_path):
+    # the advice was a tenth of the tokens, --shard_tokens=38, which chat data refuses (less
+    # than a row of 128)
+    manifest = prepare_toy(tmp_path, tmp_path / "out", repeats=1, rows_per_shard=4)
+    advice = data.missing_split(manifest, "train")
+    assert "--shard_tokens=128 " in advice  # 3 rows: a tenth, at least one row
+    kw = dict(format="chat", tokenizer="char", block_size=127, workers=1, progress=False)
+    split = data.prepare_dataset(
+        str(tmp_path / "toy.jsonl"), tmp_path / "split", **kw, shard_tokens=128
+    )
+    assert (split.tokens("val"), split.tokens("train")) == (128, 256)
+    with open(tmp_path / "one.jsonl", "w") as f:
+        f.write(json.dumps({"messages": TOY[0]}) + "\n")
+    one = data.prepare_dataset(
+        str(tmp_path / "one.jsonl"), tmp_path / "one", **kw, shard_tokens=128
+    )
+    assert data.missing_split(one, "train").endswith("conversation); prepare more conversations")
+
+
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory):
     """A tiny model fine-tuned on TOY, repeated: (config file, workdir, manifest)."""

@@ -204,11 +204,14 @@ def missing_split(manifest: Manifest, split: str) -> str:
             f"{manifest.directory} has no 'val' shards; prepare the source again into a new "
             "directory with --val_shards=1"
         )
-    total = manifest.tokens()
+    total, row = manifest.tokens(), manifest.row_tokens or 1  # chat data: shards of whole rows
+    lost = f"{manifest.directory} has no 'train' shards (its {total} tokens all went to the "
+    if manifest.row_tokens and total < 2 * row:
+        return f"{lost}'val' split, one conversation); prepare more conversations"
     return (
-        f"{manifest.directory} has no 'train' shards (its {total} tokens all went to the 'val' "
-        f"split); prepare the source again into a new directory with "
-        f"--shard_tokens={max(total // 10, 1)} so that the val split is its first tenth"
+        f"{lost}'val' split); prepare the source again into a new directory with "
+        f"--shard_tokens={max(total // row // 10, 1) * row} so that the val split is its first "
+        "tenth"
     )
 
 
