@@ -252,6 +252,16 @@ def test_data_all_in_the_val_split_names_a_shard_size_of_whole_rows_that_splits_
     assert data.missing_split(one, "train").endswith("conversation); prepare more conversations")
 
 
+def test_too_few_conversations_for_a_batch_name_the_batch_size_alone(tmp_path):
+    # the advice named model.block_size too, which chat data's rows fix (the loader refuses
+    # any other)
+    manifest = prepare_toy(tmp_path, tmp_path / "out", repeats=1, rows_per_shard=1)
+    assert manifest.tokens("train") == 2 * 128
+    with pytest.raises(data.DataError, match=r"2 windows of 128: .* lower train\.batch_size, or"):
+        data.Loader(manifest, "train", 4, 127).init_state()
+    assert data.Loader(manifest, "train", 2, 127).init_state()["step"] == 0
+
+
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory):
     """A tiny model fine-tuned on TOY, repeated: (config file, workdir, manifest)."""

@@ -247,7 +247,8 @@ def check_batches(
     wanted = eval_batches or 1
     if held >= wanted:
         return held
-    fields = "train.batch_size or model.block_size"
+    # chat data's rows are as long as prepared: model.block_size must match them
+    fields = "train.batch_size" if by_rows else "train.batch_size or model.block_size"
     if held:
         fields = f"eval.batches to at most {held}, or {fields}"
     batches = f"{wanted} batch(es) of {batch_size}" + (
