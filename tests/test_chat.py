@@ -109,6 +109,27 @@ def test_template_from_tokenizer_file_ids_and_mask(tmp_path):
     assert data.end_of_turn(tok, TEMPLATE) == "</t>"
 
 
+# ChatML with transformers' {% generation %} marker around the assistant's reply (templates
+# written for return_assistant_tokens_mask)
+GENERATION_CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_template_with_transformers_generation_marker_renders_as_transformers_does():
+    # jaxpt's Jinja environment did not know the tag: "the chat template does not parse"
+    templates = pytest.importorskip("transformers.utils.chat_template_utils")
+    rendered, _ = templates.render_jinja_template([CONVERSATION], chat_template=GENERATION_CHATML)
+    text = rendered[0]
+    tok = data.CharTokenizer.from_texts([text])
+    ids, mask = data.encode_chat(tok, CONVERSATION, GENERATION_CHATML)
+    assert tok.decode(ids) == text
+    assert (ids, mask) == data.encode_chat(tok, CONVERSATION, data.CHATML)
+
+
 def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     rewriting = "{% for m in messages %}{{ m['content'] if loop.last else '' }}{% endfor %}"
     tok = word_tokenizer(tmp_path)

@@ -17,7 +17,10 @@ import functools
 import json
 from collections.abc import Sequence
 
+import jinja2
 import numpy as np
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from jaxpt.data._tokenizers import EOT, HFTokenizer, Tokenizer
 from jaxpt.errors import DataError
@@ -61,15 +64,26 @@ def _raise(message: str) -> None:
     raise DataError(f"the chat template refused the conversation: {message}")
 
 
+class _Generation(Extension):
+    """``{% generation %}...{% endgeneration %}``, transformers' marker of the assistant's
+    text (for its assistant masks): renders what it encloses, as transformers does."""
+
+    tags = frozenset({"generation"})
+
+    def parse(self, parser) -> jinja2.nodes.CallBlock:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
+
+
 @functools.cache
 def _compiled(template: str):
     """The template compiled as transformers compiles chat templates (sandboxed, trimmed)."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation]
     )
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise
@@ -83,8 +97,6 @@ def render(
     template: str, messages: Sequence[Message], special: dict, generation_prompt: bool
 ) -> str:
     """The template's text of `messages`, with the assistant's prompt after it if asked."""
-    import jinja2
-
     try:
         return _compiled(template).render(
             messages=list(messages), add_generation_prompt=generation_prompt, **special
