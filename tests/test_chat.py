@@ -130,6 +130,20 @@ def test_template_with_transformers_generation_marker_renders_as_transformers_do
     assert (ids, mask) == data.encode_chat(tok, CONVERSATION, data.CHATML)
 
 
+def test_tojson_takes_the_options_transformers_gives_it():
+    # tojson took `indent` alone: sort_keys or separators raised a TypeError (a traceback)
+    templates = pytest.importorskip("transformers.utils.chat_template_utils")
+    template = (
+        "{% for m in messages %}{{ m | tojson(separators=(',', ':'), sort_keys=True) }}\n"
+        "{% endfor %}"
+    )
+    rendered, _ = templates.render_jinja_template([CONVERSATION[:3]], chat_template=template)
+    assert rendered[0].startswith('{"content":"Be brief.","role":"system"}\n')
+    tok = data.CharTokenizer.from_texts(rendered)
+    ids, _ = data.encode_chat(tok, CONVERSATION[:3], template)
+    assert tok.decode(ids) == rendered[0]
+
+
 def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     rewriting = "{% for m in messages %}{{ m['content'] if loop.last else '' }}{% endfor %}"
     tok = word_tokenizer(tmp_path)

@@ -64,6 +64,13 @@ def _raise(message: str) -> None:
     raise DataError(f"the chat template refused the conversation: {message}")
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' `tojson` filter: JSON without HTML escapes, with json.dumps' options."""
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
 class _Generation(Extension):
     """``{% generation %}...{% endgeneration %}``, transformers' marker of the assistant's
     text (for its assistant masks): renders what it encloses, as transformers does."""
@@ -85,7 +92,7 @@ def _compiled(template: str):
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation]
     )
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     try:
         return env.from_string(template)
