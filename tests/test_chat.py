@@ -263,7 +263,7 @@ def test_prepare_counts_the_conversations_it_kept_and_skipped(tmp_path):
     assert [len(prompt(m[:-1])) for m in TOY] == [52, 53, 90]  # rows of 64: TOY[2] skipped
     manifest = prepare_toy(tmp_path, tmp_path / "out", repeats=2, rows_per_shard=1, block_size=63)
     assert manifest.documents == 6 and manifest.tokens() == 4 * 64
-    assert "256 uint16 tokens (val 64, train 192) from 4 conversations, one a row (2 more " in (
+    assert "256 uint16 tokens (val 64, train 192) from 4 conversations, one per row (2 more " in (
         data_prepare.summary(manifest)
     )
 

@@ -281,7 +281,7 @@ def summary(manifest: Manifest) -> str:
     if manifest.row_tokens:
         rows = manifest.tokens() // manifest.row_tokens
         documents = (
-            f"{rows:,} conversations, one a row ({manifest.documents - rows:,} more skipped: no "
+            f"{rows:,} conversations, one per row ({manifest.documents - rows:,} more skipped: no "
             f"assistant token within their first {manifest.row_tokens} tokens)"
         )
     return (
