@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -14,7 +15,7 @@ import jax
 
 from jaxpt import data, evals, hf, models, sharding, train
 from jaxpt.config import check_writable_directory
-from jaxpt.errors import ConfigError, check_range
+from jaxpt.errors import ConfigError, DataError, check_range
 from jaxpt.generation import chat, generate, room
 
 MODES = ("train", "generate", "eval", "chat")
@@ -145,12 +146,17 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
 def converse(config, workdir: str | Path, options: SampleOptions) -> None:
     """``--mode=chat``: a conversation in the terminal with the model ``sample`` would use.
     Each line read is a user message, answered by ``jaxpt.chat`` with the conversation so far
-    (``options.system_prompt`` first); end of input (Ctrl-D) or Ctrl-C, also while a reply
-    is drawn, ends it."""
+    (``options.system_prompt`` first). A message the model cannot take (longer than the block
+    leaves, or text its tokenizer cannot encode) is one ``error:`` line and left out; end of
+    input (Ctrl-D) or Ctrl-C, also while a reply is drawn, ends the conversation."""
     train.validate_config(config)
     options.validate()
     params, tokenizer = params_and_tokenizer(config, workdir)
     model_cfg = models.config_from(config.model)
+    # what would refuse every message, refused once now: a template with no end-of-turn
+    # marker, a marker or system prompt the tokenizer cannot encode
+    tokenizer.encode(data.end_of_turn(tokenizer, data.chat_template(tokenizer)))
+    tokenizer.encode(options.system_prompt)
     messages = []
     if options.system_prompt:
         messages.append({"role": "system", "content": options.system_prompt})
@@ -161,23 +167,32 @@ def converse(config, workdir: str | Path, options: SampleOptions) -> None:
             text = input("> ")
             if not text.strip():
                 continue
-            messages.append({"role": "user", "content": text})
             key, turn_key = jax.random.split(key)
-            reply = chat(
-                params,
-                model_cfg,
-                tokenizer,
-                messages,
-                max_new_tokens=options.new_tokens(model_cfg.block_size // 2),
-                temperature=options.temperature,
-                top_k=options.top_k or None,
-                top_p=None if options.top_p == 1 else options.top_p,
-                key=turn_key,
-            )
+            turn = [*messages, {"role": "user", "content": text}]
+            try:
+                reply = _reply(params, model_cfg, tokenizer, turn, options, turn_key)
+            except (ConfigError, DataError) as error:
+                print(f"error: {error} (message left out)", file=sys.stderr, flush=True)
+                continue
             print(reply, flush=True)
-            messages.append({"role": "assistant", "content": reply})
+            messages = [*turn, {"role": "assistant", "content": reply}]
     except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt or mid-reply
         print(flush=True)
+
+
+def _reply(params, model_cfg, tokenizer, messages, options: SampleOptions, key) -> str:
+    """``jaxpt.chat``'s reply to ``messages`` with the command line's sampling options."""
+    return chat(
+        params,
+        model_cfg,
+        tokenizer,
+        messages,
+        max_new_tokens=options.new_tokens(model_cfg.block_size // 2),
+        temperature=options.temperature,
+        top_k=options.top_k or None,
+        top_p=None if options.top_p == 1 else options.top_p,
+        key=key,
+    )
 
 
 def params_and_tokenizer(config, workdir: str | Path) -> tuple[object, data.Tokenizer]:

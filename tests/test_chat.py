@@ -18,7 +18,7 @@ import jaxpt
 from jaxpt import data, launcher, models, train
 from jaxpt.config import load_config_file, preset_config
 from jaxpt.data import _prepare as data_prepare
-from jaxpt.errors import ConfigError
+from jaxpt.errors import ConfigError, DataError
 from jaxpt.generation import _recent_history
 
 from .conftest import FAST_COMPILE, use_devices
@@ -366,7 +366,9 @@ def test_ctrl_c_while_a_reply_is_drawn_ends_the_chat(monkeypatch, capsys):
 
     config = preset_config("bigram", "smoke")
     monkeypatch.setattr(
-        launcher, "params_and_tokenizer", lambda *_: (None, data.CharTokenizer("hi"))
+        launcher,
+        "params_and_tokenizer",
+        lambda *_: (None, data.CharTokenizer.from_texts(["<|im_end|>hi"])),  # ChatML's marker
     )
     monkeypatch.setattr(launcher, "chat", interrupted)
     monkeypatch.setattr("builtins.input", lambda prompt: "hi")
@@ -375,3 +377,37 @@ def test_ctrl_c_while_a_reply_is_drawn_ends_the_chat(monkeypatch, capsys):
     except KeyboardInterrupt:  # would stop pytest itself
         pytest.fail("Ctrl-C while a reply was drawn left converse with a traceback")
     assert capsys.readouterr().out.endswith("conversation\n\n")
+
+
+def test_a_message_the_model_cannot_take_is_left_out_and_the_chat_goes_on(monkeypatch, capsys):
+    tok = data.CharTokenizer.from_texts([string.ascii_lowercase + "<|>_\n "])  # no digits
+    config = preset_config("bigram", "smoke")
+    config.model.update(vocab_size=tok.vocab_size, block_size=64)
+    params = models.get("bigram").init(jax.random.key(0), models.config_from(config.model))
+    monkeypatch.setattr(launcher, "params_and_tokenizer", lambda *_: (params, tok))
+    asked, replies = [], []
+
+    def chat(*args, **kwargs):
+        asked.append(args[3])
+        replies.append(jaxpt.chat(*args, **kwargs))
+        return replies[-1]
+
+    monkeypatch.setattr(launcher, "chat", chat)
+    typed = iter(["x" * 60, "hi 2", "hi"])  # too long for the block; a digit; fine
+
+    def read(prompt):
+        if (line := next(typed, None)) is None:
+            raise EOFError  # Ctrl-D
+        return line
+
+    monkeypatch.setattr("builtins.input", read)
+    launcher.converse(config, "unused", launcher.SampleOptions(max_new_tokens=4, temperature=0))
+    out, err = capsys.readouterr()
+    refused = err.strip().splitlines()
+    assert len(refused) == 2 and all(line.endswith("(message left out)") for line in refused)
+    assert "model.block_size + 1 = 65" in refused[0] and "'2'" in refused[1]
+    assert asked[-1] == [{"role": "user", "content": "hi"}]  # the refused ones left out
+    assert out.endswith(f"conversation\n{replies[-1]}\n\n")  # the one reply, then the end
+    # what would refuse every message is refused before the first is read
+    with pytest.raises(DataError, match="character '2' is not in the char vocabulary"):
+        launcher.converse(config, "unused", launcher.SampleOptions(system_prompt="be 2"))
