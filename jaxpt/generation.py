@@ -33,6 +33,7 @@ from jaxpt.errors import ConfigError, check_range
 # The smallest normal float32: a temperature below it is flushed to 0 on CPUs and GPUs, so
 # sampling takes the limit, greedy decoding.
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+CHAT_NEW_TOKENS = 256  # the most tokens a reply takes when ``chat`` is not told
 
 
 class Sampling(NamedTuple):
@@ -285,7 +286,7 @@ def chat(
     tokenizer: data.Tokenizer,
     messages: Sequence[dict],
     *,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -305,8 +306,9 @@ def chat(
         params, model_config: the model.
         tokenizer: the model's tokenizer; its chat template (or ChatML) renders the messages.
         messages: ``{"role": ..., "content": ...}`` dicts, e.g. system, user, assistant, user.
-        max_new_tokens, temperature, top_k, top_p, key: as in ``generate`` (greedy by
-            default).
+        max_new_tokens: the most tokens the reply may take (None: half the block, at most
+            ``CHAT_NEW_TOKENS``).
+        temperature, top_k, top_p, key: as in ``generate`` (greedy by default).
         template: a Jinja chat template to use instead of the tokenizer's.
     Returns:
         The reply's text.
@@ -314,6 +316,8 @@ def chat(
     messages = data.check_messages(messages, "messages")
     if not messages:
         raise ConfigError("chat needs at least one message to reply to.")
+    if max_new_tokens is None:
+        max_new_tokens = max(1, min(CHAT_NEW_TOKENS, model_config.block_size // 2))
     template = template or data.chat_template(tokenizer)
     end = data.end_of_turn(tokenizer, template)
     end_ids = tokenizer.encode(end)

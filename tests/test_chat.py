@@ -382,7 +382,7 @@ def test_ctrl_c_while_a_reply_is_drawn_ends_the_chat(monkeypatch, capsys):
 def test_a_message_the_model_cannot_take_is_left_out_and_the_chat_goes_on(monkeypatch, capsys):
     tok = data.CharTokenizer.from_texts([string.ascii_lowercase + "<|>_\n "])  # no digits
     config = preset_config("bigram", "smoke")
-    config.model.update(vocab_size=tok.vocab_size, block_size=64)
+    config.model.update(vocab_size=tok.vocab_size, block_size=128)
     params = models.get("bigram").init(jax.random.key(0), models.config_from(config.model))
     monkeypatch.setattr(launcher, "params_and_tokenizer", lambda *_: (params, tok))
     asked, replies = [], []
@@ -393,7 +393,7 @@ def test_a_message_the_model_cannot_take_is_left_out_and_the_chat_goes_on(monkey
         return replies[-1]
 
     monkeypatch.setattr(launcher, "chat", chat)
-    typed = iter(["x" * 60, "hi 2", "hi"])  # too long for the block; a digit; fine
+    typed = iter(["x" * 100, "hi 2", "hi"])  # too long for the block; a digit; fine
 
     def read(prompt):
         if (line := next(typed, None)) is None:
@@ -405,9 +405,12 @@ def test_a_message_the_model_cannot_take_is_left_out_and_the_chat_goes_on(monkey
     out, err = capsys.readouterr()
     refused = err.strip().splitlines()
     assert len(refused) == 2 and all(line.endswith("(message left out)") for line in refused)
-    assert "model.block_size + 1 = 65" in refused[0] and "'2'" in refused[1]
+    assert "model.block_size + 1 = 129" in refused[0] and "'2'" in refused[1]
     assert asked[-1] == [{"role": "user", "content": "hi"}]  # the refused ones left out
     assert out.endswith(f"conversation\n{replies[-1]}\n\n")  # the one reply, then the end
+    # jaxpt.chat's own default fits any block: half of it (here 64 of 128), at most 256
+    cfg = models.config_from(config.model)
+    assert len(jaxpt.chat(params, cfg, tok, asked[-1])) == 64  # init params: no marker drawn
     # what would refuse every message is refused before the first is read
     with pytest.raises(DataError, match="character '2' is not in the char vocabulary"):
         launcher.converse(config, "unused", launcher.SampleOptions(system_prompt="be 2"))
