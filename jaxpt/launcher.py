@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ import jax
 
 from jaxpt import data, evals, hf, models, sharding, train
 from jaxpt.config import check_writable_directory
-from jaxpt.errors import ConfigError, DataError, check_range
+from jaxpt.errors import ConfigError, DataError, check_range, first_line
 from jaxpt.generation import chat, generate, room
 
 MODES = ("train", "generate", "eval", "chat")
@@ -58,12 +60,16 @@ def init_distributed() -> None:
     ``jax.distributed.initialize()`` finds the cluster itself on TPU pods, SLURM and Open MPI;
     elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES``
     and ``JAX_PROCESS_ID``. CPU processes exchange collectives through gloo (GPU and TPU use
-    their own). Raises ConfigError when it cannot join one or a variable is not a count.
+    their own). Raises ConfigError when it cannot join one (process 0 cannot take the port,
+    or the coordinator does not answer in jax's 5 minutes) or a variable is malformed.
     """
     count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
     for name, value in (("JAX_NUM_PROCESSES", count), ("JAX_PROCESS_ID", index)):
         if value is not None and not value.isdigit():
             raise ConfigError(f"{name}={value!r} must be a whole number (see --distributed).")
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address is not None:
+        _check_coordinator_address(address, starts_it=index is not None and int(index) == 0)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
@@ -76,6 +82,41 @@ def init_distributed() -> None:
             "TPU pod, SLURM or Open MPI, or set JAX_COORDINATOR_ADDRESS (host:port of process "
             "0), JAX_NUM_PROCESSES and JAX_PROCESS_ID."
         ) from None
+    except jax.errors.JaxRuntimeError as error:  # the coordinator did not answer in time
+        raise ConfigError(
+            f"--distributed could not reach the coordinator ({first_line(error)}); start "
+            "process 0 with the same JAX_COORDINATOR_ADDRESS (or, in a cluster, "
+            "JAX_COORDINATOR_PORT) as every other process."
+        ) from None
+
+
+def _check_coordinator_address(address: str, *, starts_it: bool) -> None:
+    """ConfigError unless ``address`` (``JAX_COORDINATOR_ADDRESS``) is ``host:port`` with a
+    port in [1, 65535] (jax raised an IndexError without one) and, where this process
+    ``starts_it`` (process 0), that port is free (jax crashed, often with a segfault)."""
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(
+            f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port, the host of process 0 and "
+            "a free port in [1, 65535], e.g. 10.0.0.1:1234 (see --distributed)."
+        )
+    if starts_it and not _port_is_free(int(port)):
+        raise ConfigError(
+            f"JAX_COORDINATOR_ADDRESS={address!r}: port {port} is in use on this host, where "
+            "process 0 starts the coordinator; give every process another port."
+        )
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether a server can listen on ``port`` on every address of this host, as jax's
+    coordinator does (``[::]:port``; TIME_WAIT connections of a finished run do not count)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("::", port))
+    except OSError as error:  # other causes (a host without IPv6) are jax's to report
+        return error.errno != errno.EADDRINUSE
+    return True
 
 
 def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None = None) -> None:

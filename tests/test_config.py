@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -333,6 +334,28 @@ def test_launch_errors_are_one_sentence_and_exit_1(args, words, tmp_path):
     assert result.stderr.count("\n") == 1  # one line: no traceback, no usage dump
     assert (tmp_path / "a_file").read_text() == "not a directory"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("address", ["localhost", "localhost:", "localhost:http", "h:70000"])
+def test_a_coordinator_address_without_a_port_is_one_sentence(address, monkeypatch):
+    """jax split the address at its last ':' and raised an IndexError without one."""
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", address)
+    with pytest.raises(ConfigError, match=f"JAX_COORDINATOR_ADDRESS='{address}' must be host:port"):
+        launcher.init_distributed()
+
+
+def test_a_coordinator_port_in_use_is_one_sentence(monkeypatch):
+    """Process 0 could not start the coordinator on a taken port: jax segfaulted, or raised a
+    JaxRuntimeError ('UNKNOWN: Failed to start RPC server')."""
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", f"localhost:{port}")
+        monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+        monkeypatch.setenv("JAX_PROCESS_ID", "0")
+        with pytest.raises(ConfigError, match=f"port {port} is in use on this host"):
+            launcher.init_distributed()
 
 
 def test_help_matches_the_readme():
