@@ -1,6 +1,6 @@
 """Two launch.py processes of 4 CPU devices each (a hybrid mesh: data parallel across the
-processes, FSDP within each) train as one process of 8 devices, and one process on one device
-resumes their checkpoint."""
+processes, FSDP within each) train as one process of 8 devices, one process on one device
+resumes their checkpoint, and two processes resume past a damaged one."""
 
 import json
 import shutil
@@ -8,6 +8,7 @@ import socket
 
 import numpy as np
 
+from tests.test_checkpoints import truncate_data_files
 from tests.test_train import launch as launch_run
 
 STEPS = 6
@@ -78,3 +79,16 @@ def test_two_processes_train_like_one_and_one_device_resumes_them(tmp_path):
     assert [r["step"] for r in again] == [r["step"] for r in two]
     np.testing.assert_allclose(key(again, "loss"), key(two, "loss"), rtol=1e-5)
     np.testing.assert_allclose(key(again, "val_loss"), key(two, "val_loss"), rtol=1e-5)
+
+    # their checkpoints with the last one damaged, resumed by two processes: process 0 alone
+    # sets it aside (both renamed it: one rename failed and the run hung), and they train it again
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "two" / "checkpoints", damaged / "checkpoints")
+    shutil.copy(tmp_path / "two" / "metrics.jsonl", damaged / "metrics.jsonl")
+    truncate_data_files(damaged / "checkpoints" / "6")
+    port = free_port()
+    for host in [launch(damaged, 4, (i, 2, port)) for i in range(2)]:
+        assert "resumed from checkpoint 3" in finish(host)
+    names = sorted(p.name for p in (damaged / "checkpoints").iterdir())
+    assert names == ["3", "6", "6.unreadable-1"]
+    np.testing.assert_array_equal(key(records(damaged), "loss"), key(two, "loss"))

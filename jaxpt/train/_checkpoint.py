@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxpt import sharding
 from jaxpt.errors import ConfigError
@@ -257,16 +258,20 @@ class Checkpoints:
         )
 
     def _move_aside(self, steps: list[int]) -> None:
+        """Renames each of ``steps`` to ``<step>.unreadable-<n>``: process 0 does, while the
+        others (which share the directory, and found the same steps unreadable) wait."""
         self.manager.close()
-        for step in steps:
-            source = self.directory / str(step)
-            target = next(
-                path
-                for n in itertools.count(1)
-                if not (path := self.directory / f"{step}.unreadable-{n}").exists()
-            )
-            source.rename(target)
-            log.warning("Moved unreadable checkpoint %s to %s.", source, target)
+        if jax.process_index() == 0:
+            for step in steps:
+                source = self.directory / str(step)
+                target = next(
+                    path
+                    for n in itertools.count(1)
+                    if not (path := self.directory / f"{step}.unreadable-{n}").exists()
+                )
+                source.rename(target)
+                log.warning("Moved unreadable checkpoint %s to %s.", source, target)
+        multihost_utils.sync_global_devices("jaxpt: unreadable checkpoints moved aside")
         self.manager = self._open()
 
     def close(self) -> None:
