@@ -3,7 +3,9 @@ processes, FSDP within each) train as one process of 8 devices, one process on o
 resumes their checkpoint, and two processes resume past a damaged one."""
 
 import json
+import re
 import shutil
+import signal
 import socket
 
 import numpy as np
@@ -20,10 +22,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, devices: int, process: tuple[int, int, int] | None = None):
+def launch(workdir, devices: int, process: tuple[int, int, int] | None = None, steps=STEPS):
     """A short run on ``devices`` CPU devices; ``process``: (id, count, coordinator port)."""
     overrides = [
-        f"--config.train.steps={STEPS}",
+        f"--config.train.steps={steps}",
         "--config.eval.every_steps=3",
         "--config.eval.batches=2",
         "--config.checkpoint.every_steps=3",
@@ -92,3 +94,22 @@ def test_two_processes_train_like_one_and_one_device_resumes_them(tmp_path):
     names = sorted(p.name for p in (damaged / "checkpoints").iterdir())
     assert names == ["3", "6", "6.unreadable-1"]
     np.testing.assert_array_equal(key(records(damaged), "loss"), key(two, "loss"))
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """SIGTERM reaches a job's processes steps apart (here: one of them only); a process that
+    stopped alone saved while the other stepped, and their collectives hung."""
+    port = free_port()
+    hosts = [launch(tmp_path, 4, (i, 2, port), steps=10_000) for i in range(2)]
+    try:
+        for line in hosts[0].stdout:
+            if (logged := re.match(r"step +(\d+)/", line)) and int(logged[1]) >= 4:
+                break
+        hosts[0].send_signal(signal.SIGTERM)
+        outs = [host.communicate(timeout=120)[0] for host in hosts]
+    finally:
+        for host in hosts:  # hung ones too
+            host.kill()
+    assert [host.returncode for host in hosts] == [128 + signal.SIGTERM] * 2, outs[1][-3000:]
+    saved = [re.search(r"SIGTERM: saving step (\d+) before exiting", out)[1] for out in outs]
+    assert saved[0] == saved[1] and (tmp_path / "checkpoints" / saved[0]).is_dir()

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxpt import data, evals, models, sharding
 from jaxpt.errors import ConfigError, check_range
@@ -157,19 +160,49 @@ class Interrupted(Exception):
 
 
 class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps. Over several
+    processes, which a signal may reach steps apart, they agree: a process that stopped alone
+    would save while the others still step, and their collectives would hang."""
 
-    def __init__(self):
+    def __init__(self, mesh):
         self.signal: signal.Signals | None = None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._any_process = _any_process(mesh) if jax.process_count() > 1 else None
+        self._agreement: jax.Array | None = None  # dispatched after the last step
 
     def _handle(self, signum, frame):
         del frame
         self.signal = signal.Signals(signum)
 
+    def after_step(self) -> bool:
+        """Whether the loop stops after the step just dispatched: on one process, when a
+        signal has come; on several, when one had come to any of them by the step before
+        (read once this step is dispatched, so every process stops after the same step; one
+        without a signal of its own then stops as for SIGTERM)."""
+        if self._any_process is None:
+            return self.signal is not None
+        previous, self._agreement = self._agreement, self._any_process(self.signal is not None)
+        if previous is None or not bool(previous):
+            return False
+        self.signal = self.signal or signal.SIGTERM
+        return True
+
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def _any_process(mesh) -> Callable[[bool], jax.Array]:
+    """``flag -> whether any process passed True``: a replicated bool, computed on ``mesh``'s
+    devices (dispatched like a step; reading it waits for the processes' flags)."""
+    each_device = NamedSharding(mesh, P(mesh.axis_names))  # (devices,): one flag on each
+    any_flag = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, P()))
+
+    def any_process(flag: bool) -> jax.Array:
+        flags = jax.make_array_from_callback((mesh.size,), each_device, lambda _: np.array([flag]))
+        return any_flag(flags)
+
+    return any_process
 
 
 class _StepProfiler:
@@ -417,7 +450,7 @@ def train(
         )
         cleanup.callback(log.close)
         pending = _PendingSteps(log, config.train.on_nonfinite, checkpoints, step)
-        stop = _StopRequest()
+        stop = _StopRequest(run.mesh)
         cleanup.callback(stop.restore)
         profiler = _StepProfiler(workdir, config.log, step)
         cleanup.callback(profiler.stop)
@@ -448,7 +481,8 @@ def train(
                 log.task(s, "hellaswag", run.hellaswag(state.params))
 
         with sharding.activation_sharding(run.mesh, config.mesh.rules):  # the steps trace in here
-            while step < config.train.steps and stop.signal is None:
+            stopping = False
+            while step < config.train.steps and not stopping:
                 batch, loader_state = run.train_data.next_batch(loader_state)
                 profiler.before(step + 1)
                 state, metrics = steps.train(
@@ -462,6 +496,7 @@ def train(
                 evaluate(step)
                 if step % config.checkpoint.every_steps == 0:
                     save(step)
+                stopping = stop.after_step()
             if stop.signal is not None:
                 print(f"{stop.signal.name}: saving step {step} before exiting", flush=True)
             if step not in checkpoints.steps():
