@@ -250,6 +250,21 @@ def test_tokenizer_json_comes_along_and_goes_back(tmp_path):
     assert config["eos_token_id"] == config["bos_token_id"] == 98
 
 
+def test_exported_bos_and_eos_ids_are_the_tokenizers(tmp_path):
+    """A tokenizer whose bos differs from its eos (Llama's, SmolLM2's): config.json said
+    bos_token_id = the eos id, which transformers' tokenizer of the same directory contradicts."""
+    hf_model(HF_CONFIGS["llama_gqa_tied"]).save_pretrained(tmp_path / "hf")
+    word_tokenizer(tmp_path / "hf", 99)
+    special = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="w1", eos_token=data.EOT)
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(special))
+    cfg, params, tokenizer = hf.from_pretrained(tmp_path / "hf")
+    hf.save_pretrained(params, cfg, tmp_path / "back", tokenizer=tokenizer)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 98)
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (1, 98)
+
+
 def test_a_gpt2_vocabulary_brings_gpt2s_tokenizer_and_exports_it(tmp_path):
     model = hf_model(gpt2(vocab_size=50257, n_embd=8, n_head=2, n_layer=1))
     cfg, params, tokenizer = hf.from_pretrained(model)

@@ -296,6 +296,7 @@ class HFTokenizer:
         self.chat_template: str | None = _default_template(config.get("chat_template"))
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.eot_id: int = self._tok.token_to_id(self.eot)
+        self.bos_id: int | None = self._tok.token_to_id(self.bos) if self.bos else None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without the template's special tokens (no BOS)."""

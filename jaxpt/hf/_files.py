@@ -211,6 +211,14 @@ def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
     )
 
 
+def _bos_id(tokenizer: data.Tokenizer) -> int:
+    """The id transformers' tokenizer takes as bos: tokenizer_config.json's bos_token, else
+    the end-of-text id (GPT-2's BPE uses one token for both)."""
+    if isinstance(tokenizer, data.HFTokenizer) and tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    return tokenizer.eot_id
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` writes the file under a temporary name beside ``path``, which is then
     renamed to ``path``: a reader finds each file whole or absent, never half-written. The file
@@ -231,8 +239,9 @@ def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=
     layouts (presets gpt, vgpt, any learned-position LayerNorm MLP model with biases) as
     GPT2LMHeadModel, Llama layouts (smollm: rope, SiLU GLU, RMSNorm) as LlamaForCausalLM.
     Tensors keep the params' dtype. ``tokenizer`` (a ``data.HFTokenizer`` or
-    ``data.Gpt2Tokenizer``) is written beside them, and its end-of-text id becomes the
-    config's bos and eos ids. Each file is written under a temporary name and renamed when
+    ``data.Gpt2Tokenizer``) is written beside them; its end-of-text id becomes the config's
+    eos id, and its tokenizer_config.json's bos_token the bos id (the end-of-text id where it
+    names none, as GPT-2's). Each file is written under a temporary name and renamed when
     complete, config.json last.
 
     Returns:
@@ -242,7 +251,7 @@ def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=
     tensors = to_state_dict(params, model_config)
     files = {} if tokenizer is None else _tokenizer_files(tokenizer)
     if tokenizer is not None:
-        hf_config.update(bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id)
+        hf_config.update(bos_token_id=_bos_id(tokenizer), eos_token_id=tokenizer.eot_id)
     files["config.json"] = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
