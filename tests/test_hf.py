@@ -306,6 +306,18 @@ def test_saved_files_get_the_mode_of_any_new_file(tmp_path):
     )
 
 
+def test_save_pretrained_never_overwrites_a_users_files(tmp_path):
+    """Saving fine-tuned params back into the checkpoint directory they came from wrote over
+    its config.json and model.safetensors."""
+    model = hf_model(HF_CONFIGS["gpt2"])
+    model.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    cfg, params, _ = hf.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"already holds files \(config\.json, generation_"):
+        hf.save_pretrained(jax.tree.map(lambda a: a + 1, params), cfg, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def with_keys(config, **entries):
     return {**config.to_dict(), **entries}
 

@@ -17,6 +17,7 @@ import numpy as np
 import safetensors.numpy
 
 from jaxpt import data, models
+from jaxpt.config import check_new_directory
 from jaxpt.errors import ConfigError
 from jaxpt.hf._convert import (
     check_fields,
@@ -235,7 +236,9 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=None) -> Path:
     """Writes ``path/config.json`` and ``path/model.safetensors`` for transformers.
 
-    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` then loads the model: GPT-2
+    ``path`` must be new or an empty directory: ConfigError, writing nothing, when it holds
+    files (a user's own checkpoint, say). ``transformers.AutoModelForCausalLM.from_pretrained
+    (path)`` then loads the model: GPT-2
     layouts (presets gpt, vgpt, any learned-position LayerNorm MLP model with biases) as
     GPT2LMHeadModel, Llama layouts (smollm: rope, SiLU GLU, RMSNorm) as LlamaForCausalLM.
     Tensors keep the params' dtype. ``tokenizer`` (a ``data.HFTokenizer`` or
@@ -248,6 +251,7 @@ def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=
         ``path``.
     """
     hf_config = config_to_hf(model_config)
+    check_new_directory(path, "path")
     tensors = to_state_dict(params, model_config)
     files = {} if tokenizer is None else _tokenizer_files(tokenizer)
     if tokenizer is not None:
