@@ -339,6 +339,10 @@ def with_keys(config, **entries):
             "rope_scaling=",
         ),
         (with_keys(llama(), head_dim=32), "head_dim=32"),
+        (  # was a TypeError traceback from float()
+            with_keys(llama(), rope_parameters={"rope_type": "default", "rope_theta": None}),
+            "model.rope_base=None must be a number",
+        ),
         (with_keys(llama(), hidden_act="gelu"), "hidden_act='gelu'"),
         (
             with_keys(gpt2(), scale_attn_by_inverse_layer_idx=True),
@@ -348,7 +352,7 @@ def with_keys(config, **entries):
     ],
 )
 def test_unsupported_hf_configs_name_the_key(hf_config, message):
-    with pytest.raises(hf.CheckpointError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         hf.config_from_hf(hf_config)
 
 

@@ -71,7 +71,7 @@ def _prepare_llama(hf: dict) -> dict:
         )
     return {
         **hf,
-        "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),  # checked later
         "num_key_value_heads": hf.get("num_key_value_heads") or heads,
     }
 
