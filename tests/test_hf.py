@@ -250,6 +250,23 @@ def test_tokenizer_json_comes_along_and_goes_back(tmp_path):
     assert config["eos_token_id"] == config["bos_token_id"] == 98
 
 
+def test_a_chat_template_in_its_own_file_goes_back(tmp_path):
+    """transformers saves a tokenizer's chat template as chat_template.jinja: an export left it
+    out, and the exported tokenizer had no template."""
+    hf_model(HF_CONFIGS["llama_gqa_tied"]).save_pretrained(tmp_path / "hf")
+    word_tokenizer(tmp_path, 99)
+    theirs = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token=data.EOT
+    )
+    theirs.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    theirs.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "chat_template.jinja").is_file()
+    cfg, params, tokenizer = hf.from_pretrained(tmp_path / "hf")
+    hf.save_pretrained(params, cfg, tmp_path / "back", tokenizer=tokenizer)
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back.chat_template == theirs.chat_template
+
+
 def test_exported_bos_and_eos_ids_are_the_tokenizers(tmp_path):
     """A tokenizer whose bos differs from its eos (Llama's, SmolLM2's): config.json said
     bos_token_id = the eos id, which transformers' tokenizer of the same directory contradicts."""

@@ -43,7 +43,9 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # config, weights, tokenizer; no .bin
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # config, weights, tokenizer; no .bin
+# what transformers saves beside tokenizer.json (since 4.43 the chat template in its own file)
+_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "HuggingFaceTB/SmolLM-135M"
 
 
@@ -191,15 +193,14 @@ def _gpt2_vocab_files() -> Path:
 
 
 def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
-    """File name -> content: tokenizer.json (and its tokenizer_config.json), or GPT-2's
-    vocab.json and merges.txt with a tokenizer_config.json naming GPT2Tokenizer (without it
-    transformers picks the tokenizer by model_type: a Llama's needs a SentencePiece file)."""
+    """File name -> content: tokenizer.json (and the files of ``_TOKENIZER_COMPANIONS`` beside
+    it), or GPT-2's vocab.json and merges.txt with a tokenizer_config.json naming
+    GPT2Tokenizer (without it transformers picks the tokenizer by model_type: a Llama's needs
+    a SentencePiece file)."""
     if isinstance(tokenizer, data.HFTokenizer):
-        files = {tokenizer.file: tokenizer.path.read_bytes()}
-        beside = tokenizer.path.parent / "tokenizer_config.json"
-        if beside.is_file():
-            files[beside.name] = beside.read_bytes()
-        return files
+        beside = [tokenizer.path.parent / name for name in _TOKENIZER_COMPANIONS]
+        files = {p.name: p.read_bytes() for p in beside if p.is_file()}
+        return {tokenizer.file: tokenizer.path.read_bytes(), **files}
     if isinstance(tokenizer, data.Gpt2Tokenizer):
         vocab = _gpt2_vocab_files()
         return {
