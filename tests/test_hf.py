@@ -251,8 +251,8 @@ def test_tokenizer_json_comes_along_and_goes_back(tmp_path):
 
 
 def test_a_chat_template_in_its_own_file_goes_back(tmp_path):
-    """transformers saves a tokenizer's chat template as chat_template.jinja: an export left it
-    out, and the exported tokenizer had no template."""
+    """transformers saves a tokenizer's chat template as chat_template.jinja: the imported
+    tokenizer had no template, and an export left the file out."""
     hf_model(HF_CONFIGS["llama_gqa_tied"]).save_pretrained(tmp_path / "hf")
     word_tokenizer(tmp_path, 99)
     theirs = transformers.PreTrainedTokenizerFast(
@@ -262,6 +262,7 @@ def test_a_chat_template_in_its_own_file_goes_back(tmp_path):
     theirs.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "chat_template.jinja").is_file()
     cfg, params, tokenizer = hf.from_pretrained(tmp_path / "hf")
+    assert tokenizer.chat_template == theirs.chat_template  # was None: only the config's read
     hf.save_pretrained(params, cfg, tmp_path / "back", tokenizer=tokenizer)
     back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     assert back.chat_template == theirs.chat_template

@@ -258,6 +258,15 @@ def _default_template(value: str | list | None) -> str | None:
     return value
 
 
+def _chat_template(directory: Path, config: dict) -> str | None:
+    """The chat template (Jinja) beside tokenizer.json: chat_template.jinja, where transformers
+    saves it since 4.43 (and which it reads first), else tokenizer_config.json's."""
+    path = directory / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    return _default_template(config.get("chat_template"))
+
+
 def _hf_eot(tok, directory: Path) -> str:
     """The end-of-text token: tokenizer_config.json's eos_token, else a usual name."""
     eos = _token_name(_hf_config(directory), "eos_token")
@@ -293,7 +302,7 @@ class HFTokenizer:
         self.eot = eot or _hf_eot(self._tok, self.path.parent)
         config = _hf_config(self.path.parent)
         self.bos: str | None = _token_name(config, "bos_token")
-        self.chat_template: str | None = _default_template(config.get("chat_template"))
+        self.chat_template: str | None = _chat_template(self.path.parent, config)
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.eot_id: int = self._tok.token_to_id(self.eot)
         self.bos_id: int | None = self._tok.token_to_id(self.bos) if self.bos else None
