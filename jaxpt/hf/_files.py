@@ -226,7 +226,6 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     renamed to ``path``: a reader finds each file whole or absent, never half-written. The file
     gets the mode a new file gets under the umask (safetensors writes its own 0600)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)  # a killed export's; ``write`` would replace it anyway
     tmp.touch()  # created under the umask, without changing the process's umask
     mode = tmp.stat().st_mode
     write(tmp)
