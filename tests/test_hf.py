@@ -181,6 +181,23 @@ def test_pytorch_weights_read_like_safetensors(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, from_bin.params, from_st.params)
 
 
+def test_sharded_bfloat16_checkpoints_read_like_the_float32_model(tmp_path):
+    model = hf_model(HF_CONFIGS["llama_gqa_untied_biases"])
+    with torch.no_grad():
+        for p in model.parameters():  # values bfloat16 holds exactly
+            p.copy_(p.bfloat16().float())
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    from_sharded = hf.from_pretrained(tmp_path / "hf").params
+    jax.tree.map(np.testing.assert_array_equal, from_sharded, hf.from_pretrained(model).params)
+    cfg, params, _ = hf.from_pretrained(tmp_path / "hf", param_dtype="bfloat16")
+    hf.save_pretrained(params, cfg, tmp_path / "back")
+    got = load_file(tmp_path / "back" / "model.safetensors")
+    for key, want in model.state_dict().items():  # bfloat16 bits, as torch holds them
+        np.testing.assert_array_equal(got[key].view(np.int16), want.view(torch.int16).numpy())
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_base_model_keys_and_mask_buffers_of_older_gpt2_checkpoints(tmp_path):
     # The hub's gpt2 weights: keys without "transformer.", and causal-mask buffers
     model = hf_model(HF_CONFIGS["gpt2"])
