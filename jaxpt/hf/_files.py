@@ -237,8 +237,8 @@ def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=
     """Writes ``path/config.json`` and ``path/model.safetensors`` for transformers.
 
     ``path`` must be new or an empty directory: ConfigError, writing nothing, when it holds
-    files (a user's own checkpoint, say). ``transformers.AutoModelForCausalLM.from_pretrained
-    (path)`` then loads the model: GPT-2
+    files (a user's own checkpoint, say).
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` then loads the model: GPT-2
     layouts (presets gpt, vgpt, any learned-position LayerNorm MLP model with biases) as
     GPT2LMHeadModel, Llama layouts (smollm: rope, SiLU GLU, RMSNorm) as LlamaForCausalLM.
     Tensors keep the params' dtype. ``tokenizer`` (a ``data.HFTokenizer`` or
