@@ -320,6 +320,44 @@ def test_harness_rolling_loglikelihood_and_generation():
     assert until([stop]) == whole[: whole.index(stop)]
 
 
+def bigram_greedy_text(params, context: str, n: int) -> str:
+    """Reference: the bigram's greedy continuation of ``context``, a python loop over its
+    table's rows (the tokenizer's ids only), stopping at end-of-text."""
+    table = np.asarray(params.table.weight, np.float64)[:, : CHARS.vocab_size]
+    ids = CHARS.encode(context)
+    for _ in range(n):
+        ids.append(int(np.argmax(table[ids[-1]])))
+        if ids[-1] == CHARS.eot_id:
+            return CHARS.decode(ids[len(CHARS.encode(context)) : -1])
+    return CHARS.decode(ids[len(CHARS.encode(context)) :])
+
+
+def harness_generations(options: dict, copies: int = 1, batch_size: int = 6) -> list[str]:
+    """The bigram harness model's ``generate_until`` answers to ``copies`` identical requests
+    continuing "Riches " with ``options``."""
+    harness = harness_or_skip()
+    from lm_eval.api.instance import Instance
+
+    cfg, params = model("bigram")
+    lm = harness.JaxptLM(params, cfg, CHARS, batch_size=batch_size)
+    requests = [Instance("generate_until", {}, ("Riches ", options), i) for i in range(copies)]
+    return lm.generate_until(requests)
+
+
+def test_harness_generation_reads_its_options_as_lm_eval_normalises_them():
+    """lm-eval's aliases of max_gen_toks (max_new_tokens, max_tokens) were ignored (256 tokens
+    were drawn), and a temperature without do_sample was greedy where lm-eval samples."""
+    _, params = model("bigram")
+    for alias in ("max_new_tokens", "max_tokens"):
+        (answer,) = harness_generations({"until": [], alias: 3})
+        assert answer == bigram_greedy_text(params, "Riches ", 3)
+    greedy = bigram_greedy_text(params, "Riches ", 8)
+    assert harness_generations({"until": [], "max_gen_toks": 8}) == [greedy]
+    assert harness_generations({"until": [], "max_gen_toks": 8, "temperature": 0.0}) == [greedy]
+    (sampled,) = harness_generations({"until": [], "max_gen_toks": 8, "temperature": 50.0})
+    assert sampled != greedy
+
+
 # ----------------------------------------------------------------------------- runs
 
 

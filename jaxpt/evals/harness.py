@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
+from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -105,8 +106,10 @@ class JaxptLM(LM):
         return [float(total) for total in totals]
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Greedy continuations (sampled where ``do_sample`` asks, at its ``temperature``),
-        cut before the first ``until`` string, of at most ``max_gen_toks`` tokens."""
+        """Greedy continuations (sampled where ``do_sample``, or a ``temperature`` above 0
+        without it, asks), cut before the first ``until`` string, of at most ``max_gen_toks``
+        tokens (or its aliases ``max_new_tokens``, ``max_tokens``), options read as lm-eval's
+        ``normalize_gen_kwargs`` reads them."""
         answers = []
         for start in range(0, len(requests), self.batch_size):
             answers += self._generate([r.args for r in requests[start : start + self.batch_size]])
@@ -127,10 +130,13 @@ class JaxptLM(LM):
         return [answers[i] for i in range(len(batch))]
 
     def _continue(self, contexts: list[str], options: dict) -> list[str]:
+        # as lm-eval's backends read them: max_new_tokens and other aliases of max_gen_toks;
+        # a temperature above 0 without do_sample samples
         until = options.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        new_tokens = int(options.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-        sampled = bool(options.get("do_sample")) and float(options.get("temperature", 1.0)) > 0
+        options = normalize_gen_kwargs(options, DEFAULT_MAX_GEN_TOKS)
+        new_tokens = options["max_gen_toks"]
+        temperature = float(options.get("temperature", 1.0)) if options["do_sample"] else 0.0
         room = self.model_config.max_length
         prompts = []
         for context in contexts:
@@ -143,7 +149,7 @@ class JaxptLM(LM):
             prompts,
             self.model_config,
             max_new_tokens=new_tokens,
-            temperature=float(options.get("temperature", 1.0)) if sampled else 0.0,
+            temperature=temperature,
             key=jax.random.key(0),
             stop_token=self.tokenizer.eot_id,
             n_tokens=self.tokenizer.vocab_size,
