@@ -358,6 +358,19 @@ def test_harness_generation_reads_its_options_as_lm_eval_normalises_them():
     assert sampled != greedy
 
 
+def test_harness_sampling_keeps_to_top_k_and_top_p():
+    """A sampling task's top_k and top_p were ignored: top_k=1 or a tiny top_p at a high
+    temperature drew other tokens than the greedy ones; a top_k beyond the vocabulary keeps
+    all of it (as transformers does) rather than being refused."""
+    _, params = model("bigram")
+    greedy = bigram_greedy_text(params, "Riches ", 8)
+    hot = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 50.0}
+    assert harness_generations(hot | {"top_k": 1}) == [greedy]
+    assert harness_generations(hot | {"top_p": 1e-6}) == [greedy]
+    assert harness_generations(hot | {"top_k": 1000}) == harness_generations(hot)
+    assert harness_generations(hot) != [greedy]
+
+
 # ----------------------------------------------------------------------------- runs
 
 

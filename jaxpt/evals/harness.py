@@ -107,9 +107,10 @@ class JaxptLM(LM):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy continuations (sampled where ``do_sample``, or a ``temperature`` above 0
-        without it, asks), cut before the first ``until`` string, of at most ``max_gen_toks``
-        tokens (or its aliases ``max_new_tokens``, ``max_tokens``), options read as lm-eval's
-        ``normalize_gen_kwargs`` reads them."""
+        without it, asks, after the ``top_k`` and ``top_p`` filters), cut before the first
+        ``until`` string, of at most ``max_gen_toks`` tokens (or its aliases
+        ``max_new_tokens``, ``max_tokens``), options read as lm-eval's ``normalize_gen_kwargs``
+        reads them."""
         answers = []
         for start in range(0, len(requests), self.batch_size):
             answers += self._generate([r.args for r in requests[start : start + self.batch_size]])
@@ -136,7 +137,6 @@ class JaxptLM(LM):
         until = [until] if isinstance(until, str) else list(until)
         options = normalize_gen_kwargs(options, DEFAULT_MAX_GEN_TOKS)
         new_tokens = options["max_gen_toks"]
-        temperature = float(options.get("temperature", 1.0)) if options["do_sample"] else 0.0
         room = self.model_config.max_length
         prompts = []
         for context in contexts:
@@ -149,12 +149,25 @@ class JaxptLM(LM):
             prompts,
             self.model_config,
             max_new_tokens=new_tokens,
-            temperature=temperature,
+            **self._sampling(options),
             key=jax.random.key(0),
             stop_token=self.tokenizer.eot_id,
             n_tokens=self.tokenizer.vocab_size,
         )
         return [self._cut(completion, until) for completion in generated.completions()]
+
+    def _sampling(self, options: dict) -> dict:
+        """``generate``'s sampling arguments for normalised options: greedy unless
+        ``do_sample``; else ``temperature`` (default 1), ``top_k`` (0: off; beyond the
+        vocabulary: all of it) and ``top_p``, as transformers reads them."""
+        if not options["do_sample"]:
+            return {"temperature": 0.0}
+        top_k = options.get("top_k") or None
+        return {
+            "temperature": float(options.get("temperature", 1.0)),
+            "top_k": None if top_k is None else min(top_k, self.tokenizer.vocab_size),
+            "top_p": options.get("top_p"),
+        }
 
     def _cut(self, completion: list[int], until: Sequence[str]) -> str:
         if completion and completion[-1] == self.tokenizer.eot_id:
