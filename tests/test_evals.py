@@ -371,6 +371,14 @@ def test_harness_sampling_keeps_to_top_k_and_top_p():
     assert harness_generations(hot) != [greedy]
 
 
+def test_harness_asked_for_no_tokens_answers_the_empty_string():
+    """max_gen_toks=0 was a ConfigError about max_new_tokens, which the task never set; lm-eval
+    answers "" (at most no tokens). A negative one is one sentence naming max_gen_toks."""
+    assert harness_generations({"until": ["."], "max_gen_toks": 0}, copies=2) == ["", ""]
+    with pytest.raises(ConfigError, match=r"^max_gen_toks=-1 must be an integer >= 0\.$"):
+        harness_generations({"until": ["."], "max_gen_toks": -1})
+
+
 # ----------------------------------------------------------------------------- runs
 
 

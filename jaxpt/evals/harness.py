@@ -33,7 +33,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from jaxpt import data, models
-from jaxpt.errors import ConfigError, DataNotFoundError, first_line
+from jaxpt.errors import ConfigError, DataNotFoundError, check_range, first_line
 from jaxpt.evals import _scoring
 from jaxpt.generation import generate
 
@@ -137,6 +137,9 @@ class JaxptLM(LM):
         until = [until] if isinstance(until, str) else list(until)
         options = normalize_gen_kwargs(options, DEFAULT_MAX_GEN_TOKS)
         new_tokens = options["max_gen_toks"]
+        check_range("max_gen_toks", new_tokens, at_least=0, integer=True)
+        if new_tokens == 0:  # at most none: lm-eval's answer is the empty string
+            return [""] * len(contexts)
         room = self.model_config.max_length
         prompts = []
         for context in contexts:
