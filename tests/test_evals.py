@@ -379,6 +379,16 @@ def test_harness_asked_for_no_tokens_answers_the_empty_string():
         harness_generations({"until": ["."], "max_gen_toks": -1})
 
 
+def test_harness_repeats_of_a_sampled_request_differ_across_batches():
+    """Every batch sampled with one fixed key, so a task's repeats (self-consistency draws
+    several answers per question) were one answer repeated whenever they fell in different
+    batches. Each batch's key now differs; the same requests still give the same answers."""
+    hot = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 50.0}
+    one_by_one = harness_generations(hot, copies=3, batch_size=1)
+    assert len(set(one_by_one)) == 3, one_by_one
+    assert harness_generations(hot, copies=3, batch_size=1) == one_by_one
+
+
 # ----------------------------------------------------------------------------- runs
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 import lm_eval
 import numpy as np
+from jax import Array
 from jax.sharding import Mesh
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
@@ -110,27 +111,30 @@ class JaxptLM(LM):
         without it, asks, after the ``top_k`` and ``top_p`` filters), cut before the first
         ``until`` string, of at most ``max_gen_toks`` tokens (or its aliases
         ``max_new_tokens``, ``max_tokens``), options read as lm-eval's ``normalize_gen_kwargs``
-        reads them."""
-        answers = []
+        reads them. Each batch samples with its own key, folded from a fixed one: repeats of
+        a request differ, and the same requests give the same answers."""
+        answers, key = [], jax.random.key(0)
         for start in range(0, len(requests), self.batch_size):
-            answers += self._generate([r.args for r in requests[start : start + self.batch_size]])
+            batch = [r.args for r in requests[start : start + self.batch_size]]
+            answers += self._generate(batch, jax.random.fold_in(key, start))
         for request, answer in zip(requests, answers, strict=True):
             self.cache_hook.add_partial("generate_until", request.args, answer)
         return answers
 
-    def _generate(self, batch: list[tuple[str, dict]]) -> list[str]:
-        """One ``generate`` call per distinct set of generation options in ``batch``."""
+    def _generate(self, batch: list[tuple[str, dict]], key: Array) -> list[str]:
+        """One ``generate`` call per distinct set of generation options in ``batch``, each
+        with its own key folded from ``key``."""
         answers: dict[int, str] = {}
         groups: dict[str, list[int]] = {}
         for index, (_, options) in enumerate(batch):
             groups.setdefault(repr(sorted(options.items())), []).append(index)
-        for indices in groups.values():
-            options = batch[indices[0]][1]
-            texts = self._continue([batch[i][0] for i in indices], options)
+        for group, indices in enumerate(groups.values()):
+            options, group_key = batch[indices[0]][1], jax.random.fold_in(key, group)
+            texts = self._continue([batch[i][0] for i in indices], options, group_key)
             answers.update(zip(indices, texts, strict=True))
         return [answers[i] for i in range(len(batch))]
 
-    def _continue(self, contexts: list[str], options: dict) -> list[str]:
+    def _continue(self, contexts: list[str], options: dict, key: Array) -> list[str]:
         # as lm-eval's backends read them: max_new_tokens and other aliases of max_gen_toks;
         # a temperature above 0 without do_sample samples
         until = options.get("until") or []
@@ -153,7 +157,7 @@ class JaxptLM(LM):
             self.model_config,
             max_new_tokens=new_tokens,
             **self._sampling(options),
-            key=jax.random.key(0),
+            key=key,
             stop_token=self.tokenizer.eot_id,
             n_tokens=self.tokenizer.vocab_size,
         )
