@@ -38,12 +38,20 @@ class SampleOptions:
     seed: int = 0
     system_prompt: str = ""  # chat: the conversation's system message ("": none)
 
-    def validate(self) -> None:
-        """Raises ConfigError naming the first option (as its flag) out of range."""
+    def validate(self, vocab_size: int) -> None:
+        """Raises ConfigError naming the first option (as its flag) out of range, for a model
+        of ``vocab_size`` tokens."""
         check_range("--num_samples", self.num_samples, at_least=1, integer=True)
         fill = " (0: as many as the block leaves)"
         check_range("--max_new_tokens", self.max_new_tokens, at_least=0, integer=True, note=fill)
-        check_range("--top_k", self.top_k, at_least=0, integer=True, note=" (0: no top-k filter)")
+        check_range(
+            "--top_k",
+            self.top_k,
+            at_least=0,
+            at_most=vocab_size,
+            integer=True,
+            note=" (0: no top-k filter; at most model.vocab_size)",
+        )
         check_range("--temperature", self.temperature, at_least=0, note=" (0: greedy)")
         check_range("--top_p", self.top_p, above=0, at_most=1, note=" (1: no nucleus filter)")
         check_range("--seed", self.seed, at_least=0, at_most=2**32 - 1, integer=True)
@@ -165,10 +173,10 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     from the latest checkpoint in ``workdir`` (or ``checkpoint.init_from``, see
     ``params_and_tokenizer``); each stops at end-of-text."""
     train.validate_config(config)
-    options.validate()
+    model_cfg = models.config_from(config.model)
+    options.validate(model_cfg.vocab_size)
     params, tokenizer = params_and_tokenizer(config, workdir)
     prompt = tokenizer.encode(options.prompt) if options.prompt else [tokenizer.eot_id]
-    model_cfg = models.config_from(config.model)
     generated = generate(
         params,
         [prompt] * options.num_samples,
@@ -191,9 +199,9 @@ def converse(config, workdir: str | Path, options: SampleOptions) -> None:
     leaves, or text its tokenizer cannot encode) is one ``error:`` line and left out; end of
     input (Ctrl-D) or Ctrl-C, also while a reply is drawn, ends the conversation."""
     train.validate_config(config)
-    options.validate()
-    params, tokenizer = params_and_tokenizer(config, workdir)
     model_cfg = models.config_from(config.model)
+    options.validate(model_cfg.vocab_size)
+    params, tokenizer = params_and_tokenizer(config, workdir)
     # what would refuse every message, refused once now: a template with no end-of-turn
     # marker, a marker or system prompt the tokenizer cannot encode
     tokenizer.encode(data.end_of_turn(tokenizer, data.chat_template(tokenizer)))

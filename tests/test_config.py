@@ -153,6 +153,7 @@ def test_grad_clip_0_is_no_clipping():
         (dict(top_p=1.5), "--top_p=1.5"),  # was silently no filter
         (dict(top_p=0.0), "--top_p=0.0"),
         (dict(top_k=-1), "--top_k=-1"),
+        (dict(top_k=10**6), "--top_k=1000000"),  # refused by generate, after the checkpoint
         (dict(num_samples=0), "--num_samples=0"),
         (dict(max_new_tokens=-1), "--max_new_tokens=-1"),  # 0: as many as the block leaves
         (dict(seed=-1), "--seed=-1"),
