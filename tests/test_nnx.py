@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from jaxpt import data, hf, models, sharding
+from jaxpt import data, generate, hf, models, sharding
 from jaxpt.errors import ConfigError
 from jaxpt.nnx import checkpointers, infer, utils
 from jaxpt.nnx import models as m
@@ -451,6 +451,32 @@ def test_generate_samples_every_row_and_infer_uses_the_core_sampler():
     ids, key = infer.top_k_sampling(jnp.arange(8.0)[None].repeat(4, 0), jax.random.key(0), k=2)
     assert ids.shape == (4, 1) and set(np.asarray(ids).ravel()) <= {6, 7}
     assert not np.array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(0)))
+
+
+def test_top_k_beyond_a_small_vocabulary_samples_from_all_of_it():
+    """generate_completions' fixed top-50 refused every model whose tokenizer has fewer than
+    50 ids ('top_k=50 must be an integer in [1, 17]', an argument it does not take), and
+    top_k_sampling raised jax's errors for k above V or below 1."""
+    enc = data.CharTokenizer.from_texts(["the quick brown fox"])  # 17 ids
+    bigram, key = m.Bigram(enc.vocab_size, nnx.Rngs(0)), jax.random.key(3)
+    texts = infer.generate_completions(bigram, enc, "the", num_completions=3, max_length=9, key=key)
+    unfiltered = generate(
+        bigram.functional_params(),
+        [enc.encode("the")] * 3,
+        bigram.model_config(),
+        max_new_tokens=6,
+        temperature=0.2,
+        key=key,
+        n_tokens=enc.vocab_size,
+    )
+    assert texts == [enc.decode(row) for row in np.asarray(unfiltered.tokens).tolist()]
+    logits = jax.random.normal(jax.random.key(0), (4, 10))
+    ids, _ = infer.top_k_sampling(logits, key, k=11)
+    every_id = jax.random.categorical(jax.random.split(key)[1], logits)  # the key split first
+    np.testing.assert_array_equal(ids[:, 0], every_id)
+    for k in (0, -1):
+        with pytest.raises(ConfigError, match=f"^k={k} must be an integer >= 1\\.$"):
+            infer.top_k_sampling(logits, key, k=k)
 
 
 def test_completion_slow_and_fast_leave_masked_prefix_tokens_out():

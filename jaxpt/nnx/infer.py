@@ -12,7 +12,7 @@ import numpy as np
 from jax import Array
 
 from jaxpt import data, generation
-from jaxpt.errors import ConfigError
+from jaxpt.errors import ConfigError, check_range
 from jaxpt.nnx.models._module import FunctionalModel
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,11 @@ FORMATS = ("completion", "chatml")
 
 
 def top_k_sampling(logits: Array, key: Array, k: int = 50) -> tuple[Array, Array]:
-    """One token per row from the ``k`` most likely: ``(B, V)`` logits -> ``(ids (B, 1),
-    key)``, the key split first as the original does."""
+    """One token per row from the ``k`` most likely (all ``V`` where ``k >= V``): ``(B, V)``
+    logits -> ``(ids (B, 1), key)``, the key split first as the original does."""
+    check_range("k", k, at_least=1, integer=True)
     key, sub = jax.random.split(key)
-    ids = generation.sample(sub, logits, generation.Sampling(top_k=k))
+    ids = generation.sample(sub, logits, generation.Sampling(top_k=min(k, logits.shape[-1])))
     return ids[:, None], key
 
 
@@ -98,14 +99,15 @@ def _complete(model, enc, prompts: list[list[int]], new_tokens: int, temperature
 
 def _sample(model, enc, prompts, new_tokens: int, *, temperature, top_k, key, stop_token=None):
     """``generation.generate`` on the model's functional pair, drawing only ids ``enc`` can
-    decode (the model's vocabulary may be padded), with the original's key 1337 by default."""
+    decode (the model's vocabulary may be padded), from the ``top_k`` most likely (all of them
+    where ``enc`` has fewer), with the original's key 1337 by default."""
     return generation.generate(
         model.functional_params(),
         prompts,
         model.model_config(),
         max_new_tokens=new_tokens,
         temperature=temperature,
-        top_k=top_k,
+        top_k=min(top_k, enc.vocab_size),
         key=jax.random.key(1337) if key is None else key,
         stop_token=stop_token,
         n_tokens=enc.vocab_size,
