@@ -479,6 +479,16 @@ def test_top_k_beyond_a_small_vocabulary_samples_from_all_of_it():
             infer.top_k_sampling(logits, key, k=k)
 
 
+def test_a_max_length_within_the_prefix_is_one_sentence_naming_it():
+    """It was 'max_new_tokens=-4 must be an integer >= 1', an argument these do not take."""
+    enc = data.CharTokenizer.from_texts(["the quick brown fox"])
+    bigram = m.Bigram(enc.vocab_size, nnx.Rngs(0))
+    for complete in (infer.generate_completions, infer.generate_completion_slow):
+        for length in (3, 7):
+            with pytest.raises(ConfigError, match=rf"^max_length={length} leaves no room .* 7 "):
+                complete(bigram, enc, "the fox", max_length=length)
+
+
 def test_completion_slow_and_fast_leave_masked_prefix_tokens_out():
     bigram, key = m.Bigram(V, nnx.Rngs(0)), jax.random.key(3)
     enc = data.CharTokenizer.from_texts(["the quick brown fox jumps over a lazy dog"])

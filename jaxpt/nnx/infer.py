@@ -44,7 +44,7 @@ def generate_completions(
     enc = _tokenizer(enc)
     prompt = enc.encode(prefix)
     prompts = [prompt] * num_completions
-    return _complete(model, enc, prompts, max_length - len(prompt), temperature, key)
+    return _complete(model, enc, prompts, _new_tokens(max_length, len(prompt)), temperature, key)
 
 
 generate = generate_completions
@@ -69,12 +69,23 @@ def generate_completion_slow(
     prompt = np.asarray(enc.encode(prefix))
     keep = _prompt_mask(attn_mask, num_completions, len(prompt))
     prompts = [prompt[row].tolist() for row in keep]
-    return _complete(model, enc, prompts, max_length - len(prompt), temperature, key)
+    return _complete(model, enc, prompts, _new_tokens(max_length, len(prompt)), temperature, key)
 
 
 # The original's "fast" variant kept the prefix's mask without the new tokens' entries, so
 # no new token would be read; its caching is what the core's generation does for both.
 generate_completion_fast = generate_completion_slow
+
+
+def _new_tokens(max_length: int, prefix_length: int) -> int:
+    """The new tokens that make a prefix of ``prefix_length`` tokens ``max_length`` long;
+    ConfigError where that is none."""
+    if max_length <= prefix_length:
+        raise ConfigError(
+            f"max_length={max_length} leaves no room for new tokens after the prefix's "
+            f"{prefix_length} tokens: ask for more than {prefix_length} (the prefix included)."
+        )
+    return max_length - prefix_length
 
 
 def _prompt_mask(attn_mask, rows: int, length: int) -> np.ndarray:
