@@ -163,6 +163,34 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     assert jnp.isfinite(filter_logits(many, Sampling(temperature=1.0, top_p=1.0))).all()
 
 
+def filtered_probs64(logits: np.ndarray, temperature: float, k, p) -> np.ndarray:
+    """Reference: float64 next-token probabilities of one row after top-k, then top-p over the
+    top-k set renormalised (the smallest prefix, most likely first, whose mass reaches p)."""
+    scaled = logits.astype(np.float64) / temperature
+    order = np.argsort(-scaled, kind="stable")
+    keep = np.zeros(len(scaled), bool)
+    keep[order[: k or len(scaled)]] = True
+    probs = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
+    probs /= probs.sum()
+    if p is not None:
+        reached = np.searchsorted(np.cumsum(probs[order]), p) + 1
+        keep[order[reached:]] = False
+    probs = np.where(keep, probs, 0.0)
+    return probs / probs.sum()
+
+
+def test_sampling_probabilities_equal_a_float64_reference():
+    rng = np.random.default_rng(0)
+    for k, p, temperature in [(None, None, 0.7), (5, None, 1.0), (None, 0.6, 1.3), (8, 0.9, 0.5)]:
+        logits = rng.normal(size=(3, 40)) * 2
+        filtered = filter_logits(jnp.asarray(logits, jnp.float32), Sampling(temperature, k, p))
+        probs = np.asarray(jax.nn.softmax(filtered, axis=-1))
+        for row, got in zip(logits, probs, strict=True):
+            want = filtered_probs64(row, temperature, k, p)
+            np.testing.assert_array_equal(got > 0, want > 0)  # the same set of tokens
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_top_k_filter_and_temperature():
     logits = jnp.asarray([[1.0, 4.0, 2.0, 3.0]])
     filtered = filter_logits(logits, Sampling(temperature=2.0, top_k=2))
