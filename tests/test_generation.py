@@ -291,7 +291,7 @@ def eof():
 
 def test_default_max_new_tokens_fills_the_block_up_to_100(monkeypatch):
     # the default was 100 new tokens, refused by every smoke config (block_size 64)
-    tokenizer = data.CharTokenizer("abcdefghij ")
+    tokenizer = data.CharTokenizer("abcdefghij <|>_mn")  # ChatML's end-of-turn marker too
     asked = []
 
     def recording(generate_or_chat):
