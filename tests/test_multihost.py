@@ -22,8 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, devices: int, process: tuple[int, int, int] | None = None, steps=STEPS):
-    """A short run on ``devices`` CPU devices; ``process``: (id, count, coordinator port)."""
+def launch(workdir, devices: int, process: tuple[int, int, int] | None = None, *more, steps=STEPS):
+    """A short run on ``devices`` CPU devices; ``process``: (id, count, coordinator port);
+    ``more``: overrides after the others."""
     overrides = [
         f"--config.train.steps={steps}",
         "--config.eval.every_steps=3",
@@ -40,7 +41,9 @@ def launch(workdir, devices: int, process: tuple[int, int, int] | None = None, s
     )
     # mesh.dcn_data keeps its default, -1: the data axis spans the processes (the "slices")
     hybrid = ["--config.mesh.fsdp=2", "--config.log.shardings", "--config.log.profile_from_step=2"]
-    return launch_run(workdir, *overrides, *hybrid, "--distributed", devices=devices, env=env)
+    return launch_run(
+        workdir, *overrides, *hybrid, *more, "--distributed", devices=devices, env=env
+    )
 
 
 def finish(process) -> str:
@@ -100,7 +103,8 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
     """SIGTERM reaches a job's processes steps apart (here: one of them only); a process that
     stopped alone saved while the other stepped, and their collectives hung."""
     port = free_port()
-    hosts = [launch(tmp_path, 4, (i, 2, port), steps=10_000) for i in range(2)]
+    quick = ["--config.log.profile_from_step=0", "--config.eval.every_steps=1000"]
+    hosts = [launch(tmp_path, 4, (i, 2, port), *quick, steps=10_000) for i in range(2)]
     try:
         for line in hosts[0].stdout:
             if (logged := re.match(r"step +(\d+)/", line)) and int(logged[1]) >= 4:
