@@ -220,3 +220,14 @@ def test_prepare_with_hf_tokenizer(tmp_path):
 def _shard_tokens(manifest, shard):
 
     return data.open_shard(manifest.directory / shard.file, manifest.dtype, shard.tokens).tolist()
+
+
+def test_saved_with_the_data_an_hf_tokenizer_keeps_its_chat_template_file(tmp_path):
+    """Rows are rendered with chat_template.jinja where it is beside tokenizer.json; the copy
+    saved with the data (which training and chat read) lacked it: chat rendered ChatML."""
+    source = build_hf_tokenizer(tmp_path / "tok", eos="</s>")
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
+    (source / "chat_template.jinja").write_text(template)
+    (tmp_path / "data").mkdir()
+    data.HFTokenizer(source).save(tmp_path / "data")
+    assert data.HFTokenizer(tmp_path / "data").chat_template == template

