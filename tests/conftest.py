@@ -6,7 +6,9 @@ import atexit
 import importlib.metadata
 import os
 import shutil
+import subprocess
 import tempfile
+from pathlib import Path
 
 # Tiny test models spend their time in XLA's compiler, not in the compiled code: skip the
 # expensive LLVM passes (results are the same, compiles take about half as long), and emit
@@ -47,3 +49,15 @@ def use_devices(monkeypatch, n: int) -> list:
     monkeypatch.setattr(jax, "devices", lambda backend=None: devices)
     monkeypatch.setattr(jax, "device_count", lambda backend=None: len(devices))
     return devices
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_in_repo(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``args`` run to completion from the repository root on one CPU device, compiling with
+    ``FAST_COMPILE``, their output captured as text; ``kwargs`` go to ``subprocess.run``."""
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
+    return subprocess.run(
+        args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, **kwargs
+    )

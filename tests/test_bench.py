@@ -1,16 +1,11 @@
 """Benchmarks: each script runs at a tiny size on CPU (their figures are not checked here)."""
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from .conftest import FAST_COMPILE
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import run_in_repo
 
 
 @pytest.mark.parametrize(
@@ -23,13 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_step_benches_time_the_bigram(script, size, tmp_path):
     # they set model fields (remat_policy, sdpa_implementation, scan_layers) that the bigram
     # table has not, and stopped with a traceback
-    result = subprocess.run(
-        [sys.executable, f"bench/{script}.py", "--preset=bigram", f"--out={tmp_path}", *size],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "XLA_FLAGS": FAST_COMPILE},
-        timeout=300,
+    result = run_in_repo(
+        [sys.executable, f"bench/{script}.py", "--preset=bigram", f"--out={tmp_path}", *size]
     )
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / f"{script}.json").read_text())
@@ -46,13 +36,7 @@ def test_step_benches_time_the_bigram(script, size, tmp_path):
 )
 def test_bad_bench_flags_get_one_sentence(command, sentence, tmp_path):
     # they stopped with a traceback (compile_time.py: a TypeError from inside the model config)
-    result = subprocess.run(
-        [sys.executable, *f"bench/{command} --out={tmp_path}".split()],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    result = run_in_repo([sys.executable, *f"bench/{command} --out={tmp_path}".split()])
     assert result.returncode == 1
     assert sentence in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())

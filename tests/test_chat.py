@@ -3,9 +3,7 @@ loss, preparation of chat data, a tiny model fine-tuned on it answering in jaxpt
 ``launch.py --mode=chat``."""
 
 import json
-import os
 import string
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,9 +19,8 @@ from jaxpt.data import _prepare as data_prepare
 from jaxpt.errors import ConfigError, DataError
 from jaxpt.generation import _recent_history
 
-from .conftest import FAST_COMPILE, use_devices
+from .conftest import run_in_repo, use_devices
 
-ROOT = Path(__file__).resolve().parents[1]
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi!"},
@@ -338,7 +335,7 @@ def test_fine_tuned_model_answers_in_jaxpt_chat(fine_tuned):
 
 def test_launch_chat_answers_and_exits_on_end_of_input(fine_tuned):
     config_file, workdir, _ = fine_tuned
-    result = subprocess.run(
+    result = run_in_repo(
         [
             sys.executable,
             "launch.py",
@@ -350,11 +347,6 @@ def test_launch_chat_answers_and_exits_on_end_of_input(fine_tuned):
             "--max_new_tokens=20",
         ],
         input="hi\n",
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "XLA_FLAGS": FAST_COMPILE},
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "> hey\n" in result.stdout
