@@ -406,3 +406,23 @@ def test_a_message_the_model_cannot_take_is_left_out_and_the_chat_goes_on(monkey
     # what would refuse every message is refused before the first is read
     with pytest.raises(DataError, match="character '2' is not in the char vocabulary"):
         launcher.converse(config, "unused", launcher.SampleOptions(system_prompt="be 2"))
+
+
+def test_prepare_warns_when_chat_could_not_use_the_template(tmp_path, caplog):
+    """A template with no end-of-turn marker after a reply trains, but chat refuses it: prepare
+    says so before the hours of training, not chat after them."""
+    word_tokenizer(tmp_path)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    args = str(tmp_path / "d.jsonl"), str(tmp_path), None, "train", "messages", 32
+    data_prepare.chat_source(*args)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # TEMPLATE ends with </t>
+    config = {
+        "bos_token": "<s>",
+        "eos_token": "</t>",
+        "chat_template": TEMPLATE.replace("</t>", ""),
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    data_prepare.chat_source(*args)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].endswith("can be sampled but not chatted with")
+    assert "does not end an assistant's turn with a marker" in warnings[0]

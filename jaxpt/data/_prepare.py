@@ -41,7 +41,14 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from jaxpt.data._chat import CHATML, chat_row, chat_template, check_messages, plain_text
+from jaxpt.data._chat import (
+    CHATML,
+    chat_row,
+    chat_template,
+    check_messages,
+    end_of_turn,
+    plain_text,
+)
 from jaxpt.data._shards import (
     MANIFEST,
     MAX_SHARD_TOKENS,
@@ -203,7 +210,12 @@ def chat_source(
     source = dataset_source(dataset, tokenizer, config_name, split)
     del source["text_field"]
     name = source["tokenizer"]
-    template = CHATML if name == "char" else chat_template(get_tokenizer(name))
+    if name == "char":
+        template = CHATML
+    else:
+        tok = get_tokenizer(name)
+        template = chat_template(tok)
+        _warn_without_end_of_turn(tok, template)
     return {
         **source,
         "format": "chat",
@@ -211,6 +223,15 @@ def chat_source(
         "row_tokens": block_size + 1,
         "chat_template": template,
     }
+
+
+def _warn_without_end_of_turn(tok: Tokenizer, template: str) -> None:
+    """A warning where chat (``jaxpt.chat``, ``--mode=chat``) could not use a model trained
+    on rows of ``template``: it finds no end-of-turn marker after a reply."""
+    try:
+        end_of_turn(tok, template)
+    except DataError as e:
+        logging.warning("%s: a model trained on this data can be sampled but not chatted with", e)
 
 
 def _is_chat(source: dict) -> bool:
