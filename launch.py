@@ -52,6 +52,25 @@ flags.DEFINE_float("top_p", _DEFAULTS.top_p, "generate, chat: nucleus mass to ke
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "generate, chat: sampling seed.")
 flags.DEFINE_string("system_prompt", _DEFAULTS.system_prompt, "chat: system message (none: '').")
 flags.mark_flags_as_required(["config", "workdir"])
+# the modes each sampling flag applies to (elsewhere it would be ignored: refused instead)
+_FLAG_MODES = {
+    "prompt": ("generate",),
+    "num_samples": ("generate",),
+    **dict.fromkeys(
+        ["max_new_tokens", "temperature", "top_k", "top_p", "seed"], ("generate", "chat")
+    ),
+    "system_prompt": ("chat",),
+}
+
+
+def _check_flags_apply(mode: str) -> None:
+    """Exits with one sentence when a sampling flag given is one ``mode`` ignores."""
+    for name, modes in _FLAG_MODES.items():
+        if flags.FLAGS[name].present and mode not in modes:
+            sys.exit(
+                f"launch.py: --{name} applies to --mode={' and --mode='.join(modes)}, not "
+                f"--mode={mode}; leave it out."
+            )
 
 
 def main(argv):
@@ -61,6 +80,7 @@ def main(argv):
         )
     logging.set_verbosity(logging.WARNING)  # orbax and absl narrate every save at INFO
     f = flags.FLAGS
+    _check_flags_apply(f.mode)
     options = launcher.SampleOptions(
         prompt=f.prompt,
         num_samples=f.num_samples,

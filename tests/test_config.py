@@ -303,6 +303,15 @@ def run_launch(*args, cwd=ROOT):
             "--distributed could not join a cluster",
         ),
         # AttributeError tracebacks: a file that is no preset
+        # sampling flags another mode ignored
+        (
+            ["--config=configs/gpt.py:smoke", "--temperature=0.5"],
+            "--temperature applies to --mode=generate and --mode=chat, not --mode=train; leave",
+        ),
+        (
+            ["--config=configs/gpt.py:smoke", "--mode=chat", "--prompt=hi"],
+            "--prompt applies to --mode=generate, not --mode=chat; leave it out.",
+        ),
         (["--config=a_file"], "--config=a_file: 'a_file' is not a Python file; name a preset"),
         (["--config=no_get_config.py"], "'no_get_config.py' defines no get_config(arg); name"),
         (["--config=returns_a_dict.py"], "get_config did not return a run config with the"),
@@ -317,6 +326,8 @@ def run_launch(*args, cwd=ROOT):
         "empty workdir",
         "positional argument",
         "distributed without a cluster",
+        "a sampling flag in training",
+        "a generate flag in chat",
         "config not python",
         "config without get_config",
         "config not a run config",
