@@ -225,6 +225,10 @@ def test_cli(tmp_path):
         "error: flag --shard_tokens=many: invalid literal for int() with base 10: 'many'; "
         "see --help"
     ]
+    run = subprocess.run([*cmd, "--block_size=64"], capture_output=True, text=True)  # ignored
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        "error: --block_size applies to --format=chat; leave it out"
+    ]
 
 
 def test_ctrl_c_with_workers_is_one_line(book, tmp_path):

@@ -57,11 +57,18 @@ _MESSAGES_FIELD = flags.DEFINE_string(
 )
 
 
+# the --format each format-specific flag applies to (under the other it would be ignored)
+_FLAG_FORMAT = {"text_field": "text", "block_size": "chat", "messages_field": "chat"}
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit(
             f"error: unexpected arguments {' '.join(argv[1:])!r}; pass everything as --flag=value"
         )
+    for name, format in _FLAG_FORMAT.items():
+        if flags.FLAGS[name].present and _FORMAT.value != format:
+            sys.exit(f"error: --{name} applies to --format={format}; leave it out")
     # `datasets` imports torch where installed (~3 s) for every streamed source; prepare has no
     # use for torch tensors
     os.environ.setdefault("USE_TORCH", "0")
