@@ -18,7 +18,14 @@ from jaxpt.data import _prepare, _resolve
 
 from . import test_data_prepare
 from .conftest import use_devices
-from .test_data_prepare import files_in, one_sentence, paragraph_jsonl, run_data, tokens_of
+from .test_data_prepare import (
+    assert_same_files,
+    files_in,
+    one_sentence,
+    paragraph_jsonl,
+    run_data,
+    tokens_of,
+)
 
 book = test_data_prepare.book  # the shared test text (a fixture)
 
@@ -106,12 +113,6 @@ def test_a_killed_preparation_resumes_to_the_same_bytes(hub, tmp_path, monkeypat
     resumed = ensure(tmp_path / "cache", 60)
     assert resumed.directory.name == whole.name
     assert_same_files(resumed.directory, whole)
-
-
-def assert_same_files(a: Path, b: Path) -> None:
-    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
-    for path in a.iterdir():
-        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
 
 
 def test_a_longer_run_extends_the_cache_and_a_shorter_one_reads_its_part(hub, tmp_path):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +51,13 @@ def run_data(dataset, tokenizer="gpt2", max_tokens=0) -> types.SimpleNamespace:
 def files_in(directory: Path) -> dict[str, int]:
     """name -> mtime_ns of every file in `directory`."""
     return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    """`a` and `b` hold the same file names, each with the same bytes."""
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for path in a.iterdir():
+        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
 
 
 def test_text_file_round_trips(book, tmp_path):
@@ -174,16 +182,32 @@ def test_embedded_corpus_is_prepared_once(tmp_path):
 
 
 def test_embedded_corpus_that_cannot_be_prepared_is_one_sentence(tmp_path):
-    """Tracebacks: JAXPT_CACHE_DIR a file (NotADirectoryError), a damaged cache directory
-    without its manifest (OSError: Directory not empty)."""
+    """A traceback: JAXPT_CACHE_DIR a file (NotADirectoryError)."""
     (tmp_path / "a_file").write_text("a user's file")
-    damaged = data.prepare_embedded(tmp_path / "cache").directory
-    (damaged / "manifest.json").unlink()
-    for cache in (tmp_path / "a_file", tmp_path / "cache"):
-        with pytest.raises(errors.DataError, match="cannot prepare the embedded corpus in ") as e:
-            data.ensure_prepared(run_data("embedded"), cache)
-        one_sentence(e)
+    with pytest.raises(errors.DataError, match="cannot prepare the embedded corpus in ") as e:
+        data.ensure_prepared(run_data("embedded"), tmp_path / "a_file")
+    one_sentence(e)
     assert (tmp_path / "a_file").read_text() == "a user's file"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: (d / "manifest.json").unlink(),  # was: "cannot prepare ... (Directory not empty)"
+        lambda d: (d / "train_000003.bin").unlink(),  # was: advice to re-run a prepare command
+        lambda d: (d / "train_000005.bin").write_bytes(b"\0" * 2000),  # that no one ran
+    ],
+)
+def test_a_damaged_embedded_cache_is_repaired(tmp_path, damage):
+    """A cache cleaner that deletes old files leaves the embedded corpus's cache damaged; the
+    next run rewrites what is missing rather than failing on every run."""
+    fresh = data.prepare_embedded(tmp_path / "fresh").directory
+    cached = tmp_path / "cache" / fresh.name
+    shutil.copytree(fresh, cached)
+    damage(cached)
+    manifest = data.ensure_prepared(run_data("embedded"), tmp_path / "cache")
+    assert manifest.directory == cached
+    assert_same_files(cached, fresh)
 
 
 def test_cli(tmp_path):

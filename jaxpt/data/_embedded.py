@@ -10,11 +10,13 @@ tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from jaxpt.data._prepare import prepare_documents, resolve_tokenizer_name
@@ -42,42 +44,70 @@ def prepare_embedded(cache_dir: str | os.PathLike, tokenizer: str = "gpt2") -> M
     """The embedded corpus as shards under `cache_dir`, prepared on the first call.
 
     Safe when several processes share `cache_dir`: each prepares into a temporary directory
-    and renames it into place; the first rename wins and the others use its result.
+    and renames it into place; the first rename wins and the others use its result. A cache
+    damaged since (a shard or the manifest deleted or cut short, by a cache cleaner say) is
+    repaired in place, as re-running `jaxpt.data.prepare` repairs the data it wrote.
     """
     texts = embedded_documents()
     name = resolve_tokenizer_name(tokenizer)
     final = (
         Path(cache_dir) / f"embedded-{tokenizer_key(name)}-{_digest(chr(0).join(texts).encode())}"
     )
-    if not (final / MANIFEST).is_file():
-        source = {
-            "dataset": EMBEDDED,
-            "corpus": "pydoc_data.topics",
-            "python": platform.python_version(),
-            "tokenizer": name,
-        }
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            prepare_documents(
-                lambda skip: texts[skip:],
-                source,
-                tmp,
-                shard_tokens=EMBEDDED_SHARD_TOKENS,
-                val_tokens=EMBEDDED_SHARD_TOKENS,
-                max_tokens=0,
-                workers=1,
-                progress=False,
-            )
-            os.rename(tmp, final)
-        except OSError as e:
-            if not (final / MANIFEST).is_file():  # else lost the race: another process's is there
-                raise DataError(
-                    f"cannot prepare the embedded corpus in {final} ({e.strerror}); set "
-                    "JAXPT_CACHE_DIR to a writable directory with room"
-                ) from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return load_manifest(final)
+    source = {
+        "dataset": EMBEDDED,
+        "corpus": "pydoc_data.topics",
+        "python": platform.python_version(),
+        "tokenizer": name,
+    }
+    if not final.exists():
+        with _cache_errors(final):
+            _prepare_beside(texts, source, final)
+    try:
+        return load_manifest(final)
+    except DataError:
+        with _cache_errors(final):
+            _prepare(texts, source, final)  # rewrites what is damaged or missing
+        return load_manifest(final)
+
+
+def _prepare_beside(texts: list[str], source: dict, final: Path) -> None:
+    """Prepares `texts` in a temporary directory beside `final`, then renames it to `final`;
+    a process that another's rename beat uses that one."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        _prepare(texts, source, tmp)
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / MANIFEST).is_file():  # else lost the race: another process's is there
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare(texts: list[str], source: dict, out: Path) -> None:
+    """Prepares `texts` as shards in `out`, or repairs those there."""
+    prepare_documents(
+        lambda skip: texts[skip:],
+        source,
+        out,
+        shard_tokens=EMBEDDED_SHARD_TOKENS,
+        val_tokens=EMBEDDED_SHARD_TOKENS,
+        max_tokens=0,
+        workers=1,
+        progress=False,
+    )
+
+
+@contextlib.contextmanager
+def _cache_errors(final: Path) -> Iterator[None]:
+    """Turns an OSError while preparing the cache directory `final` into one sentence."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(
+            f"cannot prepare the embedded corpus in {final} ({e.strerror}); set "
+            "JAXPT_CACHE_DIR to a writable directory with room"
+        ) from None
 
 
 def _digest(data: bytes) -> str:
