@@ -104,6 +104,11 @@ def test_token_counts_are_remembered_until_a_file_changes(prepared, tmp_path, mo
     "name, write, match",
     [
         ("a_train_1.bin", lambda p: write_llmc(p, [1, 2], magic=20240521), "is not a token shard"),
+        (  # nanoGPT's headerless uint16 tokens: the advice names what to do with them
+            "a_train_1.bin",
+            lambda p: np.arange(600, dtype=np.uint16).tofile(p),
+            r"is not a token shard .*save them as a 1-D \.npy array",
+        ),
         ("a_train_1.bin", lambda p: write_llmc(p, [1, 2], version=2), "has header version 2"),
         ("a_train_1.bin", lambda p: write_llmc(p, [1, 2, 3], count=5), "it is truncated"),
         ("a_train_1.bin", lambda p: write_llmc(p, [1, 2, 3], count=2), "it is too long"),

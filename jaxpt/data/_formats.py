@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxpt.data._shards import Manifest, Shard, ShardProblem, open_shard, shard_info, write_atomic
+from jaxpt.data._shards import (
+    Manifest,
+    NotAShard,
+    Shard,
+    ShardProblem,
+    open_shard,
+    shard_info,
+    write_atomic,
+)
 from jaxpt.data._tokenizers import HFTokenizer, Tokenizer, get_tokenizer
 from jaxpt.errors import DataError
 
@@ -68,6 +76,11 @@ def _tokenizer(name: str, directory: Path) -> tuple[Tokenizer, dict]:
 def _checked_info(path: Path) -> tuple[str, int]:
     try:
         return shard_info(path)
+    except NotAShard as e:  # often bare tokens: nanoGPT's train.bin has no header
+        raise DataError(
+            f"shard {path} {e}; for bare tokens without llm.c's header (nanoGPT's train.bin), "
+            "save them as a 1-D .npy array, or prepare the text with python -m jaxpt.data.prepare"
+        ) from None
     except ShardProblem as e:
         raise DataError(f"shard {path} {e}; replace it with an intact copy") from None
 

@@ -66,6 +66,10 @@ class ShardProblem(DataError):
     """A shard file that cannot be read as it says (its text lacks the file's name)."""
 
 
+class NotAShard(ShardProblem):
+    """A .bin file without llm.c's header (bare tokens, such as nanoGPT's train.bin)."""
+
+
 def _size_problem(size: int, offset: int, tokens: int, dtype: np.dtype) -> None:
     expected = offset + tokens * dtype.itemsize
     if size != expected:
@@ -84,7 +88,7 @@ def _llmc_info(path: Path, size: int) -> tuple[str, int]:
     magic, version, count = (int(v) for v in np.fromfile(path, dtype="<i4", count=3))
     dtype = _DTYPE_OF_MAGIC.get(magic)
     if dtype is None:
-        raise ShardProblem(
+        raise NotAShard(
             f"is not a token shard (header magic {magic}, version {version}; llm.c's are "
             f"{_HEADERS['uint16'][0]} for uint16 and {_HEADERS['uint32'][0]} for uint32 tokens)"
         )
