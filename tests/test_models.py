@@ -247,8 +247,33 @@ def test_mfu_counts_the_experts_a_token_uses(name, experts_per_token):
     assert cfg.n_params == total
     assert cfg.n_active_params == round(total - skipped)
     assert (skipped > 0) == (experts_per_token is not None)
-    attention = 12 * cfg.n_layer * cfg.n_embed * cfg.block_size
-    assert cfg.flops_per_token == 6 * cfg.n_active_params + attention
+
+
+def multiply_adds_per_token(cfg) -> float:
+    """A forward pass's multiply-adds per token, matmul by matmul from the config's shapes:
+    attention's projections (K key/value heads) and its scores and weighted sum over T
+    positions, each mixer's (a top-k router and ``top_k`` experts; Soft MoE's slot logits, one
+    expert per slot, dispatch and combine over its S slots), the read-out."""
+    d, f, t = cfg.n_embed, cfg.n_mlp_hidden, cfg.block_size
+    kv = cfg.n_kv_head * cfg.head_dim
+    expert = (3 if cfg.moe_expert == "glu" else 2) * d * f
+    slots = None if cfg.n_experts is None else cfg.n_experts * (t // cfg.n_experts)
+    mixer = {
+        "mlp": lambda: 2 * d * f,
+        "glu": lambda: 3 * d * f,
+        "moe": lambda: d * cfg.n_experts + cfg.top_k * expert,
+        "soft_moe": lambda: d * slots + expert * slots / t + 2 * slots * d,
+    }
+    layer = lambda kind: 2 * d * d + 2 * d * kv + 2 * t * d + mixer[kind]()
+    return cfg.repeats * sum(layer(kind) for kind in cfg.mixer_pattern) + cfg.vocab_size * d
+
+
+@pytest.mark.parametrize("name", [n for n in models.names() if n != "bigram"])
+def test_flops_per_token_counts_every_matmul(name):
+    # 2 FLOPs a multiply-add, 3 passes (forward, and backward for inputs and weights); what
+    # 6 N counts beyond the matmuls (position table, biases, norms) is under 1%
+    cfg = models.get(name).default_config()
+    np.testing.assert_allclose(cfg.flops_per_token, 6 * multiply_adds_per_token(cfg), rtol=0.01)
 
 
 def test_bf16_compute_keeps_float32_params_and_logits():

@@ -333,15 +333,20 @@ class ModelConfig(_Fields):
 
     @property
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: ``6 N + 12 L D T`` (PaLM appendix B; nanoGPT's MFU).
+        """Training FLOPs per token: ``6 N + 12 L D T`` (PaLM appendix B; nanoGPT's MFU), plus
+        Soft MoE's ``12 S D`` per Soft MoE layer.
 
         ``6 N`` is the forward and backward matmuls over the ``N`` active parameters
         (``n_active_params``: tied embedding counted once, position table included, as the
         torch reference counts; a mixture of experts counts the experts a token uses, as
         MaxText and PaLM do); ``12 L D T`` is attention's scores and weighted sum at sequence
-        length ``T = block_size``.
+        length ``T = block_size``; a Soft MoE layer's dispatch and combine over its
+        ``S = n_experts * (block_size // n_experts)`` slots are the same kind of matmul
+        (``Mixer.mixing_flops``).
         """
-        return 6.0 * self.n_active_params + 12.0 * self.n_layer * self.n_embed * self.block_size
+        attention = 12.0 * self.n_layer * self.n_embed * self.block_size
+        mixing = self.repeats * sum(MIXERS[kind].mixing_flops(self) for kind in self.mixer_pattern)
+        return 6.0 * self.n_active_params + attention + mixing
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -35,7 +35,9 @@ class Mixer(NamedTuple):
     independent of the tokens after ``t``; ``cacheable(cfg)`` says whether it also never changes
     as the sequence grows, so that the keys and values of earlier tokens can be cached while
     generating; ``experts_per_token(cfg)`` is how many experts' worth of the layer's
-    ``experts`` params one token runs through (None: a dense layer).
+    ``experts`` params one token runs through (None: a dense layer); ``mixing_flops(cfg)`` is
+    the training FLOPs per token of its matmuls whose second operand is activations, not
+    params (Soft MoE's dispatch and combine), which ``6 N`` does not count.
     """
 
     init: Callable
@@ -45,6 +47,7 @@ class Mixer(NamedTuple):
     causal: Callable = lambda cfg: True
     cacheable: Callable = lambda cfg: True
     experts_per_token: Callable = lambda cfg: None
+    mixing_flops: Callable = lambda cfg: 0
 
 
 def _dense(init_fn: Callable, apply_fn: Callable) -> Mixer:
@@ -177,5 +180,8 @@ MIXERS: dict[str, Mixer] = {
         cacheable=lambda cfg: False,
         # every slot runs one expert: E * slots expert passes per sequence of block_size tokens
         experts_per_token=lambda cfg: cfg.n_experts * _soft_moe_slots(cfg) / cfg.block_size,
+        # dispatch (slots from tokens) and combine (tokens from slots): 2 S D forward FLOPs
+        # each per token over the S = E * slots slots, three times that with the backward
+        mixing_flops=lambda cfg: 12 * cfg.n_experts * _soft_moe_slots(cfg) * cfg.n_embed,
     ),
 }
