@@ -312,6 +312,7 @@ def evaluate(config, workdir: str | Path) -> Path | None:
     check_writable_directory(Path(workdir) / "eval", "--workdir")
     mesh = sharding.make_mesh(config.mesh)
     train.check_batch_fits_mesh(config, mesh)
+    train.check_experts_fit_mesh(config, mesh)
     tokenizer = _tokenizer_of(config, workdir)
     runners = _task_runners(config, tasks, mesh, tokenizer)
     loaded = load_params(config, workdir, "evaluating", tokenizer)

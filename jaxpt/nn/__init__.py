@@ -60,9 +60,11 @@ from jaxpt.nn._moe import MoE as MoE
 from jaxpt.nn._moe import MoESpec as MoESpec
 from jaxpt.nn._moe import Routing as Routing
 from jaxpt.nn._moe import SoftMoE as SoftMoE
+from jaxpt.nn._moe import check_grouped_matmul as check_grouped_matmul
 from jaxpt.nn._moe import combine_rows as combine_rows
 from jaxpt.nn._moe import expert_capacity as expert_capacity
 from jaxpt.nn._moe import expert_linear as expert_linear
+from jaxpt.nn._moe import expert_parallel_axes as expert_parallel_axes
 from jaxpt.nn._moe import expert_rows as expert_rows
 from jaxpt.nn._moe import experts as experts
 from jaxpt.nn._moe import gather_rows as gather_rows

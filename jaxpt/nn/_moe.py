@@ -549,9 +549,7 @@ def sharded_route_and_dispatch(
     if not batch_axes:
         return run(p, x, probs, valid)
     weight_spec = activation_sharding_of(p.up.weight.shape, ("expert", None, "mlp")).spec
-    expert_axes = _axes_of(weight_spec[0])
-    if not set(expert_axes) <= set(batch_axes):  # split experts only where the tokens are
-        expert_axes = ()
+    expert_axes = expert_parallel_axes(weight_spec[0], batch_axes)
     if expert_axes:
         groups = math.prod(batch.mesh.shape[a] for a in expert_axes)
         run_experts = functools.partial(expert_parallel_experts, axes=expert_axes, n_groups=groups)
@@ -564,6 +562,24 @@ def sharded_route_and_dispatch(
         in_specs=(_expert_specs(p, expert_axes, mlp_axes), rows, rows, rows),
         out_specs=rows,
     )(p, x, probs, valid)
+
+
+def expert_parallel_axes(expert_entry, batch_axes: tuple[str, ...]) -> tuple[str, ...]:
+    """The mesh axes that send expert rows to other devices: those splitting the experts
+    (``expert_entry``, the PartitionSpec entry of their ``"expert"`` dimension) when every one
+    of them also splits the batch (the tokens), else none."""
+    expert_axes = _axes_of(expert_entry)
+    return expert_axes if set(expert_axes) <= set(batch_axes) else ()
+
+
+def check_grouped_matmul(grouped_matmul: str, expert_axes: tuple[str, ...]) -> None:
+    """Raises ConfigError where ragged experts (``grouped_matmul``) would be split over the
+    mesh ``expert_axes`` (:func:`expert_parallel_axes`): the all-to-alls move padded rows."""
+    if grouped_matmul == "ragged" and expert_axes:
+        raise ConfigError(
+            "model.moe_matmul='ragged' cannot split the experts over the mesh (mesh.expert > 1); "
+            "use model.moe_matmul='padded'."
+        )
 
 
 def expert_parallel_experts(
@@ -584,11 +600,7 @@ def expert_parallel_experts(
     fixed-size buffers: the padded layout (``jax.lax.ragged_all_to_all`` would move the
     ragged one's).
     """
-    if group_sizes is not None:
-        raise ConfigError(
-            "model.moe_matmul='ragged' cannot split the experts over the mesh (mesh.expert > 1); "
-            "use model.moe_matmul='padded'."
-        )
+    check_grouped_matmul("padded" if group_sizes is None else "ragged", axes)
     local_experts, d = p.up.weight.shape[0], x.shape[-1]
     to_group = x.reshape(n_groups, local_experts, -1, d)  # by destination group
     from_group = jax.lax.all_to_all(to_group, axes, 0, 0)  # by source device

@@ -8,6 +8,7 @@ from jaxpt.train._checkpoint import trained_checkpoints as trained_checkpoints
 from jaxpt.train._loop import Interrupted as Interrupted
 from jaxpt.train._loop import NonFiniteError as NonFiniteError
 from jaxpt.train._loop import check_batch_fits_mesh as check_batch_fits_mesh
+from jaxpt.train._loop import check_experts_fit_mesh as check_experts_fit_mesh
 from jaxpt.train._loop import train as train
 from jaxpt.train._loop import validate_config as validate_config
 from jaxpt.train._loop import validation_data as validation_data

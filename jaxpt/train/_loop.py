@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpt import data, evals, models, sharding
+from jaxpt import data, evals, models, nn, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog
@@ -83,6 +83,20 @@ def check_batch_fits_mesh(config, mesh) -> None:
             f"train.grad_accum_steps={config.train.grad_accum_steps}) does not divide over the "
             f"{shards} devices of the batch mesh axes; make it a multiple of {shards}."
         )
+
+
+def check_experts_fit_mesh(config, mesh) -> None:
+    """Ragged top-k experts (``model.moe_matmul``) cannot be split over the devices that
+    share the batch (expert parallelism moves the padded rows); said before anything runs,
+    not when the step is traced."""
+    cfg = models.config_from(config.model)
+    if not (isinstance(cfg, models.ModelConfig) and "moe" in cfg.mixer_pattern):
+        return
+    rules = config.mesh.rules
+    spec = sharding.spec_for((cfg.n_experts,), ("expert",), mesh, rules)
+    nn.check_grouped_matmul(
+        cfg.moe_matmul, nn.expert_parallel_axes(spec[0], sharding.batch_axes(mesh, rules))
+    )
 
 
 def validation_data(config, manifest: data.Manifest, batch_sh) -> data.Loader:
@@ -347,6 +361,7 @@ def _prepare(config) -> _Run:
     model_cfg = models.config_from(config.model)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh)
+    check_experts_fit_mesh(config, mesh)
     batch_size, seq_len = config.train.batch_size, model_cfg.block_size
     need = data.tokens_needed(config.train.steps, batch_size, seq_len, config.eval.batches)
     manifest = data.ensure_prepared(config.data, need=need)
