@@ -164,6 +164,24 @@ def test_decoupled_weight_decay_is_lr_times_weight_decay(optimizer):
     np.testing.assert_array_equal(new.ln_1.scale, old.ln_1.scale)
 
 
+@pytest.mark.parametrize(
+    "device_kind, tflops",  # jax's device_kind strings and the datasheets' dense bf16 peaks
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA A100-SXM4-40GB", 312),
+        ("TPU v4", 275),
+        ("TPU v5 lite", 197),  # v5e
+        ("TPU v5", 459),  # v5p: was None, so a v5p run reported no MFU
+        ("TPU v6 lite", 918),  # v6e
+        ("cpu", None),
+    ],
+)
+def test_peak_flops_by_device_kind(device_kind, tflops):
+    peak = train.peak_flops(device_kind)
+    assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
+
+
 def test_gradient_accumulation_equals_one_big_step():
     config = char_config(batch_size=8)
     cfg = models.config_from(config.model)

@@ -13,7 +13,8 @@ import numpy as np
 
 from jaxpt.errors import ConfigError
 
-# Dense bf16 peak FLOP/s of one device, by a substring of jax's device_kind (datasheets).
+# Dense bf16 peak FLOP/s of one device, by a substring of jax's device_kind (datasheets); the
+# first match counts.
 PEAK_FLOPS = {
     "H100": 989.4e12,
     "H200": 989.4e12,
@@ -21,13 +22,14 @@ PEAK_FLOPS = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p's device_kind (after v5e's "TPU v5 lite", which it is part of)
     "TPU v6": 918e12,
 }
 
 
 def peak_flops(device_kind: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a device kind, or None where unknown (e.g. CPUs)."""
+    """Peak dense bf16 FLOP/s of a device kind (``jax.Device.device_kind``, e.g. ``"NVIDIA H100
+    80GB HBM3"``, ``"TPU v5 lite"``), or None where unknown (e.g. CPUs)."""
     return next((v for k, v in PEAK_FLOPS.items() if k.lower() in device_kind.lower()), None)
 
 
