@@ -168,6 +168,8 @@ def test_decoupled_weight_decay_is_lr_times_weight_decay(optimizer):
     "device_kind, tflops",  # jax's device_kind strings and the datasheets' dense bf16 peaks
     [
         ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.5),  # was the SXM's 989.4: MFU 0.76 times the true one
+        ("NVIDIA H100 NVL", 835.5),
         ("NVIDIA H200", 989.4),
         ("NVIDIA A100-SXM4-40GB", 312),
         ("TPU v4", 275),

@@ -16,7 +16,9 @@ from jaxpt.errors import ConfigError
 # Dense bf16 peak FLOP/s of one device, by a substring of jax's device_kind (datasheets); the
 # first match counts.
 PEAK_FLOPS = {
-    "H100": 989.4e12,
+    "H100 PCIe": 756.5e12,
+    "H100 NVL": 835.5e12,
+    "H100": 989.4e12,  # SXM
     "H200": 989.4e12,
     "A100": 312e12,
     "TPU v4": 275e12,
