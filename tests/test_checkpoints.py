@@ -18,7 +18,7 @@ import pytest
 
 from jaxpt import launcher, models, train
 from jaxpt.hf.__main__ import export_checkpoint
-from jaxpt.train import _metrics
+from jaxpt.train import _checkpoint, _metrics
 
 from .test_train import char_config, final_params, launch, train_losses
 
@@ -456,3 +456,17 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, steps + 1))
     assert sorted(r["step"] for r in records if "val_loss" in r) == list(range(1, steps + 1))
     assert train_losses(killed) == train_losses(tmp_path / "straight")
+
+
+def test_a_step_another_process_cannot_read_is_skipped_by_every_process(workdir, monkeypatch):
+    """Several processes each read their part of a checkpoint: where one of them cannot (its
+    files alone damaged), the others read an older step too, instead of resuming apart."""
+    others = iter([False])  # another process's answer for the newest step; then all read
+
+    def every_process(readable: bool) -> bool:
+        return readable and next(others, True)
+
+    monkeypatch.setattr(_checkpoint, "_every_process", every_process)
+    before = snapshot(workdir)
+    assert train.latest_params(trained_config(), workdir)[0] == 2  # this process read 4
+    assert snapshot(workdir) == before

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -158,21 +159,25 @@ class Checkpoints:
     def _newest_readable(self, restore: Callable[[int], dict]) -> tuple[int, dict] | None:
         """``(step, restore(step))`` for the newest step ``restore`` can read, or None;
         unreadable newer steps are skipped with a warning (and, unless read only, moved
-        aside)."""
+        aside). Over several processes a step is read where every process could read its
+        part: damage to one process's files alone would have them resume different steps."""
         unreadable = []
         restored = None
         for step in reversed(self.steps()):
             try:
-                restored = step, restore(step)
-                break
+                items = restore(step)
             except _Unreadable as error:
+                items = None
                 log.warning(
                     "Checkpoint %s in %s cannot be read (%s); trying the previous one.",
                     step,
                     self.directory,
                     error,
                 )
-                unreadable.append(step)
+            if _every_process(items is not None):
+                restored = step, items
+                break
+            unreadable.append(step)
         if unreadable and not self.read_only:
             self._move_aside(unreadable)
         return restored
@@ -285,6 +290,13 @@ def has_checkpoint(workdir: str | Path) -> bool:
     step); reads none."""
     directory = Path(workdir) / "checkpoints"
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _every_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (all of them call this together)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def trained_checkpoints(workdir: str | Path, *, or_init_from: bool = False) -> Path:
