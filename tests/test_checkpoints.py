@@ -458,7 +458,9 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert train_losses(killed) == train_losses(tmp_path / "straight")
 
 
-def test_a_step_another_process_cannot_read_is_skipped_by_every_process(workdir, monkeypatch):
+def test_a_step_another_process_cannot_read_is_skipped_by_every_process(
+    workdir, monkeypatch, caplog
+):
     """Several processes each read their part of a checkpoint: where one of them cannot (its
     files alone damaged), the others read an older step too, instead of resuming apart."""
     others = iter([False])  # another process's answer for the newest step; then all read
@@ -470,3 +472,4 @@ def test_a_step_another_process_cannot_read_is_skipped_by_every_process(workdir,
     before = snapshot(workdir)
     assert train.latest_params(trained_config(), workdir)[0] == 2  # this process read 4
     assert snapshot(workdir) == before
+    assert "Checkpoint 4: another process cannot read its part." in caplog.text

@@ -177,6 +177,8 @@ class Checkpoints:
             if _every_process(items is not None):
                 restored = step, items
                 break
+            if items is not None:
+                log.warning("Checkpoint %s: another process cannot read its part.", step)
             unreadable.append(step)
         if unreadable and not self.read_only:
             self._move_aside(unreadable)
