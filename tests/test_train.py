@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpt import data, models, sharding, train
+from jaxpt import data, models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
 
@@ -182,6 +182,97 @@ def test_decoupled_weight_decay_is_lr_times_weight_decay(optimizer):
 def test_peak_flops_by_device_kind(device_kind, tflops):
     peak = train.peak_flops(device_kind)
     assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
+
+
+def reference_steps(optimizer: str, t, params: list, grads: list, arrays: list) -> list:
+    """A float64 numpy re-implementation of ``len(grads)`` steps of ``train.optimizer`` with
+    the train config ``t`` (schedule, global-norm clipping, ``b1``, ``b2``, ``eps``, decoupled
+    or L2 decay) on lists of arrays; ``arrays[i]`` is ``(decayed, muon, n_stacked)`` of array
+    ``i``, whose ``n_stacked`` leading axes are layers, each its own matrix (Muon's
+    orthogonalisation, Adafactor's RMS)."""
+    p = [np.asarray(x, np.float64) for x in params]
+    m, v = [np.zeros_like(x) for x in p], [np.zeros_like(x) for x in p]
+    for k, g in enumerate(grads, start=1):
+        norm = math.sqrt(sum(np.sum(np.square(x)) for x in g))
+        g = [x * min(1.0, t.grad_clip / norm) if t.grad_clip else x for x in g]
+        lr = float(train.learning_rate(t)(k - 1))
+        for i, (decayed, muon, n_stacked) in enumerate(arrays):
+            x, gi = p[i], g[i]
+            decay = t.weight_decay * decayed * x
+            if optimizer == "adam":  # L2: the decay joins the gradient
+                gi, decay = gi + decay, 0.0
+            if optimizer in ("adam", "adamw") or (optimizer == "muon" and not muon):
+                m[i] = t.b1 * m[i] + (1 - t.b1) * gi
+                v[i] = t.b2 * v[i] + (1 - t.b2) * gi**2
+                u = m[i] / (1 - t.b1**k) / (np.sqrt(v[i] / (1 - t.b2**k)) + t.eps)
+            elif optimizer == "lion":
+                u = np.sign(t.b1 * m[i] + (1 - t.b1) * gi)
+                m[i] = t.b2 * m[i] + (1 - t.b2) * gi
+            elif optimizer == "adafactor":  # optax's defaults; no dimension reaches 128: unfactored
+                rate = 1 - k**-0.8
+                v[i] = rate * v[i] + (1 - rate) * (gi**2 + 1e-30)
+                u = layers(gi / np.sqrt(v[i]), n_stacked)
+                u = u / np.maximum(1.0, rms(u)) * np.maximum(rms(layers(x, n_stacked)), 1e-3)
+            else:  # Muon: Nesterov momentum 0.95, orthogonalised, scaled to AdamW's RMS
+                m[i] = 0.95 * m[i] + 0.05 * gi
+                nesterov = 0.95 * m[i] / (1 - 0.95 ** (k + 1)) + 0.05 * gi / (1 - 0.95**k)
+                u = np.stack([newton_schulz(a) for a in layers(nesterov, n_stacked)])
+                u = u * math.sqrt(max(x.shape[-2:])) * 0.2
+            p[i] = x - lr * (u.reshape(x.shape) + decay)
+    return p
+
+
+def layers(x, n_stacked: int):
+    """``(L..., ...)`` -> ``(prod(L...), ...)``: one row per layer of ``n_stacked`` axes."""
+    return x.reshape(-1, *x.shape[n_stacked:])
+
+
+def rms(x):
+    """``(L, ...)`` -> ``(L, 1, ...)``: each layer's root mean square."""
+    return np.sqrt(np.mean(np.square(x), axis=tuple(range(1, x.ndim)), keepdims=True))
+
+
+def newton_schulz(x):
+    """Muon's five quintic Newton-Schulz iterations on one matrix (Jordan et al., 2024)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    wide = x if x.shape[0] <= x.shape[1] else x.T
+    wide = wide / (np.linalg.norm(wide) + 1e-8)
+    for _ in range(5):
+        gram = wide @ wide.T
+        wide = a * wide + (b * gram + c * gram @ gram) @ wide
+    return wide if x.shape[0] <= x.shape[1] else wide.T
+
+
+@pytest.mark.parametrize("optimizer", list(train.OPTIMIZERS))
+def test_each_optimizer_matches_a_float64_reference(optimizer):
+    """Four steps on random gradients of a two-layer GPT's params, whose layers differ in
+    scale, against ``reference_steps``: the warmup's first step (lr 0), the cosine, clipping,
+    non-default ``b1``, ``b2`` and ``eps``, the decay mask. Adafactor clipped and scaled a
+    stacked array by the RMS of all its layers together, not by each layer's."""
+    config = char_config(optimizer=optimizer, steps=4, warmup_steps=2, lr=0.1, grad_clip=1.0)
+    config.train.update(b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.1, min_lr_ratio=0.1)
+    config.model.update(n_layer=2, n_embed=8, n_head=2, n_kv_head=2, n_mlp_hidden=16)
+    params = models.get("gpt").init(jax.random.key(0), models.config_from(config.model))
+    n_stacked = nn.map_params(lambda layer, array, names: array.ndim - len(names), params)
+    layer_scales = lambda x, n: 4.0 ** np.arange(x.shape[0] if n else 1)  # layer i: 4 ** i
+    params = jax.tree.map(
+        lambda x, n: x * layer_scales(x, n).reshape(-1, *[1] * (x.ndim - 1)), params, n_stacked
+    )
+    is_weight = lambda layer, array, names: isinstance(layer, nn.Linear) and array is layer.weight
+    muon = nn.map_params(is_weight, params)
+    decayed = train.decay_mask(params, decay_embeddings=False)
+    rng = np.random.default_rng(0)
+    leaves, treedef = jax.tree.flatten(params)
+    grads = [[rng.normal(size=x.shape) * 0.3 for x in leaves] for _ in range(4)]
+    tx = train.optimizer(config.train, params)
+    state, new, update = tx.init(params), params, jax.jit(tx.update)
+    for g in grads:
+        updates, state = update(jax.tree.unflatten(treedef, list(map(jnp.float32, g))), state, new)
+        new = optax.apply_updates(new, updates)
+    arrays = list(zip(*map(jax.tree.leaves, (decayed, muon, n_stacked)), strict=True))
+    want = reference_steps(optimizer, config.train, leaves, grads, arrays)
+    for got, expected in zip(jax.tree.leaves(new), want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_accumulation_equals_one_big_step():

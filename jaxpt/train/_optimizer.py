@@ -116,12 +116,37 @@ def _adam(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransfor
 
 def _adafactor(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
     """Adafactor (Shazeer and Stern, 2018) at optax's defaults: factored second moments, no
-    momentum, updates scaled by each param's RMS; decoupled weight decay (``b1``, ``b2`` and
-    ``eps`` are Adam's and unused). optax adds the decay after the learning rate, so it is
-    scaled by the schedule here: ``lr * weight_decay`` per step, as AdamW decays."""
-    del params
+    momentum, updates clipped to RMS 1 and scaled by the param's RMS, each layer of a stacked
+    array its own param (``optax.adafactor`` took the whole stack's RMS); decoupled weight decay
+    (``b1``, ``b2`` and ``eps`` are Adam's and unused). optax adds the decay after the learning
+    rate, so it is scaled by the schedule here: ``lr * weight_decay`` per step, as AdamW decays.
+    The chain and its state are ``optax.adafactor``'s."""
     decay = lambda count: train_cfg.weight_decay * lr(count)
-    return optax.adafactor(lr, weight_decay_rate=decay, weight_decay_mask=mask)
+    stacked = nn.map_params(lambda layer, array, names: array.ndim - len(names), params)
+    return optax.chain(
+        optax.scale_by_factored_rms(),
+        _scale_per_layer(lambda update, param, rms: 1 / jnp.maximum(1.0, rms(update)), stacked),
+        optax.scale_by_learning_rate(lr, flip_sign=False),
+        _scale_per_layer(lambda update, param, rms: jnp.maximum(rms(param), 1e-3), stacked),
+        optax.add_decayed_weights(decay, mask),
+        optax.scale(-1),
+    )
+
+
+def _scale_per_layer(factor: Callable, stacked) -> optax.GradientTransformation:
+    """Multiplies each update by ``factor(update, param, rms)``, where ``rms(x)`` is the root
+    mean square of each layer's slice of ``x`` (its ``stacked`` leading axes are layers),
+    shaped to broadcast against it."""
+
+    def update_fn(updates, state, params):
+        def scaled(update, param, n_stacked):
+            axes = tuple(range(n_stacked, update.ndim))
+            rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True))
+            return update * factor(update, param, rms)
+
+        return jax.tree.map(scaled, updates, params, stacked), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def _lion(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
