@@ -30,9 +30,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
-# Under PYTHONDONTWRITEBYTECODE every subprocess compiles jax, torch (through tensorboardX) and
-# the rest from source again: about 8 s of a launch.py run's 16. Let them share bytecode in a
-# directory of this run instead (the environment and the sources stay untouched).
+# Under PYTHONDONTWRITEBYTECODE every subprocess compiles jax, orbax, matplotlib and the rest
+# from source again. Let them share bytecode in a directory of this run instead (the
+# environment and the sources stay untouched).
 if os.environ.get("PYTHONDONTWRITEBYTECODE") and "PYTHONPYCACHEPREFIX" not in os.environ:
     del os.environ["PYTHONDONTWRITEBYTECODE"]
     os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="jaxpt-test-pycache-")

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from jaxpt import data, models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
 
-from .conftest import FAST_COMPILE, use_devices
+from .conftest import FAST_COMPILE, run_in_repo, use_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -349,6 +350,38 @@ def test_non_finite_step_leaves_state_unchanged_and_the_logged_lr_is_the_applied
     assert int(state.step) == 3
 
 
+def tensorboard_scalars(directory: Path, tag: str) -> dict[int, float]:
+    """``step -> value`` of the scalar ``tag`` in the event files under ``directory``, read
+    by their TFRecord framing (length, its CRC, the record, its CRC) and TensorBoard's
+    protobuf ``Event``."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    values = {}
+    for path in sorted(directory.iterdir()):
+        raw = path.read_bytes()
+        while raw:
+            (length,) = struct.unpack("<Q", raw[:8])
+            event = Event.FromString(raw[12 : 12 + length])
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = value.simple_value
+            raw = raw[16 + length :]
+    return values
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_training_logs_to_tensorboard_without_importing_torch(tmp_path):
+    """tensorboardX imports torch where it is installed, which took longer than jax's import at
+    the start of every run; jaxpt logs floats, and keeps torch out."""
+    code = (
+        "import sys; from jaxpt.train import _metrics; "
+        "_metrics._summary_writer(sys.argv[1]).close(); print('torch' in sys.modules)"
+    )
+    result = run_in_repo([sys.executable, "-c", code, str(tmp_path)])
+    assert result.stdout.split() == ["False"], result.stderr
+    assert list(tmp_path.iterdir())
+
+
 def test_smoke_run_writes_metrics_plot_checkpoint_and_profile(tmp_path, capsys):
     config = char_config(steps=6, warmup_steps=4)
     config.checkpoint.every_steps = 3
@@ -367,7 +400,9 @@ def test_smoke_run_writes_metrics_plot_checkpoint_and_profile(tmp_path, capsys):
     np.testing.assert_allclose([r["lr"] for r in steps], want, rtol=1e-6)
     assert len(list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))) == 1
     assert (tmp_path / "loss.png").stat().st_size > 0
-    assert list((tmp_path / "tensorboard").iterdir())
+    logged = tensorboard_scalars(tmp_path / "tensorboard", "train/loss")
+    np.testing.assert_allclose(list(logged.values()), [r["loss"] for r in steps], rtol=1e-6)
+    assert list(logged) == [1, 2, 3, 4, 5, 6]
     assert sorted(
         int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
     ) == [3, 6]

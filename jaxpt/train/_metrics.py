@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -61,9 +62,7 @@ class MetricsLog:
         self.file = self.path.open("a") if self.is_writer else None
         self.tensorboard = None
         if self.is_writer:
-            from tensorboardX import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+            self.tensorboard = _summary_writer(workdir / "tensorboard")
         self.start_time = self.last_time = time.perf_counter()
         self.last_step = first_step
 
@@ -124,6 +123,21 @@ class MetricsLog:
             self.file.close()
             self.tensorboard.close()
             plot_losses(self.path, self.path.parent / "loss.png")
+
+
+def _summary_writer(directory: Path):
+    """tensorboardX's ``SummaryWriter`` on ``directory``, imported without torch: tensorboardX
+    imports torch where it is installed, only to accept torch tensors (jaxpt logs floats), and
+    that import took longer than jax's, at the start of every run on such a machine."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # meanwhile, ``import torch`` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter(str(directory))
 
 
 def _drop_records_after(path: Path, step: int) -> None:
