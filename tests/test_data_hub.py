@@ -81,13 +81,14 @@ def ensure(cache, steps, max_tokens=0, eval_batches=2) -> data.Manifest:
 
 def test_prepares_what_the_run_reads_once_by_streaming(hub, tmp_path):
     need = data.tokens_needed(20, B, T, 2)
+    total = need.val + need.train
     manifest = ensure(tmp_path / "cache", 20)
     assert hub.calls == [{"name": None, "split": "train", "streaming": True}]
     assert manifest.directory == tmp_path / "cache" / f"owner--corpus-gpt2-val{need.val}"
     assert manifest.tokens("val") == need.val and manifest.tokens("train") == need.train
-    np.testing.assert_array_equal(tokens_of(manifest), stream_of(hub.docs)[: sum(need)])
+    np.testing.assert_array_equal(tokens_of(manifest), stream_of(hub.docs)[:total])
     assert [s.tokens for s in manifest.shards] == [need.val, SHARD, SHARD, need.train - 2 * SHARD]
-    holding = np.searchsorted(np.cumsum([len(stream_of([d])) for d in hub.docs]), sum(need)) + 1
+    holding = np.searchsorted(np.cumsum([len(stream_of([d])) for d in hub.docs]), total) + 1
     assert hub.rows <= _prepare._BATCH_DOCS * -(-holding // _prepare._BATCH_DOCS) < len(hub.docs)
     loader = data.Loader(manifest, "train", B, T)  # one epoch is exactly the run's steps
     assert loader.steps_per_epoch == 20 and data.Loader(manifest, "val", B, T).check_eval(2) == 2
@@ -171,7 +172,7 @@ def test_processes_sharing_the_cache_take_turns(hub, tmp_path):
     "tokenizer, max_tokens, match",
     [
         ("char", 0, "builds its vocabulary from a whole corpus"),
-        ("gpt2", 100, "leaves no training tokens after the 257 validation tokens"),
+        ("gpt2", 100, "than the 257 validation tokens .* raise it to at least 418, or set it to 0"),
         ("gpt2", -2, "must be 0 or -1"),
     ],
 )
@@ -181,6 +182,16 @@ def test_config_errors(hub, tmp_path, tokenizer, max_tokens, match):
         data.ensure_prepared(run_data(HUB, tokenizer, max_tokens), tmp_path, need=need)
     one_sentence(e)
     assert not hub.calls
+
+
+def test_max_tokens_below_a_first_batch_names_the_least_that_trains(hub, tmp_path):
+    with pytest.raises(data.DataError, match=r"data.max_tokens=417 .* at least 418,") as e:
+        ensure(tmp_path / "cache", 20, max_tokens=417)  # validation full, 160 training tokens
+    one_sentence(e)
+    assert not hub.calls
+    manifest = ensure(tmp_path / "cache", 20, max_tokens=418)  # the value named: one batch
+    assert data.Loader(manifest, "train", B, T).steps_per_epoch == 1
+    assert data.Loader(manifest, "val", B, T).check_eval(2) == 2
 
 
 def test_max_tokens_sets_how_much_is_prepared_and_read(hub, tmp_path):
@@ -207,4 +218,7 @@ def test_the_design_command_trains_on_a_hub_dataset(hub, tmp_path, monkeypatch):
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
     (cache,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     need = data.tokens_needed(3, 8, config.model.block_size, 1)
-    assert json.loads((cache / "manifest.json").read_text())["tokens"] == need._asdict()
+    assert json.loads((cache / "manifest.json").read_text())["tokens"] == {
+        "val": need.val,
+        "train": need.train,
+    }

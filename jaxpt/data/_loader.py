@@ -41,14 +41,18 @@ class TokenNeed(NamedTuple):
 
     val: int  # the evaluation's batches, read from the start of the val split
     train: int  # the training steps' batches, in one epoch
+    first_step: int  # the fewest training tokens a run starts on: its first step's batch
 
 
 def tokens_needed(steps: int, batch_size: int, seq_len: int, eval_batches: int) -> TokenNeed:
     """The fewest tokens for `steps` training batches in one epoch (no window read twice) and
     `eval_batches` validation batches, of `batch_size` windows of `seq_len` + 1 tokens."""
-    train = (steps * batch_size + 1) * seq_len + 1  # W = (N - 1) // T - 1 = steps * B
+
+    def train_tokens(steps: int) -> int:
+        return (steps * batch_size + 1) * seq_len + 1  # W = (N - 1) // T - 1 = steps * B
+
     val = max(eval_batches, 1) * batch_size * seq_len + 1  # (N - 1) // T // B = eval_batches
-    return TokenNeed(val=val, train=train)
+    return TokenNeed(val=val, train=train_tokens(steps), first_step=train_tokens(min(steps, 1)))
 
 
 class Loader:

@@ -147,10 +147,13 @@ def _hub_manifest(
             f"data.dataset={dataset!r} is a hub dataset, prepared when a run trains on it"
         )
     budget = max_tokens if max_tokens > 0 else need.val + need.train
-    if budget <= need.val:
+    least = need.val + need.first_step
+    if budget < least:
         raise DataError(
-            f"data.max_tokens={max_tokens} leaves no training tokens after the {need.val} "
-            "validation tokens that eval.batches reads; raise it or set it to 0"
+            f"data.max_tokens={max_tokens} is fewer tokens than the {need.val} validation "
+            f"tokens that eval.batches reads and the {need.first_step} of the first training "
+            f"batch; raise it to at least {least}, or set it to 0 (the {need.val + need.train} "
+            "tokens the run reads)"
         )
     source = dataset_source(dataset, tokenizer)
     out = cache_dir / _cache_name(source, need.val)
