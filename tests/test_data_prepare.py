@@ -1,5 +1,6 @@
 """Preparation: text -> token shards + manifest, resume, the embedded corpus, bad input."""
 
+import functools
 import json
 import math
 import os
@@ -393,6 +394,36 @@ def test_ensure_prepared_errors(small, tmp_path):
         small.directory, "char"
     )
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("dataset", ["embedded", "owner/corpus", "shards"])
+@pytest.mark.parametrize(
+    "tokenizer, match",
+    [
+        ("bogus", r"'bogus': tokenizer 'bogus' is neither 'gpt2', 'char' nor"),
+        ("missing.json", r"'missing\.json': tokenizer 'missing\.json' is neither 'gpt2', 'char'"),
+        ("folder", r"'\S+folder': tokenizer '\S+folder' is neither 'gpt2', 'char'"),  # empty
+        ("notes.txt", r"'\S+notes\.txt': tokenizer \S+ cannot be read \(.*\); name an intact"),
+    ],
+)
+def test_a_bad_data_tokenizer_is_one_sentence_naming_the_field(
+    small, tmp_path, dataset, tokenizer, match
+):
+    """Whatever the dataset, a bad data.tokenizer is named as that field (it was 'tokenizer
+    ...', or 'data.dataset=...: tokenizer ...' for bare shards), before anything is read."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("not a tokenizer")
+    if tokenizer in ("folder", "notes.txt"):
+        tokenizer = str(tmp_path / tokenizer)
+    if dataset == "shards":
+        dataset = tmp_path / "shards"
+        dataset.mkdir()
+        shutil.copy(small.directory / small.shards[0].file, dataset / "val_000000.bin")
+    config = run_data(dataset, tokenizer)
+    for resolve in (data.run_tokenizer, functools.partial(data.ensure_prepared, need=None)):
+        with pytest.raises(errors.DataError, match=rf"^data\.tokenizer={match}") as e:
+            resolve(config)
+        assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- safety (issue 11)

@@ -72,7 +72,8 @@ def ensure_prepared(
             prepared, and DataNotFoundError says so.
 
     Raises:
-        DataNotFoundError: a directory that does not exist or holds no data.
+        DataNotFoundError: a directory that does not exist or holds no data, a
+            `data.tokenizer` that names no tokenizer.
         DataError: a damaged manifest or shard, a tokenizer that does not match, a hub dataset
             that cannot be streamed (offline, say) where the cache lacks what the run reads.
     """
@@ -86,6 +87,8 @@ def ensure_prepared(
             "data.dataset is empty; name a data directory or a hub dataset, or use "
             "data.dataset='embedded'"
         )
+    if tokenizer != "char":  # the char vocabulary comes with its data
+        _named_tokenizer(tokenizer)
     cache_dir = Path(cache_dir or default_cache_dir())
     path = Path(dataset).expanduser()
     hub = dataset != EMBEDDED and not path.exists() and not looks_like_path(dataset)
@@ -212,4 +215,12 @@ def run_tokenizer(data_config: DataConfig) -> Tokenizer:
     try:
         return tokenizer_for(ensure_prepared(data_config))
     except DataNotFoundError:
-        return get_tokenizer(data_config.tokenizer)
+        return _named_tokenizer(data_config.tokenizer)
+
+
+def _named_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer ``data.tokenizer`` names; a DataError about it names the field."""
+    try:
+        return get_tokenizer(name)
+    except DataError as e:
+        raise type(e)(f"data.tokenizer={name!r}: {e}") from None

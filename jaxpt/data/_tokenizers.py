@@ -346,7 +346,8 @@ def get_tokenizer(name: str | os.PathLike) -> Tokenizer:
             "with tokenizer_for(manifest), or build it with CharTokenizer.from_texts"
         )
     path = Path(name)
-    if not str(name) or not path.exists():  # Path("") is the current directory
+    # Path("") is the current directory
+    if not str(name) or not (path.is_file() or (path / HFTokenizer.file).is_file()):
         raise DataNotFoundError(
             f"tokenizer {str(name)!r} is neither 'gpt2', 'char' nor an existing tokenizer.json "
             "or directory holding one"
