@@ -379,6 +379,84 @@ def test_harness_asked_for_no_tokens_answers_the_empty_string():
         harness_generations({"until": ["."], "max_gen_toks": -1})
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"num_beams": 4},
+        {"min_p": 0.1},
+        {"repetition_penalty": 1.3},
+        {"presence_penalty": 0.5},
+        {"no_repeat_ngram_size": 3},
+    ],
+)
+def test_harness_refuses_a_generation_option_it_would_ignore(monkeypatch, option):
+    """lm-eval passes a task's generation_kwargs through to the model; options jaxpt does not
+    implement were dropped silently, so the answers were not the ones the task asks for. The
+    first is named in one sentence before any request of the batch is generated."""
+    harness = harness_or_skip()
+    from lm_eval.api.instance import Instance
+
+    def never(*args, **kwargs):
+        raise AssertionError("generated before the options were checked")
+
+    monkeypatch.setattr(harness, "generate", never)
+    cfg, params = model("bigram")
+    lm = harness.JaxptLM(params, cfg, CHARS, batch_size=6)
+    plain = {"until": [], "max_gen_toks": 8}
+    batch = [
+        Instance("generate_until", {}, ("Riches ", options), i, ("t", i, 1))
+        for i, options in enumerate([plain, plain | option])
+    ]
+    ((name, value),) = option.items()
+    with pytest.raises(
+        ConfigError, match=rf"^lm-evaluation-harness task t asks .* {name}={value}, which"
+    ) as e:
+        lm.generate_until(batch)
+    assert "\n" not in str(e.value)
+
+
+def test_harness_takes_options_at_the_values_that_turn_them_off():
+    """num_beams=1, repetition_penalty=1.0, min_p=0.0 (transformers' defaults) change nothing:
+    the answer is the greedy python-loop reference's."""
+    _, params = model("bigram")
+    off = {"num_beams": 1, "repetition_penalty": 1.0, "min_p": 0.0, "presence_penalty": None}
+    (answer,) = harness_generations({"until": [], "max_gen_toks": 8} | off)
+    assert answer == bigram_greedy_text(params, "Riches ", 8)
+
+
+def test_harness_refuses_a_generation_task_with_such_an_option_when_it_loads(tmp_path):
+    """--mode=eval loads the tasks before the params: a generate_until task whose
+    generation_kwargs jaxpt would ignore is refused then."""
+    harness = harness_or_skip()
+    task = tmp_path / "beams.yaml"
+    task.write_text(
+        GENERATION_YAML.format(jsonl=write_jsonl(tmp_path / "items.jsonl", original_rows()))
+    )
+    with pytest.raises(ConfigError, match=r"task beams asks generate_until for num_beams=4,"):
+        harness.load_tasks([str(task)])
+    task.write_text(task.read_text().replace("num_beams: 4", "num_beams: 1"))
+    assert [t.config.task for t in harness.load_tasks([str(task)])] == ["beams"]
+
+
+GENERATION_YAML = """\
+task: beams
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {jsonl}
+output_type: generate_until
+validation_split: validation
+doc_to_text: "{{{{ctx}}}}"
+doc_to_target: "{{{{endings[0]}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 8
+  num_beams: 4
+metric_list:
+  - metric: exact_match
+"""
+
+
 def test_harness_repeats_of_a_sampled_request_differ_across_batches():
     """Every batch sampled with one fixed key, so a task's repeats (self-consistency draws
     several answers per question) were one answer repeated whenever they fell in different

@@ -39,6 +39,46 @@ from jaxpt.evals import _scoring
 from jaxpt.generation import generate
 
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for generate_until tasks
+# generate_until options JaxptLM reads: the stop strings, the sampling filters and
+# normalize_gen_kwargs's aliases of max_gen_toks
+READ_OPTIONS = (
+    "until",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "max_gen_toks",
+    "max_new_tokens",
+    "max_tokens",
+    "max_completion_tokens",
+)
+# options jaxpt.generate lacks, taken at the value that turns them off (transformers' default)
+OFF_OPTIONS = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
+def check_generation_options(options: dict, task: str | None) -> None:
+    """ConfigError naming the first of a ``generate_until`` request's ``options`` (its task's
+    ``generation_kwargs``) that JaxptLM would ignore, so that the task's answers would not be
+    the ones it asks for: one outside ``READ_OPTIONS``, other than an ``OFF_OPTIONS`` at its
+    off value (or None)."""
+    for name, value in options.items():
+        turned_off = name in OFF_OPTIONS and value in (OFF_OPTIONS[name], None)
+        if name in READ_OPTIONS or turned_off:
+            continue
+        off = f", but for {name}={OFF_OPTIONS[name]!r}" if name in OFF_OPTIONS else ""
+        raise ConfigError(
+            f"lm-evaluation-harness task {task} asks generate_until for {name}={value!r}, "
+            f"which jaxpt's generation does not implement{off} (it reads "
+            f"{', '.join(READ_OPTIONS)}), so its answers would not be the task's; leave the "
+            "task out of eval.tasks or drop the option from its generation_kwargs."
+        )
 
 
 class JaxptLM(LM):
@@ -112,7 +152,10 @@ class JaxptLM(LM):
         ``until`` string, of at most ``max_gen_toks`` tokens (or its aliases
         ``max_new_tokens``, ``max_tokens``), options read as lm-eval's ``normalize_gen_kwargs``
         reads them. Each batch samples with its own key, folded from a fixed one: repeats of
-        a request differ, and the same requests give the same answers."""
+        a request differ, and the same requests give the same answers. An option it would
+        ignore is refused (``check_generation_options``) before any request runs."""
+        for request in requests:
+            check_generation_options(request.args[1], request.task_name)
         answers, key = [], jax.random.key(0)
         for start in range(0, len(requests), self.batch_size):
             batch = [r.args for r in requests[start : start + self.batch_size]]
@@ -216,7 +259,8 @@ def load_tasks(tasks: Sequence[str]) -> list:
     """The harness's tasks and groups named by ``tasks`` (registered names or task YAML files)
     with their data loaded, for ``evaluate``. Raises ConfigError naming an unknown task
     (``check_tasks``) and DataNotFoundError when a task's data cannot be loaded (the hub
-    unreachable and nothing cached, a local file missing)."""
+    unreachable and nothing cached, a local file missing); ConfigError for a generation option
+    ``JaxptLM`` would ignore (``check_generation_options``)."""
     check_tasks(tasks)
     try:
         loaded = _task_manager(tasks).load(list(tasks))
@@ -227,6 +271,9 @@ def load_tasks(tasks: Sequence[str]) -> list:
             "a task YAML file whose dataset is local."
         ) from error
     groups, leaves = loaded["groups"].values(), loaded["tasks"].values()
+    for task in leaves:
+        if task.OUTPUT_TYPE == "generate_until":
+            check_generation_options(task.config.generation_kwargs or {}, task.config.task)
     inner = {id(t) for group in groups for t in (*group.get_all_tasks(), *group.get_all_groups())}
     return [task for task in (*groups, *leaves) if id(task) not in inner]
 
