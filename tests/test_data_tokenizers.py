@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,22 @@ def test_prepare_with_hf_tokenizer(tmp_path):
     tokens = [t for s in manifest.shards for t in _shard_tokens(manifest, s)]
     assert tok.decode(tokens) == "".join(data.EOT + d for d in docs if d)
     assert manifest.documents == 3
+
+
+def test_prepared_data_reads_its_own_copy_of_an_hf_tokenizer(tmp_path):
+    """Prepared data keeps its tokenizer: the tokenizer.json it was made from may be gone
+    (another machine, a cleaned folder); data.tokenizer then only says which kind."""
+    source = tmp_path / "docs.jsonl"
+    source.write_text(json.dumps({"text": "The lion roared."}) + "\n")
+    tokenizer = build_hf_tokenizer(tmp_path / "tok")
+    data.prepare_dataset(str(source), tmp_path / "out", tokenizer=str(tokenizer), progress=False)
+    shutil.rmtree(tokenizer)
+    config = types.SimpleNamespace(dataset=str(tmp_path / "out"), tokenizer=str(tokenizer))
+    config.max_tokens = 0
+    assert data.ensure_prepared(config).tokenizer["kind"] == "hf"
+    assert data.run_tokenizer(config).encode("lion") == data.HFTokenizer(tmp_path / "out").encode(
+        "lion"
+    )
 
 
 def _shard_tokens(manifest, shard):

@@ -87,10 +87,11 @@ def ensure_prepared(
             "data.dataset is empty; name a data directory or a hub dataset, or use "
             "data.dataset='embedded'"
         )
-    if tokenizer != "char":  # the char vocabulary comes with its data
-        _named_tokenizer(tokenizer)
     cache_dir = Path(cache_dir or default_cache_dir())
     path = Path(dataset).expanduser()
+    # the char vocabulary comes with its data, and prepared data keeps a copy of its tokenizer
+    if tokenizer != "char" and not _is_prepared(path):
+        _named_tokenizer(tokenizer)
     hub = dataset != EMBEDDED and not path.exists() and not looks_like_path(dataset)
     if max_tokens < -1 or (max_tokens > 0 and not hub):
         raise DataError(
@@ -109,8 +110,13 @@ def ensure_prepared(
     return manifest
 
 
+def _is_prepared(path: Path) -> bool:
+    """Whether ``path`` is a directory ``jaxpt.data.prepare`` wrote (or is writing)."""
+    return (path / MANIFEST).is_file() or (path / PROGRESS).is_file()
+
+
 def _directory_manifest(path: Path, dataset: str, tokenizer: str, cache_dir: Path) -> Manifest:
-    if (path / MANIFEST).is_file() or (path / PROGRESS).is_file():
+    if _is_prepared(path):
         return load_manifest(path)
     if path.is_dir() and shard_files(path):
         return read_shard_directory(path, tokenizer, cache_dir)
