@@ -376,7 +376,7 @@ def with_keys(config, **entries):
         (with_keys(llama(), head_dim=32), "head_dim=32"),
         (  # was a TypeError traceback from float()
             with_keys(llama(), rope_parameters={"rope_type": "default", "rope_theta": None}),
-            "model.rope_base=None must be a number",
+            "config.json: rope_theta=None must be a number",
         ),
         (with_keys(llama(), hidden_act="gelu"), "hidden_act='gelu'"),
         (
@@ -389,6 +389,50 @@ def with_keys(config, **entries):
 def test_unsupported_hf_configs_name_the_key(hf_config, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         hf.config_from_hf(hf_config)
+
+
+@pytest.mark.parametrize(
+    ("hf_config", "message"),
+    [  # was a ZeroDivisionError, TypeErrors, sizes made up, and jaxpt's field names
+        (with_keys(llama(), num_attention_heads=0), "sets num_attention_heads=0, which must be"),
+        (with_keys(llama(), hidden_size=None), "sets hidden_size=None, which must be"),
+        (with_keys(llama(), num_key_value_heads=0), "sets num_key_value_heads=0, which must"),
+        (with_keys(gpt2(), n_embd="64"), "sets n_embd='64', which must be a positive integer"),
+        (with_keys(gpt2(), n_inner=0), "sets n_inner=0, which must be a positive integer"),
+        (with_keys(gpt2(), n_layer=-2), "sets n_layer=-2, which must be a positive integer"),
+        (
+            with_keys(llama(), num_key_value_heads=3),
+            "num_attention_heads=4 is not divisible by num_key_value_heads=3",
+        ),
+        (
+            with_keys(llama(), num_attention_heads=5, num_key_value_heads=5, head_dim=None),
+            "hidden_size=64 is not divisible by num_attention_heads=5",
+        ),
+        (with_keys(gpt2(), layer_norm_epsilon=0), "layer_norm_epsilon=0.0 must be a finite"),
+    ],
+)
+def test_bad_sizes_in_config_json_name_the_key(hf_config, message):
+    with pytest.raises(hf.CheckpointError, match=re.escape(message)) as error:
+        hf.config_from_hf(hf_config)
+    assert str(error.value).endswith("correct config.json or fetch the checkpoint again.")
+    assert "model." not in str(error.value)
+
+
+def test_a_bad_size_is_one_sentence_before_any_weights_are_read(tmp_path):
+    (tmp_path / "hf").mkdir()  # config.json alone: reading weights would fail otherwise
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(with_keys(llama(), hidden_size=0)))
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxpt.hf", "--to=jaxpt", "--source=hf", "--out=out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode, result.stderr) == (
+        1,
+        "jaxpt.hf: config.json sets hidden_size=0, which must be a positive integer: correct "
+        "config.json or fetch the checkpoint again.\n",
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_weights_that_do_not_fit_name_the_first_offending_key(tmp_path):

@@ -16,10 +16,42 @@ from jaxpt import models
 from jaxpt.errors import ConfigError
 from jaxpt.hf._layouts import FIELDS, CheckpointError, Layout, Source, layout_of, layout_of_hf
 
+_FIX = "correct config.json or fetch the checkpoint again"
+
+
+def _check_sizes(layout: Layout, hf: Mapping) -> None:
+    """Raises CheckpointError naming the first size key of ``hf`` (config.json over the
+    layout's defaults) that is not a positive integer; None stands for a derived size only
+    where transformers derives it (``n_inner``, ``num_key_value_heads``)."""
+    preset = models.get(layout.preset).default_config().to_dict()
+    derived = {key for key, value in layout.defaults.items() if value is None}
+    sizes = [key for field, key in layout.keys.items() if type(preset[field]) is int]
+    for key in sizes:
+        value = hf[key]
+        if value is None and key in derived:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(
+                f"config.json sets {key}={value!r}, which must be a positive integer: {_FIX}."
+            )
+
+
+def _in_hf_terms(error: ConfigError, layout: Layout) -> CheckpointError:
+    """``error``, about model fields the HF config set, reworded with their config.json keys."""
+
+    def rename(match: re.Match) -> str:
+        field = match[2]
+        named = match[1] or "_" in field  # model.x, or a bare field name such as n_head
+        return layout.keys[field] if field in layout.keys and named else match[0]
+
+    message = re.sub(r"(model\.)?\b(\w+)\b", rename, str(error)).rstrip(".")
+    return CheckpointError(f"config.json: {message}; {_FIX}.")
+
 
 def _fields_of_hf(layout: Layout, hf_config: Mapping) -> dict[str, Any]:
     """The jaxpt model fields an HF config sets, after rejecting what jaxpt cannot represent."""
     hf = {**layout.defaults, **hf_config}
+    _check_sizes(layout, hf)
     for key, value in layout.required.items():
         if hf.get(key, value) != value:
             raise CheckpointError(
@@ -60,7 +92,11 @@ def config_from_hf(hf_config: Mapping, **overrides) -> models.ModelConfig:
             )
     preset = models.get(layout.preset).default_config()
     float32 = dict(dtype="float32", param_dtype="float32", logits_dtype="float32")
-    return models.ModelConfig.from_dict({**preset.to_dict(), **float32, **fields, **overrides})
+    try:
+        imported = models.ModelConfig.from_dict({**preset.to_dict(), **float32, **fields})
+    except ConfigError as error:
+        raise _in_hf_terms(error, layout) from None
+    return models.ModelConfig.from_dict({**imported.to_dict(), **overrides})
 
 
 def config_to_hf(cfg) -> dict[str, Any]:
