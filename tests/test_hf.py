@@ -28,7 +28,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from jaxpt import data, generate, hf, launcher, models, train  # noqa: E402
 from jaxpt.errors import ConfigError  # noqa: E402
-from jaxpt.hf.__main__ import export_checkpoint  # noqa: E402
+from jaxpt.hf.__main__ import export_checkpoint, import_checkpoint  # noqa: E402
 from tests.test_models import perturbed, tiny_config  # noqa: E402
 from tests.test_train import ROOT, char_config  # noqa: E402
 
@@ -298,6 +298,44 @@ def test_exported_bos_and_eos_ids_are_the_tokenizers(tmp_path):
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 98)
     assert (theirs.bos_token_id, theirs.eos_token_id) == (1, 98)
+
+
+def special_ids_and_generation(path):
+    """What transformers reads from ``path``: the model's and the tokenizer's special ids and
+    the generation defaults."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(path)
+    names = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return (
+        [getattr(model.config, name) for name in names],
+        [getattr(theirs, name) for name in names],
+        model.generation_config.to_diff_dict(),
+    )
+
+
+def test_an_import_and_export_keep_the_pad_id_and_generation_defaults(tmp_path):
+    """An import wrote pad_token_id=None and no generation_config.json: transformers then
+    generated with no pad id and greedily, not with the source's sampling defaults."""
+    model = hf_model(llama(vocab_size=99, bos_token_id=1, eos_token_id=98, pad_token_id=2))
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=1, eos_token_id=[98, 3], pad_token_id=2, do_sample=True, temperature=0.7
+    )
+    model.save_pretrained(tmp_path / "hf")
+    word_tokenizer(tmp_path, 99)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "tokenizer.json"),
+        bos_token="w1",
+        eos_token=data.EOT,
+        pad_token="w2",
+    ).save_pretrained(tmp_path / "hf")
+    source = special_ids_and_generation(tmp_path / "hf")
+    assert source[0] == [1, 98, 2] and source[2]["temperature"] == 0.7
+    cfg, params, _ = import_checkpoint(tmp_path / "hf", tmp_path / "imported")
+    assert special_ids_and_generation(tmp_path / "imported") == source
+    # an export of a run on the imported tokenizer (--config.data.tokenizer=imported)
+    tokenizer = data.get_tokenizer(tmp_path / "imported")
+    hf.save_pretrained(params, cfg, tmp_path / "exported", tokenizer=tokenizer)
+    assert special_ids_and_generation(tmp_path / "exported") == source
 
 
 def test_a_gpt2_vocabulary_brings_gpt2s_tokenizer_and_exports_it(tmp_path):

@@ -303,10 +303,12 @@ class HFTokenizer:
         self.eot = eot or _hf_eot(self._tok, self.path.parent)
         config = _hf_config(self.path.parent)
         self.bos: str | None = _token_name(config, "bos_token")
+        self.pad: str | None = _token_name(config, "pad_token")
         self.chat_template: str | None = _chat_template(self.path.parent, config)
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.eot_id: int = self._tok.token_to_id(self.eot)
         self.bos_id: int | None = self._tok.token_to_id(self.bos) if self.bos else None
+        self.pad_id: int | None = self._tok.token_to_id(self.pad) if self.pad else None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without the template's special tokens (no BOS)."""

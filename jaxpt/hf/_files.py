@@ -44,8 +44,14 @@ _WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # config, weights, tokenizer; no .bin
-# what transformers saves beside tokenizer.json (since 4.43 the chat template in its own file)
-_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# what transformers saves beside tokenizer.json (since 4.43 the chat template in its own file),
+# and the generation defaults of the model it came with (its bos, eos and pad ids, sampling)
+_TOKENIZER_COMPANIONS = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "HuggingFaceTB/SmolLM-135M"
 
 
@@ -213,12 +219,14 @@ def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
     )
 
 
-def _bos_id(tokenizer: data.Tokenizer) -> int:
-    """The id transformers' tokenizer takes as bos: tokenizer_config.json's bos_token, else
-    the end-of-text id (GPT-2's BPE uses one token for both)."""
-    if isinstance(tokenizer, data.HFTokenizer) and tokenizer.bos_id is not None:
-        return tokenizer.bos_id
-    return tokenizer.eot_id
+def _special_ids(tokenizer: data.Tokenizer) -> dict[str, int | None]:
+    """config.json's special token ids, as transformers' tokenizer takes them: bos is
+    tokenizer_config.json's bos_token, else the end-of-text id (GPT-2's BPE uses one token for
+    both); eos the end-of-text id; pad tokenizer_config.json's pad_token, else None."""
+    named = isinstance(tokenizer, data.HFTokenizer)
+    bos = tokenizer.bos_id if named and tokenizer.bos_id is not None else tokenizer.eot_id
+    pad = tokenizer.pad_id if named else None
+    return dict(bos_token_id=bos, eos_token_id=tokenizer.eot_id, pad_token_id=pad)
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -242,10 +250,11 @@ def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=
     layouts (presets gpt, vgpt, any learned-position LayerNorm MLP model with biases) as
     GPT2LMHeadModel, Llama layouts (smollm: rope, SiLU GLU, RMSNorm) as LlamaForCausalLM.
     Tensors keep the params' dtype. ``tokenizer`` (a ``data.HFTokenizer`` or
-    ``data.Gpt2Tokenizer``) is written beside them; its end-of-text id becomes the config's
-    eos id, and its tokenizer_config.json's bos_token the bos id (the end-of-text id where it
-    names none, as GPT-2's). Each file is written under a temporary name and renamed when
-    complete, config.json last.
+    ``data.Gpt2Tokenizer``) is written beside them, with the generation_config.json beside its
+    tokenizer.json (an imported checkpoint's generation defaults); its end-of-text id becomes
+    the config's eos id, its tokenizer_config.json's bos_token the bos id (the end-of-text id
+    where it names none, as GPT-2's) and its pad_token the pad id. Each file is written under a
+    temporary name and renamed when complete, config.json last.
 
     Returns:
         ``path``.
@@ -255,7 +264,7 @@ def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=
     tensors = to_state_dict(params, model_config)
     files = {} if tokenizer is None else _tokenizer_files(tokenizer)
     if tokenizer is not None:
-        hf_config.update(bos_token_id=_bos_id(tokenizer), eos_token_id=tokenizer.eot_id)
+        hf_config.update(_special_ids(tokenizer))
     files["config.json"] = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
