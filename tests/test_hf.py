@@ -668,6 +668,12 @@ def test_a_damaged_checkpoint_is_one_sentence_naming_the_file(tmp_path):
     assert result.stderr.startswith(f"jaxpt.hf: {weights} cannot be read"), result.stderr
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+    weights.unlink()
+    index = source / "model.safetensors.index.json"
+    for weight_map in ([], {"transformer.wte.weight": 1}):  # the second was a TypeError
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(hf.CheckpointError, match=r"index\.json has no weight_map of tensor"):
+            hf.from_pretrained(source)
     (source / "config.json").write_text('{"model_type": "gpt2",')
     with pytest.raises(hf.CheckpointError, match=r"config\.json is not valid JSON"):
         hf.from_pretrained(source)

@@ -145,10 +145,13 @@ def _read_weights(directory: Path) -> dict[str, np.ndarray]:
         if not path.is_file():
             continue
         if name.endswith(".index.json"):
-            index = _read_json(path)
-            if not isinstance(index.get("weight_map"), dict):
-                raise CheckpointError(f"{path} has no weight_map: the index is damaged.")
-            files = [directory / shard for shard in sorted(set(index["weight_map"].values()))]
+            shards = _read_json(path).get("weight_map")
+            if not isinstance(shards, dict) or not all(isinstance(f, str) for f in shards.values()):
+                raise CheckpointError(
+                    f"{path} has no weight_map of tensor names to shard file names: the index "
+                    "is damaged; fetch or export the checkpoint again."
+                )
+            files = [directory / shard for shard in sorted(set(shards.values()))]
         else:
             files = [path]
         state = {}
