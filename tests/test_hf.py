@@ -179,6 +179,10 @@ def test_pytorch_weights_read_like_safetensors(tmp_path):
     torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     from_bin, from_st = hf.from_pretrained(tmp_path / "bin"), hf.from_pretrained(tmp_path / "st")
     jax.tree.map(np.testing.assert_array_equal, from_bin.params, from_st.params)
+    for not_a_state_dict in (torch.zeros(3), {"lm_head.weight": [1.0]}):  # AttributeErrors
+        torch.save(not_a_state_dict, tmp_path / "bin" / "pytorch_model.bin")
+        with pytest.raises(hf.CheckpointError, match=r"pytorch_model\.bin holds a \w+, not a"):
+            hf.from_pretrained(tmp_path / "bin")
 
 
 def test_sharded_bfloat16_checkpoints_read_like_the_float32_model(tmp_path):

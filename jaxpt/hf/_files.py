@@ -127,6 +127,11 @@ def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise _damaged(path, error) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path} holds a {type(state).__name__}, not a state dict of tensors: save the "
+            "model's state_dict() there, or convert the checkpoint to safetensors."
+        )
     return {k: _to_numpy(v) for k, v in state.items()}
 
 
