@@ -463,17 +463,12 @@ def test_bad_sizes_in_config_json_name_the_key(hf_config, message):
 def test_a_bad_size_is_one_sentence_before_any_weights_are_read(tmp_path):
     (tmp_path / "hf").mkdir()  # config.json alone: reading weights would fail otherwise
     (tmp_path / "hf" / "config.json").write_text(json.dumps(with_keys(llama(), hidden_size=0)))
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxpt.hf", "--to=jaxpt", "--source=hf", "--out=out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    message = (
+        "config.json sets hidden_size=0, which must be a positive integer: correct config.json "
+        "or fetch the checkpoint again."
     )
-    assert (result.returncode, result.stderr) == (
-        1,
-        "jaxpt.hf: config.json sets hidden_size=0, which must be a positive integer: correct "
-        "config.json or fetch the checkpoint again.\n",
-    )
+    with pytest.raises(hf.CheckpointError, match=f"^{re.escape(message)}$"):
+        import_checkpoint(tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
