@@ -338,6 +338,8 @@ def attention_warnings(n_head: int, n_kv_head: int, mesh: Mesh, rules) -> list[s
     (``q_heads`` for ``n_head``, ``kv_heads`` for ``n_kv_head``): the q, k, v and output
     weights, stored flat as ``(D, heads x Dh)``, then split part-way through a head, and every
     device computes all those heads (results are right; attention gets no tensor parallelism).
+    Under cuDNN attention, whose q, k and v are sharded alike, unsplit key/value heads leave
+    every query head whole on every device too.
     """
     fields = {"q_heads": ("n_head", n_head), "kv_heads": ("n_kv_head", n_kv_head)}
     placed = {  # name -> (mesh axes, whether the count divides by them)
@@ -350,7 +352,7 @@ def attention_warnings(n_head: int, n_kv_head: int, mesh: Mesh, rules) -> list[s
     mesh_axes = placed[unsplit[0]][0]
     n = math.prod(mesh.shape[a] for a in mesh_axes)
     named = " and ".join("model.{}={}".format(*fields[name]) for name in unsplit)
-    heads = "head" if "q_heads" in unsplit else "key/value head"
+    heads = "head" if "q_heads" in unsplit else "key/value head (under cuDNN attention, every head)"
     return [
         f"Attention is not split over mesh axis {' x '.join(map(repr, mesh_axes))}: {named} "
         f"{'do' if len(unsplit) > 1 else 'does'} not divide by {n}, so every device computes "

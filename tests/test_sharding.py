@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jaxpt import models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
+from jaxpt.nn import _attention
 from tests import test_moe
 
 STEPS = 4
@@ -108,7 +109,7 @@ def activations(mesh, rules):
     with nn.shard_activations(sharding_of):
         yield
     if asked:  # the step traced in here
-        assert ("batch", None, "q_heads", None) in asked
+        assert ("batch", None, "kv_heads", None) in asked
         assert asked.count(("batch", None, None)) > 1  # the residual stream
 
 
@@ -158,6 +159,52 @@ def test_sharded_steps_equal_one_device(preset, mesh, model, capfd):
         jax.device_get(sharded[-1].params),
         jax.device_get(single[-1].params),
     )
+
+
+def sharding_constraints(jaxpr) -> list[tuple[tuple[int, ...], tuple]]:
+    """``(shape, PartitionSpec)`` of every ``with_sharding_constraint`` in ``jaxpr`` and the
+    jaxprs inside it (jit, scan, remat, custom derivatives)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "sharding_constraint":
+            found.append((eqn.invars[0].aval.shape, tuple(eqn.params["sharding"].spec)))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr):
+                    found += sharding_constraints(getattr(sub, "jaxpr", sub))
+    return found
+
+
+def test_cudnn_attention_gets_q_sharded_like_k_and_v_where_the_kv_heads_stay_whole(monkeypatch):
+    """cuDNN's partitioner refuses q, k and v sharded differently ("Query, key and value
+    should have same sharding": on two GPUs a step whose tensor axis split the query heads
+    but not the key/value heads did not compile). With 6 query and 3 key/value heads on
+    tensor=2, the cuDNN step (XLA's attention stands in for its kernel on the CPU) keeps q's
+    heads whole like k's and v's, and its losses equal one device's."""
+    monkeypatch.setattr(_attention, "_best_implementation", lambda q, mask: "cudnn")  # a GPU's
+    xla = jax.nn.dot_product_attention
+    monkeypatch.setattr(
+        jax.nn,
+        "dot_product_attention",
+        lambda *args, implementation, **kwargs: xla(*args, implementation="xla", **kwargs),
+    )
+    model, mesh = (("n_kv_head", 3),), mesh_key(data=2, tensor=2)
+    _, sharded_losses = trajectory(DENSE, mesh, model)
+    config, device_mesh, shardings, step = compiled(DENSE, mesh, model)
+    tokens = batches(config)[0]
+    state = jax.device_put(fresh_state(DENSE, model), shardings)
+    with activations(device_mesh, config.mesh.rules):
+        jaxpr = jax.make_jaxpr(step)(state, tokens[:, :-1], tokens[:, 1:])
+    micro_batch, t, head_dim = 8, 32, 16
+    heads = {  # heads -> the specs of the (B, T, heads, Dh) activations
+        shape[2]: spec
+        for shape, spec in sharding_constraints(jaxpr.jaxpr)
+        if shape[:2] == (micro_batch, t) and len(shape) == 4 and shape[3] == head_dim
+    }
+    assert set(heads) == {6, 3}
+    assert heads[6] == heads[3] == ("data", None, None, None)
+    _, single_losses = trajectory(DENSE, (), model)
+    np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
 
 
 def test_fsdp_checkpoint_resumes_on_two_devices_and_on_one(tmp_path):

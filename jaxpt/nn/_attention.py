@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxpt.nn import _decode_pallas
-from jaxpt.nn._axes import constrain
+from jaxpt.nn._axes import activation_sharding_of, constrain
 from jaxpt.nn._dropout import dropout
 from jaxpt.nn._linear import Linear, init_linear, linear, stacked_linear
 from jaxpt.nn._norm import RMSNorm, init_rms_norm, rms_norm
@@ -136,20 +136,31 @@ def attention(
         ``(B, T, D)``.
     """
     q, k, v = _project(p, x, spec, positions)
-    # q, k and v sharded alike (cuDNN's partitioner requires it): batch and heads
-    q = constrain(q, ("batch", None, "q_heads", None))
-    k, v = (constrain(a, ("batch", None, "kv_heads", None)) for a in (k, v))
     full_mask = None if mask is None else causal_mask(positions, positions, mask)
+    implementation = _resolved_implementation(spec.implementation, q, full_mask, spec.dropout, key)
+    q, k, v = _constrain_heads(q, k, v, alike=implementation == "cudnn")
     y = attend(
         q,
         k,
         v,
         mask=full_mask,
-        implementation=spec.implementation,
+        implementation=implementation,
         dropout_rate=spec.dropout,
         key=key,
     )
     return _merge_heads(p, y)
+
+
+def _constrain_heads(q: Array, k: Array, v: Array, *, alike: bool):
+    """q ``(B, T, H, Dh)``, k and v ``(B, S, K, Dh)`` pinned to their batch and head shardings
+    (``q_heads``, ``kv_heads``). ``alike``: q takes k's and v's (cuDNN's partitioner refuses
+    q, k and v sharded differently); a split of K heads splits H alike, as H % K == 0, and
+    keeps each query head on the device of its key/value head."""
+    k, v = (constrain(a, ("batch", None, "kv_heads", None)) for a in (k, v))
+    kv_sharding = activation_sharding_of(k.shape, ("batch", None, "kv_heads", None))
+    if alike and kv_sharding is not None:
+        return jax.lax.with_sharding_constraint(q, kv_sharding), k, v
+    return constrain(q, ("batch", None, "q_heads", None)), k, v
 
 
 @jax.named_scope("attention")
@@ -230,10 +241,7 @@ def attend(
     Returns:
         ``(B, T, H, Dh)`` in q's dtype.
     """
-    if key is not None and dropout_rate > 0.0:
-        implementation = "einsum"
-    if implementation == "auto":
-        implementation = _best_implementation(q, mask)
+    implementation = _resolved_implementation(implementation, q, mask, dropout_rate, key)
     if implementation == "einsum":
         return einsum_attention(q, k, v, mask=mask, dropout_rate=dropout_rate, key=key)
     return jax.nn.dot_product_attention(
@@ -244,6 +252,15 @@ def attend(
         is_causal=mask is None,
         implementation=implementation,
     )
+
+
+def _resolved_implementation(
+    implementation: str, q: Array, mask: Array | None, dropout_rate: float, key: Array | None
+) -> str:
+    """The implementation ``attend`` runs: ``"einsum"`` with dropout, ``"auto"`` resolved."""
+    if key is not None and dropout_rate > 0.0:
+        return "einsum"
+    return _best_implementation(q, mask) if implementation == "auto" else implementation
 
 
 def _best_implementation(q: Array, mask: Array | None) -> str:
