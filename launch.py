@@ -92,9 +92,13 @@ def main(argv):
         system_prompt=f.system_prompt,
     )
     try:
-        if f.distributed:
-            launcher.init_distributed()
-        launcher.run(f.config, workdir=f.workdir, mode=f.mode, sample_options=options)
+        launcher.run(
+            f.config,
+            workdir=f.workdir,
+            mode=f.mode,
+            sample_options=options,
+            distributed=f.distributed,
+        )
     except (ConfigError, DataError, train.NonFiniteError) as error:  # one sentence, no traceback
         sys.exit(f"launch.py: {error}")
     except train.Interrupted as stop:  # saved; the shell's status for death by that signal

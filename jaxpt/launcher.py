@@ -127,11 +127,28 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None = None) -> None:
+def run(
+    config,
+    *,
+    workdir: str,
+    mode: str,
+    sample_options: SampleOptions | None = None,
+    distributed: bool = False,
+) -> None:
     """Runs ``mode`` (one of ``MODES``) for ``config`` in ``workdir``, after checking every
-    config field (and, to train, that ``workdir`` can be written) before anything compiles."""
+    config field (and, to train, that ``workdir`` can be written) before anything compiles.
+    ``distributed``: joins the multi-process run (``init_distributed``) after those checks, so
+    that a bad config stops each process at once rather than once every process has joined
+    (or, where only some processes have it, leaves the others waiting for them)."""
     if not str(workdir):  # Path("") is the current directory, which holds someone's files
         raise ConfigError("--workdir is empty: name the run's directory, e.g. --workdir=runs/x.")
+    if mode not in MODES:
+        raise ConfigError(f"--mode={mode!r} is not one of {list(MODES)}.")
+    if distributed:
+        train.validate_config(_without_backend_checks(config))
+        if mode == "train":
+            check_writable_directory(workdir, "--workdir")
+        init_distributed()
     if mode == "train":
         train.validate_config(config)
         check_writable_directory(workdir, "--workdir")
@@ -143,10 +160,19 @@ def run(config, *, workdir: str, mode: str, sample_options: SampleOptions | None
             print(f"--- sample {i}\n{text}", flush=True)
     elif mode == "eval":
         evaluate(config, workdir)
-    elif mode == "chat":
-        converse(config, workdir, sample_options or SampleOptions())
     else:
-        raise ConfigError(f"--mode={mode!r} is not one of {list(MODES)}.")
+        converse(config, workdir, sample_options or SampleOptions())
+
+
+def _without_backend_checks(config):
+    """A copy of ``config`` with ``model.sdpa_implementation='cudnn'``, whose check asks which
+    backend runs (a GPU's), as ``'auto'``: no process of a multi-process run may ask before it
+    joins (``jax.distributed.initialize`` refuses to start after that), so the modes check
+    the cuDNN choice after joining."""
+    config = config.copy_and_resolve_references()
+    if config.model.get("sdpa_implementation") == "cudnn":
+        config.model.sdpa_implementation = "auto"
+    return config
 
 
 def pretrained_params(config) -> Callable[[], object] | None:

@@ -370,6 +370,28 @@ def test_a_coordinator_port_in_use_is_one_sentence(monkeypatch):
             launcher.init_distributed()
 
 
+@pytest.mark.parametrize("mode", launcher.MODES)
+def test_a_distributed_run_checks_its_config_before_it_joins(mode, monkeypatch, tmp_path):
+    """A bad field stopped each process only after every process had joined the cluster (a
+    process started alone waited minutes for the others first); the check of
+    sdpa_implementation='cudnn', which asks for the backend (jax refuses to join after
+    that), comes after joining."""
+    events = []
+    monkeypatch.setattr(launcher, "init_distributed", lambda: events.append("join"))
+    backend = jax.default_backend
+    monkeypatch.setattr(jax, "default_backend", lambda: events.append("backend") or backend())
+    config = small_config()
+    config.train.steps = 0
+    with pytest.raises(ConfigError, match=r"^train\.steps=0 must be"):
+        launcher.run(config, workdir=str(tmp_path), mode=mode, distributed=True)
+    assert events == []
+    config = small_config()
+    config.model.update(sdpa_implementation="cudnn", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="sdpa_implementation='cudnn' needs a GPU"):
+        launcher.run(config, workdir=str(tmp_path), mode=mode, distributed=True)
+    assert events == ["join", "backend"]
+
+
 def test_help_matches_the_readme():
     """The flags the README's Chat paragraph lists say they serve chat (their help said
     generate only), and each command of the usage text is on its own lines (the chat example
