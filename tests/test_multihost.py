@@ -60,7 +60,10 @@ def test_two_processes_train_like_one_and_one_device_resumes_them(tmp_path):
     port = free_port()
     hosts = [launch(tmp_path / "two", 4, (i, 2, port)) for i in range(2)]
     report = finish(hosts[0])
-    finish(hosts[1])
+    other = finish(hosts[1])
+    progress = re.compile(r"^step +\d+(/\d+)? (loss|val_loss) ", re.MULTILINE)
+    assert len(progress.findall(report)) == STEPS + 2  # log.every_steps=1, 2 evaluations
+    assert not progress.search(other)  # process 0 alone prints them
     finish(launch(tmp_path / "one", 8))
     two, one = records(tmp_path / "two"), records(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one]  # one writer, no duplicates

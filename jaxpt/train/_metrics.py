@@ -37,7 +37,8 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 class MetricsLog:
-    """Writes one JSON record per step to ``metrics.jsonl`` and TensorBoard, prints progress."""
+    """Writes one JSON record per step to ``metrics.jsonl`` and TensorBoard, prints progress
+    (process 0 alone, in a multi-process run)."""
 
     def __init__(
         self,
@@ -87,18 +88,17 @@ class MetricsLog:
         if last["step"] % self.print_every == 0 or last["step"] == self.total_steps:
             eta = (self.total_steps - last["step"]) * seconds_per_step
             mfu_text = f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
-            print(
+            self._print(
                 f"step {last['step']:>6}/{self.total_steps} loss {last['loss']:.4f} "
                 f"grad_norm {last['grad_norm']:.3f} lr {last['lr']:.2e} "
-                f"{tokens_per_s:,.0f} tok/s{mfu_text} eta {_duration(eta)}",
-                flush=True,
+                f"{tokens_per_s:,.0f} tok/s{mfu_text} eta {_duration(eta)}"
             )
 
     def eval(self, step: int, metrics: dict) -> None:
         """Validation metrics at ``step``."""
         record = {"step": step, **{f"val_{k}": v for k, v in metrics.items()}}
         self._write(record, "val")
-        print(f"step {step:>6} val_loss {metrics['loss']:.4f}", flush=True)
+        self._print(f"step {step:>6} val_loss {metrics['loss']:.4f}")
 
     def task(self, step: int, name: str, metrics: dict) -> None:
         """An evaluation task's metrics at ``step``, each logged as ``<name>_<metric>``."""
@@ -106,7 +106,13 @@ class MetricsLog:
         values = " ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
         )
-        print(f"step {step:>6} {name} {values}", flush=True)
+        self._print(f"step {step:>6} {name} {values}")
+
+    def _print(self, line: str) -> None:
+        """Prints ``line`` on process 0 only: every process holds the same metrics, and N
+        copies of each line, interleaved in a job's log, read as N runs."""
+        if self.is_writer:
+            print(line, flush=True)
 
     def _write(self, record: dict, group: str) -> None:
         if not self.is_writer:
