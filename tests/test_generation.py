@@ -31,11 +31,12 @@ def greedy_by_full_forward(apply, params, prompt, n):
 
 def greedy_reference(apply, params, prompt, completion, cfg) -> list[int]:
     """The greedy completion of ``prompt`` as long as ``completion``, unpadded and without a
-    cache. A causal model's logits at a position read only the tokens up to it, so one forward
-    pass over the prompt and ``completion`` (which must be greedy for the result to equal it)
-    gives every choice; a model whose earlier logits change with later tokens re-runs the
-    growing sequence (one compile per length)."""
-    if not cfg.is_causal:
+    cache. A cacheable model's logits at a position are fixed by the tokens up to it, so one
+    forward pass over the prompt and ``completion`` (which must be greedy for the result to
+    equal it) gives every choice; a model whose earlier logits change as the sequence grows
+    (Soft MoE; top-k MoE, whose capacity grows with the length) re-runs the growing sequence
+    (one compile per length)."""
+    if not cfg.is_cacheable:
         return greedy_by_full_forward(apply, params, prompt, len(completion))
     logits, _ = apply(params, jnp.asarray([prompt + completion[:-1]]))
     return np.argmax(logits[0, len(prompt) - 1 :], axis=-1).tolist()
