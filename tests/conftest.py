@@ -1,11 +1,13 @@
 """Test setup: 8 virtual CPU devices (before jax is imported) for sharding tests, and private
 caches for the embedded corpus, for compiled programs and for Python bytecode, shared by the
-xdist workers and the subprocesses the tests launch, and new in every run."""
+xdist workers and the subprocesses the tests launch, and new in every run; SIGINT as a
+terminal's, even in a background job."""
 
 import atexit
 import importlib.metadata
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,6 +22,11 @@ if tuple(map(int, importlib.metadata.version("jaxlib").split(".")[:2])) < (0, 11
     FAST_COMPILE += " --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# A shell starts a background job (`cmd &`) with SIGINT ignored, which every child inherits:
+# the tests that press Ctrl-C on a launch.py or prepare run need a terminal's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("JAXPT_CACHE_DIR", tempfile.mkdtemp(prefix="jaxpt-test-cache-"))
 
 # Many tests compile the same programs (the char-level GPT smoke step in-process and in every
