@@ -546,3 +546,17 @@ def test_expert_weights_carry_the_expert_axis():
 def test_bad_moe_config_gets_one_clear_sentence(name, overrides, words):
     with pytest.raises(ConfigError, match=words):
         dataclasses.replace(models.get(name).default_config(), **overrides)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 19])
+def test_a_load_factor_of_zero_slots_is_refused_with_the_least_that_keeps_one(top_k):
+    # vmoe's capacity in plain python; T = 1 has the fewest slots (max(1, T / E) = 1)
+    slots = lambda lf: math.ceil(round(lf * top_k * 1.0, 9))
+    cfg = lambda lf: moe_config(top_k=top_k, n_experts=32, load_factor=lf)
+    with pytest.raises(ConfigError, match=r"model.load_factor=1e-12 gives each expert 0 slots"):
+        cfg(1e-12)
+    with pytest.raises(ConfigError) as refused:
+        cfg(1e-11)
+    least = float(str(refused.value).rsplit(" ", 1)[-1].rstrip("."))
+    assert slots(least) == 1 and slots(math.nextafter(least, 0)) == 0
+    assert nn.expert_capacity(cfg(least).moe_spec, 1) == 1

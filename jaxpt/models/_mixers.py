@@ -4,6 +4,7 @@ cacheable."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -140,6 +141,22 @@ def _validate_moe(cfg: ModelConfig) -> None:
         f"model.load_factor={cfg.load_factor!r} must be positive and finite: each expert holds "
         "ceil(load_factor * top_k * max(1, T / n_experts)) tokens per sequence.",
     )
+    require(
+        nn.expert_capacity(cfg.moe_spec, 1) >= 1,
+        f"model.load_factor={cfg.load_factor!r} gives each expert 0 slots, so every token is "
+        f"dropped: set model.load_factor to at least {_least_load_factor(cfg.moe_spec)!r}.",
+    )
+
+
+def _least_load_factor(spec: nn.MoESpec) -> float:
+    """The least ``load_factor`` that gives each expert one slot at T = 1 (the fewest slots)."""
+    one_slot = lambda lf: nn.expert_capacity(dataclasses.replace(spec, load_factor=lf), 1) >= 1
+    lf = 5e-10 / spec.top_k  # a few floats from it: expert_capacity rounds at 9 decimals
+    while not one_slot(lf):
+        lf = math.nextafter(lf, math.inf)
+    while one_slot(math.nextafter(lf, 0)):
+        lf = math.nextafter(lf, 0)
+    return lf
 
 
 def _validate_soft_moe(cfg: ModelConfig) -> None:
