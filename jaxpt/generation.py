@@ -297,7 +297,8 @@ def chat(
 
     The conversation is rendered as in training rows (``jaxpt.data.encode_chat``), followed by
     the assistant's prompt; the reply ends at the template's end-of-turn marker
-    (``<|im_end|>`` in ChatML), which is not returned. When the conversation and
+    (``<|im_end|>`` in ChatML), which is not returned, nor the whitespace around the reply
+    (Llama-2's template writes ``[/INST] reply </s>``). When the conversation and
     ``max_new_tokens`` do not fit in ``model_config.block_size`` plus one (the last new token
     is never fed back), the oldest turns are left out (leading system messages are kept), down
     to the last user message.
@@ -336,7 +337,7 @@ def chat(
         stop_token=end_ids[0] if len(end_ids) == 1 else None,
         n_tokens=tokenizer.vocab_size,
     )
-    return tokenizer.decode(generated.completions()[0]).partition(end)[0]
+    return tokenizer.decode(generated.completions()[0]).partition(end)[0].strip()
 
 
 def _recent_history(tokenizer, messages: list[dict], template: str, cfg, max_new_tokens: int):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxpt
-from jaxpt import data, launcher, models, train
+from jaxpt import data, generation, launcher, models, train
 from jaxpt.config import load_config_file, preset_config
 from jaxpt.data import _prepare as data_prepare
 from jaxpt.errors import ConfigError, DataError
@@ -104,6 +104,73 @@ def test_template_from_tokenizer_file_ids_and_mask(tmp_path):
     assert mask == [0] * 13 + [1, 1]
     assert data.chat_prompt(tok, messages[:1], TEMPLATE) == ids[:13]
     assert data.end_of_turn(tok, TEMPLATE) == "</t>"
+
+
+# meta-llama/Llama-2-7b-chat-hf's and mistralai/Mistral-7B-Instruct-v0.1's chat templates, as
+# their tokenizer_config.json write them: the reply after " [/INST]" and before the end token
+LLAMA_2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}"
+    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+MISTRAL_INSTRUCT = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}"
+)
+E = data.EOT  # a char tokenizer's begin and end token
+# a plain reading of each template: (text, trained) pieces of CONVERSATION (Mistral's: no system)
+LLAMA_2_PIECES = [
+    (f"{E}[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi! [/INST]", 0),
+    (f" Hello. {E}", 1),
+    (f"{E}[INST] Bye? [/INST]", 0),
+    (f" See you. {E}", 1),
+]
+MISTRAL_PIECES = [
+    (f"{E}[INST] Hi! [/INST]", 0),
+    (f"Hello.{E}", 1),
+    (" [INST] Bye? [/INST]", 0),
+    (f"See you.{E}", 1),
+    (" ", 0),
+]
+
+
+@pytest.mark.parametrize(
+    "template, messages, expected",
+    [
+        (LLAMA_2_CHAT, CONVERSATION, LLAMA_2_PIECES),
+        (MISTRAL_INSTRUCT, CONVERSATION[1:], MISTRAL_PIECES),
+    ],
+)
+def test_llama_2_and_mistral_templates_train_and_chat_on_the_reply(template, messages, expected):
+    # Llama-2's " reply </s>" was refused: "does not end an assistant's turn with a marker"
+    tok = data.CharTokenizer.from_texts([string.printable + E])
+    assert data.encode_chat(tok, messages, template) == pieces_to_ids_and_mask(tok, expected)
+    assert data.end_of_turn(tok, template) == E
+    reply = expected[-1 if expected[-1][1] else -2][0]  # what the model writes, then more
+    completion = generation.Generated(
+        tokens=jnp.asarray([tok.encode(reply + "[INST]")]),
+        prompt_lengths=jnp.asarray([0]),
+        lengths=jnp.asarray([len(reply) + 6]),
+    )
+    cfg = models.config_from(tiny_config(vocab_size=tok.vocab_size, block_size=128).model)
+    fake = lambda *args, **kwargs: completion
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "generate", fake)
+        assert jaxpt.chat(None, cfg, tok, messages[:-1], template=template) == "See you."
 
 
 # ChatML with transformers' {% generation %} marker around the assistant's reply (templates

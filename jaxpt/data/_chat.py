@@ -180,19 +180,20 @@ def chat_prompt(tok: Tokenizer, messages: Sequence[Message], template: str) -> l
 
 
 def end_of_turn(tok: Tokenizer, template: str) -> str:
-    """The text that ends an assistant's turn (``<|im_end|>`` in ChatML), found by rendering
-    a probe conversation."""
+    """The text that ends an assistant's turn (``<|im_end|>`` in ChatML, ``</s>`` in Llama-2's
+    and Mistral's), less the whitespace around it, found by rendering a probe conversation.
+    The reply may start with whitespace (Llama-2 writes ``[/INST] reply </s>``)."""
     special = _special_tokens(tok)
     prompt = render(template, _PROBE[:1], special, generation_prompt=True)
     turn = render(template, _PROBE, special, generation_prompt=False)
-    reply = _after(prompt, turn).rstrip()
+    reply = _after(prompt, turn).strip()
     content = _PROBE[1]["content"]
     if not reply.startswith(content) or reply == content:
         raise DataError(
             "the chat template does not end an assistant's turn with a marker after the reply, "
             "so a chat cannot tell where a reply stops"
         )
-    return reply[len(content) :]
+    return reply[len(content) :].lstrip()
 
 
 def chat_row(
