@@ -687,11 +687,13 @@ def _encode_in_worker(documents: list) -> list[np.ndarray]:
 
 @contextlib.contextmanager
 def _children_ignore_sigint() -> Iterator[None]:
-    """Processes started meanwhile ignore SIGINT (SIG_IGN survives exec, a blocked mask does
-    not): Ctrl-C, which a terminal sends to its whole process group, then interrupts the
-    caller alone, which says so in one line, rather than each worker too, with a traceback. A
-    SIGINT meanwhile is held back and delivered after. Only the main thread can set handlers;
-    elsewhere nothing changes."""
+    """Processes started meanwhile ignore SIGINT (SIG_IGN survives exec, and Python then
+    installs no KeyboardInterrupt handler): Ctrl-C, which a terminal sends to its whole process
+    group, then interrupts the caller alone, which says so in one line, rather than each worker
+    too, with a traceback. A SIGINT meanwhile is held back (blocked in this thread) and
+    delivered after, unless another thread that does not block it takes it first: then it is
+    lost, and a second Ctrl-C interrupts. Only the main thread can set handlers; elsewhere
+    nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
