@@ -276,6 +276,110 @@ def test_each_optimizer_matches_a_float64_reference(optimizer):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "shape, n_sliced",  # n_sliced: leading layer (and expert) axes
+    [
+        ((130, 8, 160), 1),  # a layer's (8, 160) is not factored; optax factored (L, 160)
+        ((130, 160), 1),  # stacked biases: a vector is never factored; optax factored them
+        ((2, 130, 160), 2),  # an expert's bias of 130 experts: optax factored (E, F)
+        ((3, 256, 130), 1),  # each layer factored, as optax factors the stack
+        ((2, 3, 130, 140), 2),  # each expert factored, as optax factors the stack
+        ((3, 8, 16), 1),  # nothing factored
+    ],
+)
+def test_adafactor_factors_each_layer_and_expert_as_its_own_param(shape, n_sliced):
+    """Three steps of Adafactor's factored second-moment scaling on a stacked array against
+    ``optax.scale_by_factored_rms`` on each slice alone, in a python loop. optax chose the
+    factored dims from the whole stack's shape: over the layer or expert axis once it has 128
+    or more, where a slice alone is not factored (or not over it)."""
+    from jaxpt.train import _optimizer
+
+    rng = np.random.default_rng(0)
+    scales = rng.lognormal(size=shape[-1])  # columns of different sizes: factoring shows
+    grads = [jnp.asarray(rng.normal(size=shape) * scales, jnp.float32) for _ in range(3)]
+    param = jnp.zeros(shape)
+    tx = _optimizer._factored_rms_per_slice(n_sliced)
+    state, update = tx.init(param), jax.jit(tx.update)
+    reference = optax.scale_by_factored_rms()
+    reference_update = jax.jit(reference.update)
+    slices = list(np.ndindex(shape[:n_sliced]))
+    reference_states = [reference.init(param[i]) for i in slices]
+    for g in grads:
+        got, state = update(g, state, param)
+        want = []
+        for k, i in enumerate(slices):
+            slice_update, reference_states[k] = reference_update(
+                g[i], reference_states[k], param[i]
+            )
+            want.append(slice_update)
+        np.testing.assert_allclose(got, np.reshape(want, shape), rtol=1e-5)
+    assert int(state.count) == 3
+
+
+@pytest.mark.parametrize("preset", ["gpt", "tiny_moe"])
+def test_adafactor_state_keeps_optaxs_shapes_where_it_factored_each_layer(preset):
+    """At a preset's full size (fewer than 128 layers and experts) optax factored each layer's
+    and expert's matrices and nothing else: the state's tree and shapes are
+    ``optax.scale_by_factored_rms``'s on the stacked params, so checkpoints resume."""
+    config = preset_config(preset, None)
+    config.train.optimizer = "adafactor"
+    cfg = models.config_from(config.model)
+    params = jax.eval_shape(lambda k: models.get(preset).init(k, cfg), jax.random.key(0))
+    state = jax.eval_shape(train.optimizer(config.train, params).init, params)
+    is_factored = lambda x: isinstance(x, optax.FactoredState)
+    (factored,) = [x for x in jax.tree.leaves(state, is_leaf=is_factored) if is_factored(x)]
+    want = jax.eval_shape(optax.scale_by_factored_rms().init, params)
+    assert jax.tree.structure(factored) == jax.tree.structure(want)
+    assert jax.tree.leaves(jax.tree.map(jnp.shape, factored)) == jax.tree.leaves(
+        jax.tree.map(jnp.shape, want)
+    )
+    assert any(len(x.shape) >= 2 for x in jax.tree.leaves(want.v_row))  # some were factored
+
+
+def test_adafactor_on_130_stacked_layers_is_optax_adafactor_on_each_layer():
+    """Two steps of ``train.optimizer``'s Adafactor (no clipping, no decay) on a 130-layer
+    GPT against ``optax.adafactor`` on each layer's arrays alone and the unstacked ones: optax
+    factored the stacked ``(130, 8, 160)`` MLP weights and ``(130, 160)`` biases over the
+    layers, where one layer's are not factored."""
+    config = char_config(optimizer="adafactor", warmup_steps=0, lr=0.1, grad_clip=0.0)
+    config.train.weight_decay = 0.0
+    config.model.update(n_layer=130, n_embed=8, n_head=2, n_kv_head=2, n_mlp_hidden=160)
+    cfg = models.config_from(config.model)
+    rng = np.random.default_rng(0)
+    random_like = lambda x: rng.normal(size=x.shape).astype(np.float32)
+    params = jax.eval_shape(lambda k: models.get("gpt").init(k, cfg), jax.random.key(0))
+    params = jax.tree.map(random_like, params)
+    grads = [jax.tree.map(random_like, params) for _ in "ab"]
+    tx = train.optimizer(config.train, params)
+    state, new, update = tx.init(params), params, jax.jit(tx.update)
+    for g in grads:
+        updates, state = update(g, state, new)
+        new = optax.apply_updates(new, updates)
+    n_stacked = jax.tree.leaves(
+        nn.map_params(lambda layer, array, names: array.ndim - len(names), params)
+    )
+
+    def groups(tree):  # the unstacked arrays, then each layer's
+        arrays = list(zip(map(np.asarray, jax.tree.leaves(tree)), n_stacked, strict=True))
+        layer = lambda i: [x[i] for x, n in arrays if n]
+        return [[x for x, n in arrays if not n]] + [layer(i) for i in range(130)]
+
+    reference = optax.adafactor(train.learning_rate(config.train))
+
+    @jax.jit
+    def reference_step(group, grad, state):
+        updates, state = reference.update(grad, state, group)
+        return optax.apply_updates(group, updates), state
+
+    want = groups(params)
+    states = list(map(jax.jit(reference.init), want))
+    for g in grads:
+        for k, grad in enumerate(groups(g)):
+            want[k], states[k] = reference_step(want[k], grad, states[k])
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7)
+    jax.tree.map(close, groups(new), want)
+
+
 def test_gradient_accumulation_equals_one_big_step():
     config = char_config(batch_size=8)
     cfg = models.config_from(config.model)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from optax._src import factorized
 
 from jaxpt import nn
 from jaxpt.errors import ConfigError, check_range
@@ -117,20 +118,102 @@ def _adam(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransfor
 def _adafactor(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
     """Adafactor (Shazeer and Stern, 2018) at optax's defaults: factored second moments, no
     momentum, updates clipped to RMS 1 and scaled by the param's RMS, each layer of a stacked
-    array its own param (``optax.adafactor`` took the whole stack's RMS); decoupled weight decay
+    array its own param (``optax.adafactor`` took the whole stack's RMS, and factored the
+    moments of a stack of 128 or more layers or experts over that axis); decoupled weight decay
     (``b1``, ``b2`` and ``eps`` are Adam's and unused). optax adds the decay after the learning
     rate, so it is scaled by the schedule here: ``lr * weight_decay`` per step, as AdamW decays.
-    The chain and its state are ``optax.adafactor``'s."""
+    The chain and its state are ``optax.adafactor``'s (see ``_factored_rms_per_slice``)."""
     decay = lambda count: train_cfg.weight_decay * lr(count)
-    stacked = nn.map_params(lambda layer, array, names: array.ndim - len(names), params)
+    stacked = _leading_axes(params, experts=False)
     return optax.chain(
-        optax.scale_by_factored_rms(),
+        _factored_rms_per_slice(_leading_axes(params, experts=True)),
         _scale_per_layer(lambda update, param, rms: 1 / jnp.maximum(1.0, rms(update)), stacked),
         optax.scale_by_learning_rate(lr, flip_sign=False),
         _scale_per_layer(lambda update, param, rms: jnp.maximum(rms(param), 1e-3), stacked),
         optax.add_decayed_weights(decay, mask),
         optax.scale(-1),
     )
+
+
+def _leading_axes(params, *, experts: bool):
+    """Each array's number of leading stacked-layer axes, and with ``experts`` its expert axis
+    (an expert layer's first) too."""
+    return nn.map_params(
+        lambda layer, array, names: (
+            array.ndim - len(names) + (experts and names[:1] == ("expert",))
+        ),
+        params,
+    )
+
+
+_MIN_DIM_TO_FACTOR = 128  # optax's default
+_FACTORED_RMS = optax.scale_by_factored_rms(min_dim_size_to_factor=_MIN_DIM_TO_FACTOR)
+_SLICE_AXES = optax.FactoredState(count=None, v_row=0, v_col=0, v=0)  # one count for all
+
+
+def _factored_rms_per_slice(sliced_axes) -> optax.GradientTransformation:
+    """``optax.scale_by_factored_rms`` (at its defaults) with each slice of an array its own
+    param: ``sliced_axes`` (a tree like the params) counts each array's leading layer and
+    expert axes, and a slice's second moments are factored over the dims optax picks for that
+    slice alone (its two largest, when both reach 128), as Adafactor on the unstacked model.
+
+    The state is optax's ``FactoredState``. An array whose whole shape optax factors over the
+    same dims (or, like its slices, not at all) runs through optax whole and keeps optax's
+    state shapes (its ``row_col_mean`` is then per slice too); the others (128 or more layers
+    or experts, where optax factored over that axis, or factored stacked vectors) hold their
+    slices' states stacked, of other shapes: restore refuses a checkpoint with optax's state
+    for them in one sentence naming the array.
+    """
+    n_sliced_by_path = dict(jax.tree.leaves_with_path(sliced_axes))
+
+    def per_array(fn, path, x, in_axes, out_axes):
+        return _per_slice(fn, x.shape, n_sliced_by_path[path], in_axes, out_axes)
+
+    def init_fn(params):
+        leaves, treedef = jax.tree.flatten_with_path(params)
+        init = lambda path, x: per_array(_FACTORED_RMS.init, path, x, 0, _SLICE_AXES)(x)
+        return _gathered_state(jnp.zeros([], jnp.int32), treedef, [init(*leaf) for leaf in leaves])
+
+    def update_fn(updates, state, params):
+        leaves, treedef = jax.tree.flatten_with_path(updates)
+        trees = (state.v_row, state.v_col, state.v, params)
+
+        def update(path, x, v_row, v_col, v, param):
+            in_axes, out_axes = (0, _SLICE_AXES, 0), (0, _SLICE_AXES)
+            array_state = optax.FactoredState(state.count, v_row, v_col, v)
+            return per_array(_FACTORED_RMS.update, path, x, in_axes, out_axes)(
+                x, array_state, param
+            )
+
+        per_leaf = map(treedef.flatten_up_to, trees)
+        results = [update(*leaf, *rest) for leaf, *rest in zip(leaves, *per_leaf, strict=True)]
+        new_updates = treedef.unflatten([update for update, _ in results])
+        count = optax.safe_increment(state.count)
+        return new_updates, _gathered_state(count, treedef, [s for _, s in results])
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _per_slice(fn: Callable, shape: tuple, n_sliced: int, in_axes, out_axes) -> Callable:
+    """``fn``, or, where optax would factor other dims of an array of ``shape`` than of one
+    slice (``shape`` without its ``n_sliced`` leading axes), ``fn`` vmapped over those axes."""
+    if _factored_dims(shape) == _factored_dims(shape[n_sliced:], offset=n_sliced):
+        return fn
+    for _ in range(n_sliced):
+        fn = jax.vmap(fn, in_axes, out_axes)
+    return fn
+
+
+def _factored_dims(shape: tuple, offset: int = 0) -> tuple[int, int] | None:
+    """The dims optax factors an array of ``shape`` over (plus ``offset``), or None."""
+    dims = factorized._factored_dims(shape, True, _MIN_DIM_TO_FACTOR)
+    return None if dims is None else (dims[0] + offset, dims[1] + offset)
+
+
+def _gathered_state(count, treedef, states: list) -> optax.FactoredState:
+    """One ``FactoredState`` of ``count`` from each array's (in ``treedef``'s order)."""
+    gather = lambda field: treedef.unflatten([getattr(s, field) for s in states])
+    return optax.FactoredState(count, gather("v_row"), gather("v_col"), gather("v"))
 
 
 def _scale_per_layer(factor: Callable, stacked) -> optax.GradientTransformation:
