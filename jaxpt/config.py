@@ -79,9 +79,11 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.train.schedule = "cosine"  # cosine | wsd (warmup-stable-decay) | inverse_sqrt
     config.train.decay_fraction = 0.2  # wsd: the last fraction of steps decays linearly
     config.train.weight_decay = 0.1
-    config.train.b1 = 0.9
-    config.train.b2 = 0.95
-    config.train.eps = 1e-8
+    # None: the optimizer's own (jaxpt.train.OPTIMIZER_DEFAULTS: AdamW's 0.9, 0.95, 1e-8 as
+    # GPT-2 trained; Lion's 0.9, 0.99); setting one the optimizer does not read is refused
+    config.train.b1 = ml_collections.config_dict.placeholder(float)
+    config.train.b2 = ml_collections.config_dict.placeholder(float)
+    config.train.eps = ml_collections.config_dict.placeholder(float)
     config.train.decay_embeddings = False  # weight decay on embedding tables too
     config.train.grad_clip = 1.0  # global-norm clip
     config.train.on_nonfinite = "stop"  # non-finite loss: stop | skip (the update)
@@ -239,23 +241,24 @@ _OVERRIDE_PARSERS = {
 
 def _field(config: ml_collections.ConfigDict, path: str):
     """The value of ``config``'s field at the dotted ``path`` (e.g. ``train.steps``)."""
-    return functools.reduce(lambda node, key: node[key], path.split("."), config)
+    return functools.reduce(lambda node, key: node[key], filter(None, path.split(".")), config)
 
 
 def check_override_value(config: ml_collections.ConfigDict, path: str, value: str) -> None:
     """Raises ConfigError unless ``--config.<path>=<value>`` parses as its field's type, e.g.
     ``train.steps=1e3`` (config_flags' message: ``invalid literal for int() with base 10``)."""
+    section, _, name = path.rpartition(".")
     field = _field(config, path)
-    parser, kind = _OVERRIDE_PARSERS.get(type(field), (None, None))
+    declared = _field(config, section).get_type(name)  # a None placeholder's type too
+    parser, kind = _OVERRIDE_PARSERS.get(declared, (None, None))
     if parser is None:
         return
     try:
         parser.parse(value)
     except ValueError:
         example = str(field).lower() if isinstance(field, bool) else field
-        raise ConfigError(
-            f"--config.{path}={value!r} is not {kind}; write one, e.g. --config.{path}={example}."
-        ) from None
+        shown = "" if field is None else f", e.g. --config.{path}={example}"
+        raise ConfigError(f"--config.{path}={value!r} is not {kind}; write one{shown}.") from None
 
 
 def check_config_flags(argv: Sequence[str]) -> None:

@@ -119,10 +119,35 @@ def test_a_run_that_never_leaves_its_warmup_says_so(steps, warmup_steps):
     assert train.warmup_note(config.train) is None
 
 
-def test_every_preset_passes_as_shipped():
+def test_every_preset_passes_as_shipped_with_every_optimizer():
+    """No preset sets an optimizer field (b1, b2, eps) that one of the optimizers ignores."""
     for path in CONFIG_FILES:
         for arg in ("smoke", None):
-            train.validate_config(load_config(path, arg))
+            config = load_config(path, arg)
+            for optimizer in train.OPTIMIZERS:
+                config.train.optimizer = optimizer
+                train.validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "optimizer, field, value, reads",
+    [
+        ("adafactor", "b1", 0.8, "none of b1, b2 and eps"),  # no momentum
+        ("adafactor", "b2", 0.99, "none of b1, b2 and eps"),  # its own decay, 1 - step^-0.8
+        ("adafactor", "eps", 1e-6, "none of b1, b2 and eps"),
+        ("lion", "eps", 1e-6, "train.b1 and train.b2"),  # a sign: nothing to divide
+    ],
+)
+def test_a_field_the_optimizer_ignores_is_one_sentence(optimizer, field, value, reads, tmp_path):
+    """These were accepted and had no effect."""
+    config = small_config(optimizer=optimizer, **{field: value})
+    with pytest.raises(ConfigError) as caught:
+        launcher.run(config, workdir=str(tmp_path / "run"), mode="train")
+    assert str(caught.value) == (
+        f"train.{field}={value!r} has no effect with train.optimizer={optimizer!r}, which reads "
+        f"{reads}: leave train.{field} unset (None), or choose an optimizer that reads it."
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def first_update(grad_clip: float):
@@ -183,6 +208,7 @@ GPT_SMOKE = f"--config={ROOT / 'configs' / 'gpt.py'}:smoke"
         ("train.steps", "1e3", "is not a whole number; write one, e.g. --config.train.steps=200."),
         ("train.lr", "fast", "is not a number; write one, e.g. --config.train.lr=0.003."),
         ("log.shardings", "maybe", "is not true or false; write one, e.g. --config.log.shardings="),
+        ("train.b1", "high", "is not a number; write one."),  # unset: the optimizer's default
     ],
 )
 def test_an_override_that_does_not_parse_is_one_sentence(path, value, words):

@@ -244,14 +244,31 @@ def newton_schulz(x):
     return wide if x.shape[0] <= x.shape[1] else wide.T
 
 
+# b1, b2 and eps as each optimizer's authors (and optax) define them, or for AdamW as GPT-2
+# trained; what a run that leaves them unset must use. Adafactor reads none of them.
+PUBLISHED = {
+    "adamw": dict(b1=0.9, b2=0.95, eps=1e-8),
+    "adam": dict(b1=0.9, b2=0.95, eps=1e-8),
+    "adafactor": {},
+    "lion": dict(b1=0.9, b2=0.99),  # Chen et al., 2023; optax.lion's defaults
+    "muon": dict(b1=0.9, b2=0.95, eps=1e-8),  # its AdamW part's
+}
+
+
+@pytest.mark.parametrize("unset", [False, True], ids=["set", "defaults"])
 @pytest.mark.parametrize("optimizer", list(train.OPTIMIZERS))
-def test_each_optimizer_matches_a_float64_reference(optimizer):
+def test_each_optimizer_matches_a_float64_reference(optimizer, unset):
     """Four steps on random gradients of a two-layer GPT's params, whose layers differ in
     scale, against ``reference_steps``: the warmup's first step (lr 0), the cosine, clipping,
-    non-default ``b1``, ``b2`` and ``eps``, the decay mask. Adafactor clipped and scaled a
+    non-default ``b1``, ``b2`` and ``eps`` (those the optimizer reads) or, left unset, the
+    published ones (Lion's b2 was AdamW's 0.95), the decay mask. Adafactor clipped and scaled a
     stacked array by the RMS of all its layers together, not by each layer's."""
     config = char_config(optimizer=optimizer, steps=4, warmup_steps=2, lr=0.1, grad_clip=1.0)
-    config.train.update(b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.1, min_lr_ratio=0.1)
+    config.train.update(weight_decay=0.1, min_lr_ratio=0.1)
+    chosen = {k: v for k, v in dict(b1=0.8, b2=0.9, eps=1e-3).items() if k in PUBLISHED[optimizer]}
+    config.train.update({} if unset else chosen)
+    reference = config.train.copy_and_resolve_references()
+    reference.update(PUBLISHED[optimizer] if unset else {})
     config.model.update(n_layer=2, n_embed=8, n_head=2, n_kv_head=2, n_mlp_hidden=16)
     params = models.get("gpt").init(jax.random.key(0), models.config_from(config.model))
     n_stacked = nn.map_params(lambda layer, array, names: array.ndim - len(names), params)
@@ -271,7 +288,7 @@ def test_each_optimizer_matches_a_float64_reference(optimizer):
         updates, state = update(jax.tree.unflatten(treedef, list(map(jnp.float32, g))), state, new)
         new = optax.apply_updates(new, updates)
     arrays = list(zip(*map(jax.tree.leaves, (decayed, muon, n_stacked)), strict=True))
-    want = reference_steps(optimizer, config.train, leaves, grads, arrays)
+    want = reference_steps(optimizer, reference, leaves, grads, arrays)
     for got, expected in zip(jax.tree.leaves(new), want, strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 

@@ -14,9 +14,11 @@ from jaxpt.train._loop import validate_config as validate_config
 from jaxpt.train._loop import validation_data as validation_data
 from jaxpt.train._metrics import peak_flops as peak_flops
 from jaxpt.train._metrics import read_metrics as read_metrics
+from jaxpt.train._optimizer import OPTIMIZER_DEFAULTS as OPTIMIZER_DEFAULTS
 from jaxpt.train._optimizer import OPTIMIZERS as OPTIMIZERS
 from jaxpt.train._optimizer import SCHEDULES as SCHEDULES
 from jaxpt.train._optimizer import decay_mask as decay_mask
+from jaxpt.train._optimizer import hyperparameters as hyperparameters
 from jaxpt.train._optimizer import learning_rate as learning_rate
 from jaxpt.train._optimizer import optimizer as optimizer
 from jaxpt.train._optimizer import validate_train as validate_train

@@ -19,7 +19,7 @@ from jaxpt import data, evals, models, nn, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog
-from jaxpt.train._optimizer import optimizer, validate_train, warmup_note
+from jaxpt.train._optimizer import hyperparameters, optimizer, validate_train, warmup_note
 from jaxpt.train._step import (
     STEP_COMPILER_OPTIONS,
     TrainState,
@@ -149,14 +149,16 @@ def report_shardings(config, model_cfg, params, mesh) -> None:
 
 def describe(config, model_cfg) -> str:
     """The start-of-run summary: parameters (and those a token uses, for experts), tokens per
-    step, FLOPs per token."""
+    step, FLOPs per token, the optimizer with the ``b1``, ``b2`` and ``eps`` it uses."""
     tokens = config.train.batch_size * model_cfg.block_size
     n, active = model_cfg.n_params, model_cfg.n_active_params
     params = f"{n:,} parameters" + (f" ({active:,} active per token)" if active != n else "")
+    values = ", ".join(f"{k}={v:g}" for k, v in hyperparameters(config.train).items())
     return (
         f"model {model_cfg.name}: {params}; {tokens:,} tokens per "
         f"step ({config.train.batch_size} x {model_cfg.block_size}); "
-        f"{model_cfg.flops_per_token:.3e} training FLOPs per token"
+        f"{model_cfg.flops_per_token:.3e} training FLOPs per token; "
+        f"optimizer {config.train.optimizer}" + (f" ({values})" if values else "")
     )
 
 

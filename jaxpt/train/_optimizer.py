@@ -92,16 +92,20 @@ def decay_mask(params, *, decay_embeddings: bool):
     )
 
 
+def hyperparameters(train_cfg) -> dict:
+    """The ``b1``, ``b2`` and ``eps`` that ``train.optimizer`` reads (``OPTIMIZER_DEFAULTS``'
+    keys), each the train config's where set, else the optimizer's default."""
+    return {
+        field: default if train_cfg[field] is None else train_cfg[field]
+        for field, default in OPTIMIZER_DEFAULTS[train_cfg.optimizer].items()
+    }
+
+
 def _adamw(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
     """AdamW (Loshchilov and Hutter, 2019): weight decay decoupled from the moments."""
     del params
     return optax.adamw(
-        lr,
-        b1=train_cfg.b1,
-        b2=train_cfg.b2,
-        eps=train_cfg.eps,
-        weight_decay=train_cfg.weight_decay,
-        mask=mask,
+        lr, **hyperparameters(train_cfg), weight_decay=train_cfg.weight_decay, mask=mask
     )
 
 
@@ -111,7 +115,7 @@ def _adam(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransfor
     del params
     return optax.chain(
         optax.add_decayed_weights(train_cfg.weight_decay, mask),
-        optax.adam(lr, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps),
+        optax.adam(lr, **hyperparameters(train_cfg)),
     )
 
 
@@ -237,7 +241,7 @@ def _lion(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransfor
     weight decay. Lion's steps are larger than Adam's: its authors use a 3-10x smaller lr."""
     del params
     return optax.lion(
-        lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay, mask=mask
+        lr, **hyperparameters(train_cfg), weight_decay=train_cfg.weight_decay, mask=mask
     )
 
 
@@ -285,6 +289,16 @@ OPTIMIZERS: dict[str, Callable] = {
     "lion": _lion,
     "muon": _muon,
 }
+# What each optimizer reads of train.b1, train.b2 and train.eps, and what it takes for a field
+# left unset (None); it reads no other (setting one is refused). Muon's AdamW part reads them.
+_GPT2_ADAMW = {"b1": 0.9, "b2": 0.95, "eps": 1e-8}
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "adamw": _GPT2_ADAMW,
+    "adam": _GPT2_ADAMW,
+    "adafactor": {},  # no momentum; its second-moment decay is its own (1 - step^-0.8)
+    "lion": {"b1": 0.9, "b2": 0.99},  # Chen et al., 2023, as optax.lion; no eps (a sign)
+    "muon": _GPT2_ADAMW,
+}
 
 
 def optimizer(train_cfg, params) -> optax.GradientTransformation:
@@ -327,9 +341,7 @@ def validate_train(train_cfg) -> None:
         raise ConfigError(f"train.schedule={train_cfg.schedule!r} is not one of {list(SCHEDULES)}.")
     check_range("train.decay_fraction", train_cfg.decay_fraction, at_least=0, at_most=1)
     check_range("train.weight_decay", train_cfg.weight_decay, at_least=0)
-    for field in ("b1", "b2"):
-        check_range(f"train.{field}", train_cfg[field], at_least=0, below=1)
-    check_range("train.eps", train_cfg.eps, above=0)
+    _check_hyperparameters(train_cfg)
     check_range(
         "train.grad_clip",
         train_cfg.grad_clip,
@@ -340,3 +352,24 @@ def validate_train(train_cfg) -> None:
         check_range(f"train.{field}", train_cfg[field], at_least=0)
     if train_cfg.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite={train_cfg.on_nonfinite!r} is not 'stop' or 'skip'.")
+
+
+def _check_hyperparameters(train_cfg) -> None:
+    """ConfigError for a ``b1``, ``b2`` or ``eps`` that is set (not None) where
+    ``train.optimizer`` does not read it, or out of its range."""
+    name, reads = train_cfg.optimizer, OPTIMIZER_DEFAULTS[train_cfg.optimizer]
+    for field in ("b1", "b2", "eps"):
+        value = train_cfg[field]
+        if value is None:
+            continue
+        if field not in reads:
+            read = " and ".join(f"train.{f}" for f in reads) or "none of b1, b2 and eps"
+            raise ConfigError(
+                f"train.{field}={value!r} has no effect with train.optimizer={name!r}, which "
+                f"reads {read}: leave train.{field} unset (None), or choose an optimizer "
+                "that reads it."
+            )
+        if field == "eps":
+            check_range("train.eps", value, above=0)
+        else:
+            check_range(f"train.{field}", value, at_least=0, below=1)
