@@ -153,11 +153,11 @@ def run(
         train.validate_config(config)
         check_writable_directory(workdir, "--workdir")
         init_params = pretrained_params(config)
-        print(config, flush=True)
+        train.print_once(str(config))
         train.train(config, workdir, init_params=init_params)
     elif mode == "generate":
         for i, text in enumerate(sample(config, workdir, sample_options or SampleOptions())):
-            print(f"--- sample {i}\n{text}", flush=True)
+            train.print_once(f"--- sample {i}\n{text}")
     elif mode == "eval":
         evaluate(config, workdir)
     else:
@@ -188,7 +188,7 @@ def pretrained_params(config) -> Callable[[], object] | None:
 
     def load() -> object:
         params = hf.load_init_from(model_cfg, source).params
-        print(f"initialised params from {source}", flush=True)
+        train.print_once(f"initialised params from {source}")
         return params
 
     return load
@@ -318,7 +318,7 @@ def load_params(
     else:
         step, params = train.latest_params(config, workdir)
         loaded = Loaded(step, f"checkpoint {step} of {workdir}", params, tokenizer)
-    print(f"{verb} {loaded.source}", flush=True)
+    train.print_once(f"{verb} {loaded.source}")
     return loaded
 
 
@@ -347,7 +347,7 @@ def evaluate(config, workdir: str | Path) -> Path | None:
     results = {}
     for run_task in runners:
         results.update(run_task(params))
-    print(results_table(results), flush=True)
+    train.print_once(results_table(results))
     if jax.process_index() != 0:  # one process writes
         return None
     record = {"step": loaded.step, "source": loaded.source, "results": results}

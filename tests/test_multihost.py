@@ -64,6 +64,9 @@ def test_two_processes_train_like_one_and_one_device_resumes_them(tmp_path):
     progress = re.compile(r"^step +\d+(/\d+)? (loss|val_loss) ", re.MULTILINE)
     assert len(progress.findall(report)) == STEPS + 2  # log.every_steps=1, 2 evaluations
     assert not progress.search(other)  # process 0 alone prints them
+    start = re.compile(r"^(model gpt: |  optimizer: adamw$)", re.MULTILINE)  # summary, config
+    assert len(start.findall(report)) == 2
+    assert not start.search(other)  # each process printed them
     finish(launch(tmp_path / "one", 8))
     two, one = records(tmp_path / "two"), records(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one]  # one writer, no duplicates
@@ -95,8 +98,8 @@ def test_two_processes_train_like_one_and_one_device_resumes_them(tmp_path):
     shutil.copy(tmp_path / "two" / "metrics.jsonl", damaged / "metrics.jsonl")
     truncate_data_files(damaged / "checkpoints" / "6")
     port = free_port()
-    for host in [launch(damaged, 4, (i, 2, port)) for i in range(2)]:
-        assert "resumed from checkpoint 3" in finish(host)
+    outputs = [finish(host) for host in [launch(damaged, 4, (i, 2, port)) for i in range(2)]]
+    assert ["resumed from checkpoint 3" in out for out in outputs] == [True, False]
     names = sorted(p.name for p in (damaged / "checkpoints").iterdir())
     assert names == ["3", "6", "6.unreadable-1"]
     np.testing.assert_array_equal(key(records(damaged), "loss"), key(two, "loss"))

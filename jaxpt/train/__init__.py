@@ -13,6 +13,7 @@ from jaxpt.train._loop import train as train
 from jaxpt.train._loop import validate_config as validate_config
 from jaxpt.train._loop import validation_data as validation_data
 from jaxpt.train._metrics import peak_flops as peak_flops
+from jaxpt.train._metrics import print_once as print_once
 from jaxpt.train._metrics import read_metrics as read_metrics
 from jaxpt.train._optimizer import OPTIMIZER_DEFAULTS as OPTIMIZER_DEFAULTS
 from jaxpt.train._optimizer import OPTIMIZERS as OPTIMIZERS

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpt import data, evals, models, nn, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints
-from jaxpt.train._metrics import MetricsLog
+from jaxpt.train._metrics import MetricsLog, print_once
 from jaxpt.train._optimizer import hyperparameters, optimizer, validate_train, warmup_note
 from jaxpt.train._step import (
     STEP_COMPILER_OPTIONS,
@@ -236,10 +236,9 @@ class _StepProfiler:
         self.last = self.first + log_cfg.profile_steps - 1
         self.tracing = False
         if self.first and start_step >= self.first:
-            print(
+            print_once(
                 f"log.profile_from_step={self.first} is not after step {start_step}, where this "
-                "run starts: no profile (set a later step)",
-                flush=True,
+                "run starts: no profile (set a later step)"
             )
 
     def before(self, step: int) -> None:
@@ -300,10 +299,9 @@ class _PendingSteps:
                 self.log.train_steps(records)
                 raise NonFiniteError(_stop_message(record, self.checkpoints))
             else:
-                print(
+                print_once(
                     f"step {step} is not finite ({_losses(record)}): its update was skipped "
-                    "(train.on_nonfinite='skip')",
-                    flush=True,
+                    "(train.on_nonfinite='skip')"
                 )
         self.log.train_steps(records)
 
@@ -319,7 +317,7 @@ class _PendingSteps:
                 f"{message} and training stopped (train.on_nonfinite='stop'); "
                 f"{_last_checkpoint(self.checkpoints)}; lower train.lr."
             )
-        print(f"{message} (train.on_nonfinite='skip')", flush=True)
+        print_once(f"{message} (train.on_nonfinite='skip')")
 
 
 def _losses(record: dict) -> str:
@@ -370,9 +368,9 @@ def _prepare(config) -> _Run:
     data.check_vocab(manifest, model_cfg.vocab_size)
     abstract, shardings = abstract_state(config, mesh)
     tx = optimizer(config.train, abstract.params)
-    print(describe(config, model_cfg), flush=True)
+    print_once(describe(config, model_cfg))
     if note := warmup_note(config.train):
-        print(note, flush=True)
+        print_once(note)
     report_shardings(config, model_cfg, abstract.params, mesh)
     batch_sh = sharding.batch_sharding(mesh, config.mesh.rules)
     train_data = _loader(config, manifest, "train", batch_sh)
@@ -455,7 +453,7 @@ def train(
             loader_state = run.train_data.init_state(config.train.seed)
         else:
             _, state, loader_state = restored
-            print(f"resumed from checkpoint {restored[0]}", flush=True)
+            print_once(f"resumed from checkpoint {restored[0]}")
         step = int(state.step)
         log = MetricsLog(
             workdir,
@@ -478,7 +476,7 @@ def train(
             that an overflowing update made non-finite are never saved."""
             pending.flush()
             if not pending.updated:
-                print(f"step {s}: unchanged since step {pending.saved_step}; not saved", flush=True)
+                print_once(f"step {s}: unchanged since step {pending.saved_step}; not saved")
             elif not steps.params_finite(state.params):
                 pending.refuse_save(s)
             else:
@@ -515,7 +513,7 @@ def train(
                     save(step)
                 stopping = stop.after_step()
             if stop.signal is not None:
-                print(f"{stop.signal.name}: saving step {step} before exiting", flush=True)
+                print_once(f"{stop.signal.name}: saving step {step} before exiting")
             if step not in checkpoints.steps():
                 save(step)
             pending.flush()

@@ -36,6 +36,13 @@ def peak_flops(device_kind: str) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k.lower() in device_kind.lower()), None)
 
 
+def print_once(line: str) -> None:
+    """Prints ``line`` on process 0 only: what every process of a run knows alike (its config,
+    its progress), whose N copies, interleaved in a job's log, would read as N runs."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
 class MetricsLog:
     """Writes one JSON record per step to ``metrics.jsonl`` and TensorBoard, prints progress
     (process 0 alone, in a multi-process run)."""
@@ -88,7 +95,7 @@ class MetricsLog:
         if last["step"] % self.print_every == 0 or last["step"] == self.total_steps:
             eta = (self.total_steps - last["step"]) * seconds_per_step
             mfu_text = f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
-            self._print(
+            print_once(
                 f"step {last['step']:>6}/{self.total_steps} loss {last['loss']:.4f} "
                 f"grad_norm {last['grad_norm']:.3f} lr {last['lr']:.2e} "
                 f"{tokens_per_s:,.0f} tok/s{mfu_text} eta {_duration(eta)}"
@@ -98,7 +105,7 @@ class MetricsLog:
         """Validation metrics at ``step``."""
         record = {"step": step, **{f"val_{k}": v for k, v in metrics.items()}}
         self._write(record, "val")
-        self._print(f"step {step:>6} val_loss {metrics['loss']:.4f}")
+        print_once(f"step {step:>6} val_loss {metrics['loss']:.4f}")
 
     def task(self, step: int, name: str, metrics: dict) -> None:
         """An evaluation task's metrics at ``step``, each logged as ``<name>_<metric>``."""
@@ -106,13 +113,7 @@ class MetricsLog:
         values = " ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
         )
-        self._print(f"step {step:>6} {name} {values}")
-
-    def _print(self, line: str) -> None:
-        """Prints ``line`` on process 0 only: every process holds the same metrics, and N
-        copies of each line, interleaved in a job's log, read as N runs."""
-        if self.is_writer:
-            print(line, flush=True)
+        print_once(f"step {step:>6} {name} {values}")
 
     def _write(self, record: dict, group: str) -> None:
         if not self.is_writer:
