@@ -317,6 +317,15 @@ def special_ids_and_generation(path):
     )
 
 
+def save_word_tokenizer(directory, **special_tokens):
+    """``word_tokenizer`` of 99 ids as transformers saves it into ``directory``, with eos
+    <|endoftext|> and ``special_tokens`` (``bos_token="w1"``, ...)."""
+    word_tokenizer(directory, 99)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"), eos_token=data.EOT, **special_tokens
+    ).save_pretrained(directory)
+
+
 def test_an_import_and_export_keep_the_pad_id_and_generation_defaults(tmp_path):
     """An import wrote pad_token_id=None and no generation_config.json: transformers then
     generated with no pad id and greedily, not with the source's sampling defaults."""
@@ -325,13 +334,7 @@ def test_an_import_and_export_keep_the_pad_id_and_generation_defaults(tmp_path):
         bos_token_id=1, eos_token_id=[98, 3], pad_token_id=2, do_sample=True, temperature=0.7
     )
     model.save_pretrained(tmp_path / "hf")
-    word_tokenizer(tmp_path, 99)
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(tmp_path / "tokenizer.json"),
-        bos_token="w1",
-        eos_token=data.EOT,
-        pad_token="w2",
-    ).save_pretrained(tmp_path / "hf")
+    save_word_tokenizer(tmp_path / "hf", bos_token="w1", pad_token="w2")
     source = special_ids_and_generation(tmp_path / "hf")
     assert source[0] == [1, 98, 2] and source[2]["temperature"] == 0.7
     cfg, params, _ = import_checkpoint(tmp_path / "hf", tmp_path / "imported")
@@ -340,6 +343,26 @@ def test_an_import_and_export_keep_the_pad_id_and_generation_defaults(tmp_path):
     tokenizer = data.get_tokenizer(tmp_path / "imported")
     hf.save_pretrained(params, cfg, tmp_path / "exported", tokenizer=tokenizer)
     assert special_ids_and_generation(tmp_path / "exported") == source
+
+
+def test_an_import_keeps_every_eos_id_and_a_pad_id_only_config_json_sets(tmp_path):
+    """Llama 3's config.json lists several eos ids, and a pad id may be set there alone: an
+    import wrote the tokenizer's one eos id and no pad id, so transformers (which derives the
+    generation defaults of a checkpoint without generation_config.json from config.json)
+    generated past the second eos and with no pad id."""
+    model = hf_model(llama(vocab_size=99, bos_token_id=1, eos_token_id=[98, 3], pad_token_id=5))
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").unlink()
+    save_word_tokenizer(tmp_path / "hf", bos_token="w1")  # no pad_token
+    source = special_ids_and_generation(tmp_path / "hf")
+    assert source[0] == [1, [98, 3], 5] and source[2]["eos_token_id"] == [98, 3]
+    import_checkpoint(tmp_path / "hf", tmp_path / "imported")
+    imported = special_ids_and_generation(tmp_path / "imported")
+    assert imported[:2] == source[:2]  # the model's and the tokenizer's ids
+    generation_ids = [
+        {k: v for k, v in g.items() if k.endswith("token_id")} for g in (imported[2], source[2])
+    ]
+    assert generation_ids[0] == generation_ids[1]  # was eos 98 alone, no pad
 
 
 def test_a_gpt2_vocabulary_brings_gpt2s_tokenizer_and_exports_it(tmp_path):
@@ -542,7 +565,7 @@ def smoke_gpt2_dir(path, **overrides):
 
 def test_training_starts_from_init_from_and_exports(tmp_path, capsys):
     config = char_config(steps=2, lr=1e-9, warmup_steps=0)  # lr ~ 0: params stay put
-    config.checkpoint.init_from = smoke_gpt2_dir(tmp_path / "hf")
+    config.checkpoint.init_from = smoke_gpt2_dir(tmp_path / "hf", eos_token_id=[5, 7])
     config.eval.batches = 1
     state = train.train(config, tmp_path / "run", init_params=launcher.pretrained_params(config))
     assert int(state.step) == 2
@@ -561,6 +584,8 @@ def test_training_starts_from_init_from_and_exports(tmp_path, capsys):
     np.testing.assert_allclose(
         exported["transformer.wte.weight"], want["transformer.wte.weight"], atol=1e-6
     )
+    # the fine-tuned model keeps its origin's ids (was None: the char tokenizer has no HF form)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").eos_token_id == [5, 7]
 
 
 def test_init_from_that_does_not_fit_fails_before_compiling(tmp_path):

@@ -42,7 +42,7 @@ def import_checkpoint(source, out: str | os.PathLike) -> Pretrained:
     that ``checkpoint.init_from`` (and transformers) reads: safetensors, with its tokenizer."""
     check_new_directory(out, "--out")
     config, params, tokenizer = pretrained = from_pretrained(source)
-    out = save_pretrained(params, config, out, tokenizer=tokenizer).absolute()
+    out = save_pretrained(params, config, out, tokenizer=tokenizer, origin=source).absolute()
     n_params = sum(x.size for x in jax.tree.leaves(params))
     launch = f"launch.py --config=configs/{config.name}.py --workdir=runs/{out.name}"
     print(
@@ -56,7 +56,7 @@ def import_checkpoint(source, out: str | os.PathLike) -> Pretrained:
 def export_checkpoint(config, workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """``--to=hf``: the latest checkpoint of a run in ``workdir`` as an HF directory ``out``
     (new or empty), with the run's tokenizer when it has an HF form (tokenizer.json or
-    GPT-2's)."""
+    GPT-2's) and the special-token ids of its ``checkpoint.init_from``, if any."""
     check_new_directory(out, "--out")
     model_cfg = models.config_from(config.model)
     architecture = config_to_hf(model_cfg)["architectures"][0]  # fails before any reading
@@ -66,7 +66,8 @@ def export_checkpoint(config, workdir: str | os.PathLike, out: str | os.PathLike
     if not isinstance(tokenizer, (data.HFTokenizer, data.Gpt2Tokenizer)):
         print(f"the {type(tokenizer).__name__} has no Hugging Face form; not written", flush=True)
         tokenizer = None
-    path = save_pretrained(params, model_cfg, out, tokenizer=tokenizer)
+    origin = config.checkpoint.init_from or None  # the run's params came from there
+    path = save_pretrained(params, model_cfg, out, tokenizer=tokenizer, origin=origin)
     print(f"wrote {path} ({architecture})", flush=True)
     return path
 

@@ -52,6 +52,7 @@ _TOKENIZER_COMPANIONS = (
     "chat_template.jinja",
     "generation_config.json",
 )
+_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # config.json's
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "HuggingFaceTB/SmolLM-135M"
 
 
@@ -237,6 +238,14 @@ def _special_ids(tokenizer: data.Tokenizer) -> dict[str, int | None]:
     return dict(bos_token_id=bos, eos_token_id=tokenizer.eot_id, pad_token_id=pad)
 
 
+def _origin_ids(origin: str | os.PathLike) -> dict[str, Any]:
+    """The special-token ids the ``origin`` checkpoint's config.json sets (not None), as
+    transformers keeps them with the model: an eos list (Llama 3's) and a pad id the tokenizer
+    does not name included."""
+    hf_config = _read_hf_config(_directory(origin))
+    return {key: hf_config[key] for key in _SPECIAL_IDS if hf_config.get(key) is not None}
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` writes the file under a temporary name beside ``path``, which is then
     renamed to ``path``: a reader finds each file whole or absent, never half-written. The file
@@ -249,7 +258,9 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=None) -> Path:
+def save_pretrained(
+    params, model_config, path: str | os.PathLike, *, tokenizer=None, origin=None
+) -> Path:
     """Writes ``path/config.json`` and ``path/model.safetensors`` for transformers.
 
     ``path`` must be new or an empty directory: ConfigError, writing nothing, when it holds
@@ -261,8 +272,11 @@ def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=
     ``data.Gpt2Tokenizer``) is written beside them, with the generation_config.json beside its
     tokenizer.json (an imported checkpoint's generation defaults); its end-of-text id becomes
     the config's eos id, its tokenizer_config.json's bos_token the bos id (the end-of-text id
-    where it names none, as GPT-2's) and its pad_token the pad id. Each file is written under a
-    temporary name and renamed when complete, config.json last.
+    where it names none, as GPT-2's) and its pad_token the pad id. ``origin`` is the checkpoint
+    (directory or hub name) the params come from, an import's source or a run's
+    ``checkpoint.init_from``: the special-token ids its config.json sets (several eos ids, a
+    pad id) are the model's, as a fine-tuned transformers model keeps them. Each file is written
+    under a temporary name and renamed when complete, config.json last.
 
     Returns:
         ``path``.
@@ -273,6 +287,8 @@ def save_pretrained(params, model_config, path: str | os.PathLike, *, tokenizer=
     files = {} if tokenizer is None else _tokenizer_files(tokenizer)
     if tokenizer is not None:
         hf_config.update(_special_ids(tokenizer))
+    if origin is not None:
+        hf_config.update(_origin_ids(origin))
     files["config.json"] = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
