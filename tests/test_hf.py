@@ -339,10 +339,32 @@ def test_an_import_and_export_keep_the_pad_id_and_generation_defaults(tmp_path):
     assert source[0] == [1, 98, 2] and source[2]["temperature"] == 0.7
     cfg, params, _ = import_checkpoint(tmp_path / "hf", tmp_path / "imported")
     assert special_ids_and_generation(tmp_path / "imported") == source
-    # an export of a run on the imported tokenizer (--config.data.tokenizer=imported)
+    # the export of a run fine-tuned from the import (checkpoint.init_from=imported)
     tokenizer = data.get_tokenizer(tmp_path / "imported")
-    hf.save_pretrained(params, cfg, tmp_path / "exported", tokenizer=tokenizer)
-    assert special_ids_and_generation(tmp_path / "exported") == source
+    tuned = hf.save_pretrained(
+        params, cfg, tmp_path / "tuned", tokenizer=tokenizer, origin=tmp_path / "imported"
+    )
+    assert special_ids_and_generation(tuned) == source
+
+
+def test_a_model_trained_on_an_imported_tokenizer_has_no_sampling_defaults_of_its_own(tmp_path):
+    """A run from scratch on an imported model's tokenizer exported that model's
+    generation_config.json (do_sample, temperature 0.7) as its own: generation defaults follow
+    the model's weights in transformers (model.save_pretrained writes them, a tokenizer's
+    save_pretrained does not)."""
+    model = hf_model(llama(vocab_size=99))
+    model.generation_config = transformers.GenerationConfig(do_sample=True, temperature=0.7)
+    model.save_pretrained(tmp_path / "hf")
+    save_word_tokenizer(tmp_path / "hf", bos_token="w1", pad_token="w2")
+    tokenizer = data.get_tokenizer(tmp_path / "hf")
+    cfg = hf.config_from_hf(model.config.to_dict())
+    params = models.get(cfg.name).init(jax.random.key(0), cfg)
+    hf.save_pretrained(params, cfg, tmp_path / "scratch", tokenizer=tokenizer)
+    ids, tokenizer_ids, generation = special_ids_and_generation(tmp_path / "scratch")
+    assert ids == tokenizer_ids == [1, 98, 2]
+    # what transformers derives from config.json: the ids, and greedy search at temperature 1
+    assert not {"do_sample", "temperature"} & set(generation)
+    assert [generation["bos_token_id"], generation["eos_token_id"]] == [1, 98]
 
 
 def test_an_import_keeps_every_eos_id_and_a_pad_id_only_config_json_sets(tmp_path):
@@ -584,8 +606,11 @@ def test_training_starts_from_init_from_and_exports(tmp_path, capsys):
     np.testing.assert_allclose(
         exported["transformer.wte.weight"], want["transformer.wte.weight"], atol=1e-6
     )
-    # the fine-tuned model keeps its origin's ids (was None: the char tokenizer has no HF form)
+    # the fine-tuned model keeps its origin's ids and generation defaults (the char tokenizer
+    # has no HF form: there were none)
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").eos_token_id == [5, 7]
+    out, source = (tmp_path / name / "generation_config.json" for name in ("out", "hf"))
+    assert out.read_bytes() == source.read_bytes()
 
 
 def test_init_from_that_does_not_fit_fails_before_compiling(tmp_path):

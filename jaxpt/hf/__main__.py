@@ -56,7 +56,8 @@ def import_checkpoint(source, out: str | os.PathLike) -> Pretrained:
 def export_checkpoint(config, workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """``--to=hf``: the latest checkpoint of a run in ``workdir`` as an HF directory ``out``
     (new or empty), with the run's tokenizer when it has an HF form (tokenizer.json or
-    GPT-2's) and the special-token ids of its ``checkpoint.init_from``, if any."""
+    GPT-2's) and the special-token ids and generation defaults of its
+    ``checkpoint.init_from``, if any."""
     check_new_directory(out, "--out")
     model_cfg = models.config_from(config.model)
     architecture = config_to_hf(model_cfg)["architectures"][0]  # fails before any reading

@@ -44,15 +44,10 @@ _WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # config, weights, tokenizer; no .bin
-# what transformers saves beside tokenizer.json (since 4.43 the chat template in its own file),
-# and the generation defaults of the model it came with (its bos, eos and pad ids, sampling)
-_TOKENIZER_COMPANIONS = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
+# what transformers saves beside tokenizer.json (since 4.43 the chat template in its own file)
+_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # config.json's
+_GENERATION_CONFIG = "generation_config.json"  # a model's generation defaults (sampling, ids)
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "HuggingFaceTB/SmolLM-135M"
 
 
@@ -238,12 +233,17 @@ def _special_ids(tokenizer: data.Tokenizer) -> dict[str, int | None]:
     return dict(bos_token_id=bos, eos_token_id=tokenizer.eot_id, pad_token_id=pad)
 
 
-def _origin_ids(origin: str | os.PathLike) -> dict[str, Any]:
-    """The special-token ids the ``origin`` checkpoint's config.json sets (not None), as
-    transformers keeps them with the model: an eos list (Llama 3's) and a pad id the tokenizer
-    does not name included."""
-    hf_config = _read_hf_config(_directory(origin))
-    return {key: hf_config[key] for key in _SPECIAL_IDS if hf_config.get(key) is not None}
+def _from_origin(origin: str | os.PathLike) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """What a model keeps of the ``origin`` checkpoint, as transformers keeps it through a
+    fine-tune: the special-token ids its config.json sets (not None; an eos list, Llama 3's,
+    and a pad id the tokenizer does not name included), and its generation_config.json (the
+    generation defaults: sampling, eos ids) as file name -> content, where it has one."""
+    directory = _directory(origin)
+    hf_config = _read_hf_config(directory)
+    ids = {key: hf_config[key] for key in _SPECIAL_IDS if hf_config.get(key) is not None}
+    generation = directory / _GENERATION_CONFIG
+    files = {generation.name: generation.read_bytes()} if generation.is_file() else {}
+    return ids, files
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -269,14 +269,15 @@ def save_pretrained(
     layouts (presets gpt, vgpt, any learned-position LayerNorm MLP model with biases) as
     GPT2LMHeadModel, Llama layouts (smollm: rope, SiLU GLU, RMSNorm) as LlamaForCausalLM.
     Tensors keep the params' dtype. ``tokenizer`` (a ``data.HFTokenizer`` or
-    ``data.Gpt2Tokenizer``) is written beside them, with the generation_config.json beside its
-    tokenizer.json (an imported checkpoint's generation defaults); its end-of-text id becomes
-    the config's eos id, its tokenizer_config.json's bos_token the bos id (the end-of-text id
-    where it names none, as GPT-2's) and its pad_token the pad id. ``origin`` is the checkpoint
-    (directory or hub name) the params come from, an import's source or a run's
-    ``checkpoint.init_from``: the special-token ids its config.json sets (several eos ids, a
-    pad id) are the model's, as a fine-tuned transformers model keeps them. Each file is written
-    under a temporary name and renamed when complete, config.json last.
+    ``data.Gpt2Tokenizer``) is written beside them; its end-of-text id becomes the config's eos
+    id, its tokenizer_config.json's bos_token the bos id (the end-of-text id where it names
+    none, as GPT-2's) and its pad_token the pad id. ``origin`` is the checkpoint (directory or
+    hub name) the params come from, an import's source or a run's ``checkpoint.init_from``:
+    the special-token ids its config.json sets (several eos ids, a pad id) and its
+    generation_config.json are the model's, as a fine-tuned transformers model keeps them.
+    Without one there is no generation_config.json (transformers derives the defaults from
+    config.json): a tokenizer's directory may hold another model's sampling defaults. Each file
+    is written under a temporary name and renamed when complete, config.json last.
 
     Returns:
         ``path``.
@@ -288,7 +289,9 @@ def save_pretrained(
     if tokenizer is not None:
         hf_config.update(_special_ids(tokenizer))
     if origin is not None:
-        hf_config.update(_origin_ids(origin))
+        ids, generation = _from_origin(origin)
+        hf_config.update(ids)
+        files.update(generation)
     files["config.json"] = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
