@@ -479,6 +479,36 @@ def test_unsupported_hf_configs_name_the_key(hf_config, message):
 
 
 @pytest.mark.parametrize(
+    "head, config",
+    [
+        ("LlamaForSequenceClassification", llama(num_labels=3)),
+        ("LlamaForQuestionAnswering", llama(tie_word_embeddings=True)),
+        ("GPT2ForTokenClassification", gpt2(num_labels=3)),
+    ],
+)
+def test_a_task_head_checkpoint_is_one_sentence_naming_its_architecture(head, config, tmp_path):
+    """A classifier's config.json has the model_type of its language model: the import failed
+    on a symptom (no 'lm_head.weight', an extra 'score.weight', no 'model.embed_tokens.weight'
+    for a QA model whose body is 'transformer.')."""
+    model = getattr(transformers, head)(config)
+    model.save_pretrained(tmp_path)
+    sentence = rf"architectures \['{head}'\]: a {head} checkpoint holds a task head"
+    for source in (tmp_path, model):
+        with pytest.raises(hf.CheckpointError, match=sentence):
+            hf.from_pretrained(source)
+
+
+def test_a_base_model_with_tied_embeddings_reads_as_its_language_model():
+    """As AutoModelForCausalLM reads it: the read-out is the token embedding."""
+    model = hf_model(llama(tie_word_embeddings=True))
+    cfg, params, _ = hf.from_pretrained(model.model)  # LlamaModel: no lm_head
+    tokens = random_tokens(cfg)
+    np.testing.assert_allclose(
+        jaxpt_logits(cfg, params, tokens), hf_logits(model, tokens), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
     ("hf_config", "message"),
     [  # was a ZeroDivisionError, TypeErrors, sizes made up, and jaxpt's field names
         (with_keys(llama(), num_attention_heads=0), "sets num_attention_heads=0, which must be"),

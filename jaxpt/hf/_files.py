@@ -190,8 +190,9 @@ def from_pretrained(source, **overrides) -> Pretrained:
         config = config_from_hf(_read_hf_config(directory), **overrides)
         state = _read_weights(directory)
     else:  # a transformers model
-        directory = None
-        config = config_from_hf(source.config.to_dict(), **overrides)
+        directory = None  # architectures is set on save: the model's class says it
+        hf_config = {**source.config.to_dict(), "architectures": [type(source).__name__]}
+        config = config_from_hf(hf_config, **overrides)
         state = {k: _to_numpy(v) for k, v in source.state_dict().items()}
     return Pretrained(config, from_state_dict(state, config), _tokenizer(directory, config))
 

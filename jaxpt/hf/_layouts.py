@@ -9,6 +9,7 @@ axis. Rotary embeddings use the same rotate-half layout on both sides: no q/k pe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -203,10 +204,30 @@ LLAMA = Layout(
 LAYOUTS = (GPT2, LLAMA)
 
 
+# transformers' task heads that replace the language model's read-out (score, qa_outputs)
+_TASK_HEAD = re.compile(r"For(SequenceClassification|TokenClassification|QuestionAnswering)$")
+
+
+def _check_architectures(hf_config: Mapping, layout: Layout) -> None:
+    """Raises CheckpointError when config.json's ``architectures`` names a task head (a
+    classifier's ``score`` in place of ``lm_head``), which the weights would only hint at."""
+    architectures = hf_config.get("architectures")
+    heads = [a for a in architectures or [] if isinstance(a, str) and _TASK_HEAD.search(a)]
+    if heads:
+        raise CheckpointError(
+            f"config.json has architectures {architectures}: a {heads[0]} checkpoint holds a "
+            f"task head, not a language model's read-out; jaxpt reads causal language models "
+            f"({layout.architecture}), e.g. the checkpoint it was fine-tuned from."
+        )
+
+
 def layout_of_hf(hf_config: Mapping) -> Layout:
+    """The layout of an HF config (config.json as a dict), by its ``model_type``, once its
+    ``architectures`` is a language model's."""
     model_type = hf_config.get("model_type")
     for layout in LAYOUTS:
         if layout.model_type == model_type:
+            _check_architectures(hf_config, layout)
             return layout
     raise CheckpointError(
         f"config.json has model_type={model_type!r} (architectures "
