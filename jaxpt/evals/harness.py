@@ -208,8 +208,11 @@ class JaxptLM(LM):
 
     def _sampling(self, options: dict) -> dict:
         """``generate``'s sampling arguments for normalised options: greedy unless
-        ``do_sample``; else ``temperature`` (default 1), ``top_k`` (0: off; beyond the
-        vocabulary: all of it) and ``top_p``, as transformers reads them."""
+        ``do_sample``; else ``temperature`` (unset: 1), ``top_k`` (0: off; beyond the
+        vocabulary: all of it) and ``top_p``, as transformers reads a set value. An unset
+        ``top_k`` cuts nothing, as lm-eval's vLLM backend samples (its HF backend's
+        ``generate`` would cut at transformers' default 50, and crashes on the temperature 0
+        it passes for an unset one)."""
         if not options["do_sample"]:
             return {"temperature": 0.0}
         top_k = options.get("top_k") or None
