@@ -513,7 +513,8 @@ def train(
                     save(step)
                 stopping = stop.after_step()
             if stop.signal is not None:
-                print_once(f"{stop.signal.name}: saving step {step} before exiting")
+                # each process's own: every one saves its part, and says it stops where they agreed
+                print(f"{stop.signal.name}: saving step {step} before exiting", flush=True)
             if step not in checkpoints.steps():
                 save(step)
             pending.flush()
