@@ -77,7 +77,9 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.train.warmup_steps = 715
     config.train.optimizer = "adamw"  # adamw | adam | adafactor | lion | muon
     config.train.schedule = "cosine"  # cosine | wsd (warmup-stable-decay) | inverse_sqrt
-    config.train.decay_fraction = 0.2  # wsd: the last fraction of steps decays linearly
+    # wsd: the last fraction of steps decays linearly (None: jaxpt.train.WSD_DECAY_FRACTION,
+    # 0.2); setting it for another schedule, which does not read it, is refused
+    config.train.decay_fraction = ml_collections.config_dict.placeholder(float)
     config.train.weight_decay = 0.1
     # None: the optimizer's own (jaxpt.train.OPTIMIZER_DEFAULTS: AdamW's 0.9, 0.95, 1e-8 as
     # GPT-2 trained; Lion's 0.9, 0.99); setting one the optimizer does not read is refused

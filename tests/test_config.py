@@ -3,6 +3,7 @@ switch, sampling options, and launch.py's one-sentence errors for bad flags and 
 
 import ast
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -63,7 +64,7 @@ def small_config(**train_overrides):
 
 @pytest.mark.parametrize("path, value", BAD_FIELDS, ids=[f"{p}={v}" for p, v in BAD_FIELDS])
 def test_every_bad_field_is_one_sentence_before_anything_runs(path, value, tmp_path):
-    config = small_config()
+    config = small_config(schedule="wsd")  # the schedule that reads decay_fraction
     section, field = path.split(".")
     config[section][field] = value
     with pytest.raises(ConfigError, match=f"^{path}={value!r} must be ") as caught:
@@ -119,13 +120,14 @@ def test_a_run_that_never_leaves_its_warmup_says_so(steps, warmup_steps):
     assert train.warmup_note(config.train) is None
 
 
-def test_every_preset_passes_as_shipped_with_every_optimizer():
-    """No preset sets an optimizer field (b1, b2, eps) that one of the optimizers ignores."""
+def test_every_preset_passes_as_shipped_with_every_optimizer_and_schedule():
+    """No preset sets an optimizer field (b1, b2, eps) that one of the optimizers ignores, nor
+    a schedule field (decay_fraction) that one of the schedules ignores."""
     for path in CONFIG_FILES:
         for arg in ("smoke", None):
             config = load_config(path, arg)
-            for optimizer in train.OPTIMIZERS:
-                config.train.optimizer = optimizer
+            for optimizer, schedule in itertools.product(train.OPTIMIZERS, train.SCHEDULES):
+                config.train.update(optimizer=optimizer, schedule=schedule)
                 train.validate_config(config)
 
 
@@ -146,6 +148,20 @@ def test_a_field_the_optimizer_ignores_is_one_sentence(optimizer, field, value, 
     assert str(caught.value) == (
         f"train.{field}={value!r} has no effect with train.optimizer={optimizer!r}, which reads "
         f"{reads}: leave train.{field} unset (None), or choose an optimizer that reads it."
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "inverse_sqrt"])
+def test_a_decay_fraction_the_schedule_ignores_is_one_sentence(schedule, tmp_path):
+    """It was accepted and had no effect."""
+    config = small_config(schedule=schedule, decay_fraction=0.3)
+    with pytest.raises(ConfigError) as caught:
+        launcher.run(config, workdir=str(tmp_path / "run"), mode="train")
+    assert str(caught.value) == (
+        f"train.decay_fraction=0.3 has no effect with train.schedule={schedule!r} (only 'wsd' "
+        "decays over a fraction of the steps): leave train.decay_fraction unset (None), or set "
+        "train.schedule='wsd'."
     )
     assert not (tmp_path / "run").exists()
 

@@ -70,9 +70,8 @@ def test_decay_mask_spares_expert_biases():
     ],
 )
 def test_learning_rate_schedules(schedule, after_warmup):
-    cfg = char_config(
-        schedule=schedule, steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, decay_fraction=0.2
-    ).train
+    # decay_fraction unset: wsd decays over the last 0.2
+    cfg = char_config(schedule=schedule, steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1).train
     lr = train.learning_rate(cfg)
     np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 0.5, 1.0], atol=1e-6)
     for step, want in after_warmup.items():

@@ -18,6 +18,7 @@ from jaxpt.train._metrics import read_metrics as read_metrics
 from jaxpt.train._optimizer import OPTIMIZER_DEFAULTS as OPTIMIZER_DEFAULTS
 from jaxpt.train._optimizer import OPTIMIZERS as OPTIMIZERS
 from jaxpt.train._optimizer import SCHEDULES as SCHEDULES
+from jaxpt.train._optimizer import WSD_DECAY_FRACTION as WSD_DECAY_FRACTION
 from jaxpt.train._optimizer import decay_mask as decay_mask
 from jaxpt.train._optimizer import hyperparameters as hyperparameters
 from jaxpt.train._optimizer import learning_rate as learning_rate

@@ -15,11 +15,13 @@ from jaxpt import nn
 from jaxpt.errors import ConfigError, check_range
 
 SCHEDULES = ("cosine", "wsd", "inverse_sqrt")
+WSD_DECAY_FRACTION = 0.2  # wsd's decay with train.decay_fraction unset: the last fifth
 
 
 def learning_rate(train_cfg) -> optax.Schedule:
     """Linear warmup to ``lr``, then cosine to ``lr * min_lr_ratio`` at ``steps``; or (wsd)
-    constant until the last ``decay_fraction`` of the steps and linear down to the same floor;
+    constant until the last ``decay_fraction`` of the steps (unset: ``WSD_DECAY_FRACTION``)
+    and linear down to the same floor;
     or (inverse_sqrt, as T5 and fairseq) ``lr * sqrt(warmup_steps / step)``, never below that
     floor.
     """
@@ -34,7 +36,9 @@ def learning_rate(train_cfg) -> optax.Schedule:
         )
     # The last ceil(steps * decay_fraction) steps; rounded first, as 10 * (1 - 0.9) is
     # 0.99999... in floats, which truncated to a 10-step decay instead of 9.
-    decay_steps = math.ceil(round(steps * train_cfg.decay_fraction, 6))
+    fraction = train_cfg.decay_fraction
+    fraction = WSD_DECAY_FRACTION if fraction is None else fraction
+    decay_steps = math.ceil(round(steps * fraction, 6))
     decay_start = max(warmup, steps - decay_steps)
     return optax.join_schedules(
         [
@@ -339,7 +343,7 @@ def validate_train(train_cfg) -> None:
         )
     if train_cfg.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule={train_cfg.schedule!r} is not one of {list(SCHEDULES)}.")
-    check_range("train.decay_fraction", train_cfg.decay_fraction, at_least=0, at_most=1)
+    _check_decay_fraction(train_cfg)
     check_range("train.weight_decay", train_cfg.weight_decay, at_least=0)
     _check_hyperparameters(train_cfg)
     check_range(
@@ -352,6 +356,21 @@ def validate_train(train_cfg) -> None:
         check_range(f"train.{field}", train_cfg[field], at_least=0)
     if train_cfg.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite={train_cfg.on_nonfinite!r} is not 'stop' or 'skip'.")
+
+
+def _check_decay_fraction(train_cfg) -> None:
+    """ConfigError for a ``decay_fraction`` that is set (not None) where ``train.schedule``
+    is not wsd, the one schedule that reads it, or out of [0, 1]."""
+    fraction, schedule = train_cfg.decay_fraction, train_cfg.schedule
+    if fraction is None:
+        return
+    if schedule != "wsd":
+        raise ConfigError(
+            f"train.decay_fraction={fraction!r} has no effect with train.schedule={schedule!r} "
+            "(only 'wsd' decays over a fraction of the steps): leave train.decay_fraction "
+            "unset (None), or set train.schedule='wsd'."
+        )
+    check_range("train.decay_fraction", fraction, at_least=0, at_most=1)
 
 
 def _check_hyperparameters(train_cfg) -> None:
