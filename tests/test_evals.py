@@ -20,7 +20,7 @@ from jaxpt.evals import hellaswag
 
 from .test_checkpoints import snapshot
 from .test_data_tokenizers import build_hf_tokenizer
-from .test_models import tiny_config
+from .test_models import perturbed, tiny_config
 from .test_train import char_config
 
 # Contexts long and short: with a 32-token model some windows drop their oldest characters.
@@ -465,6 +465,104 @@ def test_harness_repeats_of_a_sampled_request_differ_across_batches():
     one_by_one = harness_generations(hot, copies=3, batch_size=1)
     assert len(set(one_by_one)) == 3, one_by_one
     assert harness_generations(hot, copies=3, batch_size=1) == one_by_one
+
+
+def hf_backend_reference(tmp_path, cfg, params):
+    """The exported model in transformers and, over it, lm-eval's HF backend in miniature:
+    ``HFLM`` itself needs accelerate, which is not in jaxpt's lock, so this is its arithmetic
+    on lm-eval's own request encoding (``TemplateLM``: the context's trailing whitespace moved
+    onto the continuation, the pair encoded whole, an empty context the prefix token) and
+    rolling windows, scored by torch (``HFLM._loglikelihood_tokens``: the last
+    ``max_length + 1`` tokens, the continuation's logits last); ``generate`` is greedy
+    ``model.generate`` on the context's last ``max_length - max_gen_toks`` tokens, cut at each
+    ``until`` (``HFLM.generate_until``)."""
+    torch = pytest.importorskip("torch", reason="HF parity needs torch (see tests/test_hf.py)")
+    transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    hf.save_pretrained(params, cfg, tmp_path, tokenizer=data.get_tokenizer("gpt2"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    max_length = model.config.n_positions
+
+    def log_probs(tokens, n_scored):  # log p and greedy hit of the last n_scored tokens
+        tokens = tokens[-(max_length + 1) :]
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens[:-1]])).logits[0, -n_scored:].double()
+        targets = torch.tensor(tokens[-n_scored:])
+        picked = logits.log_softmax(-1).gather(1, targets[:, None])
+        return float(picked.sum()), bool((logits.argmax(-1) == targets).all())
+
+    class Reference(TemplateLM):
+        eot_token_id = tokenizer.eos_token_id
+
+        def tok_encode(self, string, add_special_tokens=None, **kwargs):
+            return tokenizer.encode(string)
+
+        def _loglikelihood_tokens(self, requests, **kwargs):
+            return [log_probs(context + cont, len(cont)) for _, context, cont in requests]
+
+        def loglikelihood_rolling(self, requests, **kwargs):
+            windows = [
+                map(
+                    make_disjoint_window,
+                    get_rolling_token_windows(ids, self.prefix_token_id, max_length, 1),
+                )
+                for ids in (tokenizer.encode(r.args[0]) for r in requests)
+            ]
+            return [sum(log_probs(a + b, len(b))[0] for a, b in w) for w in windows]
+
+        def generate_until(self, requests, **kwargs):
+            answers = []
+            for context, options in (r.args for r in requests):
+                ids = tokenizer.encode(context)[-(max_length - options["max_gen_toks"]) :]
+                out = model.generate(
+                    torch.tensor([ids]), do_sample=False, max_new_tokens=options["max_gen_toks"]
+                )
+                text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+                answers.append(functools.reduce(lambda t, s: t.split(s)[0], options["until"], text))
+            return answers
+
+    return Reference()
+
+
+def test_harness_gives_the_numbers_of_lm_evals_hf_backend_on_the_exported_model(tmp_path):
+    """GPT-2's BPE on a perturbed 16-token model: each request as lm-eval's HF backend answers
+    it on the model exported to transformers. The context and continuation were encoded
+    separately, so a context ending in a space, a continuation that merges with the context's
+    last characters and ``"\\n\\n"`` before a word scored other tokens than lm-eval's."""
+    harness = harness_or_skip()
+    from lm_eval.api.instance import Instance
+
+    cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=50257, block_size=16)
+    params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
+    reference = hf_backend_reference(tmp_path, cfg, params)
+    lm = harness.JaxptLM(params, cfg, data.get_tokenizer("gpt2"), batch_size=4)
+
+    def both(kind, args):
+        requests = [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+        return getattr(lm, kind)(requests), getattr(reference, kind)(requests)
+
+    pairs = [
+        ("The cat sat on the", " mat"),  # the encodings agree
+        ("The cat sat on the ", "mat"),  # the space goes with the continuation
+        ("He said hello", "world"),  # "helloworld" merges
+        ("3.1", "4159"),
+        ("The end.\n\n", "Then"),
+        ("", "Hello world"),  # after the prefix token
+        ("One context long enough to lose its oldest tokens to the block of the model", " end"),
+    ]
+    ours, theirs = both("loglikelihood", pairs)
+    np.testing.assert_allclose([x for x, _ in ours], [x for x, _ in theirs], rtol=1e-4)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "  spaced  ", "\n\nx\n"]
+    ours, theirs = both("loglikelihood_rolling", [(t,) for t in texts])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    options = [{"until": ["\n", "."], "max_gen_toks": 6}, {"until": ["o"], "max_gen_toks": 5}]
+    contexts = ["The cat", "Hello world, ", "A context longer than the sixteen tokens of the block"]
+    ours, theirs = both("generate_until", [(c, o) for o in options for c in contexts])
+    assert ours == theirs
 
 
 # ----------------------------------------------------------------------------- runs

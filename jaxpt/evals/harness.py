@@ -1,18 +1,22 @@
 """lm-evaluation-harness (the ``lm-eval`` package, jaxpt's ``harness`` extra) over jaxpt params.
 
-``JaxptLM`` implements the harness's three requests with jaxpt's own code: ``loglikelihood``
-and ``loglikelihood_rolling`` through the batched scorer under ``evals.hellaswag``,
-``generate_until`` through ``jaxpt.generate``. So any harness task runs on a jaxpt model::
+``JaxptLM`` answers the harness's three requests as lm-eval's Hugging Face backend answers
+them on the model exported to transformers: ``loglikelihood`` and ``loglikelihood_rolling``
+through the batched scorer under ``evals.hellaswag``, ``generate_until`` through
+``jaxpt.generate``. So any harness task runs on a jaxpt model::
 
     lm = JaxptLM(params, model_config, tokenizer, batch_size=32)
     lm_eval.simple_evaluate(model=lm, tasks=["hellaswag", "arc_easy"])
 
 or ``load_tasks`` and ``evaluate`` below, which ``launch.py --mode=eval
---config.eval.tasks=harness:arc_easy`` calls. A context and its continuation are encoded
-separately, as llm.c encodes HellaSwag's, so a harness task over the same items asks for
-exactly the native scorer's numbers. The harness's own ``hellaswag`` task words the items
-differently (activity label, cleaned text; GPT-2 124M: acc 0.2892, acc_norm 0.3114, its
-``acc_norm`` per byte, not per token).
+--config.eval.tasks=harness:arc_easy`` calls. A request is encoded by lm-eval's own
+``TemplateLM``: the context's trailing whitespace moved onto the continuation, the two encoded
+whole and the continuation's tokens those after the context's, so the numbers compare with
+published lm-eval results. The native HellaSwag scorer encodes them separately, as llm.c does;
+over the same items the two agree wherever the whole encoding splits at the context's end (a
+context ending in a word, an ending starting with a space). The harness's own ``hellaswag``
+task words the items differently (activity label, cleaned text; GPT-2 124M: acc 0.2892,
+acc_norm 0.3114, its ``acc_norm`` per byte, not per token).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 from jax import Array
 from jax.sharding import Mesh
 from lm_eval.api.instance import Instance
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -81,7 +85,7 @@ def check_generation_options(options: dict, task: str | None) -> None:
         )
 
 
-class JaxptLM(LM):
+class JaxptLM(TemplateLM):
     """A jaxpt model as an lm-evaluation-harness ``LM``.
 
     Args:
@@ -116,17 +120,25 @@ class JaxptLM(LM):
             rules=self.rules,
         )
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """``(log p(continuation | context), greedy)`` of each ``(context, continuation)``."""
-        eot = [self.tokenizer.eot_id]
-        pairs = [
-            (self.tokenizer.encode(context) or eot, self.tokenizer.encode(continuation))
-            for context, continuation in (r.args for r in requests)
-        ]
-        scores = self._score(pairs)
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eot_id
+
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
+        """The tokenizer's ids of ``string``: what ``TemplateLM.loglikelihood`` encodes with."""
+        return self.tokenizer.encode(string)
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **kwargs
+    ) -> list[tuple[float, bool]]:
+        """``(log p(continuation | context), greedy)`` of each ``((context, continuation),
+        context_ids, continuation_ids)``, the pairs ``TemplateLM.loglikelihood`` encoded."""
+        scores = self._score([(context, continuation) for _, context, continuation in requests])
         answers = [(-float(n), bool(g)) for n, g in zip(scores.nll, scores.greedy, strict=True)]
-        for request, answer in zip(requests, answers, strict=True):
-            self.cache_hook.add_partial("loglikelihood", request.args, answer)
+        for (args, _, _), answer in zip(requests, answers, strict=True):
+            self.cache_hook.add_partial("loglikelihood", args, answer)
         return answers
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
