@@ -467,24 +467,25 @@ def test_harness_repeats_of_a_sampled_request_differ_across_batches():
     assert harness_generations(hot, copies=3, batch_size=1) == one_by_one
 
 
-def hf_backend_reference(tmp_path, cfg, params):
-    """The exported model in transformers and, over it, lm-eval's HF backend in miniature:
-    ``HFLM`` itself needs accelerate, which is not in jaxpt's lock, so this is its arithmetic
-    on lm-eval's own request encoding (``TemplateLM``: the context's trailing whitespace moved
-    onto the continuation, the pair encoded whole, an empty context the prefix token) and
-    rolling windows, scored by torch (``HFLM._loglikelihood_tokens``: the last
-    ``max_length + 1`` tokens, the continuation's logits last); ``generate`` is greedy
-    ``model.generate`` on the context's last ``max_length - max_gen_toks`` tokens, cut at each
-    ``until`` (``HFLM.generate_until``)."""
+def hf_backend_reference(tmp_path, cfg, params, tokenizer):
+    """The model exported with ``tokenizer`` to transformers and, over it, lm-eval's HF
+    backend in miniature: ``HFLM`` itself needs accelerate, which is not in jaxpt's lock, so
+    this is its arithmetic on lm-eval's own request encoding (``TemplateLM``: the context's
+    trailing whitespace moved onto the continuation, the pair encoded whole, an empty context
+    the prefix token: the tokenizer's BOS, else its EOS) and rolling windows after the prefix
+    token, scored by torch (``HFLM._loglikelihood_tokens``: the last ``max_length + 1``
+    tokens, the continuation's logits last); ``generate`` is greedy ``model.generate`` on the
+    context's last ``max_length - max_gen_toks`` tokens, cut at each ``until``
+    (``HFLM.generate_until``)."""
     torch = pytest.importorskip("torch", reason="HF parity needs torch (see tests/test_hf.py)")
     transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    hf.save_pretrained(params, cfg, tmp_path, tokenizer=data.get_tokenizer("gpt2"))
+    hf.save_pretrained(params, cfg, tmp_path, tokenizer=tokenizer)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    max_length = model.config.n_positions
+    max_length = model.config.max_position_embeddings
 
     def log_probs(tokens, n_scored):  # log p and greedy hit of the last n_scored tokens
         tokens = tokens[-(max_length + 1) :]
@@ -496,6 +497,9 @@ def hf_backend_reference(tmp_path, cfg, params):
 
     class Reference(TemplateLM):
         eot_token_id = tokenizer.eos_token_id
+        prefix_token_id = (
+            tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id
+        )
 
         def tok_encode(self, string, add_special_tokens=None, **kwargs):
             return tokenizer.encode(string)
@@ -527,22 +531,30 @@ def hf_backend_reference(tmp_path, cfg, params):
     return Reference()
 
 
+def harness_and_hf_backend(tmp_path, cfg, params, tokenizer):
+    """``both(kind, args)``: JaxptLM's and the HF backend's (``hf_backend_reference``) answers
+    to the requests of ``kind`` with ``args``."""
+    harness = harness_or_skip()
+    from lm_eval.api.instance import Instance
+
+    reference = hf_backend_reference(tmp_path, cfg, params, tokenizer)
+    lm = harness.JaxptLM(params, cfg, tokenizer, batch_size=4)
+
+    def both(kind, args):
+        requests = [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+        return getattr(lm, kind)(requests), getattr(reference, kind)(requests)
+
+    return both
+
+
 def test_harness_gives_the_numbers_of_lm_evals_hf_backend_on_the_exported_model(tmp_path):
     """GPT-2's BPE on a perturbed 16-token model: each request as lm-eval's HF backend answers
     it on the model exported to transformers. The context and continuation were encoded
     separately, so a context ending in a space, a continuation that merges with the context's
     last characters and ``"\\n\\n"`` before a word scored other tokens than lm-eval's."""
-    harness = harness_or_skip()
-    from lm_eval.api.instance import Instance
-
     cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=50257, block_size=16)
     params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
-    reference = hf_backend_reference(tmp_path, cfg, params)
-    lm = harness.JaxptLM(params, cfg, data.get_tokenizer("gpt2"), batch_size=4)
-
-    def both(kind, args):
-        requests = [Instance(kind, {}, a, i) for i, a in enumerate(args)]
-        return getattr(lm, kind)(requests), getattr(reference, kind)(requests)
+    both = harness_and_hf_backend(tmp_path, cfg, params, data.get_tokenizer("gpt2"))
 
     pairs = [
         ("The cat sat on the", " mat"),  # the encodings agree
@@ -563,6 +575,32 @@ def test_harness_gives_the_numbers_of_lm_evals_hf_backend_on_the_exported_model(
     contexts = ["The cat", "Hello world, ", "A context longer than the sixteen tokens of the block"]
     ours, theirs = both("generate_until", [(c, o) for o in options for c in contexts])
     assert ours == theirs
+
+
+def test_harness_prefixes_the_tokenizers_bos_as_lm_evals_hf_backend(tmp_path):
+    """A tokenizer whose BOS differs from its end-of-text (Llama 3's): lm-eval's HF backend
+    puts the BOS before an empty context and a text's first rolling window; JaxptLM put
+    end-of-text there."""
+    cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
+    params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    both = harness_and_hf_backend(tmp_path / "hf", cfg, params, word_tokenizer(directory))
+    ours, theirs = both("loglikelihood", [("", "w3 w4"), ("w7", "w3 w4")])
+    np.testing.assert_allclose([x for x, _ in ours], [x for x, _ in theirs], rtol=1e-4)
+    text = " ".join(f"w{i % 90}" for i in range(0, 200, 7))  # 29 words: 4 windows
+    ours, theirs = both("loglikelihood_rolling", [(text,), ("w5",)])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+
+
+def word_tokenizer(directory):
+    """tests/test_hf.py's word-level tokenizer (w0 .. w97, <|endoftext|> 98) with BOS w97."""
+    from .test_hf import word_tokenizer as words
+
+    words(directory, 99)
+    special = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="w97", eos_token=data.EOT)
+    (directory / "tokenizer_config.json").write_text(json.dumps(special))
+    return data.HFTokenizer(directory)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -43,6 +43,7 @@ from jaxpt.data._tokenizers import CharTokenizer as CharTokenizer
 from jaxpt.data._tokenizers import Gpt2Tokenizer as Gpt2Tokenizer
 from jaxpt.data._tokenizers import HFTokenizer as HFTokenizer
 from jaxpt.data._tokenizers import Tokenizer as Tokenizer
+from jaxpt.data._tokenizers import bos_id as bos_id
 from jaxpt.data._tokenizers import get_tokenizer as get_tokenizer
 from jaxpt.data._tokenizers import same_vocabulary as same_vocabulary
 from jaxpt.data._tokenizers import seed_tiktoken_cache as seed_tiktoken_cache

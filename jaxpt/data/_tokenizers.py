@@ -357,6 +357,15 @@ def get_tokenizer(name: str | os.PathLike) -> Tokenizer:
     return HFTokenizer(path)
 
 
+def bos_id(tokenizer: Tokenizer) -> int:
+    """The begin-of-sequence id transformers' tokenizer of the same files reports, where it
+    reports one: tokenizer_config.json's bos_token, else the end-of-text id (GPT-2's BPE uses
+    one token for both)."""
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    return tokenizer.eot_id
+
+
 def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
     """Whether ``a`` and ``b`` give every token id the same text and end-of-text id, so that
     token ids one of them wrote mean the same text to the other (e.g. tiktoken's GPT-2 and

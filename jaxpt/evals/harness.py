@@ -90,8 +90,10 @@ class JaxptLM(TemplateLM):
 
     Args:
         params, model_config: the model (params sharded over ``mesh`` where given).
-        tokenizer: the model's tokenizer; its end-of-text token precedes an empty context
-            and each rolling window's first token, and ends a generation.
+        tokenizer: the model's tokenizer; its begin-of-sequence token (``data.bos_id``: its
+            end-of-text token where it names none) precedes an empty context and a text's
+            first rolling window, as lm-eval's HF backend puts it; its end-of-text token ends
+            a generation.
         batch_size: sequences per jitted call (over a mesh: a multiple of the batch devices).
         mesh, rules: the run's mesh and ``config.mesh.rules``, or None (default device).
     """
@@ -124,6 +126,10 @@ class JaxptLM(TemplateLM):
     def eot_token_id(self) -> int:
         return self.tokenizer.eot_id
 
+    @property
+    def prefix_token_id(self) -> int:
+        return data.bos_id(self.tokenizer)
+
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs
     ) -> list[int]:
@@ -142,13 +148,13 @@ class JaxptLM(TemplateLM):
         return answers
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
-        """Each text's log-likelihood after an end-of-text token, in windows of the model's
+        """Each text's log-likelihood after the prefix token, in windows of the model's
         length that predict every token once (the harness's rolling windows)."""
         owners, pairs = [], []
         for index, (text,) in enumerate(r.args for r in requests):
             tokens = self.tokenizer.encode(text)
             length = self.model_config.max_length or max(len(tokens), 1)
-            windows = get_rolling_token_windows(tokens, self.tokenizer.eot_id, length, 1)
+            windows = get_rolling_token_windows(tokens, self.prefix_token_id, length, 1)
             for window in map(make_disjoint_window, windows):
                 owners.append(index)
                 pairs.append(window)

@@ -225,13 +225,13 @@ def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
 
 
 def _special_ids(tokenizer: data.Tokenizer) -> dict[str, int | None]:
-    """config.json's special token ids, as transformers' tokenizer takes them: bos is
-    tokenizer_config.json's bos_token, else the end-of-text id (GPT-2's BPE uses one token for
-    both); eos the end-of-text id; pad tokenizer_config.json's pad_token, else None."""
-    named = isinstance(tokenizer, data.HFTokenizer)
-    bos = tokenizer.bos_id if named and tokenizer.bos_id is not None else tokenizer.eot_id
-    pad = tokenizer.pad_id if named else None
-    return dict(bos_token_id=bos, eos_token_id=tokenizer.eot_id, pad_token_id=pad)
+    """config.json's special token ids, as transformers' tokenizer takes them: bos
+    ``data.bos_id``; eos the end-of-text id; pad tokenizer_config.json's pad_token, else
+    None."""
+    pad = tokenizer.pad_id if isinstance(tokenizer, data.HFTokenizer) else None
+    return dict(
+        bos_token_id=data.bos_id(tokenizer), eos_token_id=tokenizer.eot_id, pad_token_id=pad
+    )
 
 
 def _from_origin(origin: str | os.PathLike) -> tuple[dict[str, Any], dict[str, bytes]]:
