@@ -271,6 +271,23 @@ def test_tokenizer_json_comes_along_and_goes_back(tmp_path):
     assert config["eos_token_id"] == config["bos_token_id"] == 98
 
 
+@pytest.mark.parametrize("companion", [None, {"eos_token": data.EOT}])
+def test_a_gpt2_model_on_a_word_level_tokenizer_exports_one_transformers_reads(companion, tmp_path):
+    """A tokenizer.json with no tokenizer_config.json (as ``tokenizers`` saves one), or one
+    naming no class: transformers chose GPT2Tokenizer by the model_type, which reads only
+    vocab.json and merges.txt, and encoded every text as []."""
+    word_tokenizer(tmp_path, 99)
+    if companion is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(companion))
+    cfg = dataclasses.replace(tiny_config("gpt"), vocab_size=99)
+    params = models.get("gpt").init(jax.random.key(0), cfg)
+    tokenizer = data.get_tokenizer(tmp_path)
+    hf.save_pretrained(params, cfg, tmp_path / "back", tokenizer=tokenizer)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert theirs.encode("w3 w5 w97", add_special_tokens=False) == [3, 5, 97]
+    assert theirs.eos_token_id == (98 if companion else None)
+
+
 def test_a_chat_template_in_its_own_file_goes_back(tmp_path):
     """transformers saves a tokenizer's chat template as chat_template.jinja: the imported
     tokenizer had no template, and an export left the file out."""

@@ -211,7 +211,8 @@ def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
     if isinstance(tokenizer, data.HFTokenizer):
         beside = [tokenizer.path.parent / name for name in _TOKENIZER_COMPANIONS]
         files = {p.name: p.read_bytes() for p in beside if p.is_file()}
-        return {tokenizer.file: tokenizer.path.read_bytes(), **files}
+        config = _naming_a_tokenizer_class(files.get("tokenizer_config.json"))
+        return {tokenizer.file: tokenizer.path.read_bytes(), **files, **config}
     if isinstance(tokenizer, data.Gpt2Tokenizer):
         vocab = _gpt2_vocab_files()
         return {
@@ -222,6 +223,18 @@ def _tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, bytes]:
     raise ConfigError(
         f"a {type(tokenizer).__name__} has no Hugging Face format; save without tokenizer."
     )
+
+
+def _naming_a_tokenizer_class(config: bytes | None) -> dict[str, bytes]:
+    """``{"tokenizer_config.json": ...}`` naming PreTrainedTokenizerFast (tokenizer.json's
+    reader) where ``config`` (the file's content, or None) names no tokenizer_class, else
+    ``{}``: transformers would pick the class by model_type, and a GPT-2 model's reads only
+    vocab.json and merges.txt (a word-level tokenizer.json encoded every text as [])."""
+    fields = json.loads(config) if config else {}
+    if fields.get("tokenizer_class"):
+        return {}
+    named = {**fields, "tokenizer_class": "PreTrainedTokenizerFast"}
+    return {"tokenizer_config.json": (json.dumps(named, indent=2) + "\n").encode()}
 
 
 def _special_ids(tokenizer: data.Tokenizer) -> dict[str, int | None]:
