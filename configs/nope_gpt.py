@@ -9,6 +9,6 @@ from jaxpt.config import preset_config
 
 
 def get_config(arg: str | None = None):
-    """``arg``: empty for the full run, ``smoke`` for a one-minute CPU run."""
+    """``arg``: empty for the full run, ``smoke`` for a tiny CPU run (minutes on 2 cores)."""
     config = preset_config("nope_gpt", arg)
     return config

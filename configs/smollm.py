@@ -9,7 +9,7 @@ from jaxpt.config import preset_config
 
 
 def get_config(arg: str | None = None):
-    """``arg``: empty for the full run, ``smoke`` for a one-minute CPU run."""
+    """``arg``: empty for the full run, ``smoke`` for a tiny CPU run (minutes on 2 cores)."""
     config = preset_config("smollm", arg)
     # The preset is SmolLM-135M as published (vocab 49152, its own tokenizer). This run trains
     # it from scratch on GPT-2 BPE, a run-level choice, so the table holds GPT-2's 50257 ids

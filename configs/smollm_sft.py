@@ -28,7 +28,7 @@ DATA = "data/smol-smoltalk"  # `python -m jaxpt.data.prepare --format=chat` of s
 
 def get_config(arg: str | None = None):
     """``arg``: empty for the fine-tuning run (it needs SmolLM-135M's weights and a prepared
-    chat dataset), ``smoke`` for a one-minute CPU run of its settings."""
+    chat dataset), ``smoke`` for a tiny CPU run of its settings (minutes on 2 cores)."""
     args = parse_arg(arg, smoke=False)
     config = preset_config("smollm", None)  # SmolLM-135M: vocab 49152, block 2048
     config.checkpoint.init_from = CHECKPOINT

@@ -9,7 +9,7 @@ from jaxpt.config import preset_config
 
 
 def get_config(arg: str | None = None):
-    """``arg``: empty for the full run, ``smoke`` for a one-minute CPU run."""
+    """``arg``: empty for the full run, ``smoke`` for a tiny CPU run (minutes on 2 cores)."""
     config = preset_config("tiny_moe_2", arg)
     config.train.load_balance_loss_coeff = 1e-2  # times aux["load_balance_loss"]
     config.train.z_loss_coeff = 5e-4  # times aux["z_loss"]

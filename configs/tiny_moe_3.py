@@ -9,5 +9,5 @@ from jaxpt.config import preset_config
 
 
 def get_config(arg: str | None = None):
-    """``arg``: empty for the full run, ``smoke`` for a one-minute CPU run."""
+    """``arg``: empty for the full run, ``smoke`` for a tiny CPU run (minutes on 2 cores)."""
     return preset_config("tiny_moe_3", arg)

@@ -135,7 +135,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
 
 
 def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
-    """Makes ``config`` a tiny CPU run on the embedded corpus (about a minute on a laptop).
+    """Makes ``config`` a tiny CPU run on the embedded corpus (200 steps: minutes on 2 cores).
 
     The model keeps its architecture (pattern, head ratio, norms, positions) at width <= 128,
     block 64 and one or two repeats of its mixer pattern.
