@@ -520,6 +520,18 @@ def test_the_advice_for_validation_only_data_works(tmp_path):
     assert data.Loader(fixed, "train", 2, 8).steps_per_epoch > 5
 
 
+def test_a_run_on_validation_only_data_gets_the_same_advice(tmp_path):
+    """A run checks its batches (data.check_batches) before a loader opens the split: it said
+    to lower train.batch_size or model.block_size, which cannot fill an empty split."""
+    source = tmp_path / "story.txt"
+    source.write_text("The lion and the bull were friends, until a jackal came along. " * 20)
+    val_only = prepare(source, tmp_path / "out", shard_tokens=10_000)
+    with pytest.raises(data.DataError) as e:
+        data.check_batches(val_only, "train", 2, 8)
+    assert str(e.value) == data.missing_split(val_only, "train")
+    assert "--shard_tokens=" in str(e.value) and "train.batch_size" not in str(e.value)
+
+
 def test_the_prepare_command_and_its_workers_start_without_jax():
     """Preparing data needs no jax: importing it cost each tokenizer worker seconds, and a
     Ctrl-C during that import could be swallowed by jax's gc callback."""

@@ -244,7 +244,9 @@ def check_batches(
     `eval_batches`: the batches `Loader.eval_batches` reads); raises DataError, naming the run
     config fields to change, when there are none or fewer than `eval_batches`. Allocates
     nothing per row, so a run checks a batch of any size before `process_rows` lists its
-    rows."""
+    rows. A split with no shards gets ``missing_split``'s advice, as prepare's warning."""
+    if not manifest.split(split):
+        raise DataError(missing_split(manifest, split))
     by_rows, tokens = manifest.row_tokens > 0, manifest.tokens(split)
     windows = (_epoch_windows if eval_batches is None else _eval_windows)(tokens, seq_len, by_rows)
     held = windows // batch_size
