@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -793,8 +794,11 @@ class FixedBatches:
         return self.batches[:n]
 
 
-def test_validation_ce_on_chat_data_averages_every_masked_target():
-    config = char_config()
+@pytest.mark.parametrize("grad_accum_steps", [1, 2, 4])  # micro-batches of 4, 2 and 1 rows
+def test_validation_ce_on_chat_data_averages_every_masked_target(grad_accum_steps):
+    """Also over micro-batches, as training evaluates a batch it accumulates (one with no
+    target in it among them), against the float64 mean over every masked target."""
+    config = char_config(grad_accum_steps=grad_accum_steps)
     config.model.update(vocab_size=32, block_size=16)
     cfg = models.config_from(config.model)
     params = models.get(cfg.name).init(jax.random.key(0), cfg)
@@ -822,3 +826,18 @@ def test_validation_ce_on_chat_data_averages_every_masked_target():
     assert got["ce"] == pytest.approx(np.mean(nll), rel=1e-5)
     assert got["loss"] == pytest.approx(np.mean(nll), rel=1e-5)  # dense: no auxiliary losses
     assert abs(np.mean(per_batch) - np.mean(nll)) > 1e-3  # what a mean of batch means gives
+
+
+def test_a_validation_batch_runs_one_micro_batch_at_a_time():
+    """A run that fits its batch in memory only as ``train.grad_accum_steps`` micro-batches
+    evaluated the whole batch in one forward pass: its validation ran out of memory where its
+    training did not. Compiled, the step's scratch memory shrinks with the micro-batch."""
+    cfg = models.config_from(char_config().model)
+    params = jax.eval_shape(lambda k: models.get(cfg.name).init(k, cfg), jax.random.key(0))
+    tokens = jax.ShapeDtypeStruct((64, cfg.block_size), jnp.int32)
+    scratch = {}
+    for n_micro in (1, 8):
+        step = train.make_eval_step(char_config(grad_accum_steps=n_micro))
+        compiled = jax.jit(step).lower(params, tokens, tokens).compile()
+        scratch[n_micro] = compiled.memory_analysis().temp_size_in_bytes
+    assert scratch[8] < scratch[1] / 4, scratch

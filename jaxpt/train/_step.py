@@ -168,10 +168,7 @@ def masked_gradients(
     counts = micro[2].astype(jnp.float32).sum(axis=(1, 2))  # (n_micro,)
     weights = counts / jnp.maximum(counts.sum(), 1.0)
     grads, metrics = _summed_gradients(grad_fn, params, [*micro, weights])
-    ce = jnp.sum(weights * metrics["ce"])
-    mean = jax.tree.map(jnp.mean, metrics)
-    loss_value = mean["loss"] - mean["ce"] + ce  # the auxiliary terms' mean, plus ce
-    return grads, {**mean, "loss": loss_value, "ce": ce, "loss_tokens": counts.sum()}
+    return grads, _combined({**metrics, "loss_tokens": counts})
 
 
 def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
@@ -215,17 +212,41 @@ def make_train_step(config, tx: optax.GradientTransformation) -> Callable:
 
 
 def make_eval_step(config) -> Callable:
-    """``eval_step(params, inputs, targets, loss_mask=None) -> metrics`` (the same losses,
-    no update; with a mask also ``loss_tokens``, the number of targets ``ce`` averages)."""
+    """``eval_step(params, inputs, targets, loss_mask=None) -> metrics``: the same losses as
+    a train step's, no update, over the same ``train.grad_accum_steps`` micro-batches (a batch
+    that fits in memory only as micro-batches is evaluated as it trains, one at a time); with
+    a mask also ``loss_tokens``, the number of targets ``ce`` averages."""
+    n_micro = config.train.grad_accum_steps
     loss = _run_loss(config)
 
-    def eval_step(params, inputs: Array, targets: Array, loss_mask: Array | None = None):
+    def batch_metrics(params, inputs: Array, targets: Array, loss_mask: Array | None = None):
         metrics = loss(params, inputs, targets, loss_mask=loss_mask)[1]
         if loss_mask is None:
             return metrics
         return {**metrics, "loss_tokens": loss_mask.astype(jnp.float32).sum()}
 
+    def eval_step(params, inputs: Array, targets: Array, loss_mask: Array | None = None):
+        if n_micro == 1:
+            return batch_metrics(params, inputs, targets, loss_mask)
+        arrays = [x for x in (inputs, targets, loss_mask) if x is not None]
+        each = lambda carry, micro: (carry, batch_metrics(params, *micro))
+        _, metrics = jax.lax.scan(each, None, [micro_batches(x, n_micro) for x in arrays])
+        return _combined(metrics)
+
     return eval_step
+
+
+def _combined(metrics: dict[str, Array]) -> dict[str, Array]:
+    """One batch's metrics from its micro-batches' ``(n_micro,)``: their means, but on masked
+    data (with ``loss_tokens``) ``ce`` weighs each micro-batch by its targets, so it is the
+    mean over every masked target of the batch, and ``loss_tokens`` is their sum."""
+    mean = jax.tree.map(jnp.mean, metrics)
+    if "loss_tokens" not in metrics:
+        return mean
+    counts = metrics["loss_tokens"]
+    ce = jnp.sum(counts * metrics["ce"]) / jnp.maximum(counts.sum(), 1.0)
+    loss = mean["loss"] - mean["ce"] + ce  # the auxiliary terms' mean, plus ce
+    return {**mean, "loss": loss, "ce": ce, "loss_tokens": counts.sum()}
 
 
 def state_shardings(
