@@ -594,11 +594,40 @@ def test_harness_prefixes_the_tokenizers_bos_as_lm_evals_hf_backend(tmp_path):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
 
 
-def word_tokenizer(directory):
-    """tests/test_hf.py's word-level tokenizer (w0 .. w97, <|endoftext|> 98) with BOS w97."""
+def test_harness_encodes_with_the_tokenizers_template_as_lm_evals_hf_backend(tmp_path):
+    """A tokenizer.json whose template puts its BOS before every text (Llama 3's):
+    transformers' tokenizer, so lm-eval's HF backend, encodes each context, text and prompt
+    with it; JaxptLM encoded without."""
+    cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
+    params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    tokenizer = word_tokenizer(directory, bos_template=True)
+    assert tokenizer.encode("w3") == [3]
+    both = harness_and_hf_backend(tmp_path / "hf", cfg, params, tokenizer)
+    ours, theirs = both("loglikelihood", [("w7", " w3 w4"), ("w7 w8 w9", " w1")])
+    np.testing.assert_allclose([x for x, _ in ours], [x for x, _ in theirs], rtol=1e-4)
+    text = " ".join(f"w{i % 90}" for i in range(0, 100, 7))
+    ours, theirs = both("loglikelihood_rolling", [(text,), ("w5",)])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    ours, theirs = both("generate_until", [("w7 w3", {"until": ["w2"], "max_gen_toks": 3})])
+    assert ours == theirs
+
+
+def word_tokenizer(directory, bos_template=False):
+    """tests/test_hf.py's word-level tokenizer (w0 .. w97, <|endoftext|> 98) with BOS w97;
+    with ``bos_template``, tokenizer.json's template puts it before every text."""
+    import tokenizers
+
     from .test_hf import word_tokenizer as words
 
     words(directory, 99)
+    if bos_template:
+        tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        tok.post_processor = tokenizers.processors.TemplateProcessing(
+            single="w97 $A", special_tokens=[("w97", 97)]
+        )
+        tok.save(str(directory / "tokenizer.json"))
     special = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="w97", eos_token=data.EOT)
     (directory / "tokenizer_config.json").write_text(json.dumps(special))
     return data.HFTokenizer(directory)

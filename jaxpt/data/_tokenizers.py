@@ -314,6 +314,11 @@ class HFTokenizer:
         """Token ids of `text`, without the template's special tokens (no BOS)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_template(self, text: str) -> list[int]:
+        """Token ids of `text` with the special tokens tokenizer.json's template adds (Llama
+        3's BOS before every text), as transformers' tokenizer encodes by default."""
+        return self._tok.encode(text).ids
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens included."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -364,6 +369,15 @@ def bos_id(tokenizer: Tokenizer) -> int:
     if isinstance(tokenizer, HFTokenizer) and tokenizer.bos_id is not None:
         return tokenizer.bos_id
     return tokenizer.eot_id
+
+
+def transformers_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids transformers' tokenizer of the same files gives ``text`` by default: with the
+    special tokens tokenizer.json's template adds (Llama 3's BOS before every text), which
+    ``encode`` leaves out; GPT-2's BPE and characters add none."""
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.encode_with_template(text)
+    return tokenizer.encode(text)
 
 
 def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:

@@ -133,8 +133,10 @@ class JaxptLM(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs
     ) -> list[int]:
-        """The tokenizer's ids of ``string``: what ``TemplateLM.loglikelihood`` encodes with."""
-        return self.tokenizer.encode(string)
+        """The ids transformers' tokenizer gives ``string`` by default, as lm-eval's HF
+        backend encodes (with a BOS where tokenizer.json's template adds one): what
+        ``TemplateLM.loglikelihood`` encodes with."""
+        return data.transformers_ids(self.tokenizer, string)
 
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **kwargs
@@ -152,7 +154,7 @@ class JaxptLM(TemplateLM):
         length that predict every token once (the harness's rolling windows)."""
         owners, pairs = [], []
         for index, (text,) in enumerate(r.args for r in requests):
-            tokens = self.tokenizer.encode(text)
+            tokens = data.transformers_ids(self.tokenizer, text)
             length = self.model_config.max_length or max(len(tokens), 1)
             windows = get_rolling_token_windows(tokens, self.prefix_token_id, length, 1)
             for window in map(make_disjoint_window, windows):
@@ -208,7 +210,7 @@ class JaxptLM(TemplateLM):
         room = self.model_config.max_length
         prompts = []
         for context in contexts:
-            tokens = self.tokenizer.encode(context) or [self.tokenizer.eot_id]
+            tokens = data.transformers_ids(self.tokenizer, context) or [self.tokenizer.eot_id]
             prompts.append(tokens if room is None else tokens[-max(room - new_tokens, 1) :])
         if room is not None:
             new_tokens = min(new_tokens, room - max(len(p) for p in prompts))
