@@ -1,7 +1,7 @@
 """Test setup: 8 virtual CPU devices (before jax is imported) for sharding tests, and private
 caches for the embedded corpus, for compiled programs and for Python bytecode, shared by the
 xdist workers and the subprocesses the tests launch, and new in every run; SIGINT as a
-terminal's, even in a background job."""
+terminal's, even in a background job; a Hugging Face hub that answers without the network."""
 
 import atexit
 import importlib.metadata
@@ -11,6 +11,9 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
+
+import huggingface_hub
+import pytest
 
 # Tiny test models spend their time in XLA's compiler, not in the compiled code: skip the
 # expensive LLVM passes (results are the same, compiles take about half as long), and emit
@@ -68,3 +71,26 @@ def run_in_repo(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, **kwargs
     )
+
+
+class FakeHubSession:
+    """huggingface_hub's HTTP client as `data.hub_or_cache` asks it whether the hub answers:
+    records each request's URL and settings, and answers, or raises ``error``."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self.requests: list[tuple[str, dict]] = []
+
+    def head(self, url: str, **settings) -> None:
+        self.requests.append((url, settings))
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture(autouse=True)
+def hub_session(monkeypatch) -> FakeHubSession:
+    """The hub answers every test without the network (the libraries' own requests are faked
+    where a test needs them); a test of an unreachable hub sets ``hub_session.error``."""
+    session = FakeHubSession()
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: session)
+    return session

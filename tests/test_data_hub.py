@@ -11,10 +11,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from huggingface_hub import constants
 
 from jaxpt import data, train
 from jaxpt.config import preset_config
 from jaxpt.data import _prepare, _resolve
+from jaxpt.data._hub import hub_unreachable
 
 from . import test_data_prepare
 from .conftest import use_devices
@@ -151,6 +153,16 @@ def test_offline_is_one_sentence_naming_what_to_do(hub, tmp_path):
         f"--dataset={HUB} --out=<dir>` where the hub is reachable and set data.dataset" in message
     )
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+
+
+def test_hf_hub_offline_set_by_the_user_asks_the_hub_nothing(hub_session, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_unreachable() == "HF_HUB_OFFLINE is set"
+    assert not hub_session.requests
+    match = "HF_HUB_OFFLINE is set, and it is not cached"
+    with pytest.raises(data.HubUnreachableError, match=match), data.hub_or_cache():
+        raise ConnectionError("Couldn't reach 'owner/corpus' on the Hub (OfflineModeIsEnabled)")
+    assert constants.HF_HUB_OFFLINE  # the user's setting stays
 
 
 def test_processes_sharing_the_cache_take_turns(hub, tmp_path):

@@ -9,10 +9,12 @@ import shutil
 from pathlib import Path
 
 import datasets
+import httpx2
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from huggingface_hub import constants
 
 from jaxpt import data, evals, hf, launcher, models, sharding, train
 from jaxpt.config import preset_config
@@ -202,6 +204,36 @@ def test_items_from_the_hub_and_offline_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(DataNotFoundError, match=r"connect to the network once.*hellaswag_path"):
         hellaswag.load_items()
+
+
+def test_an_unreachable_hub_is_one_sentence_at_once_and_the_cache_still_loads(
+    tmp_path, monkeypatch, hub_session
+):
+    """Offline, `datasets` asked the hub 6 times over about 25 s (minutes behind a firewall that
+    drops packets), a warning per attempt, before the sentence: now the hub is asked once and
+    `datasets` reads its cache only, as with HF_HUB_OFFLINE=1, at once."""
+    hub_session.error = httpx2.ConnectError("[Errno -2] Name or service not known")
+    cache = tmp_path / "cached.jsonl"
+    load = datasets.load_dataset
+
+    def cache_only(path, *, split):
+        if not (datasets.config.HF_HUB_OFFLINE and constants.HF_HUB_OFFLINE):
+            raise AssertionError("the hub asked again, with retries")
+        if not cache.exists():
+            raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (OfflineMode...)")
+        return load("json", data_files=[str(cache)], split="train")
+
+    monkeypatch.setattr(datasets, "load_dataset", cache_only)
+    with pytest.raises(DataNotFoundError) as error:
+        hellaswag.load_items()
+    assert str(error.value).startswith(
+        "HellaSwag's validation split could not be loaded from the Hugging Face hub "
+        "(Rowan/hellaswag: https://huggingface.co did not answer ([Errno -2] Name or service "
+        "not known), and it is not cached); connect to the network once"
+    )
+    write_jsonl(cache, original_rows())
+    assert hellaswag.load_items() == ITEMS
+    assert not datasets.config.HF_HUB_OFFLINE and not constants.HF_HUB_OFFLINE  # as they were
 
 
 # ----------------------------------------------------------------------------- harness
@@ -776,7 +808,7 @@ def test_eval_mode_without_params_says_so_before_reading_task_data(
     tmp_path, monkeypatch, empty_checkpoints
 ):
     """No checkpoint in the workdir and no checkpoint.init_from: one sentence before any task
-    data is read (HellaSwag's hub copy retried for ~16 s offline first), nothing written."""
+    data is read (HellaSwag's hub copy first asks the hub), nothing written."""
 
     def read_task_data(*args, **kwargs):
         raise AssertionError("task data read before the checkpoint was looked for")

@@ -16,6 +16,8 @@ from jaxpt.data._chat import end_of_turn as end_of_turn
 from jaxpt.data._embedded import EMBEDDED as EMBEDDED
 from jaxpt.data._embedded import embedded_documents as embedded_documents
 from jaxpt.data._embedded import prepare_embedded as prepare_embedded
+from jaxpt.data._hub import HubUnreachableError as HubUnreachableError
+from jaxpt.data._hub import hub_or_cache as hub_or_cache
 from jaxpt.data._loader import Loader as Loader
 from jaxpt.data._loader import LoaderState as LoaderState
 from jaxpt.data._loader import MaskedBatch as MaskedBatch

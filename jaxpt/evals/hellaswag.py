@@ -184,7 +184,8 @@ def _hub_rows():
     import datasets
 
     try:
-        return datasets.load_dataset(HUB_DATASET, split="validation")
+        with data.hub_or_cache():
+            return datasets.load_dataset(HUB_DATASET, split="validation")
     except Exception as error:  # `datasets` and the hub raise many kinds
         raise DataNotFoundError(
             f"HellaSwag's validation split could not be loaded from the Hugging Face hub "
