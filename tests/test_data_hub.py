@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import datasets
+import httpx2
 import numpy as np
 import pytest
 from huggingface_hub import constants
@@ -48,7 +49,7 @@ class FakeHub:
         if path != HUB:
             return self._load(path, name, split=split, streaming=streaming, **kw)
         self.calls.append({"name": name, "split": split, "streaming": streaming})
-        if self.offline:
+        if self.offline or datasets.config.HF_HUB_OFFLINE:  # a stream is never cached
             raise ConnectionError(
                 "Couldn't reach 'owner/corpus' on the Hub (LocalEntryNotFoundError)"
             )
@@ -81,7 +82,7 @@ def ensure(cache, steps, max_tokens=0, eval_batches=2) -> data.Manifest:
     return data.ensure_prepared(run_data(HUB, max_tokens=max_tokens), cache, need=need)
 
 
-def test_prepares_what_the_run_reads_once_by_streaming(hub, tmp_path):
+def test_prepares_what_the_run_reads_once_by_streaming(hub, hub_session, tmp_path):
     need = data.tokens_needed(20, B, T, 2)
     total = need.val + need.train
     manifest = ensure(tmp_path / "cache", 20)
@@ -95,9 +96,10 @@ def test_prepares_what_the_run_reads_once_by_streaming(hub, tmp_path):
     loader = data.Loader(manifest, "train", B, T)  # one epoch is exactly the run's steps
     assert loader.steps_per_epoch == 20 and data.Loader(manifest, "val", B, T).check_eval(2) == 2
     before = files_in(manifest.directory)
-    hub.offline = True  # the cache holds it: no hub needed
+    hub.offline = True  # the cache holds it: no hub needed, nor asked whether it answers
     assert ensure(tmp_path / "cache", 20) == manifest
-    assert len(hub.calls) == 1 and files_in(manifest.directory) == before
+    assert len(hub.calls) == len(hub_session.requests) == 1
+    assert files_in(manifest.directory) == before
 
 
 def test_a_killed_preparation_resumes_to_the_same_bytes(hub, tmp_path, monkeypatch):
@@ -153,6 +155,20 @@ def test_offline_is_one_sentence_naming_what_to_do(hub, tmp_path):
         f"--dataset={HUB} --out=<dir>` where the hub is reachable and set data.dataset" in message
     )
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+
+
+def test_an_unreachable_hub_is_asked_once_briefly_then_the_cache_only(hub, hub_session, tmp_path):
+    """Offline, `datasets` asked the hub 6 times over about 25 s (minutes behind a firewall that
+    drops packets), with a warning per attempt, before its error: now one request, waiting at
+    most HF_HUB_ETAG_TIMEOUT, then the cache only (offline mode), and the request's error."""
+    hub_session.error = httpx2.ConnectError("[Errno -2] Name or service not known")
+    with pytest.raises(data.DataError, match="could not be streamed from the hub") as e:
+        ensure(tmp_path / "cache", 20)
+    reason = "https://huggingface.co did not answer ([Errno -2] Name or service not known)"
+    assert f"({reason}, and it is not cached); connect to the network" in one_sentence(e)
+    timeout = {"timeout": constants.HF_HUB_ETAG_TIMEOUT}
+    assert hub_session.requests == [(constants.ENDPOINT, timeout)]
+    assert not constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE  # as they were
 
 
 def test_hf_hub_offline_set_by_the_user_asks_the_hub_nothing(hub_session, monkeypatch):

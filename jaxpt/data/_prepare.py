@@ -49,6 +49,7 @@ from jaxpt.data._chat import (
     end_of_turn,
     plain_text,
 )
+from jaxpt.data._hub import hub_or_cache
 from jaxpt.data._shards import (
     MANIFEST,
     MAX_SHARD_TOKENS,
@@ -776,7 +777,8 @@ def _load(source: dict, streaming: bool):
         return datasets.load_dataset(
             builder, data_files=files, split=split, streaming=streaming, **options
         )
-    return datasets.load_dataset(name, source["config_name"], split=split, streaming=streaming)
+    with hub_or_cache():
+        return datasets.load_dataset(name, source["config_name"], split=split, streaming=streaming)
 
 
 def _check_text_files(files: list[str]) -> None:
