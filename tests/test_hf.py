@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx2
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -619,6 +621,37 @@ def test_missing_sources_get_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
     with pytest.raises(hf.CheckpointError, match="could not be fetched from the Hugging Face hub"):
         hf.from_pretrained("someone/some-model")
+
+
+def test_an_unreachable_hub_is_one_sentence_at_once_and_a_cached_snapshot_loads(
+    tmp_path, monkeypatch, hub_session
+):
+    """snapshot_download's first request has no timeout: a hub behind a proxy that accepts and
+    never answers held `--to=jaxpt --source=gpt2` silent for minutes. Now the hub is asked once,
+    briefly, and the hub cache is read offline (HF_HUB_OFFLINE's mode), at once."""
+    hub_session.error = httpx2.ReadTimeout("timed out")
+    cached = {}
+
+    def cache_only(name, **kwargs):
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise AssertionError("the unreachable hub asked again")
+        if name not in cached:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+        return cached[name]
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", cache_only)
+    with pytest.raises(hf.CheckpointError) as error:
+        hf.from_pretrained("someone/tiny")
+    assert str(error.value) == (
+        "'someone/tiny' is not a local directory and could not be fetched from the Hugging Face "
+        "hub (https://huggingface.co did not answer (timed out), and it is not cached): check "
+        "the name and the network, or pass a directory."
+    )
+    cfg = tiny_config("gpt")
+    params = models.get("gpt").init(jax.random.key(0), cfg)
+    cached["someone/tiny"] = hf.save_pretrained(params, cfg, tmp_path / "snapshot")
+    assert hf.from_pretrained("someone/tiny").config.n_layer == cfg.n_layer
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE  # as it was
 
 
 # ----------------------------------------------------------------------------- init_from

@@ -62,15 +62,22 @@ def _directory(source: str | os.PathLike) -> Path:
             f"{name} is not a checkpoint directory: give a directory with config.json and "
             "weights, or a hub name such as 'gpt2'."
         )
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
+    try:
+        with data.hub_or_cache():
+            return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
+    except data.HubUnreachableError as error:
+        raise _not_fetched(name, str(error)) from error
     except Exception as error:
-        raise CheckpointError(
-            f"{name!r} is not a local directory and could not be fetched from the Hugging Face "
-            f"hub ({type(error).__name__}): check the name and the network, or pass a directory."
-        ) from error
+        raise _not_fetched(name, type(error).__name__) from error
+
+
+def _not_fetched(name: str, cause: str) -> CheckpointError:
+    return CheckpointError(
+        f"{name!r} is not a local directory and could not be fetched from the Hugging Face "
+        f"hub ({cause}): check the name and the network, or pass a directory."
+    )
 
 
 def _read_json(path: Path) -> dict:
