@@ -225,12 +225,13 @@ def test_cli(tmp_path):
     ]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert ": 17 uint16 tokens (val 5, train 12) from 1 documents in 4 shards" in run.stdout
+    assert ": 17 uint16 tokens (val 5, train 12) from 1 document in 4 shards" in run.stdout
     bar = re.compile(r"out: [\d.]+tok \[[^]]*\]")  # the progress bar's states, \r-separated
     assert bar.sub("", run.stderr).strip() == ""
     # a corpus within one shard is all val: prepared as asked, with what training would say
     one_shard = subprocess.run([*cmd[:4], f"--out={tmp_path / 'all_val'}"], capture_output=True)
     assert one_shard.returncode == 0
+    assert b": 17 uint16 tokens (val 17, train 0) from 1 document in 1 shard\n" in one_shard.stdout
     assert [line for line in one_shard.stderr.decode().splitlines() if "warning" in line] == [
         f"warning: {tmp_path / 'all_val'} has no 'train' shards (its 17 tokens all went to the "
         "'val' split); prepare the source again into a new directory with --shard_tokens=1 so "

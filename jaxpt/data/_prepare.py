@@ -299,24 +299,29 @@ def summary(manifest: Manifest) -> str:
     """The line the prepare command ends with: tokens per split, and the documents they came
     from (chat data: the conversations kept, one row each, and those skipped)."""
     splits = ", ".join(f"{s} {manifest.tokens(s):,}" for s in ("val", "train"))
-    documents = f"{manifest.documents:,} documents"
+    documents = _count(manifest.documents, "document")
     if manifest.row_tokens:
         rows = manifest.tokens() // manifest.row_tokens
         documents = (
-            f"{rows:,} conversations, one per row ({manifest.documents - rows:,} more skipped: no "
-            f"assistant token within their first {manifest.row_tokens} tokens)"
+            f"{_count(rows, 'conversation')}, one per row ({manifest.documents - rows:,} more "
+            f"skipped: no assistant token within their first {manifest.row_tokens} tokens)"
         )
     return (
         f"{manifest.directory}: {manifest.tokens():,} {manifest.dtype} tokens ({splits}) from "
-        f"{documents} in {len(manifest.shards)} shards"
+        f"{documents} in {_count(len(manifest.shards), 'shard')}"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    """`n` and `noun`, plural unless `n` is 1: "1 document", "2,048 documents"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _nothing_to_write(source: dict, docs: int) -> str:
     """Why the `docs` documents of `source` gave no shard: they hold no text, or (chat data)
     no conversation has an assistant token in its row."""
     if not _is_chat(source):
-        return f"dataset {source['dataset']} is empty ({docs} documents, no text)"
+        return f"dataset {source['dataset']} is empty ({_count(docs, 'document')}, no text)"
     return (
         f"none of the {docs} conversations of dataset {source['dataset']} has an assistant "
         f"token within its first {source['row_tokens']} tokens (block_size + 1), so there is "
@@ -374,7 +379,8 @@ def _tokenize_into(
 def _starting(out: Path, source: dict, records: list, tokens: int, max_tokens: int) -> str:
     """The line said before preparing."""
     goal = f"{max_tokens:,} tokens" if max_tokens else "all of it"
-    done = f"; {tokens:,} tokens in {len(records)} shards already there" if records else ""
+    shards = _count(len(records), "shard")
+    done = f"; {tokens:,} tokens in {shards} already there" if records else ""
     return f"preparing {out} from {source['dataset']} ({goal}{done})"
 
 
