@@ -315,6 +315,27 @@ def test_harness_unknown_task_and_unloadable_data_are_one_sentence(tmp_path, mon
         harness.load_tasks([str(task)])
 
 
+def test_harness_data_from_an_unreachable_hub_is_one_sentence_at_once(
+    tmp_path, monkeypatch, hub_session
+):
+    """Offline, loading `harness:arc_easy` printed 53 lines over 35 s (`datasets`' retries)
+    before its sentence: now the hub is asked once, then `datasets` reads its cache only."""
+    harness = harness_or_skip()
+    hub_session.error = httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    def cache_only(*args, **kwargs):
+        if not (datasets.config.HF_HUB_OFFLINE and constants.HF_HUB_OFFLINE):
+            raise AssertionError("the hub asked again, with retries")
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineMode...)")
+
+    monkeypatch.setattr(datasets, "load_dataset", cache_only)
+    task = tmp_path / "local_hellaswag.yaml"
+    task.write_text(TASK_YAML.format(jsonl=write_jsonl(tmp_path / "items.jsonl", original_rows())))
+    reason = "https://huggingface.co did not answer ([Errno -2] Name or service not known)"
+    with pytest.raises(DataNotFoundError, match=re.escape(f"({reason}, and it is not cached)")):
+        harness.load_tasks([str(task)])
+
+
 def test_harness_rolling_loglikelihood_and_generation():
     """Rolling: every token of a text once, in windows of the model's length (here 32),
     against the model's float64 losses of each window alone. Generation: greedy, cut at

@@ -286,7 +286,8 @@ def load_tasks(tasks: Sequence[str]) -> list:
     ``JaxptLM`` would ignore (``check_generation_options``)."""
     check_tasks(tasks)
     try:
-        loaded = _task_manager(tasks).load(list(tasks))
+        with data.hub_or_cache():  # `datasets` is imported (lm_eval.tasks imports it)
+            loaded = _task_manager(tasks).load(list(tasks))
     except Exception as error:  # `datasets`, the hub and a task's own code raise many kinds
         raise DataNotFoundError(
             f"lm-evaluation-harness could not load the data of {', '.join(tasks)} "
