@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 import datasets
-import httpx2
 import numpy as np
 import pytest
 from huggingface_hub import constants
@@ -161,7 +160,7 @@ def test_an_unreachable_hub_is_asked_once_briefly_then_the_cache_only(hub, hub_s
     """Offline, `datasets` asked the hub 6 times over about 25 s (minutes behind a firewall that
     drops packets), with a warning per attempt, before its error: now one request, waiting at
     most HF_HUB_ETAG_TIMEOUT, then the cache only (offline mode), and the request's error."""
-    hub_session.error = httpx2.ConnectError("[Errno -2] Name or service not known")
+    hub_session.error = ConnectionError("[Errno -2] Name or service not known")
     with pytest.raises(data.DataError, match="could not be streamed from the hub") as e:
         ensure(tmp_path / "cache", 20)
     reason = "https://huggingface.co did not answer ([Errno -2] Name or service not known)"

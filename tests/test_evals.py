@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import datasets
-import httpx2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,7 +211,7 @@ def test_an_unreachable_hub_is_one_sentence_at_once_and_the_cache_still_loads(
     """Offline, `datasets` asked the hub 6 times over about 25 s (minutes behind a firewall that
     drops packets), a warning per attempt, before the sentence: now the hub is asked once and
     `datasets` reads its cache only, as with HF_HUB_OFFLINE=1, at once."""
-    hub_session.error = httpx2.ConnectError("[Errno -2] Name or service not known")
+    hub_session.error = ConnectionError("[Errno -2] Name or service not known")
     cache = tmp_path / "cached.jsonl"
     load = datasets.load_dataset
 
@@ -321,7 +320,7 @@ def test_harness_data_from_an_unreachable_hub_is_one_sentence_at_once(
     """Offline, loading `harness:arc_easy` printed 53 lines over 35 s (`datasets`' retries)
     before its sentence: now the hub is asked once, then `datasets` reads its cache only."""
     harness = harness_or_skip()
-    hub_session.error = httpx2.ConnectError("[Errno -2] Name or service not known")
+    hub_session.error = ConnectionError("[Errno -2] Name or service not known")
 
     def cache_only(*args, **kwargs):
         if not (datasets.config.HF_HUB_OFFLINE and constants.HF_HUB_OFFLINE):

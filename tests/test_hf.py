@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx2
 import huggingface_hub
 import jax
 import jax.numpy as jnp
@@ -629,7 +628,7 @@ def test_an_unreachable_hub_is_one_sentence_at_once_and_a_cached_snapshot_loads(
     """snapshot_download's first request has no timeout: a hub behind a proxy that accepts and
     never answers held `--to=jaxpt --source=gpt2` silent for minutes. Now the hub is asked once,
     briefly, and the hub cache is read offline (HF_HUB_OFFLINE's mode), at once."""
-    hub_session.error = httpx2.ReadTimeout("timed out")
+    hub_session.error = TimeoutError("timed out")
     cached = {}
 
     def cache_only(name, **kwargs):
