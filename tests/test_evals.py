@@ -554,8 +554,9 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
             tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id
         )
 
-        def tok_encode(self, string, add_special_tokens=None, **kwargs):
-            return tokenizer.encode(string)
+        def tok_encode(self, string, add_special_tokens=None, **kwargs):  # HFLM.tok_encode's
+            flag = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+            return tokenizer.encode(string, **flag)
 
         def _loglikelihood_tokens(self, requests, **kwargs):
             return [log_probs(context + cont, len(cont)) for _, context, cont in requests]
@@ -666,9 +667,31 @@ def test_harness_encodes_with_the_tokenizers_template_as_lm_evals_hf_backend(tmp
     assert ours == theirs
 
 
-def word_tokenizer(directory, bos_template=False):
-    """tests/test_hf.py's word-level tokenizer (w0 .. w97, <|endoftext|> 98) with BOS w97;
-    with ``bos_template``, tokenizer.json's template puts it before every text."""
+def test_harness_encodes_an_empty_contexts_continuation_without_the_template(tmp_path):
+    """lm-eval encodes the continuation of an empty context with ``add_special_tokens=False``
+    (``TemplateLM.loglikelihood``): a template's BOS that is not the prefix token (here
+    tokenizer_config.json names no bos_token, so the prefix is end-of-text) is not scored.
+    JaxptLM ignored the flag and scored the template's w97 as the continuation's first token."""
+    transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
+    cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
+    params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    tokenizer = word_tokenizer(directory, bos_template=True, bos_token=False)
+    both = harness_and_hf_backend(tmp_path / "hf", cfg, params, tokenizer)
+    ours, theirs = both("loglikelihood", [("", "w3 w4"), ("w7", " w3 w4")])
+    np.testing.assert_allclose([x for x, _ in ours], [x for x, _ in theirs], rtol=1e-4)
+    lm = harness_or_skip().JaxptLM(params, cfg, tokenizer, batch_size=4)
+    reference = transformers.AutoTokenizer.from_pretrained(directory)
+    for flag in (None, False, True):
+        kwargs = {} if flag is None else {"add_special_tokens": flag}
+        assert lm.tok_encode("w3 w4", **kwargs) == reference.encode("w3 w4", **kwargs)
+
+
+def word_tokenizer(directory, bos_template=False, bos_token=True):
+    """tests/test_hf.py's word-level tokenizer (w0 .. w97, <|endoftext|> 98) with BOS w97
+    (tokenizer_config.json's bos_token, unless not ``bos_token``); with ``bos_template``,
+    tokenizer.json's template puts it before every text."""
     import tokenizers
 
     from .test_hf import word_tokenizer as words
@@ -680,7 +703,8 @@ def word_tokenizer(directory, bos_template=False):
             single="w97 $A", special_tokens=[("w97", 97)]
         )
         tok.save(str(directory / "tokenizer.json"))
-    special = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="w97", eos_token=data.EOT)
+    special = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=data.EOT)
+    special.update(bos_token="w97" if bos_token else None)
     (directory / "tokenizer_config.json").write_text(json.dumps(special))
     return data.HFTokenizer(directory)
 

@@ -133,9 +133,12 @@ class JaxptLM(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs
     ) -> list[int]:
-        """The ids transformers' tokenizer gives ``string`` by default, as lm-eval's HF
-        backend encodes (with a BOS where tokenizer.json's template adds one): what
-        ``TemplateLM.loglikelihood`` encodes with."""
+        """The ids transformers' tokenizer gives ``string``, as lm-eval's HF backend encodes:
+        by default (``add_special_tokens`` None or True) with a BOS where tokenizer.json's
+        template adds one, with ``add_special_tokens=False`` without (``TemplateLM`` encodes
+        an empty context's continuation so): what ``TemplateLM.loglikelihood`` encodes with."""
+        if add_special_tokens is False:
+            return self.tokenizer.encode(string)
         return data.transformers_ids(self.tokenizer, string)
 
     def _loglikelihood_tokens(
