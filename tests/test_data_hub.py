@@ -180,6 +180,21 @@ def test_hf_hub_offline_set_by_the_user_asks_the_hub_nothing(hub_session, monkey
     assert constants.HF_HUB_OFFLINE  # the user's setting stays
 
 
+def test_an_error_not_of_the_hub_passes_through_an_unreachable_hub(hub_session, tmp_path):
+    """Offline, every error of the block became "the hub did not answer, and it is not cached":
+    a local file missing (a harness task YAML's data, say) read as the hub's fault. Only the
+    libraries' offline errors (nothing cached) are the hub's; the others are raised as
+    `datasets` raises them with the hub answering."""
+    missing = str(tmp_path / "missing.jsonl")
+    load = lambda: datasets.load_dataset("json", data_files=[missing], split="train")
+    with pytest.raises(Exception) as online:
+        load()
+    hub_session.error = ConnectionError("[Errno -2] Name or service not known")
+    with pytest.raises(type(online.value)) as offline, data.hub_or_cache():
+        load()
+    assert str(offline.value) == str(online.value)
+
+
 def test_processes_sharing_the_cache_take_turns(hub, tmp_path):
     results = []
 

@@ -34,13 +34,15 @@ def hub_unreachable() -> str | None:
 def hub_or_cache() -> Iterator[None]:
     """Runs the block as is where the hub answers; else in the hub libraries' offline mode
     (`huggingface_hub`'s, and `datasets`' where it is imported: import it first), so what they
-    have cached loads at once, and anything the block raises becomes a HubUnreachableError
-    naming why the hub could not be reached."""
+    have cached loads at once, and their offline errors (what was asked for is not cached)
+    become a HubUnreachableError naming why the hub could not be reached; other errors (a
+    local file missing) are raised as they are."""
     unreachable = hub_unreachable()
     if unreachable is None:
         yield
         return
     from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     libraries = [constants]  # each library's offline switch (`datasets` copies the hub's)
     if "datasets.config" in sys.modules:
@@ -50,7 +52,7 @@ def hub_or_cache() -> Iterator[None]:
         library.HF_HUB_OFFLINE = True
     try:
         yield
-    except Exception as error:
+    except (ConnectionError, LocalEntryNotFoundError) as error:  # `datasets`', the hub's
         raise HubUnreachableError(f"{unreachable}, and it is not cached") from error
     finally:
         for library, value in zip(libraries, saved, strict=True):
