@@ -5,6 +5,9 @@ The hub is replaced by a local streaming dataset behind the same `datasets.load_
 """
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from jaxpt.data import _prepare, _resolve
 from jaxpt.data._hub import hub_unreachable
 
 from . import test_data_prepare
-from .conftest import use_devices
+from .conftest import ROOT, use_devices
 from .test_data_prepare import (
     assert_same_files,
     files_in,
@@ -193,6 +196,41 @@ def test_an_error_not_of_the_hub_passes_through_an_unreachable_hub(hub_session, 
     with pytest.raises(type(online.value)) as offline, data.hub_or_cache():
         load()
     assert str(offline.value) == str(online.value)
+
+
+# A fresh interpreter whose hub does not answer imports `datasets` inside the block, then prints
+# its offline switch after the block.
+IMPORTED_IN_THE_BLOCK = """
+import huggingface_hub
+from jaxpt import data
+
+class Unreachable:
+    def head(self, url, **settings):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+huggingface_hub.get_session = lambda: Unreachable()
+with data.hub_or_cache():
+    import datasets
+print(datasets.config.HF_HUB_OFFLINE)
+"""
+
+
+def test_datasets_imported_in_the_block_is_not_left_offline():
+    """`datasets` copies the hub's offline switch when imported: imported inside the block of
+    an unreachable hub, it stayed offline for the rest of the process (every later load read
+    its cache only, the hub answering or not); it now reads as `datasets` imported in a plain
+    interpreter (HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset: online)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+
+    def offline_switch(code: str) -> str:
+        command = [sys.executable, "-c", code]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    plain = offline_switch("import datasets; print(datasets.config.HF_HUB_OFFLINE)")
+    assert plain == "False"
+    assert offline_switch(IMPORTED_IN_THE_BLOCK) == plain
 
 
 def test_processes_sharing_the_cache_take_turns(hub, tmp_path):

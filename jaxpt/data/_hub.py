@@ -6,6 +6,7 @@ HF_HUB_OFFLINE=1 does, and says in one sentence why the hub could not help."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
@@ -33,10 +34,10 @@ def hub_unreachable() -> str | None:
 @contextlib.contextmanager
 def hub_or_cache() -> Iterator[None]:
     """Runs the block as is where the hub answers; else in the hub libraries' offline mode
-    (`huggingface_hub`'s, and `datasets`' where it is imported: import it first), so what they
-    have cached loads at once, and their offline errors (what was asked for is not cached)
-    become a HubUnreachableError naming why the hub could not be reached; other errors (a
-    local file missing) are raised as they are."""
+    (`huggingface_hub`'s and `datasets`'), so what they have cached loads at once, and their
+    offline errors (what was asked for is not cached) become a HubUnreachableError naming why
+    the hub could not be reached; other errors (a local file missing) are raised as they
+    are."""
     unreachable = hub_unreachable()
     if unreachable is None:
         yield
@@ -57,3 +58,14 @@ def hub_or_cache() -> Iterator[None]:
     finally:
         for library, value in zip(libraries, saved, strict=True):
             library.HF_HUB_OFFLINE = value
+        if len(libraries) == 1:
+            _online_if_imported_offline(saved[0])
+
+
+def _online_if_imported_offline(hub_offline: bool) -> None:
+    """Gives `datasets`, where the block imported it (copying the hub's switch, then on), the
+    hub's own switch ``hub_offline``, as its import outside the block would have; unless
+    HF_DATASETS_OFFLINE, which it reads instead, is set."""
+    config = sys.modules.get("datasets.config")
+    if config is not None and os.environ.get("HF_DATASETS_OFFLINE") is None:
+        config.HF_HUB_OFFLINE = hub_offline
