@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from huggingface_hub import constants
 
-from jaxpt import data, evals, hf, launcher, models, sharding, train
+from jaxpt import data, evals, generate, hf, launcher, models, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError, DataNotFoundError
 from jaxpt.evals import hellaswag
@@ -667,6 +667,27 @@ def test_harness_encodes_with_the_tokenizers_template_as_lm_evals_hf_backend(tmp
     assert ours == theirs
 
 
+def test_harness_answers_without_special_tokens_as_lm_evals_hf_backend(tmp_path):
+    """lm-eval's HF backend decodes a generation with ``skip_special_tokens=True``; JaxptLM
+    kept special tokens other than a final end-of-text in its answers (here most words are
+    special, so greedy answers hold some)."""
+    cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=16)
+    params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    specials = [f"w{i}" for i in range(10, 97)]
+    tokenizer = word_tokenizer(directory, specials=specials)
+    both = harness_and_hf_backend(tmp_path / "hf", cfg, params, tokenizer)
+    options = {"until": ["w2"], "max_gen_toks": 8}
+    requests = [(context, options) for context in ("w7 w3", "w1", "w5 w5 w9")]
+    ours, theirs = both("generate_until", requests)
+    assert ours == theirs
+    prompts = [tokenizer.encode(context) for context, _ in requests]
+    greedy = generate(params, prompts, cfg, max_new_tokens=8, temperature=0)
+    special_ids = {tokenizer.encode(word)[0] for word in specials}
+    assert any(set(ids) & special_ids for ids in greedy.completions())  # answers held some
+
+
 def test_harness_encodes_an_empty_contexts_continuation_without_the_template(tmp_path):
     """lm-eval encodes the continuation of an empty context with ``add_special_tokens=False``
     (``TemplateLM.loglikelihood``): a template's BOS that is not the prefix token (here
@@ -688,21 +709,23 @@ def test_harness_encodes_an_empty_contexts_continuation_without_the_template(tmp
         assert lm.tok_encode("w3 w4", **kwargs) == reference.encode("w3 w4", **kwargs)
 
 
-def word_tokenizer(directory, bos_template=False, bos_token=True):
+def word_tokenizer(directory, bos_template=False, bos_token=True, specials=()):
     """tests/test_hf.py's word-level tokenizer (w0 .. w97, <|endoftext|> 98) with BOS w97
     (tokenizer_config.json's bos_token, unless not ``bos_token``); with ``bos_template``,
-    tokenizer.json's template puts it before every text."""
+    tokenizer.json's template puts it before every text; the words of ``specials`` are
+    special tokens (as ChatML's <|im_end|>)."""
     import tokenizers
 
     from .test_hf import word_tokenizer as words
 
     words(directory, 99)
+    tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     if bos_template:
-        tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
         tok.post_processor = tokenizers.processors.TemplateProcessing(
             single="w97 $A", special_tokens=[("w97", 97)]
         )
-        tok.save(str(directory / "tokenizer.json"))
+    tok.add_special_tokens(list(specials))
+    tok.save(str(directory / "tokenizer.json"))
     special = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=data.EOT)
     special.update(bos_token="w97" if bos_token else None)
     (directory / "tokenizer_config.json").write_text(json.dumps(special))

@@ -51,5 +51,6 @@ from jaxpt.data._tokenizers import same_vocabulary as same_vocabulary
 from jaxpt.data._tokenizers import seed_tiktoken_cache as seed_tiktoken_cache
 from jaxpt.data._tokenizers import tokenizer_for as tokenizer_for
 from jaxpt.data._tokenizers import transformers_ids as transformers_ids
+from jaxpt.data._tokenizers import transformers_text as transformers_text
 from jaxpt.errors import DataError as DataError
 from jaxpt.errors import DataNotFoundError as DataNotFoundError

@@ -323,6 +323,11 @@ class HFTokenizer:
         """Text of `ids`, special tokens included."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def decode_without_specials(self, ids: Sequence[int]) -> str:
+        """Text of `ids` without the tokens tokenizer.json marks special, as transformers'
+        ``decode(ids, skip_special_tokens=True)``."""
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
     def spec(self) -> dict:
         """{"kind": "hf", "file": "tokenizer.json", "eot": ..., "sha256": ...}."""
         return {"kind": "hf", "file": self.file, "eot": self.eot, "sha256": _sha256(self.path)}
@@ -378,6 +383,15 @@ def transformers_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     if isinstance(tokenizer, HFTokenizer):
         return tokenizer.encode_with_template(text)
     return tokenizer.encode(text)
+
+
+def transformers_text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
+    """The text transformers' tokenizer of the same files gives ``ids`` with
+    ``skip_special_tokens=True`` (as lm-eval's HF backend decodes a generation): without the
+    tokens tokenizer.json marks special, or, for GPT-2's BPE and characters, end-of-text."""
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.decode_without_specials(ids)
+    return tokenizer.decode([i for i in ids if i != tokenizer.eot_id])
 
 
 def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:

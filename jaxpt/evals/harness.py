@@ -246,9 +246,9 @@ class JaxptLM(TemplateLM):
         }
 
     def _cut(self, completion: list[int], until: Sequence[str]) -> str:
-        if completion and completion[-1] == self.tokenizer.eot_id:
-            completion = completion[:-1]
-        text = self.tokenizer.decode(completion)
+        """``completion``'s text without special tokens, as lm-eval's HF backend decodes
+        it, cut before the first of the ``until`` strings."""
+        text = data.transformers_text(self.tokenizer, completion)
         for stop in until:
             text = text.split(stop)[0] if stop else text
         return text
