@@ -690,6 +690,15 @@ def test_training_starts_from_init_from_and_exports(tmp_path, capsys):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").eos_token_id == [5, 7]
     out, source = (tmp_path / name / "generation_config.json" for name in ("out", "hf"))
     assert out.read_bytes() == source.read_bytes()
+    # the origin moved away: one sentence naming the field, before the run's checkpoint is read
+    # (it was the origin's own message, not naming checkpoint.init_from, after)
+    (tmp_path / "hf").rename(tmp_path / "moved")
+    with pytest.raises(ConfigError, match=r"^checkpoint\.init_from='.*/hf', the checkpoint this"):
+        export_checkpoint(config, tmp_path / "never read", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    config.checkpoint.init_from = ""
+    export_checkpoint(config, tmp_path / "run", tmp_path / "out2")  # without the origin's
+    assert not (tmp_path / "out2" / "generation_config.json").exists()
 
 
 def test_init_from_that_does_not_fit_fails_before_compiling(tmp_path):

@@ -20,10 +20,10 @@ from ml_collections import config_flags
 
 from jaxpt import data, models, train
 from jaxpt.config import check_new_directory, parse_flags
-from jaxpt.errors import ConfigError, DataError
+from jaxpt.errors import ConfigError, DataError, first_line
 from jaxpt.hf._convert import config_to_hf
-from jaxpt.hf._files import Pretrained, from_pretrained, save_pretrained
-from jaxpt.hf._layouts import layout_of
+from jaxpt.hf._files import Pretrained, checkpoint_directory, from_pretrained, save_pretrained
+from jaxpt.hf._layouts import CheckpointError, layout_of
 
 
 def _launch_flags(config, out: Path) -> str:
@@ -61,16 +61,33 @@ def export_checkpoint(config, workdir: str | os.PathLike, out: str | os.PathLike
     check_new_directory(out, "--out")
     model_cfg = models.config_from(config.model)
     architecture = config_to_hf(model_cfg)["architectures"][0]  # fails before any reading
+    origin = _origin(config.checkpoint.init_from)
     step, params = train.latest_params(config, workdir)
     print(f"exporting checkpoint {step} of {workdir}", flush=True)
     tokenizer = data.run_tokenizer(config.data)
     if not isinstance(tokenizer, (data.HFTokenizer, data.Gpt2Tokenizer)):
         print(f"the {type(tokenizer).__name__} has no Hugging Face form; not written", flush=True)
         tokenizer = None
-    origin = config.checkpoint.init_from or None  # the run's params came from there
     path = save_pretrained(params, model_cfg, out, tokenizer=tokenizer, origin=origin)
     print(f"wrote {path} ({architecture})", flush=True)
     return path
+
+
+def _origin(init_from: str) -> Path | None:
+    """The directory of the checkpoint a run's params came from (``checkpoint.init_from``),
+    or None; ConfigError naming the field when it cannot be read (moved, or a hub model that is
+    neither cached nor reachable), before the run's checkpoint is read."""
+    if not init_from:
+        return None
+    try:
+        return checkpoint_directory(init_from)
+    except CheckpointError as error:
+        raise ConfigError(
+            f"checkpoint.init_from={init_from!r}, the checkpoint this run started from, whose "
+            f"special-token ids and generation defaults the export keeps, cannot be read "
+            f"({first_line(error)}); restore it, or export without them: "
+            "--config.checkpoint.init_from=''."
+        ) from None
 
 
 def _main(argv) -> None:

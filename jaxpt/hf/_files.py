@@ -51,7 +51,7 @@ _GENERATION_CONFIG = "generation_config.json"  # a model's generation defaults (
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "HuggingFaceTB/SmolLM-135M"
 
 
-def _directory(source: str | os.PathLike) -> Path:
+def checkpoint_directory(source: str | os.PathLike) -> Path:
     """A local directory holding the checkpoint ``source``: the path, or a hub snapshot."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -193,7 +193,7 @@ def from_pretrained(source, **overrides) -> Pretrained:
         ``data.Gpt2Tokenizer`` for a GPT-2 with GPT-2's vocabulary, else None.
     """
     if isinstance(source, (str, os.PathLike)):
-        directory = _directory(source)
+        directory = checkpoint_directory(source)
         config = config_from_hf(_read_hf_config(directory), **overrides)
         state = _read_weights(directory)
     else:  # a transformers model
@@ -259,7 +259,7 @@ def _from_origin(origin: str | os.PathLike) -> tuple[dict[str, Any], dict[str, b
     fine-tune: the special-token ids its config.json sets (not None; an eos list, Llama 3's,
     and a pad id the tokenizer does not name included), and its generation_config.json (the
     generation defaults: sampling, eos ids) as file name -> content, where it has one."""
-    directory = _directory(origin)
+    directory = checkpoint_directory(origin)
     hf_config = _read_hf_config(directory)
     ids = {key: hf_config[key] for key in _SPECIAL_IDS if hf_config.get(key) is not None}
     generation = directory / _GENERATION_CONFIG
@@ -332,13 +332,13 @@ def check_init_from(model_config: models.ModelConfig, init_from: str) -> None:
     """Raises ConfigError naming the first field of ``model_config`` that differs from the
     ``checkpoint.init_from`` checkpoint's config.json (reads nothing else; see
     ``check_fields``)."""
-    check_fields(model_config, _read_hf_config(_directory(init_from)), init_from)
+    check_fields(model_config, _read_hf_config(checkpoint_directory(init_from)), init_from)
 
 
 def init_from_tokenizer(model_config: models.ModelConfig, init_from: str) -> data.Tokenizer | None:
     """The tokenizer ``load_init_from`` returns with the ``checkpoint.init_from`` checkpoint
     (checked first as by ``check_init_from``), without reading its weights."""
-    directory = _directory(init_from)
+    directory = checkpoint_directory(init_from)
     check_fields(model_config, _read_hf_config(directory), init_from)
     return _tokenizer(directory, model_config)
 
@@ -346,7 +346,7 @@ def init_from_tokenizer(model_config: models.ModelConfig, init_from: str) -> dat
 def load_init_from(model_config: models.ModelConfig, init_from: str) -> Pretrained:
     """The ``checkpoint.init_from`` checkpoint's params in ``model_config``'s shapes and
     dtypes, and its tokenizer (checked first as by ``check_init_from``)."""
-    directory = _directory(init_from)
+    directory = checkpoint_directory(init_from)
     check_fields(model_config, _read_hf_config(directory), init_from)
     params = from_state_dict(_read_weights(directory), model_config)
     return Pretrained(model_config, params, _tokenizer(directory, model_config))
