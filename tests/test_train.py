@@ -147,6 +147,27 @@ def test_each_optimizer_lowers_the_loss_and_resumes_exactly(preset, optimizer, t
     jax.tree.map(np.testing.assert_array_equal, resumed, state)
 
 
+def test_a_resumed_run_says_which_b1_b2_eps_changed(tmp_path, capsys):
+    """A Lion checkpoint of before Lion's own default (it took AdamW's b2 0.95, stored in its
+    config) resumed with b2 unset went on at 0.99 without a word."""
+    config = char_config(optimizer="lion", steps=2, warmup_steps=0, b2=0.95)
+    config.eval.batches = 1
+    train.train(config, tmp_path)
+    for b2, note in [(0.95, None), (None, "b2=0.99 (checkpoint 3: 0.95)")]:
+        config.train.update(steps=config.train.steps + 1, b2=b2)
+        capsys.readouterr()
+        train.train(config, tmp_path)
+        notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
+        assert notes == (
+            []
+            if note is None
+            else [
+                f"note: this run goes on with train.{note}; pass --config.train.b2=0.95 to train "
+                "on as before"
+            ]
+        )
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "lion", "muon"])
 def test_decoupled_weight_decay_is_lr_times_weight_decay(optimizer):
     """With zero gradients a step shrinks each decayed matrix by ``1 - lr * weight_decay``, as

@@ -156,6 +156,11 @@ class Checkpoints:
         step, items = restored
         return step, items["state"]["params"]
 
+    def stored_train(self, step: int) -> dict:
+        """The train section of the config checkpoint ``step`` was saved with."""
+        stored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(stored["config"]["train"])
+
     def _newest_readable(self, restore: Callable[[int], dict]) -> tuple[int, dict] | None:
         """``(step, restore(step))`` for the newest step ``restore`` can read, or None;
         unreadable newer steps are skipped with a warning (and, unless read only, moved

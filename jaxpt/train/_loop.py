@@ -19,7 +19,13 @@ from jaxpt import data, evals, models, nn, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints
 from jaxpt.train._metrics import MetricsLog, print_once
-from jaxpt.train._optimizer import hyperparameters, optimizer, validate_train, warmup_note
+from jaxpt.train._optimizer import (
+    hyperparameters,
+    optimizer,
+    resume_note,
+    validate_train,
+    warmup_note,
+)
 from jaxpt.train._step import (
     STEP_COMPILER_OPTIONS,
     TrainState,
@@ -452,8 +458,10 @@ def train(
             state = fresh_state(run.model_cfg, run.tx, run.shardings, key, init_params)
             loader_state = run.train_data.init_state(config.train.seed)
         else:
-            _, state, loader_state = restored
-            print_once(f"resumed from checkpoint {restored[0]}")
+            resumed, state, loader_state = restored
+            print_once(f"resumed from checkpoint {resumed}")
+            if note := resume_note(checkpoints.stored_train(resumed), config.train, resumed):
+                print_once(note)
         step = int(state.step)
         log = MetricsLog(
             workdir,

@@ -98,11 +98,26 @@ def decay_mask(params, *, decay_embeddings: bool):
 
 def hyperparameters(train_cfg) -> dict:
     """The ``b1``, ``b2`` and ``eps`` that ``train.optimizer`` reads (``OPTIMIZER_DEFAULTS``'
-    keys), each the train config's where set, else the optimizer's default."""
+    keys), each the train config's (a ConfigDict, or a checkpoint's stored dict) where set,
+    else the optimizer's default."""
     return {
-        field: default if train_cfg[field] is None else train_cfg[field]
-        for field, default in OPTIMIZER_DEFAULTS[train_cfg.optimizer].items()
+        field: default if train_cfg.get(field) is None else train_cfg[field]
+        for field, default in OPTIMIZER_DEFAULTS[train_cfg["optimizer"]].items()
     }
+
+
+def resume_note(stored_train: dict, train_cfg, step: int) -> str | None:
+    """A sentence for a run resuming checkpoint ``step`` (whose train config was
+    ``stored_train``, of the same optimizer) with other ``b1``, ``b2`` or ``eps`` than it
+    trained with: set otherwise, or a default that changed (Lion's ``b2`` was AdamW's 0.95
+    before 0.99); None where they agree."""
+    before, now = hyperparameters(stored_train), hyperparameters(train_cfg)
+    changed = [field for field in now if before[field] != now[field]]
+    if not changed:
+        return None
+    values = ", ".join(f"train.{f}={now[f]:g} (checkpoint {step}: {before[f]:g})" for f in changed)
+    keep = " ".join(f"--config.train.{f}={before[f]:g}" for f in changed)
+    return f"note: this run goes on with {values}; pass {keep} to train on as before"
 
 
 def _adamw(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
