@@ -157,9 +157,10 @@ class Checkpoints:
         return step, items["state"]["params"]
 
     def stored_train(self, step: int) -> dict:
-        """The train section of the config checkpoint ``step`` was saved with."""
+        """The train section of the config checkpoint ``step`` was saved with ({} where an
+        older version saved none)."""
         stored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return dict(stored["config"]["train"])
+        return dict(stored["config"].get("train", {}))
 
     def _newest_readable(self, restore: Callable[[int], dict]) -> tuple[int, dict] | None:
         """``(step, restore(step))`` for the newest step ``restore`` can read, or None;

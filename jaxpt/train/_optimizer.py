@@ -110,7 +110,9 @@ def resume_note(stored_train: dict, train_cfg, step: int) -> str | None:
     """A sentence for a run resuming checkpoint ``step`` (whose train config was
     ``stored_train``, of the same optimizer) with other ``b1``, ``b2`` or ``eps`` than it
     trained with: set otherwise, or a default that changed (Lion's ``b2`` was AdamW's 0.95
-    before 0.99); None where they agree."""
+    before 0.99); None where they agree, or ``stored_train`` names no optimizer."""
+    if stored_train.get("optimizer") != train_cfg.optimizer:
+        return None
     before, now = hyperparameters(stored_train), hyperparameters(train_cfg)
     changed = [field for field in now if before[field] != now[field]]
     if not changed:
