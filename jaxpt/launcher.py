@@ -28,7 +28,7 @@ DEFAULT_NEW_TOKENS = 100  # the most --max_new_tokens=0 asks for
 class SampleOptions:
     """``--mode=generate`` and ``--mode=chat`` options (launch.py flags of the same names)."""
 
-    prompt: str = ""  # empty: start from the end-of-text token, i.e. a new document
+    prompt: str = ""  # empty: start from the begin-of-sequence token, i.e. a new document
     num_samples: int = 4
     # 0: as many as the block leaves (generate: after the prompt; chat: half of it), at most 100
     max_new_tokens: int = 0
@@ -202,7 +202,7 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     model_cfg = models.config_from(config.model)
     options.validate(model_cfg.vocab_size)
     params, tokenizer = params_and_tokenizer(config, workdir)
-    prompt = tokenizer.encode(options.prompt) if options.prompt else [tokenizer.eot_id]
+    prompt = prompt_ids(tokenizer, options.prompt)
     generated = generate(
         params,
         [prompt] * options.num_samples,
@@ -216,6 +216,15 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
         n_tokens=tokenizer.vocab_size,
     )
     return [tokenizer.decode(prompt + new) for new in generated.completions()]
+
+
+def prompt_ids(tokenizer: data.Tokenizer, prompt: str) -> list[int]:
+    """The ids ``--prompt`` is continued from: as transformers' tokenizer of the same files
+    encodes it (``data.transformers_ids``: with Llama 3's BOS, with nothing added by GPT-2's
+    BPE), or, for an empty prompt (or one of no tokens), the begin-of-sequence token the
+    harness adapter puts before an empty context (``data.bos_id``; GPT-2's end-of-text)."""
+    ids = data.transformers_ids(tokenizer, prompt) if prompt else []
+    return ids or [data.bos_id(tokenizer)]
 
 
 def converse(config, workdir: str | Path, options: SampleOptions) -> None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 import re
 
 import equinox as eqx
@@ -329,6 +330,49 @@ def test_default_max_new_tokens_fills_the_block_up_to_100(monkeypatch):
         launcher.converse(config, "unused", options)  # half the block for the reply
         assert asked == expected
         asked.clear()
+
+
+def bos_template_tokenizer(directory) -> data.HFTokenizer:
+    """A word-level tokenizer.json (w0 .. w97, <|endoftext|> 98) whose template puts its BOS,
+    w97 (tokenizer_config.json's bos_token), before every text, as Llama 3's does."""
+    import tokenizers
+
+    words = {f"w{i}": i for i in range(98)} | {data.EOT: 98}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="w97 $A", special_tokens=[("w97", 97)]
+    )
+    tok.save(str(directory / "tokenizer.json"))
+    special = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=data.EOT, bos_token="w97")
+    (directory / "tokenizer_config.json").write_text(json.dumps(special))
+    return data.HFTokenizer(directory)
+
+
+def test_generate_mode_encodes_the_prompt_as_transformers_does(monkeypatch, tmp_path):
+    """An imported Llama 3 was sampled without the <|begin_of_text|> its tokenizer.json's
+    template puts before every text, which transformers' tokenizer and the harness adapter
+    encode; an empty prompt starts, as the harness's empty context, from the BOS."""
+    transformers = pytest.importorskip("transformers", reason="the reference is transformers'")
+    tokenizer = bos_template_tokenizer(tmp_path)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    config = load_config(ROOT / "configs" / "bigram.py", "smoke")
+    config.model.vocab_size = tokenizer.vocab_size
+    params = models.get("bigram").init(jax.random.key(0), models.config_from(config.model))
+    monkeypatch.setattr(launcher, "params_and_tokenizer", lambda *_: (params, tokenizer))
+    prompts = []
+
+    def recording(params, prompts_asked, *args, **kwargs):
+        prompts.append(prompts_asked[0])
+        return generate(params, prompts_asked, *args, **kwargs)
+
+    monkeypatch.setattr(launcher, "generate", recording)
+    for prompt in ("w3 w4", ""):
+        options = launcher.SampleOptions(prompt=prompt, num_samples=1, max_new_tokens=2)
+        launcher.sample(config, "unused", options)
+    # lm-eval's HF backend starts an empty context from the tokenizer's bos_token_id
+    assert prompts == [reference("w3 w4").input_ids, [reference.bos_token_id]]
+    assert prompts[0] == [97, 3, 4]
 
 
 def test_generate_mode_without_a_checkpoint_says_what_to_do(tmp_path):
