@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxpt import data, evals, hf, models, sharding, train
 from jaxpt.config import check_writable_directory
@@ -22,6 +25,7 @@ from jaxpt.generation import chat, generate, room
 
 MODES = ("train", "generate", "eval", "chat")
 DEFAULT_NEW_TOKENS = 100  # the most --max_new_tokens=0 asks for
+_UTF8, _ANY = "utf-8", "surrogatepass"  # a chat line's bytes between processes: any str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +236,9 @@ def converse(config, workdir: str | Path, options: SampleOptions) -> None:
     Each line read is a user message, answered by ``jaxpt.chat`` with the conversation so far
     (``options.system_prompt`` first). A message the model cannot take (longer than the block
     leaves, or text its tokenizer cannot encode) is one ``error:`` line and left out; end of
-    input (Ctrl-D) or Ctrl-C, also while a reply is drawn, ends the conversation."""
+    input (Ctrl-D) or Ctrl-C, also while a reply is drawn, ends the conversation. In a
+    multi-process run process 0 alone reads and prints, and every process answers the line it
+    read (``_read_message``)."""
     train.validate_config(config)
     model_cfg = models.config_from(config.model)
     options.validate(model_cfg.vocab_size)
@@ -245,23 +251,45 @@ def converse(config, workdir: str | Path, options: SampleOptions) -> None:
     if options.system_prompt:
         messages.append({"role": "system", "content": options.system_prompt})
     key = jax.random.key(options.seed)
-    print("chat: type a message and press Enter; Ctrl-D ends the conversation", flush=True)
-    try:
-        while True:
-            text = input("> ")
-            if not text.strip():
-                continue
+    train.print_once("chat: type a message and press Enter; Ctrl-D ends the conversation")
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C mid-reply
+        while (text := _read_message()) is not None:
             key, turn_key = jax.random.split(key)
             turn = [*messages, {"role": "user", "content": text}]
             try:
                 reply = _reply(params, model_cfg, tokenizer, turn, options, turn_key)
             except (ConfigError, DataError) as error:
-                print(f"error: {error} (message left out)", file=sys.stderr, flush=True)
+                if jax.process_index() == 0:
+                    print(f"error: {error} (message left out)", file=sys.stderr, flush=True)
                 continue
-            print(reply, flush=True)
+            train.print_once(reply)
             messages = [*turn, {"role": "assistant", "content": reply}]
-    except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt or mid-reply
-        print(flush=True)
+    train.print_once("")
+
+
+def _read_message() -> str | None:
+    """The next message process 0 reads (``_typed_message``), the same on every process of
+    a multi-process run, each of which draws the reply over the params they share: only
+    process 0 has the user's terminal (the others' stdin is none, or another's input)."""
+    line = _typed_message() if jax.process_index() == 0 else None
+    encoded = np.frombuffer(b"" if line is None else line.encode(_UTF8, _ANY), np.uint8)
+    size = multihost_utils.broadcast_one_to_all(np.int32(-1 if line is None else encoded.size))
+    if size < 0:
+        return None
+    received = encoded if jax.process_index() == 0 else np.zeros(int(size), np.uint8)
+    return multihost_utils.broadcast_one_to_all(received).tobytes().decode(_UTF8, _ANY)
+
+
+def _typed_message() -> str | None:
+    """The next line typed at the ``> `` prompt that is not blank; None at the end of input
+    (Ctrl-D) or on Ctrl-C."""
+    line = ""
+    try:
+        while not line.strip():
+            line = input("> ")
+    except (EOFError, KeyboardInterrupt):
+        return None
+    return line
 
 
 def _reply(params, model_cfg, tokenizer, messages, options: SampleOptions, key) -> str:

@@ -3,7 +3,9 @@ loss, preparation of chat data, a tiny model fine-tuned on it answering in jaxpt
 ``launch.py --mode=chat``."""
 
 import json
+import os
 import string
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from jaxpt.data import _prepare as data_prepare
 from jaxpt.errors import ConfigError, DataError
 from jaxpt.generation import _recent_history
 
-from .conftest import run_in_repo, use_devices
+from .conftest import FAST_COMPILE, ROOT, run_in_repo, use_devices
+from .test_multihost import free_port
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -417,6 +420,37 @@ def test_launch_chat_answers_and_exits_on_end_of_input(fine_tuned):
     )
     assert result.returncode == 0, result.stderr
     assert "> hey\n" in result.stdout
+
+
+def test_launch_chat_of_two_processes_reads_process_0s_terminal(fine_tuned):
+    """Under --distributed every process read its own stdin: one whose stdin is empty (a
+    SLURM task's but the first) ended its chat at once, and process 0 waited for it in its
+    reply's collectives (params sharded over both) until killed."""
+    config_file, workdir, _ = fine_tuned
+    port = free_port()
+    hosts = []
+    for index in range(2):
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
+            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(index),
+        )
+        args = [sys.executable, "launch.py", f"--config={config_file}", f"--workdir={workdir}"]
+        args += ["--mode=chat", "--distributed", "--system_prompt=be brief", "--temperature=0"]
+        args += ["--max_new_tokens=20", "--config.mesh.dcn_data=1", "--config.mesh.dcn_fsdp=2"]
+        stdin = subprocess.PIPE if index == 0 else subprocess.DEVNULL  # a terminal for one
+        hosts.append(subprocess.Popen(args, cwd=ROOT, env=env, stdin=stdin, stdout=subprocess.PIPE))
+    try:
+        first = hosts[0].communicate(b"hi\n", timeout=120)[0].decode()
+        other = hosts[1].communicate(timeout=60)[0].decode()
+    finally:
+        for host in hosts:
+            host.kill()
+    assert [host.returncode for host in hosts] == [0, 0]
+    assert "> hey\n" in first  # as one process answers (the test above)
+    assert "> " not in other and "chat:" not in other  # process 0 alone reads and prints
 
 
 def test_ctrl_c_while_a_reply_is_drawn_ends_the_chat(monkeypatch, capsys):
