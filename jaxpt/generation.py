@@ -297,11 +297,12 @@ def chat(
 
     The conversation is rendered as in training rows (``jaxpt.data.encode_chat``), followed by
     the assistant's prompt; the reply ends at the template's end-of-turn marker
-    (``<|im_end|>`` in ChatML), which is not returned, nor the whitespace around the reply
-    (Llama-2's template writes ``[/INST] reply </s>``). When the conversation and
-    ``max_new_tokens`` do not fit in ``model_config.block_size`` plus one (the last new token
-    is never fed back), the oldest turns are left out (leading system messages are kept), down
-    to the last user message.
+    (``<|im_end|>`` in ChatML), which is not returned, nor the whitespace the template writes
+    around a reply (the spaces of Llama-2's ``[/INST] reply </s>``): the reply as the model
+    wrote it, which the template renders back as written (``data.reply_in``). When the
+    conversation and ``max_new_tokens`` do not fit in ``model_config.block_size`` plus one (the
+    last new token is never fed back), the oldest turns are left out (leading system messages
+    are kept), down to the last user message.
 
     Args:
         params, model_config: the model.
@@ -337,7 +338,7 @@ def chat(
         stop_token=end_ids[0] if len(end_ids) == 1 else None,
         n_tokens=tokenizer.vocab_size,
     )
-    return tokenizer.decode(generated.completions()[0]).partition(end)[0].strip()
+    return data.reply_in(tokenizer, template, tokenizer.decode(generated.completions()[0]))
 
 
 def _recent_history(tokenizer, messages: list[dict], template: str, cfg, max_new_tokens: int):

@@ -176,6 +176,36 @@ def test_llama_2_and_mistral_templates_train_and_chat_on_the_reply(template, mes
         assert jaxpt.chat(None, cfg, tok, messages[:-1], template=template) == "See you."
 
 
+@pytest.mark.parametrize(
+    "template, written",
+    [
+        (data.CHATML, "\n  See you.\n<|im_end|>"),  # the template adds no whitespace
+        (LLAMA_2_CHAT, f" See you. {E}"),  # the template's own spaces around the reply
+        (MISTRAL_INSTRUCT, f" See you.{E}"),  # Mistral writes none: the model's space
+    ],
+)
+def test_chat_replies_are_as_written_and_render_back_to_what_was_written(template, written):
+    """jaxpt.chat stripped the whitespace around every reply, so the next turn's prompt
+    (the reply rendered as the assistant's turn) was not what the model wrote."""
+    tok = data.CharTokenizer.from_texts([string.printable + E + "<|im_end|>"])
+    messages = CONVERSATION[1:4]  # user, assistant, user
+    prompt = data.chat_prompt(tok, messages, template)
+    completion = generation.Generated(
+        tokens=jnp.asarray([prompt + tok.encode(written + "[INST]")]),
+        prompt_lengths=jnp.asarray([len(prompt)]),
+        lengths=jnp.asarray([len(prompt) + len(written) + 6]),
+    )
+    cfg = models.config_from(tiny_config(vocab_size=tok.vocab_size, block_size=128).model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "generate", lambda *args, **kwargs: completion)
+        reply = jaxpt.chat(None, cfg, tok, messages, template=template)
+    assert tok.decode(completion.completions()[0]).startswith(written)
+    turn = [*messages, {"role": "assistant", "content": reply}]
+    rendered, _ = data.encode_chat(tok, turn, template)
+    assert rendered[: len(prompt) + len(written)] == prompt + tok.encode(written)
+    assert reply.strip() == "See you."  # whitespace aside, the reply's text
+
+
 # ChatML with transformers' {% generation %} marker around the assistant's reply (templates
 # written for return_assistant_tokens_mask)
 GENERATION_CHATML = (

@@ -13,6 +13,7 @@ from jaxpt.data._chat import chat_template as chat_template
 from jaxpt.data._chat import check_messages as check_messages
 from jaxpt.data._chat import encode_chat as encode_chat
 from jaxpt.data._chat import end_of_turn as end_of_turn
+from jaxpt.data._chat import reply_in as reply_in
 from jaxpt.data._embedded import EMBEDDED as EMBEDDED
 from jaxpt.data._embedded import embedded_documents as embedded_documents
 from jaxpt.data._embedded import prepare_embedded as prepare_embedded

@@ -183,17 +183,33 @@ def end_of_turn(tok: Tokenizer, template: str) -> str:
     """The text that ends an assistant's turn (``<|im_end|>`` in ChatML, ``</s>`` in Llama-2's
     and Mistral's), less the whitespace around it, found by rendering a probe conversation.
     The reply may start with whitespace (Llama-2 writes ``[/INST] reply </s>``)."""
+    return _turn_frame(tok, template)[2]
+
+
+def reply_in(tok: Tokenizer, template: str, written: str) -> str:
+    """The reply in ``written``, the text a model wrote after the assistant's prompt: the
+    text before the end-of-turn marker, as written but for the whitespace the template
+    itself puts before a reply and before its marker (the spaces of Llama-2's ``[/INST]
+    reply </s>``), so that the reply, rendered as the assistant's turn, is what was written."""
+    before, between, end = _turn_frame(tok, template)
+    return written.partition(end)[0].removeprefix(before).removesuffix(between)
+
+
+def _turn_frame(tok: Tokenizer, template: str) -> tuple[str, str, str]:
+    """What the template writes around a reply after the assistant's prompt, from a probe
+    conversation: (whitespace before the reply, whitespace between it and the marker, the
+    end-of-turn marker); DataError when no marker follows the reply."""
     special = _special_tokens(tok)
     prompt = render(template, _PROBE[:1], special, generation_prompt=True)
     turn = render(template, _PROBE, special, generation_prompt=False)
-    reply = _after(prompt, turn).strip()
-    content = _PROBE[1]["content"]
-    if not reply.startswith(content) or reply == content:
+    before, found, after = _after(prompt, turn).partition(_PROBE[1]["content"])
+    end = after.strip()
+    if before.strip() or not found or not end:
         raise DataError(
             "the chat template does not end an assistant's turn with a marker after the reply, "
             "so a chat cannot tell where a reply stops"
         )
-    return reply[len(content) :].lstrip()
+    return before, after[: len(after) - len(after.lstrip())], end
 
 
 def chat_row(
