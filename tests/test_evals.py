@@ -527,7 +527,8 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
     trailing whitespace moved onto the continuation, the pair encoded whole, an empty context
     the prefix token: the tokenizer's BOS, else its EOS) and rolling windows after the prefix
     token, scored by torch (``HFLM._loglikelihood_tokens``: the last ``max_length + 1``
-    tokens, the continuation's logits last); ``generate`` is greedy ``model.generate`` on the
+    tokens, the continuation's logits last, a continuation of no token or of more than
+    ``max_length`` an AssertionError); ``generate`` is greedy ``model.generate`` on the
     context's last ``max_length - max_gen_toks`` tokens, cut at each ``until``
     (``HFLM.generate_until``)."""
     torch = pytest.importorskip("torch", reason="HF parity needs torch (see tests/test_hf.py)")
@@ -559,6 +560,8 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
             return tokenizer.encode(string, **flag)
 
         def _loglikelihood_tokens(self, requests, **kwargs):
+            for _, context, cont in requests:  # HFLM._loglikelihood_tokens's sanity checks
+                assert len(context) > 0 and 0 < len(cont) <= max_length
             return [log_probs(context + cont, len(cont)) for _, context, cont in requests]
 
         def loglikelihood_rolling(self, requests, **kwargs):
@@ -707,6 +710,39 @@ def test_harness_encodes_an_empty_contexts_continuation_without_the_template(tmp
     for flag in (None, False, True):
         kwargs = {} if flag is None else {"add_special_tokens": flag}
         assert lm.tok_encode("w3 w4", **kwargs) == reference.encode("w3 w4", **kwargs)
+
+
+def test_harness_refuses_the_continuations_lm_evals_hf_backend_refuses(tmp_path):
+    """A continuation longer than the block was scored by its last block's tokens, and one of
+    no token as log p = 0, where lm-eval's HF backend asserts: each is now one sentence
+    naming the request. A continuation that fills the block exactly has HFLM's number."""
+    from lm_eval.api.instance import Instance
+
+    cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
+    params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    tokenizer = word_tokenizer(directory)
+    reference = hf_backend_reference(tmp_path / "hf", cfg, params, tokenizer)
+    lm = harness_or_skip().JaxptLM(params, cfg, tokenizer, batch_size=4)
+
+    def requests(*pairs):
+        return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+    words = " ".join(f"w{i}" for i in range(20, 29))  # 9 words
+    fits = requests(("w7", " " + words[:-4]), ("w1 w2 w3 w4", " " + words[:-4]), ("w5", " w6"))
+    ours, theirs = lm.loglikelihood(fits), reference.loglikelihood(fits)
+    np.testing.assert_allclose([x for x, _ in ours], [x for x, _ in theirs], rtol=1e-4)
+    refused = {
+        ("w7", " " + words): r"continuation of 9 tokens does not fit the model's block of 8 ",
+        ("w7", ""): r"continuation encodes to no token, which",
+    }
+    for pair, message in refused.items():
+        with pytest.raises(AssertionError):
+            reference.loglikelihood(requests(("w5", " w6"), pair))
+        with pytest.raises(ConfigError, match=rf"^lm-evaluation-harness asks .*{message}") as e:
+            lm.loglikelihood(requests(("w5", " w6"), pair))
+        assert "\n" not in str(e.value)
 
 
 def word_tokenizer(directory, bos_template=False, bos_token=True, specials=()):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,6 +84,27 @@ def check_generation_options(options: dict, task: str | None) -> None:
             f"{', '.join(READ_OPTIONS)}), so its answers would not be the task's; leave the "
             "task out of eval.tasks or drop the option from its generation_kwargs."
         )
+
+
+def check_continuation(context: str, continuation: str, n_tokens: int, room: int | None) -> None:
+    """ConfigError for a ``loglikelihood`` request lm-eval's HF backend refuses (it asserts):
+    a ``continuation`` of no tokens, or of more than ``room`` (the model's ``max_length``;
+    the scorer would score only its last ``room``)."""
+    if n_tokens and (room is None or n_tokens <= room):
+        return
+    request = f"({reprlib.repr(context)}, {reprlib.repr(continuation)})"
+    if not n_tokens:
+        raise ConfigError(
+            f"lm-evaluation-harness asks the log-likelihood of request {request}, whose "
+            "continuation encodes to no token, which lm-eval's HF backend refuses too; leave "
+            "its task out of eval.tasks."
+        )
+    raise ConfigError(
+        f"lm-evaluation-harness asks the log-likelihood of request {request}, whose "
+        f"continuation of {n_tokens} tokens does not fit the model's block of {room} "
+        "(lm-eval's HF backend refuses it too); evaluate a model of a larger block_size, or "
+        "leave its task out of eval.tasks."
+    )
 
 
 class JaxptLM(TemplateLM):
@@ -146,6 +168,8 @@ class JaxptLM(TemplateLM):
     ) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), greedy)`` of each ``((context, continuation),
         context_ids, continuation_ids)``, the pairs ``TemplateLM.loglikelihood`` encoded."""
+        for strings, _, continuation_ids in requests:
+            check_continuation(*strings, len(continuation_ids), self.model_config.max_length)
         scores = self._score([(context, continuation) for _, context, continuation in requests])
         answers = [(-float(n), bool(g)) for n, g in zip(scores.nll, scores.greedy, strict=True)]
         for (args, _, _), answer in zip(requests, answers, strict=True):
