@@ -451,8 +451,8 @@ def _harness_runner(config, tasks: list[str], mesh, tokenizer: data.Tokenizer) -
             f"eval.tasks={config.eval.tasks!r} names lm-evaluation-harness tasks, but lm-eval "
             f"does not import ({error}); install it with `uv sync --extra harness`."
         ) from None
-    loaded = harness.load_tasks(tasks)
     model_cfg = models.config_from(config.model)
+    loaded = harness.load_tasks(tasks, model_cfg.max_length)
     rows = config.train.batch_size // config.train.grad_accum_steps
 
     def run(params) -> dict:

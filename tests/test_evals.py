@@ -529,8 +529,8 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
     token, scored by torch (``HFLM._loglikelihood_tokens``: the last ``max_length + 1``
     tokens, the continuation's logits last, a continuation of no token or of more than
     ``max_length`` an AssertionError); ``generate`` is greedy ``model.generate`` on the
-    context's last ``max_length - max_gen_toks`` tokens, cut at each ``until``
-    (``HFLM.generate_until``)."""
+    context's last ``max_length - max_gen_toks`` tokens (none: an AssertionError), cut at
+    each ``until`` (``HFLM.generate_until``)."""
     torch = pytest.importorskip("torch", reason="HF parity needs torch (see tests/test_hf.py)")
     transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
     from lm_eval.api.model import TemplateLM
@@ -577,9 +577,11 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
         def generate_until(self, requests, **kwargs):
             answers = []
             for context, options in (r.args for r in requests):
-                ids = tokenizer.encode(context)[-(max_length - options["max_gen_toks"]) :]
+                new_tokens = options.get("max_gen_toks", 256)  # HFLM.max_gen_toks
+                assert max_length - new_tokens > 0  # HFLM.generate_until's
+                ids = tokenizer.encode(context)[-(max_length - new_tokens) :]
                 out = model.generate(
-                    torch.tensor([ids]), do_sample=False, max_new_tokens=options["max_gen_toks"]
+                    torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens
                 )
                 text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
                 answers.append(functools.reduce(lambda t, s: t.split(s)[0], options["until"], text))
@@ -743,6 +745,50 @@ def test_harness_refuses_the_continuations_lm_evals_hf_backend_refuses(tmp_path)
         with pytest.raises(ConfigError, match=rf"^lm-evaluation-harness asks .*{message}") as e:
             lm.loglikelihood(requests(("w5", " w6"), pair))
         assert "\n" not in str(e.value)
+
+
+def test_harness_refuses_a_generation_that_leaves_the_context_no_room(tmp_path):
+    """max_gen_toks at or beyond the block (or unset: 256) was answered from the context's
+    last token with fewer new tokens, where lm-eval's HF backend asserts: it is now one
+    sentence naming the task, before any request runs, and when a task asking for it loads.
+    One below the block has HFLM's answer (one context token)."""
+    from lm_eval.api.instance import Instance
+
+    harness = harness_or_skip()
+    cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
+    params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    tokenizer = word_tokenizer(directory)
+    reference = hf_backend_reference(tmp_path / "hf", cfg, params, tokenizer)
+    lm = harness.JaxptLM(params, cfg, tokenizer, batch_size=4)
+
+    def requests(*options):
+        context = " ".join(f"w{i}" for i in range(1, 11))
+        return [
+            Instance("generate_until", {}, (context, o), i, ("t", i, 1))
+            for i, o in enumerate(options)
+        ]
+
+    fits = requests({"until": [], "max_gen_toks": 7})
+    assert lm.generate_until(fits) == reference.generate_until(fits)
+    for options in ({"until": [], "max_gen_toks": 8}, {"until": []}):
+        with pytest.raises(AssertionError):
+            reference.generate_until(requests(options))
+        no_room = (
+            r"max_gen_toks=(8|256), which leaves its context no room in the model's block of 8 "
+        )
+        with pytest.raises(
+            ConfigError, match=rf"^lm-evaluation-harness task t asks .*{no_room}"
+        ) as e:
+            lm.generate_until(requests({"until": [], "max_gen_toks": 1}, options))
+        assert "\n" not in str(e.value)
+    task = tmp_path / "beams.yaml"
+    jsonl = write_jsonl(tmp_path / "items.jsonl", original_rows())
+    task.write_text(GENERATION_YAML.format(jsonl=jsonl).replace("num_beams: 4", "num_beams: 1"))
+    assert len(harness.load_tasks([str(task)], max_length=9)) == 1
+    with pytest.raises(ConfigError, match=r"task beams asks generate_until for max_gen_toks=8,"):
+        harness.load_tasks([str(task)], max_length=8)
 
 
 def word_tokenizer(directory, bos_template=False, bos_token=True, specials=()):

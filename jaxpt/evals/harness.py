@@ -86,6 +86,23 @@ def check_generation_options(options: dict, task: str | None) -> None:
         )
 
 
+def check_generation_length(options: dict, task: str | None, room: int | None) -> None:
+    """ConfigError unless a ``generate_until`` request's ``options`` (its task's
+    ``generation_kwargs``) ask for at least 0 tokens (``max_gen_toks`` or an alias, as
+    ``normalize_gen_kwargs`` reads them) and, with a block of ``room`` tokens (the model's
+    ``max_length``), fewer than ``room``: lm-eval's HF backend asserts that a context token
+    fits beside them."""
+    new_tokens = normalize_gen_kwargs(options, DEFAULT_MAX_GEN_TOKS)["max_gen_toks"]
+    check_range("max_gen_toks", new_tokens, at_least=0, integer=True)
+    if room is not None and new_tokens >= room:
+        raise ConfigError(
+            f"lm-evaluation-harness task {task} asks generate_until for max_gen_toks="
+            f"{new_tokens}, which leaves its context no room in the model's block of {room} "
+            "(lm-eval's HF backend refuses it too); evaluate a model of a larger block_size, or "
+            f"give the task a max_gen_toks below {room} (its generation_kwargs)."
+        )
+
+
 def check_continuation(context: str, continuation: str, n_tokens: int, room: int | None) -> None:
     """ConfigError for a ``loglikelihood`` request lm-eval's HF backend refuses (it asserts):
     a ``continuation`` of no tokens, or of more than ``room`` (the model's ``max_length``;
@@ -200,9 +217,13 @@ class JaxptLM(TemplateLM):
         ``max_new_tokens``, ``max_tokens``), options read as lm-eval's ``normalize_gen_kwargs``
         reads them. Each batch samples with its own key, folded from a fixed one: repeats of
         a request differ, and the same requests give the same answers. An option it would
-        ignore is refused (``check_generation_options``) before any request runs."""
+        ignore (``check_generation_options``), or a ``max_gen_toks`` that leaves the context no
+        room (``check_generation_length``), is refused before any request runs."""
         for request in requests:
             check_generation_options(request.args[1], request.task_name)
+            check_generation_length(
+                request.args[1], request.task_name, self.model_config.max_length
+            )
         answers, key = [], jax.random.key(0)
         for start in range(0, len(requests), self.batch_size):
             batch = [r.args for r in requests[start : start + self.batch_size]]
@@ -230,17 +251,14 @@ class JaxptLM(TemplateLM):
         until = options.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         options = normalize_gen_kwargs(options, DEFAULT_MAX_GEN_TOKS)
-        new_tokens = options["max_gen_toks"]
-        check_range("max_gen_toks", new_tokens, at_least=0, integer=True)
+        new_tokens = options["max_gen_toks"]  # below the block (check_generation_length)
         if new_tokens == 0:  # at most none: lm-eval's answer is the empty string
             return [""] * len(contexts)
         room = self.model_config.max_length
         prompts = []
         for context in contexts:
             tokens = data.transformers_ids(self.tokenizer, context) or [self.tokenizer.eot_id]
-            prompts.append(tokens if room is None else tokens[-max(room - new_tokens, 1) :])
-        if room is not None:
-            new_tokens = min(new_tokens, room - max(len(p) for p in prompts))
+            prompts.append(tokens if room is None else tokens[-(room - new_tokens) :])
         generated = generate(
             self.params,
             prompts,
@@ -305,12 +323,14 @@ def check_tasks(tasks: Sequence[str]) -> None:
             )
 
 
-def load_tasks(tasks: Sequence[str]) -> list:
+def load_tasks(tasks: Sequence[str], max_length: int | None = None) -> list:
     """The harness's tasks and groups named by ``tasks`` (registered names or task YAML files)
-    with their data loaded, for ``evaluate``. Raises ConfigError naming an unknown task
-    (``check_tasks``) and DataNotFoundError when a task's data cannot be loaded (the hub
-    unreachable and nothing cached, a local file missing); ConfigError for a generation option
-    ``JaxptLM`` would ignore (``check_generation_options``)."""
+    with their data loaded, for ``evaluate`` on a model of ``max_length`` (None: unbounded).
+    Raises ConfigError naming an unknown task (``check_tasks``) and DataNotFoundError when a
+    task's data cannot be loaded (the hub unreachable and nothing cached, a local file
+    missing); ConfigError for a generation option ``JaxptLM`` would ignore
+    (``check_generation_options``) or a ``max_gen_toks`` the model's block cannot hold
+    beside a context (``check_generation_length``)."""
     check_tasks(tasks)
     try:
         with data.hub_or_cache():  # `datasets` is imported (lm_eval.tasks imports it)
@@ -324,7 +344,9 @@ def load_tasks(tasks: Sequence[str]) -> list:
     groups, leaves = loaded["groups"].values(), loaded["tasks"].values()
     for task in leaves:
         if task.OUTPUT_TYPE == "generate_until":
-            check_generation_options(task.config.generation_kwargs or {}, task.config.task)
+            options = task.config.generation_kwargs or {}
+            check_generation_options(options, task.config.task)
+            check_generation_length(options, task.config.task, max_length)
     inner = {id(t) for group in groups for t in (*group.get_all_tasks(), *group.get_all_groups())}
     return [task for task in (*groups, *leaves) if id(task) not in inner]
 
