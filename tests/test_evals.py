@@ -525,7 +525,8 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
     backend in miniature: ``HFLM`` itself needs accelerate, which is not in jaxpt's lock, so
     this is its arithmetic on lm-eval's own request encoding (``TemplateLM``: the context's
     trailing whitespace moved onto the continuation, the pair encoded whole, an empty context
-    the prefix token: the tokenizer's BOS, else its EOS) and rolling windows after the prefix
+    the prefix token: the tokenizer's BOS, else its EOS; a text that starts with the prefix
+    token's text without the template's special tokens) and rolling windows after the prefix
     token, scored by torch (``HFLM._loglikelihood_tokens``: the last ``max_length + 1``
     tokens, the continuation's logits last, a continuation of no token or of more than
     ``max_length`` an AssertionError); ``generate`` is greedy ``model.generate`` on the
@@ -557,6 +558,10 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
 
         def tok_encode(self, string, add_special_tokens=None, **kwargs):  # HFLM.tok_encode's
             flag = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+            if add_special_tokens is None and string.startswith(
+                tokenizer.decode(self.prefix_token_id)
+            ):
+                flag = {"add_special_tokens": False}  # the text holds its BOS already
             return tokenizer.encode(string, **flag)
 
         def _loglikelihood_tokens(self, requests, **kwargs):
@@ -570,7 +575,7 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
                     make_disjoint_window,
                     get_rolling_token_windows(ids, self.prefix_token_id, max_length, 1),
                 )
-                for ids in (tokenizer.encode(r.args[0]) for r in requests)
+                for ids in (self.tok_encode(r.args[0]) for r in requests)
             ]
             return [sum(log_probs(a + b, len(b))[0] for a, b in w) for w in windows]
 
@@ -579,7 +584,12 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
             for context, options in (r.args for r in requests):
                 new_tokens = options.get("max_gen_toks", 256)  # HFLM.max_gen_toks
                 assert max_length - new_tokens > 0  # HFLM.generate_until's
-                ids = tokenizer.encode(context)[-(max_length - new_tokens) :]
+                bos = (
+                    {"add_special_tokens": False}
+                    if tokenizer.bos_token and context.startswith(tokenizer.bos_token)
+                    else {}
+                )  # HFLM.tok_batch_encode's
+                ids = tokenizer.encode(context, **bos)[-(max_length - new_tokens) :]
                 out = model.generate(
                     torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens
                 )
@@ -789,6 +799,27 @@ def test_harness_refuses_a_generation_that_leaves_the_context_no_room(tmp_path):
     assert len(harness.load_tasks([str(task)], max_length=9)) == 1
     with pytest.raises(ConfigError, match=r"task beams asks generate_until for max_gen_toks=8,"):
         harness.load_tasks([str(task)], max_length=8)
+
+
+def test_harness_encodes_a_text_starting_with_its_bos_as_lm_evals_hf_backend(tmp_path):
+    """A text that starts with the BOS's text (a prompt rendered with a chat template):
+    lm-eval's HF backend encodes it without the template's special tokens, so with one BOS;
+    JaxptLM put the template's BOS before it, two."""
+    cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
+    params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    tokenizer = word_tokenizer(directory, bos_template=True)
+    both = harness_and_hf_backend(tmp_path / "hf", cfg, params, tokenizer)
+    ours, theirs = both("loglikelihood", [("w97 w7", " w3 w4"), ("w7", " w3 w4")])
+    np.testing.assert_allclose([x for x, _ in ours], [x for x, _ in theirs], rtol=1e-4)
+    ours, theirs = both("loglikelihood_rolling", [("w97 w5 w6 w7",), ("w5 w6 w7",)])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    options = {"until": [], "max_gen_toks": 3}
+    ours, theirs = both("generate_until", [("w97 w7 w3", options)])
+    assert ours == theirs
+    lm = harness_or_skip().JaxptLM(params, cfg, tokenizer, batch_size=4)
+    assert lm.tok_encode("w97 w3") == [97, 3]
 
 
 def word_tokenizer(directory, bos_template=False, bos_token=True, specials=()):

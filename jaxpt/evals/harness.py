@@ -174,9 +174,12 @@ class JaxptLM(TemplateLM):
     ) -> list[int]:
         """The ids transformers' tokenizer gives ``string``, as lm-eval's HF backend encodes:
         by default (``add_special_tokens`` None or True) with a BOS where tokenizer.json's
-        template adds one, with ``add_special_tokens=False`` without (``TemplateLM`` encodes
-        an empty context's continuation so): what ``TemplateLM.loglikelihood`` encodes with."""
-        if add_special_tokens is False:
+        template adds one; with ``add_special_tokens=False`` (``TemplateLM`` encodes an empty
+        context's continuation so), or when None and ``string`` starts with the prefix
+        token's text (a prompt that holds its BOS), without: what ``TemplateLM.loglikelihood``,
+        the rolling windows and the prompts of generations encode with."""
+        holds_bos = string.startswith(self.tokenizer.decode([self.prefix_token_id]))
+        if add_special_tokens is False or (add_special_tokens is None and holds_bos):
             return self.tokenizer.encode(string)
         return data.transformers_ids(self.tokenizer, string)
 
@@ -198,7 +201,7 @@ class JaxptLM(TemplateLM):
         length that predict every token once (the harness's rolling windows)."""
         owners, pairs = [], []
         for index, (text,) in enumerate(r.args for r in requests):
-            tokens = data.transformers_ids(self.tokenizer, text)
+            tokens = self.tok_encode(text)
             length = self.model_config.max_length or max(len(tokens), 1)
             windows = get_rolling_token_windows(tokens, self.prefix_token_id, length, 1)
             for window in map(make_disjoint_window, windows):
@@ -257,7 +260,7 @@ class JaxptLM(TemplateLM):
         room = self.model_config.max_length
         prompts = []
         for context in contexts:
-            tokens = data.transformers_ids(self.tokenizer, context) or [self.tokenizer.eot_id]
+            tokens = self.tok_encode(context) or [self.tokenizer.eot_id]
             prompts.append(tokens if room is None else tokens[-(room - new_tokens) :])
         generated = generate(
             self.params,
