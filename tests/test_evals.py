@@ -184,6 +184,21 @@ def test_a_bad_item_is_one_sentence_naming_its_line(tmp_path, row, message):
         hellaswag.load_items(path)
 
 
+def test_an_ending_of_no_token_is_one_sentence_naming_its_item(tmp_path):
+    """A word-level tokenizer encodes an empty ending (" ") to no token: its summed and mean
+    losses were 0, the lowest any ending can have, so it was picked whatever the model. Now
+    one sentence naming the item, before anything is scored."""
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    tokenizer = word_tokenizer(directory)
+    assert tokenizer.encode(" ") == []
+    items = [hellaswag.Item("w1 w2", ("w3", "w4"), 0), hellaswag.Item("w1 w2", ("w3", "", "w4"), 0)]
+    cfg = dataclasses.replace(tiny_config("bigram"), vocab_size=99)
+    params = models.get("bigram").init(jax.random.key(1), cfg)
+    with pytest.raises(DataError, match=r"^HellaSwag item 2 of 2 has an ending the tokenizer enc"):
+        hellaswag.evaluate(params, cfg, items, tokenizer, batch_size=4)
+
+
 def test_items_from_the_hub_and_offline_one_sentence(tmp_path, monkeypatch):
     """The hub's copy (label as text) through `datasets.load_dataset`, here a local file."""
     hub_rows = [row | {"label": str(row["label"])} for row in original_rows()]

@@ -73,17 +73,25 @@ class Result:
 
 def requests(items: Sequence[Item], tokenizer: data.Tokenizer) -> list[tuple[list[int], list[int]]]:
     """The ``(context, ending)`` token pairs of every item's endings, in order. Raises
-    DataError naming the first item ``tokenizer`` cannot encode."""
+    DataError naming the first item ``tokenizer`` cannot encode, or one with an ending of no
+    token (its loss would be 0, the lowest, whatever the model)."""
     pairs = []
     for number, item in enumerate(items, 1):
         try:
             context = tokenizer.encode(item.context)
-            pairs.extend((context, tokenizer.encode(" " + ending)) for ending in item.endings)
+            endings = [tokenizer.encode(" " + ending) for ending in item.endings]
         except DataError as error:  # e.g. a character outside a char-level model's vocabulary
             raise DataError(
                 f"HellaSwag item {number} of {len(items)} cannot be tokenized ({error}); give "
                 "eval.hellaswag_path items the model's tokenizer reads, or leave hellaswag out."
             ) from None
+        if not all(endings):
+            raise DataError(
+                f"HellaSwag item {number} of {len(items)} has an ending the tokenizer encodes "
+                "to no token, which would score a loss of 0 and always be picked; give every "
+                "ending of eval.hellaswag_path some text, or leave hellaswag out."
+            )
+        pairs.extend((context, ending) for ending in endings)
     return pairs
 
 
