@@ -148,6 +148,7 @@ def run(
         raise ConfigError("--workdir is empty: name the run's directory, e.g. --workdir=runs/x.")
     if mode not in MODES:
         raise ConfigError(f"--mode={mode!r} is not one of {list(MODES)}.")
+    train.check_outside_checkpoints(workdir)  # eval writes there even reading init_from
     if distributed:
         train.validate_config(_without_backend_checks(config))
         if mode == "train":

@@ -160,6 +160,36 @@ def test_a_file_where_a_run_keeps_a_directory_is_one_sentence(tmp_path, name):
     assert (tmp_path / name).read_text() == "a user's file"
 
 
+@pytest.mark.parametrize("command", [resume, generate], ids=["train", "generate"])
+@pytest.mark.parametrize("inside", ["checkpoints/4", "checkpoints", "checkpoints/4/state/x"])
+def test_a_workdir_inside_a_runs_checkpoints_names_the_run(workdir, inside, command):
+    """--workdir=runs/a/checkpoints/4 (meant to resume runs/a) trained a new run inside
+    checkpoint 4, whose run then refused to train ("not a jaxpt checkpoint"); at
+    runs/a/checkpoints it started a new run from step 0 among the steps. The read-only modes
+    advised training there."""
+    before = snapshot(workdir)
+    where, run = re.escape(str(workdir / inside)), re.escape(str(workdir))
+    with pytest.raises(
+        models.ConfigError,
+        match=rf"^--workdir={where} is inside the checkpoints of the run in {run}, .*: pass "
+        rf"--workdir={run} to resume or read that run",
+    ):
+        command(trained_config(), workdir / inside)
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("mode", launcher.MODES)
+def test_no_mode_with_init_from_works_inside_a_runs_checkpoint(workdir, mode):
+    """Without a checkpoint of its own a workdir reads checkpoint.init_from: --mode=eval then
+    wrote eval/0.json into checkpoint 4, and training its run refused it."""
+    config = trained_config()
+    config.checkpoint.init_from = str(workdir.parent / "pretrained")
+    before = snapshot(workdir)
+    with pytest.raises(models.ConfigError, match=r"is inside the checkpoints of the run in "):
+        launcher.run(config, workdir=str(workdir / "checkpoints" / "4"), mode=mode)
+    assert snapshot(workdir) == before
+
+
 def test_training_never_sets_aside_another_programs_checkpoint(workdir):
     """A step directory that is not a jaxpt checkpoint: training renamed the newest to
     <step>.unreadable-1, and orbax's rotation would have deleted an older one."""

@@ -1,6 +1,7 @@
 """Training: optimizer and schedules, the jitted train step, checkpoints, metrics, the loop."""
 
 from jaxpt.train._checkpoint import Checkpoints as Checkpoints
+from jaxpt.train._checkpoint import check_outside_checkpoints as check_outside_checkpoints
 from jaxpt.train._checkpoint import has_checkpoint as has_checkpoint
 from jaxpt.train._checkpoint import latest_params as latest_params
 from jaxpt.train._checkpoint import read_tree as read_tree

@@ -300,6 +300,40 @@ def has_checkpoint(workdir: str | Path) -> bool:
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a finished step checkpoint of ours (``<run>/checkpoints/<step>``)."""
+    return path.name.isdigit() and all((path / item).is_dir() for item in ("state", "config"))
+
+
+def _is_checkpoints_of_a_run(path: Path) -> bool:
+    """Whether ``path`` is a run's ``checkpoints`` directory holding a step checkpoint."""
+    return (
+        path.name == "checkpoints"
+        and path.is_dir()
+        and any(_is_checkpoint(step) for step in path.iterdir())
+    )
+
+
+def check_outside_checkpoints(workdir: str | Path) -> None:
+    """ConfigError when ``workdir`` is, or is inside, a run's ``checkpoints`` directory or one
+    of its step checkpoints (``--workdir=runs/a/checkpoints/4``, meant to resume ``runs/a``):
+    a run there would write its files among that run's checkpoints, whose training then
+    refuses them, and find none of its own. Names the run's directory; reads no checkpoint."""
+    path = Path(workdir).absolute()
+    for place in (path, *path.parents):
+        if _is_checkpoint(place):
+            run = place.parent.parent
+        elif _is_checkpoints_of_a_run(place):
+            run = place.parent
+        else:
+            continue
+        raise ConfigError(
+            f"--workdir={workdir} is inside the checkpoints of the run in {run}, where a run "
+            f"would write its own files among that run's checkpoints: pass --workdir={run} to "
+            "resume or read that run, or choose a new --workdir (nothing was changed)."
+        )
+
+
 def _every_process(flag: bool) -> bool:
     """Whether ``flag`` holds on every process (all of them call this together)."""
     if jax.process_count() == 1:
@@ -319,6 +353,7 @@ def trained_checkpoints(workdir: str | Path, *, or_init_from: bool = False) -> P
         if or_init_from
         else ""
     )
+    check_outside_checkpoints(workdir)
     if Path(workdir).is_file():  # training there would fail too
         raise ConfigError(
             f"--workdir={workdir} is a file, not a run's directory: name the --workdir a run "

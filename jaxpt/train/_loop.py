@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpt import data, evals, models, nn, sharding
 from jaxpt.errors import ConfigError, check_range
-from jaxpt.train._checkpoint import Checkpoints
+from jaxpt.train._checkpoint import Checkpoints, check_outside_checkpoints
 from jaxpt.train._metrics import MetricsLog, print_once
 from jaxpt.train._optimizer import (
     hyperparameters,
@@ -388,10 +388,12 @@ def _prepare(config) -> _Run:
 
 
 def _check_workdir(workdir: Path) -> None:
-    """Raises ConfigError when ``workdir`` holds a file where training makes a directory, or
-    a ``metrics.jsonl`` or ``loss.png`` (which training rewrites) but no ``checkpoints/``: a
+    """Raises ConfigError when ``workdir`` is inside another run's checkpoints
+    (``check_outside_checkpoints``), holds a file where training makes a directory, or a
+    ``metrics.jsonl`` or ``loss.png`` (which training rewrites) but no ``checkpoints/``: a
     run makes that directory before it logs, so those files are not a run's but someone
     else's."""
+    check_outside_checkpoints(workdir)
     for name in ("checkpoints", "tensorboard", "profile"):
         path = workdir / name
         if path.exists() and not path.is_dir():  # orbax hung and failed at the first save
