@@ -319,7 +319,13 @@ def check_writable_directory(path: str | os.PathLike, flag: str) -> None:
     """Raises ConfigError naming ``flag`` (e.g. ``"--workdir"``) unless ``path`` is, or can be
     made, a directory this process writes into. Creates nothing."""
     path = Path(path).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.exists():  # mkdir raised FileExistsError there, after the data was read
+        raise ConfigError(
+            f"{flag}={path} cannot be made: {existing} is a symbolic link to "
+            f"{os.readlink(existing)}, which does not exist; create that directory or choose "
+            f"another {flag}."
+        )
     if not existing.is_dir():
         raise ConfigError(
             f"{flag}={path} cannot be a directory: {existing} is a file; choose another {flag}."

@@ -19,6 +19,7 @@ import pytest
 from jaxpt import data, launcher, models, train
 from jaxpt.config import check_config_flags, check_override
 from jaxpt.errors import ConfigError
+from jaxpt.hf.__main__ import export_checkpoint
 from tests.conftest import use_devices
 from tests.test_train import CONFIG_FILES, ROOT, char_config, load_config
 
@@ -213,6 +214,26 @@ def test_a_read_only_workdir_is_one_sentence(tmp_path):
             launcher.run(small_config(), workdir=str(tmp_path / "run"), mode="train")
     finally:
         tmp_path.chmod(0o700)
+
+
+@pytest.mark.parametrize("below", ["", "run"])
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_a_directory_through_a_dangling_link_is_one_sentence(command, below, tmp_path):
+    """mkdir raised FileExistsError, a traceback: training once the data was read, the
+    export once the params were read."""
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    out = tmp_path / "link" / below
+    flag = "--workdir" if command == "train" else "--out"
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{flag}=.* is a symbolic link to {re.escape(str(tmp_path / 'gone'))}, which does "
+        "not exist; create that directory or choose another",
+    ):
+        if command == "train":
+            launcher.run(small_config(), workdir=str(out), mode="train")
+        else:
+            export_checkpoint(small_config(), tmp_path / "trained", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
 
 
 GPT_SMOKE = f"--config={ROOT / 'configs' / 'gpt.py'}:smoke"
