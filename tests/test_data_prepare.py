@@ -465,6 +465,33 @@ def test_an_out_that_is_a_dangling_link_is_refused_before_tokenizing(small, tmp_
     assert out.is_symlink() and not out.exists() and not (tmp_path / "elsewhere").exists()
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_an_out_inside_the_dataset_directory_is_not_read_as_documents(tmp_path, suffix):
+    """Run again to extend it, a preparation whose --out lay under its --dataset directory read
+    its own manifest.json and progress.json as documents: among .txt files it refused them
+    ("mixes file types"), among .jsonl files `datasets` could not read them ("Couldn't cast")."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, animal in enumerate(["lion", "bull", "jackal"]):
+        text = f"The {animal} walked to the river and back, thinking. " * 8
+        row = json.dumps({"text": text}) if suffix == ".jsonl" else text
+        (corpus / f"{i}{suffix}").write_text(row)
+    prepare(corpus, corpus / "tokens", shard_tokens=64, max_tokens=128)
+    inside = prepare(corpus, corpus / "tokens", shard_tokens=64)  # extended to all of it
+    outside = prepare(corpus, tmp_path / "outside", shard_tokens=64)
+    np.testing.assert_array_equal(tokens_of(inside), tokens_of(outside))
+    assert inside.documents == outside.documents == 3
+
+
+def test_prepared_data_as_a_dataset_says_to_train_on_it(small, tmp_path):
+    """Its manifest.json was read as a document: "has no field 'text' ...; pass the text
+    column's name as text_field"."""
+    with pytest.raises(data.DataError, match=r"holds manifest\.json or progress\.json\), not") as e:
+        prepare(small.directory, tmp_path / "again", shard_tokens=64)
+    assert one_sentence(e).endswith(f"train on it with data.dataset={small.directory}")
+    assert not (tmp_path / "again").exists()
+
+
 @pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
 def test_a_damaged_manifest_is_one_sentence_and_prepare_rewrites_it(small, tmp_path, damage):
     path = small.directory / "manifest.json"

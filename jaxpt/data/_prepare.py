@@ -416,7 +416,7 @@ def _check_ours(out: Path) -> None:
             f"output {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
             "create that directory or choose another output directory"
         )
-    if not out.is_dir() or (out / MANIFEST).is_file() or (out / PROGRESS).is_file():
+    if not out.is_dir() or is_prepared(out):
         return
     names = sorted(p.name for p in out.iterdir())
     if names:
@@ -734,6 +734,11 @@ def _encode_in_pool(
 # ----------------------------------------------------------------------------- sources
 
 
+def is_prepared(directory: Path) -> bool:
+    """Whether `directory` is one preparation wrote (or is writing)."""
+    return (directory / MANIFEST).is_file() or (directory / PROGRESS).is_file()
+
+
 def looks_like_path(name: str) -> bool:
     """Whether `name` is meant as a local path rather than a hub name like "owner/name"."""
     return name.startswith(("/", ".", "~")) or Path(name).suffix in _BUILDERS or name.count("/") > 1
@@ -743,16 +748,15 @@ def _local_source(path: Path) -> tuple[str, list[str]]:
     """The `datasets` builder and files for a local file or directory ("disk": save_to_disk)."""
     if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
         return "disk", [str(path)]
+    if is_prepared(path):
+        raise DataError(
+            f"dataset {path} is data `jaxpt.data.prepare` wrote (it holds {MANIFEST} or "
+            f"{PROGRESS}), not a source; train on it with data.dataset={path}"
+        )
     if path.is_file():
         files = [path]
     else:
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.suffix in _BUILDERS
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        files = sorted(p for p in path.rglob("*") if _is_source_file(p, path))
     if not files:
         raise DataError(f"dataset {path} holds no {'/'.join(_BUILDERS)} files")
     builders = {_BUILDERS.get(p.suffix) for p in files}
@@ -763,6 +767,19 @@ def _local_source(path: Path) -> tuple[str, list[str]]:
     if all(p.stat().st_size == 0 for p in files):
         raise DataError(f"dataset {path} is empty")
     return builders.pop(), [str(p) for p in files]
+
+
+def _is_source_file(path: Path, root: Path) -> bool:
+    """Whether `path`, under the dataset directory `root`, is a document file: of a type
+    `_BUILDERS` reads, not hidden, and not in a directory a preparation wrote (an `--out`
+    under `root` held its manifest and progress.json, which a re-run read as documents)."""
+    below = path.relative_to(root)
+    return (
+        path.is_file()
+        and path.suffix in _BUILDERS
+        and not any(part.startswith(".") for part in below.parts)
+        and not any(is_prepared(root / parent) for parent in below.parents)
+    )
 
 
 def _load(source: dict, streaming: bool):

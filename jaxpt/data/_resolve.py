@@ -30,8 +30,14 @@ from typing import Protocol
 from jaxpt.data._embedded import EMBEDDED, prepare_embedded
 from jaxpt.data._formats import read_shard_directory, shard_files
 from jaxpt.data._loader import TokenNeed
-from jaxpt.data._prepare import SourceError, dataset_source, looks_like_path, prepare_source
-from jaxpt.data._shards import MANIFEST, PROGRESS, Manifest, load_manifest
+from jaxpt.data._prepare import (
+    SourceError,
+    dataset_source,
+    is_prepared,
+    looks_like_path,
+    prepare_source,
+)
+from jaxpt.data._shards import MANIFEST, Manifest, load_manifest
 from jaxpt.data._tokenizers import Tokenizer, get_tokenizer, tokenizer_for, tokenizer_key
 from jaxpt.errors import DataError, DataNotFoundError
 
@@ -90,7 +96,7 @@ def ensure_prepared(
     cache_dir = Path(cache_dir or default_cache_dir())
     path = Path(dataset).expanduser()
     # the char vocabulary comes with its data, and prepared data keeps a copy of its tokenizer
-    if tokenizer != "char" and not _is_prepared(path):
+    if tokenizer != "char" and not is_prepared(path):
         _named_tokenizer(tokenizer)
     hub = dataset != EMBEDDED and not path.exists() and not looks_like_path(dataset)
     if max_tokens < -1 or (max_tokens > 0 and not hub):
@@ -110,13 +116,8 @@ def ensure_prepared(
     return manifest
 
 
-def _is_prepared(path: Path) -> bool:
-    """Whether ``path`` is a directory ``jaxpt.data.prepare`` wrote (or is writing)."""
-    return (path / MANIFEST).is_file() or (path / PROGRESS).is_file()
-
-
 def _directory_manifest(path: Path, dataset: str, tokenizer: str, cache_dir: Path) -> Manifest:
-    if _is_prepared(path):
+    if is_prepared(path):
         return load_manifest(path)
     if path.is_dir() and shard_files(path):
         return read_shard_directory(path, tokenizer, cache_dir)
