@@ -227,8 +227,12 @@ def prompt_ids(tokenizer: data.Tokenizer, prompt: str) -> list[int]:
     """The ids ``--prompt`` is continued from: as transformers' tokenizer of the same files
     encodes it (``data.transformers_ids``: with Llama 3's BOS, with nothing added by GPT-2's
     BPE), or, for an empty prompt (or one of no tokens), the begin-of-sequence token the
-    harness adapter puts before an empty context (``data.bos_id``; GPT-2's end-of-text)."""
-    ids = data.transformers_ids(tokenizer, prompt) if prompt else []
+    harness adapter puts before an empty context (``data.bos_id``; GPT-2's end-of-text).
+    A prompt the tokenizer cannot encode is a DataError naming ``--prompt``."""
+    try:
+        ids = data.transformers_ids(tokenizer, prompt) if prompt else []
+    except DataError as error:  # a character outside a char-level model's vocabulary
+        raise DataError(f"--prompt: {error}; write the prompt in text the model reads.") from None
     return ids or [data.bos_id(tokenizer)]
 
 

@@ -375,6 +375,18 @@ def test_generate_mode_encodes_the_prompt_as_transformers_does(monkeypatch, tmp_
     assert prompts[0] == [97, 3, 4]
 
 
+def test_a_prompt_the_tokenizer_cannot_encode_names_the_flag(monkeypatch):
+    tokenizer = data.CharTokenizer("abc ")
+    config = load_config(ROOT / "configs" / "bigram.py", "smoke")
+    config.model.vocab_size = tokenizer.vocab_size
+    params = models.get("bigram").init(jax.random.key(0), models.config_from(config.model))
+    monkeypatch.setattr(launcher, "params_and_tokenizer", lambda *_: (params, tokenizer))
+    options = launcher.SampleOptions(prompt="a é", num_samples=1, max_new_tokens=2)
+    with pytest.raises(data.DataError, match=r"^--prompt: character 'é' is not in") as error:
+        launcher.sample(config, "unused", options)
+    assert str(error.value).count(". ") == 0  # one sentence
+
+
 def test_generate_mode_without_a_checkpoint_says_what_to_do(tmp_path):
     """generate, eval and chat read ``checkpoint.init_from`` in a workdir without checkpoints,
     which the sentence did not say."""
