@@ -583,6 +583,26 @@ def test_checkpointers_and_hf_helpers_use_the_originals_paths_and_local_checkpoi
         m.GPTConfig.from_model_config(smol.model_config())
 
 
+def test_from_hf_pretrained_keeps_the_configs_dtypes_and_attention(tmp_path):
+    """The original builds SmolLM(config) and loads the weights into it; only name, dtype and
+    use_cache were kept here, so param_dtype and sdpa_implementation were silently dropped."""
+    smol = build(m.SmolLM)
+    hf.save_pretrained(smol.functional_params(), smol.model_config(), tmp_path / "smol")
+    config = m.SmolLM_Config(
+        name="mine", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, sdpa_implementation="slow"
+    )  # SmolLM-135M's shape: the checkpoint's comes from its config.json
+    loaded = smol_lm.from_hf_pretrained(config, nnx.Rngs(0), tmp_path / "smol")
+    fields = ("name", "dtype", "param_dtype", "sdpa_implementation", "vocab_size", "n_layer")
+    want = ["mine", jnp.bfloat16, jnp.bfloat16, "slow", V, 2]
+    assert [getattr(loaded.config, f) for f in fields] == want
+    same = lambda got, saved: np.testing.assert_array_equal(
+        np.asarray(got),
+        np.asarray(saved).astype(jnp.bfloat16),
+        strict=True,  # dtype too
+    )
+    jax.tree.map(same, loaded.functional_params(), smol.functional_params())
+
+
 def adam_state_saved_after_a_step(model, output_dir):
     """An Adam optimizer of ``model`` after one update (nonzero moments), saved at step 1."""
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 from flax import nnx
 
 from jaxpt import hf
@@ -21,20 +22,24 @@ def from_huggingface_pretrained(rngs: nnx.Rngs, path: str | os.PathLike = "gpt2"
     return GPT.from_params(pretrained.params, config, rngs)
 
 
+# SmolLM_Config's fields that say how to run the model, not what a checkpoint holds
+_RUN_FIELDS = ("name", "dtype", "param_dtype", "sdpa_implementation", "use_cache", "pad_token")
+
+
 def from_hf_pretrained(
     config: SmolLM_Config | None,
     rngs: nnx.Rngs,
     path: str | os.PathLike = "HuggingFaceTB/SmolLM-135M",
 ) -> SmolLM:
-    """A SmolLM holding the Llama checkpoint at ``path``; the config comes from its
-    config.json (``config`` gives the other fields: name, dtype, use_cache)."""
+    """A SmolLM holding the Llama checkpoint at ``path``, its params in ``param_dtype``; the
+    shapes come from its config.json, and ``config`` gives the fields no checkpoint holds
+    (``_RUN_FIELDS``)."""
     pretrained = hf.from_pretrained(path)
-    smol = SmolLM_Config.from_model_config(pretrained.config)
-    if config is not None:
-        smol = dataclasses.replace(
-            smol, name=config.name, dtype=config.dtype, use_cache=config.use_cache
-        )
-    return SmolLM.from_params(pretrained.params, smol, rngs)
+    run = {} if config is None else {field: getattr(config, field) for field in _RUN_FIELDS}
+    smol = dataclasses.replace(SmolLM_Config.from_model_config(pretrained.config), **run)
+    param_dtype = smol.model_config().param_dtype  # a ConfigError for a value that is no dtype
+    params = jax.tree.map(lambda a: a.astype(param_dtype), pretrained.params)
+    return SmolLM.from_params(params, smol, rngs)
 
 
 def load_hf_pretrained(model_name: str = "HuggingFaceTB/SmolLM-135M"):
