@@ -61,6 +61,33 @@ def test_decay_mask_spares_expert_biases():
     assert not experts.up.bias and not experts.gate.bias and not experts.down.bias
 
 
+def weights_of(params, kinds: tuple):
+    """True for the ``weight`` of each layer of ``kinds`` in ``params``, False elsewhere."""
+    is_weight = lambda layer, array, names: isinstance(layer, kinds) and array is layer.weight
+    return nn.map_params(is_weight, params)
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_weight_decay_takes_exactly_the_weights_of_linear_layers(name):
+    """Over each registry model's whole param tree at full size: decayed are the weights of
+    linear layers (attention, MLP, router, Soft MoE's phi, each layer's and expert's), not
+    norms, biases (an expert's neither) nor, unless ``decay_embeddings``, embedding and
+    read-out tables; Muon, which decays every array it trains, trains none of the others."""
+    from jaxpt.train import _optimizer
+
+    cfg = models.get(name).default_config()
+    params = jax.eval_shape(lambda k: models.get(name).init(k, cfg), jax.random.key(0))
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree.leaves_with_path(params)]
+    by_path = lambda tree: dict(zip(paths, jax.tree.leaves(tree), strict=True))
+    linear = (nn.Linear, nn.ExpertLinear)
+    mask = by_path(train.decay_mask(params, decay_embeddings=False))
+    assert mask == by_path(weights_of(params, linear))
+    with_tables = train.decay_mask(params, decay_embeddings=True)
+    assert by_path(with_tables) == by_path(weights_of(params, (*linear, nn.Embedding, nn.ReadOut)))
+    muon = by_path(_optimizer._muon_matrices(params))
+    assert [path for path in paths if muon[path] and not mask[path]] == []
+
+
 @pytest.mark.parametrize(
     "schedule, after_warmup",
     [
