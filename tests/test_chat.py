@@ -268,7 +268,7 @@ def test_masked_loss_is_the_mean_over_assistant_tokens_with_or_without_accumulat
         config.train.grad_accum_steps = accum
         step = jax.jit(train.make_train_step(config, tx))
         results.append(step(state, inputs, targets, jnp.asarray(mask)))
-    (s1, m1), (s2, m2) = results
+    (_, m1), (_, m2) = results
 
     apply = jax.jit(models.get("gpt").apply, static_argnames="cfg")
     logits = np.asarray(apply(state.params, inputs, cfg)[0], np.float64)
@@ -277,7 +277,8 @@ def test_masked_loss_is_the_mean_over_assistant_tokens_with_or_without_accumulat
     np.testing.assert_allclose([m1["ce"], m2["ce"]], [nll[mask == 1].mean()] * 2, rtol=1e-5)
     assert float(m1["loss_tokens"]) == float(m2["loss_tokens"]) == mask.sum()
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), s1.params, s2.params)
+    # (the params after this first step, at the warmup's lr 0, are the initial ones either way:
+    # tests/test_train.py compares accumulated masked gradients with the whole batch's)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
