@@ -549,6 +549,7 @@ def hf_backend_reference(tmp_path, cfg, params, tokenizer):
     each ``until`` (``HFLM.generate_until``)."""
     torch = pytest.importorskip("torch", reason="HF parity needs torch (see tests/test_hf.py)")
     transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
+    harness_or_skip()
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -743,6 +744,7 @@ def test_harness_refuses_the_continuations_lm_evals_hf_backend_refuses(tmp_path)
     """A continuation longer than the block was scored by its last block's tokens, and one of
     no token as log p = 0, where lm-eval's HF backend asserts: each is now one sentence
     naming the request. A continuation that fills the block exactly has HFLM's number."""
+    harness = harness_or_skip()
     from lm_eval.api.instance import Instance
 
     cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
@@ -751,7 +753,7 @@ def test_harness_refuses_the_continuations_lm_evals_hf_backend_refuses(tmp_path)
     directory.mkdir()
     tokenizer = word_tokenizer(directory)
     reference = hf_backend_reference(tmp_path / "hf", cfg, params, tokenizer)
-    lm = harness_or_skip().JaxptLM(params, cfg, tokenizer, batch_size=4)
+    lm = harness.JaxptLM(params, cfg, tokenizer, batch_size=4)
 
     def requests(*pairs):
         return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
@@ -777,9 +779,9 @@ def test_harness_refuses_a_generation_that_leaves_the_context_no_room(tmp_path):
     last token with fewer new tokens, where lm-eval's HF backend asserts: it is now one
     sentence naming the task, before any request runs, and when a task asking for it loads.
     One below the block has HFLM's answer (one context token)."""
+    harness = harness_or_skip()
     from lm_eval.api.instance import Instance
 
-    harness = harness_or_skip()
     cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
     params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
     directory = tmp_path / "tokenizer"
