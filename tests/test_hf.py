@@ -121,6 +121,24 @@ def test_config_fields_come_from_the_hf_config():
         hf.config_from_hf(HF_CONFIGS["gpt2"].to_dict(), n_layer=4)
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_scaling={"rope_type": "default"}),  # transformers: 10000, not 5000
+        dict(rope_scaling={"type": "default", "rope_theta": 300.0}),
+        dict(rope_scaling={"rope_type": "default"}, rope_theta=700.0),
+        dict(rope_scaling=None, rope_theta=700.0),
+    ],
+)
+def test_the_rope_base_is_the_one_transformers_reads(rope):
+    """config.json's rope_scaling, where set, replaces its rope_parameters (transformers 5):
+    rope_parameters' rope_theta was read instead."""
+    hf_config = with_keys(llama(), rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    hf_config |= rope
+    theirs = transformers.LlamaConfig.from_dict(hf_config).rope_parameters["rope_theta"]
+    assert hf.config_from_hf(hf_config).rope_base == theirs
+
+
 @pytest.mark.parametrize("case", HF_CONFIGS)
 def test_hf_to_jaxpt_to_hf_gives_identical_tensors(case, tmp_path):
     model = hf_model(HF_CONFIGS[case])

@@ -63,7 +63,7 @@ def _prepare_llama(hf: dict) -> dict:
                 f"config.json sets {key}={rope!r}: jaxpt implements plain rotary embeddings "
                 "only (rope_type 'default'), not scaled ones."
             )
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     heads, width = hf["num_attention_heads"], hf["hidden_size"]
     if hf.get("head_dim") not in (None, width // heads):
         raise CheckpointError(
