@@ -221,6 +221,20 @@ def test_sharded_bfloat16_checkpoints_read_like_the_float32_model(tmp_path):
     assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("case", ["gpt2_untied_relu", "llama_gqa_untied_biases"])
+def test_a_tied_config_over_a_read_out_of_its_own_is_refused(case, tmp_path):
+    """config.json says tie_word_embeddings=true over weights whose lm_head is not the
+    embedding: transformers reads them untied, and the import read the embedding alone."""
+    hf_model(HF_CONFIGS[case]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    read_out, embedding = theirs.lm_head.weight, theirs.get_input_embeddings().weight
+    assert not torch.equal(read_out, embedding)  # what transformers computes with
+    with pytest.raises(hf.CheckpointError, match=r"tie_word_embeddings=true, but .*'lm_head\."):
+        hf.from_pretrained(tmp_path)
+
+
 def test_base_model_keys_and_mask_buffers_of_older_gpt2_checkpoints(tmp_path):
     # The hub's gpt2 weights: keys without "transformer.", and causal-mask buffers
     model = hf_model(HF_CONFIGS["gpt2"])

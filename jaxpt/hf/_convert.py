@@ -173,13 +173,31 @@ def _with_prefix(state: Mapping, layout: Layout) -> Mapping:
     return {k if k.startswith("lm_head.") else prefix + k: v for k, v in state.items()}
 
 
+def _check_tied_read_out(state: Mapping, layout: Layout) -> str:
+    """The read-out's HF key of a tied checkpoint (whose embedding ``from_state_dict`` read),
+    once its tensor, where ``state`` holds one (a ``.bin`` holds both), equals the embedding's;
+    CheckpointError where it differs: transformers then keeps the two untied (and warns), while
+    jaxpt would read the embedding alone."""
+    embedding = f"{layout.tensors['wte'].module}.weight"
+    read_out = f"{layout.tensors['lm_head'].module}.weight"
+    tie = layout.keys["tie_embeddings"]
+    if read_out in state and not np.array_equal(state[read_out], state[embedding]):
+        raise CheckpointError(
+            f"config.json sets {tie}=true, but the checkpoint's {read_out!r} differs from "
+            f"{embedding!r} (transformers then leaves the two untied): set {tie}=false in "
+            "config.json to read them so."
+        )
+    return read_out
+
+
 def from_state_dict(state: Mapping[str, Any], cfg):
     """jaxpt params for ``cfg`` from a transformers state dict (name -> array).
 
     The target shapes come from ``jax.eval_shape`` of the model's ``init``; each array is
     read from its HF tensor (stacked over layers, transposed, sliced) and cast to
     ``cfg.param_dtype``. Raises CheckpointError naming the first HF key that is missing, has
-    the wrong shape, or has no place in jaxpt's layout.
+    the wrong shape, or has no place in jaxpt's layout, and where a tied config's checkpoint
+    holds a read-out that is not its embedding.
     """
     layout = layout_of(cfg)
     state = _with_prefix(state, layout)
@@ -198,7 +216,7 @@ def from_state_dict(state: Mapping[str, Any], cfg):
         return jnp.asarray(np.stack(layers), leaf.dtype)
 
     params = jax.tree_util.tree_map_with_path(fill, abstract)
-    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    tied = {_check_tied_read_out(state, layout)} if cfg.tie_embeddings else set()
     extra = [k for k in state if k not in used | tied and not re.search(layout.ignored, k)]
     if extra:
         raise CheckpointError(
