@@ -159,7 +159,17 @@ def test_hf_to_jaxpt_to_hf_gives_identical_tensors(case, tmp_path):
 
 @pytest.mark.parametrize(
     ("preset", "overrides"),
-    [("gpt", {}), ("vgpt", {}), ("smollm", {}), ("smollm", dict(tie_embeddings=False))],
+    [
+        ("gpt", {}),
+        ("vgpt", {}),
+        ("gpt", dict(activation="gelu", ln_epsilon=1e-2, tie_embeddings=False)),
+        ("smollm", {}),
+        ("smollm", dict(tie_embeddings=False)),
+        (  # every field the Llama layout writes off its default
+            "smollm",
+            dict(n_kv_head=1, rope_base=50.0, ln_epsilon=1e-2, attention_bias=True, mlp_bias=True),
+        ),
+    ],
 )
 def test_saved_params_load_in_transformers_with_the_same_logits(preset, overrides, tmp_path):
     cfg = tiny_config(preset, **overrides)
