@@ -740,20 +740,25 @@ def test_harness_encodes_an_empty_contexts_continuation_without_the_template(tmp
         assert lm.tok_encode("w3 w4", **kwargs) == reference.encode("w3 w4", **kwargs)
 
 
-def test_harness_refuses_the_continuations_lm_evals_hf_backend_refuses(tmp_path):
-    """A continuation longer than the block was scored by its last block's tokens, and one of
-    no token as log p = 0, where lm-eval's HF backend asserts: each is now one sentence
-    naming the request. A continuation that fills the block exactly has HFLM's number."""
+def block_8_lm_and_hf_backend(tmp_path):
+    """JaxptLM of a tiny vgpt of block 8 over the word tokenizer, and the HF backend's
+    reference on it (``hf_backend_reference``)."""
     harness = harness_or_skip()
-    from lm_eval.api.instance import Instance
-
     cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
     params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
     directory = tmp_path / "tokenizer"
     directory.mkdir()
     tokenizer = word_tokenizer(directory)
     reference = hf_backend_reference(tmp_path / "hf", cfg, params, tokenizer)
-    lm = harness.JaxptLM(params, cfg, tokenizer, batch_size=4)
+    return harness.JaxptLM(params, cfg, tokenizer, batch_size=4), reference
+
+
+def test_harness_refuses_the_continuations_lm_evals_hf_backend_refuses(tmp_path):
+    """A continuation longer than the block was scored by its last block's tokens, and one of
+    no token as log p = 0, where lm-eval's HF backend asserts: each is now one sentence
+    naming the request. A continuation that fills the block exactly has HFLM's number."""
+    lm, reference = block_8_lm_and_hf_backend(tmp_path)
+    from lm_eval.api.instance import Instance
 
     def requests(*pairs):
         return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
@@ -779,16 +784,9 @@ def test_harness_refuses_a_generation_that_leaves_the_context_no_room(tmp_path):
     last token with fewer new tokens, where lm-eval's HF backend asserts: it is now one
     sentence naming the task, before any request runs, and when a task asking for it loads.
     One below the block has HFLM's answer (one context token)."""
+    lm, reference = block_8_lm_and_hf_backend(tmp_path)
     harness = harness_or_skip()
     from lm_eval.api.instance import Instance
-
-    cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=99, block_size=8)
-    params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
-    directory = tmp_path / "tokenizer"
-    directory.mkdir()
-    tokenizer = word_tokenizer(directory)
-    reference = hf_backend_reference(tmp_path / "hf", cfg, params, tokenizer)
-    lm = harness.JaxptLM(params, cfg, tokenizer, batch_size=4)
 
     def requests(*options):
         context = " ".join(f"w{i}" for i in range(1, 11))
