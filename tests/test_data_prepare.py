@@ -566,3 +566,53 @@ def test_the_prepare_command_and_its_workers_start_without_jax():
     check = "import sys, jaxpt.data.prepare; print(sorted({'jax', 'torch'} & set(sys.modules)))"
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr
+
+
+def gpt2_stream(documents: list[str]) -> np.ndarray:
+    """The documented token stream, by tiktoken alone: each non-empty document as
+    `<|endoftext|>` then its GPT-2 ids, special-token names in it read as plain text (N,)."""
+    import tiktoken
+
+    data.seed_tiktoken_cache()  # tiktoken's own cache, no download
+    enc = tiktoken.get_encoding("gpt2")
+    eot = enc.eot_token
+    return np.array([t for d in documents if d for t in [eot, *enc.encode_ordinary(d)]], np.int64)
+
+
+def llmc_file(tokens: np.ndarray, dtype: str) -> bytes:
+    """The bytes llm.c's dev/data/data_common.py write_datafile writes for `tokens`: 256
+    little-endian int32 (magic, version, count, zeros), then the tokens, little-endian."""
+    magic, version = {"uint16": (20240520, 1), "uint32": (20240801, 7)}[dtype]
+    header = np.zeros(256, "<i4")
+    header[0], header[1], header[2] = magic, version, len(tokens)
+    return header.tobytes() + tokens.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+def assert_llmc_shards(manifest: data.Manifest, stream: np.ndarray, val_shards: int) -> None:
+    """`manifest`'s shards, byte for byte, are `stream` cut into llm.c files of
+    `manifest.shard_tokens` tokens, the first `val_shards` of them the val split."""
+    size = manifest.shard_tokens
+    pieces = [stream[i : i + size] for i in range(0, len(stream), size)]
+    assert [s.split for s in manifest.shards] == ["val"] * val_shards + ["train"] * (
+        len(pieces) - val_shards
+    )
+    for shard, piece in zip(manifest.shards, pieces, strict=True):
+        assert (manifest.directory / shard.file).read_bytes() == llmc_file(piece, manifest.dtype)
+
+
+def test_text_files_are_documents_read_as_python_reads_text_in_path_order(tmp_path):
+    files = {
+        "b.txt": "The bull.\n",
+        "A/z.txt": "windows\r\nline ends\r\n",
+        "a10.txt": "old mac\rline end",
+        "a2.txt": "  spaced  \n\n",
+        "e.txt": "",  # adds nothing
+    }
+    for name, text in files.items():
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(text.encode())
+    paths = sorted((tmp_path / "src").rglob("*.txt"))
+    manifest = prepare(tmp_path / "src", tmp_path / "out", shard_tokens=8)
+    stream = gpt2_stream([p.read_text(encoding="utf-8") for p in paths])  # universal newlines
+    assert_llmc_shards(manifest, stream, val_shards=1)
+    assert manifest.documents == len(paths) == 5
