@@ -616,3 +616,25 @@ def test_text_files_are_documents_read_as_python_reads_text_in_path_order(tmp_pa
     stream = gpt2_stream([p.read_text(encoding="utf-8") for p in paths])  # universal newlines
     assert_llmc_shards(manifest, stream, val_shards=1)
     assert manifest.documents == len(paths) == 5
+
+
+def test_repair_rewrites_the_damaged_shard_and_those_after_it(small, tmp_path, monkeypatch):
+    fresh = prepare(tmp_path / "story.txt", tmp_path / "fresh", shard_tokens=64)
+    assert len(small.shards) > 3
+    before = files_in(small.directory)
+    shard = small.directory / small.shards[2].file
+    shard.write_bytes(shard.read_bytes()[:-10])
+    written = []
+    write_shard = _prepare.write_shard
+
+    def recorded(path, tokens):
+        written.append(path.name)
+        write_shard(path, tokens)
+
+    monkeypatch.setattr(_prepare, "write_shard", recorded)
+    assert prepare(tmp_path / "story.txt", small.directory, shard_tokens=64) == small
+    assert written == [s.file for s in small.shards[2:]]
+    after = files_in(small.directory)
+    assert all(after[s.file] == before[s.file] for s in small.shards[:2])  # not touched
+    for s in fresh.shards:
+        assert (small.directory / s.file).read_bytes() == (fresh.directory / s.file).read_bytes()
