@@ -225,3 +225,45 @@ def test_two_processes_assemble_the_global_batch(manifest):
     batch, _ = loader.next_batch(loader.next_batch(loader.init_state(seed=4))[1])
     for r in results:
         np.testing.assert_array_equal(np.array(r["inputs"]), batch[:, :-1])
+
+
+def documented_batches(stream: np.ndarray, seed: int, steps: int, batch: int, seq: int) -> list:
+    """The module docstring's rule as a python loop: epoch e draws, from an RNG seeded by
+    (seed, e), a shift in [0, T) and a permutation of the W = (N - 1) // T - 1 windows of T + 1
+    tokens at shift + k*T; step s is windows s*B ... s*B + B - 1 of it; a last part-batch of
+    windows is left out, and the epoch after starts over (B, T + 1) each."""
+    windows = (len(stream) - 1) // seq - 1
+    out, epoch = [], 0
+    while len(out) < steps:
+        rng = np.random.default_rng([seed, epoch])
+        shift, order = int(rng.integers(seq)), rng.permutation(windows)
+        for s in range(windows // batch):
+            starts = [shift + k * seq for k in order[s * batch : (s + 1) * batch]]
+            out.append(np.stack([stream[a : a + seq + 1] for a in starts]))
+        epoch += 1
+    return out[:steps]
+
+
+@pytest.mark.parametrize("b, t, k, n", [(8, 16, 30, 3), (3, 7, 100, 2), (5, 1, 999, 4)])
+def test_batches_follow_the_documented_rule_in_any_process_split_and_resume(tmp_path, b, t, k, n):
+    """Every batch over three epochs, across shard boundaries: one process; n processes
+    resumed at step k from a state stored as JSON, whose rows together are the batch."""
+    sizes = [VAL, *TRAIN]
+    manifest = synthetic(tmp_path, sizes)
+    stream = np.arange(VAL, sum(sizes))  # the train split; token p is p
+    whole = data.Loader(manifest, "train", b, t)
+    steps = 3 * whole.steps_per_epoch + 1
+    expected = documented_batches(stream, 9, steps, b, t)
+    batches, states = run(whole, whole.init_state(seed=9), steps)
+    np.testing.assert_array_equal(np.stack(batches), np.stack(expected))
+    k = min(k, steps - 1)
+    rows = [np.arange(b)[i::n] for i in range(n)]  # interleaved, as a mesh may hold them
+    parts = [data.Loader(manifest.directory, "train", b, t, rows=r) for r in rows]
+    state = json.loads(json.dumps(states[k]))
+    for step in range(k, steps):
+        local = [part.next_batch(state) for part in parts]
+        assembled = np.empty_like(expected[step])
+        for r, (batch, _) in zip(rows, local, strict=True):
+            assembled[r] = batch
+        np.testing.assert_array_equal(assembled, expected[step])
+        state = local[0][1]

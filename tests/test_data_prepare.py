@@ -638,3 +638,26 @@ def test_repair_rewrites_the_damaged_shard_and_those_after_it(small, tmp_path, m
     assert all(after[s.file] == before[s.file] for s in small.shards[:2])  # not touched
     for s in fresh.shards:
         assert (small.directory / s.file).read_bytes() == (fresh.directory / s.file).read_bytes()
+
+
+def test_shards_are_llmc_files_of_the_documents_tokens(book, tmp_path):
+    text = book.read_text(encoding="utf-8")[:12_000]
+    docs = [text[i : i + 700] for i in range(0, len(text), 700)]
+    docs[3] = ""  # adds nothing
+    docs[5] = "a literal <|endoftext|> inside a document is text"
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    manifest = prepare(tmp_path / "d.jsonl", tmp_path / "out", shard_tokens=500, val_shards=2)
+    stream = gpt2_stream(docs)
+    assert manifest.dtype == "uint16" and len(stream) > 5 * 500
+    assert_llmc_shards(manifest, stream, val_shards=2)
+    assert manifest.tokens("val") == 1000 and manifest.documents == len(docs)
+
+
+def test_uint32_shards_are_llmc_version_7(tmp_path):
+    chars = "".join(chr(0x10000 + i) for i in range(70_000))  # > 2**16 ids: uint32 tokens
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": chars}) + "\n")
+    manifest = prepare(
+        tmp_path / "d.jsonl", tmp_path / "out", tokenizer="char", shard_tokens=30_000
+    )
+    assert manifest.dtype == "uint32" and manifest.eot_id == 70_000  # the characters sorted
+    assert_llmc_shards(manifest, np.arange(-1, 70_000) % 70_001, val_shards=1)
