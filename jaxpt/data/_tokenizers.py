@@ -51,7 +51,9 @@ class Tokenizer(Protocol):
     eot_id: int  # separates documents in the token stream
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token names in the text are encoded as plain text."""
+        """Token ids of `text`. A special token's name in the text is plain text to GPT-2's
+        BPE (tiktoken's ``encode_ordinary``) and is that token to a tokenizer.json's (as
+        transformers encodes it: chat templates write their markers so)."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -311,7 +313,8 @@ class HFTokenizer:
         self.pad_id: int | None = self._tok.token_to_id(self.pad) if self.pad else None
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without the template's special tokens (no BOS)."""
+        """Token ids of `text`, without the template's special tokens (no BOS); a special
+        token's name in `text` is that token."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_with_template(self, text: str) -> list[int]:
