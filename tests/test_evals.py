@@ -636,7 +636,8 @@ def test_harness_gives_the_numbers_of_lm_evals_hf_backend_on_the_exported_model(
     """GPT-2's BPE on a perturbed 16-token model: each request as lm-eval's HF backend answers
     it on the model exported to transformers. The context and continuation were encoded
     separately, so a context ending in a space, a continuation that merges with the context's
-    last characters and ``"\\n\\n"`` before a word scored other tokens than lm-eval's."""
+    last characters and ``"\\n\\n"`` before a word scored other tokens than lm-eval's; a
+    ``<|endoftext|>`` in a text was plain text to JaxptLM, the end-of-text token to HFLM."""
     cfg = dataclasses.replace(tiny_config("vgpt"), vocab_size=50257, block_size=16)
     params = perturbed(models.get("vgpt").init(jax.random.key(0), cfg), std=0.3)
     both = harness_and_hf_backend(tmp_path, cfg, params, data.get_tokenizer("gpt2"))
@@ -649,11 +650,14 @@ def test_harness_gives_the_numbers_of_lm_evals_hf_backend_on_the_exported_model(
         ("The end.\n\n", "Then"),
         ("", "Hello world"),  # after the prefix token
         ("One context long enough to lose its oldest tokens to the block of the model", " end"),
+        ("One document.<|endoftext|>The", " next"),
+        ("<|endoftext|>The", " start"),  # begins with the prefix token's text
     ]
     ours, theirs = both("loglikelihood", pairs)
     np.testing.assert_allclose([x for x, _ in ours], [x for x, _ in theirs], rtol=1e-4)
     assert [g for _, g in ours] == [g for _, g in theirs]
     texts = ["The quick brown fox jumps over the lazy dog. " * 3, "  spaced  ", "\n\nx\n"]
+    texts.append("a<|endoftext|>b")
     ours, theirs = both("loglikelihood_rolling", [(t,) for t in texts])
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     options = [{"until": ["\n", "."], "max_gen_toks": 6}, {"until": ["o"], "max_gen_toks": 5}]

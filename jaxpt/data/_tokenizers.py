@@ -156,6 +156,11 @@ class Gpt2Tokenizer:
         """Token ids of `text` ("<|endoftext|>" inside it is plain text)."""
         return self._enc.encode_ordinary(text)
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Token ids of `text` with "<|endoftext|>" inside it the end-of-text id, as
+        transformers' GPT-2 tokenizer encodes it."""
+        return self._enc.encode(text, allowed_special="all")
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` (invalid UTF-8 becomes U+FFFD)."""
         return self._enc.decode(list(ids))
@@ -379,12 +384,16 @@ def bos_id(tokenizer: Tokenizer) -> int:
     return tokenizer.eot_id
 
 
-def transformers_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """The ids transformers' tokenizer of the same files gives ``text`` by default: with the
-    special tokens tokenizer.json's template adds (Llama 3's BOS before every text), which
-    ``encode`` leaves out; GPT-2's BPE and characters add none."""
+def transformers_ids(tokenizer: Tokenizer, text: str, *, template: bool = True) -> list[int]:
+    """The ids transformers' tokenizer of the same files gives ``text``: a special token's
+    name in it as that token (GPT-2's ``<|endoftext|>`` too, which ``encode`` leaves as text)
+    and, unless not ``template`` (``add_special_tokens=False``), with the special tokens
+    tokenizer.json's template adds (Llama 3's BOS before every text), which ``encode`` leaves
+    out; GPT-2's BPE and characters add none."""
     if isinstance(tokenizer, HFTokenizer):
-        return tokenizer.encode_with_template(text)
+        return tokenizer.encode_with_template(text) if template else tokenizer.encode(text)
+    if isinstance(tokenizer, Gpt2Tokenizer):
+        return tokenizer.encode_with_specials(text)
     return tokenizer.encode(text)
 
 

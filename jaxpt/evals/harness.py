@@ -179,9 +179,8 @@ class JaxptLM(TemplateLM):
         token's text (a prompt that holds its BOS), without: what ``TemplateLM.loglikelihood``,
         the rolling windows and the prompts of generations encode with."""
         holds_bos = string.startswith(self.tokenizer.decode([self.prefix_token_id]))
-        if add_special_tokens is False or (add_special_tokens is None and holds_bos):
-            return self.tokenizer.encode(string)
-        return data.transformers_ids(self.tokenizer, string)
+        template = not (add_special_tokens is False or (add_special_tokens is None and holds_bos))
+        return data.transformers_ids(self.tokenizer, string, template=template)
 
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **kwargs
