@@ -157,7 +157,7 @@ def run(
     if mode == "train":
         train.validate_config(config)
         check_writable_directory(workdir, "--workdir")
-        init_params = pretrained_params(config)
+        init_params = pretrained_params(config, workdir)
         train.print_once(str(config))
         train.train(config, workdir, init_params=init_params)
     elif mode == "generate":
@@ -180,16 +180,18 @@ def _without_backend_checks(config):
     return config
 
 
-def pretrained_params(config) -> Callable[[], object] | None:
+def pretrained_params(config, workdir: str | Path) -> Callable[[], object] | None:
     """What ``train.train`` starts from without a checkpoint: None for a fresh ``init``, or,
     with ``checkpoint.init_from``, a function that loads that HF checkpoint's params (called
-    only then, so a resumed run never reads it). The checkpoint's config.json is checked
-    against ``config.model`` here, before anything compiles."""
+    only then, so a resumed run never reads it). Where ``workdir`` holds no checkpoint, the
+    checkpoint's config.json is checked against ``config.model`` here, before anything
+    compiles; a run that resumes neither reads nor fetches it (the load checks it too)."""
     source = config.checkpoint.init_from
     if not source:
         return None
     model_cfg = models.config_from(config.model)
-    hf.check_init_from(model_cfg, source)
+    if not train.has_checkpoint(workdir):
+        hf.check_init_from(model_cfg, source)
 
     def load() -> object:
         params = hf.load_init_from(model_cfg, source).params

@@ -178,6 +178,20 @@ def test_a_workdir_inside_a_runs_checkpoints_names_the_run(workdir, inside, comm
     assert snapshot(workdir) == before
 
 
+def test_a_resumed_run_never_reads_init_from_and_says_so_once(workdir, capsys):
+    """README: a workdir with checkpoints resumes and never reads checkpoint.init_from. Its
+    config.json was read at every launch (a hub name fetched the whole snapshot), so a run
+    whose origin had moved away was refused instead of resumed."""
+    config = trained_config()
+    config.train.steps = 5
+    config.checkpoint.init_from = str(workdir.parent / "moved away")
+    launcher.run(config, workdir=str(workdir), mode="train")
+    out = capsys.readouterr().out
+    assert checkpoint_steps(workdir) == [2, 4, 5]
+    assert out.count("resumed from checkpoint 4\n") == 1
+    assert out.count(f"checkpoint.init_from={workdir.parent / 'moved away'} is not read") == 1
+
+
 @pytest.mark.parametrize("mode", launcher.MODES)
 def test_no_mode_with_init_from_works_inside_a_runs_checkpoint(workdir, mode):
     """Without a checkpoint of its own a workdir reads checkpoint.init_from: --mode=eval then

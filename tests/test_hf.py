@@ -710,7 +710,9 @@ def test_training_starts_from_init_from_and_exports(tmp_path, capsys):
     config = char_config(steps=2, lr=1e-9, warmup_steps=0)  # lr ~ 0: params stay put
     config.checkpoint.init_from = smoke_gpt2_dir(tmp_path / "hf", eos_token_id=[5, 7])
     config.eval.batches = 1
-    state = train.train(config, tmp_path / "run", init_params=launcher.pretrained_params(config))
+    state = train.train(
+        config, tmp_path / "run", init_params=launcher.pretrained_params(config, tmp_path / "run")
+    )
     assert int(state.step) == 2
     assert f"initialised params from {tmp_path / 'hf'}" in capsys.readouterr().out
     imported = hf.from_pretrained(tmp_path / "hf").params

@@ -462,6 +462,11 @@ def train(
         else:
             resumed, state, loader_state = restored
             print_once(f"resumed from checkpoint {resumed}")
+            if config.checkpoint.init_from:
+                print_once(
+                    f"checkpoint.init_from={config.checkpoint.init_from} is not read: a run "
+                    "resumes from its workdir's checkpoints"
+                )
             if note := resume_note(checkpoints.stored_train(resumed), config.train, resumed):
                 print_once(note)
         step = int(state.step)
