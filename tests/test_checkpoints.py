@@ -109,6 +109,27 @@ def test_a_changed_model_is_one_sentence_and_touches_nothing(workdir, command, f
     assert not (workdir.parent / "exported").exists()
 
 
+def test_another_presets_checkpoint_names_every_flag_that_differs(workdir):
+    """A config differing in several fields was told to set the first alone, which led to the
+    next refusal (tiny_moe_2 on a gpt checkpoint: one at a time); the sentence gives them all."""
+    before = snapshot(workdir)
+    config, stored = trained_config(), trained_config()
+    config.model.update(activation="relu", n_layer=4, position="rope")
+    config.train.optimizer = "lion"
+    with pytest.raises(models.ConfigError) as error:
+        resume(config, workdir)
+    message = str(error.value)
+    assert "\n" not in message and "(3 more differ): run with --config." in message
+    flags = re.search(r"run with (.*) to use it", message).group(1).split()
+    assert set(flags) == {
+        f"--config.model.n_layer={stored.model.n_layer}",
+        f"--config.model.activation={stored.model.activation}",
+        f"--config.model.position={stored.model.position}",
+        f"--config.train.optimizer={stored.train.optimizer}",
+    }
+    assert snapshot(workdir) == before
+
+
 @pytest.mark.parametrize("command", [generate, export, read_params])
 def test_reading_params_takes_any_optimizer(workdir, command):
     """Sampling, evaluation and export read the params alone: a config whose train.optimizer

@@ -231,18 +231,23 @@ class Checkpoints:
     def _check_fields(self, step: int, stored: dict, fields: dict) -> None:
         """ConfigError naming the first of ``fields`` (``"section.field"`` -> the run's value)
         whose value differs from checkpoint ``step``'s ``stored`` config (fields it lacks,
-        e.g. from another version, are not compared)."""
+        e.g. from another version, are not compared), and the flags of every field that does
+        (another preset's checkpoint differs in many: fixing the first led to the next)."""
+        trained = {}  # "section.field" -> the checkpoint's value, where it differs
         for name, value in fields.items():
             section, field = name.split(".")
-            saved = stored[section]
-            if field not in saved or saved[field] == value:
-                continue
-            raise ConfigError(
-                f"{name}={value!r} differs from checkpoint {step} in {self.directory}, "
-                f"which was trained with {name}={saved[field]!r}: run with "
-                f"--config.{name}={saved[field]} to use it, or start the new run in "
-                "another --workdir (nothing was changed)."
-            )
+            if stored[section].get(field, value) != value:
+                trained[name] = stored[section][field]
+        if not trained:
+            return
+        first, *others = trained
+        more = f" ({len(others)} more differ)" if len(others) > 1 else " (1 more)" * len(others)
+        flags = " ".join(f"--config.{name}={value}" for name, value in trained.items())
+        raise ConfigError(
+            f"{first}={fields[first]!r} differs from checkpoint {step} in {self.directory}, "
+            f"which was trained with {first}={trained[first]!r}{more}: run with {flags} to use "
+            "it, or start the new run in another --workdir (nothing was changed)."
+        )
 
     def _check_arrays(self, step: int, stored_shapes: dict, target, whole: bool) -> None:
         """ConfigError naming the first array of ``target`` whose shape differs from
