@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpt import data, models, nn, sharding, train
+from jaxpt import data, evals, models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
 
@@ -601,6 +601,28 @@ def test_smoke_run_writes_metrics_plot_checkpoint_and_profile(tmp_path, capsys):
     train.train(config, tmp_path)
     assert "log.profile_from_step=2 is not after step 6" in capsys.readouterr().out
     assert len(list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))) == 1
+
+
+def test_evaluation_time_is_not_counted_in_the_next_steps_throughput(tmp_path, monkeypatch):
+    """``tokens_per_s`` (and MFU) is a training step's: the steps logged after a validation
+    (or HellaSwag) counted its time as theirs, so a slow evaluation showed as a slow step."""
+    use_devices(monkeypatch, 1)
+    evaluation_seconds = 1.0
+    validation_loss = evals.validation_loss
+
+    def slow_validation_loss(*args):
+        time.sleep(evaluation_seconds)
+        return validation_loss(*args)
+
+    monkeypatch.setattr(evals, "validation_loss", slow_validation_loss)
+    config = char_config(steps=3)
+    config.eval.every_steps, config.eval.batches = 1, 1
+    config.checkpoint.every_steps = 1000
+    train.train(config, tmp_path)
+    steps = [r for r in train.read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    tokens_per_step = config.train.batch_size * models.config_from(config.model).block_size
+    seconds = {r["step"]: tokens_per_step / r["tokens_per_s"] for r in steps}
+    assert seconds[2] < evaluation_seconds and seconds[3] < evaluation_seconds, seconds
 
 
 @pytest.mark.parametrize(

@@ -102,18 +102,27 @@ class MetricsLog:
             )
 
     def eval(self, step: int, metrics: dict) -> None:
-        """Validation metrics at ``step``."""
+        """Validation metrics at ``step``, just computed (see ``_evaluated``)."""
         record = {"step": step, **{f"val_{k}": v for k, v in metrics.items()}}
         self._write(record, "val")
         print_once(f"step {step:>6} val_loss {metrics['loss']:.4f}")
+        self._evaluated()
 
     def task(self, step: int, name: str, metrics: dict) -> None:
-        """An evaluation task's metrics at ``step``, each logged as ``<name>_<metric>``."""
+        """An evaluation task's metrics at ``step``, each logged as ``<name>_<metric>``, just
+        computed (see ``_evaluated``)."""
         self._write({"step": step, **{f"{name}_{k}": v for k, v in metrics.items()}}, name)
         values = " ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
         )
         print_once(f"step {step:>6} {name} {values}")
+        self._evaluated()
+
+    def _evaluated(self) -> None:
+        """Restarts the clock of ``tokens_per_s`` after an evaluation, which ran once every
+        step before it was logged: its time is no training step's (a HellaSwag evaluation
+        made the next steps' logged throughput and MFU a fraction of what they were)."""
+        self.last_time = time.perf_counter()
 
     def _write(self, record: dict, group: str) -> None:
         if not self.is_writer:
