@@ -24,6 +24,7 @@ import pytest
 from jaxpt import data, evals, models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
+from jaxpt.train import _metrics
 
 from .conftest import FAST_COMPILE, run_in_repo, use_devices
 
@@ -541,23 +542,88 @@ def test_non_finite_step_leaves_state_unchanged_and_the_logged_lr_is_the_applied
     assert int(state.step) == 3
 
 
-def tensorboard_scalars(directory: Path, tag: str) -> dict[int, float]:
-    """``step -> value`` of the scalar ``tag`` in the event files under ``directory``, read
-    by their TFRecord framing (length, its CRC, the record, its CRC) and TensorBoard's
-    protobuf ``Event``."""
+def tensorboard_events(directory: Path):
+    """The ``Event`` protos of the event files under ``directory``, file after file in name
+    order (TensorBoard's), read by their TFRecord framing (length, its CRC, the record, its
+    CRC) and TensorBoard's protobuf ``Event``."""
     from tensorboardX.proto.event_pb2 import Event
 
-    values = {}
     for path in sorted(directory.iterdir()):
         raw = path.read_bytes()
         while raw:
             (length,) = struct.unpack("<Q", raw[:8])
-            event = Event.FromString(raw[12 : 12 + length])
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = value.simple_value
+            yield Event.FromString(raw[12 : 12 + length])
             raw = raw[16 + length :]
-    return values
+
+
+def tensorboard_scalars(directory: Path, tag: str) -> dict[int, float]:
+    """``step -> value`` of the scalar ``tag`` in the event files under ``directory``."""
+    return {
+        event.step: value.simple_value
+        for event in tensorboard_events(directory)
+        for value in event.summary.value
+        if value.tag == tag
+    }
+
+
+def tensorboard_view(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """``tag -> [(step, value), ...]`` of the scalars under ``directory`` as TensorBoard's
+    EventAccumulator keeps them (``purge_orphaned_data``, its default): in a run whose events
+    are of ``file_version`` 2, each ``SessionLog.START`` after the run's first is a restart,
+    which drops every value logged before it at its step or later."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    view, version_2, started = {}, False, False
+    for event in tensorboard_events(directory):
+        version_2 = version_2 or event.file_version == "brain.Event:2"
+        if version_2 and event.session_log.status == SessionLog.START:
+            if started:
+                view = {
+                    tag: [(step, v) for step, v in values if step < event.step]
+                    for tag, values in view.items()
+                }
+            started = True
+        for value in event.summary.value:
+            view.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return view
+
+
+def test_tensorboard_after_a_resume_holds_what_metrics_jsonl_keeps(tmp_path):
+    """A run killed after logging steps past its last checkpoint (4), resumed there, logs
+    those steps anew (other values here): metrics.jsonl drops the killed run's records of
+    them, and TensorBoard, reading the old event file (left as it was) and the new one, shows
+    the same scalars, one value per tag and step, train, validation and task alike."""
+    workdir = tmp_path / "run"
+    sizes = dict(total_steps=8, tokens_per_step=16, flops_per_token=1.0, print_every=100)
+
+    def log_steps(first_step: int, last_step: int, offset: float) -> None:
+        log = _metrics.MetricsLog(workdir, first_step=first_step, **sizes)
+        for step in range(first_step + 1, last_step + 1):
+            log.train_steps([{"step": step, "loss": offset + step, "grad_norm": 1.0, "lr": 0.1}])
+            if step % 3 == 0:
+                log.eval(step, {"loss": offset - step})
+                log.task(step, "hellaswag", {"acc": offset / step})
+        log.close()
+
+    workdir.mkdir()
+    log_steps(0, 7, offset=10.0)  # killed after logging step 7; checkpoint 4
+    killed_files = {p.name: p.read_bytes() for p in (workdir / "tensorboard").iterdir()}
+    time.sleep(1.05 - time.time() % 1)  # an event file is named by the second it is opened in
+    log_steps(4, 8, offset=20.0)
+    for name, content in killed_files.items():
+        assert (workdir / "tensorboard" / name).read_bytes() == content
+    want = {}
+    for record in train.read_metrics(workdir / "metrics.jsonl"):
+        for key, value in record.items():
+            group = next((g for g in ("val", "hellaswag") if key.startswith(g)), "train")
+            if key != "step" and value is not None:
+                want.setdefault(f"{group}/{key}", []).append((record["step"], value))
+    view = tensorboard_view(workdir / "tensorboard")
+    assert sorted(view) == sorted(want)
+    for tag, values in want.items():
+        assert [step for step, _ in view[tag]] == [step for step, _ in values], tag
+        np.testing.assert_allclose([v for _, v in view[tag]], [v for _, v in values], rtol=1e-6)
+    assert [step for step, _ in want["val/val_loss"]] == [3, 6]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
@@ -566,7 +632,7 @@ def test_training_logs_to_tensorboard_without_importing_torch(tmp_path):
     the start of every run; jaxpt logs floats, and keeps torch out."""
     code = (
         "import sys; from jaxpt.train import _metrics; "
-        "_metrics._summary_writer(sys.argv[1]).close(); print('torch' in sys.modules)"
+        "_metrics._summary_writer(sys.argv[1], 0).close(); print('torch' in sys.modules)"
     )
     result = run_in_repo([sys.executable, "-c", code, str(tmp_path)])
     assert result.stdout.split() == ["False"], result.stderr

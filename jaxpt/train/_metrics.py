@@ -70,7 +70,7 @@ class MetricsLog:
         self.file = self.path.open("a") if self.is_writer else None
         self.tensorboard = None
         if self.is_writer:
-            self.tensorboard = _summary_writer(workdir / "tensorboard")
+            self.tensorboard = _summary_writer(workdir / "tensorboard", first_step)
         self.start_time = self.last_time = time.perf_counter()
         self.last_step = first_step
 
@@ -141,10 +141,16 @@ class MetricsLog:
             plot_losses(self.path, self.path.parent / "loss.png")
 
 
-def _summary_writer(directory: Path):
+def _summary_writer(directory: Path, first_step: int):
     """tensorboardX's ``SummaryWriter`` on ``directory``, imported without torch: tensorboardX
     imports torch where it is installed, only to accept torch tensors (jaxpt logs floats), and
-    that import took longer than jax's, at the start of every run on such a machine."""
+    that import took longer than jax's, at the start of every run on such a machine.
+
+    Its new event file opens with a restart marker (``SessionLog.START`` at ``first_step + 1``):
+    TensorBoard then hides what older event files hold from that step on, the steps a killed
+    run logged past its last checkpoint, as ``_drop_records_after`` drops them from
+    ``metrics.jsonl``; the files themselves are left as they are. A fresh run writes one too:
+    TensorBoard takes a run's first marker for its start, not a restart."""
     hide_torch = "torch" not in sys.modules
     if hide_torch:
         sys.modules["torch"] = None  # meanwhile, ``import torch`` raises ImportError
@@ -153,7 +159,7 @@ def _summary_writer(directory: Path):
     finally:
         if hide_torch:
             del sys.modules["torch"]
-    return SummaryWriter(str(directory))
+    return SummaryWriter(str(directory), purge_step=first_step + 1)
 
 
 def _drop_records_after(path: Path, step: int) -> None:
