@@ -864,3 +864,33 @@ def test_every_preset_smoke_config_trains(path, tmp_path, monkeypatch):
         for r in train.read_metrics(tmp_path / "metrics.jsonl")
         if "loss" in r
     )
+
+
+def files_and_contents(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``directory``: its bytes and modification time (ns), by relative path."""
+    return {
+        str(path.relative_to(directory)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_a_run_already_at_train_steps_says_so_and_writes_nothing(tmp_path, capsys):
+    """Resumed at or below its checkpoint's step, a run printed "resumed from checkpoint 3",
+    trained nothing without saying why, and rewrote loss.png and a TensorBoard file."""
+    config = char_config(steps=3, warmup_steps=0)
+    config.model.update(n_layer=1, block_size=16)
+    config.eval.batches = 1
+    config.checkpoint.keep = 1
+    train.train(config, tmp_path)
+    before = files_and_contents(tmp_path)
+    for steps in (3, 2):
+        config.train.steps = steps
+        capsys.readouterr()
+        state = train.train(config, tmp_path)
+        out = capsys.readouterr().out
+        assert int(state.step) == 3
+        assert f"already at step 3 >= train.steps={steps}" in out, out
+        assert "raise --config.train.steps to train further" in out
+        assert "resumed from" not in out
+        assert files_and_contents(tmp_path) == before

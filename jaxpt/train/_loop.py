@@ -412,6 +412,17 @@ def _check_workdir(workdir: Path) -> None:
         )
 
 
+def _trained_already(checkpoints: Checkpoints, step: int, steps: int) -> str:
+    """What a run says, and all it does, when its checkpoint ``step`` is at or past
+    ``train.steps``: no step is left to train, so nothing is written (no metrics, plot,
+    TensorBoard events or checkpoint)."""
+    return (
+        f"checkpoint {step} in {checkpoints.directory} is already at step {step} >= "
+        f"train.steps={steps}, so there is nothing to train and nothing was written; raise "
+        "--config.train.steps to train further"
+    )
+
+
 class _Steps(NamedTuple):
     """The run's jitted functions (traced at their first call)."""
 
@@ -442,6 +453,8 @@ def train(
     """Trains ``config`` in ``workdir``, resuming from its latest readable checkpoint; without
     one, from the params ``init_params()`` returns (called only then, so a resumed run never
     reads them; the launcher passes ``checkpoint.init_from``'s), else from a fresh ``init``.
+    A checkpoint already at ``train.steps`` (or past it) is returned as it is, with one line
+    saying so; nothing is written.
 
     Raises NonFiniteError when a step is not finite under ``train.on_nonfinite='stop'``, and
     Interrupted after saving when SIGTERM or SIGINT arrives."""
@@ -461,6 +474,9 @@ def train(
             loader_state = run.train_data.init_state(config.train.seed)
         else:
             resumed, state, loader_state = restored
+            if resumed >= config.train.steps:
+                print_once(_trained_already(checkpoints, resumed, config.train.steps))
+                return state
             print_once(f"resumed from checkpoint {resumed}")
             if config.checkpoint.init_from:
                 print_once(
