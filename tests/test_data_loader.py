@@ -86,10 +86,33 @@ def test_resume_from_a_saved_state(manifest, k):
     loader = data.Loader(manifest, "train", B, T)
     batches, states = run(loader, loader.init_state(seed=1), 40)
     saved = json.loads(json.dumps(states[k]))  # what a checkpoint stores
-    assert set(saved) == {"seed", "epoch", "step", "batch_size", "seq_len", "tokens"}
+    assert set(saved) == {"seed", "epoch", "step", "batch_size", "seq_len", "tokens", "data"}
     restored = data.Loader(manifest.directory, "train", B, T)
     resumed, _ = run(restored, saved, 40 - k)
     np.testing.assert_array_equal(np.stack(resumed), np.stack(batches[k:]))
+
+
+def test_a_saved_state_resumes_on_its_data_however_named_and_nowhere_else(manifest, tmp_path):
+    """A state saved on one dataset went on mid-epoch on any other at least as large, reading
+    that data at the old epoch's positions. The same tokens (through a symlink, a relative
+    path, another dtype) resume; other tokens are refused."""
+    loader = data.Loader(manifest, "train", B, T)
+    batches, states = run(loader, loader.init_state(seed=2), 12)
+    saved = json.loads(json.dumps(states[5]))
+    (tmp_path / "link").symlink_to(manifest.directory)
+    same = [
+        tmp_path / "link",
+        os.path.relpath(manifest.directory),
+        synthetic(tmp_path / "wide", [VAL, *TRAIN], dtype="uint32").directory,
+    ]
+    for directory in same:
+        resumed, _ = run(data.Loader(directory, "train", B, T), saved, 7)
+        np.testing.assert_array_equal(np.stack(resumed), np.stack(batches[5:]))
+    other = synthetic(tmp_path / "other", [VAL, *TRAIN[:-1], TRAIN[-1] + 200], first=1)
+    loader = data.Loader(other.directory, "train", B, T)  # larger, each token one more
+    assert not loader.holds(saved)
+    with pytest.raises(errors.DataError, match="tokens of other data than the 'train' split"):
+        loader.next_batch(saved)
 
 
 def test_epochs_wrap_with_a_new_order(manifest):

@@ -894,3 +894,41 @@ def test_a_run_already_at_train_steps_says_so_and_writes_nothing(tmp_path, capsy
         assert "raise --config.train.steps to train further" in out
         assert "resumed from" not in out
         assert files_and_contents(tmp_path) == before
+
+
+def char_data(directory: Path, characters: slice) -> Path:
+    """``characters`` of a real English text (ASCII, so within a vocab of 128), prepared with
+    the char tokenizer into ``directory``."""
+    text = (ROOT.parent / "shared/data/panchatantra-ryder.txt").read_text()
+    source = directory.with_suffix(".txt")
+    source.write_text(text.encode("ascii", "ignore").decode()[characters])
+    kw = {"tokenizer": "char", "shard_tokens": 4000, "workers": 1, "progress": False}
+    data.prepare_dataset(str(source), directory, **kw)
+    return directory
+
+
+def test_a_run_resumes_on_its_data_however_named_and_refuses_other_data(tmp_path, monkeypatch):
+    """Resumed on another prepared dataset at least as large, a run went on mid-epoch with
+    the old data's order and positions; the same data named another way must still resume."""
+    first = char_data(tmp_path / "first", slice(0, 16_000))
+    other = char_data(tmp_path / "other", slice(16_000, 40_000))
+    config = char_config(steps=2, warmup_steps=0)
+    config.model.update(n_layer=1, block_size=16)
+    config.eval.batches = 1
+    config.data.dataset = str(first)
+    workdir = tmp_path / "run"
+    train.train(config, workdir)
+    before = files_and_contents(workdir)
+    config.train.steps = 3
+    config.data.dataset = str(other)
+    with pytest.raises(ConfigError) as refused:
+        train.train(config, workdir)
+    assert f"data.dataset='{other}'" in str(refused.value)
+    assert f"--config.data.dataset={first} to resume it" in str(refused.value)
+    assert "another --workdir (nothing was changed)" in str(refused.value)
+    assert files_and_contents(workdir) == before
+    (tmp_path / "link").symlink_to(first)
+    monkeypatch.chdir(tmp_path)
+    config.data.dataset = "link"  # relative, through a symlink
+    train.train(config, workdir)
+    assert sorted(train_losses(workdir)) == [1, 2, 3]

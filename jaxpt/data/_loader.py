@@ -7,7 +7,9 @@ step s of the epoch is windows s*B ... s*B + B - 1 of that order. The loader hol
 `next_batch(state)` returns the batch `state` points at and the state after it, so the state a
 checkpoint stores resumes exactly. The state records the N of its epoch: a run resumed on
 data that has grown since (a longer run extended its cache) finishes that epoch as it began,
-and the next epoch covers all N of this loader. The state is global (the same on every
+and the next epoch covers all N of this loader. The state also records a digest of the N
+tokens it indexes (`data`: runs of tokens spread over them), so a state is refused by a loader
+of other data, however its path is spelled. The state is global (the same on every
 process); `rows` picks the rows of each global batch this process reads.
 
 Chat data (`Manifest.row_tokens` = T + 1) is read by whole rows, one conversation each: the
@@ -17,6 +19,7 @@ carries the rows' loss mask.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -26,7 +29,9 @@ import numpy as np
 from jaxpt.data._shards import Manifest, load_manifest
 from jaxpt.errors import DataError
 
-LoaderState = dict  # {"seed", "epoch", "step", "batch_size", "seq_len", "tokens"}: all ints
+LoaderState = dict  # {"seed", "epoch", "step", "batch_size", "seq_len", "tokens"}: ints; "data"
+
+_DIGEST_RUNS, _DIGEST_RUN_TOKENS = 16, 64  # what `Loader.digest` reads of a split
 
 
 class MaskedBatch(NamedTuple):
@@ -102,11 +107,13 @@ class Loader:
         self.windows = _epoch_windows(self.tokens, seq_len, self.by_rows)  # W, per epoch
         self.steps_per_epoch = self.windows // batch_size
         self._order_cache: dict[tuple[int, int, int], tuple[int, np.ndarray]] = {}
+        self._digests: dict[int, str] = {}
 
     def init_state(self, seed: int = 0) -> LoaderState:
         """The state of a loader at the first step of epoch 0, for `seed`."""
         check_batches(self.manifest, self.split, self.batch_size, self.seq_len)
-        return {"seed": seed, "epoch": 0, "step": 0, **self._shape(), "tokens": self.tokens}
+        state = {"seed": seed, "epoch": 0, "step": 0, **self._shape(), "tokens": self.tokens}
+        return {**state, "data": self.digest(self.tokens)}
 
     def next_batch(self, state: LoaderState) -> tuple[np.ndarray | MaskedBatch, LoaderState]:
         """The batch at `state`: this process's rows, (len(rows), T + 1) int32 (a `MaskedBatch`
@@ -120,7 +127,13 @@ class Loader:
         step, epoch, tokens = state["step"] + 1, state["epoch"], state["tokens"]
         if step == windows // self.batch_size:
             step, epoch, tokens = 0, epoch + 1, self.tokens
-        return batch, {**state, "epoch": epoch, "step": step, "tokens": tokens}
+        return batch, {
+            **state,
+            "epoch": epoch,
+            "step": step,
+            "tokens": tokens,
+            "data": self.digest(tokens),
+        }
 
     def eval_batches(self, num_batches: int | None = None) -> Iterator[np.ndarray | MaskedBatch]:
         """The first `num_batches` batches (default: all) of windows k*T (chat data: rows) in
@@ -131,6 +144,25 @@ class Loader:
         num_batches = self.check_eval(num_batches)
         for b in range(num_batches):
             yield self._read_windows((b * self.batch_size + self.rows) * self._stride)
+
+    def holds(self, state: LoaderState) -> bool:
+        """Whether this split holds the data `state` indexes: at least its `tokens`, and the
+        first `tokens` alike (`digest`; a state saved before the digest was recorded has none
+        to compare)."""
+        if not 0 < state["tokens"] <= self._starts[-1]:
+            return False
+        return state.get("data", self.digest(state["tokens"])) == self.digest(state["tokens"])
+
+    def digest(self, tokens: int) -> str:
+        """What identifies the split's first `tokens` tokens (their values, whatever the path,
+        dtype or shards hold them): a hex digest of 16 runs of 64 tokens spread evenly over
+        them, the first and last included."""
+        if tokens not in self._digests:
+            length = min(_DIGEST_RUN_TOKENS, tokens)
+            starts = np.linspace(0, tokens - length, _DIGEST_RUNS).astype(np.int64)
+            runs = [self._read(self._shards, int(s), length).astype(np.int64) for s in starts]
+            self._digests[tokens] = hashlib.sha256(np.concatenate(runs).tobytes()).hexdigest()[:16]
+        return self._digests[tokens]
 
     def check_eval(self, num_batches: int | None = None) -> int:
         """The number of evaluation batches (default: all there are); raises DataError when
@@ -155,11 +187,11 @@ class Loader:
                 f"the loader state was saved for {saved} but this loader has {self._shape()}; "
                 "resume with the same data, batch size and sequence length"
             )
-        if not 0 < state["tokens"] <= self._starts[-1]:
+        if not self.holds(state):
             raise DataError(
-                f"the loader state reads the first {state['tokens']} tokens of the "
-                f"{self.split!r} split but {self.manifest.directory} holds {self._starts[-1]}; "
-                "resume with the data the run started on"
+                f"the loader state reads the first {state['tokens']} tokens of other data than "
+                f"the {self.split!r} split of {self.manifest.directory} ({self._starts[-1]} "
+                "tokens); resume with the data the run started on"
             )
         steps = _epoch_windows(state["tokens"], self.seq_len, self.by_rows) // self.batch_size
         if not 0 <= state["step"] < steps:

@@ -156,11 +156,11 @@ class Checkpoints:
         step, items = restored
         return step, items["state"]["params"]
 
-    def stored_train(self, step: int) -> dict:
-        """The train section of the config checkpoint ``step`` was saved with ({} where an
-        older version saved none)."""
+    def stored_section(self, step: int, section: str) -> dict:
+        """The ``section`` (``"train"``, ``"data"``, ...) of the config checkpoint ``step`` was
+        saved with ({} where an older version saved none)."""
         stored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return dict(stored["config"].get("train", {}))
+        return dict(stored["config"].get(section, {}))
 
     def _newest_readable(self, restore: Callable[[int], dict]) -> tuple[int, dict] | None:
         """``(step, restore(step))`` for the newest step ``restore`` can read, or None;

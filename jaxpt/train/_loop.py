@@ -412,6 +412,29 @@ def _check_workdir(workdir: Path) -> None:
         )
 
 
+def _check_same_data(
+    config, train_data: data.Loader, loader_state: dict, checkpoints: Checkpoints, step: int
+) -> None:
+    """ConfigError unless ``train_data`` holds the data checkpoint ``step``'s ``loader_state``
+    indexes (``Loader.holds``: its tokens, not its path): on other data the run would go on
+    mid-epoch with positions and an order drawn for the data it was trained on."""
+    if train_data.holds(loader_state):
+        return
+    trained_on = checkpoints.stored_section(step, "data").get("dataset")
+    keep = (
+        f"run with --config.data.dataset={trained_on}"
+        if trained_on not in (None, config.data.dataset)
+        else "run with the data it was trained on"
+    )
+    raise ConfigError(
+        f"data.dataset={config.data.dataset!r} ({train_data.manifest.directory}) is not the data "
+        f"checkpoint {step} in {checkpoints.directory} was trained on (data.dataset="
+        f"{trained_on!r}; its loader state indexes that data's first {loader_state['tokens']} "
+        f"training tokens): {keep} to resume it, or start the new run in another --workdir "
+        "(nothing was changed)."
+    )
+
+
 def _trained_already(checkpoints: Checkpoints, step: int, steps: int) -> str:
     """What a run says, and all it does, when its checkpoint ``step`` is at or past
     ``train.steps``: no step is left to train, so nothing is written (no metrics, plot,
@@ -474,6 +497,7 @@ def train(
             loader_state = run.train_data.init_state(config.train.seed)
         else:
             resumed, state, loader_state = restored
+            _check_same_data(config, run.train_data, loader_state, checkpoints, resumed)
             if resumed >= config.train.steps:
                 print_once(_trained_already(checkpoints, resumed, config.train.steps))
                 return state
@@ -483,7 +507,9 @@ def train(
                     f"checkpoint.init_from={config.checkpoint.init_from} is not read: a run "
                     "resumes from its workdir's checkpoints"
                 )
-            if note := resume_note(checkpoints.stored_train(resumed), config.train, resumed):
+            if note := resume_note(
+                checkpoints.stored_section(resumed, "train"), config.train, resumed
+            ):
                 print_once(note)
         step = int(state.step)
         log = MetricsLog(
