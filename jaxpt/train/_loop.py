@@ -424,7 +424,8 @@ def _check_same_data(
     keep = (
         f"run with --config.data.dataset={trained_on}"
         if trained_on not in (None, config.data.dataset)
-        else "run with the data it was trained on"
+        else "run with the data it was trained on (a hub dataset's also with the eval.batches "
+        "it was trained with: its training split starts after the validation tokens they read)"
     )
     raise ConfigError(
         f"data.dataset={config.data.dataset!r} ({train_data.manifest.directory}) is not the data "
