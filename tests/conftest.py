@@ -62,6 +62,14 @@ def use_devices(monkeypatch, n: int) -> list:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+PANCHATANTRA = ROOT.parent / "shared/data/panchatantra-ryder.txt"  # an English book
+
+
+def shared_book() -> Path:
+    """``PANCHATANTRA`` (../shared/data beside the checkout), or a skip where it is absent."""
+    if not PANCHATANTRA.is_file():
+        pytest.skip(f"{PANCHATANTRA} is absent (shared test data)")
+    return PANCHATANTRA
 
 
 def run_in_repo(args: list[str], **kwargs) -> subprocess.CompletedProcess:

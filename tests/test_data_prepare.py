@@ -19,15 +19,14 @@ import pytest
 from jaxpt import data, errors
 from jaxpt.data import _prepare
 
-PANCHATANTRA = Path(__file__).resolve().parents[2] / "shared/data/panchatantra-ryder.txt"
+from .conftest import shared_book
+
 SHARD = 16_384  # the book is ~124K GPT-2 tokens -> 8 shards
 
 
 @pytest.fixture(scope="module")
 def book() -> Path:
-    if not PANCHATANTRA.is_file():
-        pytest.skip(f"{PANCHATANTRA} is absent (shared test data)")
-    return PANCHATANTRA
+    return shared_book()
 
 
 def tokens_of(manifest: data.Manifest) -> np.ndarray:

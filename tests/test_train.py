@@ -26,7 +26,7 @@ from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
 from jaxpt.train import _metrics
 
-from .conftest import FAST_COMPILE, run_in_repo, use_devices
+from .conftest import FAST_COMPILE, run_in_repo, shared_book, use_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -899,7 +899,7 @@ def test_a_run_already_at_train_steps_says_so_and_writes_nothing(tmp_path, capsy
 def char_data(directory: Path, characters: slice) -> Path:
     """``characters`` of a real English text (ASCII, so within a vocab of 128), prepared with
     the char tokenizer into ``directory``."""
-    text = (ROOT.parent / "shared/data/panchatantra-ryder.txt").read_text()
+    text = shared_book().read_text()
     source = directory.with_suffix(".txt")
     source.write_text(text.encode("ascii", "ignore").decode()[characters])
     kw = {"tokenizer": "char", "shard_tokens": 4000, "workers": 1, "progress": False}
