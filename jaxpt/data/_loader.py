@@ -151,7 +151,7 @@ class Loader:
         to compare)."""
         if not 0 < state["tokens"] <= self._starts[-1]:
             return False
-        return state.get("data", self.digest(state["tokens"])) == self.digest(state["tokens"])
+        return state.get("data") in (None, self.digest(state["tokens"]))
 
     def digest(self, tokens: int) -> str:
         """What identifies the split's first `tokens` tokens (their values, whatever the path,
