@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxpt import launcher, models, train
-from jaxpt.hf.__main__ import export_checkpoint
+from jaxpt.hf.__main__ import export_checkpoint, import_checkpoint
 from jaxpt.train import _checkpoint, _metrics
 
 from .test_train import char_config, final_params, launch, train_losses
@@ -197,6 +197,25 @@ def test_a_workdir_inside_a_runs_checkpoints_names_the_run(workdir, inside, comm
     ):
         command(trained_config(), workdir / inside)
     assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("inside", ["checkpoints/5", "checkpoints/4/hf"])
+@pytest.mark.parametrize("to", ["hf", "jaxpt"])
+def test_no_hf_out_inside_a_runs_checkpoints(workdir, inside, to):
+    """``jaxpt.hf --out=runs/a/checkpoints/5`` wrote a Hugging Face directory where orbax
+    reads step 5, and training runs/a then refused it; the run's files are unchanged."""
+    before = snapshot(workdir)
+    out = workdir / inside
+    with pytest.raises(
+        models.ConfigError,
+        match=rf"^--out={re.escape(str(out))} is inside the checkpoints of the run in "
+        rf"{re.escape(str(workdir))}, .*: choose a --out outside ",
+    ):
+        if to == "hf":
+            export_checkpoint(trained_config(), workdir, out)
+        else:
+            import_checkpoint(workdir.parent / "never read", out)
+    assert snapshot(workdir) == before and not out.exists()
 
 
 def test_a_resumed_run_never_reads_init_from_and_says_so_once(workdir, capsys):

@@ -26,6 +26,13 @@ from jaxpt.hf._files import Pretrained, checkpoint_directory, from_pretrained, s
 from jaxpt.hf._layouts import CheckpointError, layout_of
 
 
+def _check_out(out: str | os.PathLike) -> None:
+    """ConfigError unless ``out`` is a new or empty directory outside every run's
+    checkpoints (a directory written there would read as one of that run's steps)."""
+    train.check_outside_checkpoints(out, "--out")
+    check_new_directory(out, "--out")
+
+
 def _launch_flags(config, out: Path) -> str:
     """launch.py overrides that make a preset's run start from the checkpoint in ``out``."""
     layout = layout_of(config)
@@ -40,7 +47,7 @@ def _launch_flags(config, out: Path) -> str:
 def import_checkpoint(source, out: str | os.PathLike) -> Pretrained:
     """``--to=jaxpt``: reads ``source`` and writes it to ``out`` (new or empty) as a directory
     that ``checkpoint.init_from`` (and transformers) reads: safetensors, with its tokenizer."""
-    check_new_directory(out, "--out")
+    _check_out(out)
     config, params, tokenizer = pretrained = from_pretrained(source)
     out = save_pretrained(params, config, out, tokenizer=tokenizer, origin=source).absolute()
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -58,7 +65,7 @@ def export_checkpoint(config, workdir: str | os.PathLike, out: str | os.PathLike
     (new or empty), with the run's tokenizer when it has an HF form (tokenizer.json or
     GPT-2's) and the special-token ids and generation defaults of its
     ``checkpoint.init_from``, if any."""
-    check_new_directory(out, "--out")
+    _check_out(out)
     model_cfg = models.config_from(config.model)
     architecture = config_to_hf(model_cfg)["architectures"][0]  # fails before any reading
     origin = _origin(config.checkpoint.init_from)

@@ -319,23 +319,29 @@ def _is_checkpoints_of_a_run(path: Path) -> bool:
     )
 
 
-def check_outside_checkpoints(workdir: str | Path) -> None:
-    """ConfigError when ``workdir`` is, or is inside, a run's ``checkpoints`` directory or one
-    of its step checkpoints (``--workdir=runs/a/checkpoints/4``, meant to resume ``runs/a``):
-    a run there would write its files among that run's checkpoints, whose training then
-    refuses them, and find none of its own. Names the run's directory; reads no checkpoint."""
-    path = Path(workdir).absolute()
-    for place in (path, *path.parents):
+def check_outside_checkpoints(path: str | Path, flag: str = "--workdir") -> None:
+    """ConfigError naming ``flag`` when ``path`` is, or is inside, a run's ``checkpoints``
+    directory or one of its step checkpoints (``--workdir=runs/a/checkpoints/4``, meant to
+    resume ``runs/a``; an export's ``--out`` there): files written there sit among that run's
+    checkpoints, whose training then refuses them. Names the run's directory; reads no
+    checkpoint."""
+    absolute = Path(path).absolute()
+    for place in (absolute, *absolute.parents):
         if _is_checkpoint(place):
             run = place.parent.parent
         elif _is_checkpoints_of_a_run(place):
             run = place.parent
         else:
             continue
+        todo = (
+            f"pass --workdir={run} to resume or read that run, or choose a new --workdir"
+            if flag == "--workdir"
+            else f"choose a {flag} outside {run / 'checkpoints'}"
+        )
         raise ConfigError(
-            f"--workdir={workdir} is inside the checkpoints of the run in {run}, where a run "
-            f"would write its own files among that run's checkpoints: pass --workdir={run} to "
-            "resume or read that run, or choose a new --workdir (nothing was changed)."
+            f"{flag}={path} is inside the checkpoints of the run in {run}, where this command "
+            f"would write its own files among that run's checkpoints: {todo} (nothing was "
+            "changed)."
         )
 
 
