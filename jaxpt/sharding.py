@@ -69,8 +69,12 @@ def validate_mesh(mesh_cfg) -> None:
     for field in DCN_FIELDS.values():
         if mesh_cfg[field] != -1:
             check_range(f"mesh.{field}", mesh_cfg[field], at_least=1, integer=True, note=", or -1")
-    _at_most_one_rest([f"mesh.{axis}" for axis in MESH_AXES if mesh_cfg[axis] == -1], "devices")
-    _at_most_one_rest([f"mesh.{f}" for f in DCN_FIELDS.values() if mesh_cfg[f] == -1], "slices")
+    _at_most_one_rest(
+        [f"mesh.{axis}" for axis in MESH_AXES if mesh_cfg[axis] == -1], "devices", "mesh.data"
+    )
+    _at_most_one_rest(
+        [f"mesh.{f}" for f in DCN_FIELDS.values() if mesh_cfg[f] == -1], "slices", "mesh.dcn_data"
+    )
     if not isinstance(mesh_cfg.shard_optimizer, bool):
         raise ConfigError(
             f"mesh.shard_optimizer={mesh_cfg.shard_optimizer!r} must be True or False."
@@ -100,10 +104,16 @@ def _several_axes_syntax(rule: str, axes) -> str:
     return f'; to name several axes, pass a tuple: --config.mesh.rules.{rule}="{names!r}"'
 
 
-def _at_most_one_rest(fields: list[str], what: str) -> None:
+def _at_most_one_rest(fields: list[str], what: str, default: str) -> None:
+    """ConfigError when more than one of ``fields`` (e.g. ``["mesh.data", "mesh.fsdp"]``) is
+    -1, showing the sizes that leave the last of them the rest: ``default``, the field that is
+    -1 by default, is -1 in a run given only ``--config.mesh.fsdp=-1`` too."""
     if len(fields) > 1:
+        sizes = " and ".join(f"{field}=1" for field in fields[:-1])
+        why = f" ({default} is -1 by default)" if default in fields else ""
         raise ConfigError(
-            f"{' and '.join(fields)} are all -1: at most one takes the {what} left over."
+            f"{' and '.join(fields)} are all -1{why}, but at most one takes the {what} left "
+            f"over; set {sizes} (or another size) to give {fields[-1]} the rest."
         )
 
 

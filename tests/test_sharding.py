@@ -438,7 +438,7 @@ def test_dcn_axes_must_match_the_slices():
         (4, dict(dcn_data=1, dcn_fsdp=-1), (1, 4, 1, 1)),
         (2, dict(dcn_data=2, dcn_fsdp=1), (2, 1, 1, 1)),
         (4, dict(dcn_data=-1, dcn_fsdp=3), "mesh.dcn_data=-1 x mesh.dcn_fsdp=3 must equal"),
-        (2, dict(dcn_data=-1, dcn_fsdp=-1), "are all -1: at most one takes the slices left"),
+        (2, dict(dcn_data=-1, dcn_fsdp=-1), "are all -1 (mesh.dcn_data is -1 by default), but"),
     ],
 )
 def test_slice_counts_resolve_minus_one_to_the_slices_left(n_slices, dcn, expected):
@@ -451,6 +451,29 @@ def test_slice_counts_resolve_minus_one_to_the_slices_left(n_slices, dcn, expect
             sharding.dcn_shape(config.mesh, groups)
     else:
         assert sharding.dcn_shape(config.mesh, groups) == expected
+
+
+def test_a_second_axis_of_minus_one_names_the_default_and_the_size_to_set():
+    """``--config.mesh.fsdp=-1`` alone (FSDP over every device; ``dcn_fsdp=-1``: over every
+    slice) leaves ``mesh.data`` (``dcn_data``) at its default -1 too: the sentence said only
+    that at most one may be -1. It names the default and the setting, which works."""
+    config = small_config("gpt", data=-1, fsdp=-1)
+    with pytest.raises(ConfigError) as caught:
+        sharding.make_mesh(config.mesh)
+    assert str(caught.value) == (
+        "mesh.data and mesh.fsdp are all -1 (mesh.data is -1 by default), but at most one "
+        "takes the devices left over; set mesh.data=1 (or another size) to give mesh.fsdp "
+        "the rest."
+    )
+    config.mesh.data = 1
+    assert sharding.make_mesh(config.mesh).shape["fsdp"] == len(jax.devices())
+    config = small_config("gpt", data=-1, dcn_fsdp=-1)
+    with pytest.raises(ConfigError, match=r"set mesh\.dcn_data=1 \(or another size\) to give "):
+        sharding.make_mesh(config.mesh)
+    config.mesh.dcn_data = 1
+    devices = jax.devices()
+    two_slices = [devices[:4], devices[4:]]
+    assert sharding.dcn_shape(config.mesh, two_slices) == (1, 2, 1, 1)
 
 
 def test_the_report_names_every_spec_and_large_replicated_tensors():
