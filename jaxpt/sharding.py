@@ -286,17 +286,21 @@ def _named_arrays(params) -> list[tuple[str, jax.Array, nn.Axes]]:
 def describe_shardings(params, mesh: Mesh, rules, *, shard_optimizer: bool = False) -> str:
     """The mesh, then one line per array of ``params``: its path, shape, logical axes and
     resolved PartitionSpec (abstract shapes are fine); with ``shard_optimizer`` (ZeRO-1) also
-    its optimizer moments' PartitionSpec (``moment_shardings``)."""
+    its optimizer moments' PartitionSpec (``moment_shardings``). Each column is as wide as
+    its longest entry."""
     sizes = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
     what = "param shardings" + (", then their optimizer moments'" if shard_optimizer else "")
-    lines = [f"mesh ({sizes}) over {mesh.devices.size} devices; {what}:"]
-    named = _named_arrays(params)
-    width = max(len(path) for path, _, _ in named)
-    for path, array, axes in named:
-        spec = spec_for(array.shape, axes, mesh, rules)
+    rows = []
+    for path, array, axes in _named_arrays(params):
+        specs = [spec_for(array.shape, axes, mesh, rules)]
         if shard_optimizer:
-            spec = f"{spec!s:<28} {_moment_spec(array.shape, axes, mesh, rules, True)}"
-        lines.append(f"  {path:<{width}}  {array.shape!s:<20} {tuple(axes)!s:<36} {spec}")
+            specs.append(_moment_spec(array.shape, axes, mesh, rules, True))
+        rows.append([path, str(array.shape), str(tuple(axes)), *map(str, specs)])
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    lines = [f"mesh ({sizes}) over {mesh.devices.size} devices; {what}:"]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  " + "  ".join(cells).rstrip())
     return "\n".join(lines)
 
 

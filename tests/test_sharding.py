@@ -512,6 +512,27 @@ def test_the_report_names_the_optimizer_moments_specs_the_step_uses_with_zero_1(
     assert any("'data'" in spec for spec in moments) == (n_embed % 8 == 0)
 
 
+def test_the_report_keeps_its_columns_aligned_for_long_shapes_and_specs():
+    """Columns were padded to fixed widths (shape 20, spec 28): a 4-dimensional expert weight
+    of a real size, or its moments' spec under ZeRO-1, pushed the columns after it out of line.
+    Each column now starts at the same place on every line."""
+    model = (("n_embed", 1536), ("n_mlp_hidden", 6144), ("n_experts", 128))
+    config = small_config("tiny_moe", model, data=2, fsdp=2, expert=2, shard_optimizer=True)
+    mesh = sharding.make_mesh(config.mesh)
+    params = train.abstract_state(config, mesh)[0].params  # shapes only
+    report = sharding.describe_shardings(params, mesh, config.mesh.rules, shard_optimizer=True)
+    lines = report.splitlines()[1:]
+    assert any("(1, 128, 1536, 6144)" in line for line in lines)  # longer than 20
+    assert any("P(None, 'expert', ('fsdp', 'data'), None)" in line for line in lines)
+    starts = {  # column -> where it starts on each line
+        "shape": {line.index(" (") for line in lines},
+        "axes": {line.index(" ('") if " ('" in line else line.index(" (None") for line in lines},
+        "spec": {line.index(" P(") for line in lines},
+        "moments": {line.rindex(" P(") for line in lines},
+    }
+    assert {column: len(where) for column, where in starts.items()} == dict.fromkeys(starts, 1)
+
+
 @pytest.mark.parametrize(
     "n_head, n_kv_head, tensor",
     [(6, 2, 2), (6, 2, 4), (8, 2, 4), (8, 2, 8), (8, 8, 8), (9, 3, 2)],
