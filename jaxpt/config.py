@@ -315,6 +315,26 @@ def parse_flags(program: str) -> Callable[[list[str]], list[str]]:
     return parse
 
 
+def config_text(config: ml_collections.ConfigDict) -> str:
+    """``config`` as a run prints it at start: one ``name: value`` line per field, sorted,
+    sections indented under their name, each value as a ``--config.<field>=`` flag takes it
+    (``('data', 'fsdp')``, ``None``, a string bare, an empty one ``''``). ConfigDict's own
+    text (YAML) tags tuples ``!!python/tuple`` and shows a tuple shared by several fields
+    once, the others as ``*id001``."""
+    return "\n".join(_field_lines(config.to_dict(), indent=""))
+
+
+def _field_lines(fields: dict, indent: str) -> list[str]:
+    lines = []
+    for name, value in sorted(fields.items()):
+        if isinstance(value, dict):
+            lines += [f"{indent}{name}:", *_field_lines(value, indent + "  ")]
+        else:
+            shown = value if isinstance(value, str) and value else repr(value)
+            lines.append(f"{indent}{name}: {shown}")
+    return lines
+
+
 def check_writable_directory(path: str | os.PathLike, flag: str) -> None:
     """Raises ConfigError naming ``flag`` (e.g. ``"--workdir"``) unless ``path`` is, or can be
     made, a directory this process writes into. Creates nothing."""

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxpt import data, evals, hf, models, sharding, train
-from jaxpt.config import check_writable_directory
+from jaxpt.config import check_writable_directory, config_text
 from jaxpt.errors import ConfigError, DataError, check_range, first_line
 from jaxpt.generation import chat, generate, room
 
@@ -158,7 +158,7 @@ def run(
         train.validate_config(config)
         check_writable_directory(workdir, "--workdir")
         init_params = pretrained_params(config, workdir)
-        train.print_once(str(config))
+        train.print_once(config_text(config))
         train.train(config, workdir, init_params=init_params)
     elif mode == "generate":
         for i, text in enumerate(sample(config, workdir, sample_options or SampleOptions())):

@@ -229,6 +229,7 @@ def test_a_resumed_run_never_reads_init_from_and_says_so_once(workdir, capsys):
     out = capsys.readouterr().out
     assert checkpoint_steps(workdir) == [2, 4, 5]
     assert out.count("resumed from checkpoint 4\n") == 1
+    assert "\n  rules:\n    batch: ('data', 'fsdp', 'expert')\n" in out  # config_text
     assert out.count(f"checkpoint.init_from={workdir.parent / 'moved away'} is not read") == 1
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jaxpt import data, launcher, models, train
-from jaxpt.config import check_config_flags, check_override
+from jaxpt.config import check_config_flags, check_override, config_text
 from jaxpt.errors import ConfigError
 from jaxpt.hf.__main__ import export_checkpoint
 from tests.conftest import use_devices
@@ -130,6 +130,44 @@ def test_every_preset_passes_as_shipped_with_every_optimizer_and_schedule():
             for optimizer, schedule in itertools.product(train.OPTIMIZERS, train.SCHEDULES):
                 config.train.update(optimizer=optimizer, schedule=schedule)
                 train.validate_config(config)
+
+
+def read_config_text(text: str) -> dict:
+    """The fields of ``config_text``'s lines, by dotted name: its values read as the flags
+    would (a literal, else the bare string)."""
+    fields, sections = {}, []
+    for line in text.splitlines():
+        depth = (len(line) - len(line.lstrip())) // 2
+        name, shown = line.strip().split(": ", 1) if ": " in line else (line.strip()[:-1], None)
+        sections[depth:] = [name]
+        if shown is not None:
+            try:
+                fields[".".join(sections)] = ast.literal_eval(shown)
+            except (ValueError, SyntaxError):
+                fields[".".join(sections)] = shown
+    return fields
+
+
+def flat_fields(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_fields(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda path: path.stem)
+def test_the_printed_config_reads_back_as_every_field_without_yaml_aliases(path):
+    """A run prints its config at start. ConfigDict's YAML showed mesh.rules' tuples tagged
+    ``!!python/tuple``, one per line, and the default rules' shared ``('tensor',)`` once,
+    then as ``*id001`` under mlp, q_heads and vocab."""
+    config = load_config(path, None)
+    text = config_text(config)
+    assert "*id" not in text and "!!" not in text
+    assert read_config_text(text) == flat_fields(config.to_dict())
+    assert "    mlp: ('tensor',)" in text.splitlines()
 
 
 @pytest.mark.parametrize(
