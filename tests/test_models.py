@@ -14,7 +14,7 @@ import pytest
 import jaxpt
 from jaxpt import hf, models, nn
 from jaxpt.config import preset_config
-from jaxpt.errors import ConfigError
+from jaxpt.errors import ConfigError, DataError
 from tests.test_nn import equations, kept_for_backward
 
 VOCAB = 97
@@ -185,6 +185,17 @@ def test_padding_mask_hides_padded_tokens():
     np.testing.assert_allclose(logits[0, :10], logits2[0, :10], atol=1e-6)
     unpadded, _ = forward("gqa_glu_rope_gpt", cfg, params, tokens[:1, :10])
     np.testing.assert_allclose(logits[0, :10], unpadded[0], atol=1e-5)
+
+
+def test_more_tokens_than_learned_positions_is_one_sentence_not_nan_logits():
+    cfg = tiny_config("gpt")  # block_size 16; the lookup past the table filled NaN
+    params = models.get("gpt").init(jax.random.key(0), cfg)
+    with pytest.raises(DataError, match=r"^17 tokens per sequence exceed model\.block_size=16"):
+        forward("gpt", cfg, params, random_tokens(0, (1, 17)))
+    rope = tiny_config("rope_gpt")  # rotary positions have no table to run past
+    rope_params = models.get("rope_gpt").init(jax.random.key(0), rope)
+    logits, _ = forward("rope_gpt", rope, rope_params, random_tokens(0, (1, 17)))
+    assert jnp.isfinite(logits).all()
 
 
 def count(name, **overrides):

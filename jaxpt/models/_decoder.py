@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxpt import nn
+from jaxpt.errors import DataError
 from jaxpt.models._mixers import MIXERS
 
 if TYPE_CHECKING:
@@ -197,10 +198,21 @@ def features(
 
 def _embed(params: Decoder, tokens: Array, positions: Array, cfg: ModelConfig) -> Array:
     """Token embeddings, plus learned position embeddings where the model has them:
-    ``(B, T, D)`` in ``cfg.dtype``."""
+    ``(B, T, D)`` in ``cfg.dtype``.
+
+    With learned positions, ``T`` beyond the table (``block_size`` rows) is a DataError when
+    traced: the lookup past the table's end would fill the embeddings, and every logit, with
+    NaN.
+    """
     dtype = jnp.dtype(cfg.dtype)
     x = nn.embed(params.wte, tokens, dtype)
     if params.wpe is not None:
+        if tokens.shape[1] > params.wpe.weight.shape[0]:
+            raise DataError(
+                f"{tokens.shape[1]} tokens per sequence exceed model.block_size="
+                f"{params.wpe.weight.shape[0]}, the length of the learned position table: "
+                "pass at most block_size tokens, or use a model with a larger block_size."
+            )
         x = x + nn.embed(params.wpe, positions, dtype)
     return x
 
