@@ -345,6 +345,29 @@ def test_bad_config_gets_one_clear_sentence(overrides, words):
         models.config_from(section)
 
 
+@pytest.mark.parametrize(
+    "capability, n_embed, n_head, widest",
+    [("9.0", 48, 4, 256), ("9.0", 264, 1, 256), ("8.0", 192, 1, 128)],
+    ids=["width-12", "width-264-hopper", "width-192-ampere"],
+)
+def test_cudnn_attention_on_a_head_width_cudnn_refuses_is_one_sentence(
+    capability, n_embed, n_head, widest, monkeypatch
+):
+    # JAX's cuDNN flash attention refused them with a NotImplementedError from inside a trace
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    gpu = type("Gpu", (), {"compute_capability": capability})()
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
+    cudnn = dict(sdpa_implementation="cudnn", dtype="bfloat16", n_mlp_hidden=64)
+    with pytest.raises(ConfigError) as refused:
+        models.ModelConfig(n_embed=n_embed, n_head=n_head, n_kv_head=n_head, **cudnn)
+    assert str(refused.value) == (
+        f"model.sdpa_implementation='cudnn' needs a head width (n_embed // n_head = "
+        f"{n_embed // n_head}) that is a multiple of 8 and at most {widest} on this GPU; use "
+        "'auto' or 'xla'."
+    )
+    models.ModelConfig(n_embed=128, n_head=1, n_kv_head=1, **cudnn)  # 128 wide: cuDNN runs it
+
+
 def test_unknown_model_name_is_a_config_error():
     with pytest.raises(ConfigError, match=r"model.name=.nope. is not one of"):
         models.get("nope")

@@ -77,6 +77,13 @@ class _Fields:
         require_choice("kernels", self.kernels, nn.KERNELS)
 
 
+def _cudnn_max_head_dim() -> int:
+    """The widest head cuDNN's flash attention takes on this machine's first GPU (JAX's rule:
+    256 from compute capability 9.0, Hopper, up; 128 before)."""
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return 256 if int(capability.split(".")[0]) >= 9 else 128
+
+
 @functools.cache
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
@@ -225,6 +232,13 @@ class ModelConfig(_Fields):
                 jnp.dtype(self.dtype).itemsize == 2,
                 f"model.sdpa_implementation='cudnn' needs a 16-bit model.dtype, not "
                 f"{self.dtype!r}.",
+            )
+            widest = _cudnn_max_head_dim()
+            require(
+                self.head_dim % 8 == 0 and self.head_dim <= widest,
+                f"model.sdpa_implementation='cudnn' needs a head width (n_embed // n_head = "
+                f"{self.head_dim}) that is a multiple of 8 and at most {widest} on this GPU; "
+                "use 'auto' or 'xla'.",
             )
 
     def _check_mixers(self) -> None:
