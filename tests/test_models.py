@@ -330,6 +330,9 @@ def test_dropout_and_router_noise_act_only_with_a_key():
         (dict(mixer="mlp,moe_x"), "names 'moe_x'"),
         (dict(n_layer=3, mixer="mlp,glu"), "model.n_layer=3 is not a multiple"),
         (dict(remat_policy="sometimes"), "model.remat_policy='sometimes'"),
+        # names in jax.checkpoint_policies that are no policy failed inside the first trace
+        (dict(remat_policy="save_only_these_names"), "remat_policy='save_only_these_names' is not"),
+        (dict(remat_policy="__doc__"), "model.remat_policy='__doc__' is not one of"),
         (dict(dtype="float8"), "model.dtype='float8' is not one of"),
         (dict(n_layer="4"), "model.n_layer='4' must be an integer."),
         (dict(qk_norm=1), "model.qk_norm=1 must be True or False."),

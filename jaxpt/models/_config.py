@@ -153,7 +153,7 @@ class ModelConfig(_Fields):
     # float32, or bfloat16 as under torch autocast: half the bytes of the largest activation;
     # the loss's softmax statistics are float32 either way
     logits_dtype: str = "float32"
-    remat_policy: str = "none"  # none | full | a jax.checkpoint_policies name
+    remat_policy: str = "none"  # none | full | a jax.checkpoint_policies policy: nn.REMAT_POLICIES
     scan_layers: bool = True  # lax.scan over layers (False: unrolled loop, same params)
     # Training-only randomness (apply with a key): embedding, attention-probability and
     # residual dropout rate, as GPT-2 / nanoGPT; and the original JaxPT's router noise,
@@ -216,12 +216,7 @@ class ModelConfig(_Fields):
                 self.head_dim % 2 == 0,
                 f"rotary embeddings need an even head width; n_embed // n_head = {self.head_dim}.",
             )
-        require(
-            self.remat_policy in ("none", "full")
-            or self.remat_policy in dir(jax.checkpoint_policies),
-            f"model.remat_policy={self.remat_policy!r} is not 'none', 'full' or a "
-            "jax.checkpoint_policies name (e.g. 'dots_saveable').",
-        )
+        require_choice("remat_policy", self.remat_policy, nn.REMAT_POLICIES)
         if self.sdpa_implementation == "cudnn":  # asks for the backend: never at import
             backend = jax.default_backend()
             require(

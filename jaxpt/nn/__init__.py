@@ -92,6 +92,7 @@ from jaxpt.nn._pallas import MIN_ROWS as MIN_ROWS
 from jaxpt.nn._pallas import use_kernel as use_kernel
 from jaxpt.nn._rope import apply_rope as apply_rope
 from jaxpt.nn._rope import rope_angles as rope_angles
+from jaxpt.nn._scan import REMAT_POLICIES as REMAT_POLICIES
 from jaxpt.nn._scan import SplitLayers as SplitLayers
 from jaxpt.nn._scan import remat as remat
 from jaxpt.nn._scan import scan_layers as scan_layers

@@ -14,11 +14,26 @@ def stack_layers(init_fn: Callable[[Array], object], key: Array, n: int):
     return jax.vmap(init_fn)(jax.random.split(key, n))
 
 
+# The jax.checkpoint_policies members that are policies themselves; the module's others
+# (save_only_these_names, offload_dot_with_no_batch_dims, ...) build one from arguments that a
+# policy name cannot carry.
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "everything_saveable",
+    "nothing_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
+)
+
+
 def remat(fn: Callable, policy: str) -> Callable:
-    """Wraps ``fn`` in ``jax.checkpoint`` by policy name.
+    """Wraps ``fn`` in ``jax.checkpoint`` by policy name (one of ``REMAT_POLICIES``).
 
     ``"none"`` keeps every activation; ``"full"`` recomputes everything in the backward pass;
-    any other name is a ``jax.checkpoint_policies`` member, e.g. ``"dots_saveable"``.
+    any other name is that ``jax.checkpoint_policies`` policy, e.g. ``"dots_saveable"``.
     """
     if policy == "none":
         return fn
