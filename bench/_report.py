@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import platform
 import sys
 from datetime import date
@@ -27,6 +28,17 @@ def save(out: str, name: str, **fields) -> dict:
     with open(os.path.join(out, f"{name}.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     return result
+
+
+def committed(out: str, name: str) -> dict:
+    """The record ``out/name.json`` a summary wrote (``bench/results`` holds the committed ones);
+    a missing one ends the script in one sentence."""
+    path = pathlib.Path(out) / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(
+            f"{path} does not exist: pass --out=DIR of a {name}.json, or --runs=DIR to make one"
+        )
+    return json.loads(path.read_text())
 
 
 def run(main) -> None:

@@ -1,6 +1,7 @@
 """Assembles ``bench/results/gpu.json`` from one device call's bench outputs.
 
     python3 bench/gpu_summary.py --runs=$OUT --out=bench/results
+    python3 bench/gpu_summary.py   # the README's table, from the committed bench/results/gpu.json
 
 ``--runs`` holds what ``bench/gpu.sh`` wrote: ``train_step.json`` (configs/gpt.py as shipped),
 ``torch_gpt2.json`` (``../shared/bench/ref_torch_gpt2.py``), ``generate.json`` (scanned
@@ -9,15 +10,17 @@ layers) and ``unrolled/generate.json``, ``hf_generate.json``
 (``bench/scaling.sh``'s one-GPU run: launch.py's whole loop). Writes gpu.json (the
 jaxpt/reference ratios of the train step at 16 and 32 x 1024 and of decoding at batch 1 and
 32, scanned and unrolled; the presets' tokens/s and MFU on active parameters) and prints the
-README's speed table last.
+README's speed table last. Without ``--runs`` it prints the table of ``--out``'s gpu.json and
+writes nothing.
 """
 
 import json
 import pathlib
 
+import _report  # bench/_report.py, beside this script
 from absl import app, flags
 
-flags.DEFINE_string("runs", None, "Directory with one call's bench JSON files.", required=True)
+flags.DEFINE_string("runs", None, "Directory of one call's bench JSON files; none: print --out's.")
 flags.DEFINE_string("out", "bench/results", "Directory for gpu.json.")
 flags.DEFINE_integer("batch", 16, "Train micro-batch compared with the reference.")
 flags.DEFINE_integer("big_batch", 32, "A second train micro-batch compared with it.")
@@ -120,6 +123,9 @@ def table(s: dict) -> str:
 def main(argv):
     del argv
     f = flags.FLAGS
+    if f.runs is None:
+        print(table(_report.committed(f.out, "gpu")))
+        return
     s = summary(pathlib.Path(f.runs), f.batch, f.big_batch)
     out = pathlib.Path(f.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Assembles ``scaling.json`` from the runs of ``bench/scaling.sh``.
 
     python3 bench/scaling_summary.py --runs=$OUT --out=bench/results
+    python3 bench/scaling_summary.py   # the README's table, from bench/results/scaling.json
 
 Each run is a workdir ``--runs/NAME`` (its metrics.jsonl) with its log ``NAME.log`` (the mesh
 and parameter count launch.py prints). tokens/s and MFU are the medians of the steps logged
@@ -8,7 +9,8 @@ after ``--from_step`` (compilation, warm-up and the GPUs' climb to their power l
 the step is written beside the runs). Writes scaling.json (a ``runs`` list: device,
 date, gpus, mesh, n_params, tokens_per_s, mfu; ``one_gpu_mean``: per model, the mean of its
 one-GPU runs, one on each GPU of the host) and prints the README's table last: each mesh's
-tokens/s against N x that mean and against data parallelism on as many GPUs.
+tokens/s against N x that mean and against data parallelism on as many GPUs. Without ``--runs``
+it prints the table of ``--out``'s scaling.json and writes nothing.
 """
 
 import datetime
@@ -18,10 +20,11 @@ import pathlib
 import re
 import statistics
 
+import _report  # bench/_report.py, beside this script
 import jax
 from absl import app, flags
 
-flags.DEFINE_string("runs", None, "Directory of bench/scaling.sh's runs.", required=True)
+flags.DEFINE_string("runs", None, "Directory of bench/scaling.sh's runs; none: print --out's.")
 flags.DEFINE_string("out", "bench/results", "Directory for scaling.json.")
 flags.DEFINE_integer("from_step", 75, "Medians of the steps logged after this one.")
 
@@ -76,14 +79,14 @@ def one_gpu(data: dict[tuple[int, int], float]) -> dict[int, float]:
 
 
 def table(runs: list[dict], data: dict[tuple[int, int], float]) -> str:
-    """Markdown: tokens/s, per GPU, vs one GPU x N and vs data=N (same model and GPUs);
-    ``data`` is ``data_parallel(runs)``."""
+    """Markdown, a row a run by model size, then GPUs: tokens/s, per GPU, vs one GPU x N and vs
+    data=N (same model and GPUs); ``data`` is ``data_parallel(runs)``."""
     one = one_gpu(data)
     lines = [
         "| run | GPUs | mesh | params | tokens/s | MFU | vs N x 1 GPU | vs data=N |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in runs:
+    for r in sorted(runs, key=lambda r: (r["n_params"], r["gpus"], r["name"])):
         mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "-"
         linear = one.get(r["n_params"])
         vs_one = f"{r['tokens_per_s'] / (linear * r['gpus']):.3f}" if linear else "-"
@@ -100,6 +103,10 @@ def table(runs: list[dict], data: dict[tuple[int, int], float]) -> str:
 def main(argv):
     del argv
     f = flags.FLAGS
+    if f.runs is None:
+        runs = _report.committed(f.out, "scaling")["runs"]
+        print(table(runs, data_parallel(runs)))
+        return
     device, date = jax.devices()[0].device_kind, datetime.date.today().isoformat()
     workdirs = sorted(p.with_suffix("") for p in pathlib.Path(f.runs).glob("*.log"))
     records = [summarise(w, device, date, f.from_step) for w in workdirs]
