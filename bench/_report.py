@@ -8,7 +8,7 @@ import sys
 from datetime import date
 
 import jax
-from absl import app
+from absl import app, flags
 
 from jaxpt.errors import ConfigError
 
@@ -28,6 +28,17 @@ def save(out: str, name: str, **fields) -> dict:
     with open(os.path.join(out, f"{name}.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     return result
+
+
+def positive_ints(*names: str) -> None:
+    """Requires the list flags ``names`` to hold one or more positive integers: another value
+    ends the bench in one sentence before anything runs."""
+    for name in names:
+        flags.register_validator(
+            name,
+            lambda values: bool(values) and all(v.isdigit() and int(v) > 0 for v in values),
+            message=f"--{name} takes positive integers separated by commas, e.g. --{name}=1,32",
+        )
 
 
 def committed(out: str, name: str) -> dict:

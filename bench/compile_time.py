@@ -19,7 +19,8 @@ from jaxpt.errors import ConfigError
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
 flags.DEFINE_string("model", "gpt", "Registry name.")
 flags.DEFINE_list("layers", ["2", "24"], "Depths to compile.")
-flags.DEFINE_integer("seq", 256, "Sequence length of the compiled call.")
+_report.positive_ints("layers")
+flags.DEFINE_integer("seq", 256, "Sequence length of the compiled call.", lower_bound=1)
 
 
 def compile_seconds(name: str, n_layer: int, scan: bool, seq: int) -> float:

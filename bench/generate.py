@@ -30,9 +30,9 @@ from jaxpt import models
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
 flags.DEFINE_list("batches", ["1", "32"], "Batch sizes.")
-flags.DEFINE_integer("prompt", 32, "Prompt length.")
-flags.DEFINE_integer("new", 256, "New tokens per sequence.")
-flags.DEFINE_integer("reps", 3, "Timed runs per row (median).")
+flags.DEFINE_integer("prompt", 32, "Prompt length.", lower_bound=1)
+flags.DEFINE_integer("new", 256, "New tokens per sequence.", lower_bound=1)
+flags.DEFINE_integer("reps", 3, "Timed runs per row (median).", lower_bound=1)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute.")
 flags.DEFINE_bool("reference", True, "Also time transformers (skipped if not installed).")
 flags.DEFINE_bool("scan_layers", True, "jaxpt: scan the layers (else unroll them).")
@@ -41,6 +41,7 @@ flags.DEFINE_enum("kernels", "auto", ["auto", "xla", "pallas"], "jaxpt: model.ke
 flags.DEFINE_string(
     "trace", "", "Also trace one more jaxpt call a batch into TRACE/b<batch> (bench/trace_gaps.py)."
 )
+_report.positive_ints("batches")
 
 VOCAB = 50257  # GPT-2's, as the reference
 

@@ -25,8 +25,13 @@ from jaxpt import nn
 from jaxpt.nn import _loss_pallas, _norm_pallas
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
-flags.DEFINE_integer("steps", 50, "Timed calls.")
+flags.DEFINE_integer("steps", 50, "Timed calls.", lower_bound=1)
 flags.DEFINE_list("sweep", [], "Also time these kernels' tilings: norm, loss.")
+flags.register_validator(
+    "sweep",
+    lambda names: set(names) <= {"norm", "loss"},
+    message="--sweep names kernels among norm and loss, e.g. --sweep=norm,loss",
+)
 
 CHAIN = 25  # the norms of a 12-layer model
 LOGITS = (16, 1024, 50304)

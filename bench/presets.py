@@ -16,9 +16,9 @@ from absl import flags
 from jaxpt.config import load_config_file
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
-flags.DEFINE_integer("tokens", 16384, "Tokens per step.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included).")
-flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("tokens", 16384, "Tokens per step.", lower_bound=1)
+flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first compiles).", lower_bound=1)
+flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1)
 
 
 def time_preset(name: str, f) -> dict:

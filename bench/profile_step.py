@@ -33,9 +33,9 @@ from jaxpt.config import preset_config
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
 flags.DEFINE_string("preset", "gpt", "Registry preset whose step is profiled.")
-flags.DEFINE_integer("batch", 16, "Micro-batch (sequences).")
-flags.DEFINE_integer("seq", 1024, "Sequence length.")
-flags.DEFINE_integer("steps", 5, "Traced steps.")
+flags.DEFINE_integer("batch", 16, "Micro-batch (sequences).", lower_bound=1)
+flags.DEFINE_integer("seq", 1024, "Sequence length.", lower_bound=1)
+flags.DEFINE_integer("steps", 5, "Traced steps.", lower_bound=1)
 flags.DEFINE_bool("scan_layers", None, "model.scan_layers; default: the preset's.")
 flags.DEFINE_string("remat", None, "model.remat_policy; default: the preset's.")
 flags.DEFINE_integer("top", 25, "Kernels listed.")

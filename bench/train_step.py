@@ -30,9 +30,9 @@ from jaxpt.config import preset_config
 
 flags.DEFINE_string("out", "bench/results", "Directory for the JSON result.")
 flags.DEFINE_list("batches", ["16", "32"], "Micro-batch sizes (sequences).")
-flags.DEFINE_integer("seq", 1024, "Sequence length.")
-flags.DEFINE_integer("warmup", 5, "Untimed steps first (compilation included).")
-flags.DEFINE_integer("steps", 20, "Timed steps.")
+flags.DEFINE_integer("seq", 1024, "Sequence length.", lower_bound=1)
+flags.DEFINE_integer("warmup", 5, "Untimed steps first (the first compiles).", lower_bound=1)
+flags.DEFINE_integer("steps", 20, "Timed steps.", lower_bound=1)
 flags.DEFINE_string("sdpa", None, "model.sdpa_implementation; default: the preset's.")
 flags.DEFINE_string("remat", None, "model.remat_policy; default: the preset's.")
 flags.DEFINE_bool("scan_layers", None, "model.scan_layers; default: the preset's.")
@@ -48,6 +48,7 @@ flags.DEFINE_list("mesh", [], "Mesh axes, e.g. fsdp=2 (the rest 1; none: one dev
 flags.DEFINE_list("xla", [], "Extra XLA options for the step, name=value (compiler_options).")
 flags.DEFINE_list("model", [], "Model fields, name=value (e.g. n_layer=48), set after the rest.")
 flags.DEFINE_enum("tokens", "random", _timing.TOKEN_SOURCES, "Tokens (_timing.token_sampler).")
+_report.positive_ints("batches")
 FIELD_FLAGS = ("scan_layers", "logits_dtype", "moe_matmul", "kernels")  # flags named as fields
 
 
