@@ -31,6 +31,8 @@ def time_preset(name: str, f) -> dict:
 
 def main(argv):
     f = flags.FLAGS
+    if len(argv) < 2:
+        raise SystemExit("presets.py: name the presets to time, e.g. bench/presets.py gpt smollm")
     rows = []
     for name in argv[1:]:  # saved after each, so a call cut short keeps what it measured
         rows.append(time_preset(name, f))

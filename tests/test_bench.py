@@ -57,6 +57,7 @@ def test_step_benches_time_the_bigram(script, size, tmp_path):
         ("generate.py --batches=0", "--batches takes positive integers"),
         ("compile_time.py --layers=x", "--layers takes positive integers"),
         ("kernels.py --sweep=los", "--sweep names kernels among norm and loss"),
+        ("presets.py", "presets.py: name the presets to time"),  # an UnboundLocalError
     ],
 )
 def test_bad_bench_flags_get_one_sentence(command, sentence, tmp_path):
