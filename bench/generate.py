@@ -10,7 +10,8 @@ time of one whole generate call (prefill included), median of ``--reps`` runs af
 that compiles. The reference is transformers' ``GPT2LMHeadModel.generate(use_cache=True)``
 (its dynamic cache) with the same shape, dtype and prompts' length, when torch and
 transformers are importable; ``../shared/bench/ref_hf_generate.py`` times its other cache
-variants. Prints a table last and writes generate.json to --out. ``--trace=DIR`` also traces
+variants. Prints a table last and writes generate.json to --out (with the flags that change
+jaxpt's figure: dtype, prompt, new, scan_layers, sdpa, kernels). ``--trace=DIR`` also traces
 one more jaxpt call a batch, untimed, into ``DIR/b<batch>``: ``bench/trace_gaps.py
 --trace=DIR/b1`` says how much of a decoding call the GPU computed, which kernels it ran how
 often, and where it sat idle.
@@ -133,12 +134,15 @@ def main(argv):
         dtype=f.dtype,
         prompt=f.prompt,
         new=f.new,
+        scan_layers=f.scan_layers,
+        sdpa=f.sdpa,
         kernels=f.kernels,
         rows=rows,
     )
     print(
         f"greedy decode, GPT-2 124M shape, {f.dtype}, prompt {f.prompt} + {f.new} new, "
-        f"kernels={f.kernels}, {result['device']}, {result['date']}"
+        f"scan_layers={f.scan_layers}, sdpa={f.sdpa}, kernels={f.kernels}, {result['device']}, "
+        f"{result['date']}"
     )
     print(f"{'impl':>18} {'batch':>6} {'new tok/s':>11} {'ms/token':>9}")
     for r in rows:
