@@ -60,12 +60,33 @@ def decode_fields(decode: dict, hf: list, batch: int, prefix: str) -> dict:
     }
 
 
+def one_device(devices: dict[str, str]) -> None:
+    """Ends the script in one sentence unless every input (``{file name: its device}``, the
+    ``.json`` left out) ran on one kind of device: a ratio of figures from two machines
+    compares the machines."""
+    if len(set(devices.values())) > 1:
+        raise SystemExit(
+            f"gpu_summary.py: the runs name different devices ({devices}); summarise runs "
+            "of one kind of device, or the ratios compare the machines"
+        )
+
+
 def summary(runs: pathlib.Path, batch: int, big_batch: int) -> dict:
-    train = read(runs, "train_step")
-    torch_runs = read(runs, "torch_gpt2")["runs"]
-    hf = read(runs, "hf_generate")["runs"]
+    train, torch, hf = (read(runs, name) for name in ("train_step", "torch_gpt2", "hf_generate"))
+    presets = read(runs, "presets")
     scanned, unrolled = read(runs, "generate"), read(runs / "unrolled", "generate")
     launch = only(read(runs / "launch", "scaling")["runs"], name="one")
+    one_device(
+        {
+            "train_step": train["device"],
+            "torch_gpt2": torch["env"]["device"],
+            "generate": scanned["device"],
+            "unrolled/generate": unrolled["device"],
+            "hf_generate": hf["env"]["device"],
+            "presets": presets["device"],
+            "launch/scaling": launch["device"],
+        }
+    )
     seq = only(train["rows"], batch=batch)["seq"]
     return dict(
         device=train["device"],
@@ -73,19 +94,19 @@ def summary(runs: pathlib.Path, batch: int, big_batch: int) -> dict:
         jax=train["jax"],
         train_config=f"configs/gpt.py as shipped, {batch} x {seq}, "
         f"scan_layers={train['scan_layers']}, logits {train['logits_dtype']}",
-        **train_fields(train, torch_runs, batch, "train_"),
+        **train_fields(train, torch["runs"], batch, "train_"),
         mfu=only(train["rows"], batch=batch)["mfu"],
         big_batch=big_batch,
-        **train_fields(train, torch_runs, big_batch, "train_big_"),
+        **train_fields(train, torch["runs"], big_batch, "train_big_"),
         train_launch_tokens_per_s=launch["tokens_per_s"],
         train_launch_mfu=launch["mfu"],
-        **decode_fields(scanned, hf, 1, "decode_b1_"),
-        **decode_fields(scanned, hf, 32, "decode_b32_"),
-        **decode_fields(unrolled, hf, 1, "decode_unrolled_b1_"),
-        **decode_fields(unrolled, hf, 32, "decode_unrolled_b32_"),
+        **decode_fields(scanned, hf["runs"], 1, "decode_b1_"),
+        **decode_fields(scanned, hf["runs"], 32, "decode_b32_"),
+        **decode_fields(unrolled, hf["runs"], 1, "decode_unrolled_b1_"),
+        **decode_fields(unrolled, hf["runs"], 32, "decode_unrolled_b32_"),
         presets=[
             dict(name=r["name"], tokens_per_s=r["tokens_per_s"], mfu_active=r["mfu"])
-            for r in read(runs, "presets")["rows"]
+            for r in presets["rows"]
         ],
     )
 

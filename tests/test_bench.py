@@ -104,3 +104,67 @@ def test_summaries_print_the_readme_tables_from_the_committed_json(summary):
     tables = markdown_tables(result.stdout)
     assert tables and all(f"\n\n{table}\n\n" in readme for table in tables)
     assert {path.name: path.read_bytes() for path in results.iterdir()} == committed
+
+
+def write_gpu_runs(runs, devices: dict[str, str]) -> None:
+    """What bench/gpu.sh writes into ``runs``, its figures round numbers; ``devices``: each
+    file's device where not "H"."""
+    device = lambda name: devices.get(name, "H")
+    files = {
+        "train_step": dict(
+            device=device("train_step"),
+            date="d",
+            jax="j",
+            scan_layers=False,
+            logits_dtype="bf16",
+            rows=[dict(batch=b, seq=1024, tokens_per_s=500.0 * b, mfu=0.4) for b in (16, 32)],
+        ),
+        "torch_gpt2": dict(
+            env=dict(device=device("torch_gpt2")),
+            runs=[dict(mode="compile", micro_batch=b, tokens_per_s=400.0 * b) for b in (16, 32)],
+        ),
+        "hf_generate": dict(
+            env=dict(device=device("hf_generate")),
+            runs=[
+                dict(variant="static_cache_autocompile", batch=b, new_tokens_per_s=100.0 * b)
+                for b in (1, 32)
+            ],
+        ),
+        "generate": dict(
+            device=device("generate"),
+            rows=[dict(impl="jaxpt", batch=b, new_tokens_per_s=300.0 * b) for b in (1, 32)],
+        ),
+        "unrolled/generate": dict(
+            device=device("unrolled/generate"),
+            rows=[dict(impl="jaxpt", batch=b, new_tokens_per_s=400.0 * b) for b in (1, 32)],
+        ),
+        "presets": dict(
+            device=device("presets"), rows=[dict(name="gpt", tokens_per_s=1.0, mfu=0.5)]
+        ),
+        "launch/scaling": dict(
+            runs=[dict(name="one", device=device("launch/scaling"), tokens_per_s=2.0, mfu=0.3)]
+        ),
+    }
+    for name, record in files.items():
+        (runs / name).parent.mkdir(parents=True, exist_ok=True)
+        (runs / f"{name}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("other", [None, "torch_gpt2", "unrolled/generate", "launch/scaling"])
+def test_gpu_summary_compares_figures_of_one_device(other, tmp_path):
+    # it divided jaxpt's figures by the references' whatever device each came from
+    write_gpu_runs(tmp_path, {} if other is None else {other: "A"})
+    command = [sys.executable, "bench/gpu_summary.py", f"--runs={tmp_path}", f"--out={tmp_path}"]
+    result = run_in_repo(command)
+    if other is not None:
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert (
+            "the runs name different devices" in result.stderr
+            and f"'{other}': 'A'" in result.stderr
+        )
+        assert not (tmp_path / "gpu.json").exists()
+        return
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "gpu.json").read_text())
+    assert summary["device"] == "H" and summary["train_ratio"] == 500 / 400
+    assert summary["decode_unrolled_b32_ratio"] == 400 / 100
