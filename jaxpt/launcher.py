@@ -185,13 +185,18 @@ def pretrained_params(config, workdir: str | Path) -> Callable[[], object] | Non
     with ``checkpoint.init_from``, a function that loads that HF checkpoint's params (called
     only then, so a resumed run never reads it). Where ``workdir`` holds no checkpoint, the
     checkpoint's config.json is checked against ``config.model`` here, before anything
-    compiles; a run that resumes neither reads nor fetches it (the load checks it too)."""
+    compiles, and so is its tokenizer, where it ships one, against the one that tokenized the
+    data (``_check_data_tokenizer``); a run that resumes neither reads nor fetches it (the load
+    checks it too)."""
     source = config.checkpoint.init_from
     if not source:
         return None
     model_cfg = models.config_from(config.model)
     if not train.has_checkpoint(workdir):
-        hf.check_init_from(model_cfg, source)
+        own = hf.init_from_tokenizer(model_cfg, source)  # checks config.json too
+        if own is not None:
+            use = "fine-tuning on it would train the model on"
+            _check_data_tokenizer(config, data.run_tokenizer(config.data), own, use)
 
     def load() -> object:
         params = hf.load_init_from(model_cfg, source).params
@@ -419,7 +424,8 @@ def _val_loss_runner(config, mesh, tokenizer: data.Tokenizer) -> Callable:
     need = data.tokens_needed(0, batch_size, seq_len, config.eval.batches)
     manifest = data.ensure_prepared(config.data, need=need)
     data.check_vocab(manifest, model_cfg.vocab_size)
-    _check_val_tokenizer(config, data.tokenizer_for(manifest), tokenizer)
+    use, otherwise = "val_loss would score", ", or leave val_loss out of eval.tasks"
+    _check_data_tokenizer(config, data.tokenizer_for(manifest), tokenizer, use, otherwise)
     batch_sh = sharding.batch_sharding(mesh, config.mesh.rules)
     loader = train.validation_data(config, manifest, batch_sh)
     step = jax.jit(train.make_eval_step(config))
@@ -435,19 +441,31 @@ def _val_loss_runner(config, mesh, tokenizer: data.Tokenizer) -> Callable:
     return run
 
 
-def _check_val_tokenizer(config, prepared: data.Tokenizer, tokenizer: data.Tokenizer) -> None:
-    """ConfigError unless ``tokenizer`` (the evaluated checkpoint's) reads the validation data
-    as ``prepared``, the tokenizer that wrote it, does: else val_loss scores ids that mean other
-    text to the model (a ``checkpoint.init_from`` that ships its own tokenizer)."""
+def _check_data_tokenizer(
+    config, prepared: data.Tokenizer, tokenizer: data.Tokenizer, use: str, otherwise: str = ""
+) -> None:
+    """ConfigError unless ``tokenizer`` (``checkpoint.init_from``'s) reads the run's data as
+    ``prepared``, the tokenizer that wrote it, does: else ``use`` (what the run would do with
+    the data: "fine-tuning on it would train the model on", ...) ids that mean other text to
+    the model. ``otherwise``: another way out, ended the sentence with."""
     if data.same_vocabulary(prepared, tokenizer):
         return
-    own = str(tokenizer.path) if isinstance(tokenizer, data.HFTokenizer) else "gpt2"
+    own, wrote = _tokenizer_name(tokenizer), _tokenizer_name(prepared)
     raise ConfigError(
-        f"eval.tasks has val_loss, but checkpoint.init_from={config.checkpoint.init_from} "
-        f"comes with another tokenizer than data.tokenizer={config.data.tokenizer!r}, which "
-        f"tokenized the validation data; set --config.data.tokenizer={own} (the checkpoint's) "
-        "or leave val_loss out of eval.tasks."
+        f"checkpoint.init_from={config.checkpoint.init_from} comes with another tokenizer "
+        f"({own}) than the one that tokenized data.dataset={config.data.dataset!r} ({wrote}): "
+        f"{use} ids that mean other text to it; prepare the data with the checkpoint's "
+        f"tokenizer (python -m jaxpt.data.prepare --tokenizer={own}, and "
+        f"--config.data.tokenizer={own}){otherwise}"
     )
+
+
+def _tokenizer_name(tokenizer: data.Tokenizer) -> str:
+    """What ``--tokenizer`` of ``jaxpt.data.prepare`` names ``tokenizer`` by: its
+    tokenizer.json, or "gpt2" / "char"."""
+    if isinstance(tokenizer, data.HFTokenizer):
+        return str(tokenizer.path)
+    return tokenizer.spec()["kind"]
 
 
 def _harness_runner(config, tasks: list[str], mesh, tokenizer: data.Tokenizer) -> Callable:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxpt
-from jaxpt import data, generation, launcher, models, train
+from jaxpt import data, generation, hf, launcher, models, train
 from jaxpt.config import load_config_file, preset_config
 from jaxpt.data import _prepare as data_prepare
 from jaxpt.errors import ConfigError, DataError
@@ -558,3 +558,39 @@ def test_prepare_warns_when_chat_could_not_use_the_template(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].endswith("can be sampled but not chatted with")
     assert "does not end an assistant's turn with a marker" in warnings[0]
+
+
+def test_fine_tuning_init_from_on_data_of_another_tokenizer_is_refused(tmp_path):
+    """checkpoint.init_from ships its tokenizer.json; chat data prepared with another HF
+    tokenizer (of the same kind, so data.tokenizer=<the checkpoint> passed) was fine-tuned on,
+    silently: ids that mean other text to the model. Data of its own tokenizer trains."""
+    from .test_data_tokenizers import build_hf_tokenizer
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": TOY[0]}) + "\n")
+    config = tiny_config(vocab_size=512, block_size=127)
+    cfg = models.config_from(config.model)
+    params = models.get(cfg.name).init(jax.random.key(0), cfg)
+    own = data.HFTokenizer(build_hf_tokenizer(tmp_path / "own", eos="</s>"))
+    init_from = hf.save_pretrained(params, cfg, tmp_path / "hf", tokenizer=own)
+    config.checkpoint.init_from = str(init_from)
+    config.data.tokenizer = str(init_from)
+    for name, tokenizer in [("words", word_tokenizer(tmp_path)), ("own", own)]:
+        data.prepare_dataset(
+            str(tmp_path / "d.jsonl"),
+            tmp_path / f"data-{name}",
+            format="chat",
+            tokenizer=str(tokenizer.path),
+            block_size=127,
+            shard_tokens=128,
+            workers=1,
+            progress=False,
+        )
+    config.data.dataset = str(tmp_path / "data-words")
+    with pytest.raises(
+        ConfigError,
+        match=rf"^checkpoint\.init_from={init_from} comes with another tokenizer .* "
+        rf"--tokenizer={init_from / 'tokenizer.json'}",
+    ):
+        launcher.pretrained_params(config, tmp_path / "run")
+    config.data.dataset = str(tmp_path / "data-own")
+    assert callable(launcher.pretrained_params(config, tmp_path / "run"))
