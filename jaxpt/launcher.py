@@ -456,7 +456,7 @@ def _check_data_tokenizer(
         f"({own}) than the one that tokenized data.dataset={config.data.dataset!r} ({wrote}): "
         f"{use} ids that mean other text to it; prepare the data with the checkpoint's "
         f"tokenizer (python -m jaxpt.data.prepare --tokenizer={own}, and "
-        f"--config.data.tokenizer={own}){otherwise}"
+        f"--config.data.tokenizer={own}){otherwise}."
     )
 
 

@@ -1040,7 +1040,7 @@ def test_eval_mode_refuses_val_loss_on_data_of_another_tokenizer(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"another tokenizer \(\S+hf/tokenizer.json\) than the one that tokenized data\."
-        r"dataset=.* \(char\): val_loss would score .* or leave val_loss out of eval.tasks$",
+        r"dataset=.* \(char\): val_loss would score .* or leave val_loss out of eval.tasks\.$",
     ):
         launcher.evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
