@@ -381,6 +381,11 @@ def batch_axes(mesh: Mesh, rules) -> tuple[str, ...]:
     return tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
 
 
+def batch_shards(mesh: Mesh, rules) -> int:
+    """How many parts the batch dimension is split into (the product of ``batch_axes``)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     """Batches ``(B, ...)`` split over the batch axes, replicated along the rest."""
     return NamedSharding(mesh, P(batch_axes(mesh, rules) or None, *([None] * (ndim - 1))))

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -24,6 +26,7 @@ import pytest
 from jaxpt import data, evals, models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
+from jaxpt.train import _memory as train_memory
 from jaxpt.train import _metrics
 
 from .conftest import FAST_COMPILE, run_in_repo, shared_book, use_devices
@@ -932,3 +935,99 @@ def test_a_run_resumes_on_its_data_however_named_and_refuses_other_data(tmp_path
     config.data.dataset = "link"  # relative, through a symlink
     train.train(config, workdir)
     assert sorted(train_losses(workdir)) == [1, 2, 3]
+
+
+class Stats(NamedTuple):
+    """The fields of a compiled step's ``memory_analysis()`` that ``check_step_fits`` reads."""
+
+    argument_size_in_bytes: int
+    output_size_in_bytes: int
+    alias_size_in_bytes: int
+    temp_size_in_bytes: int
+    generated_code_size_in_bytes: int = 0
+
+
+GiB = 2**30
+
+
+def smollm_sft_on(n_devices: int, accum: int = 1):
+    config = load_config(ROOT / "configs" / "smollm_sft.py", None)
+    config.train.grad_accum_steps = accum
+    return config, sharding.make_mesh(config.mesh, jax.devices()[:n_devices])
+
+
+def test_a_step_too_large_for_a_device_names_the_accumulation_measured_to_fit():
+    """One H200 (2026-11-29, its allocator's bytes_limit 104.85 GiB) ran SmolLM-135M's train
+    step at 64 x 2048 a step (88.1 GiB: 86.6 temporaries) and ran out of memory at 128 x 2048
+    (152.4 GiB: 150.9 temporaries, 1.5 state donated) with an allocator's report; at 128 the
+    step is now refused before it runs, naming the accumulation that ran."""
+    config, mesh = smollm_sft_on(1)
+    at_128 = Stats(1.51 * GiB, 1.50 * GiB, 1.50 * GiB, 150.9 * GiB)
+    with pytest.raises(ConfigError) as error:
+        train_memory.check_step_fits(at_128, int(104.85 * GiB), config, mesh)
+    assert str(error.value) == (
+        "the train step needs 152.4 GiB on each device, more than the 104.8 GiB its allocator "
+        "holds (128 sequences of 2048 tokens a device at a time: train.batch_size=128, "
+        "train.grad_accum_steps=1): set --config.train.grad_accum_steps=2 (or recompute "
+        "activations, model.remat_policy=full, or spread the batch over more devices)."
+    )
+    config.train.grad_accum_steps = 2
+    at_64 = Stats(1.51 * GiB, 1.50 * GiB, 1.50 * GiB, 86.6 * GiB)
+    train_memory.check_step_fits(at_64, int(104.85 * GiB), config, mesh)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_the_suggested_accumulation_keeps_whole_micro_batches_on_every_shard(devices):
+    """By the estimate 3 micro-batches would do, but 128 sequences do not split in 3: the next
+    that divides is 4. Over 8 batch shards, micro-batches of fewer than 8 sequences (an
+    accumulation above 16) leave a shard without a row, so none is suggested there."""
+    config, mesh = smollm_sft_on(devices)
+    per_device = 128 // devices
+    stats = Stats(GiB, GiB, GiB, temp_size_in_bytes=per_device * 3 * GiB // 2)
+    with pytest.raises(ConfigError, match=r"grad_accum_steps=4 \(or recompute"):
+        train_memory.check_step_fits(stats, per_device * 3 * GiB // 4, config, mesh)
+    at_32 = GiB + stats.temp_size_in_bytes // 32  # the estimate at 32 micro-batches
+    with pytest.raises(ConfigError) as error:
+        train_memory.check_step_fits(stats, int(at_32 / 0.85) + 1, config, mesh)
+    if devices == 1:
+        assert "grad_accum_steps=32 (or" in str(error.value)
+    else:  # micro-batches of 4 sequences over 8 shards
+        assert "fewer sequences at a time would not fit either" in str(error.value)
+
+
+def test_a_state_too_large_for_a_device_says_to_shard_it():
+    """Params and optimizer state alone over the device's memory: no accumulation helps."""
+    config, mesh = smollm_sft_on(1)
+    with pytest.raises(ConfigError, match=r"fewer sequences at a time would not fit either: shard"):
+        train_memory.check_step_fits(Stats(90 * GiB, 0, 0, 10 * GiB), 80 * GiB, config, mesh)
+
+
+def test_a_run_whose_step_does_not_fit_stops_before_it_runs(tmp_path, monkeypatch):
+    """Through the loop: the step compiled for the first batch is measured against the device's
+    allocator before it runs (a CPU reports none, so a GPU's is put in its place); the run
+    stops in the sentence, having written no step's metrics or checkpoint. At the accumulation
+    the sentence names, with the same memory, the run trains."""
+    needs = []
+    measure = train_memory.check_step_fits
+
+    def recording(stats, limit, config, mesh):
+        needs.append(train_memory.step_bytes(stats))
+        measure(stats, limit, config, mesh)
+
+    monkeypatch.setattr(train_memory, "check_step_fits", recording)
+    use_devices(monkeypatch, 1)
+    config = char_config(steps=1)
+    config.train.batch_size = 32
+    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: 2**62)
+    train.train(config, tmp_path / "measured")
+    limit = int(needs[-1] * 0.8)
+    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: limit)
+    with pytest.raises(ConfigError, match=r"set --config.train.grad_accum_steps=\d+ ") as error:
+        train.train(config, tmp_path / "run")
+    assert train.read_metrics(tmp_path / "run" / "metrics.jsonl") == []  # nor a plot of none
+    assert not (tmp_path / "run" / "loss.png").exists()
+    assert not train.has_checkpoint(tmp_path / "run")
+    suggested = re.search(r"grad_accum_steps=(\d+) ", str(error.value)).group(1)
+    config.train.grad_accum_steps = int(suggested)
+    train.train(config, tmp_path / "run")
+    assert needs[-1] <= limit and train.has_checkpoint(tmp_path / "run")

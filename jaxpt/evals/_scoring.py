@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -97,7 +96,7 @@ def _placement(mesh: Mesh | None, rules, batch_size: int):
     """How a batch's host arrays reach the devices: split over the mesh's batch axes."""
     if mesh is None:
         return jnp.asarray
-    shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
+    shards = sharding.batch_shards(mesh, rules)
     if batch_size % shards:
         raise ConfigError(
             f"an evaluation batch of {batch_size} rows does not divide over the {shards} "

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpt import data, evals, models, nn, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints, check_outside_checkpoints
+from jaxpt.train._memory import memory_checked
 from jaxpt.train._metrics import MetricsLog, print_once
 from jaxpt.train._optimizer import (
     hyperparameters,
@@ -81,7 +82,7 @@ def validate_config(config) -> None:
 
 def check_batch_fits_mesh(config, mesh) -> None:
     """Each micro-batch must split evenly over the devices that share the batch."""
-    shards = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh, config.mesh.rules)]))
+    shards = sharding.batch_shards(mesh, config.mesh.rules)
     micro = config.train.batch_size // config.train.grad_accum_steps
     if micro % shards:
         raise ConfigError(
@@ -450,7 +451,9 @@ def _trained_already(checkpoints: Checkpoints, step: int, steps: int) -> str:
 class _Steps(NamedTuple):
     """The run's jitted functions (traced at their first call)."""
 
-    train: Callable  # (state, *batch) -> (state, metrics); donates the state
+    # (state, *batch) -> (state, metrics); donates the state; checked to fit the device's
+    # memory before its first run (memory_checked)
+    train: Callable
     eval: Callable  # (params, *batch) -> metrics
     params_finite: Callable  # params -> bool
 
@@ -466,6 +469,7 @@ def _jit_steps(config, run: _Run) -> _Steps:
         donate_argnums=0,
         compiler_options=STEP_COMPILER_OPTIONS,
     )
+    train_step = memory_checked(train_step, config, run.mesh)
     eval_step = jax.jit(make_eval_step(config), in_shardings=(run.shardings.params, *batch_args))
     params_finite = jax.jit(all_finite, in_shardings=(run.shardings.params,))
     return _Steps(train_step, eval_step, params_finite)

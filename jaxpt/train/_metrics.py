@@ -220,13 +220,16 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_losses(metrics_path: Path, out: Path) -> None:
     """Train and validation loss against step: the whole run, and its second half zoomed;
-    HellaSwag accuracy beside them where the run evaluated it."""
+    HellaSwag accuracy beside them where the run evaluated it. Nothing is drawn for a run that
+    logged no step (stopped before its first: its step did not fit, Ctrl-C while compiling)."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
     train = np.array([(r["step"], r["loss"]) for r in records if "loss" in r])
     val = np.array([(r["step"], r["val_loss"]) for r in records if "val_loss" in r])
     hellaswag = [r for r in records if "hellaswag_acc_norm" in r]

@@ -1,0 +1,104 @@
+"""The train step's device memory, checked once it is compiled and before it first runs: a step
+that cannot fit is one sentence saying what would, not an allocator's out-of-memory report."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+
+from jaxpt import sharding
+from jaxpt.errors import ConfigError
+
+# the share of a device's memory a suggested setting may plan for: the estimate scales the
+# step's temporaries with the micro-batch, though some (the gradients) do not shrink with it
+_PLANNED_SHARE = 0.85
+
+
+def device_memory_limit() -> int | None:
+    """Bytes the allocator of this process's first device may hold (a GPU's or TPU's
+    ``bytes_limit``: 75% of a GPU's memory by default), or None where the backend reports none
+    (the CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if stats is None else stats.get("bytes_limit")
+
+
+def step_bytes(stats) -> int:
+    """Bytes one device holds while a compiled step runs, from its ``memory_analysis()``: its
+    arguments, its outputs not written over a donated argument, its temporaries and code."""
+    return (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+        + stats.generated_code_size_in_bytes
+    )
+
+
+def memory_checked(step: Callable, config, mesh) -> Callable:
+    """``step`` (a jitted train step), compiled at its first call for those arguments, which
+    every later call then runs: before it first runs, ``check_step_fits`` against this
+    machine's device memory."""
+    compiled = None
+
+    def run(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = step.lower(*args).compile()
+            limit = device_memory_limit()
+            if limit is not None and (stats := compiled.memory_analysis()) is not None:
+                check_step_fits(stats, limit, config, mesh)
+        return compiled(*args)
+
+    return run
+
+
+def check_step_fits(stats, limit: int, config, mesh) -> None:
+    """ConfigError when the compiled step (``stats``: its ``memory_analysis()``) needs more
+    than ``limit`` bytes on a device, naming the smallest ``train.grad_accum_steps`` that
+    should fit (the step's temporaries scaled with the micro-batch), or, where none would,
+    what else lowers the need."""
+    need = step_bytes(stats)
+    if need <= limit:
+        return
+    train_cfg, shards = config.train, sharding.batch_shards(mesh, config.mesh.rules)
+    micro = train_cfg.batch_size // train_cfg.grad_accum_steps // shards
+    where = (
+        f"the train step needs {_size(need)} on each device, more than the {_size(limit)} its "
+        f"allocator holds ({micro} sequences of {config.model.block_size} tokens a device at "
+        f"a time: train.batch_size={train_cfg.batch_size}, "
+        f"train.grad_accum_steps={train_cfg.grad_accum_steps})"
+    )
+    accum = _fitting_accumulation(stats, limit, config, mesh)
+    if accum is None:
+        raise ConfigError(
+            f"{where}, and fewer sequences at a time would not fit either: shard the params "
+            "and optimizer state over more devices (mesh.fsdp), recompute activations "
+            "(model.remat_policy=full) or shorten model.block_size."
+        )
+    raise ConfigError(
+        f"{where}: set --config.train.grad_accum_steps={accum} (or recompute activations, "
+        "model.remat_policy=full, or spread the batch over more devices)."
+    )
+
+
+def _fitting_accumulation(stats, limit: int, config, mesh) -> int | None:
+    """The smallest ``train.grad_accum_steps`` above the config's that keeps whole micro-batches
+    on every batch shard and whose estimated need is at most ``_PLANNED_SHARE`` of ``limit``;
+    None when there is none."""
+    batch, accum = config.train.batch_size, config.train.grad_accum_steps
+    shards = sharding.batch_shards(mesh, config.mesh.rules)
+    fixed = step_bytes(stats) - stats.temp_size_in_bytes
+    for more in range(accum + 1, batch // shards + 1):
+        if batch % more or (batch // more) % shards:
+            continue
+        if fixed + stats.temp_size_in_bytes * accum / more <= _PLANNED_SHARE * limit:
+            return more
+    return None
+
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` in the largest binary unit that keeps a digit before the point."""
+    exponent = min(max(int(math.log(max(n_bytes, 1), 1024)), 0), 4)
+    return f"{n_bytes / 1024**exponent:.1f} {['bytes', 'KiB', 'MiB', 'GiB', 'TiB'][exponent]}"
