@@ -259,7 +259,10 @@ def check_override_value(config: ml_collections.ConfigDict, path: str, value: st
         parser.parse(value)
     except ValueError:
         example = str(field).lower() if isinstance(field, bool) else field
-        shown = "" if field is None else f", e.g. --config.{path}={example}"
+        if field is None:  # printed as None at start, which no flag takes
+            shown = f", or leave the flag out to keep {path} unset (None)"
+        else:
+            shown = f", e.g. --config.{path}={example}"
         raise ConfigError(f"--config.{path}={value!r} is not {kind}; write one{shown}.") from None
 
 
@@ -318,7 +321,8 @@ def parse_flags(program: str) -> Callable[[list[str]], list[str]]:
 def config_text(config: ml_collections.ConfigDict) -> str:
     """``config`` as a run prints it at start: one ``name: value`` line per field, sorted,
     sections indented under their name, each value as a ``--config.<field>=`` flag takes it
-    (``('data', 'fsdp')``, ``None``, a string bare, an empty one ``''``). ConfigDict's own
+    (``('data', 'fsdp')``, a string bare, an empty one ``''``), but ``None``, an unset field
+    such as ``train.b1``, which no flag takes (it is the flag left out). ConfigDict's own
     text (YAML) tags tuples ``!!python/tuple`` and shows a tuple shared by several fields
     once, the others as ``*id001``."""
     return "\n".join(_field_lines(config.to_dict(), indent=""))

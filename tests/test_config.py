@@ -275,6 +275,7 @@ def test_a_directory_through_a_dangling_link_is_one_sentence(command, below, tmp
 
 
 GPT_SMOKE = f"--config={ROOT / 'configs' / 'gpt.py'}:smoke"
+UNSET_B1 = "is not a number; write one, or leave the flag out to keep train.b1 unset (None)."
 
 
 @pytest.mark.parametrize(
@@ -283,12 +284,15 @@ GPT_SMOKE = f"--config={ROOT / 'configs' / 'gpt.py'}:smoke"
         ("train.steps", "1e3", "is not a whole number; write one, e.g. --config.train.steps=200."),
         ("train.lr", "fast", "is not a number; write one, e.g. --config.train.lr=0.003."),
         ("log.shardings", "maybe", "is not true or false; write one, e.g. --config.log.shardings="),
-        ("train.b1", "high", "is not a number; write one."),  # unset: the optimizer's default
+        # unset: the optimizer's default; the start of a run prints it as `b1: None`
+        ("train.b1", "None", UNSET_B1),
+        ("train.b1", "high", UNSET_B1),
     ],
 )
 def test_an_override_that_does_not_parse_is_one_sentence(path, value, words):
     """These were Python's words: "invalid literal for int() with base 10: '1e3'", "could not
-    convert string to float: 'fast'", "('Non-boolean argument to boolean flag', 'maybe')"."""
+    convert string to float: 'fast'", "('Non-boolean argument to boolean flag', 'maybe')". An
+    unset field, printed as None, said only "write one", not how to keep it unset."""
     with pytest.raises(ConfigError) as caught:
         check_config_flags(["launch.py", GPT_SMOKE, f"--config.{path}={value}"])
     assert str(caught.value).startswith(f"--config.{path}={value!r} {words}")
