@@ -19,7 +19,7 @@ from jaxpt import data, evals, models, nn, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints, check_outside_checkpoints
 from jaxpt.train._memory import memory_checked
-from jaxpt.train._metrics import MetricsLog, print_once
+from jaxpt.train._metrics import MetricsLog, StepClock, print_once
 from jaxpt.train._optimizer import (
     hyperparameters,
     optimizer,
@@ -278,8 +278,15 @@ class _PendingSteps:
     one step later, while the device still has work queued, rather than at the next log point.
     """
 
-    def __init__(self, log: MetricsLog, policy: str, checkpoints: Checkpoints, saved_step: int):
-        self.log, self.policy = log, policy
+    def __init__(
+        self,
+        log: MetricsLog,
+        clock: StepClock,
+        policy: str,
+        checkpoints: Checkpoints,
+        saved_step: int,
+    ):
+        self.log, self.clock, self.policy = log, clock, policy
         self.checkpoints, self.saved_step = checkpoints, saved_step
         self.steps: list[tuple[int, dict]] = []
         self.updated = False  # some step since saved_step was finite
@@ -288,6 +295,7 @@ class _PendingSteps:
         """Queues ``step``'s metrics; raises NonFiniteError if the step before was not finite
         and the policy is to stop."""
         self.steps.append((step, metrics))
+        self.clock.dispatched(step, metrics)
         if self.policy == "stop" and len(self.steps) > 1 and not self.steps[-2][1]["finite"]:
             self.flush()
 
@@ -303,14 +311,18 @@ class _PendingSteps:
             if metrics["finite"]:
                 self.updated = True
             elif self.policy == "stop":
-                self.log.train_steps(records)
+                self._log(records)
                 raise NonFiniteError(_stop_message(record, self.checkpoints))
             else:
                 print_once(
                     f"step {step} is not finite ({_losses(record)}): its update was skipped "
                     "(train.on_nonfinite='skip')"
                 )
-        self.log.train_steps(records)
+        self._log(records)
+
+    def _log(self, records: list[dict]) -> None:
+        if records:
+            self.log.train_steps(records, self.clock.finished_at(records[-1]["step"]))
 
     def refuse_save(self, step: int) -> None:
         """Step ``step``'s params are not finite (an update overflowed them): not saved; under
@@ -526,7 +538,9 @@ def train(
             print_every=config.log.every_steps,
         )
         cleanup.callback(log.close)
-        pending = _PendingSteps(log, config.train.on_nonfinite, checkpoints, step)
+        clock = StepClock()
+        cleanup.callback(clock.close)
+        pending = _PendingSteps(log, clock, config.train.on_nonfinite, checkpoints, step)
         stop = _StopRequest(run.mesh)
         cleanup.callback(stop.restore)
         profiler = _StepProfiler(workdir, config.log, step)

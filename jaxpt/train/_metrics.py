@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,11 +77,12 @@ class MetricsLog:
         self.start_time = self.last_time = time.perf_counter()
         self.last_step = first_step
 
-    def train_steps(self, records: list[dict]) -> None:
-        """Records for consecutive steps just fetched from the device (each has ``step``)."""
+    def train_steps(self, records: list[dict], finished: float) -> None:
+        """Records for consecutive steps just fetched from the device (each has ``step``), the
+        last of which finished at ``finished`` (``time.perf_counter()``; ``StepClock``)."""
         if not records:
             return
-        now = time.perf_counter()
+        now = finished
         steps_done = records[-1]["step"] - self.last_step
         seconds_per_step = (now - self.last_time) / max(steps_done, 1)
         tokens_per_s = self.tokens_per_step / seconds_per_step
@@ -139,6 +143,48 @@ class MetricsLog:
             self.file.close()
             self.tensorboard.close()
             plot_losses(self.path, self.path.parent / "loss.png")
+
+
+class StepClock:
+    """When each dispatched train step finished on the device, as ``time.perf_counter()``: a
+    thread waits for each step's metrics in turn. The time the loop fetches them is not that
+    where dispatching the next step blocks the host until that step has nearly run (XLA:GPU
+    reads a while loop's condition on the host, gradient accumulation's for one): a logged
+    stretch ending at a fetch with no step after it (the last step, an eval or save point) then
+    seemed to take a step's tail, and configs/smollm_sft.py's last step logged an MFU of 294%."""
+
+    def __init__(self):
+        self._dispatched: queue.SimpleQueue = queue.SimpleQueue()
+        self._finished: dict[int, float] = {}
+        self._changed = threading.Condition()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def dispatched(self, step: int, metrics: dict) -> None:
+        """``step`` was just dispatched; ``metrics`` are its outputs."""
+        self._dispatched.put((step, metrics))
+
+    def finished_at(self, step: int) -> float:
+        """When dispatched step ``step`` finished (waiting for the watcher to see it); forgets
+        it and the steps before it."""
+        with self._changed:
+            self._changed.wait_for(lambda: step in self._finished)
+            finished = self._finished[step]
+            self._finished = {s: t for s, t in self._finished.items() if s > step}
+        return finished
+
+    def close(self) -> None:
+        self._dispatched.put(None)
+        self._watcher.join()
+
+    def _watch(self) -> None:
+        while (item := self._dispatched.get()) is not None:
+            step, metrics = item
+            with contextlib.suppress(Exception):  # the loop meets a failed step's error itself
+                jax.block_until_ready(metrics)
+            with self._changed:
+                self._finished[step] = time.perf_counter()
+                self._changed.notify_all()
 
 
 def _summary_writer(directory: Path, first_step: int):
