@@ -26,18 +26,6 @@ def test_step_benches_time_the_bigram(script, size, tmp_path):
     assert record["preset"] == "bigram" and record["remat"] is None
 
 
-def test_generate_records_how_its_layers_and_attention_ran(tmp_path):
-    # generate.json named neither, so gpu.sh's scanned and unrolled figures differed only by
-    # the folder they were written to
-    size = "--batches=1 --prompt=1 --new=1 --reps=1 --noreference"
-    command = f"bench/generate.py {size} --noscan_layers --sdpa=xla --out={tmp_path}"
-    result = run_in_repo([sys.executable, *command.split()])
-    assert result.returncode == 0, result.stderr
-    record = json.loads((tmp_path / "generate.json").read_text())
-    assert (record["scan_layers"], record["sdpa"], record["new"]) == (False, "xla", 1)
-    assert "scan_layers=False, sdpa=xla" in result.stdout
-
-
 @pytest.mark.parametrize(
     ("command", "sentence"),
     [
