@@ -174,8 +174,9 @@ class StepClock:
         return finished
 
     def close(self) -> None:
+        """Ends the watcher once it has seen the steps dispatched (not waited for: a step stuck
+        in a collective with a failed process must not hold the exit)."""
         self._dispatched.put(None)
-        self._watcher.join()
 
     def _watch(self) -> None:
         while (item := self._dispatched.get()) is not None:
