@@ -1,5 +1,6 @@
 """Preparation: text -> token shards + manifest, resume, the embedded corpus, bad input."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -660,3 +662,31 @@ def test_uint32_shards_are_llmc_version_7(tmp_path):
     )
     assert manifest.dtype == "uint32" and manifest.eot_id == 70_000  # the characters sorted
     assert_llmc_shards(manifest, np.arange(-1, 70_000) % 70_001, val_shards=1)
+
+
+def test_preparations_of_the_same_out_at_once_take_turns(small, tmp_path, monkeypatch):
+    """Hosts on a shared filesystem that ran the same prepare command at once wrote the same
+    temporary files: one of them stopped with "No such file or directory
+    (.../progress.json.tmp)". The second now waits for the first, then finds the data there;
+    it arrives as the first writes its first shard, its vocab.json saved, no progress.json yet
+    (where a directory of files prepare did not make would be refused)."""
+    source, out, written, second = tmp_path / "story.txt", tmp_path / "again", [], []
+    reference = prepare(source, tmp_path / "ref", tokenizer="char", shard_tokens=64)
+    write_shard = _prepare.write_shard
+
+    def first_shard_starts_another(path, tokens):
+        if not written:  # the first preparation, about to write its first shard
+            run = lambda: second.append(prepare(source, out, tokenizer="char", shard_tokens=64))
+            other = threading.Thread(target=run)
+            other.start()
+            other.join(timeout=1)  # without turns, it prepares everything meanwhile
+            second.append(other)
+        written.append(path.name)
+        write_shard(path, tokens)
+
+    monkeypatch.setattr(_prepare, "write_shard", first_shard_starts_another)
+    first = prepare(source, out, tokenizer="char", shard_tokens=64)
+    second[0].join()
+    assert second[1:] == [first] == [dataclasses.replace(reference, directory=out)]
+    assert written == [s.file for s in reference.shards]  # each written once
+    assert_same_files(out, reference.directory)

@@ -66,7 +66,7 @@ def prepare_embedded(cache_dir: str | os.PathLike, tokenizer: str = "gpt2") -> M
         return load_manifest(final)
     except DataError:
         with _cache_errors(final):
-            _prepare(texts, source, final)  # rewrites what is damaged or missing
+            _prepare(texts, source, final, private=False)  # rewrites what is damaged or missing
         return load_manifest(final)
 
 
@@ -75,7 +75,7 @@ def _prepare_beside(texts: list[str], source: dict, final: Path) -> None:
     a process that another's rename beat uses that one."""
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        _prepare(texts, source, tmp)
+        _prepare(texts, source, tmp, private=True)
         os.rename(tmp, final)
     except OSError:
         if not (final / MANIFEST).is_file():  # else lost the race: another process's is there
@@ -84,8 +84,9 @@ def _prepare_beside(texts: list[str], source: dict, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prepare(texts: list[str], source: dict, out: Path) -> None:
-    """Prepares `texts` as shards in `out`, or repairs those there."""
+def _prepare(texts: list[str], source: dict, out: Path, *, private: bool) -> None:
+    """Prepares `texts` as shards in `out`, or repairs those there; `private`: `out` is this
+    process's alone (see `prepare_documents`)."""
     prepare_documents(
         lambda skip: texts[skip:],
         source,
@@ -95,6 +96,7 @@ def _prepare(texts: list[str], source: dict, out: Path) -> None:
         max_tokens=0,
         workers=1,
         progress=False,
+        private=private,
     )
 
 

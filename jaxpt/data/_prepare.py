@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import collections
 import contextlib
+import fcntl
 import functools
 import itertools
 import json
@@ -266,19 +267,42 @@ def prepare_documents(
     max_tokens: int,
     workers: int,
     progress: bool,
+    *,
+    private: bool = False,
 ) -> Manifest:
     """Tokenizes `documents(0)` with `source["tokenizer"]` into shards under `out`.
 
     `documents(n)` must yield the same texts on every call, from document n on; `source`
     describes them (it goes into the manifest, and a re-run resumes only if it is unchanged).
     The first `val_tokens` tokens form the val split; `max_tokens` > 0 stops the stream there.
+    Processes preparing `out` at once (hosts on a shared filesystem) take turns (`_lock`):
+    the first prepares, the others wait and then find it prepared. `private`: `out` is this
+    process's alone (a temporary directory), so no lock is taken.
     """
     _check_sizes(shard_tokens, val_tokens, max_tokens, workers)
     out = Path(out)
     settings = {"source": source, "shard_tokens": shard_tokens, "val_tokens": val_tokens}
     finished = _finished(out, settings, max_tokens)
-    if finished is not None:
+    if finished is not None:  # read only: needs no lock, nor a writable directory
         return finished
+    with contextlib.nullcontext() if private else _lock(out):
+        finished = _finished(out, settings, max_tokens)  # by a process this one waited for
+        if finished is not None:
+            return finished
+        return _write_documents(documents, source, out, settings, max_tokens, workers, progress)
+
+
+def _write_documents(
+    documents: Documents,
+    source: dict,
+    out: Path,
+    settings: dict,
+    max_tokens: int,
+    workers: int,
+    progress: bool,
+) -> Manifest:
+    """`prepare_documents`' work, where `out` is not finished: its intact shards are kept and
+    the stream is tokenized from where they end."""
     records = _resumable_records(out, settings)
     (out / MANIFEST).unlink(missing_ok=True)  # ours (_finished checked): written again at the end
     tok = _tokenizer(source, documents, out if records else None)
@@ -293,6 +317,20 @@ def prepare_documents(
     manifest = writer.manifest(docs)
     save_manifest(manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def _lock(directory: Path) -> Iterator[None]:
+    """Holds the lock of `directory` (a file beside it), saying so when it must wait."""
+    path = directory.with_name(directory.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to finish preparing {directory}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def summary(manifest: Manifest) -> str:
@@ -596,6 +634,7 @@ class _ShardWriter:
         index = len(self.records)
         if index == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._save_progress()  # before any other file: `out` reads as prepare's at once
             self.tok.save(self.out)
         split = "val" if self.tokens < self.settings["val_tokens"] else "train"
         tokens = self.buffer[0, : self.fill]
@@ -612,9 +651,13 @@ class _ShardWriter:
         }
         self.records.append(record)
         self.tokens += self.fill
+        self._save_progress()
+        self.fill = 0
+
+    def _save_progress(self) -> None:
+        """progress.json: the settings and the records of the shards written."""
         state = {"settings": self.settings, "dtype": self.dtype, "shards": self.records}
         write_atomic(self.out / PROGRESS, json.dumps(state, indent=1).encode())
-        self.fill = 0
 
 
 def _progress_bar(stream: Iterator, initial: int, total: int, enabled: bool, name: str) -> Iterator:

@@ -18,12 +18,9 @@ data there. Hosts with their own disks each prepare their own copy, the same byt
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -169,8 +166,7 @@ def _hub_manifest(
     out = cache_dir / _cache_name(source, need.val)
     workers = 1 if budget <= _SERIAL_TOKENS else None
     try:
-        with _lock(out):
-            manifest = prepare_source(source, out, CACHE_SHARD_TOKENS, need.val, budget, workers)
+        manifest = prepare_source(source, out, CACHE_SHARD_TOKENS, need.val, budget, workers)
     except SourceError as e:
         raise DataError(
             f"data.dataset={dataset!r} is not prepared in {out} and could not be streamed from "
@@ -200,20 +196,6 @@ def _cache_name(source: dict, val_tokens: int) -> str:
         f"val{val_tokens}",
     )
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(p for p in parts if p))
-
-
-@contextlib.contextmanager
-def _lock(directory: Path) -> Iterator[None]:
-    """Holds the lock of `directory` (a file beside it), saying so when it must wait."""
-    path = directory.with_name(directory.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process to finish preparing {directory}", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def run_tokenizer(data_config: DataConfig) -> Tokenizer:
