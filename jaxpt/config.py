@@ -271,22 +271,29 @@ def check_config_flags(argv: Sequence[str]) -> None:
     ``--config.<field>`` override names one of its fields, that its value parses as the
     field's type and that ``model.name`` keeps its preset; raises ConfigError where
     ``config_flags`` would print a traceback (a missing file, a bad ``:arg``, an unknown field)
-    or Python's words for a value that does not parse. Does nothing without the flag (absl
-    reports a required one missing)."""
-    spec, overrides = None, []
+    or Python's words for a value that does not parse, and that ``--config`` is given once
+    (config_flags defined the overrides of each, an AttributeError traceback where the files'
+    fields differ, else trained the last). Does nothing without the flag (absl reports a
+    required one missing)."""
+    specs, overrides = [], []
     for i, arg in enumerate(argv[1:], start=1):
         if arg == "--":  # absl parses no flags after it
             break
         flag, equals, value = arg.partition("=")
         if flag in ("-config", "--config"):
-            spec = value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
+            specs.append(value if equals else (argv[i + 1] if i + 1 < len(argv) else None))
         elif match := re.fullmatch(r"--?(no)?config\.(.+)", flag):
             spaced = not equals and not match.group(1) and i + 1 < len(argv)
             following = argv[i + 1] if spaced else None  # absl's `--config.<field> <value>`
             overrides.append((match.group(2), value if equals else None, following))
-    if spec is None:
+    if len(specs) > 1:
+        raise ConfigError(
+            f"--config is given {len(specs)} times ({', '.join(map(str, specs))}); give one "
+            "config file, and change its fields with --config.<field>=value."
+        )
+    if not specs or specs[0] is None:
         return
-    config = load_config_file(spec)
+    config = load_config_file(specs[0])
     for path, value, following in overrides:
         check_override(config, path)
         if "[" in path:

@@ -324,6 +324,25 @@ def test_overriding_the_model_name_is_one_sentence(override):
     check_config_flags(["launch.py", GPT_SMOKE, *spellings("model.name", "gpt")[1]])
 
 
+@pytest.mark.parametrize(
+    "files, overrides",
+    [
+        # config_flags' AttributeError traceback: it defined each file's override flags
+        (["bigram.py:smoke", "gpt.py:smoke"], ["--config.model.n_kv_head=1"]),
+        (["gpt.py:smoke", "gqa_gpt.py"], []),  # trained the last, gqa_gpt's full run
+    ],
+    ids=["fields differ", "silently the last"],
+)
+def test_a_repeated_config_flag_is_one_sentence(files, overrides):
+    configs = [f"--config={ROOT / 'configs' / file}" for file in files]
+    with pytest.raises(ConfigError) as caught:
+        check_config_flags(["launch.py", *configs, *overrides])
+    assert str(caught.value).startswith("--config is given 2 times (")
+    assert str(caught.value).endswith(
+        "; give one config file, and change its fields with --config.<field>=value."
+    )
+
+
 @pytest.mark.parametrize("value", ["1000", "0x10", "-1"])
 def test_an_override_that_parses_passes(value):
     check_config_flags(["launch.py", GPT_SMOKE, f"--config.train.steps={value}"])
