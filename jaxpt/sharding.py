@@ -98,9 +98,10 @@ def _several_axes_syntax(rule: str, axes) -> str:
     """For a rule whose axis names hold commas (``--config.mesh.rules.batch=data,fsdp`` is the
     one-name tuple ``('data,fsdp',)``), the end of a sentence showing the flag that names
     them; else nothing."""
-    if not any("," in axis for axis in axes):
+    listed = [axis for axis in axes if isinstance(axis, str)]  # a flag can give (1,), (None,)
+    if not any("," in axis for axis in listed):
         return ""
-    names = tuple(name.strip() for axis in axes for name in axis.split(","))
+    names = tuple(name.strip() for axis in listed for name in axis.split(","))
     return f'; to name several axes, pass a tuple: --config.mesh.rules.{rule}="{names!r}"'
 
 

@@ -79,6 +79,9 @@ def test_every_bad_field_is_one_sentence_before_anything_runs(path, value, tmp_p
     [
         (dict(data=-1, fsdp=-1), r"mesh\.data and mesh\.fsdp are all -1"),
         (dict(rules=dict(batch=("dta",))), r"mesh\.rules\.batch=\('dta',\) names 'dta'"),
+        # --config.mesh.rules.batch=1 and =None: TypeError tracebacks
+        (dict(rules=dict(batch=(1,))), r"mesh\.rules\.batch=\(1,\) names 1, not one of the"),
+        (dict(rules=dict(batch=(None,))), r"mesh\.rules\.batch=\(None,\) names None, not one"),
     ],
 )
 def test_mesh_rules_and_sizes_name_the_field(mesh, message):
