@@ -219,10 +219,9 @@ def check_override(config: ml_collections.ConfigDict, path: str) -> None:
         key, bracket, _ = key.partition("[")
         if not isinstance(node, ml_collections.ConfigDict):
             raise ConfigError(f"--config.{path}: {where} is a value, not a section.")
-        if key not in node:
-            raise ConfigError(
-                f"--config.{path}: {where} has no field {key!r}; {did_you_mean(key, sorted(node))}"
-            )
+        if key not in node:  # train.block_size is model's: that, not the close batch_size
+            hint = did_you_mean(key, sorted(node), elsewhere=_fields_named(config, key))
+            raise ConfigError(f"--config.{path}: {where} has no field {key!r}; {hint}")
         node, where = node[key], f"{where}.{key}"
         if bracket and not isinstance(node, list):  # config_flags raised IndexError
             field = where.removeprefix("config.")
@@ -231,6 +230,17 @@ def check_override(config: ml_collections.ConfigDict, path: str) -> None:
                 f"--config.{path}: {where} has no elements to set one by one; set the whole "
                 f"field, e.g. --config.{field}={shown}."
             )
+
+
+def _fields_named(config: ml_collections.ConfigDict, name: str) -> list[str]:
+    """The dotted paths of the fields and sections called ``name`` inside ``config``'s
+    sections, e.g. ``["checkpoint.every_steps", "eval.every_steps", "log.every_steps"]``."""
+    paths = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            paths += [f"{key}.{field}" for field in value if field == name]
+            paths += [f"{key}.{path}" for path in _fields_named(value, name)]
+    return paths
 
 
 # How config_flags parses an override of a field of each type (the others cannot fail)

@@ -61,11 +61,12 @@ def check_range(
     raise ConfigError(f"{name}={value!r} must be {number}{bounds}{note}.")
 
 
-def did_you_mean(name: str, known: Sequence[str]) -> str:
-    """The end of a sentence about an unknown ``name``: ``"did you mean steps?"`` naming the
-    closest of ``known`` (up to three: ``"a, b or c"``), or, when none is close, ``"the fields
+def did_you_mean(name: str, known: Sequence[str], elsewhere: Sequence[str] = ()) -> str:
+    """The end of a sentence about an unknown ``name``: ``"did you mean steps?"`` naming
+    ``elsewhere`` (e.g. ``["model.block_size"]``, where a field of that name lives) then the
+    closest of ``known``, up to three (``"a, b or c"``); when there are none, ``"the fields
     are a, b, c."``."""
-    close = difflib.get_close_matches(name, known, n=3)
+    close = [*elsewhere, *difflib.get_close_matches(name, known, n=3)][:3]
     if not close:
         return f"the fields are {', '.join(known)}."
     *first, last = close

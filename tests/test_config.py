@@ -358,6 +358,13 @@ def test_an_override_that_parses_passes(value):
         ("train.stpes", "config.train has no field 'stpes'; did you mean steps?"),
         ("trian.steps", "--config.trian.steps: config has no field 'trian'; did you mean train?"),
         ("model.n_heads", "config.model has no field 'n_heads'; did you mean n_head, n_kv_head or"),
+        # a field of another section: these suggested its neighbours (batch_size; steps or
+        # warmup_steps) or listed the section's fields
+        ("train.block_size", "has no field 'block_size'; did you mean model.block_size or batch_"),
+        ("model.batch_size", "did you mean train.batch_size, block_size or vocab_size?"),
+        ("train.every_steps", "mean checkpoint.every_steps, eval.every_steps or log.every_steps?"),
+        ("steps", "--config.steps: config has no field 'steps'; did you mean train.steps?"),
+        ("mesh.batch", "config.mesh has no field 'batch'; did you mean mesh.rules.batch?"),
     ],
 )
 def test_a_misspelt_override_names_the_close_fields(path, words):
