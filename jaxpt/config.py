@@ -30,13 +30,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses a config argument such as ``"smoke"`` or ``"smoke,steps=50"``.
 
     Bare words set a boolean default to True; ``key=value`` takes the type of the default.
-    Unknown keys and values that do not parse raise ConfigError.
+    Unknown keys, a key given twice (``smoke,smoke=false``) and values that do not parse
+    raise ConfigError.
     """
-    parsed = ml_collections.ConfigDict(defaults)
+    parsed, given = ml_collections.ConfigDict(defaults), set()
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if key not in defaults:
             raise ConfigError(f"config argument {key!r} is not one of {sorted(defaults)}.")
+        if key in given:
+            raise ConfigError(f"config argument {key!r} is given twice; give it once.")
+        given.add(key)
         default = defaults[key]
         if not sep:
             if not isinstance(default, bool):

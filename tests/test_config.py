@@ -346,6 +346,14 @@ def test_a_repeated_config_flag_is_one_sentence(files, overrides):
     )
 
 
+@pytest.mark.parametrize("arg", ["smoke,smoke=false", "smoke,smoke"])
+def test_a_config_argument_given_twice_is_one_sentence(arg):
+    """``:smoke,smoke=false`` was the full run (the last won), silently."""
+    with pytest.raises(ConfigError) as caught:
+        check_config_flags(["launch.py", f"{GPT_SMOKE.partition(':')[0]}:{arg}"])
+    assert str(caught.value).endswith(": config argument 'smoke' is given twice; give it once.")
+
+
 @pytest.mark.parametrize("value", ["1000", "0x10", "-1"])
 def test_an_override_that_parses_passes(value):
     check_config_flags(["launch.py", GPT_SMOKE, f"--config.train.steps={value}"])
