@@ -327,11 +327,12 @@ def check_config_flags(argv: Sequence[str]) -> None:
 def parse_flags(program: str) -> Callable[[list[str]], list[str]]:
     """absl's flag parsing, for ``app.run(main, flags_parser=parse_flags("launch.py"))``: a bad
     flag, config file, config argument or config field ends the program with one sentence,
-    ``<program>: ...``, and exit status 1, before anything else runs."""
+    ``<program>: ...``, and exit status 1, before anything else runs; so does one in a
+    ``--flagfile``, which absl and config_flags read in its place."""
 
     def parse(argv: list[str]) -> list[str]:
         try:
-            check_config_flags(argv)
+            check_config_flags(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
             return flags.FLAGS(argv)
         except (ConfigError, flags.Error) as error:
             sys.exit(f"{program}: {error}")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jaxpt import data, launcher, models, train
-from jaxpt.config import check_config_flags, check_override, config_text
+from jaxpt.config import check_config_flags, check_override, config_text, parse_flags
 from jaxpt.errors import ConfigError
 from jaxpt.hf.__main__ import export_checkpoint
 from tests.conftest import use_devices
@@ -343,6 +343,19 @@ def test_a_repeated_config_flag_is_one_sentence(files, overrides):
     assert str(caught.value).startswith("--config is given 2 times (")
     assert str(caught.value).endswith(
         "; give one config file, and change its fields with --config.<field>=value."
+    )
+
+
+def test_flags_in_a_flagfile_are_checked(tmp_path):
+    """absl and config_flags read ``--flagfile``'s flags in its place, the checks did not: an
+    unknown field there was config_flags' AttributeError traceback, a missing config file its
+    FileNotFoundError."""
+    flagfile = tmp_path / "flags"
+    flagfile.write_text(f"{GPT_SMOKE}\n--config.train.stpes=5\n")
+    with pytest.raises(SystemExit) as caught:
+        parse_flags("launch.py")(["launch.py", f"--flagfile={flagfile}"])
+    assert caught.value.code.startswith(
+        "launch.py: --config.train.stpes: config.train has no field 'stpes'; did you mean steps?"
     )
 
 
