@@ -141,7 +141,7 @@ def names() -> tuple[str, ...]:
 @functools.cache
 def _compiled_init(init: Callable) -> Callable:
     """``init(key, cfg)`` compiled for each config (static: configs are hashable). Op by op,
-    the README's 4-layer example drew its params in 8.2 s on a 2-core CPU; compiled, 3.7 s,
+    the README's 4-layer example drew its params in 8.2 s on a 2-core CPU; compiled, 5.3 s,
     compilation included. Under an outer ``jit`` or ``eval_shape`` it is traced inline."""
     return jax.jit(init, static_argnums=1)
 
