@@ -1,6 +1,7 @@
 """Preparation: text -> token shards + manifest, resume, the embedded corpus, bad input."""
 
 import dataclasses
+import fcntl
 import functools
 import json
 import math
@@ -690,3 +691,28 @@ def test_preparations_of_the_same_out_at_once_take_turns(small, tmp_path, monkey
     assert second[1:] == [first] == [dataclasses.replace(reference, directory=out)]
     assert written == [s.file for s in reference.shards]  # each written once
     assert_same_files(out, reference.directory)
+    assert not (tmp_path / "again.lock").exists()  # each removed the lock file it created
+
+
+def test_the_lock_file_goes_with_its_creator_and_a_killed_ones_blocks_no_one(small, tmp_path):
+    """The lock file `<out>.lock` stayed beside every prepared `--out`. Now the process that
+    created it removes it; one a killed process left (no process holds its lock) neither blocks
+    a re-run nor is removed by it, and a live holder's lock is waited for, not taken."""
+    source = tmp_path / "story.txt"
+    assert not (tmp_path / "out.lock").exists()  # `small` prepared tmp_path / "out"
+    stale = tmp_path / "killed.lock"
+    stale.write_text("a killed preparation's lock file\n")
+    assert prepare(source, tmp_path / "killed", shard_tokens=64).tokens() == small.tokens()
+    assert stale.read_text() == "a killed preparation's lock file\n"
+
+    held = tmp_path / "held.lock"
+    with open(held, "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another live process's preparation
+        run = functools.partial(prepare, source, tmp_path / "held", shard_tokens=64)
+        waiter = threading.Thread(target=run)
+        waiter.start()
+        waiter.join(timeout=1)
+        assert waiter.is_alive() and not (tmp_path / "held").exists()
+    waiter.join()
+    assert data.load_manifest(tmp_path / "held").tokens() == small.tokens()
+    assert held.exists()  # the holder's, not the waiter's

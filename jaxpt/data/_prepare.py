@@ -26,7 +26,6 @@ from __future__ import annotations
 import codecs
 import collections
 import contextlib
-import fcntl
 import functools
 import itertools
 import json
@@ -51,6 +50,7 @@ from jaxpt.data._chat import (
     plain_text,
 )
 from jaxpt.data._hub import hub_or_cache
+from jaxpt.data._lock import lock_beside
 from jaxpt.data._shards import (
     MANIFEST,
     MAX_SHARD_TOKENS,
@@ -275,7 +275,7 @@ def prepare_documents(
     `documents(n)` must yield the same texts on every call, from document n on; `source`
     describes them (it goes into the manifest, and a re-run resumes only if it is unchanged).
     The first `val_tokens` tokens form the val split; `max_tokens` > 0 stops the stream there.
-    Processes preparing `out` at once (hosts on a shared filesystem) take turns (`_lock`):
+    Processes preparing `out` at once (hosts on a shared filesystem) take turns (`lock_beside`):
     the first prepares, the others wait and then find it prepared. `private`: `out` is this
     process's alone (a temporary directory), so no lock is taken.
     """
@@ -285,7 +285,7 @@ def prepare_documents(
     finished = _finished(out, settings, max_tokens)
     if finished is not None:  # read only: needs no lock, nor a writable directory
         return finished
-    with contextlib.nullcontext() if private else _lock(out):
+    with contextlib.nullcontext() if private else lock_beside(out, "preparing"):
         finished = _finished(out, settings, max_tokens)  # by a process this one waited for
         if finished is not None:
             return finished
@@ -317,20 +317,6 @@ def _write_documents(
     manifest = writer.manifest(docs)
     save_manifest(manifest)
     return manifest
-
-
-@contextlib.contextmanager
-def _lock(directory: Path) -> Iterator[None]:
-    """Holds the lock of `directory` (a file beside it), saying so when it must wait."""
-    path = directory.with_name(directory.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process to finish preparing {directory}", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def summary(manifest: Manifest) -> str:
