@@ -29,6 +29,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from jaxpt import data, generate, hf, launcher, models, train  # noqa: E402
 from jaxpt.errors import ConfigError  # noqa: E402
+from jaxpt.hf import _files as hf_files  # noqa: E402
 from jaxpt.hf.__main__ import export_checkpoint, import_checkpoint  # noqa: E402
 from tests.test_models import perturbed, tiny_config  # noqa: E402
 from tests.test_train import ROOT, char_config  # noqa: E402
@@ -498,6 +499,41 @@ def test_save_pretrained_never_overwrites_a_users_files(tmp_path):
     with pytest.raises(ConfigError, match=r"already holds files \(config\.json, generation_"):
         hf.save_pretrained(jax.tree.map(lambda a: a + 1, params), cfg, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_commands_writing_one_out_at_once_take_turns_and_the_later_writes_nothing(
+    tmp_path, monkeypatch
+):
+    """`python -m jaxpt.hf ... --out=DIR` started on each host of a job at once: each found DIR
+    new and wrote into it under the same temporary names (one could stop with a traceback, or
+    rename another's half-written file under a complete config.json). Now the first writes; the
+    second waits for it, then says in one sentence that another process wrote DIR, exit 1."""
+    cfg = tiny_config("gpt")
+    params = models.get("gpt").init(jax.random.key(0), cfg)
+    source = hf.save_pretrained(params, cfg, tmp_path / "source")
+    firsts = jax.tree.map(lambda a: a + 1, params)
+    reference = hf.save_pretrained(firsts, cfg, tmp_path / "reference")
+    out, second, write_atomic = tmp_path / "out", [], hf_files._write_atomic
+
+    def first_file_starts_a_second_command(path, write):
+        if not second:
+            command = ["-m", "jaxpt.hf", "--to=jaxpt", f"--source={source}", f"--out={out}"]
+            pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            second.append(subprocess.Popen([sys.executable, *command], cwd=ROOT, **pipes))
+            second.append(second[0].stdout.readline())  # blocks until it waits, or ends
+        write_atomic(path, write)
+
+    monkeypatch.setattr(hf_files, "_write_atomic", first_file_starts_a_second_command)
+    hf.save_pretrained(firsts, cfg, out)
+    _, stderr = second[0].communicate(timeout=120)
+    assert second[1] == f"waiting for another process to finish writing {out}\n"
+    assert second[0].returncode == 1 and stderr == (
+        f"jaxpt.hf: {out} was written meanwhile by another process (the same command started "
+        "more than once at a time?); this one wrote nothing there.\n"
+    )
+    files = lambda directory: {p.name: p.read_bytes() for p in directory.iterdir()}
+    assert files(out) == files(reference)  # the first's, each file whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference", "source"]
 
 
 def with_keys(config, **entries):

@@ -29,6 +29,7 @@ from jaxpt.data._loader import missing_split as missing_split
 from jaxpt.data._loader import process_rows as process_rows
 from jaxpt.data._loader import to_global as to_global
 from jaxpt.data._loader import tokens_needed as tokens_needed
+from jaxpt.data._lock import lock_beside as lock_beside
 from jaxpt.data._prepare import DEFAULT_DATASET as DEFAULT_DATASET
 from jaxpt.data._prepare import prepare_dataset as prepare_dataset
 from jaxpt.data._resolve import DataConfig as DataConfig

@@ -298,7 +298,9 @@ def save_pretrained(
     generation_config.json are the model's, as a fine-tuned transformers model keeps them.
     Without one there is no generation_config.json (transformers derives the defaults from
     config.json): a tokenizer's directory may hold another model's sampling defaults. Each file
-    is written under a temporary name and renamed when complete, config.json last.
+    is written under a temporary name and renamed when complete, config.json last. Processes
+    saving to one ``path`` at once (each host of a job) take turns (``data.lock_beside``): the
+    first writes, the others then find ``path`` written and raise ConfigError, writing nothing.
 
     Returns:
         ``path``.
@@ -315,14 +317,26 @@ def save_pretrained(
         files.update(generation)
     files["config.json"] = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
-        path / "model.safetensors",
-        lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"}),
-    )
-    for name, content in files.items():
-        _write_atomic(path / name, lambda tmp, content=content: tmp.write_bytes(content))
+    with data.lock_beside(path, "writing"):
+        _check_not_written_meanwhile(path)
+        path.mkdir(parents=True, exist_ok=True)
+        _write_atomic(
+            path / "model.safetensors",
+            lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"}),
+        )
+        for name, content in files.items():
+            _write_atomic(path / name, lambda tmp, content=content: tmp.write_bytes(content))
     return path
+
+
+def _check_not_written_meanwhile(path: Path) -> None:
+    """ConfigError unless ``path``, found new or empty before, still is: another process
+    (the same command started on each host of a job) wrote it in the meantime."""
+    if path.is_dir() and any(path.iterdir()):
+        raise ConfigError(
+            f"{path} was written meanwhile by another process (the same command started more "
+            "than once at a time?); this one wrote nothing there."
+        )
 
 
 # ----------------------------------------------------------------------------- init_from
