@@ -10,8 +10,9 @@ layers) and ``unrolled/generate.json``, ``hf_generate.json``
 (``bench/scaling.sh``'s one-GPU run: launch.py's whole loop). Writes gpu.json (the
 jaxpt/reference ratios of the train step at 16 and 32 x 1024 and of decoding at batch 1 and
 32, scanned and unrolled; the presets' tokens/s and MFU on active parameters) and prints the
-README's speed table last. Without ``--runs`` it prints the table of ``--out``'s gpu.json and
-writes nothing.
+README's speed table last. A reference run that failed (it recorded an ``error``, no figure)
+reads "failed" there, its ratio "-", and its error is kept in gpu.json (``*_ref_error``).
+Without ``--runs`` it prints the table of ``--out``'s gpu.json and writes nothing.
 """
 
 import json
@@ -36,28 +37,40 @@ def only(rows, **match) -> dict:
     return row
 
 
-def train_fields(train: dict, torch_runs: list, batch: int, prefix: str) -> dict:
-    """``{prefix}tokens_per_s``, ``{prefix}ref_tokens_per_s`` and ``{prefix}ratio`` of the
-    train step at micro-batch ``batch`` against torch.compile's."""
-    ours = only(train["rows"], batch=batch)
-    ref = only(torch_runs, mode="compile", micro_batch=batch)
-    return {
-        f"{prefix}tokens_per_s": ours["tokens_per_s"],
-        f"{prefix}ref_tokens_per_s": ref["tokens_per_s"],
-        f"{prefix}ratio": ours["tokens_per_s"] / ref["tokens_per_s"],
+def reference(rows, **match) -> dict:
+    """The reference's row whose fields equal ``match``; where that run failed it holds an
+    ``error`` and no figure, and where it did not run at all it is such a row too."""
+    found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return only(found) if found else {"error": "not run", **match}
+
+
+def compared(ours: float, ref_row: dict, key: str, prefix: str) -> dict:
+    """``{prefix}tokens_per_s`` (``ours``), ``{prefix}ref_tokens_per_s`` (``ref_row[key]``) and
+    ``{prefix}ratio``; the last two None where the reference run failed, its error then in
+    ``{prefix}ref_error``."""
+    ref = ref_row.get(key)
+    fields = {
+        f"{prefix}tokens_per_s": ours,
+        f"{prefix}ref_tokens_per_s": ref,
+        f"{prefix}ratio": None if ref is None else ours / ref,
     }
+    if ref is None:
+        fields[f"{prefix}ref_error"] = ref_row.get("error", f"recorded no {key}")
+    return fields
+
+
+def train_fields(train: dict, torch_runs: list, batch: int, prefix: str) -> dict:
+    """``compared`` for the train step at micro-batch ``batch`` against torch.compile's."""
+    ours = only(train["rows"], batch=batch)["tokens_per_s"]
+    ref = reference(torch_runs, mode="compile", micro_batch=batch)
+    return compared(ours, ref, "tokens_per_s", prefix)
 
 
 def decode_fields(decode: dict, hf: list, batch: int, prefix: str) -> dict:
-    """``{prefix}tokens_per_s``, ``{prefix}ref_tokens_per_s`` and ``{prefix}ratio`` of
-    decoding at ``batch`` against transformers' compiled static cache."""
-    ours = only(decode["rows"], impl="jaxpt", batch=batch)
-    ref = only(hf, variant="static_cache_autocompile", batch=batch)
-    return {
-        f"{prefix}tokens_per_s": ours["new_tokens_per_s"],
-        f"{prefix}ref_tokens_per_s": ref["new_tokens_per_s"],
-        f"{prefix}ratio": ours["new_tokens_per_s"] / ref["new_tokens_per_s"],
-    }
+    """``compared`` for decoding at ``batch`` against transformers' compiled static cache."""
+    ours = only(decode["rows"], impl="jaxpt", batch=batch)["new_tokens_per_s"]
+    ref = reference(hf, variant="static_cache_autocompile", batch=batch)
+    return compared(ours, ref, "new_tokens_per_s", prefix)
 
 
 def one_device(devices: dict[str, str]) -> None:
@@ -111,6 +124,15 @@ def summary(runs: pathlib.Path, batch: int, big_batch: int) -> dict:
     )
 
 
+def against(s: dict, prefix: str, name: str) -> str:
+    """The reference and ratio cells of the ``compared`` fields ``prefix``: "failed" and "-"
+    where the reference run failed."""
+    ref = s[prefix + "ref_tokens_per_s"]
+    if ref is None:
+        return f"{name} failed | -"
+    return f"{name} {ref:,.0f} | {s[prefix + 'ratio']:.2f}x"
+
+
 def table(s: dict) -> str:
     """The README's speed table (markdown)."""
     lines = [
@@ -119,10 +141,9 @@ def table(s: dict) -> str:
         "| what | jaxpt | reference (same call) | ratio |",
         "|---|---|---|---|",
         f"| GPT-2 124M train step, tokens/s | {s['train_tokens_per_s']:,.0f} "
-        f"(MFU {s['mfu']:.1%}) | torch.compile {s['train_ref_tokens_per_s']:,.0f} "
-        f"| {s['train_ratio']:.2f}x |",
+        f"(MFU {s['mfu']:.1%}) | {against(s, 'train_', 'torch.compile')} |",
         f"| same at {s['big_batch']} x 1024 | {s['train_big_tokens_per_s']:,.0f} "
-        f"| torch.compile {s['train_big_ref_tokens_per_s']:,.0f} | {s['train_big_ratio']:.2f}x |",
+        f"| {against(s, 'train_big_', 'torch.compile')} |",
         f"| same, `launch.py`'s whole loop (data, logging), tokens/s "
         f"| {s['train_launch_tokens_per_s']:,.0f} (MFU {s['train_launch_mfu']:.1%}) | | |",
     ]
@@ -131,8 +152,8 @@ def table(s: dict) -> str:
             key = f"{prefix}b{b}_"
             lines.append(
                 f"| decode, batch {b}, {layers} layers, new tokens/s "
-                f"| {s[key + 'tokens_per_s']:,.0f} | transformers, compiled static cache "
-                f"{s[key + 'ref_tokens_per_s']:,.0f} | {s[key + 'ratio']:.2f}x |"
+                f"| {s[key + 'tokens_per_s']:,.0f} "
+                f"| {against(s, key, 'transformers, compiled static cache')} |"
             )
     lines += ["", "| preset | tokens/s | MFU (active params) |", "|---|---|---|"]
     lines += [

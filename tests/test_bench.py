@@ -147,3 +147,24 @@ def test_gpu_summary_compares_figures_of_one_device(other, tmp_path):
     summary = json.loads((tmp_path / "gpu.json").read_text())
     assert summary["device"] == "H" and summary["train_ratio"] == 500 / 400
     assert summary["decode_unrolled_b32_ratio"] == 400 / 100
+
+
+def test_gpu_summary_marks_a_failed_reference_run(tmp_path):
+    # a reference run that recorded an error and no figure (torch.compile out of memory at 16
+    # x 1024) stopped the summary with a KeyError traceback, and its other figures were lost
+    write_gpu_runs(tmp_path, {})
+    torch = json.loads((tmp_path / "torch_gpt2.json").read_text())
+    torch["runs"][0] = dict(mode="compile", micro_batch=16, error="OOM: CUDA out of memory")
+    (tmp_path / "torch_gpt2.json").write_text(json.dumps(torch))
+    command = [sys.executable, "bench/gpu_summary.py", f"--runs={tmp_path}", f"--out={tmp_path}"]
+    result = run_in_repo(command)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "gpu.json").read_text())
+    assert summary["train_ref_tokens_per_s"] is None and summary["train_ratio"] is None
+    assert summary["train_ref_error"] == "OOM: CUDA out of memory"
+    assert summary["train_big_ratio"] == (500 * 32) / (400 * 32)
+    assert summary["decode_b32_ratio"] == (300 * 32) / (100 * 32)
+    rows = result.stdout.splitlines()
+    train_row = "| GPT-2 124M train step, tokens/s | 8,000 (MFU 40.0%) | torch.compile failed | - |"
+    assert train_row in rows
+    assert "| same at 32 x 1024 | 16,000 | torch.compile 12,800 | 1.25x |" in rows
