@@ -14,17 +14,14 @@ import signal
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from jaxpt import launcher, train
-from jaxpt.config import parse_flags
+from jaxpt.config import define_config_flag, parse_flags
 from jaxpt.errors import ConfigError, DataError
 
 _DEFAULTS = launcher.SampleOptions()
 
-config_flags.DEFINE_config_file(
-    "config", None, "Preset file, e.g. configs/gpt.py:smoke.", lock_config=True
-)
+define_config_flag("launch.py", "Preset file, e.g. configs/gpt.py:smoke.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
 flags.DEFINE_enum("mode", "train", launcher.MODES, "What to run.")
 flags.DEFINE_bool(

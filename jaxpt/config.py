@@ -19,9 +19,10 @@ from pathlib import Path
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 from jaxpt import models, sharding
-from jaxpt.errors import ConfigError, did_you_mean
+from jaxpt.errors import ConfigError, did_you_mean, first_line
 
 SECTIONS = ("model", "data", "train", "mesh", "checkpoint", "eval", "log")  # of a run config
 
@@ -332,12 +333,44 @@ def parse_flags(program: str) -> Callable[[list[str]], list[str]]:
 
     def parse(argv: list[str]) -> list[str]:
         try:
-            check_config_flags(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
+            check_config_flags(read_flagfiles(argv))
             return flags.FLAGS(argv)
         except (ConfigError, flags.Error) as error:
             sys.exit(f"{program}: {error}")
 
     return parse
+
+
+def define_config_flag(program: str, help_text: str) -> None:
+    """Defines ``--config`` (``config_flags.DEFINE_config_file``, locked), which reads every
+    ``--flagfile`` of ``sys.argv`` as it is defined: one that cannot be read ends ``program``
+    with one sentence (``read_flagfiles``), not absl's traceback."""
+    try:
+        config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+    except flags.CantOpenFlagFileError as error:
+        sys.exit(f"{program}: {_unreadable_flagfile(error)}")
+
+
+def read_flagfiles(argv: Sequence[str]) -> list[str]:
+    """``argv`` with each ``--flagfile=<file>`` replaced by the flags the file holds (absl's
+    reading, files named inside files included); raises ConfigError naming a file that cannot
+    be read (missing, a directory, not readable)."""
+    try:
+        return flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    except flags.CantOpenFlagFileError as error:
+        raise _unreadable_flagfile(error) from None
+
+
+def _unreadable_flagfile(error: flags.CantOpenFlagFileError) -> ConfigError:
+    """The sentence for absl's ``error``, from the ``OSError`` of its ``open`` (which names the
+    file) where it has one."""
+    opened = error.__context__
+    what = (
+        f"--flagfile={opened.filename} cannot be read ({opened.strerror})"
+        if isinstance(opened, OSError)
+        else first_line(error)
+    )
+    return ConfigError(f"{what}; name a file of flags, one --flag=value a line.")
 
 
 def config_text(config: ml_collections.ConfigDict) -> str:

@@ -359,6 +359,19 @@ def test_flags_in_a_flagfile_are_checked(tmp_path):
     )
 
 
+def test_a_flagfile_that_cannot_be_read_is_one_sentence(tmp_path):
+    """A directory, or a missing file named inside a flagfile, as --flagfile."""
+    (tmp_path / "flags").write_text(f"--flagfile={tmp_path / 'gone'}\n")
+    for flagfile, reason in ((tmp_path, "Is a directory"), (tmp_path / "flags", "No such file")):
+        with pytest.raises(SystemExit) as caught:
+            parse_flags("launch.py")(["launch.py", GPT_SMOKE, f"--flagfile={flagfile}"])
+        named = tmp_path if flagfile == tmp_path else tmp_path / "gone"
+        assert caught.value.code.startswith(
+            f"launch.py: --flagfile={named} cannot be read ({reason}"
+        )
+        assert caught.value.code.endswith("; name a file of flags, one --flag=value a line.")
+
+
 @pytest.mark.parametrize("arg", ["smoke,smoke=false", "smoke,smoke"])
 def test_a_config_argument_given_twice_is_one_sentence(arg):
     """``:smoke,smoke=false`` was the full run (the last won), silently."""
@@ -470,6 +483,11 @@ def run_launch(*args, cwd=ROOT):
         (["--config=a_file"], "--config=a_file: 'a_file' is not a Python file; name a preset"),
         (["--config=no_get_config.py"], "'no_get_config.py' defines no get_config(arg); name"),
         (["--config=returns_a_dict.py"], "get_config did not return a run config with the"),
+        # absl's CantOpenFlagFileError traceback, as config_flags defined --config on import
+        (
+            ["--config=configs/gpt.py:smoke", "--flagfile=nope.txt"],
+            "--flagfile=nope.txt cannot be read (No such file or directory); name a file of",
+        ),
     ],
     ids=[
         "unknown field",
@@ -486,6 +504,7 @@ def run_launch(*args, cwd=ROOT):
         "config not python",
         "config without get_config",
         "config not a run config",
+        "missing flagfile",
     ],
 )
 def test_launch_errors_are_one_sentence_and_exit_1(args, words, tmp_path):

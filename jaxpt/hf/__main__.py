@@ -16,10 +16,9 @@ from pathlib import Path
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from jaxpt import data, models, train
-from jaxpt.config import check_new_directory, parse_flags
+from jaxpt.config import check_new_directory, define_config_flag, parse_flags
 from jaxpt.errors import ConfigError, DataError, first_line
 from jaxpt.hf._convert import config_to_hf
 from jaxpt.hf._files import Pretrained, checkpoint_directory, from_pretrained, save_pretrained
@@ -123,9 +122,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("source", None, "--to=jaxpt: checkpoint directory or hub name.")
     flags.DEFINE_string("out", None, "Directory to write: new or empty.")
     flags.DEFINE_string("workdir", None, "--to=hf: the run's workdir (its latest checkpoint).")
-    config_flags.DEFINE_config_file(
-        "config", None, "--to=hf: the run's preset, e.g. configs/gpt.py:smoke.", lock_config=True
-    )
+    define_config_flag("jaxpt.hf", "--to=hf: the run's preset, e.g. configs/gpt.py:smoke.")
     flags.mark_flags_as_required(["to", "out"])
 
 
