@@ -970,6 +970,9 @@ def test_items_the_tokenizer_cannot_read_are_one_sentence_before_training_or_eva
     [
         ("tasks", "val_loss,mmlu", "entry 'mmlu' is not one of val_loss, hellaswag nor harness"),
         ("tasks", " , ", "names no task"),
+        # the empty entry was dropped: the run went on without the task meant there
+        ("tasks", "val_loss,,hellaswag", r"has an empty entry \(entry 2\); name a task between"),
+        ("tasks", "val_loss, ", r"has an empty entry \(entry 2\)"),
         ("hellaswag_every_steps", -1, "must be an integer >= 0"),
     ],
 )

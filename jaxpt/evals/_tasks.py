@@ -11,13 +11,19 @@ HARNESS = "harness:"  # prefix of an lm-evaluation-harness task: a registered na
 def parse_tasks(tasks: str) -> list[str]:
     """The comma-separated entries of ``eval.tasks``, e.g. ``"val_loss,harness:arc_easy"``.
 
-    Raises ConfigError naming an entry that is neither a native task nor ``harness:NAME``.
+    Raises ConfigError naming an entry that is neither a native task nor ``harness:NAME``, or
+    an empty one (``"val_loss,,hellaswag"``: a name left out, e.g. an unset shell variable).
     """
-    entries = [entry.strip() for entry in str(tasks).split(",") if entry.strip()]
-    if not entries:
+    entries = [entry.strip() for entry in str(tasks).split(",")]
+    if not any(entries):
         raise ConfigError(
             f"eval.tasks={tasks!r} names no task; give some of {', '.join(NATIVE_TASKS)} or "
             "harness:NAME, separated by commas."
+        )
+    if not all(entries):
+        raise ConfigError(
+            f"eval.tasks={tasks!r} has an empty entry (entry {entries.index('') + 1}); name a "
+            "task between every two commas, or leave the extra comma out."
         )
     for entry in entries:
         if entry not in NATIVE_TASKS and not (entry.startswith(HARNESS) and entry[len(HARNESS) :]):
