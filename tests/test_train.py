@@ -1003,6 +1003,40 @@ def test_a_state_too_large_for_a_device_says_to_shard_it():
         train_memory.check_step_fits(Stats(90 * GiB, 0, 0, 10 * GiB), 80 * GiB, config, mesh)
 
 
+def test_a_state_too_large_for_the_memory_stops_before_anything_is_made(tmp_path, monkeypatch):
+    """A model of 2**40 params hung in init on the CPU, after checkpoints/ was made (one past
+    2**63 params was a TypeError as the state was lowered). The state's bytes on a device, from
+    its shapes, are now held against the memory first: they are the bytes of the shards the
+    init makes on a device (here over mesh.fsdp=2), and one byte less memory is refused."""
+    devices = use_devices(monkeypatch, 2)
+    config = char_config()
+    config.mesh.update(data=1, fsdp=2)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    abstract, shardings = train.abstract_state(config, mesh)
+    tx = train.optimizer(config.train, abstract.params)
+    model_cfg, key = models.config_from(config.model), jax.random.key(0)
+    state = _loop.fresh_state(model_cfg, tx, shardings, key, None)
+    made = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state))
+    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: made)
+    train_memory.check_state_fits(abstract, shardings, mesh)
+    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: made - 1)
+    with pytest.raises(ConfigError, match=r"^the params \([\d,]+ of them\) and optimizer state"):
+        train_memory.check_state_fits(abstract, shardings, mesh)
+    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: None)  # the host's memory
+    config.model.update(n_layer=2**12, n_embed=2**14, n_mlp_hidden=2**16)  # 12 * 2**40 params
+    with pytest.raises(ConfigError) as error:
+        train.train(config, tmp_path / "run")
+    # 4 bytes of param and 8 of AdamW's moments each, half on a device
+    assert re.match(
+        r"the params \(13,195,\d{3},\d{3},\d{3} of them\) .* need 72.0 TiB on", str(error.value)
+    )
+    assert str(error.value).endswith(
+        "train a smaller model (model.n_layer, model.n_embed), or shard the state over more "
+        "devices (mesh.fsdp)."
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_whose_step_does_not_fit_stops_before_it_runs(tmp_path, monkeypatch):
     """Through the loop: the step compiled for the first batch is measured against the device's
     allocator before it runs (a CPU reports none, so a GPU's is put in its place); the run
@@ -1016,6 +1050,7 @@ def test_a_run_whose_step_does_not_fit_stops_before_it_runs(tmp_path, monkeypatc
         check(stats, limit, config, mesh)
 
     monkeypatch.setattr(train_memory, "check_step_fits", recording)
+    monkeypatch.setattr(_loop, "check_state_fits", lambda *_: None)  # the state's: above
     use_devices(monkeypatch, 1)
     config = char_config(steps=1)
     config.train.batch_size = 32

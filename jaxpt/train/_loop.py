@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpt import data, evals, models, nn, sharding
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import Checkpoints, check_outside_checkpoints
-from jaxpt.train._memory import memory_checked
+from jaxpt.train._memory import check_state_fits, memory_checked
 from jaxpt.train._metrics import MetricsLog, StepClock, print_once
 from jaxpt.train._optimizer import (
     hyperparameters,
@@ -381,11 +381,12 @@ def _prepare(config) -> _Run:
     mesh = sharding.make_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh)
     check_experts_fit_mesh(config, mesh)
+    abstract, shardings = abstract_state(config, mesh)
+    check_state_fits(abstract, shardings, mesh)
     batch_size, seq_len = config.train.batch_size, model_cfg.block_size
     need = data.tokens_needed(config.train.steps, batch_size, seq_len, config.eval.batches)
     manifest = data.ensure_prepared(config.data, need=need)
     data.check_vocab(manifest, model_cfg.vocab_size)
-    abstract, shardings = abstract_state(config, mesh)
     tx = optimizer(config.train, abstract.params)
     print_once(describe(config, model_cfg))
     if note := warmup_note(config.train):

@@ -1,9 +1,12 @@
-"""The train step's device memory, checked once it is compiled and before it first runs: a step
-that cannot fit is one sentence saying what would, not an allocator's out-of-memory report."""
+"""The train state's device memory, checked from its shapes before anything is initialised, and
+the train step's, checked once it is compiled and before it first runs: a state or step that
+cannot fit is one sentence saying what would, not a hang or an allocator's out-of-memory report.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import jax
@@ -22,6 +25,37 @@ def device_memory_limit() -> int | None:
     (the CPU)."""
     stats = jax.local_devices()[0].memory_stats()
     return None if stats is None else stats.get("bytes_limit")
+
+
+def memory_limit(devices: int) -> tuple[int, str]:
+    """Bytes each of ``devices`` devices of this process may hold, and words saying what sets
+    it: the allocator's ``bytes_limit`` (``device_memory_limit``), or where the backend reports
+    none (the CPU) an equal share of the host's physical memory, which those devices share."""
+    limit = device_memory_limit()
+    if limit is not None:
+        return limit, "its allocator holds"
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host // devices, f"a CPU device may take (the host's {_size(host)} over {devices})"
+
+
+def check_state_fits(abstract, shardings, mesh) -> None:
+    """ConfigError when the train state (``abstract``: shapes and dtypes; ``shardings``: the
+    same tree's shardings over ``mesh``) needs more bytes on a device than ``memory_limit``
+    allows for the devices of ``mesh`` this process holds."""
+    need = sum(
+        math.prod(where.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for leaf, where in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
+    )
+    local = sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
+    limit, what = memory_limit(local)
+    if need <= limit:
+        return
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
+    raise ConfigError(
+        f"the params ({count:,} of them) and optimizer state need {_size(need)} on each "
+        f"device, more than the {_size(limit)} {what}: train a smaller model (model.n_layer, "
+        "model.n_embed), or shard the state over more devices (mesh.fsdp)."
+    )
 
 
 def step_bytes(stats) -> int:
