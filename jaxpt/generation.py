@@ -29,6 +29,7 @@ from jax import Array
 
 from jaxpt import data, models
 from jaxpt.errors import ConfigError, check_range
+from jaxpt.train._memory import memory_limit, size_text, step_bytes
 
 # The smallest normal float32: a temperature below it is flushed to 0 on CPUs and GPUs, so
 # sampling takes the limit, greedy decoding.
@@ -140,16 +141,25 @@ def generate(
     tokens, prompt_lengths = pad_prompts(prompts, cfg, max_new_tokens=max_new_tokens)
     if key is None:
         key = jax.random.key(0)  # unused by greedy decoding
-    return _generate(
-        params,
-        jnp.asarray(tokens),
-        jnp.asarray(prompt_lengths),
-        key,
-        cfg=cfg,
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        stop_token=stop_token,
-    )
+    args = params, jnp.asarray(tokens), jnp.asarray(prompt_lengths), key
+    compiled = _generate.lower(
+        *args, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, stop_token=stop_token
+    ).compile()
+    if (stats := compiled.memory_analysis()) is not None:
+        _check_generation_fits(step_bytes(stats), tokens.shape)
+    return compiled(*args)
+
+
+def _check_generation_fits(need: int, shape: tuple[int, int]) -> None:
+    """ConfigError when generating into a token buffer of ``shape`` ``(B, L)`` needs ``need``
+    bytes, more than the device may hold (``memory_limit``)."""
+    limit, what = memory_limit(1)
+    if need > limit:
+        raise ConfigError(
+            f"sampling {shape[0]} sequences of up to {shape[1]} tokens at once needs "
+            f"{size_text(need)} on the device, more than the {size_text(limit)} {what}: ask "
+            "for fewer samples at a time (--num_samples) or fewer tokens (--max_new_tokens)."
+        )
 
 
 def pad_prompts(prompts, cfg, *, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:

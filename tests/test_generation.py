@@ -14,6 +14,7 @@ import pytest
 from jaxpt import data, generate, launcher, models, train
 from jaxpt.errors import ConfigError
 from jaxpt.generation import Sampling, _generate, filter_logits, pad_prompts, sample
+from jaxpt.train import _memory as train_memory
 from tests.test_models import perturbed, tiny_config
 from tests.test_train import ROOT, load_config
 
@@ -330,6 +331,33 @@ def test_default_max_new_tokens_fills_the_block_up_to_100(monkeypatch):
         launcher.converse(config, "unused", options)  # half the block for the reply
         assert asked == expected
         asked.clear()
+
+
+def test_samples_that_cannot_fit_the_memory_are_refused_before_they_run(monkeypatch):
+    """--num_samples=100000 of configs/gqa_glu_rope.py:smoke ran out of memory after compiling
+    (the compiled program's analysis: 117.2 GiB). Here the device may hold exactly the KV cache
+    of 64 samples, which is only part of what they need (logits, activations): refused, one
+    sentence naming --num_samples, before anything runs; in 100 times that memory they run."""
+    tokenizer = data.CharTokenizer("abcdefghij ")
+    config = load_config(ROOT / "configs" / "gqa_gpt.py", "smoke")
+    config.model.update(vocab_size=tokenizer.vocab_size, n_layer=1, block_size=16)
+    cfg = models.config_from(config.model)
+    params = models.get(cfg.name).init(jax.random.key(0), cfg)
+    monkeypatch.setattr(launcher, "params_and_tokenizer", lambda *_: (params, tokenizer))
+    fed = cfg.block_size  # a prompt of 1 token, max_new_tokens 16: 16 of 17 fed back
+    kv_cache = 64 * cfg.n_layer * 2 * cfg.n_kv_head * (cfg.n_embed // cfg.n_head) * fed * 4
+    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: kv_cache)
+    many = launcher.SampleOptions(prompt="a", num_samples=64, max_new_tokens=16)
+    with pytest.raises(ConfigError) as caught:
+        launcher.sample(config, "unused", many)
+    assert re.fullmatch(
+        r"sampling 64 sequences of up to 17 tokens at once needs [\d.]+ (KiB|MiB) on the "
+        r"device, more than the [\d.]+ (KiB|MiB) its allocator holds: ask for fewer samples "
+        r"at a time \(--num_samples\) or fewer tokens \(--max_new_tokens\)\.",
+        str(caught.value),
+    )
+    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: 100 * kv_cache)
+    assert len(launcher.sample(config, "unused", many)) == 64
 
 
 def bos_template_tokenizer(directory) -> data.HFTokenizer:

@@ -35,7 +35,7 @@ def memory_limit(devices: int) -> tuple[int, str]:
     if limit is not None:
         return limit, "its allocator holds"
     host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return host // devices, f"a CPU device may take (the host's {_size(host)} over {devices})"
+    return host // devices, f"a CPU device may take (the host's {size_text(host)} over {devices})"
 
 
 def check_state_fits(abstract, shardings, mesh) -> None:
@@ -52,8 +52,8 @@ def check_state_fits(abstract, shardings, mesh) -> None:
         return
     count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
     raise ConfigError(
-        f"the params ({count:,} of them) and optimizer state need {_size(need)} on each "
-        f"device, more than the {_size(limit)} {what}: train a smaller model (model.n_layer, "
+        f"the params ({count:,} of them) and optimizer state need {size_text(need)} on each "
+        f"device, more than the {size_text(limit)} {what}: train a smaller model (model.n_layer, "
         "model.n_embed), or shard the state over more devices (mesh.fsdp)."
     )
 
@@ -99,9 +99,10 @@ def check_step_fits(stats, limit: int, config, mesh) -> None:
     train_cfg, shards = config.train, sharding.batch_shards(mesh, config.mesh.rules)
     micro = train_cfg.batch_size // train_cfg.grad_accum_steps // shards
     where = (
-        f"the train step needs {_size(need)} on each device, more than the {_size(limit)} its "
-        f"allocator holds ({micro} sequences of {config.model.block_size} tokens a device at "
-        f"a time: train.batch_size={train_cfg.batch_size}, "
+        f"the train step needs {size_text(need)} on each device, more than the "
+        f"{size_text(limit)} its allocator holds ({micro} sequences of "
+        f"{config.model.block_size} tokens a device at a time: "
+        f"train.batch_size={train_cfg.batch_size}, "
         f"train.grad_accum_steps={train_cfg.grad_accum_steps})"
     )
     accum = _fitting_accumulation(stats, limit, config, mesh)
@@ -132,7 +133,7 @@ def _fitting_accumulation(stats, limit: int, config, mesh) -> int | None:
     return None
 
 
-def _size(n_bytes: float) -> str:
+def size_text(n_bytes: float) -> str:
     """``n_bytes`` in the largest binary unit that keeps a digit before the point."""
     exponent = min(max(int(math.log(max(n_bytes, 1), 1024)), 0), 4)
     return f"{n_bytes / 1024**exponent:.1f} {['bytes', 'KiB', 'MiB', 'GiB', 'TiB'][exponent]}"
