@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jaxpt import data, models
+from jaxpt import data, memory, models
 from jaxpt.errors import ConfigError, check_range
-from jaxpt.train._memory import memory_limit, size_text, step_bytes
 
 # The smallest normal float32: a temperature below it is flushed to 0 on CPUs and GPUs, so
 # sampling takes the limit, greedy decoding.
@@ -146,18 +145,19 @@ def generate(
         *args, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, stop_token=stop_token
     ).compile()
     if (stats := compiled.memory_analysis()) is not None:
-        _check_generation_fits(step_bytes(stats), tokens.shape)
+        _check_generation_fits(memory.program_bytes(stats), tokens.shape)
     return compiled(*args)
 
 
 def _check_generation_fits(need: int, shape: tuple[int, int]) -> None:
     """ConfigError when generating into a token buffer of ``shape`` ``(B, L)`` needs ``need``
     bytes, more than the device may hold (``memory_limit``)."""
-    limit, what = memory_limit(1)
+    limit, what = memory.memory_limit(1)
     if need > limit:
+        need_text, limit_text = memory.size_text(need), memory.size_text(limit)
         raise ConfigError(
             f"sampling {shape[0]} sequences of up to {shape[1]} tokens at once needs "
-            f"{size_text(need)} on the device, more than the {size_text(limit)} {what}: ask "
+            f"{need_text} on the device, more than the {limit_text} {what}: ask "
             "for fewer samples at a time (--num_samples) or fewer tokens (--max_new_tokens)."
         )
 

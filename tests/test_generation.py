@@ -11,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import data, generate, launcher, models, train
+from jaxpt import data, generate, launcher, memory, models, train
 from jaxpt.errors import ConfigError
 from jaxpt.generation import Sampling, _generate, filter_logits, pad_prompts, sample
-from jaxpt.train import _memory as train_memory
 from tests.test_models import perturbed, tiny_config
 from tests.test_train import ROOT, load_config
 
@@ -346,7 +345,7 @@ def test_samples_that_cannot_fit_the_memory_are_refused_before_they_run(monkeypa
     monkeypatch.setattr(launcher, "params_and_tokenizer", lambda *_: (params, tokenizer))
     fed = cfg.block_size  # a prompt of 1 token, max_new_tokens 16: 16 of 17 fed back
     kv_cache = 64 * cfg.n_layer * 2 * cfg.n_kv_head * (cfg.n_embed // cfg.n_head) * fed * 4
-    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: kv_cache)
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: kv_cache)
     many = launcher.SampleOptions(prompt="a", num_samples=64, max_new_tokens=16)
     with pytest.raises(ConfigError) as caught:
         launcher.sample(config, "unused", many)
@@ -356,7 +355,7 @@ def test_samples_that_cannot_fit_the_memory_are_refused_before_they_run(monkeypa
         r"at a time \(--num_samples\) or fewer tokens \(--max_new_tokens\)\.",
         str(caught.value),
     )
-    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: 100 * kv_cache)
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: 100 * kv_cache)
     assert len(launcher.sample(config, "unused", many)) == 64
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpt import data, evals, models, nn, sharding, train
+from jaxpt import data, evals, memory, models, nn, sharding, train
 from jaxpt.config import preset_config
 from jaxpt.errors import ConfigError, DataError
 from jaxpt.train import _loop, _metrics
@@ -1017,12 +1017,12 @@ def test_a_state_too_large_for_the_memory_stops_before_anything_is_made(tmp_path
     model_cfg, key = models.config_from(config.model), jax.random.key(0)
     state = _loop.fresh_state(model_cfg, tx, shardings, key, None)
     made = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state))
-    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: made)
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: made)
     train_memory.check_state_fits(abstract, shardings, mesh)
-    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: made - 1)
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: made - 1)
     with pytest.raises(ConfigError, match=r"^the params \([\d,]+ of them\) and optimizer state"):
         train_memory.check_state_fits(abstract, shardings, mesh)
-    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: None)  # the host's memory
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: None)  # the host's memory
     config.model.update(n_layer=2**12, n_embed=2**14, n_mlp_hidden=2**16)  # 12 * 2**40 params
     with pytest.raises(ConfigError) as error:
         train.train(config, tmp_path / "run")
@@ -1054,20 +1054,20 @@ def test_a_run_whose_step_does_not_fit_stops_before_it_runs(tmp_path, monkeypatc
     use_devices(monkeypatch, 1)
     config = char_config(steps=1)
     config.train.batch_size = 32
-    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: 1)
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: 1)
     with pytest.raises(ConfigError, match=r"^the train step needs .* would not fit either: "):
         train.train(config, tmp_path / "run")
     assert train.read_metrics(tmp_path / "run" / "metrics.jsonl") == []
     assert not (tmp_path / "run" / "loss.png").exists()
     assert not train.has_checkpoint(tmp_path / "run")
-    limit = int(train_memory.step_bytes(measured[0]) * 0.8)
+    limit = int(memory.program_bytes(measured[0]) * 0.8)
     mesh = sharding.make_mesh(config.mesh, jax.devices())
     with pytest.raises(ConfigError, match=r"set --config.train.grad_accum_steps=\d+ ") as error:
         check(measured[0], limit, config, mesh)
     config.train.grad_accum_steps = int(re.search(r"steps=(\d+) ", str(error.value)).group(1))
-    monkeypatch.setattr(train_memory, "device_memory_limit", lambda: limit)
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: limit)
     train.train(config, tmp_path / "run")
-    assert train_memory.step_bytes(measured[-1]) <= limit and train.has_checkpoint(tmp_path / "run")
+    assert memory.program_bytes(measured[-1]) <= limit and train.has_checkpoint(tmp_path / "run")
 
 
 def test_the_logged_throughput_of_a_stretch_ending_the_run_is_its_steps_own(tmp_path, monkeypatch):

@@ -6,36 +6,16 @@ cannot fit is one sentence saying what would, not a hang or an allocator's out-o
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 
 import jax
 
-from jaxpt import sharding
+from jaxpt import memory, sharding
 from jaxpt.errors import ConfigError
 
 # the share of a device's memory a suggested setting may plan for: the estimate scales the
 # step's temporaries with the micro-batch, though some (the gradients) do not shrink with it
 _PLANNED_SHARE = 0.85
-
-
-def device_memory_limit() -> int | None:
-    """Bytes the allocator of this process's first device may hold (a GPU's or TPU's
-    ``bytes_limit``: 75% of a GPU's memory by default), or None where the backend reports none
-    (the CPU)."""
-    stats = jax.local_devices()[0].memory_stats()
-    return None if stats is None else stats.get("bytes_limit")
-
-
-def memory_limit(devices: int) -> tuple[int, str]:
-    """Bytes each of ``devices`` devices of this process may hold, and words saying what sets
-    it: the allocator's ``bytes_limit`` (``device_memory_limit``), or where the backend reports
-    none (the CPU) an equal share of the host's physical memory, which those devices share."""
-    limit = device_memory_limit()
-    if limit is not None:
-        return limit, "its allocator holds"
-    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return host // devices, f"a CPU device may take (the host's {size_text(host)} over {devices})"
 
 
 def check_state_fits(abstract, shardings, mesh) -> None:
@@ -47,26 +27,14 @@ def check_state_fits(abstract, shardings, mesh) -> None:
         for leaf, where in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
     )
     local = sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
-    limit, what = memory_limit(local)
+    limit, what = memory.memory_limit(local)
     if need <= limit:
         return
     count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
     raise ConfigError(
-        f"the params ({count:,} of them) and optimizer state need {size_text(need)} on each "
-        f"device, more than the {size_text(limit)} {what}: train a smaller model (model.n_layer, "
-        "model.n_embed), or shard the state over more devices (mesh.fsdp)."
-    )
-
-
-def step_bytes(stats) -> int:
-    """Bytes one device holds while a compiled step runs, from its ``memory_analysis()``: its
-    arguments, its outputs not written over a donated argument, its temporaries and code."""
-    return (
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        - stats.alias_size_in_bytes
-        + stats.temp_size_in_bytes
-        + stats.generated_code_size_in_bytes
+        f"the params ({count:,} of them) and optimizer state need {memory.size_text(need)} on "
+        f"each device, more than the {memory.size_text(limit)} {what}: train a smaller model "
+        "(model.n_layer, model.n_embed), or shard the state over more devices (mesh.fsdp)."
     )
 
 
@@ -80,7 +48,7 @@ def memory_checked(step: Callable, config, mesh) -> Callable:
         nonlocal compiled
         if compiled is None:
             compiled = step.lower(*args).compile()
-            limit = device_memory_limit()
+            limit = memory.device_memory_limit()
             if limit is not None and (stats := compiled.memory_analysis()) is not None:
                 check_step_fits(stats, limit, config, mesh)
         return compiled(*args)
@@ -93,14 +61,14 @@ def check_step_fits(stats, limit: int, config, mesh) -> None:
     than ``limit`` bytes on a device, naming the smallest ``train.grad_accum_steps`` that
     should fit (the step's temporaries scaled with the micro-batch), or, where none would,
     what else lowers the need."""
-    need = step_bytes(stats)
+    need = memory.program_bytes(stats)
     if need <= limit:
         return
     train_cfg, shards = config.train, sharding.batch_shards(mesh, config.mesh.rules)
     micro = train_cfg.batch_size // train_cfg.grad_accum_steps // shards
     where = (
-        f"the train step needs {size_text(need)} on each device, more than the "
-        f"{size_text(limit)} its allocator holds ({micro} sequences of "
+        f"the train step needs {memory.size_text(need)} on each device, more than the "
+        f"{memory.size_text(limit)} its allocator holds ({micro} sequences of "
         f"{config.model.block_size} tokens a device at a time: "
         f"train.batch_size={train_cfg.batch_size}, "
         f"train.grad_accum_steps={train_cfg.grad_accum_steps})"
@@ -124,16 +92,10 @@ def _fitting_accumulation(stats, limit: int, config, mesh) -> int | None:
     None when there is none."""
     batch, accum = config.train.batch_size, config.train.grad_accum_steps
     shards = sharding.batch_shards(mesh, config.mesh.rules)
-    fixed = step_bytes(stats) - stats.temp_size_in_bytes
+    fixed = memory.program_bytes(stats) - stats.temp_size_in_bytes
     for more in range(accum + 1, batch // shards + 1):
         if batch % more or (batch // more) % shards:
             continue
         if fixed + stats.temp_size_in_bytes * accum / more <= _PLANNED_SHARE * limit:
             return more
     return None
-
-
-def size_text(n_bytes: float) -> str:
-    """``n_bytes`` in the largest binary unit that keeps a digit before the point."""
-    exponent = min(max(int(math.log(max(n_bytes, 1), 1024)), 0), 4)
-    return f"{n_bytes / 1024**exponent:.1f} {['bytes', 'KiB', 'MiB', 'GiB', 'TiB'][exponent]}"
