@@ -141,15 +141,34 @@ def generate(
     if key is None:
         key = jax.random.key(0)  # unused by greedy decoding
     args = params, jnp.asarray(tokens), jnp.asarray(prompt_lengths), key
-    compiled = _generate.lower(
-        *args, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, stop_token=stop_token
-    ).compile()
-    if (stats := compiled.memory_analysis()) is not None:
-        _check_generation_fits(memory.program_bytes(stats), tokens.shape)
-    return compiled(*args)
+    static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, stop_token=stop_token)
+    _check_generation_fits(args, static)
+    return _generate(*args, **static)
 
 
-def _check_generation_fits(need: int, shape: tuple[int, int]) -> None:
+# The signatures (argument shapes, dtypes and shardings; static arguments) whose compiled
+# `_generate` was found to fit the device's memory: the check lowers the program again, which
+# takes longer than the jitted call it precedes.
+_FITTING: set = set()
+
+
+def _check_generation_fits(args, static: dict) -> None:
+    """ConfigError when ``_generate`` compiled for ``args`` and ``static`` needs more bytes
+    than the device may hold (``memory_limit``); checked once per signature."""
+    signature = (
+        jax.tree.structure(args),
+        tuple((a.shape, a.dtype, a.sharding) for a in jax.tree.leaves(args)),
+        tuple(static.items()),
+    )
+    if signature in _FITTING:
+        return
+    stats = _generate.lower(*args, **static).compile().memory_analysis()
+    if stats is not None:
+        _refuse_beyond_memory(memory.program_bytes(stats), args[1].shape)
+    _FITTING.add(signature)
+
+
+def _refuse_beyond_memory(need: int, shape: tuple[int, int]) -> None:
     """ConfigError when generating into a token buffer of ``shape`` ``(B, L)`` needs ``need``
     bytes, more than the device may hold (``memory_limit``)."""
     limit, what = memory.memory_limit(1)
