@@ -39,7 +39,8 @@ flags.DEFINE_integer(
     "max_new_tokens",
     _DEFAULTS.max_new_tokens,
     f"generate, chat: the most tokens per sample or reply (0: as many as the block leaves after "
-    f"the prompt, for chat half the block, at most {launcher.DEFAULT_NEW_TOKENS}).",
+    f"the prompt, for chat half the block or what the system prompt and message leave, at most "
+    f"{launcher.DEFAULT_NEW_TOKENS}).",
 )
 flags.DEFINE_float("temperature", _DEFAULTS.temperature, "generate, chat: 0 is greedy.")
 flags.DEFINE_integer(

@@ -338,7 +338,8 @@ def chat(
         tokenizer: the model's tokenizer; its chat template (or ChatML) renders the messages.
         messages: ``{"role": ..., "content": ...}`` dicts, e.g. system, user, assistant, user.
         max_new_tokens: the most tokens the reply may take (None: half the block, at most
-            ``CHAT_NEW_TOKENS``).
+            ``CHAT_NEW_TOKENS``, and at most what the block leaves after the leading system
+            messages and the last user message, ``reply_room``).
         temperature, top_k, top_p, key: as in ``generate`` (greedy by default).
         template: a Jinja chat template to use instead of the tokenizer's.
     Returns:
@@ -347,9 +348,10 @@ def chat(
     messages = data.check_messages(messages, "messages")
     if not messages:
         raise ConfigError("chat needs at least one message to reply to.")
-    if max_new_tokens is None:
-        max_new_tokens = max(1, min(CHAT_NEW_TOKENS, model_config.block_size // 2))
     template = template or data.chat_template(tokenizer)
+    if max_new_tokens is None:
+        left = reply_room(tokenizer, messages, template, model_config)
+        max_new_tokens = int(max(1, min(CHAT_NEW_TOKENS, model_config.block_size // 2, left)))
     end = data.end_of_turn(tokenizer, template)
     end_ids = tokenizer.encode(end)
     prompt = _recent_history(tokenizer, messages, template, model_config, max_new_tokens)
@@ -370,16 +372,29 @@ def chat(
     return data.reply_in(tokenizer, template, tokenizer.decode(generated.completions()[0]))
 
 
-def _recent_history(tokenizer, messages: list[dict], template: str, cfg, max_new_tokens: int):
-    """The prompt ids of the most recent turns that leave room for ``max_new_tokens`` in the
-    block: all of them, else from a later user message on, after the leading system ones."""
+def reply_room(tokenizer, messages: list[dict], template: str, cfg) -> float:
+    """The most tokens a reply to ``messages`` can take: what the block leaves after the
+    shortest history ``chat`` prompts with (the leading system messages and the last user
+    message), as ``room``."""
+    return room(cfg, len(data.chat_prompt(tokenizer, _histories(messages)[-1], template)))
+
+
+def _histories(messages: list[dict]) -> list[list[dict]]:
+    """The conversations ``chat`` may prompt with, longest first: all the messages, then from
+    each later user message on, after the leading system ones."""
     system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     starts = [system] + [
         i for i in range(system + 1, len(messages)) if messages[i]["role"] == "user"
     ]
+    return [messages[:system] + messages[start:] for start in starts]
+
+
+def _recent_history(tokenizer, messages: list[dict], template: str, cfg, max_new_tokens: int):
+    """The prompt ids of the most recent turns that leave room for ``max_new_tokens`` in the
+    block: the longest of ``_histories`` that does."""
     room = cfg.block_size + 1 - max_new_tokens  # generate's limit
-    for start in starts:
-        prompt = data.chat_prompt(tokenizer, messages[:system] + messages[start:], template)
+    for history in _histories(messages):
+        prompt = data.chat_prompt(tokenizer, history, template)
         if len(prompt) <= room:
             return prompt
     raise ConfigError(

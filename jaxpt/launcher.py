@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from jaxpt import data, evals, hf, models, sharding, train
 from jaxpt.config import check_writable_directory, config_text
 from jaxpt.errors import ConfigError, DataError, check_range, first_line
-from jaxpt.generation import chat, generate, room
+from jaxpt.generation import chat, generate, reply_room, room
 
 MODES = ("train", "generate", "eval", "chat")
 DEFAULT_NEW_TOKENS = 100  # the most --max_new_tokens=0 asks for
@@ -34,7 +34,8 @@ class SampleOptions:
 
     prompt: str = ""  # empty: start from the begin-of-sequence token, i.e. a new document
     num_samples: int = 4
-    # 0: as many as the block leaves (generate: after the prompt; chat: half of it), at most 100
+    # 0: as many as the block leaves (generate: after the prompt; chat: half of it, or what the
+    # system prompt and the message leave), at most 100
     max_new_tokens: int = 0
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: no top-k filter
@@ -306,12 +307,13 @@ def _typed_message() -> str | None:
 
 def _reply(params, model_cfg, tokenizer, messages, options: SampleOptions, key) -> str:
     """``jaxpt.chat``'s reply to ``messages`` with the command line's sampling options."""
+    left = reply_room(tokenizer, messages, data.chat_template(tokenizer), model_cfg)
     return chat(
         params,
         model_cfg,
         tokenizer,
         messages,
-        max_new_tokens=options.new_tokens(model_cfg.block_size // 2),
+        max_new_tokens=options.new_tokens(min(model_cfg.block_size // 2, left)),
         temperature=options.temperature,
         top_k=options.top_k or None,
         top_p=None if options.top_p == 1 else options.top_p,

@@ -22,6 +22,7 @@ from jaxpt.errors import ConfigError, DataError
 from jaxpt.generation import _recent_history
 
 from .conftest import FAST_COMPILE, ROOT, run_in_repo, use_devices
+from .test_generation import eof
 from .test_multihost import free_port
 
 CONVERSATION = [
@@ -538,6 +539,42 @@ def test_a_message_the_model_cannot_take_is_left_out_and_the_chat_goes_on(monkey
     # what would refuse every message is refused before the first is read
     with pytest.raises(DataError, match="character '2' is not in the char vocabulary"):
         launcher.converse(config, "unused", launcher.SampleOptions(system_prompt="be 2"))
+
+
+def test_readme_system_prompt_leaves_the_smoke_chat_room_to_reply(monkeypatch, capsys):
+    """README's chat command with configs/smollm_sft.py:smoke (block 64, ChatML under GPT-2
+    BPE): the default reply of half the block left no room for the system prompt and any
+    message, so every message was refused. The default now takes what the block leaves."""
+    config = load_config_file(f"{ROOT / 'configs' / 'smollm_sft.py'}:smoke")
+    tok = data.run_tokenizer(config.data)
+    monkeypatch.setattr(launcher, "params_and_tokenizer", lambda *_: (None, tok))
+    asked = []
+
+    def fake_generate(params, prompts, cfg, *, max_new_tokens, **kwargs):
+        asked.append((prompts[0], max_new_tokens))
+        reply = prompts[0] + tok.encode("Hello.<|im_end|>")
+        lengths = [[len(prompts[0])], [len(reply)]]
+        return generation.Generated(jnp.asarray([reply]), *map(jnp.asarray, lengths))
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    typed = iter(["Hi, who are you?"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(typed, None) or eof())
+    system = "You are a helpful assistant."  # README's
+    launcher.converse(config, "unused", launcher.SampleOptions(system_prompt=system))
+    out, err = capsys.readouterr()
+    assert err == "" and out.endswith("conversation\nHello.\n\n")
+    [(prompt, new_tokens)] = asked
+    assert tok.decode(prompt) == (
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nHi, who are you?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert len(prompt) + new_tokens == config.model.block_size + 1  # all the block leaves
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Hi, who are you?"},
+    ]
+    assert jaxpt.chat(None, models.config_from(config.model), tok, messages) == "Hello."
+    assert asked[-1] == (prompt, new_tokens)  # jaxpt.chat's own default likewise
 
 
 def test_prepare_warns_when_chat_could_not_use_the_template(tmp_path, caplog):

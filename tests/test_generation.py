@@ -305,7 +305,7 @@ def eof():
 
 def test_default_max_new_tokens_fills_the_block_up_to_100(monkeypatch):
     # the default was 100 new tokens, refused by every smoke config (block_size 64)
-    tokenizer = data.CharTokenizer("abcdefghij <|>_mn")  # ChatML's end-of-turn marker too
+    tokenizer = data.CharTokenizer("abcdefghij <|>_mnrstu\n")  # ChatML's characters too
     asked = []
 
     def recording(generate_or_chat):
@@ -317,7 +317,8 @@ def test_default_max_new_tokens_fills_the_block_up_to_100(monkeypatch):
 
     monkeypatch.setattr(launcher, "generate", recording(launcher.generate))
     monkeypatch.setattr(launcher, "chat", recording(lambda *args, **kwargs: "reply"))
-    for block_size, expected in ((16, [17 - 3, 8]), (300, [100, 100])):
+    # chat: half the block, or what it leaves after the 52 tokens of "hi" in ChatML
+    for block_size, expected in ((64, [65 - 3, 65 - 52]), (128, [100, 64]), (300, [100, 100])):
         config = load_config(ROOT / "configs" / "gpt.py", "smoke")
         config.model.update(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=1)
         params = models.get("gpt").init(jax.random.key(0), models.config_from(config.model))
