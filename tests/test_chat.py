@@ -396,6 +396,38 @@ def test_too_few_conversations_for_a_batch_name_the_batch_size_alone(tmp_path):
     assert data.Loader(manifest, "train", 2, 127).init_state()["step"] == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_conversation_the_template_refuses_is_named_by_its_row(tmp_path, workers):
+    # the template's message alone, as Llama-2's "Conversation roles must alternate ...", left
+    # the conversation to be found among thousands
+    word_tokenizer(tmp_path)
+    refusing = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+    )
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = refusing + TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = [CONVERSATION[1:3]] * 70  # a worker's batch is 64 conversations
+    rows[66] = CONVERSATION
+    with open(tmp_path / "d.jsonl", "w") as f:
+        f.writelines(json.dumps({"messages": messages}) + "\n" for messages in rows)
+    with pytest.raises(DataError) as error:
+        data.prepare_dataset(
+            str(tmp_path / "d.jsonl"),
+            tmp_path / "out",
+            format="chat",
+            tokenizer=str(tmp_path / "tokenizer.json"),
+            block_size=31,
+            shard_tokens=32 * 1000,
+            workers=workers,
+            progress=False,
+        )
+    assert str(error.value) == (
+        f"row 66 of dataset {tmp_path / 'd.jsonl'}: the chat template refused the "
+        "conversation: no system"
+    )
+
+
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory):
     """A tiny model fine-tuned on TOY, repeated: (config file, workdir, manifest)."""

@@ -668,7 +668,8 @@ def _progress_bar(stream: Iterator, initial: int, total: int, enabled: bool, nam
 # ----------------------------------------------------------------------------- tokenizing
 
 
-Encode = Callable[[list], list[np.ndarray]]  # a batch of documents -> (C, N) arrays
+# (the index of a batch's first document, the batch) -> a (C, N) array per document
+Encode = Callable[[int, list], list[np.ndarray]]
 
 
 def _encoder(source: dict, tok: Tokenizer, dtype: str) -> Encode:
@@ -676,28 +677,49 @@ def _encoder(source: dict, tok: Tokenizer, dtype: str) -> Encode:
     a conversation's row of ids and loss mask (2, row_tokens) (or (2, 0), `chat_row`)."""
     if _is_chat(source):
         return functools.partial(
-            _encode_chats, tok, dtype, source["chat_template"], source["row_tokens"]
+            _encode_chats,
+            tok,
+            dtype,
+            source["chat_template"],
+            source["row_tokens"],
+            source["dataset"],
         )
     return functools.partial(_encode_texts, tok, dtype)
 
 
-def _encode_texts(tok: Tokenizer, dtype: str, texts: list[str]) -> list[np.ndarray]:
+def _encode_texts(tok: Tokenizer, dtype: str, first: int, texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids after end-of-text (1, N); `first` is `Encode`'s, unused: any text
+    encodes."""
     return [np.array([[tok.eot_id, *tok.encode(t)] if t else []], dtype) for t in texts]
 
 
 def _encode_chats(
-    tok: Tokenizer, dtype: str, template: str, row_tokens: int, conversations: list[list]
+    tok: Tokenizer,
+    dtype: str,
+    template: str,
+    row_tokens: int,
+    dataset: str,
+    first: int,
+    conversations: list[list],
 ) -> list[np.ndarray]:
-    return [chat_row(tok, messages, template, row_tokens, dtype) for messages in conversations]
+    """`chat_row` of each conversation; a DataError names the row of `dataset` it is, from
+    `first` on (a template's `raise_exception` gives only its own message)."""
+    rows = []
+    for index, messages in enumerate(conversations, start=first):
+        try:
+            rows.append(chat_row(tok, messages, template, row_tokens, dtype))
+        except DataError as e:
+            raise DataError(f"row {index} of dataset {dataset}: {e}") from None
+    return rows
 
 
 def _token_stream(
     encode: Encode, documents: Iterable, first: int, workers: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(document index, `encode`'s (C, N) array) for each document, in order."""
-    batches = _batched(documents, _BATCH_DOCS)
+    batches = zip(itertools.count(first, _BATCH_DOCS), _batched(documents, _BATCH_DOCS))
     if workers == 1:
-        encoded = (encode(batch) for batch in batches)
+        encoded = (encode(start, batch) for start, batch in batches)
     else:
         encoded = _encode_in_pool(encode, batches, workers)
     return zip(itertools.count(first), itertools.chain.from_iterable(encoded), strict=False)
@@ -717,8 +739,8 @@ def _init_worker(encode: Encode) -> None:
     _worker = encode
 
 
-def _encode_in_worker(documents: list) -> list[np.ndarray]:
-    return _worker(documents)
+def _encode_in_worker(first: int, documents: list) -> list[np.ndarray]:
+    return _worker(first, documents)
 
 
 @contextlib.contextmanager
@@ -743,9 +765,10 @@ def _children_ignore_sigint() -> Iterator[None]:
 
 
 def _encode_in_pool(
-    encode: Encode, batches: Iterator[list], workers: int
+    encode: Encode, batches: Iterator[tuple[int, list]], workers: int
 ) -> Iterator[list[np.ndarray]]:
-    """`encode` over `batches` in worker processes, in order, with a bounded read-ahead."""
+    """`encode` over `batches` (first index, documents) in worker processes, in order, with a
+    bounded read-ahead."""
     # spawn, not fork: the caller may already run threads (JAX, datasets' prefetching).
     context = multiprocessing.get_context("spawn")
     with _children_ignore_sigint():
@@ -753,7 +776,7 @@ def _encode_in_pool(
     with pool:
         pending = collections.deque()
         for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            pending.append(pool.apply_async(_encode_in_worker, batch))
             if len(pending) >= 4 * workers:
                 yield pending.popleft().get()
         while pending:
