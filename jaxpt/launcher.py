@@ -210,7 +210,9 @@ def pretrained_params(config, workdir: str | Path) -> Callable[[], object] | Non
 def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     """Prompt plus completion, as text, for each of ``options.num_samples`` samples drawn
     from the latest checkpoint in ``workdir`` (or ``checkpoint.init_from``, see
-    ``params_and_tokenizer``); each stops at end-of-text."""
+    ``params_and_tokenizer``); each stops at end-of-text. The prompt is shown as typed,
+    without the special tokens its encoding added (Llama 3's BOS; an empty prompt's start),
+    as transformers' ``decode(skip_special_tokens=True)`` shows a generation."""
     train.validate_config(config)
     model_cfg = models.config_from(config.model)
     options.validate(model_cfg.vocab_size)
@@ -228,7 +230,8 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
         stop_token=tokenizer.eot_id,
         n_tokens=tokenizer.vocab_size,
     )
-    return [tokenizer.decode(prompt + new) for new in generated.completions()]
+    typed = data.transformers_ids(tokenizer, options.prompt, template=False)
+    return [tokenizer.decode(typed + new) for new in generated.completions()]
 
 
 def prompt_ids(tokenizer: data.Tokenizer, prompt: str) -> list[int]:

@@ -13,7 +13,7 @@ import pytest
 
 from jaxpt import data, generate, launcher, memory, models, train
 from jaxpt.errors import ConfigError
-from jaxpt.generation import Sampling, _generate, filter_logits, pad_prompts, sample
+from jaxpt.generation import Generated, Sampling, _generate, filter_logits, pad_prompts, sample
 from tests.test_models import perturbed, tiny_config
 from tests.test_train import ROOT, load_config
 
@@ -401,6 +401,37 @@ def test_generate_mode_encodes_the_prompt_as_transformers_does(monkeypatch, tmp_
     # lm-eval's HF backend starts an empty context from the tokenizer's bos_token_id
     assert prompts == [reference("w3 w4").input_ids, [reference.bos_token_id]]
     assert prompts[0] == [97, 3, 4]
+
+
+def test_generate_mode_prints_the_prompt_without_the_bos_its_encoding_added(monkeypatch, tmp_path):
+    """Each sample of an imported Llama 3 began with the <|begin_of_text|> that encoding the
+    prompt put before it (or, for an empty prompt, the BOS it starts from), which the user
+    never typed: transformers' generate then decode(skip_special_tokens=True) shows none. A
+    special token the model draws is its own, and shown (here end-of-text, the stop)."""
+    transformers = pytest.importorskip("transformers", reason="the reference is transformers'")
+    tokenizer = bos_template_tokenizer(tmp_path)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    config = load_config(ROOT / "configs" / "bigram.py", "smoke")
+    config.model.vocab_size = tokenizer.vocab_size
+    monkeypatch.setattr(launcher, "params_and_tokenizer", lambda *_: (None, tokenizer))
+    drawn = [5, 6, 7]
+
+    def fake_generate(params, prompts, cfg, **kwargs):
+        ids = [*prompts[0], *drawn]
+        lengths = [[len(prompts[0])], [len(ids)]]
+        return Generated(jnp.asarray([ids]), *map(jnp.asarray, lengths))
+
+    monkeypatch.setattr(launcher, "generate", fake_generate)
+    options = launcher.SampleOptions(num_samples=1, max_new_tokens=3)
+    for prompt in ("w3 w4", ""):
+        [text] = launcher.sample(config, "unused", dataclasses.replace(options, prompt=prompt))
+        asked = reference(prompt).input_ids  # the BOS, then the prompt's ids
+        assert asked[0] == reference.bos_token_id == 97
+        assert text == reference.decode(asked + drawn, skip_special_tokens=True)
+    assert text == "w5 w6 w7"
+    drawn = [5, 98]  # end-of-text: the model's own stop
+    [text] = launcher.sample(config, "unused", dataclasses.replace(options, prompt="w3"))
+    assert text == f"w3 w5 {data.EOT}"
 
 
 def test_a_prompt_the_tokenizer_cannot_encode_names_the_flag(monkeypatch):
