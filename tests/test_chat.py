@@ -522,18 +522,25 @@ def test_ctrl_c_while_a_reply_is_drawn_ends_the_chat(monkeypatch, capsys):
         raise KeyboardInterrupt  # Ctrl-C during the reply's prefill or decoding
 
     config = preset_config("bigram", "smoke")
+    chatml = "<|im_start|>system\nuser\nassistant\n<|im_end|>hi"  # every character ChatML uses
     monkeypatch.setattr(
-        launcher,
-        "params_and_tokenizer",
-        lambda *_: (None, data.CharTokenizer.from_texts(["<|im_end|>hi"])),  # ChatML's marker
+        launcher, "params_and_tokenizer", lambda *_: (None, data.CharTokenizer.from_texts([chatml]))
     )
     monkeypatch.setattr(launcher, "chat", interrupted)
-    monkeypatch.setattr("builtins.input", lambda prompt: "hi")
+    typed = iter(["hi"])  # then Ctrl-D: the chat ends either way, never waits
+
+    def read(prompt):
+        if (line := next(typed, None)) is None:
+            pytest.fail("the chat read on after Ctrl-C while a reply was drawn")
+        return line
+
+    monkeypatch.setattr("builtins.input", read)
     try:
         launcher.converse(config, "unused", launcher.SampleOptions())  # returns: status 0
     except KeyboardInterrupt:  # would stop pytest itself
         pytest.fail("Ctrl-C while a reply was drawn left converse with a traceback")
-    assert capsys.readouterr().out.endswith("conversation\n\n")
+    out, err = capsys.readouterr()
+    assert out.endswith("conversation\n\n") and err == ""
 
 
 def test_a_message_the_model_cannot_take_is_left_out_and_the_chat_goes_on(monkeypatch, capsys):
