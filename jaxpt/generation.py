@@ -146,9 +146,9 @@ def generate(
     return _generate(*args, **static)
 
 
-# The signatures (argument shapes, dtypes and shardings; static arguments) whose compiled
-# `_generate` was found to fit the device's memory: the check lowers the program again, which
-# takes longer than the jitted call it precedes.
+# The signatures (argument shapes, dtypes and shardings, None for host arrays; static
+# arguments) whose compiled `_generate` was found to fit the device's memory: the check lowers
+# the program again, which takes longer than the jitted call it precedes.
 _FITTING: set = set()
 
 
@@ -157,7 +157,7 @@ def _check_generation_fits(args, static: dict) -> None:
     than the device may hold (``memory_limit``); checked once per signature."""
     signature = (
         jax.tree.structure(args),
-        tuple((a.shape, a.dtype, a.sharding) for a in jax.tree.leaves(args)),
+        tuple((a.shape, a.dtype, getattr(a, "sharding", None)) for a in jax.tree.leaves(args)),
         tuple(static.items()),
     )
     if signature in _FITTING:

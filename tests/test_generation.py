@@ -461,3 +461,13 @@ def test_generate_mode_without_a_checkpoint_says_what_to_do(tmp_path):
     (tmp_path / "a_file").write_text("a user's file")  # advised training there, which refuses
     with pytest.raises(ConfigError, match="a_file is a file, not a run's directory"):
         launcher.sample(config, tmp_path / "a_file", launcher.SampleOptions())
+
+
+def test_params_on_the_host_generate_as_on_the_device():
+    """Params as numpy arrays (read from files, say) generated as jax arrays do until the memory
+    check's signature asked every argument for its sharding (AttributeError)."""
+    cfg = tiny_config("gpt")
+    params = models.get("gpt").init(jax.random.key(0), cfg)
+    on_host = jax.tree.map(np.asarray, params)
+    greedy = functools.partial(generate, prompts=PROMPTS, cfg=cfg, max_new_tokens=4, temperature=0)
+    assert greedy(on_host).completions() == greedy(params).completions()
