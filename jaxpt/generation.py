@@ -351,7 +351,7 @@ def chat(
     template = template or data.chat_template(tokenizer)
     if max_new_tokens is None:
         left = reply_room(tokenizer, messages, template, model_config)
-        max_new_tokens = int(max(1, min(CHAT_NEW_TOKENS, model_config.block_size // 2, left)))
+        max_new_tokens = int(max(1, min(CHAT_NEW_TOKENS, left)))
     end = data.end_of_turn(tokenizer, template)
     end_ids = tokenizer.encode(end)
     prompt = _recent_history(tokenizer, messages, template, model_config, max_new_tokens)
@@ -373,10 +373,11 @@ def chat(
 
 
 def reply_room(tokenizer, messages: list[dict], template: str, cfg) -> float:
-    """The most tokens a reply to ``messages`` can take: what the block leaves after the
-    shortest history ``chat`` prompts with (the leading system messages and the last user
-    message), as ``room``."""
-    return room(cfg, len(data.chat_prompt(tokenizer, _histories(messages)[-1], template)))
+    """The most tokens a reply to ``messages`` takes by default: half the block, and no more
+    than the block leaves (``room``) after the shortest history ``chat`` prompts with (the
+    leading system messages and the last user message)."""
+    shortest = data.chat_prompt(tokenizer, _histories(messages)[-1], template)
+    return min(cfg.block_size // 2, room(cfg, len(shortest)))
 
 
 def _histories(messages: list[dict]) -> list[list[dict]]:

@@ -316,7 +316,7 @@ def _reply(params, model_cfg, tokenizer, messages, options: SampleOptions, key) 
         model_cfg,
         tokenizer,
         messages,
-        max_new_tokens=options.new_tokens(min(model_cfg.block_size // 2, left)),
+        max_new_tokens=options.new_tokens(left),
         temperature=options.temperature,
         top_k=options.top_k or None,
         top_p=None if options.top_p == 1 else options.top_p,
