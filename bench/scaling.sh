@@ -31,7 +31,7 @@ run() { name=$1; gpus=$2; per=$3; mesh=$4; shift 4
   [[ -z ${RUNS:-} || " $RUNS " == *" ${name%_gpu*} "* ]] || return 0
   flags="--config.mesh.data=1"
   for kv in ${mesh//,/ }; do flags="$flags --config.mesh.${kv%%=*}=${kv#*=}"; done
-  s=$(date +%s); echo "flags: $flags $* ${EXTRA:-}" >"$OUT/$name.log"
+  s=$(date +%s); echo "date: $(date -u +%F) flags: $flags $* ${EXTRA:-}" >"$OUT/$name.log"
   CUDA_VISIBLE_DEVICES=${DEVICES:-$(seq -s, 0 $((gpus - 1)))} timeout 300 python3 launch.py $common \
     --workdir="$OUT/$name" --config.train.batch_size=$((per * gpus)) $flags "$@" ${EXTRA:-} >>"$OUT/$name.log" 2>&1
   echo "$name: $gpus GPU, $mesh, rc=$?, $(( $(date +%s) - s )) s"; rm -rf "$OUT/$name/checkpoints"; }

@@ -3,17 +3,16 @@
     python3 bench/scaling_summary.py --runs=$OUT --out=bench/results
     python3 bench/scaling_summary.py   # the README's table, from bench/results/scaling.json
 
-Each run is a workdir ``--runs/NAME`` (its metrics.jsonl) with its log ``NAME.log`` (the mesh
-and parameter count launch.py prints). tokens/s and MFU are the medians of the steps logged
-after ``--from_step`` (compilation, warm-up and the GPUs' climb to their power limit excluded;
-the step is written beside the runs). Writes scaling.json (a ``runs`` list: device,
-date, gpus, mesh, n_params, tokens_per_s, mfu; ``one_gpu_mean``: per model, the mean of its
-one-GPU runs, one on each GPU of the host) and prints the README's table last: each mesh's
-tokens/s against N x that mean and against data parallelism on as many GPUs. Without ``--runs``
-it prints the table of ``--out``'s scaling.json and writes nothing.
+Each run is a workdir ``--runs/NAME`` (its metrics.jsonl) with its log ``NAME.log``: the date
+scaling.sh wrote first, then launch.py's parameter count, mesh and devices. tokens/s and MFU
+are the medians of the steps logged after ``--from_step`` (compilation, warm-up and the GPUs'
+climb to their power limit excluded; the step is written beside the runs). Writes scaling.json
+(a ``runs`` list: device, date, gpus, mesh, n_params, tokens_per_s, mfu; ``one_gpu_mean``: per
+model, the mean of its one-GPU runs, one on each GPU of the host) and prints the README's table
+last: each mesh's tokens/s against N x that mean and against data parallelism on as many GPUs.
+Without ``--runs`` it prints the table of ``--out``'s scaling.json and writes nothing.
 """
 
-import datetime
 import json
 import math
 import pathlib
@@ -21,7 +20,6 @@ import re
 import statistics
 
 import _report  # bench/_report.py, beside this script
-import jax
 from absl import app, flags
 
 flags.DEFINE_string("runs", None, "Directory of bench/scaling.sh's runs; none: print --out's.")
@@ -39,9 +37,9 @@ def mesh_of(log: str) -> dict[str, int]:
     return mesh
 
 
-def summarise(workdir: pathlib.Path, device: str, date: str, from_step: int) -> dict | None:
-    """One run's record, or None where it logged no steps past ``from_step`` (it failed or
-    was too short: see its log)."""
+def summarise(workdir: pathlib.Path, from_step: int) -> dict | None:
+    """One run's record, its device and date as its log names them, or None where it logged
+    no steps past ``from_step`` (it failed or was too short: see its log)."""
     log = workdir.with_suffix(".log").read_text()
     metrics = workdir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -52,8 +50,8 @@ def summarise(workdir: pathlib.Path, device: str, date: str, from_step: int) -> 
     mesh = mesh_of(log)
     return dict(
         name=workdir.name,
-        device=device,
-        date=date,
+        device=re.search(r"^mesh \(.*\) over \d+ (.+) devices$", log, re.MULTILINE).group(1),
+        date=re.match(r"date: (\S+) ", log).group(1),
         gpus=math.prod(mesh.values()),
         mesh=mesh,
         n_params=int(re.search(r"([\d,]+) parameters", log).group(1).replace(",", "")),
@@ -107,9 +105,8 @@ def main(argv):
         runs = _report.committed(f.out, "scaling")["runs"]
         print(table(runs, data_parallel(runs)))
         return
-    device, date = jax.devices()[0].device_kind, datetime.date.today().isoformat()
     workdirs = sorted(p.with_suffix("") for p in pathlib.Path(f.runs).glob("*.log"))
-    records = [summarise(w, device, date, f.from_step) for w in workdirs]
+    records = [summarise(w, f.from_step) for w in workdirs]
     failed = [w.name for w, r in zip(workdirs, records, strict=True) if r is None]
     runs = [r for r in records if r is not None]
     data = data_parallel(runs)

@@ -284,12 +284,18 @@ def _named_arrays(params) -> list[tuple[str, jax.Array, nn.Axes]]:
     ]
 
 
+def describe_mesh(mesh: Mesh) -> str:
+    """``mesh (data=4, fsdp=1, tensor=1, expert=1) over 4 NVIDIA H200 devices``: its axes'
+    sizes and its devices' kind (``jax.Device.device_kind``; ``cpu`` on a CPU)."""
+    sizes = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    return f"mesh ({sizes}) over {mesh.devices.size} {mesh.devices.flat[0].device_kind} devices"
+
+
 def describe_shardings(params, mesh: Mesh, rules, *, shard_optimizer: bool = False) -> str:
     """The mesh, then one line per array of ``params``: its path, shape, logical axes and
     resolved PartitionSpec (abstract shapes are fine); with ``shard_optimizer`` (ZeRO-1) also
     its optimizer moments' PartitionSpec (``moment_shardings``). Each column is as wide as
     its longest entry."""
-    sizes = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
     what = "param shardings" + (", then their optimizer moments'" if shard_optimizer else "")
     rows = []
     for path, array, axes in _named_arrays(params):
@@ -298,7 +304,7 @@ def describe_shardings(params, mesh: Mesh, rules, *, shard_optimizer: bool = Fal
             specs.append(_moment_spec(array.shape, axes, mesh, rules, True))
         rows.append([path, str(array.shape), str(tuple(axes)), *map(str, specs)])
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
-    lines = [f"mesh ({sizes}) over {mesh.devices.size} devices; {what}:"]
+    lines = [f"{describe_mesh(mesh)}; {what}:"]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
         lines.append("  " + "  ".join(cells).rstrip())

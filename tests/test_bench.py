@@ -1,6 +1,7 @@
 """Benchmarks: each script runs at a tiny size on CPU (their figures are not checked here)."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -168,3 +169,42 @@ def test_gpu_summary_marks_a_failed_reference_run(tmp_path):
     train_row = "| GPT-2 124M train step, tokens/s | 8,000 (MFU 40.0%) | torch.compile failed | - |"
     assert train_row in rows
     assert "| same at 32 x 1024 | 16,000 | torch.compile 12,800 | 1.25x |" in rows
+
+
+def write_scaling_run(runs, name: str, mesh: dict[str, int], tokens_per_s: list[float]) -> None:
+    """A run as bench/scaling.sh leaves it: its log (scaling.sh's first line, then launch.py's
+    summary) and its metrics.jsonl, a step logged every 5 with ``tokens_per_s`` in turn."""
+    flags = " ".join(f"--config.mesh.{axis}={size}" for axis, size in mesh.items())
+    axes = dict(data=1, fsdp=1, tensor=1, expert=1) | mesh
+    sizes = ", ".join(f"{axis}={size}" for axis, size in axes.items())
+    (runs / f"{name}.log").write_text(
+        f"date: 2026-11-27 flags: --config.mesh.data=1 {flags}\n"
+        "model gpt: 124,475,904 parameters; 16,384 tokens per step (16 x 1024); ...\n"
+        f"mesh ({sizes}) over {math.prod(mesh.values())} NVIDIA H200 devices\n"
+    )
+    (runs / name).mkdir()
+    steps = [
+        dict(step=5 * (i + 1), loss=3.0, tokens_per_s=t, mfu=0.4)
+        for i, t in enumerate(tokens_per_s)
+    ]
+    (runs / name / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+
+
+def test_scaling_summary_takes_device_and_date_from_the_runs(tmp_path):
+    # it stamped every run with the summarising machine's device and today's date (a CPU and
+    # another day, where the runs' folder was summarised after it came back from the GPUs)
+    write_scaling_run(tmp_path, "one", dict(data=1), [90.0, 100.0, 110.0])
+    write_scaling_run(tmp_path, "data2", dict(data=2), [150.0, 180.0, 190.0])
+    command = [
+        sys.executable,
+        "bench/scaling_summary.py",
+        f"--runs={tmp_path}",
+        f"--out={tmp_path}",
+    ]
+    result = run_in_repo([*command, "--from_step=5"])
+    assert result.returncode == 0, result.stderr
+    runs = {r["name"]: r for r in json.loads((tmp_path / "scaling.json").read_text())["runs"]}
+    assert {(r["device"], r["date"]) for r in runs.values()} == {("NVIDIA H200", "2026-11-27")}
+    assert runs["data2"]["mesh"] == dict(data=2, fsdp=1, tensor=1, expert=1)
+    assert (runs["one"]["tokens_per_s"], runs["data2"]["tokens_per_s"]) == (105.0, 185.0)
+    assert "| data2 | 2 | data=2 | 124M | 185 | 40.0% | 0.881 | 1.000 |" in result.stdout

@@ -483,7 +483,8 @@ def test_the_report_names_every_spec_and_large_replicated_tensors():
     params = train.abstract_state(config, mesh)[0].params
     rules = config.mesh.rules
     report = sharding.describe_shardings(params, mesh, rules).splitlines()
-    assert report[0] == "mesh (data=2, fsdp=2, tensor=2, expert=1) over 8 devices; param shardings:"
+    mesh_line = "mesh (data=2, fsdp=2, tensor=2, expert=1) over 8 cpu devices"
+    assert report[0] == f"{mesh_line}; param shardings:"
     assert len(report) == 1 + len(jax.tree.leaves(params))
     q = next(line for line in report if "blocks.0.attn.q.weight" in line).split()
     assert q[1:4] == ["(12,", "768,", "768)"] and " ".join(q[-3:]) == "P(None, 'fsdp', 'tensor')"

@@ -154,9 +154,10 @@ def report_shardings(config, model_cfg, params, mesh) -> None:
         log.warning(warning)
 
 
-def describe(config, model_cfg) -> str:
+def describe(config, model_cfg, mesh) -> str:
     """The start-of-run summary: parameters (and those a token uses, for experts), tokens per
-    step, FLOPs per token, the optimizer with the ``b1``, ``b2`` and ``eps`` it uses."""
+    step, FLOPs per token, the optimizer with the ``b1``, ``b2`` and ``eps`` it uses; then,
+    on a line of its own, the mesh and its devices (``sharding.describe_mesh``)."""
     tokens = config.train.batch_size * model_cfg.block_size
     n, active = model_cfg.n_params, model_cfg.n_active_params
     params = f"{n:,} parameters" + (f" ({active:,} active per token)" if active != n else "")
@@ -165,7 +166,9 @@ def describe(config, model_cfg) -> str:
         f"model {model_cfg.name}: {params}; {tokens:,} tokens per "
         f"step ({config.train.batch_size} x {model_cfg.block_size}); "
         f"{model_cfg.flops_per_token:.3e} training FLOPs per token; "
-        f"optimizer {config.train.optimizer}" + (f" ({values})" if values else "")
+        f"optimizer {config.train.optimizer}"
+        + (f" ({values})" if values else "")
+        + f"\n{sharding.describe_mesh(mesh)}"
     )
 
 
@@ -388,7 +391,7 @@ def _prepare(config) -> _Run:
     manifest = data.ensure_prepared(config.data, need=need)
     data.check_vocab(manifest, model_cfg.vocab_size)
     tx = optimizer(config.train, abstract.params)
-    print_once(describe(config, model_cfg))
+    print_once(describe(config, model_cfg, mesh))
     if note := warmup_note(config.train):
         print_once(note)
     report_shardings(config, model_cfg, abstract.params, mesh)
