@@ -949,6 +949,7 @@ class Stats(NamedTuple):
 
 
 GiB = 2**30
+HOLDS = "its allocator holds"  # a GPU's limit, as memory.memory_limit words it
 
 
 def smollm_sft_on(n_devices: int, accum: int = 1):
@@ -965,16 +966,16 @@ def test_a_step_too_large_for_a_device_names_the_accumulation_measured_to_fit():
     config, mesh = smollm_sft_on(1)
     at_128 = Stats(1.51 * GiB, 1.50 * GiB, 1.50 * GiB, 150.9 * GiB)
     with pytest.raises(ConfigError) as error:
-        train_memory.check_step_fits(at_128, int(104.85 * GiB), config, mesh)
+        train_memory.check_step_fits(at_128, int(104.85 * GiB), HOLDS, config, mesh)
     assert str(error.value) == (
         "the train step needs 152.4 GiB on each device, more than the 104.8 GiB its allocator "
-        "holds (128 sequences of 2048 tokens a device at a time: train.batch_size=128, "
+        "holds, at 128 sequences of 2048 tokens a device at a time (train.batch_size=128, "
         "train.grad_accum_steps=1): set --config.train.grad_accum_steps=2 (or recompute "
         "activations, model.remat_policy=full, or spread the batch over more devices)."
     )
     config.train.grad_accum_steps = 2
     at_64 = Stats(1.51 * GiB, 1.50 * GiB, 1.50 * GiB, 86.6 * GiB)
-    train_memory.check_step_fits(at_64, int(104.85 * GiB), config, mesh)
+    train_memory.check_step_fits(at_64, int(104.85 * GiB), HOLDS, config, mesh)
 
 
 @pytest.mark.parametrize("devices", [1, 8])
@@ -986,10 +987,10 @@ def test_the_suggested_accumulation_keeps_whole_micro_batches_on_every_shard(dev
     per_device = 128 // devices
     stats = Stats(GiB, GiB, GiB, temp_size_in_bytes=per_device * 3 * GiB // 2)
     with pytest.raises(ConfigError, match=r"grad_accum_steps=4 \(or recompute"):
-        train_memory.check_step_fits(stats, per_device * 3 * GiB // 4, config, mesh)
+        train_memory.check_step_fits(stats, per_device * 3 * GiB // 4, HOLDS, config, mesh)
     at_32 = GiB + stats.temp_size_in_bytes // 32  # the estimate at 32 micro-batches
     with pytest.raises(ConfigError) as error:
-        train_memory.check_step_fits(stats, int(at_32 / 0.85) + 1, config, mesh)
+        train_memory.check_step_fits(stats, int(at_32 / 0.85) + 1, HOLDS, config, mesh)
     if devices == 1:
         assert "grad_accum_steps=32 (or" in str(error.value)
     else:  # micro-batches of 4 sequences over 8 shards
@@ -1000,7 +1001,7 @@ def test_a_state_too_large_for_a_device_says_to_shard_it():
     """Params and optimizer state alone over the device's memory: no accumulation helps."""
     config, mesh = smollm_sft_on(1)
     with pytest.raises(ConfigError, match=r"fewer sequences at a time would not fit either: shard"):
-        train_memory.check_step_fits(Stats(90 * GiB, 0, 0, 10 * GiB), 80 * GiB, config, mesh)
+        train_memory.check_step_fits(Stats(90 * GiB, 0, 0, 10 * GiB), 80 * GiB, HOLDS, config, mesh)
 
 
 def test_a_state_too_large_for_the_memory_stops_before_anything_is_made(tmp_path, monkeypatch):
@@ -1045,9 +1046,9 @@ def test_a_run_whose_step_does_not_fit_stops_before_it_runs(tmp_path, monkeypatc
     measured = []
     check = train_memory.check_step_fits
 
-    def recording(stats, limit, config, mesh):
+    def recording(stats, limit, what, config, mesh):
         measured.append(stats)
-        check(stats, limit, config, mesh)
+        check(stats, limit, what, config, mesh)
 
     monkeypatch.setattr(train_memory, "check_step_fits", recording)
     monkeypatch.setattr(_loop, "check_state_fits", lambda *_: None)  # the state's: above
@@ -1063,11 +1064,29 @@ def test_a_run_whose_step_does_not_fit_stops_before_it_runs(tmp_path, monkeypatc
     limit = int(memory.program_bytes(measured[0]) * 0.8)
     mesh = sharding.make_mesh(config.mesh, jax.devices())
     with pytest.raises(ConfigError, match=r"set --config.train.grad_accum_steps=\d+ ") as error:
-        check(measured[0], limit, config, mesh)
+        check(measured[0], limit, HOLDS, config, mesh)
     config.train.grad_accum_steps = int(re.search(r"steps=(\d+) ", str(error.value)).group(1))
     monkeypatch.setattr(memory, "device_memory_limit", lambda: limit)
     train.train(config, tmp_path / "run")
     assert memory.program_bytes(measured[-1]) <= limit and train.has_checkpoint(tmp_path / "run")
+
+
+def test_a_cpu_step_is_held_against_the_hosts_memory(tmp_path, monkeypatch):
+    """A CPU reports no allocator's limit, and its step went unchecked (a step past the host's
+    memory was the kernel's out-of-memory kill, no sentence): it is held against the host's
+    physical memory, an equal share for each of this process's devices."""
+    pages = lambda name: 1024 if name == "SC_PHYS_PAGES" else real_sysconf(name)
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", pages)  # a host of 1024 pages
+    monkeypatch.setattr(_loop, "check_state_fits", lambda *_: None)  # the state's: above
+    use_devices(monkeypatch, 2)
+    host = 1024 * real_sysconf("SC_PAGE_SIZE")
+    with pytest.raises(ConfigError) as error:
+        train.train(char_config(steps=1), tmp_path / "run")
+    share = f"{memory.size_text(host / 2)} a CPU device may take (the host's "
+    assert f"more than the {share}{memory.size_text(host)} over 2), at " in str(error.value)
+    assert train.read_metrics(tmp_path / "run" / "metrics.jsonl") == []
+    assert not train.has_checkpoint(tmp_path / "run")
 
 
 def test_the_logged_throughput_of_a_stretch_ending_the_run_is_its_steps_own(tmp_path, monkeypatch):

@@ -26,8 +26,7 @@ def check_state_fits(abstract, shardings, mesh) -> None:
         math.prod(where.shard_shape(leaf.shape)) * leaf.dtype.itemsize
         for leaf, where in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
     )
-    local = sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
-    limit, what = memory.memory_limit(local)
+    limit, what = memory.memory_limit(_local_devices(mesh))
     if need <= limit:
         return
     count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
@@ -38,29 +37,35 @@ def check_state_fits(abstract, shardings, mesh) -> None:
     )
 
 
+def _local_devices(mesh) -> int:
+    """How many of ``mesh``'s devices this process holds."""
+    return sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
+
+
 def memory_checked(step: Callable, config, mesh) -> Callable:
     """``step`` (a jitted train step), compiled at its first call for those arguments, which
-    every later call then runs: before it first runs, ``check_step_fits`` against this
-    machine's device memory."""
+    every later call then runs: before it first runs, ``check_step_fits`` against what
+    ``memory.memory_limit`` allows each of this process's devices of ``mesh``."""
     compiled = None
 
     def run(*args):
         nonlocal compiled
         if compiled is None:
             compiled = step.lower(*args).compile()
-            limit = memory.device_memory_limit()
-            if limit is not None and (stats := compiled.memory_analysis()) is not None:
-                check_step_fits(stats, limit, config, mesh)
+            if (stats := compiled.memory_analysis()) is not None:
+                limit, what = memory.memory_limit(_local_devices(mesh))
+                check_step_fits(stats, limit, what, config, mesh)
         return compiled(*args)
 
     return run
 
 
-def check_step_fits(stats, limit: int, config, mesh) -> None:
+def check_step_fits(stats, limit: int, what: str, config, mesh) -> None:
     """ConfigError when the compiled step (``stats``: its ``memory_analysis()``) needs more
-    than ``limit`` bytes on a device, naming the smallest ``train.grad_accum_steps`` that
-    should fit (the step's temporaries scaled with the micro-batch), or, where none would,
-    what else lowers the need."""
+    than ``limit`` bytes on a device (``what`` says what sets that limit, as
+    ``memory.memory_limit`` does), naming the smallest ``train.grad_accum_steps`` that should
+    fit (the step's temporaries scaled with the micro-batch), or, where none would, what else
+    lowers the need."""
     need = memory.program_bytes(stats)
     if need <= limit:
         return
@@ -68,9 +73,9 @@ def check_step_fits(stats, limit: int, config, mesh) -> None:
     micro = train_cfg.batch_size // train_cfg.grad_accum_steps // shards
     where = (
         f"the train step needs {memory.size_text(need)} on each device, more than the "
-        f"{memory.size_text(limit)} its allocator holds ({micro} sequences of "
-        f"{config.model.block_size} tokens a device at a time: "
-        f"train.batch_size={train_cfg.batch_size}, "
+        f"{memory.size_text(limit)} {what}, at {micro} sequences of "
+        f"{config.model.block_size} tokens a device at a time "
+        f"(train.batch_size={train_cfg.batch_size}, "
         f"train.grad_accum_steps={train_cfg.grad_accum_steps})"
     )
     accum = _fitting_accumulation(stats, limit, config, mesh)
