@@ -398,8 +398,13 @@ def _recent_history(tokenizer, messages: list[dict], template: str, cfg, max_new
         prompt = data.chat_prompt(tokenizer, history, template)
         if len(prompt) <= room:
             return prompt
+    taken = f"the last user message and the system prompt take {len(prompt)} tokens"
+    if len(prompt) > cfg.block_size:  # not even one new token fits
+        raise ConfigError(
+            f"{taken}, which leaves no room for a reply in model.block_size = {cfg.block_size}: "
+            "shorten them."
+        )
     raise ConfigError(
-        f"the last user message and the system prompt take {len(prompt)} tokens, and with "
-        f"max_new_tokens={max_new_tokens} that exceeds model.block_size + 1 = "
+        f"{taken}, and with max_new_tokens={max_new_tokens} that exceeds model.block_size + 1 = "
         f"{cfg.block_size + 1}: shorten them or ask for fewer new tokens."
     )

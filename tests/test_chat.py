@@ -71,6 +71,15 @@ def test_chat_keeps_the_turns_that_fit_the_block_plus_one():
     too_many = len(whole) + 10 - len(recent) + 1
     with pytest.raises(ConfigError, match=rf"model\.block_size \+ 1 = {len(whole) + 10}:"):
         _recent_history(tok, messages, data.CHATML, cfg, too_many)
+    # where the system prompt and the last message fill the block, fewer new tokens do not help
+    # (the default reply was 1 token, and the sentence said to ask for fewer)
+    cfg = models.config_from(tiny_config(block_size=len(recent) - 1).model)
+    with pytest.raises(ConfigError) as refused:
+        generation.chat(None, cfg, tok, messages)
+    assert str(refused.value) == (
+        f"the last user message and the system prompt take {len(recent)} tokens, which leaves "
+        f"no room for a reply in model.block_size = {len(recent) - 1}: shorten them."
+    )
 
 
 # A template unlike ChatML: a begin token, turns in <t>...</t>, a "role:" word, and a default
