@@ -176,8 +176,9 @@ def _refuse_beyond_memory(need: int, shape: tuple[int, int]) -> None:
         need_text, limit_text = memory.size_text(need), memory.size_text(limit)
         raise ConfigError(
             f"sampling {shape[0]} sequences of up to {shape[1]} tokens at once needs "
-            f"{need_text} on the device, more than the {limit_text} {what}: ask "
-            "for fewer samples at a time (--num_samples) or fewer tokens (--max_new_tokens)."
+            f"{need_text} on the device, more than the {limit_text} {what}: sample fewer "
+            "sequences at a time (fewer prompts; launch.py's --num_samples) or fewer new tokens "
+            "(max_new_tokens; launch.py's --max_new_tokens)."
         )
 
 

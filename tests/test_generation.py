@@ -352,8 +352,9 @@ def test_samples_that_cannot_fit_the_memory_are_refused_before_they_run(monkeypa
         launcher.sample(config, "unused", many)
     assert re.fullmatch(
         r"sampling 64 sequences of up to 17 tokens at once needs [\d.]+ (KiB|MiB) on the "
-        r"device, more than the [\d.]+ (KiB|MiB) its allocator holds: ask for fewer samples "
-        r"at a time \(--num_samples\) or fewer tokens \(--max_new_tokens\)\.",
+        r"device, more than the [\d.]+ (KiB|MiB) its allocator holds: sample fewer sequences "
+        r"at a time \(fewer prompts; launch\.py's --num_samples\) or fewer new tokens "
+        r"\(max_new_tokens; launch\.py's --max_new_tokens\)\.",
         str(caught.value),
     )
     monkeypatch.setattr(memory, "device_memory_limit", lambda: 100 * kv_cache)
