@@ -21,9 +21,10 @@ class DataNotFoundError(DataError, FileNotFoundError):
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of ``error``'s message (at most 200 characters; its type's name when
-    empty), to quote a library's error inside one of jaxpt's sentences."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    """The first line of ``error``'s message (at most 200 characters, without a closing full
+    stop; its type's name when empty), to quote an error inside one of jaxpt's sentences."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return line.removesuffix(".")
 
 
 def check_range(

@@ -775,6 +775,9 @@ def test_training_starts_from_init_from_and_exports(tmp_path, capsys):
     (tmp_path / "hf").rename(tmp_path / "moved")
     with pytest.raises(ConfigError, match=r"^checkpoint\.init_from='.*/hf', the checkpoint this"):
         export_checkpoint(config, tmp_path / "never read", tmp_path / "out2")
+    with pytest.raises(ConfigError) as refused:  # the reason quoted without its full stop
+        export_checkpoint(config, tmp_path / "never read", tmp_path / "out2")
+    assert ".)" not in str(refused.value)
     assert not (tmp_path / "out2").exists()
     config.checkpoint.init_from = ""
     export_checkpoint(config, tmp_path / "run", tmp_path / "out2")  # without the origin's
