@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from jaxpt import launcher, models, train
 from jaxpt.hf.__main__ import export_checkpoint, import_checkpoint
 from jaxpt.train import _checkpoint, _metrics
 
+from .conftest import run_in_repo
 from .test_train import char_config, final_params, launch, train_losses
 
 
@@ -373,6 +375,25 @@ def test_only_training_sets_aside_what_a_crash_left(workdir, capsys):
     assert checkpoint_steps(workdir) == [2, 4, 6]
     logged = [r["step"] for r in train.read_metrics(metrics) if "loss" in r]
     assert logged == [1, 2, 3, 4, 5, 6]
+
+
+READ_PARAMS = """
+import sys
+from jaxpt import train
+from tests.test_train import char_config
+print(train.latest_params(char_config(), sys.argv[1])[0])
+"""
+
+
+def test_a_damaged_checkpoint_is_one_warning_not_its_abandoned_reads(workdir):
+    """Without its OCDBT manifest, reading checkpoint 4's array metadata failed at the first
+    array and left the others' reads running: each then failed on orbax's closed event loop,
+    and the process printed dozens of tracebacks after the warning."""
+    (workdir / "checkpoints" / "4" / "state" / "manifest.ocdbt").unlink()
+    result = run_in_repo([sys.executable, "-c", READ_PARAMS, str(workdir)])
+    assert result.returncode == 0 and result.stdout == "2\n", result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if "cannot be read" in line]
 
 
 def test_no_readable_checkpoint_says_what_to_do(workdir):

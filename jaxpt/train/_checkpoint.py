@@ -208,7 +208,7 @@ class Checkpoints:
         items = {"state": ocp.args.PyTreeRestore(target, restore_args, partial_restore=not whole)}
         if whole:
             items["loader"] = ocp.args.JsonRestore()
-        with _unreadable_on_error(abandons_reads=True):
+        with _unreadable_on_error():
             return self.manager.restore(step, args=ocp.args.Composite(**items))
 
     def _check_ours(self) -> None:
@@ -410,7 +410,7 @@ def read_tree(directory: str | Path):
     arrays; ConfigError naming ``directory`` and the cause when it is missing, incomplete or
     damaged."""
     try:
-        with _unreadable_on_error(abandons_reads=True), _absl_level(logging.ERROR):
+        with _unreadable_on_error(), _absl_level(logging.ERROR):
             return ocp.StandardCheckpointer().restore(Path(directory).absolute())
     except _Unreadable as error:
         raise ConfigError(
@@ -448,15 +448,15 @@ class _Unreadable(Exception):
 
 
 @contextlib.contextmanager
-def _unreadable_on_error(*, abandons_reads: bool = False):
+def _unreadable_on_error():
     """Turns whatever orbax and tensorstore raise on missing or damaged files into
-    ``_Unreadable`` with the first line of the root cause. ``abandons_reads``: the block
-    reads arrays concurrently, and orbax leaves the others running when one fails."""
+    ``_Unreadable`` with the first line of the root cause. Orbax reads arrays (and their
+    metadata) concurrently and leaves the others running when one fails: their errors are
+    dropped (``_drop_abandoned_read_errors``)."""
     try:
         yield
     except Exception as error:  # orbax wraps tensorstore's errors in a bare Exception
-        if abandons_reads:
-            _drop_abandoned_read_errors()
+        _drop_abandoned_read_errors()
         cause = error
         while cause.__cause__ is not None:
             cause = cause.__cause__
