@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from jaxpt import launcher, train
 from jaxpt.config import define_config_flag, parse_flags
-from jaxpt.errors import ConfigError, DataError
+from jaxpt.errors import ConfigError, DataError, sentence
 
 _DEFAULTS = launcher.SampleOptions()
 
@@ -98,7 +98,7 @@ def main(argv):
             distributed=f.distributed,
         )
     except (ConfigError, DataError, train.NonFiniteError) as error:  # one sentence, no traceback
-        sys.exit(f"launch.py: {error}")
+        sys.exit(f"launch.py: {sentence(error)}")
     except train.Interrupted as stop:  # saved; the shell's status for death by that signal
         sys.exit(128 + stop.signal)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (data, restore, other modes)

@@ -22,7 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxpt import models, sharding
-from jaxpt.errors import ConfigError, did_you_mean, first_line
+from jaxpt.errors import ConfigError, did_you_mean, first_line, sentence
 
 SECTIONS = ("model", "data", "train", "mesh", "checkpoint", "eval", "log")  # of a run config
 
@@ -336,7 +336,7 @@ def parse_flags(program: str) -> Callable[[list[str]], list[str]]:
             check_config_flags(read_flagfiles(argv))
             return flags.FLAGS(argv)
         except (ConfigError, flags.Error) as error:
-            sys.exit(f"{program}: {error}")
+            sys.exit(f"{program}: {sentence(error)}")
 
     return parse
 

@@ -20,6 +20,13 @@ class DataNotFoundError(DataError, FileNotFoundError):
     """A dataset, shard or tokenizer file that does not exist."""
 
 
+def sentence(error: BaseException) -> str:
+    """``error``'s message as the sentence a command ends with: closed by a full stop (messages
+    of the data layer are clauses, which other sentences quote)."""
+    text = str(error).rstrip()
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
 def first_line(error: BaseException) -> str:
     """The first line of ``error``'s message (at most 200 characters, without a closing full
     stop; its type's name when empty), to quote an error inside one of jaxpt's sentences."""

@@ -518,8 +518,21 @@ def test_launch_errors_are_one_sentence_and_exit_1(args, words, tmp_path):
     assert result.stdout == ""
     assert result.stderr.startswith("launch.py: ") and words in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1  # one line: no traceback, no usage dump
+    assert result.stderr.endswith((".\n", "?\n")), result.stderr  # absl's had no full stop
     assert (tmp_path / "a_file").read_text() == "not a directory"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_data_error_ends_launch_as_a_sentence(tmp_path):
+    """The data layer's messages are clauses (other sentences quote them): launch.py printed a
+    missing dataset's without its full stop."""
+    smoke = str(ROOT / "configs" / "gpt.py") + ":smoke"
+    result = run_launch(
+        f"--config={smoke}", "--config.data.dataset=./nowhere", "--workdir=run", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("launch.py: data.dataset='./nowhere': "), result.stderr
+    assert result.stderr.endswith(".\n") and result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("address", ["localhost", "localhost:", "localhost:http", "h:70000"])

@@ -245,17 +245,17 @@ def test_cli(tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [
         f"error: dataset {str(tmp_path / 'missing.txt')!r} does not exist (no such file or "
-        "directory)"
+        "directory)."
     ]
     assert not (tmp_path / "out2").exists()
     run = subprocess.run([*cmd[:4], "--shard_tokens=many"], capture_output=True, text=True)
     assert run.returncode == 1 and run.stderr.strip().splitlines() == [
         "error: flag --shard_tokens=many: invalid literal for int() with base 10: 'many'; "
-        "see --help"
+        "see --help."
     ]
     run = subprocess.run([*cmd, "--block_size=64"], capture_output=True, text=True)  # ignored
     assert run.returncode == 1 and run.stderr.strip().splitlines() == [
-        "error: --block_size applies to --format=chat; leave it out"
+        "error: --block_size applies to --format=chat; leave it out."
     ]
 
 
@@ -280,7 +280,7 @@ def test_ctrl_c_with_workers_is_one_line(book, tmp_path):
         assert run.wait(timeout=60) == 130
     lines = [line for line in log.read_text().split("\n") if "tok" not in line]  # less the bar
     assert [line for line in lines if line.strip()] == [
-        "error: interrupted; run the same command again to resume"
+        "error: interrupted; run the same command again to resume."
     ]
 
 

@@ -29,7 +29,7 @@ from jaxpt.data._prepare import (
     prepare_dataset,
     summary,
 )
-from jaxpt.errors import DataError
+from jaxpt.errors import DataError, sentence
 
 _DATASET = flags.DEFINE_string(
     "dataset", DEFAULT_DATASET, "Hugging Face hub dataset, or a local file or directory."
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
         )
     for name, format in _FLAG_FORMAT.items():
         if flags.FLAGS[name].present and _FORMAT.value != format:
-            sys.exit(f"error: --{name} applies to --format={format}; leave it out")
+            sys.exit(f"error: --{name} applies to --format={format}; leave it out.")
     # `datasets` imports torch where installed (~3 s) for every streamed source; prepare has no
     # use for torch tensors
     os.environ.setdefault("USE_TORCH", "0")
@@ -90,13 +90,13 @@ def main(argv: list[str]) -> None:
             messages_field=_MESSAGES_FIELD.value,
         )
     except DataError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {sentence(e)}")
     except OSError as e:
         sys.exit(
             f"error: {e.strerror or e} ({e.filename or _OUT.value}); check the paths and free space"
         )
     except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        print("error: interrupted; run the same command again to resume.", file=sys.stderr)
         sys.exit(130)
     print(summary(manifest))
     for split in ("train", "val"):  # a run reads both: say now what training would refuse
@@ -109,7 +109,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"error: {str(e).rstrip('.')}; see --help")
+        sys.exit(f"error: {str(e).rstrip('.')}; see --help.")
 
 
 if __name__ == "__main__":

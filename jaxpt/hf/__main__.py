@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from jaxpt import data, models, train
 from jaxpt.config import check_new_directory, define_config_flag, parse_flags
-from jaxpt.errors import ConfigError, DataError, first_line
+from jaxpt.errors import ConfigError, DataError, first_line, sentence
 from jaxpt.hf._convert import config_to_hf
 from jaxpt.hf._files import Pretrained, checkpoint_directory, from_pretrained, save_pretrained
 from jaxpt.hf._layouts import CheckpointError, layout_of
@@ -113,7 +113,7 @@ def _main(argv) -> None:
                 raise ConfigError("--to=hf needs --config=<preset file> and --workdir=<run>.")
             export_checkpoint(f.config, f.workdir, f.out)
     except (ConfigError, DataError) as error:
-        sys.exit(f"jaxpt.hf: {error}")
+        sys.exit(f"jaxpt.hf: {sentence(error)}")
 
 
 def _define_flags() -> None:
