@@ -578,7 +578,7 @@ def test_a_message_the_model_cannot_take_is_left_out_and_the_chat_goes_on(monkey
     out, err = capsys.readouterr()
     refused = err.strip().splitlines()
     assert len(refused) == 2 and all(line.endswith("(message left out)") for line in refused)
-    assert "model.block_size + 1 = 129" in refused[0] and "'2'" in refused[1]
+    assert "no room for a reply in model.block_size = 128" in refused[0] and "'2'" in refused[1]
     assert asked[-1] == [{"role": "user", "content": "hi"}]  # the refused ones left out
     assert out.endswith(f"conversation\n{replies[-1]}\n\n")  # the one reply, then the end
     # jaxpt.chat's own default fits any block: half of it (here 64 of 128), at most 256
