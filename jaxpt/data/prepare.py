@@ -93,7 +93,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {sentence(e)}")
     except OSError as e:
         sys.exit(
-            f"error: {e.strerror or e} ({e.filename or _OUT.value}); check the paths and free space"
+            f"error: {e.strerror or e} ({e.filename or _OUT.value}); check the paths and free "
+            "space."
         )
     except KeyboardInterrupt:
         print("error: interrupted; run the same command again to resume.", file=sys.stderr)
