@@ -284,6 +284,20 @@ def test_ctrl_c_with_workers_is_one_line(book, tmp_path):
     ]
 
 
+def test_cli_malformed_jsonl_is_one_line(tmp_path):
+    """A malformed jsonl line is the command's one sentence: `datasets`' json reader logged
+    the error it then raised, twice (its own handler and absl's), before that sentence."""
+    source = tmp_path / "docs.jsonl"
+    source.write_text('{"text": "a lion met a bull"}\n{not json\n')
+    cmd = [sys.executable, "-m", "jaxpt.data.prepare", f"--dataset={source}", "--workers=1"]
+    run = subprocess.run([*cmd, f"--out={tmp_path / 'out'}"], capture_output=True, text=True)
+    assert run.returncode == 1
+    bar = re.compile(r"out: [\d.]+tok \[[^]]*\]")  # the progress bar's states, \r-separated
+    lines = [line for line in bar.sub("", run.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"error: could not read dataset {str(source)!r} (JSON parse error")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -834,10 +834,22 @@ def _is_source_file(path: Path, root: Path) -> bool:
     )
 
 
+# `datasets`' file readers log each error they then raise ("Failed to load JSON from file ...",
+# through its handler and absl's): the sentence that quotes the raised error says it once.
+_FILE_READERS = ("json.json", "csv.csv", "parquet.parquet")
+
+
+def _is_not_a_raised_read_error(record: std_logging.LogRecord) -> bool:
+    return not (record.levelno == std_logging.ERROR and record.getMessage().startswith("Failed"))
+
+
 def _load(source: dict, streaming: bool):
     """The `datasets` Dataset or IterableDataset that `source` names."""
     if "datasets" not in sys.modules:  # its import logs which frameworks it found (at INFO,
         std_logging.getLogger("datasets").setLevel(std_logging.WARNING)  # before its own level)
+    for reader in _FILE_READERS:  # the same filter is added once
+        logger = std_logging.getLogger(f"datasets.packaged_modules.{reader}")
+        logger.addFilter(_is_not_a_raised_read_error)
     import datasets
 
     name, split = source["dataset"], source["split"]
