@@ -389,9 +389,9 @@ def _tokenize_into(
     if writer.full:
         return docs
     stream = _token_stream(encode, documents(start_doc), start_doc, workers)
-    bar = _progress_bar(stream, writer.tokens, writer.max_tokens, progress, writer.out.name)
-    with contextlib.closing(bar):  # stops the workers when the budget is reached
-        for doc, tokens in bar:
+    with _progress_bar(writer.tokens, writer.max_tokens, progress, writer.out.name) as advance:
+        for doc, tokens in stream:
+            advance(tokens.shape[1])
             writer.add(tokens, doc, start_offset if doc == start_doc else 0)
             docs = doc + 1
             if writer.full:
@@ -646,8 +646,11 @@ class _ShardWriter:
         write_atomic(self.out / PROGRESS, json.dumps(state, indent=1).encode())
 
 
-def _progress_bar(stream: Iterator, initial: int, total: int, enabled: bool, name: str) -> Iterator:
-    """Passes `stream` through, counting its tokens on a tqdm bar (tokens/s) up to `total`."""
+@contextlib.contextmanager
+def _progress_bar(initial: int, total: int, enabled: bool, name: str) -> Iterator[Callable]:
+    """A tqdm bar of tokens (tokens/s) up to `total`, for a block given its `advance(count)`.
+    The bar stays on the console when the block ends and is wiped when it raises: the error's
+    sentence (or Ctrl-C's) is then the last word, not a bar stopped short."""
     from tqdm import tqdm
 
     bar = tqdm(
@@ -659,10 +662,11 @@ def _progress_bar(stream: Iterator, initial: int, total: int, enabled: bool, nam
         disable=not enabled,
     )
     with bar:
-        for doc, tokens in stream:
-            count = tokens.shape[1]
-            bar.update(min(count, total - bar.n) if total else count)
-            yield doc, tokens
+        try:
+            yield lambda count: bar.update(min(count, total - bar.n) if total else count)
+        except BaseException:
+            bar.leave = False
+            raise
 
 
 # ----------------------------------------------------------------------------- tokenizing
