@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -460,8 +461,14 @@ def _unreadable_on_error():
         cause = error
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        first_line = (str(cause).splitlines() or [""])[0][:300]
+        first_line = (str(cause).splitlines() or [""])[0]
+        first_line = _TENSORSTORE_PAYLOADS.sub("", first_line)[:300]
         raise _Unreadable(f"{type(cause).__name__}: {first_line}") from error
+
+
+# What tensorstore appends to an error's message: " [tensorstore_spec='{...the whole spec as
+# JSON...}']", " [source locations='...']"; the message before it says what is wrong.
+_TENSORSTORE_PAYLOADS = re.compile(r" \[[\w ]+='.*")
 
 
 @functools.cache  # once per process
