@@ -923,8 +923,11 @@ def _dataset_documents(source: dict, streaming: bool, skip: int) -> Iterator:
     except Exception as e:  # `datasets`, the hub and file parsers raise many kinds
         text = str(e).strip()
         cause = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(e).__name__
+        advice = (
+            "check that its files are whole and in their format"
+            if Path(source["dataset"]).exists()
+            else "check its name, config name and split, and the network"
+        )
         raise SourceError(
-            f"could not read dataset {source['dataset']!r} ({cause}); check its name, config "
-            "name and split, and the network",
-            cause,
+            f"could not read dataset {source['dataset']!r} ({cause}); {advice}", cause
         ) from e
