@@ -501,6 +501,63 @@ def test_save_pretrained_never_overwrites_a_users_files(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_a_save_interrupted_mid_file_leaves_out_as_it_was(out_exists, tmp_path, monkeypatch):
+    """Ctrl-C while the last file (config.json) was half-written left model.safetensors and the
+    temporary in --out, which the command run again then refused (it holds files). What the
+    save wrote goes: a new --out, and an empty one stays empty; the interrupt goes on."""
+    cfg = tiny_config("gpt")
+    params = models.get("gpt").init(jax.random.key(0), cfg)
+    out, write_atomic = tmp_path / "parent" / "out", hf_files._write_atomic
+    if out_exists:
+        out.mkdir(parents=True)
+
+    def interrupted_in_config(path, write):
+        if path.name != "config.json":
+            return write_atomic(path, write)
+
+        def half_then_ctrl_c(tmp):
+            tmp.write_bytes(b'{"architectures": ')
+            raise KeyboardInterrupt
+
+        write_atomic(path, half_then_ctrl_c)
+
+    monkeypatch.setattr(hf_files, "_write_atomic", interrupted_in_config)
+    with pytest.raises(KeyboardInterrupt):
+        hf.save_pretrained(params, cfg, out)
+    assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == (
+        ["out"] if out_exists else []
+    )
+    assert not out.exists() or not any(out.iterdir())
+    monkeypatch.setattr(hf_files, "_write_atomic", write_atomic)  # run again: it writes
+    hf.save_pretrained(params, cfg, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+INTERRUPTED_IMPORT = """
+import sys
+from absl import app
+import jaxpt.hf.__main__ as command
+def interrupted(source, out):
+    raise KeyboardInterrupt
+command.import_checkpoint = interrupted
+command._define_flags()
+sys.argv = ["jaxpt.hf", "--to=jaxpt", "--source=gpt2", "--out=out"]
+app.run(command._main, flags_parser=command.parse_flags("jaxpt.hf"))
+"""
+
+
+def test_ctrl_c_in_the_command_is_one_line(tmp_path):
+    result = subprocess.run(  # a KeyboardInterrupt traceback
+        [sys.executable, "-c", INTERRUPTED_IMPORT], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 130
+    assert result.stderr == (
+        "jaxpt.hf: interrupted (SIGINT); what it had written of --out is gone: run the command "
+        "again.\n"
+    )
+
+
 def test_commands_writing_one_out_at_once_take_turns_and_the_later_writes_nothing(
     tmp_path, monkeypatch
 ):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -114,6 +115,13 @@ def _main(argv) -> None:
             export_checkpoint(f.config, f.workdir, f.out)
     except (ConfigError, DataError) as error:
         sys.exit(f"jaxpt.hf: {sentence(error)}")
+    except KeyboardInterrupt:  # what save_pretrained had written of --out is gone
+        print(
+            "jaxpt.hf: interrupted (SIGINT); what it had written of --out is gone: run the "
+            "command again.",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signal.SIGINT)
 
 
 def _define_flags() -> None:

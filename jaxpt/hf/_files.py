@@ -267,11 +267,16 @@ def _from_origin(origin: str | os.PathLike) -> tuple[dict[str, Any], dict[str, b
     return ids, files
 
 
+def _temporary(path: Path) -> Path:
+    """The name ``_write_atomic`` writes ``path`` under until it is complete."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` writes the file under a temporary name beside ``path``, which is then
     renamed to ``path``: a reader finds each file whole or absent, never half-written. The file
     gets the mode a new file gets under the umask (safetensors writes its own 0600)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temporary(path)
     tmp.touch()  # created under the umask, without changing the process's umask
     mode = tmp.stat().st_mode
     write(tmp)
@@ -316,17 +321,40 @@ def save_pretrained(
         hf_config.update(ids)
         files.update(generation)
     files["config.json"] = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
+    writes = {
+        "model.safetensors": lambda tmp: safetensors.numpy.save_file(
+            tensors, tmp, metadata={"format": "pt"}
+        )
+    }
+    for name, content in files.items():
+        writes[name] = lambda tmp, content=content: tmp.write_bytes(content)
     path = Path(path)
     with data.lock_beside(path, "writing"):
         _check_not_written_meanwhile(path)
-        path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(
-            path / "model.safetensors",
-            lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"}),
-        )
-        for name, content in files.items():
-            _write_atomic(path / name, lambda tmp, content=content: tmp.write_bytes(content))
+        _write_all(path, writes)
     return path
+
+
+def _write_all(path: Path, writes: dict[str, Callable[[Path], None]]) -> None:
+    """Writes each file of ``writes`` (name -> ``write(tmp)``, in order) into the directory
+    ``path`` with ``_write_atomic``, making ``path`` where it is new. When a write fails or is
+    interrupted (Ctrl-C), what this call wrote goes (its files and their temporaries, and
+    ``path`` if it made it) before the error goes on: ``path`` is as it was, and the command
+    can run again."""
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    started = []
+    try:
+        for name, write in writes.items():
+            started.append(path / name)
+            _write_atomic(path / name, write)
+    except BaseException:
+        for file in started:
+            file.unlink(missing_ok=True)
+            _temporary(file).unlink(missing_ok=True)
+        if made:
+            path.rmdir()
+        raise
 
 
 def _check_not_written_meanwhile(path: Path) -> None:
