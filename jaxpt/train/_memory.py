@@ -26,7 +26,7 @@ def check_state_fits(abstract, shardings, mesh) -> None:
         math.prod(where.shard_shape(leaf.shape)) * leaf.dtype.itemsize
         for leaf, where in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
     )
-    limit, what = memory.memory_limit(_local_devices(mesh))
+    limit, what = _memory_limit(mesh)
     if need <= limit:
         return
     count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
@@ -37,9 +37,10 @@ def check_state_fits(abstract, shardings, mesh) -> None:
     )
 
 
-def _local_devices(mesh) -> int:
-    """How many of ``mesh``'s devices this process holds."""
-    return sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
+def _memory_limit(mesh) -> tuple[int, str]:
+    """``memory.memory_limit`` for the devices of ``mesh`` this process holds."""
+    local = sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
+    return memory.memory_limit(local)
 
 
 def memory_checked(step: Callable, config, mesh) -> Callable:
@@ -53,7 +54,7 @@ def memory_checked(step: Callable, config, mesh) -> Callable:
         if compiled is None:
             compiled = step.lower(*args).compile()
             if (stats := compiled.memory_analysis()) is not None:
-                limit, what = memory.memory_limit(_local_devices(mesh))
+                limit, what = _memory_limit(mesh)
                 check_step_fits(stats, limit, what, config, mesh)
         return compiled(*args)
 
