@@ -4,6 +4,7 @@ weights (safetensors or PyTorch) read, tokenizers found and written, ``from_pret
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -352,8 +353,9 @@ def _write_all(path: Path, writes: dict[str, Callable[[Path], None]]) -> None:
         for file in started:
             file.unlink(missing_ok=True)
             _temporary(file).unlink(missing_ok=True)
-        if made:
-            path.rmdir()
+        if made:  # kept if someone else's file appeared in it meanwhile
+            with contextlib.suppress(OSError):
+                path.rmdir()
         raise
 
 
