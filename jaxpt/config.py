@@ -109,7 +109,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     config.mesh.dcn_data = -1
     config.mesh.dcn_fsdp = 1
     config.mesh.rules = sharding.default_rules()  # logical axis name -> mesh axes
-    # ZeRO-1: the optimizer moments' embed dimension is split over the data axis too, so each
+    # ZeRO-1: the optimizer moments are split over the data axis too (after fsdp), so each
     # data-parallel device keeps and updates its share (the params stay as the rules say)
     config.mesh.shard_optimizer = False
 

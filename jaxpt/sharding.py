@@ -30,18 +30,26 @@ DCN_FIELDS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 # A tensor this large (elements) that stays replicated over a mesh axis its rules name is
 # reported: it costs that axis's memory saving, and usually the size is one padding away.
 LARGE_TENSOR = 1 << 20
+MeshAxes = tuple[str, ...]
 
 
 def default_rules() -> ml_collections.ConfigDict:
-    """Logical name -> mesh axes (a tuple; empty = replicated)."""
+    """Logical name -> mesh axes (a tuple; empty = replicated).
+
+    FSDP splits the first dimension of each weight whose rule names fsdp (``spec_for``): the
+    table's rows (``vocab``), the output projections' inputs (``mlp``, ``q_heads``), the other
+    matrices' ``embed``. NCCL gathers and scatters along the first dimension; split along the
+    last, a weight made the optimizer's update transpose it and its moments
+    (``bench/README.md``, FSDP).
+    """
     return ml_collections.ConfigDict(
         dict(
             batch=("data", "fsdp", "expert"),  # activations and input batches
             embed=("fsdp",),
-            mlp=("tensor",),
-            q_heads=("tensor",),
+            mlp=("tensor", "fsdp"),
+            q_heads=("tensor", "fsdp"),
             kv_heads=("tensor",),
-            vocab=("tensor",),
+            vocab=("tensor", "fsdp"),
             expert=("expert",),
             layers=(),
             norm=(),
@@ -51,11 +59,19 @@ def default_rules() -> ml_collections.ConfigDict:
 
 def moment_rules(rules, shard_optimizer: bool):
     """The rules of the optimizer moments: the params' own, or with ``shard_optimizer``
-    (ZeRO-1) the ``embed`` dimension split over the data axis as well (where it divides:
-    see ``moment_shardings``)."""
-    if not shard_optimizer or "data" in rules["embed"]:
+    (ZeRO-1) the data axis after fsdp in every rule that names fsdp but not data: the moments
+    split as the params would be by an fsdp axis of fsdp x data devices (``spec_for``: a
+    dimension takes data where its size divides by it too)."""
+    if not shard_optimizer:
         return rules
-    return {**dict(rules), "embed": (*rules["embed"], "data")}
+    return {name: _data_after_fsdp(axes) for name, axes in dict(rules).items()}
+
+
+def _data_after_fsdp(axes: MeshAxes) -> MeshAxes:
+    if "fsdp" not in axes or "data" in axes:
+        return tuple(axes)
+    at = axes.index("fsdp") + 1
+    return (*axes[:at], "data", *axes[at:])
 
 
 def validate_mesh(mesh_cfg) -> None:
@@ -210,30 +226,36 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def _placements(shape, axes, mesh: Mesh, rules) -> Iterator[tuple[tuple[str, ...], bool]]:
-    """Per dimension: the mesh axes the rules give its logical name (those of size > 1 that
-    no earlier dimension took) and whether the dimension's size divides by their product."""
+def _placements(shape, axes, mesh: Mesh, rules) -> Iterator[tuple[MeshAxes, MeshAxes]]:
+    """Per dimension: the mesh axes its logical name's rule offers it (those of size > 1 that no
+    earlier dimension took) and those it takes: in the rule's order, each one by which the
+    dimension's size still divides, together with those taken before it."""
     used: set[str] = set()
     for size, name in zip(shape, axes, strict=True):
-        mesh_axes = tuple(
+        offered = tuple(
             a for a in (rules.get(name, ()) if name else ()) if mesh.shape[a] > 1 and a not in used
         )
-        divides = size % math.prod(mesh.shape[a] for a in mesh_axes) == 0
-        if mesh_axes and divides:
-            used.update(mesh_axes)
-        yield mesh_axes, divides
+        taken: MeshAxes = ()
+        for axis in offered:
+            if size % math.prod(mesh.shape[a] for a in (*taken, axis)) == 0:
+                taken = (*taken, axis)
+        used.update(taken)
+        yield offered, taken
 
 
 def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh, rules) -> P:
     """The PartitionSpec of one array from its logical axes.
 
-    A dimension stays replicated where the rules give no mesh axis, where its size does not
-    divide by the mesh axes' size, or where a mesh axis is already used by another dimension.
+    A dimension is split over the mesh axes its rule names, in order, but for those an earlier
+    dimension already took and those its size does not divide by (with the ones before them):
+    the table ``(50304, 768)``, ``('vocab', 'embed')``, under ``vocab=('tensor', 'fsdp')``
+    and ``embed=('fsdp',)`` is ``P(('tensor', 'fsdp'), None)``; ``(50257, 768)`` is
+    ``P(None, 'fsdp')``.
     """
     return P(
         *(
-            (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes) if mesh_axes and divides else None
-            for mesh_axes, divides in _placements(shape, axes, mesh, rules)
+            (taken[0] if len(taken) == 1 else taken) if taken else None
+            for _, taken in _placements(shape, axes, mesh, rules)
         )
     )
 
@@ -247,26 +269,11 @@ def param_shardings(params, mesh: Mesh, rules):
     )
 
 
-def _moment_spec(shape, axes, mesh: Mesh, rules, shard_optimizer: bool) -> P:
-    """The PartitionSpec of one param's optimizer moments: the one ``moment_rules`` give where
-    it keeps every split of the param's own, else the param's (an ``embed`` size that divides
-    by fsdp but not by fsdp x data would lose its fsdp split too)."""
-    own = spec_for(shape, axes, mesh, rules)
-    moments = spec_for(shape, axes, mesh, moment_rules(rules, shard_optimizer))
-    return moments if _taken(own) <= _taken(moments) else own
-
-
 def moment_shardings(params, mesh: Mesh, rules, *, shard_optimizer: bool):
-    """NamedShardings for the optimizer moments of every array of ``params``: those of the
-    params, or with ``shard_optimizer`` (ZeRO-1) the ``embed`` dimension split over the data
-    axis too wherever it divides by the fsdp and data axes together."""
-    return jax.tree.map(
-        lambda x, axes: NamedSharding(
-            mesh, _moment_spec(x.shape, axes, mesh, rules, shard_optimizer)
-        ),
-        params,
-        nn.logical_axes(params),
-    )
+    """NamedShardings for the optimizer moments of every array of ``params``: the params', or
+    with ``shard_optimizer`` (ZeRO-1) those ``moment_rules`` give, split over the data axis
+    too."""
+    return param_shardings(params, mesh, moment_rules(rules, shard_optimizer))
 
 
 def _taken(spec: P) -> set[str]:
@@ -301,7 +308,7 @@ def describe_shardings(params, mesh: Mesh, rules, *, shard_optimizer: bool = Fal
     for path, array, axes in _named_arrays(params):
         specs = [spec_for(array.shape, axes, mesh, rules)]
         if shard_optimizer:
-            specs.append(_moment_spec(array.shape, axes, mesh, rules, True))
+            specs.append(spec_for(array.shape, axes, mesh, moment_rules(rules, True)))
         rows.append([path, str(array.shape), str(tuple(axes)), *map(str, specs)])
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     lines = [f"{describe_mesh(mesh)}; {what}:"]
@@ -324,26 +331,25 @@ def replication_warnings(
         if array.size < min_size:
             continue
         shape = tuple(array.shape)
-        own = spec_for(shape, axes, mesh, rules)
-        for dim, missed, n in _unsplit(shape, axes, mesh, rules, own):
+        for dim, missed, n in _unsplit(shape, axes, mesh, rules):
             warnings.append(_replicated(f"{path} {shape} stays", axes[dim], dim, missed, n, shape))
-        moments = _moment_spec(shape, axes, mesh, rules, shard_optimizer)
-        for dim, missed, n in _unsplit(shape, axes, mesh, zero_rules, moments):
+        for dim, missed, n in _unsplit(shape, axes, mesh, zero_rules):
             if added := [a for a in missed if a not in rules.get(axes[dim], ())]:
                 subject = f"{path} {shape} keeps its optimizer moments (mesh.shard_optimizer)"
                 warnings.append(_replicated(subject, axes[dim], dim, added, n, shape))
     return warnings
 
 
-def _unsplit(shape, axes, mesh: Mesh, rules, spec: P) -> Iterator[tuple[int, list[str], int]]:
-    """``(dimension, mesh axes, n)`` for each dimension of an array sharded as ``spec`` whose
-    size does not divide by the size n of the mesh axes its rules name: those that ``spec``
-    leaves out."""
-    taken = _taken(spec)
-    for dim, (mesh_axes, divides) in enumerate(_placements(shape, axes, mesh, rules)):
-        missed = [a for a in mesh_axes if a not in taken]
-        if missed and not divides:
-            yield dim, missed, math.prod(mesh.shape[a] for a in mesh_axes)
+def _unsplit(shape, axes, mesh: Mesh, rules) -> Iterator[tuple[int, list[str], int]]:
+    """``(dimension, mesh axes, n)``: the mesh axes that rules offer an array's dimensions but
+    no dimension takes, because no size divides by them, each with the first dimension that
+    was offered it, and n the size that dimension would have to divide by (with the axes it
+    takes)."""
+    unused = set(MESH_AXES) - _taken(spec_for(shape, axes, mesh, rules))
+    for dim, (offered, taken) in enumerate(_placements(shape, axes, mesh, rules)):
+        if missed := [a for a in offered if a in unused]:
+            unused -= set(missed)
+            yield dim, missed, math.prod(mesh.shape[a] for a in (*taken, *missed))
 
 
 def _replicated(subject: str, name: str, dim: int, missed: list[str], n: int, shape) -> str:
@@ -356,29 +362,33 @@ def _replicated(subject: str, name: str, dim: int, missed: list[str], n: int, sh
 
 def attention_warnings(n_head: int, n_kv_head: int, mesh: Mesh, rules) -> list[str]:
     """One sentence when a head count does not divide by the mesh axes of its rule
-    (``q_heads`` for ``n_head``, ``kv_heads`` for ``n_kv_head``): the q, k, v and output
-    weights, stored flat as ``(D, heads x Dh)``, then split part-way through a head, and every
-    device computes all those heads (results are right; attention gets no tensor parallelism).
-    Under cuDNN attention, whose q, k and v are sharded alike, unsplit key/value heads leave
-    every query head whole on every device too.
+    (``q_heads`` for ``n_head``, ``kv_heads`` for ``n_kv_head``) that the batch's leaves it
+    (attention's activations are ``(B, T, heads, Dh)``, and B takes the batch's axes first):
+    the q, k, v and output weights, stored flat as ``(D, heads x Dh)``, then split part-way
+    through a head, and every device computes all those heads (results are right; attention
+    gets no tensor parallelism). Under cuDNN attention, whose q, k and v are sharded alike,
+    unsplit key/value heads leave every query head whole on every device too.
     """
     fields = {"q_heads": ("n_head", n_head), "kv_heads": ("n_kv_head", n_kv_head)}
-    placed = {  # name -> (mesh axes, whether the count divides by them)
-        name: next(_placements((count,), (name,), mesh, rules))
+    batch = batch_axes(mesh, rules)
+    heads_rules = {name: tuple(a for a in rules[name] if a not in batch) for name in fields}
+    placed = {  # name -> (the mesh axes offered, those the count divides by)
+        name: next(_placements((count,), (name,), mesh, heads_rules))
         for name, (_, count) in fields.items()
     }
-    unsplit = [name for name, (_, divides) in placed.items() if not divides]
+    unsplit = [name for name, (offered, taken) in placed.items() if taken != offered]
     if not unsplit:
         return []
-    mesh_axes = placed[unsplit[0]][0]
-    n = math.prod(mesh.shape[a] for a in mesh_axes)
+    offered, taken = placed[unsplit[0]]
+    missed = [a for a in offered if a not in taken]
+    n = math.prod(mesh.shape[a] for a in offered)
     named = " and ".join("model.{}={}".format(*fields[name]) for name in unsplit)
     heads = "head" if "q_heads" in unsplit else "key/value head (under cuDNN attention, every head)"
     return [
-        f"Attention is not split over mesh axis {' x '.join(map(repr, mesh_axes))}: {named} "
+        f"Attention is not split over mesh axis {' x '.join(map(repr, missed))}: {named} "
         f"{'do' if len(unsplit) > 1 else 'does'} not divide by {n}, so every device computes "
         f"every {heads} and the weights split part-way through one; choose "
-        f"{' x '.join(f'mesh.{a}' for a in mesh_axes)} dividing model.n_kv_head={n_kv_head}, "
+        f"{' x '.join(f'mesh.{a}' for a in offered)} dividing model.n_kv_head={n_kv_head}, "
         f"or change mesh.rules.{' and mesh.rules.'.join(unsplit)}."
     ]
 
@@ -398,12 +408,23 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(batch_axes(mesh, rules) or None, *([None] * (ndim - 1))))
 
 
+def activation_rules(rules) -> dict[str, MeshAxes]:
+    """The rules activations are pinned by: the data and fsdp axes split only their batch, so
+    a weight a layer pins for its use (the token table's ``('vocab', None)``) is gathered
+    over them, as FSDP gathers a weight for its matmul."""
+    return {
+        name: tuple(a for a in axes if name == "batch" or a not in ("data", "fsdp"))
+        for name, axes in dict(rules).items()
+    }
+
+
 def activation_sharding(mesh: Mesh, rules):
     """A context in which layers pin the activations they name (``nn.constrain``) to the
-    sharding the rules give their logical axes. Enter it around the first call of a jitted
-    step (that is when it is traced)."""
+    sharding ``activation_rules`` give their logical axes. Enter it around the first call of a
+    jitted step (that is when it is traced)."""
+    resolved = activation_rules(rules)
     return nn.shard_activations(
-        lambda shape, names: NamedSharding(mesh, spec_for(shape, names, mesh, rules))
+        lambda shape, names: NamedSharding(mesh, spec_for(shape, names, mesh, resolved))
     )
 
 

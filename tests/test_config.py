@@ -164,13 +164,13 @@ def flat_fields(tree: dict, prefix: str = "") -> dict:
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda path: path.stem)
 def test_the_printed_config_reads_back_as_every_field_without_yaml_aliases(path):
     """A run prints its config at start. ConfigDict's YAML showed mesh.rules' tuples tagged
-    ``!!python/tuple``, one per line, and the default rules' shared ``('tensor',)`` once,
-    then as ``*id001`` under mlp, q_heads and vocab."""
+    ``!!python/tuple``, one per line, and a tuple the default rules shared (``('tensor',)``)
+    once, then as ``*id001`` under the other names that had it."""
     config = load_config(path, None)
     text = config_text(config)
     assert "*id" not in text and "!!" not in text
     assert read_config_text(text) == flat_fields(config.to_dict())
-    assert "    mlp: ('tensor',)" in text.splitlines()
+    assert "    mlp: ('tensor', 'fsdp')" in text.splitlines()
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def test_two_processes_train_like_one_and_one_device_resumes_them(tmp_path):
     # the mesh across the processes (in the summary, and log.shardings's), and FSDP within each
     mesh = "mesh (data=4, fsdp=2, tensor=1, expert=1) over 8 cpu devices"
     assert f"{mesh}\n" in report and f"{mesh}; param shardings:\n" in report
-    assert "P(None, 'fsdp')" in next(line for line in report.splitlines() if " wte.weight " in line)
+    assert "P('fsdp', None)" in next(line for line in report.splitlines() if " wte.weight " in line)
     for i in range(2):  # each process's trace in a folder of its own
         assert list((tmp_path / "two" / "profile" / f"process_{i}").rglob("perfetto_trace.json.gz"))
 

@@ -706,8 +706,8 @@ def test_create_sharded_model_places_params_by_the_core_rules_and_trains_as_one_
     config, x, y = TINY_CONFIGS[m.GPT], *batch(b=4)
     mesh = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES)  # data, fsdp, tensor, expert
     sharded = utils.create_sharded_model(m.GPT, config, nnx.Rngs(0), mesh)
-    wte = sharded.functional_params().wte.weight  # (V, D): vocab -> tensor, embed -> fsdp
-    assert wte.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    wte = sharded.functional_params().wte.weight  # (V, D): rows over tensor and fsdp
+    assert wte.sharding.spec == jax.sharding.PartitionSpec(("tensor", "fsdp"), None)
     assert utils.count_params(sharded) == sharded.model_config().n_params
     one = m.GPT.from_params(jax.device_get(sharded.functional_params()), config)
     losses = [

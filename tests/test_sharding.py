@@ -30,7 +30,7 @@ RANDOM = (("dropout", 0.1), ("router_noise", 0.01))
 
 def small_config(preset: str, model: tuple = (), **mesh):
     config = preset_config(preset, "smoke")
-    config.model.update(vocab_size=512, block_size=32, **dict(model))
+    config.model.update({"vocab_size": 512, "block_size": 32, **dict(model)})
     # a small lr: Adam turns float noise in near-zero gradients into steps of about lr;
     # micro-batches of 8 rows split over up to 8 batch devices
     config.train.update(batch_size=16, grad_accum_steps=2, lr=1e-3, warmup_steps=1)
@@ -101,10 +101,11 @@ def activations(mesh, rules):
     """The train loop's activation constraints, checking that attention asks for them and
     that every block boundary does."""
     asked = []
+    resolved = sharding.activation_rules(rules)
 
     def sharding_of(shape, names):
         asked.append(names)
-        return NamedSharding(mesh, sharding.spec_for(shape, names, mesh, rules))
+        return NamedSharding(mesh, sharding.spec_for(shape, names, mesh, resolved))
 
     with nn.shard_activations(sharding_of):
         yield
@@ -140,16 +141,17 @@ def test_sharded_steps_equal_one_device(preset, mesh, model, capfd):
     for axis, size in mesh:  # every mesh axis in use splits some weight
         if size > 1 and axis != "data":
             assert any(axis in jax.tree.leaves(tuple(spec)) for spec in specs), axis
-    uses_data = lambda spec: "data" in jax.tree.leaves(tuple(spec))
-    data_and_fsdp = config.mesh.data * config.mesh.fsdp  # ZeRO-1 splits widths they divide
-    zero_1 = config.mesh.shard_optimizer and config.model.n_embed % data_and_fsdp == 0
+    axes_of = lambda spec: set(jax.tree.leaves(tuple(spec)))
     for moment in ("mu", "nu"):  # optimizer moments are sharded like their params ...
         moments = jax.tree.leaves(optax.tree.get(shardings.opt_state, moment))
-        if zero_1:  # ... or, ZeRO-1, over the data axis too
-            assert any(uses_data(m.spec) for m in moments)
-            assert not any(uses_data(spec) for spec in specs)
+        params = jax.tree.leaves(shardings.params)
+        if config.mesh.shard_optimizer:  # ... or, ZeRO-1, over the data axis too
+            pairs = zip(params, moments, strict=True)
+            assert all(axes_of(p.spec) <= axes_of(m.spec) for p, m in pairs)
+            assert any("data" in axes_of(m.spec) for m in moments)
+            assert not any("data" in axes_of(spec) for spec in specs)
         else:
-            assert moments == jax.tree.leaves(shardings.params)
+            assert moments == params
     sharded, sharded_losses = trajectory(preset, mesh, model)
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
     single, single_losses = trajectory(preset, (), model)
@@ -251,6 +253,28 @@ def test_expert_parallel_moe_moves_tokens_by_all_to_all_and_equals_one_device(ca
         jax.device_get(state.params),
         jax.device_get(single[-1].params),
     )
+
+
+@pytest.mark.parametrize(
+    "preset, model",  # a tied table and learned positions at GPT-2's width and heads; GLU
+    [("gpt", (("n_embed", 768), ("n_head", 12), ("n_kv_head", 12))), (DENSE, ())],
+)
+def test_fsdp_gathers_weights_and_never_activations(preset, model, capfd):
+    """FSDP splits the table's rows and the output projections' inputs. Each device computes
+    its own sequences with the weights gathered whole: left to itself, the partitioner split
+    attention's heads like the output projection's rows (all-to-alls there and back) and
+    kept the table's rows split, gathering every device's sequences for the lookup and the
+    read-out (``(B, T, D)`` all-gathers of the whole batch)."""
+    config, device_mesh, shardings, step = compiled(preset, mesh_key(fsdp=2), model)
+    state = jax.device_put(fresh_state(preset, model), shardings)
+    tokens = batches(config)[0]
+    with activations(device_mesh, config.mesh.rules):
+        hlo = step.lower(state, tokens[:, :-1], tokens[:, 1:]).compile().as_text()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)
+    whole_batch = "{},{},".format(*tokens[:, :-1].shape)  # (B, T, ...)
+    assert gathered and [shape for shape in gathered if shape.startswith(whole_batch)] == []
+    assert "all-to-all" not in hlo
 
 
 def test_data_parallel_reduces_a_tied_tables_gradients_in_the_compute_dtype(tmp_path):
@@ -496,9 +520,15 @@ def test_the_report_names_every_spec_and_large_replicated_tensors():
     config.model.vocab_size = 50304
     params = train.abstract_state(config, mesh)[0].params
     assert sharding.replication_warnings(params, mesh, rules) == []
+    report = sharding.describe_shardings(params, mesh, rules).splitlines()
+    line_of = lambda name: next(line for line in report if f" {name} " in line)
+    spec = lambda name: line_of(name)[line_of(name).index(" P(") + 1 :]
+    assert spec("wte.weight") == "P(('tensor', 'fsdp'), None)"  # FSDP splits its rows
+    for name in ("blocks.0.attn.o.weight", "blocks.0.mixer.proj.weight"):  # and their inputs
+        assert spec(name) == "P(None, ('tensor', 'fsdp'), None)", name
 
 
-@pytest.mark.parametrize("n_embed", [48, 36])  # 36: no split by fsdp x data, fsdp's kept
+@pytest.mark.parametrize("n_embed", [48, 36])  # 36: no split by fsdp x data, data's on mlp
 def test_the_report_names_the_optimizer_moments_specs_the_step_uses_with_zero_1(n_embed):
     config = small_config("gqa_glu_rope_gpt", (("n_embed", n_embed),), data=4, fsdp=2)
     config.mesh.shard_optimizer = True
@@ -510,7 +540,11 @@ def test_the_report_names_the_optimizer_moments_specs_the_step_uses_with_zero_1(
     moments = [line[line.rindex("P(") :] for line in report.splitlines()[1:]]
     mu = optax.tree_utils.tree_get(shardings.opt_state, "mu")  # Adam's first moments
     assert moments == [str(s.spec) for s in jax.tree.leaves(mu)]
-    assert any("'data'" in spec for spec in moments) == (n_embed % 8 == 0)
+    lines = report.splitlines()[1:]
+    spec = lambda path: next(m for line, m in zip(lines, moments, strict=True) if path in line)
+    assert spec("wte.weight") == "P(('fsdp', 'data'), None)"  # its rows (512) over both
+    gate = "('fsdp', 'data'), None" if n_embed % 8 == 0 else "'fsdp', 'data'"  # (embed, mlp)
+    assert spec("mixer.gate.weight") == f"P(None, {gate})"
 
 
 def test_the_report_keeps_its_columns_aligned_for_long_shapes_and_specs():
@@ -564,8 +598,15 @@ def test_attention_heads_that_the_tensor_axis_cannot_split_are_one_warning(
         assert f"choose mesh.tensor dividing model.n_kv_head={n_kv_head}, or" in warnings[0]
 
 
-@pytest.mark.parametrize("n_embed", [36, 96])  # divides by fsdp (2) only; by fsdp x data (8)
-def test_zero_1_moments_keep_their_params_split_where_the_data_axis_does_not_divide(n_embed):
+@pytest.mark.parametrize(
+    "n_embed, whole",  # 36 divides by fsdp (2) but not by fsdp x data (8), 96 by both
+    [(36, ("blocks.0.attn.k.weight", "blocks.0.attn.v.weight")), (96, ())],
+)
+def test_zero_1_moments_keep_their_params_split_where_the_data_axis_does_not_divide(n_embed, whole):
+    """ZeRO-1 splits each moment over data (4) as well as fsdp, on the dimension fsdp splits
+    where its size divides by both, else on a later one whose rule names fsdp: at width 36
+    the MLP's on its hidden size (384), attention's q and o on their other 36 (divides by 4),
+    but k's and v's ``(36, 12)``, ``('embed', 'kv_heads')``, on none."""
     config = small_config(DENSE, (("n_embed", n_embed),), data=4, fsdp=2, shard_optimizer=True)
     mesh = sharding.make_mesh(config.mesh)
     abstract, shardings = train.abstract_state(config, mesh)
@@ -573,26 +614,22 @@ def test_zero_1_moments_keep_their_params_split_where_the_data_axis_does_not_div
     paths = [jax.tree_util.keystr(path, simple=True, separator=".") for path, _ in flat]
     params = [p for _, p in flat]
     axes = jax.tree.leaves(nn.logical_axes(abstract.params))
-    zero_1 = ["embed" in names and n_embed % 8 == 0 for names in axes]  # data (4) splits too
     per_device = lambda s, p: int(np.prod(s.shard_shape(p.shape)))
     for moment in ("mu", "nu"):
         moments = jax.tree.leaves(optax.tree.get(shardings.opt_state, moment))
         own = jax.tree.leaves(shardings.params)
-        for p, o, m, zero in zip(params, own, moments, zero_1, strict=True):
-            assert per_device(m, p) == per_device(o, p) // (4 if zero else 1)
+        for path, p, names, o, m in zip(paths, params, axes, own, moments, strict=True):
+            split = "norm" not in names and path not in whole  # a norm's scale stays whole
+            assert per_device(m, p) == per_device(o, p) // (4 if split else 1), path
     warnings = sharding.replication_warnings(
-        abstract.params, mesh, config.mesh.rules, shard_optimizer=True, min_size=10_000
+        abstract.params, mesh, config.mesh.rules, shard_optimizer=True, min_size=500
     )
-    assert [w.split()[0] for w in warnings] == [
-        path
-        for path, p, names in zip(paths, params, axes, strict=True)
-        if p.size >= 10_000 and "embed" in names and n_embed % 8
-    ]
+    assert [w.split()[0] for w in warnings] == list(whole)
     if warnings:
         assert warnings[0] == (
-            "wte.weight (512, 36) keeps its optimizer moments (mesh.shard_optimizer) replicated "
-            "over mesh axis 'data': its dimension 1 ('embed', 36) does not divide by 8; make it "
-            "a multiple of 8 or change mesh.rules.embed."
+            "blocks.0.attn.k.weight (2, 36, 12) keeps its optimizer moments "
+            "(mesh.shard_optimizer) replicated over mesh axis 'data': its dimension 1 ('embed', "
+            "36) does not divide by 8; make it a multiple of 8 or change mesh.rules.embed."
         )
 
 
@@ -600,7 +637,7 @@ def test_zero_1_moments_keep_their_params_split_where_the_data_axis_does_not_div
     "model, mesh, warning",
     [
         (
-            (),  # 6 query and 2 key/value heads
+            (("vocab_size", 50304),),  # 6 query and 2 key/value heads
             dict(data=2, tensor=4),
             "Attention is not split over mesh axis 'tensor': model.n_head=6 and "
             "model.n_kv_head=2 do not divide by 4, so every device computes every head and the "
@@ -608,18 +645,17 @@ def test_zero_1_moments_keep_their_params_split_where_the_data_axis_does_not_div
             "model.n_kv_head=2, or change mesh.rules.q_heads and mesh.rules.kv_heads.",
         ),
         (
-            (("n_embed", 36),),
+            (("n_embed", 36), ("vocab_size", 50257)),  # rows that fsdp cannot split
             dict(data=4, fsdp=2, shard_optimizer=True),
-            "wte.weight (50304, 36) keeps its optimizer moments (mesh.shard_optimizer) "
-            "replicated over mesh axis 'data': its dimension 1 ('embed', 36) does not divide "
-            "by 8; make it a multiple of 8 or change mesh.rules.embed.",
+            "wte.weight (50257, 36) keeps its optimizer moments (mesh.shard_optimizer) "
+            "replicated over mesh axis 'data': its dimension 0 ('vocab', 50257) does not "
+            "divide by 4; make it a multiple of 4 or change mesh.rules.vocab.",
         ),
     ],
     ids=["heads", "zero_1"],
 )
 def test_the_run_warns_at_start(model, mesh, warning, tmp_path, caplog):
     config = small_config(DENSE, model, **mesh)
-    config.model.vocab_size = 50304  # the embedded corpus's GPT-2 ids
     config.eval.batches = 10_000  # refused after the start-of-run report: nothing compiles
     with pytest.raises(DataError, match="too few for 10000 batch"):
         train.train(config, tmp_path)

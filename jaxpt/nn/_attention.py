@@ -108,8 +108,11 @@ def _project(p: Attention, x: Array, spec: AttentionSpec, positions: Array):
 
 
 def _merge_heads(p: Attention, y: Array) -> Array:
-    """``(B, T, H, Dh)`` -> ``(B, T, D)`` through the output projection."""
+    """``(B, T, H, Dh)`` -> ``(B, T, D)`` through the output projection. ``y`` is pinned as
+    the queries are: left to itself, the partitioner could split its heads like the output
+    projection's FSDP-split rows and move them there and back by all-to-all."""
     b, t, h, head_dim = y.shape
+    y = constrain(y, ("batch", None, "q_heads", None))
     return linear(p.o, y.reshape(b, t, h * head_dim))
 
 

@@ -116,14 +116,20 @@ def embed(p: Embedding, ids: Array, dtype) -> Array:
     to ``dtype``, and only then are the devices' sums added, so data parallelism reduces the
     ``(V, D)`` gradient in ``dtype``'s bytes (half of float32's in bfloat16).
 
-    In a sharded step the table's width is gathered whole first, as FSDP gathers a weight for
-    its matmul, so each device looks up its own sequences' rows. Left to itself, XLA's SPMD
-    partitioner looked the rows up with the width split and could then not move them to the
-    batch's split: under ``data x fsdp x tensor`` it replicated them ("involuntary full
-    rematerialization").
+    In a sharded step the table is gathered first (``gathered_table``), so each device looks
+    up its own sequences' rows. Left to itself, XLA's SPMD partitioner looked the rows up with
+    the width split and could then not move them to the batch's split: under ``data x fsdp x
+    tensor`` it replicated them ("involuntary full rematerialization").
     """
-    table = constrain(p.weight, (p.axes[0], None))  # (rows, D): D whole
-    return _rows(table, ids, jnp.dtype(dtype))
+    return _rows(gathered_table(p), ids, jnp.dtype(dtype))
+
+
+def gathered_table(p: Embedding | ReadOut) -> Array:
+    """The ``(rows, D)`` table pinned as a layer uses it: its width whole and its rows split
+    only over what the batch's split leaves (tensor), as FSDP gathers a weight for its matmul.
+    Left to itself, XLA's partitioner kept an FSDP split of the rows and gathered every
+    device's activations instead, the whole batch's on each device."""
+    return constrain(p.weight, (p.axes[0], None))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -171,7 +177,7 @@ def unembed(p: Embedding | ReadOut, x: Array, dtype=jnp.float32) -> Array:
     table's gradient leaves its matmul in the compute dtype too (accumulated in float32), as
     every layer's weight gradient does, so a sharded step reduces it in those bytes.
     """
-    return _logits(x, p.weight.astype(x.dtype), jnp.dtype(dtype))
+    return _logits(x, gathered_table(p).astype(x.dtype), jnp.dtype(dtype))
 
 
 def read_out(p: ReadOut, x: Array, dtype=jnp.float32) -> Array:

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 from jax import Array
 
+from jaxpt.nn._axes import constrain
 from jaxpt.nn._linear import Linear, init_linear, linear, stacked_linear
 
 
@@ -73,10 +74,17 @@ def init_mlp(
     )
 
 
+def _hidden(h: Array) -> Array:
+    """The hidden activations ``(B, T, F)`` pinned to the batch's split and the ``mlp`` rule's
+    other axes (tensor): left to itself, the partitioner could give them (and their gradient)
+    the output projection's FSDP split of F and then fail to move them back."""
+    return constrain(h, ("batch", None, "mlp"))
+
+
 @jax.named_scope("mlp")
 def mlp(p: MLP, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; ``activation`` names one of ``ACTIVATIONS``."""
-    return linear(p.proj, activate(activation, linear(p.fc, x)))
+    return linear(p.proj, _hidden(activate(activation, linear(p.fc, x))))
 
 
 def init_glu(
@@ -97,4 +105,4 @@ def init_glu(
 def glu(p: GLU, x: Array, *, activation: str) -> Array:
     """``(B, T, D)`` -> ``(B, T, D)``; the gate's ``activation`` names one of ``ACTIVATIONS``."""
     gate, up = stacked_linear((p.gate, p.up), x)  # (B, T, F) each
-    return linear(p.down, activate(activation, gate, up))
+    return linear(p.down, _hidden(activate(activation, gate, up)))
