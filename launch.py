@@ -10,14 +10,24 @@ uv run python launch.py --config=configs/smollm_sft.py --workdir=runs/smollm-sft
     --system_prompt="You are a helpful assistant." --temperature=0.7 --top_k=50
 """
 
-import signal
 import sys
 
-from absl import app, flags, logging
+from jaxpt.errors import (  # imports nothing more
+    ConfigError,
+    DataError,
+    exit_at_once_on_interrupt,
+    exit_interrupted,
+    sentence,
+)
 
-from jaxpt import launcher, train
-from jaxpt.config import define_config_flag, parse_flags
-from jaxpt.errors import ConfigError, DataError, sentence
+# Ctrl-C outside the training loop (imports, data, restore, other modes)
+_INTERRUPTED = "launch.py: interrupted (SIGINT); run the command again to go on."
+
+with exit_at_once_on_interrupt(_INTERRUPTED):  # jax and the rest import for seconds
+    from absl import app, flags, logging
+
+    from jaxpt import launcher, train
+    from jaxpt.config import define_config_flag, parse_flags
 
 _DEFAULTS = launcher.SampleOptions()
 
@@ -101,9 +111,8 @@ def main(argv):
         sys.exit(f"launch.py: {sentence(error)}")
     except train.Interrupted as stop:  # saved; the shell's status for death by that signal
         sys.exit(128 + stop.signal)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (data, restore, other modes)
-        print("launch.py: interrupted (SIGINT); run the command again to go on.", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+    except KeyboardInterrupt:
+        exit_interrupted(_INTERRUPTED)
 
 
 if __name__ == "__main__":

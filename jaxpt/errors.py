@@ -1,11 +1,19 @@
 """The errors jaxpt raises for bad input. Each carries one sentence naming what is wrong (the
 field or file, the value, the rule) and what to do; ``launch.py`` prints it without a traceback.
+A command stopped by Ctrl-C ends likewise, with one line (``exit_interrupted``).
 """
 
+import contextlib
 import difflib
 import math
 import numbers
-from collections.abc import Sequence
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
+
+INTERRUPTED = 128 + signal.SIGINT  # a command's exit status after Ctrl-C: the shell's for it
 
 
 class ConfigError(ValueError):
@@ -79,3 +87,31 @@ def did_you_mean(name: str, known: Sequence[str], elsewhere: Sequence[str] = ())
         return f"the fields are {', '.join(known)}."
     *first, last = close
     return f"did you mean {', '.join(first) + ' or ' if first else ''}{last}?"
+
+
+def exit_interrupted(line: str) -> NoReturn:
+    """Ends a command stopped by Ctrl-C (a KeyboardInterrupt it caught): ``line`` (``launch.py:
+    interrupted (SIGINT); ...``) on stderr, exit status ``INTERRUPTED``."""
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED)
+
+
+@contextlib.contextmanager
+def exit_at_once_on_interrupt(line: str) -> Iterator[None]:
+    """Within it, Ctrl-C ends the command at once, ``line`` on stderr and exit status
+    ``INTERRUPTED``, instead of raising KeyboardInterrupt: raised while a command's modules
+    import (jax's, for seconds), that surfaces as an extension's ImportError, or aborts the
+    process from C++, with a traceback either way. A SIGINT that the process ignores (a shell's
+    background job) stays ignored."""
+
+    def stop(signum, frame) -> NoReturn:
+        print(line, file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED)  # nothing to unwind: importing writes nothing
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -102,3 +103,28 @@ def hub_session(monkeypatch) -> FakeHubSession:
     session = FakeHubSession()
     monkeypatch.setattr(huggingface_hub, "get_session", lambda: session)
     return session
+
+
+def interrupt_while_importing(args: list[str], **kwargs) -> tuple[int, list[str], set[str]]:
+    """``python -X importtime <args>`` from the repository root, sent SIGINT as soon as numpy
+    has imported (jax and the rest then import for seconds, before any main runs): its exit
+    status, its stderr lines but the import times, and the modules it had finished importing
+    (``kwargs`` go to ``subprocess.Popen``)."""
+    run = subprocess.Popen(
+        [sys.executable, "-X", "importtime", *args],
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": FAST_COMPILE},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+    lines = []
+    while not lines or lines[-1].rsplit("|", 1)[-1].strip() != "numpy":
+        lines.append(run.stderr.readline())
+        assert lines[-1], "the command ended before it imported numpy"
+    run.send_signal(signal.SIGINT)
+    lines += run.communicate(timeout=60)[1].splitlines(keepends=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import ")}
+    said = [line for line in lines if not line.startswith("import time:")]
+    return run.returncode, said, imported

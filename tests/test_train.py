@@ -29,7 +29,13 @@ from jaxpt.errors import ConfigError, DataError
 from jaxpt.train import _loop, _metrics
 from jaxpt.train import _memory as train_memory
 
-from .conftest import FAST_COMPILE, run_in_repo, shared_book, use_devices
+from .conftest import (
+    FAST_COMPILE,
+    interrupt_while_importing,
+    run_in_repo,
+    shared_book,
+    use_devices,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -832,6 +838,19 @@ def test_ctrl_c_before_the_training_loop_is_one_line_and_exits_130(tmp_path):
     _, err = run.communicate(timeout=60)
     assert run.returncode == 128 + signal.SIGINT
     assert err == "launch.py: interrupted (SIGINT); run the command again to go on.\n"
+
+
+def test_ctrl_c_while_launch_py_imports_is_one_line_and_exits_130(tmp_path):
+    """Ctrl-C in the seconds jax and the rest import, before main runs, printed a
+    KeyboardInterrupt traceback."""
+    status, said, imported = interrupt_while_importing(
+        ["launch.py", "--config=configs/bigram.py:smoke", f"--workdir={tmp_path}"]
+    )
+    assert "jaxpt.launcher" not in imported  # the interrupt came while it imported
+    assert (status, said) == (
+        128 + signal.SIGINT,
+        ["launch.py: interrupted (SIGINT); run the command again to go on.\n"],
+    )
 
 
 def load_config(path: Path, arg: str):
