@@ -534,28 +534,48 @@ def test_a_save_interrupted_mid_file_leaves_out_as_it_was(out_exists, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
-INTERRUPTED_IMPORT = """
+COMMAND_CUT_SHORT = """
 import sys
 from absl import app
 import jaxpt.hf.__main__ as command
-def interrupted(source, out):
+where = sys.argv.pop(1)
+def ctrl_c(*args, **kwargs):  # once: print is the builtin again
+    del vars(command)[where]
     raise KeyboardInterrupt
-command.import_checkpoint = interrupted
+setattr(command, where, ctrl_c)
 command._define_flags()
-sys.argv = ["jaxpt.hf", "--to=jaxpt", "--source=gpt2", "--out=out"]
 app.run(command._main, flags_parser=command.parse_flags("jaxpt.hf"))
 """
 
 
+def run_cut_short(cwd, where: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m jaxpt.hf <args>`` in ``cwd``, Ctrl-C pressed where it first calls the command
+    module's ``where`` (``import_checkpoint``; ``print``: as it prints its closing lines)."""
+    script = [sys.executable, "-c", COMMAND_CUT_SHORT, where, *args]
+    return subprocess.run(script, cwd=cwd, capture_output=True, text=True)
+
+
 def test_ctrl_c_in_the_command_is_one_line(tmp_path):
-    result = subprocess.run(  # a KeyboardInterrupt traceback
-        [sys.executable, "-c", INTERRUPTED_IMPORT], cwd=tmp_path, capture_output=True, text=True
+    result = run_cut_short(  # a KeyboardInterrupt traceback
+        tmp_path, "import_checkpoint", "--to=jaxpt", "--source=gpt2", "--out=out"
     )
     assert result.returncode == 130
     assert result.stderr == (
-        "jaxpt.hf: interrupted (SIGINT); what it had written of --out is gone: run the command "
-        "again.\n"
+        "jaxpt.hf: interrupted (SIGINT); --out is as it was: run the command again.\n"
     )
+
+
+def test_ctrl_c_after_the_command_wrote_out_says_out_is_complete(tmp_path):
+    """Ctrl-C as the import printed its closing lines said that what it had written of --out was
+    gone, which it was not: --out held the whole checkpoint."""
+    cfg = tiny_config("gpt")
+    source = hf.save_pretrained(models.get("gpt").init(jax.random.key(0), cfg), cfg, tmp_path / "a")
+    result = run_cut_short(tmp_path, "print", "--to=jaxpt", f"--source={source}", "--out=b")
+    assert (result.returncode, result.stdout) == (130, "")
+    assert result.stderr == (
+        "jaxpt.hf: interrupted (SIGINT); --out holds a complete checkpoint: it is ready to use.\n"
+    )
+    assert hf.from_pretrained(tmp_path / "b").config == cfg
 
 
 def test_commands_writing_one_out_at_once_take_turns_and_the_later_writes_nothing(

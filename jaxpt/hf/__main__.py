@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from absl import app, flags, logging
 
 from jaxpt import data, models, train
 from jaxpt.config import check_new_directory, define_config_flag, parse_flags
-from jaxpt.errors import ConfigError, DataError, first_line, sentence
+from jaxpt.errors import ConfigError, DataError, exit_interrupted, first_line, sentence
 from jaxpt.hf._convert import config_to_hf
 from jaxpt.hf._files import Pretrained, checkpoint_directory, from_pretrained, save_pretrained
 from jaxpt.hf._layouts import CheckpointError, layout_of
@@ -115,13 +114,19 @@ def _main(argv) -> None:
             export_checkpoint(f.config, f.workdir, f.out)
     except (ConfigError, DataError) as error:
         sys.exit(f"jaxpt.hf: {sentence(error)}")
-    except KeyboardInterrupt:  # what save_pretrained had written of --out is gone
-        print(
-            "jaxpt.hf: interrupted (SIGINT); what it had written of --out is gone: run the "
-            "command again.",
-            file=sys.stderr,
+    except KeyboardInterrupt:
+        exit_interrupted(_interrupted(f.out))
+
+
+def _interrupted(out: str) -> str:
+    """The line for Ctrl-C, which says what ``out`` holds: a save cut short leaves it as it
+    was (save_pretrained removes what it wrote), and one that finished (the command was
+    printing its closing lines) has renamed config.json into it last."""
+    if (Path(out) / "config.json").is_file():
+        return (
+            "jaxpt.hf: interrupted (SIGINT); --out holds a complete checkpoint: it is ready to use."
         )
-        sys.exit(128 + signal.SIGINT)
+    return "jaxpt.hf: interrupted (SIGINT); --out is as it was: run the command again."
 
 
 def _define_flags() -> None:
