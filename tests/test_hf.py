@@ -31,6 +31,7 @@ from jaxpt import data, generate, hf, launcher, models, train  # noqa: E402
 from jaxpt.errors import ConfigError  # noqa: E402
 from jaxpt.hf import _files as hf_files  # noqa: E402
 from jaxpt.hf.__main__ import export_checkpoint, import_checkpoint  # noqa: E402
+from tests.conftest import interrupt_while_importing  # noqa: E402
 from tests.test_models import perturbed, tiny_config  # noqa: E402
 from tests.test_train import ROOT, char_config  # noqa: E402
 
@@ -563,6 +564,20 @@ def test_ctrl_c_in_the_command_is_one_line(tmp_path):
     assert result.stderr == (
         "jaxpt.hf: interrupted (SIGINT); --out is as it was: run the command again.\n"
     )
+
+
+def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path):
+    """Ctrl-C in the seconds jax and the rest import, most of them the package's before its
+    __main__ runs, printed a KeyboardInterrupt traceback."""
+    status, said, imported = interrupt_while_importing(
+        ["-m", "jaxpt.hf", "--to=jaxpt", "--source=gpt2", f"--out={tmp_path / 'out'}"]
+    )
+    assert "jaxpt.train" not in imported  # the interrupt came while it imported
+    assert (status, said) == (
+        130,
+        ["jaxpt.hf: interrupted (SIGINT); --out is as it was: run the command again.\n"],
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_after_the_command_wrote_out_says_out_is_complete(tmp_path):

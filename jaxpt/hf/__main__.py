@@ -14,15 +14,27 @@ import os
 import sys
 from pathlib import Path
 
-import jax
-from absl import app, flags, logging
+from jaxpt.errors import (  # imports nothing more
+    ConfigError,
+    DataError,
+    exit_at_once_on_interrupt,
+    exit_interrupted,
+    first_line,
+    sentence,
+)
 
-from jaxpt import data, models, train
-from jaxpt.config import check_new_directory, define_config_flag, parse_flags
-from jaxpt.errors import ConfigError, DataError, exit_interrupted, first_line, sentence
-from jaxpt.hf._convert import config_to_hf
-from jaxpt.hf._files import Pretrained, checkpoint_directory, from_pretrained, save_pretrained
-from jaxpt.hf._layouts import CheckpointError, layout_of
+# Ctrl-C before --out holds a complete checkpoint (a save cut short removes what it wrote)
+_INTERRUPTED = "jaxpt.hf: interrupted (SIGINT); --out is as it was: run the command again."
+
+with exit_at_once_on_interrupt(_INTERRUPTED):  # jax and the rest import for seconds
+    import jax
+    from absl import app, flags, logging
+
+    from jaxpt import data, models, train
+    from jaxpt.config import check_new_directory, define_config_flag, parse_flags
+    from jaxpt.hf._convert import config_to_hf
+    from jaxpt.hf._files import Pretrained, checkpoint_directory, from_pretrained, save_pretrained
+    from jaxpt.hf._layouts import CheckpointError, layout_of
 
 
 def _check_out(out: str | os.PathLike) -> None:
@@ -119,14 +131,13 @@ def _main(argv) -> None:
 
 
 def _interrupted(out: str) -> str:
-    """The line for Ctrl-C, which says what ``out`` holds: a save cut short leaves it as it
-    was (save_pretrained removes what it wrote), and one that finished (the command was
-    printing its closing lines) has renamed config.json into it last."""
+    """The line for Ctrl-C, which says what ``out`` holds: a save that finished (the command
+    was printing its closing lines) has renamed config.json into it last."""
     if (Path(out) / "config.json").is_file():
         return (
             "jaxpt.hf: interrupted (SIGINT); --out holds a complete checkpoint: it is ready to use."
         )
-    return "jaxpt.hf: interrupted (SIGINT); --out is as it was: run the command again."
+    return _INTERRUPTED
 
 
 def _define_flags() -> None:
