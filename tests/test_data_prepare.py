@@ -259,6 +259,24 @@ def test_cli(tmp_path):
     ]
 
 
+def test_cli_says_already_prepared_and_resuming_in_plain_lines(tmp_path):
+    """Both lines came through absl logging, each behind an "I1130 12:00:00.123 ... ]"
+    prefix, among the command's plain lines."""
+    source = tmp_path / "story.txt"
+    source.write_text("Once upon a time, a lion met a bull. They became friends.\n")
+    out = tmp_path / "out"
+    prepare(source, out, shard_tokens=5, workers=1)  # 4 shards
+    cmd = [sys.executable, "-m", "jaxpt.data.prepare", f"--dataset={source}", f"--out={out}"]
+    cmd += ["--shard_tokens=5", "--workers=1"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert (run.returncode, run.stderr) == (0, f"{out} is already prepared; nothing to do\n")
+    (out / "manifest.json").unlink()  # what a kill before the last shard leaves
+    (out / "train_000003.bin").unlink()
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines()[0] == f"resuming {out}: 3 finished shards are kept"
+
+
 def test_ctrl_c_with_workers_is_one_line(book, tmp_path):
     """Ctrl-C at a terminal signals the whole process group: the tokenizer workers say
     nothing (they printed a KeyboardInterrupt traceback each) and the parent one line."""

@@ -16,10 +16,11 @@ new, empty, or written by this command. See `prepare_dataset` for what each flag
 error is one line, `error: <sentence>`, with exit status 1 (130 when interrupted).
 """
 
+import logging as std_logging
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxpt.data._loader import missing_split
 from jaxpt.data._prepare import (
@@ -57,6 +58,15 @@ _MESSAGES_FIELD = flags.DEFINE_string(
 )
 
 
+class _PlainFormatter(std_logging.Formatter):
+    """What preparation logs ("resuming ...", a warning) as the command's own lines: plain,
+    a warning as ``warning: <message>``, without absl's "I1130 12:00:00.123 ... ]" prefix."""
+
+    def format(self, record: std_logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < std_logging.WARNING else f"warning: {text}"
+
+
 # the --format each format-specific flag applies to (under the other it would be ignored)
 _FLAG_FORMAT = {"text_field": "text", "block_size": "chat", "messages_field": "chat"}
 
@@ -69,6 +79,7 @@ def main(argv: list[str]) -> None:
     for name, format in _FLAG_FORMAT.items():
         if flags.FLAGS[name].present and _FORMAT.value != format:
             sys.exit(f"error: --{name} applies to --format={format}; leave it out.")
+    logging.get_absl_handler().setFormatter(_PlainFormatter())
     # `datasets` imports torch where installed (~3 s) for every streamed source; prepare has no
     # use for torch tensors
     os.environ.setdefault("USE_TORCH", "0")
