@@ -38,7 +38,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if key not in defaults:
-            raise ConfigError(f"config argument {key!r} is not one of {sorted(defaults)}.")
+            raise ConfigError(
+                f"config argument {key!r} is not one of {sorted(defaults)}; pass one of them "
+                f"after the file's colon (e.g. :{min(defaults)}), or none."
+            )
         if key in given:
             raise ConfigError(f"config argument {key!r} is given twice; give it once.")
         given.add(key)

@@ -455,7 +455,8 @@ def run_launch(*args, cwd=ROOT):
         (["--config=configs/nosuch.py"], "--config=configs/nosuch.py: 'configs/nosuch.py' is not"),
         (
             ["--config=configs/gpt.py:smok"],
-            "--config=configs/gpt.py:smok: config argument 'smok' is not one of ['smoke'].",
+            "--config=configs/gpt.py:smok: config argument 'smok' is not one of ['smoke']; pass "
+            "one of them after the file's colon (e.g. :smoke), or none.",
         ),
         (["--config=configs/gpt.py:smoke", "--workdir=a_file"], "is a file; choose another"),
         # trained in the current directory, beside the user's files
