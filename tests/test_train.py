@@ -802,10 +802,13 @@ def test_sigterm_saves_then_exits_143(tmp_path):
     run.send_signal(signal.SIGTERM)
     out, _ = run.communicate(timeout=120)
     assert run.returncode == 128 + signal.SIGTERM, out  # 143: a scheduler sees preemption
-    assert "SIGTERM: saving step" in out
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     last = max(r["step"] for r in map(json.loads, metrics.read_text().splitlines()))
     assert saved == [last]
+    # the saved step's progress line, then the save's (which came first, the step's line after)
+    lines = out.splitlines()
+    saving = lines.index(f"SIGTERM: saving step {last} before exiting")
+    assert lines[saving - 1].startswith(f"step {last:>6}/100000 loss "), out
 
 
 def test_ctrl_c_before_the_training_loop_is_one_line_and_exits_130(tmp_path):

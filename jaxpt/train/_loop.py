@@ -593,6 +593,7 @@ def train(
                     save(step)
                 stopping = stop.after_step()
             if stop.signal is not None:
+                pending.flush()  # the step's own line first
                 # each process's own: every one saves its part, and says it stops where they agreed
                 print(f"{stop.signal.name}: saving step {step} before exiting", flush=True)
             if step not in checkpoints.steps():
