@@ -12,7 +12,8 @@ whole buffer under a padding mask: slower, but exactly what the model computes o
 sequence so far.
 
 ``chat`` is sampling for chat models: a conversation rendered with the tokenizer's chat template
-(``jaxpt.data.chat_prompt``), the reply cut at the template's end-of-turn marker.
+(``jaxpt.data.chat_prompt``), decoding stopped and the reply cut at the template's end-of-turn
+marker.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class Generated(NamedTuple):
     """Prompts and their continuations.
 
     ``tokens[b, :lengths[b]]`` is prompt ``b`` (its first ``prompt_lengths[b]`` tokens)
-    followed by its new tokens, ending with the stop token when one was drawn; the rest of
-    the row is 0.
+    followed by its new tokens, ending with the stop token or sequence that stopped it, if
+    one did; the rest of the row is 0.
     """
 
     tokens: Array  # (B, P + N) int32
@@ -118,6 +119,7 @@ def generate(
     top_p: float | None = None,
     key: Array | None = None,
     stop_token: int | None = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
     n_tokens: int | None = None,
 ) -> Generated:
     """Continues each prompt by up to ``max_new_tokens`` tokens.
@@ -131,6 +133,9 @@ def generate(
             after the optional ``top_k`` and ``top_p`` (nucleus) filters.
         key: a ``jax.random.key``, required unless greedy; a fixed key gives fixed samples.
         stop_token: a sequence stops after drawing it (it is kept in the output).
+        stop_sequences: token-id lists; a sequence stops once its new tokens end with one of
+            them (kept in the output), e.g. a marker of several tokens (ChatML's
+            ``<|im_end|>`` under GPT-2 BPE).
         n_tokens: draw only ids below it, e.g. the tokenizer's vocabulary size when the
             model's ``vocab_size`` is padded (GPT-2: 50257 of 50304).
     Returns:
@@ -141,7 +146,8 @@ def generate(
     if key is None:
         key = jax.random.key(0)  # unused by greedy decoding
     args = params, jnp.asarray(tokens), jnp.asarray(prompt_lengths), key
-    static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, stop_token=stop_token)
+    stops = _stops(stop_token, stop_sequences)
+    static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, stops=stops)
     _check_generation_fits(args, static)
     return _generate(*args, **static)
 
@@ -243,6 +249,30 @@ def _check_sampling(temperature, top_k, top_p, key, n_tokens, vocab_size: int) -
     return Sampling(float(temperature), top_k, top_p, n_tokens)
 
 
+def _stops(stop_token, stop_sequences) -> tuple[tuple[int, ...], ...]:
+    """The token-id sequences that stop a row, ``stop_token`` (as one of one token) and
+    ``stop_sequences``, as a tuple (hashable: a static jit argument); ConfigError for an
+    empty one."""
+    stops = [[stop_token]] if stop_token is not None else []
+    stops += list(stop_sequences)
+    if not all(len(stop) for stop in stops):
+        raise ConfigError("stop_sequences holds an empty sequence: each needs a token id.")
+    return tuple(tuple(map(int, stop)) for stop in stops)
+
+
+def _ends_with_stop(tokens: Array, lengths: Array, token: Array, new: Array, stops) -> Array:
+    """``(B,)`` bool: whether row ``b``, ``tokens[b, :lengths[b]]`` then ``token[b]``, ends
+    with one of ``stops`` within its last ``new[b]`` tokens (its new ones). tokens:
+    ``(B, L)``; lengths, token, new: ``(B,)``. A stop of one token reads only ``token``."""
+    rows = jnp.arange(len(tokens))[:, None]
+    ended = jnp.zeros(lengths.shape, bool)
+    for *earlier, last in stops:
+        at = lengths[:, None] - len(earlier) + jnp.arange(len(earlier))  # (B, S - 1)
+        match = (tokens[rows, at] == jnp.asarray(earlier, jnp.int32)).all(axis=-1)
+        ended |= (token == last) & (new > len(earlier)) & match
+    return ended
+
+
 def _prefill_and_step(model, params, cfg, shape: tuple[int, int], prompt: int, cached: bool):
     """``(prefill, step)``, each ``(tokens, lengths, cache) -> (logits, cache)`` over the
     token buffer whose first ``prompt`` columns hold the prompts and whose first ``shape =
@@ -271,9 +301,10 @@ def _prefill_and_step(model, params, cfg, shape: tuple[int, int], prompt: int, c
     return (prefill, step) if cached else (whole_buffer, whole_buffer)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_token"))
-def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampling, stop_token):
-    """The prefill and the decode loop. tokens: ``(B, L)``; prompt_lengths: ``(B,)``."""
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stops"))
+def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampling, stops):
+    """The prefill and the decode loop. tokens: ``(B, L)``; prompt_lengths: ``(B,)``; a
+    row is done once its new tokens end with one of ``stops`` (``_stops``)."""
     model = models.get(cfg.name)
     params = model.prepare_decoding(params, cfg)
     batch, length = tokens.shape
@@ -285,11 +316,10 @@ def _generate(params, tokens, prompt_lengths, key, *, cfg, max_new_tokens, sampl
 
     def append(i, tokens, lengths, done, logits):  # draw token i of every unfinished row
         token = sample(jax.random.fold_in(key, i), logits, sampling)  # (B,)
+        new = lengths + 1 - prompt_lengths
+        stopped = _ends_with_stop(tokens, lengths, token, new, stops)
         tokens = tokens.at[rows, lengths].set(jnp.where(done, tokens[rows, lengths], token))
-        lengths = lengths + (~done)
-        if stop_token is not None:
-            done = done | (token == stop_token)
-        return tokens, lengths, done
+        return tokens, lengths + (~done), done | stopped
 
     def body(state):  # feed the newest token, then draw the next
         i, tokens, lengths, done, cache = state
@@ -327,7 +357,8 @@ def chat(
 
     The conversation is rendered as in training rows (``jaxpt.data.encode_chat``), followed by
     the assistant's prompt; the reply ends at the template's end-of-turn marker
-    (``<|im_end|>`` in ChatML), which is not returned, nor the whitespace the template writes
+    (``<|im_end|>`` in ChatML; decoding stops once the reply's tokens end with the marker's,
+    one or several), which is not returned, nor the whitespace the template writes
     around a reply (the spaces of Llama-2's ``[/INST] reply </s>``): the reply as the model
     wrote it, which the template renders back as written (``data.reply_in``). When the
     conversation and ``max_new_tokens`` do not fit in ``model_config.block_size`` plus one (the
@@ -354,7 +385,6 @@ def chat(
         left = reply_room(tokenizer, messages, template, model_config)
         max_new_tokens = int(max(1, min(CHAT_NEW_TOKENS, left)))
     end = data.end_of_turn(tokenizer, template)
-    end_ids = tokenizer.encode(end)
     prompt = _recent_history(tokenizer, messages, template, model_config, max_new_tokens)
     generated = generate(
         params,
@@ -365,9 +395,7 @@ def chat(
         top_k=top_k,
         top_p=top_p,
         key=key,
-        # A marker of one token stops decoding; a longer one (ChatML under GPT-2 BPE or
-        # characters) is found in the text.
-        stop_token=end_ids[0] if len(end_ids) == 1 else None,
+        stop_sequences=[tokenizer.encode(end)],
         n_tokens=tokenizer.vocab_size,
     )
     return data.reply_in(tokenizer, template, tokenizer.decode(generated.completions()[0]))

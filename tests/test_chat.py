@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,6 +225,33 @@ GENERATION_CHATML = (
     "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+def test_chat_stops_decoding_at_an_end_of_turn_marker_of_several_tokens(monkeypatch):
+    # a marker of several tokens (ChatML's under GPT-2 BPE) cut the reply's text, but
+    # decoding ran on to max_new_tokens
+    tok = data.CharTokenizer.from_texts([string.ascii_letters + "<|>_\n "])
+    template = data.CHATML.replace("<|im_end|>", "<END>")  # each character once in the walk
+    config = preset_config("bigram", "smoke")
+    config.model.update(vocab_size=tok.vocab_size, block_size=128)
+    cfg = models.config_from(config.model)
+    table = np.full((tok.vocab_size, tok.vocab_size), -5.0, np.float32)
+    walk = tok.encode("\nok<END>xx")  # the greedy walk from the assistant's prompt's "\n"
+    table[walk[:-1], walk[1:]] = 5.0
+    params = models.get("bigram").init(jax.random.key(0), cfg)
+    params = eqx.tree_at(lambda p: p.table.weight, params, jnp.asarray(table))
+    drawn, generate = [], generation.generate
+
+    def recorded(*args, **kwargs):
+        drawn.append(generate(*args, **kwargs).completions()[0])
+        return generation.Generated(
+            jnp.asarray([drawn[-1]]), jnp.asarray([0]), jnp.asarray([len(drawn[-1])])
+        )
+
+    monkeypatch.setattr(generation, "generate", recorded)
+    messages = [{"role": "user", "content": "hi"}]
+    assert jaxpt.chat(params, cfg, tok, messages, max_new_tokens=20, template=template) == "ok"
+    assert tok.decode(drawn[0]) == "ok<END>"  # 7 new tokens of 20
 
 
 def test_template_with_transformers_generation_marker_renders_as_transformers_does():

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt import data, generate, launcher, memory, models, train
+from jaxpt import data, generate, generation, launcher, memory, models, train
 from jaxpt.errors import ConfigError
 from jaxpt.generation import Generated, Sampling, _generate, filter_logits, pad_prompts, sample
 from tests.test_models import perturbed, tiny_config
@@ -103,7 +103,7 @@ def compiled_generate(cfg, params) -> str:
     tokens, lengths = pad_prompts(PROMPTS, cfg, max_new_tokens=NEW)
     greedy = Sampling(temperature=0.0)
     args = params, tokens, lengths, jax.random.key(0)
-    lowered = _generate.lower(*args, cfg=cfg, max_new_tokens=NEW, sampling=greedy, stop_token=None)
+    lowered = _generate.lower(*args, cfg=cfg, max_new_tokens=NEW, sampling=greedy, stops=())
     return lowered.compile().as_text()
 
 
@@ -256,6 +256,89 @@ def test_each_sequence_stops_at_the_stop_token():
     np.testing.assert_array_equal(out.lengths, [3, 8])
 
 
+@pytest.fixture
+def decode_steps(monkeypatch) -> list:
+    """The steps of ``generate``'s decode loop, one entry each, reported by the device as they
+    run (the prefill draws the first new token; each step feeds one and draws the next)."""
+    steps, prefill_and_step = [], generation._prefill_and_step
+
+    def counted(*args, **kwargs):
+        prefill, step = prefill_and_step(*args, **kwargs)
+
+        def counted_step(tokens, lengths, cache):
+            jax.debug.callback(lambda: steps.append(1))
+            return step(tokens, lengths, cache)
+
+        return prefill, counted_step
+
+    monkeypatch.setattr(generation, "_prefill_and_step", counted)
+    _generate.clear_cache()  # traced again, with the count
+    yield steps
+    _generate.clear_cache()
+
+
+def greedy_until(apply, params, prompt, n: int, stop: list[int]) -> list[int]:
+    """Reference: greedy new tokens, one forward pass each over the sequence so far (padded
+    to the block: causal, so the padding changes nothing), until there are ``n`` or they end
+    with ``stop``."""
+    block = np.zeros((1, len(prompt) + n), np.int32)
+    tokens = list(prompt)
+    while len(tokens) < len(prompt) + n and not _ends_with(tokens[len(prompt) :], stop):
+        block[0, : len(tokens)] = tokens
+        logits, _ = apply(params, jnp.asarray(block[:, :-1]))
+        tokens.append(int(np.argmax(logits[0, len(tokens) - 1])))
+    return tokens[len(prompt) :]
+
+
+def _ends_with(tokens: list[int], stop: list[int]) -> bool:
+    return len(tokens) >= len(stop) and tokens[-len(stop) :] == stop
+
+
+@pytest.fixture(scope="module")
+def perturbed_gpt():
+    """A cached model whose greedy tokens vary: (cfg, params, jitted apply)."""
+    cfg = tiny_config("gpt")
+    params = perturbed(models.get("gpt").init(jax.random.key(0), cfg), std=0.3)
+    return cfg, params, jax.jit(functools.partial(models.get("gpt").apply, cfg=cfg))
+
+
+@pytest.mark.parametrize("marker_length", [2, 3])
+def test_sequences_stop_where_their_new_tokens_end_with_a_stop_sequence(
+    perturbed_gpt, decode_steps, marker_length
+):
+    # ChatML's <|im_end|> is 7 GPT-2 tokens: decoding ran on to max_new_tokens
+    cfg, params, apply = perturbed_gpt
+    n, prompt = 10, [5, 17, 3]
+    free = greedy_until(apply, params, prompt, n, stop=[-1])
+    # the second prompt is the first and its first two new tokens: the same greedy tokens,
+    # two steps ahead; the marker, new tokens of both, first ends free[end]
+    end = next(
+        i
+        for i in range(marker_length + 1, n)
+        if not any(
+            _ends_with(free[:j], free[i + 1 - marker_length : i + 1]) for j in range(1, i + 1)
+        )
+    )
+    marker = free[end + 1 - marker_length : end + 1]
+    prompts = [prompt, prompt + free[:2]]
+    out = generate(params, prompts, cfg, max_new_tokens=n, temperature=0, stop_sequences=[marker])
+    expected = [greedy_until(apply, params, p, n, marker) for p in prompts]
+    assert out.completions() == expected
+    assert [len(c) for c in expected] == [end + 1, end - 1]  # stopped at different steps
+    np.testing.assert_array_equal(out.lengths, [len(p) + end + 1 for p in [prompt, prompt]])
+    assert len(decode_steps) == end < n - 1  # the loop ended when the last sequence stopped
+
+
+def test_a_stop_sequence_never_drawn_runs_to_max_new_tokens(perturbed_gpt, decode_steps):
+    cfg, params, apply = perturbed_gpt
+    n, prompts, marker = 10, [[5, 17, 3], [42, 7]], [cfg.vocab_size - 1] * 2
+    expected = [greedy_until(apply, params, p, n, marker) for p in prompts]
+    assert [len(c) for c in expected] == [n, n]  # the reference never drew the marker
+    out = generate(params, prompts, cfg, max_new_tokens=n, temperature=0, stop_sequences=[marker])
+    assert out.completions() == expected
+    assert len(decode_steps) == n - 1
+
+
 def test_bad_requests_get_one_clear_sentence(gpt):
     cfg, params = gpt
     with pytest.raises(ConfigError, match=r"token id 97, outside the model's vocabulary 0..96"):
@@ -271,6 +354,8 @@ def test_bad_requests_get_one_clear_sentence(gpt):
             generate(params, prompts, cfg, max_new_tokens=2, temperature=0)
     with pytest.raises(ConfigError, match="top_p"):
         generate(params, [[1]], cfg, max_new_tokens=2, top_p=0.0, key=jax.random.key(0))
+    with pytest.raises(ConfigError, match="stop_sequences holds an empty sequence"):
+        generate(params, [[1]], cfg, max_new_tokens=2, temperature=0, stop_sequences=[[3], []])
     for temperature in ("nan", "inf"):  # were garbage, and a padding id that crashed decoding
         with pytest.raises(ConfigError, match=f"temperature={temperature} must be a finite"):
             generate(
