@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from jaxpt import data, generate, hf, models, sharding
+from jaxpt import data, generate, generation, hf, models, sharding
 from jaxpt.errors import ConfigError
 from jaxpt.nnx import checkpointers, infer, utils
 from jaxpt.nnx import models as m
@@ -536,6 +536,28 @@ def test_generate_chat_writes_chatml_and_stops_at_a_stop_strings_first_token(cap
         infer.generate_chat(model, enc=enc, format="xml")
     with pytest.raises(ConfigError, match=r"x_prev has shape \(2, 3\): a chat continues one"):
         infer.generate_chat(model, np.zeros((2, 3), int), enc=enc)
+
+
+def test_generate_chat_stops_decoding_at_the_first_of_several_stop_tokens(monkeypatch):
+    # stop strings of different first tokens were cut from the reply after decoding ran on
+    # until the block was full
+    model = m.GPT(dataclasses.replace(TINY_CONFIGS[m.GPT], block_size=256), nnx.Rngs(0))
+    enc = data.CharTokenizer.from_texts(["<|im_start|>user\nWhy?<|im_end|>\n Because."])
+    drawn, generate_ = [], generation.generate
+
+    def recorded(*args, **kwargs):
+        out = generate_(*args, **kwargs)
+        drawn.append(out.completions()[0])
+        return out
+
+    monkeypatch.setattr(generation, "generate", recorded)
+    stops = ("<|im_end|>", "e")  # first tokens "<" and "e"
+    kwargs = dict(enc=enc, question="Why?", stop_tokens=stops, key=jax.random.key(0))
+    ids = np.asarray(infer.generate_chat(model, **kwargs))[0].tolist()
+    first = {enc.encode(stop)[0] for stop in stops}
+    [new] = drawn
+    assert new[-1] in first and not first & set(new[:-1])  # decoding stopped at the first
+    assert ids == enc.encode("Why?") + new[:-1]  # the reply without it
 
 
 def test_get_and_update_param_walk_the_cores_dotted_paths():

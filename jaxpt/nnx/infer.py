@@ -108,10 +108,11 @@ def _complete(model, enc, prompts: list[list[int]], new_tokens: int, temperature
     return [enc.decode(row[:n].tolist()) for row, n in zip(tokens, lengths, strict=True)]
 
 
-def _sample(model, enc, prompts, new_tokens: int, *, temperature, top_k, key, stop_token=None):
+def _sample(model, enc, prompts, new_tokens: int, *, temperature, top_k, key, stops=()):
     """``generation.generate`` on the model's functional pair, drawing only ids ``enc`` can
     decode (the model's vocabulary may be padded), from the ``top_k`` most likely (all of them
-    where ``enc`` has fewer), with the original's key 1337 by default."""
+    where ``enc`` has fewer), with the original's key 1337 by default; a row stops after
+    drawing one of the ``stops`` ids."""
     return generation.generate(
         model.functional_params(),
         prompts,
@@ -120,7 +121,7 @@ def _sample(model, enc, prompts, new_tokens: int, *, temperature, top_k, key, st
         temperature=temperature,
         top_k=min(top_k, enc.vocab_size),
         key=jax.random.key(1337) if key is None else key,
-        stop_token=stop_token,
+        stop_sequences=[[stop] for stop in sorted(stops)],
         n_tokens=enc.vocab_size,
     )
 
@@ -177,9 +178,8 @@ def generate_chat(
 def _reply(
     model, enc, prompt: list[int], new_tokens: int, stops: set[int], *, temperature, top_k, key
 ) -> list[int]:
-    """Up to ``new_tokens`` ids sampled after ``prompt`` (as ``_sample``), cut before the
-    first of the ``stops`` ids."""
-    stop = next(iter(stops)) if len(stops) == 1 else None  # several: cut below
+    """Up to ``new_tokens`` ids sampled after ``prompt`` (as ``_sample``), until one of the
+    ``stops`` ids, which is left out."""
     out = _sample(
         model,
         enc,
@@ -188,10 +188,10 @@ def _reply(
         temperature=temperature,
         top_k=top_k,
         key=key,
-        stop_token=stop,
+        stops=stops,
     )
     reply = out.completions()[0]
-    return reply[: next((i for i, t in enumerate(reply) if t in stops), len(reply))]
+    return reply[:-1] if reply[-1] in stops else reply
 
 
 def _one_sequence(x_prev) -> list[int]:
