@@ -277,6 +277,22 @@ def test_cli_says_already_prepared_and_resuming_in_plain_lines(tmp_path):
     assert run.stderr.splitlines()[0] == f"resuming {out}: 3 finished shards are kept"
 
 
+def test_resumed_progress_bar_counts_the_corpus_once(tmp_path, capsys):
+    """A resume inside a document counted that whole document again on top of the tokens
+    already written: "32.0tok" for the story's 17 tokens."""
+    source = tmp_path / "story.txt"
+    source.write_text("Once upon a time, a lion met a bull. They became friends.\n")
+    out = tmp_path / "out"
+    prepare(source, out, shard_tokens=5)  # one document, 4 shards
+    (out / "manifest.json").unlink()  # what a kill before the last shard leaves
+    (out / "train_000003.bin").unlink()
+    capsys.readouterr()
+    manifest = prepare(source, out, shard_tokens=5, progress=True)
+    counts = [float(n) for n in re.findall(r"out: ([\d.]+)tok", capsys.readouterr().err)]
+    kept = manifest.tokens() - manifest.shards[-1].tokens  # the 3 shards already there
+    assert (counts[0], counts[-1]) == (kept, manifest.tokens()) == (15, 17)
+
+
 def test_ctrl_c_with_workers_is_one_line(book, tmp_path):
     """Ctrl-C at a terminal signals the whole process group: the tokenizer workers say
     nothing (they printed a KeyboardInterrupt traceback each) and the parent one line."""

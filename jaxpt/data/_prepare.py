@@ -391,8 +391,9 @@ def _tokenize_into(
     stream = _token_stream(encode, documents(start_doc), start_doc, workers)
     with _progress_bar(writer.tokens, writer.max_tokens, progress, writer.out.name) as advance:
         for doc, tokens in stream:
-            advance(tokens.shape[1])
-            writer.add(tokens, doc, start_offset if doc == start_doc else 0)
+            offset = start_offset if doc == start_doc else 0  # the finished shards hold the rest
+            advance(tokens.shape[1] - offset)
+            writer.add(tokens, doc, offset)
             docs = doc + 1
             if writer.full:
                 break
