@@ -312,9 +312,15 @@ def test_ctrl_c_with_workers_is_one_line(book, tmp_path):
             time.sleep(0.05)
         os.killpg(run.pid, signal.SIGINT)
         assert run.wait(timeout=60) == 130
-    assert on_a_terminal(log.read_bytes().decode()) == [
-        "error: interrupted; run the same command again to resume."
-    ]
+    assert on_a_terminal(log.read_bytes().decode()) == [INTERRUPTED]
+
+
+# what Ctrl-C leaves: the finished shards (progress.json records them; a shard is written
+# whole or not at all), not the tokens of the shard being filled
+INTERRUPTED = (
+    "jaxpt.data.prepare: interrupted (SIGINT); --out keeps the shards it finished: run the "
+    "command again to go on from them."
+)
 
 
 def on_a_terminal(stderr: str) -> list[str]:

@@ -13,7 +13,7 @@ conversation per row of block_size + 1 tokens, rendered with the tokenizer's cha
 Re-running the same command resumes an interrupted run (finished shards are kept), rewrites
 a damaged shard, extends the data when --max_tokens grew, or else does nothing. --out must be
 new, empty, or written by this command. See `prepare_dataset` for what each flag means. Every
-error is one line, `error: <sentence>`, with exit status 1 (130 when interrupted).
+error is one line, `error: <sentence>`, with exit status 1; Ctrl-C one line too, exit status 130.
 """
 
 import logging as std_logging
@@ -30,7 +30,13 @@ from jaxpt.data._prepare import (
     prepare_dataset,
     summary,
 )
-from jaxpt.errors import DataError, sentence
+from jaxpt.errors import DataError, exit_interrupted, sentence
+
+# Ctrl-C: progress.json records each shard written (whole or not at all), not the one filling
+_INTERRUPTED = (
+    "jaxpt.data.prepare: interrupted (SIGINT); --out keeps the shards it finished: run the "
+    "command again to go on from them."
+)
 
 _DATASET = flags.DEFINE_string(
     "dataset", DEFAULT_DATASET, "Hugging Face hub dataset, or a local file or directory."
@@ -108,8 +114,7 @@ def main(argv: list[str]) -> None:
             "space."
         )
     except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume.", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted(_INTERRUPTED)
     print(summary(manifest))
     for split in ("train", "val"):  # a run reads both: say now what training would refuse
         if not manifest.split(split):
