@@ -159,8 +159,10 @@ _FITTING: set = set()
 
 
 def _check_generation_fits(args, static: dict) -> None:
-    """ConfigError when ``_generate`` compiled for ``args`` and ``static`` needs more bytes
-    than the device may hold (``memory_limit``); checked once per signature."""
+    """ConfigError when ``_generate`` for ``args`` and ``static`` needs more bytes than the
+    device may hold (``memory_limit``): before compiling, where what it holds at the least
+    (``_least_bytes``) is more; else from the compiled program's analysis. Checked once per
+    signature."""
     signature = (
         jax.tree.structure(args),
         tuple((a.shape, a.dtype, getattr(a, "sharding", None)) for a in jax.tree.leaves(args)),
@@ -168,23 +170,37 @@ def _check_generation_fits(args, static: dict) -> None:
     )
     if signature in _FITTING:
         return
+    shape = args[1].shape
+    _refuse_beyond_memory(_least_bytes(args, static["cfg"]), shape, at_least=True)
     stats = _generate.lower(*args, **static).compile().memory_analysis()
     if stats is not None:
-        _refuse_beyond_memory(memory.program_bytes(stats), args[1].shape)
+        _refuse_beyond_memory(memory.program_bytes(stats), shape)
     _FITTING.add(signature)
 
 
-def _refuse_beyond_memory(need: int, shape: tuple[int, int]) -> None:
+def _least_bytes(args, cfg) -> int:
+    """Bytes ``_generate`` holds on the device at the least, known without compiling: its
+    arguments (the params, the ``(B, L)`` token buffer) and the key/value cache ``(B, L - 1)``
+    that its decode loop carries (XLA:GPU, compiling a program far larger than the device,
+    printed a rematerialization warning before the sentence)."""
+    batch, length = args[1].shape
+    init_cache = functools.partial(models.get(cfg.name).init_cache, batch, length - 1, cfg)
+    cache = jax.eval_shape(init_cache)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((args[:3], cache)))
+
+
+def _refuse_beyond_memory(need: int, shape: tuple[int, int], *, at_least: bool = False) -> None:
     """ConfigError when generating into a token buffer of ``shape`` ``(B, L)`` needs ``need``
-    bytes, more than the device may hold (``memory_limit``)."""
+    bytes (``at_least``: that many or more), more than the device may hold
+    (``memory_limit``)."""
     limit, what = memory.memory_limit(1)
     if need > limit:
-        need_text, limit_text = memory.size_text(need), memory.size_text(limit)
+        need_text = ("at least " if at_least else "") + memory.size_text(need)
         raise ConfigError(
             f"sampling {shape[0]} sequences of up to {shape[1]} tokens at once needs "
-            f"{need_text} on the device, more than the {limit_text} {what}: sample fewer "
-            "sequences at a time (fewer prompts; launch.py's --num_samples) or fewer new tokens "
-            "(max_new_tokens; launch.py's --max_new_tokens)."
+            f"{need_text} on the device, more than the {memory.size_text(limit)} {what}: sample "
+            "fewer sequences at a time (fewer prompts; launch.py's --num_samples) or fewer new "
+            "tokens (max_new_tokens; launch.py's --max_new_tokens)."
         )
 
 

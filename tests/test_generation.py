@@ -418,30 +418,51 @@ def test_default_max_new_tokens_fills_the_block_up_to_100(monkeypatch):
         asked.clear()
 
 
+class CountingLowers:
+    """``generation._generate`` counting the programs lowered (each then compiled)."""
+
+    def __init__(self):
+        self.lowered = 0
+
+    def lower(self, *args, **kwargs):
+        self.lowered += 1
+        return _generate.lower(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return _generate(*args, **kwargs)
+
+
 def test_samples_that_cannot_fit_the_memory_are_refused_before_they_run(monkeypatch):
     """--num_samples=100000 of configs/gqa_glu_rope.py:smoke ran out of memory after compiling
-    (the compiled program's analysis: 117.2 GiB). Here the device may hold exactly the KV cache
-    of 64 samples, which is only part of what they need (logits, activations): refused, one
-    sentence naming --num_samples, before anything runs; in 100 times that memory they run."""
+    (the compiled program's analysis: 117.2 GiB); on a GPU, XLA's rematerialization warning
+    came first. Where the params, the token buffer and the KV cache alone exceed the device's
+    memory, the sentence comes before anything compiles ("at least"); where they fit but the
+    whole program does not (logits, activations), it comes from the compiled program; in 100
+    times the cache's memory the samples run."""
     tokenizer = data.CharTokenizer("abcdefghij ")
     config = load_config(ROOT / "configs" / "gqa_gpt.py", "smoke")
     config.model.update(vocab_size=tokenizer.vocab_size, n_layer=1, block_size=16)
     cfg = models.config_from(config.model)
     params = models.get(cfg.name).init(jax.random.key(0), cfg)
     monkeypatch.setattr(launcher, "params_and_tokenizer", lambda *_: (params, tokenizer))
+    counting = CountingLowers()
+    monkeypatch.setattr(generation, "_generate", counting)
     fed = cfg.block_size  # a prompt of 1 token, max_new_tokens 16: 16 of 17 fed back
     kv_cache = 64 * cfg.n_layer * 2 * cfg.n_kv_head * (cfg.n_embed // cfg.n_head) * fed * 4
-    monkeypatch.setattr(memory, "device_memory_limit", lambda: kv_cache)
+    least = sum(x.nbytes for x in jax.tree.leaves(params)) + 64 * (17 + 1) * 4 + kv_cache
     many = launcher.SampleOptions(prompt="a", num_samples=64, max_new_tokens=16)
-    with pytest.raises(ConfigError) as caught:
-        launcher.sample(config, "unused", many)
-    assert re.fullmatch(
-        r"sampling 64 sequences of up to 17 tokens at once needs [\d.]+ (KiB|MiB) on the "
+    sentence = (
+        r"sampling 64 sequences of up to 17 tokens at once needs {}[\d.]+ (KiB|MiB) on the "
         r"device, more than the [\d.]+ (KiB|MiB) its allocator holds: sample fewer sequences "
         r"at a time \(fewer prompts; launch\.py's --num_samples\) or fewer new tokens "
-        r"\(max_new_tokens; launch\.py's --max_new_tokens\)\.",
-        str(caught.value),
+        r"\(max_new_tokens; launch\.py's --max_new_tokens\)\."
     )
+    for limit, lowered, at_least in [(least - 1, 0, "at least "), (least, 1, "")]:
+        monkeypatch.setattr(memory, "device_memory_limit", lambda limit=limit: limit)
+        with pytest.raises(ConfigError) as caught:
+            launcher.sample(config, "unused", many)
+        assert re.fullmatch(sentence.format(at_least), str(caught.value)), caught.value
+        assert counting.lowered == lowered
     monkeypatch.setattr(memory, "device_memory_limit", lambda: 100 * kv_cache)
     assert len(launcher.sample(config, "unused", many)) == 64
 
