@@ -6,10 +6,12 @@ perturbed so that norms and biases are not at their init values.
 """
 
 import dataclasses
+import fnmatch
 import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -821,6 +823,59 @@ def test_an_unreachable_hub_is_one_sentence_at_once_and_a_cached_snapshot_loads(
     cached["someone/tiny"] = hf.save_pretrained(params, cfg, tmp_path / "snapshot")
     assert hf.from_pretrained("someone/tiny").config.n_layer == cfg.n_layer
     assert not huggingface_hub.constants.HF_HUB_OFFLINE  # as it was
+
+
+def pytorch_only_hub_repo(directory, sharded):
+    """A hub repository of a llama with PyTorch .bin weights only (one file, or two shards and
+    their index), as an older model's."""
+    model = hf_model(HF_CONFIGS["llama_gqa_tied"])
+    model.config.save_pretrained(directory)
+    state = model.state_dict()
+    if not sharded:
+        torch.save(state, directory / "pytorch_model.bin")
+        return
+    names = sorted(state)
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[:5],
+        "pytorch_model-00002-of-00002.bin": names[5:],
+    }
+    for shard, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, directory / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_hub_model_of_pytorch_weights_only_is_one_sentence_saying_what_to_do(
+    sharded, tmp_path, monkeypatch
+):
+    """A hub name fetches no .bin files: a sharded repository said 'pytorch_model-00001-of-00002.bin
+    is missing: the checkpoint is incomplete; fetch it again', which never helped, and a single
+    file that the snapshot 'holds no weights: expected ... pytorch_model.bin'."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    pytorch_only_hub_repo(repo, sharded)
+    snapshot = tmp_path / "snapshot"
+
+    def download(name, allow_patterns, **kwargs):  # the hub's filter on the repository's files
+        snapshot.mkdir(exist_ok=True)
+        for file in repo.iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, snapshot)
+        return str(snapshot)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", download)
+    with pytest.raises(hf.CheckpointError) as error:
+        import_checkpoint("someone/old-model", tmp_path / "out")
+    assert str(error.value) == (
+        "the hub snapshot of 'someone/old-model' holds no safetensors weights (a hub name "
+        "fetches no PyTorch .bin files): download the repository (hf download someone/old-model "
+        "--local-dir DIR) and pass that directory."
+    )
+    assert not (tmp_path / "out").exists()
+    for file in repo.glob("*.bin"):  # the hub cache holds them (transformers fetched them)
+        shutil.copy(file, snapshot)
+    assert hf.from_pretrained("someone/old-model").config.n_head == 8
 
 
 # ----------------------------------------------------------------------------- init_from

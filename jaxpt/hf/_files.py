@@ -44,6 +44,7 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+_SAFETENSORS = _WEIGHT_FILES[:2]  # what a hub name fetches
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # config, weights, tokenizer; no .bin
 # what transformers saves beside tokenizer.json (since 4.43 the chat template in its own file)
 _TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -67,17 +68,35 @@ def checkpoint_directory(source: str | os.PathLike) -> Path:
 
     try:
         with data.hub_or_cache():
-            return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
+            snapshot = Path(snapshot_download(name, allow_patterns=_HUB_FILES))
     except data.HubUnreachableError as error:
         raise _not_fetched(name, str(error)) from error
     except Exception as error:
         raise _not_fetched(name, type(error).__name__) from error
+    _check_fetched_weights(name, snapshot)
+    return snapshot
 
 
 def _not_fetched(name: str, cause: str) -> CheckpointError:
     return CheckpointError(
         f"{name!r} is not a local directory and could not be fetched from the Hugging Face "
         f"hub ({cause}): check the name and the network, or pass a directory."
+    )
+
+
+def _check_fetched_weights(name: str, snapshot: Path) -> None:
+    """CheckpointError where the hub snapshot of ``name`` holds no weights to read because a hub
+    name fetches no PyTorch .bin files: it has no safetensors, and .bin files not all there (the
+    hub cache holds them only where another library fetched them)."""
+    if any((snapshot / file).is_file() for file in _SAFETENSORS):
+        return
+    with contextlib.suppress(CheckpointError):
+        if all(file.is_file() for file in _weight_files(snapshot)):
+            return
+    raise CheckpointError(
+        f"the hub snapshot of {name!r} holds no safetensors weights (a hub name fetches no "
+        f"PyTorch .bin files): download the repository (hf download {name} --local-dir DIR) "
+        "and pass that directory."
     )
 
 
@@ -147,27 +166,31 @@ def _damaged(path: Path, error: Exception) -> CheckpointError:
     )
 
 
-def _read_weights(directory: Path) -> dict[str, np.ndarray]:
-    """Every tensor of the checkpoint in ``directory`` (safetensors preferred, sharded or not)."""
+def _weight_files(directory: Path) -> list[Path]:
+    """The files holding the weights of the checkpoint in ``directory``: the first of
+    ``_WEIGHT_FILES`` there (safetensors preferred), or the shards its index names."""
     for name in _WEIGHT_FILES:
         path = directory / name
         if not path.is_file():
             continue
-        if name.endswith(".index.json"):
-            shards = _read_json(path).get("weight_map")
-            if not isinstance(shards, dict) or not all(isinstance(f, str) for f in shards.values()):
-                raise CheckpointError(
-                    f"{path} has no weight_map of tensor names to shard file names: the index "
-                    "is damaged; fetch or export the checkpoint again."
-                )
-            files = [directory / shard for shard in sorted(set(shards.values()))]
-        else:
-            files = [path]
-        state = {}
-        for file in files:
-            state.update(_read_weight_file(file))
-        return state
+        if not name.endswith(".index.json"):
+            return [path]
+        shards = _read_json(path).get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(f, str) for f in shards.values()):
+            raise CheckpointError(
+                f"{path} has no weight_map of tensor names to shard file names: the index "
+                "is damaged; fetch or export the checkpoint again."
+            )
+        return [directory / shard for shard in sorted(set(shards.values()))]
     raise CheckpointError(f"{directory} holds no weights: expected {' or '.join(_WEIGHT_FILES)}.")
+
+
+def _read_weights(directory: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint in ``directory`` (safetensors preferred, sharded or not)."""
+    state = {}
+    for file in _weight_files(directory):
+        state.update(_read_weight_file(file))
+    return state
 
 
 def _tokenizer(directory: Path | None, cfg) -> data.Tokenizer | None:
