@@ -504,6 +504,19 @@ def test_save_pretrained_never_overwrites_a_users_files(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_an_empty_current_directory_is_an_out_like_any_other(tmp_path, monkeypatch):
+    """`--out=.` in an empty directory passed the checks, read the whole checkpoint, then
+    ended in a ValueError traceback ('PosixPath('.') has an empty name') naming its lock."""
+    cfg = tiny_config("gpt")
+    params = perturbed(models.get("gpt").init(jax.random.key(0), cfg))
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    hf.save_pretrained(params, cfg, ".")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # its lock went
+    reloaded = hf.from_pretrained(tmp_path / "out")
+    jax.tree.map(np.testing.assert_array_equal, reloaded.params, params)
+
+
 @pytest.mark.parametrize("out_exists", [False, True])
 def test_a_save_interrupted_mid_file_leaves_out_as_it_was(out_exists, tmp_path, monkeypatch):
     """Ctrl-C while the last file (config.json) was half-written left model.safetensors and the

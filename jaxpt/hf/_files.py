@@ -332,7 +332,7 @@ def save_pretrained(
     first writes, the others then find ``path`` written and raise ConfigError, writing nothing.
 
     Returns:
-        ``path``.
+        ``path``, absolute.
     """
     hf_config = config_to_hf(model_config)
     check_new_directory(path, "path")
@@ -352,7 +352,7 @@ def save_pretrained(
     }
     for name, content in files.items():
         writes[name] = lambda tmp, content=content: tmp.write_bytes(content)
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # named: the lock of "." lies beside its directory
     with data.lock_beside(path, "writing"):
         _check_not_written_meanwhile(path)
         _write_all(path, writes)
