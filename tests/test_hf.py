@@ -462,6 +462,25 @@ def test_a_gpt2_vocabulary_brings_gpt2s_tokenizer_and_exports_it(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 50256
 
 
+def test_a_gpt2_vocabulary_beside_another_bpe_does_not_bring_gpt2s_tokenizer(tmp_path):
+    """A GPT-2 of 50257 ids whose directory holds its own vocab.json and merges.txt (no
+    tokenizer.json) came with GPT-2's BPE, which encodes text to other ids than the model's
+    tokenizer, and --to=jaxpt wrote GPT-2's vocab.json over the model's own."""
+    model = hf_model(gpt2(vocab_size=50257, n_embd=8, n_head=2, n_layer=1))
+    model.save_pretrained(tmp_path / "gpt2")
+    gpt2_files = hf_files._tokenizer_files(data.Gpt2Tokenizer())
+    for name in ("vocab.json", "merges.txt"):  # GPT-2's own files: its BPE comes along
+        (tmp_path / "gpt2" / name).write_bytes(gpt2_files[name])
+    assert isinstance(hf.from_pretrained(tmp_path / "gpt2").tokenizer, data.Gpt2Tokenizer)
+    vocab = json.loads(gpt2_files["vocab.json"])
+    vocab["Hello"], vocab["world"] = vocab["world"], vocab["Hello"]  # another BPE's ids
+    (tmp_path / "gpt2" / "vocab.json").write_text(json.dumps(vocab))
+    text = "Hello world"
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "gpt2")(text)["input_ids"]
+    assert theirs != data.Gpt2Tokenizer().encode(text)
+    assert hf.from_pretrained(tmp_path / "gpt2").tokenizer is None
+
+
 def test_a_llama_trained_on_gpt2s_tokenizer_exports_one_transformers_loads(tmp_path):
     """configs/smollm.py trains on GPT-2's BPE: with model_type llama and no tokenizer_config,
     AutoTokenizer looked for a SentencePiece file and raised."""

@@ -196,9 +196,27 @@ def _read_weights(directory: Path) -> dict[str, np.ndarray]:
 def _tokenizer(directory: Path | None, cfg) -> data.Tokenizer | None:
     if directory is not None and (directory / data.HFTokenizer.file).is_file():
         return data.HFTokenizer(directory)
-    if cfg.position == "learned" and cfg.vocab_size >= GPT2_VOCAB:
+    if cfg.position == "learned" and cfg.vocab_size >= GPT2_VOCAB and _no_other_bpe(directory):
         return data.Gpt2Tokenizer()
     return None
+
+
+def _no_other_bpe(directory: Path | None) -> bool:
+    """Whether the checkpoint ``directory`` (None: an in-memory model) holds no byte-level BPE
+    files of another tokenizer: its vocab.json and merges.txt, where it has them, are GPT-2's."""
+    if directory is None:
+        return True
+    gpt2 = _gpt2_vocab_files()
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    if vocab.is_file() and _read_json(vocab) != _read_json(gpt2 / "encoder.json"):
+        return False
+    return not merges.is_file() or _merge_rules(merges) == _merge_rules(gpt2 / "vocab.bpe")
+
+
+def _merge_rules(path: Path) -> list[str]:
+    """The merge rules of a merges.txt, without its "#version" line and blank lines."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#version")]
 
 
 def from_pretrained(source, **overrides) -> Pretrained:
@@ -214,7 +232,8 @@ def from_pretrained(source, **overrides) -> Pretrained:
     Returns:
         The model config (``config_from_hf``), params in its ``param_dtype`` and the tokenizer:
         ``data.HFTokenizer`` when the directory holds tokenizer.json, else
-        ``data.Gpt2Tokenizer`` for a GPT-2 with GPT-2's vocabulary, else None.
+        ``data.Gpt2Tokenizer`` for a GPT-2 with GPT-2's vocabulary and no other BPE files
+        (vocab.json, merges.txt) beside it, else None.
     """
     if isinstance(source, (str, os.PathLike)):
         directory = checkpoint_directory(source)
