@@ -778,3 +778,14 @@ def test_the_lock_file_goes_with_its_creator_and_a_killed_ones_blocks_no_one(sma
     waiter.join()
     assert data.load_manifest(tmp_path / "held").tokens() == small.tokens()
     assert held.exists()  # the holder's, not the waiter's
+
+
+def test_out_named_by_a_dot_is_prepared_with_its_lock_beside_it(small, tmp_path, monkeypatch):
+    """`--out=.` (an empty current directory, which the checks accept) ended in a traceback,
+    "PosixPath('.') has an empty name", naming its lock file."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert prepare(tmp_path / "story.txt", ".", shard_tokens=64).tokens() == small.tokens()
+    assert_same_files(here, small.directory)
+    assert not (tmp_path / "here.lock").exists()

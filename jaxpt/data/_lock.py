@@ -24,6 +24,7 @@ def lock_beside(directory: Path, doing: str) -> Iterator[bool]:
     """Holds the lock of `directory`, saying "waiting for another process to finish `doing`
     `directory`" when it must wait; yields whether it waited. The lock file goes when the
     block ends, if this process created it."""
+    directory = Path(os.path.abspath(directory))  # named: "." and ".." have no name to extend
     path = directory.with_name(directory.name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     waited = False

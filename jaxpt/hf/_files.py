@@ -351,7 +351,7 @@ def save_pretrained(
     first writes, the others then find ``path`` written and raise ConfigError, writing nothing.
 
     Returns:
-        ``path``, absolute.
+        ``path``.
     """
     hf_config = config_to_hf(model_config)
     check_new_directory(path, "path")
@@ -371,7 +371,7 @@ def save_pretrained(
     }
     for name, content in files.items():
         writes[name] = lambda tmp, content=content: tmp.write_bytes(content)
-    path = Path(os.path.abspath(path))  # named: the lock of "." lies beside its directory
+    path = Path(path)
     with data.lock_beside(path, "writing"):
         _check_not_written_meanwhile(path)
         _write_all(path, writes)
