@@ -105,6 +105,22 @@ def test_bigram_counts_and_writes_the_originals_tree(tmp_path):
     assert (tmp_path / "bigram").is_dir()
 
 
+def test_from_params_of_another_config_is_one_sentence_naming_the_first_misfit():
+    """Params of another size ran under the config (a wider MLP's silently, its checkpoint
+    then not loading with that config), or raised jax's scan error or an AttributeError."""
+    params, config = build(m.GPT).functional_params(), TINY_CONFIGS[m.GPT]
+    needs = r"but GPT with this config needs \({}.*\): pass the config they were trained with"
+    for field, value, want in [("n_mlp_hidden", 128, "2, 32, 128"), ("n_layer", 1, "1, ")]:
+        with pytest.raises(ConfigError, match=r"^the params' blocks\.0\.\S+ has shape \(2, "):
+            m.GPT.from_params(params, dataclasses.replace(config, **{field: value}))
+        with pytest.raises(ConfigError, match=needs.format(want)):
+            m.GPT.from_params(params, dataclasses.replace(config, **{field: value}))
+    with pytest.raises(ConfigError, match=r"^the params have no \S+, which GPT with this config"):
+        m.GPT.from_params(build(m.SmolLM).functional_params(), config)
+    with pytest.raises(ConfigError, match=r"^the params hold wpe\.weight, which has no place in"):
+        m.NoPE_GPT.from_params(params, TINY_CONFIGS[m.NoPE_GPT])
+
+
 def test_init_stddev_scales_every_weight():
     config = m.GPTConfig(**{**TINY, "n_embed": 128, "n_mlp_hidden": 256}, init_stddev=0.1)
     tree = m.GPT(config, nnx.Rngs(0)).original_tree()["h"]["0"]  # the original: 0.02 for both

@@ -53,6 +53,35 @@ def save_new_checkpoint(path: str | os.PathLike, tree) -> None:
     checkpointer.wait_until_finished()
 
 
+def _by_name(tree) -> dict[str, Any]:
+    """The leaves of ``tree`` by dotted path: ``{"blocks.0.attn.q.weight": array}``."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k, simple=True, separator="."): leaf for k, leaf in flat}
+
+
+def _fitted(params, abstract, what: str):
+    """``params`` in the structure of ``abstract`` (``jax.eval_shape`` of the params ``what``,
+    a class and config, needs), each array as it is.
+
+    Raises ConfigError naming the first array of ``abstract`` that ``params`` lack or hold in
+    another shape, or else the first that ``params`` hold beyond it.
+    """
+    have, need = _by_name(params), _by_name(abstract)
+    trained = "pass the config they were trained with"
+    for name, like in need.items():
+        if name not in have:
+            raise ConfigError(f"the params have no {name}, which {what} needs: {trained}.")
+        if tuple(have[name].shape) != like.shape:
+            raise ConfigError(
+                f"the params' {name} has shape {tuple(have[name].shape)}, but {what} needs "
+                f"{like.shape}: {trained}."
+            )
+    extra = [name for name in have if name not in need]
+    if extra:
+        raise ConfigError(f"the params hold {extra[0]}, which has no place in {what}: {trained}.")
+    return jax.tree.unflatten(jax.tree.structure(abstract), [have[name] for name in need])
+
+
 def _default_rngs() -> nnx.Rngs:
     """The original's ``from_checkpoint`` streams."""
     return nnx.Rngs(default=1337, gate_noise=42)
@@ -220,7 +249,9 @@ class ConfiguredModel(FunctionalModel):
         ``config`` defaults to the class's default; ``Cls.config_class.from_model_config``
         converts a core config. Nothing is initialised: the params are used as they are.
         """
-        return cls._abstract(config)._fill(params, rngs)
+        model = cls._abstract(config)
+        what = f"{cls.__name__} with this config"
+        return model._fill(_fitted(params, jax.eval_shape(model.functional_params), what), rngs)
 
     @classmethod
     def from_checkpoint(
