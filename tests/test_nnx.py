@@ -228,6 +228,19 @@ def test_moe_padding_takes_no_slot_and_no_part_in_the_losses():
     np.testing.assert_allclose([lb, z], [lb_alone, z_alone], rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "mask",
+    [np.ones((2, 3), bool), np.ones((2, T), np.int32), np.ones(T, bool)],
+    ids=["narrow", "int", "unbatched"],
+)
+def test_a_mask_not_shaped_as_the_tokens_or_not_bool_is_one_sentence(mask):
+    """jax's TypeError ('incompatible shapes for broadcasting') or ValueError ('mask dtype
+    should be bool') came through."""
+    shape, dtype = re.escape(str(mask.shape)), mask.dtype
+    with pytest.raises(ConfigError, match=rf"^mask has shape {shape} and dtype {dtype}: it must"):
+        build(m.SmolLM)(batch()[0], mask=mask)
+
+
 def test_moe_classes_cache_only_when_no_choice_can_be_dropped():
     x, _ = batch()
     for cls, load_factor in [(m.Tiny_MoE_2, 1.25), (m.Tiny_MoE_2, 2.0), (m.Tiny_MoE_3, None)]:

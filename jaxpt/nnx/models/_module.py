@@ -87,6 +87,18 @@ def _default_rngs() -> nnx.Rngs:
     return nnx.Rngs(default=1337, gate_noise=42)
 
 
+def _check_mask(mask: Array | None, idx: Array) -> None:
+    """ConfigError unless ``mask`` is None or bool shaped as the ``(B, T)`` tokens ``idx``."""
+    if mask is None:
+        return
+    shape, dtype = jnp.shape(mask), jnp.asarray(mask).dtype
+    if shape != jnp.shape(idx) or dtype != jnp.bool_:
+        raise ConfigError(
+            f"mask has shape {shape} and dtype {dtype}: it must be bool, shaped as "
+            f"the tokens {jnp.shape(idx)} (True for a real token): pass e.g. mask.astype(bool)."
+        )
+
+
 class FunctionalModel(nnx.Module):
     """An NNX model whose params are a ``jaxpt.models`` params pytree.
 
@@ -121,6 +133,7 @@ class FunctionalModel(nnx.Module):
 
     def _run(self, idx: Array, mask: Array | None) -> tuple[Array, dict[str, Array]]:
         """``(B, T)`` tokens -> the core's ``(logits, aux)``, through the cache if it is on."""
+        _check_mask(mask, idx)
         cfg = self.model_config()
         model = models.get(cfg.name)
         params = self.functional_params()
