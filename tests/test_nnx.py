@@ -21,6 +21,8 @@ from jaxpt.nnx import models as m
 from jaxpt.nnx.models import gpt as gpt_module
 from jaxpt.nnx.models import smol_lm
 
+from . import nnx_reference
+
 V, T = 64, 16
 TINY = dict(block_size=T, vocab_size=V, n_layer=2, n_embed=32, n_head=4, n_mlp_hidden=64)
 TINY_MOE = dict(TINY, n_kv_head=2, n_experts=4, dtype=jnp.float32)
@@ -39,13 +41,14 @@ TINY_CONFIGS = {
 }
 
 
-def build(cls, seed=0):
-    """A tiny model of ``cls`` with random params (numpy's: no init to compile)."""
+def build(cls, seed=0, config=None):
+    """A tiny model of ``cls`` (``config``, else its ``TINY_CONFIGS`` one) with random params,
+    norm scales and biases included (numpy's: no init to compile)."""
     if cls is m.Bigram:
         return m.Bigram(V, nnx.Rngs(seed))
     if cls is m.Charformer:
         return m.Charformer(V, 32, 4, 2, T, nnx.Rngs(seed))
-    config = TINY_CONFIGS[cls]
+    config = TINY_CONFIGS[cls] if config is None else config
     rng = np.random.default_rng(seed)
     abstract = jax.eval_shape(lambda: cls._abstract(config).functional_params())
     params = jax.tree.map(
@@ -273,6 +276,52 @@ def test_cached_decoding_equals_the_full_pass(cls):
         step(model, tokens[:, :1])  # past block_size
     model.reset_cache()
     np.testing.assert_allclose(step(model, tokens[:, :13]), full[:, :13], rtol=1e-4, atol=1e-4)
+
+
+# Off the defaults, so that each shows: epsilon 1e-2, biases where a config has them, a GELU
+# gate, RoPE base 1000; MoE capacity for every choice (load_factor * top_k = n_experts).
+REF = dict(TINY, ln_epsilon=1e-2)
+REF_ROPE = dict(REF, rope_theta=1e-3)
+REF_MOE = dict(TINY_MOE, ln_epsilon=1e-2, rope_theta=1e-3, load_factor=2.0)
+REFERENCE_CASES = {
+    "GPT": (m.GPT, m.GPTConfig(**REF), "wpe"),
+    "NoPE_GPT": (m.NoPE_GPT, m.NoPE_GPTConfig(**REF), None),
+    "GLU_GPT": (m.GLU_GPT, m.GLU_GPTConfig(**REF, mlp_bias=True, glu_activation="gelu"), "wpe"),
+    "RoPE_GPT": (m.RoPE_GPT, m.RoPE_GPTConfig(**REF_ROPE), "rope"),
+    "GLU_RoPE_GPT": (m.GLU_RoPE_GPT, m.GLU_RoPE_GPTConfig(**REF_ROPE, mlp_bias=True), "rope"),
+    "GQA_GPT": (m.GQA_GPT, m.GQA_GPTConfig(**REF, n_kv_head=2, attention_bias=True), "wpe"),
+    "GQA_GLU_RoPE_GPT": (
+        m.GQA_GLU_RoPE_GPT,
+        m.GQA_GLU_RoPE_GPTConfig(**REF_ROPE, n_kv_head=1, attention_bias=True, mlp_bias=True),
+        "rope",
+    ),
+    "SmolLM": (
+        m.SmolLM,
+        m.SmolLM_Config(**REF_ROPE, n_kv_head=2, attention_bias=True, mlp_bias=True),
+        "rope",
+    ),
+    "Tiny_MoE": (m.Tiny_MoE, m.Tiny_MoE_Config(**REF_MOE, mlp_bias=True), "rope"),
+    "Tiny_MoE_2": (m.Tiny_MoE_2, m.Tiny_MoE_2_Config(**REF_MOE), "rope"),
+}
+
+
+@pytest.mark.parametrize("cls, config, positions", REFERENCE_CASES.values(), ids=REFERENCE_CASES)
+def test_logits_and_losses_equal_a_numpy_forward_of_the_originals_tree(cls, config, positions):
+    """The original's semantics (NNX_API.md §4-§6) in float64 numpy, on the tree the adapter
+    writes: layouts, splits, RoPE, norms, epsilon, MoE routing and losses."""
+    model = build(cls, config=config)
+    assert model.model_config().is_cacheable  # the reference's MoE has no capacity to drop at
+    if cls in (m.Tiny_MoE, m.Tiny_MoE_2):
+        model.train(load_balance_loss=True, z_loss=True)
+    x, _ = batch()
+    out = model(x)
+    logits, lb, z = out if isinstance(out, tuple) else (out, 0.0, 0.0)
+    want, want_lb, want_z = nnx_reference.forward(
+        model.original_tree(), np.asarray(x), config, positions
+    )
+    assert logits.dtype == jnp.float32
+    assert np.abs(logits - want).max() <= 1e-5 * np.abs(want).max()
+    np.testing.assert_allclose([lb, z], [want_lb, want_z], rtol=1e-5)
 
 
 def original_tree(cls, cfg, seed=0):
