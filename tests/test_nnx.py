@@ -557,6 +557,20 @@ def test_top_k_beyond_a_small_vocabulary_samples_from_all_of_it():
             infer.top_k_sampling(logits, key, k=k)
 
 
+def test_a_tokenizer_with_more_ids_than_the_model_is_one_sentence_naming_both():
+    """GPT-2's default tokenizer on a 64-id model said 'n_tokens=50257 must be from 1 to
+    model.vocab_size=64', an argument none of these take."""
+    gpt, enc = build(m.GPT), data.get_tokenizer("gpt2")
+    want = r"^the tokenizer has 50257 ids, more than the model's vocab_size=64: pass the model's"
+    for call in (
+        lambda: infer.generate_completions(gpt, max_length=20),
+        lambda: infer.generate_completion_slow(gpt, enc, "Hi", max_length=6),
+        lambda: infer.generate_chat(gpt, question="Hi"),
+    ):
+        with pytest.raises(ConfigError, match=want):
+            call()
+
+
 def test_a_max_length_within_the_prefix_is_one_sentence_naming_it():
     """It was 'max_new_tokens=-4 must be an integer >= 1', an argument these do not take."""
     enc = data.CharTokenizer.from_texts(["the quick brown fox"])

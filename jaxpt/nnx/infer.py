@@ -113,6 +113,7 @@ def _sample(model, enc, prompts, new_tokens: int, *, temperature, top_k, key, st
     decode (the model's vocabulary may be padded), from the ``top_k`` most likely (all of them
     where ``enc`` has fewer), with the original's key 1337 by default; a row stops after
     drawing one of the ``stops`` ids."""
+    _check_tokenizer(enc, model.model_config().vocab_size)
     return generation.generate(
         model.functional_params(),
         prompts,
@@ -124,6 +125,17 @@ def _sample(model, enc, prompts, new_tokens: int, *, temperature, top_k, key, st
         stop_sequences=[[stop] for stop in sorted(stops)],
         n_tokens=enc.vocab_size,
     )
+
+
+def _check_tokenizer(enc: data.Tokenizer, vocab_size: int) -> None:
+    """ConfigError where ``enc`` has ids beyond the model's ``vocab_size`` (GPT-2's default
+    tokenizer on a small-vocabulary model)."""
+    if enc.vocab_size > vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {enc.vocab_size} ids, more than the model's "
+            f"vocab_size={vocab_size}: pass the model's own tokenizer as enc (without one, "
+            "GPT-2's is used)."
+        )
 
 
 def _tokenizer(enc: data.Tokenizer | None) -> data.Tokenizer:
