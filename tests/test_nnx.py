@@ -261,6 +261,21 @@ def test_moe_classes_cache_only_when_no_choice_can_be_dropped():
         np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("flag", ["add_noise", "load_balance_loss", "z_loss"])
+def test_moe_training_flags_with_the_cache_on_are_one_sentence(flag):
+    """The cache decodes without router noise or losses: lb and z came out 0.0 and the noise
+    was left out."""
+    model = build(
+        m.Tiny_MoE_2,
+        config=dataclasses.replace(TINY_CONFIGS[m.Tiny_MoE_2], load_factor=2.0, use_cache=True),
+    )
+    model.train(**{flag: True})
+    with pytest.raises(ConfigError, match=rf"^use_cache=True with {flag} on: the cache serves"):
+        model(batch()[0])
+    model.train(**{flag: False})
+    assert model(batch()[0])[1:] == (0, 0)
+
+
 @pytest.mark.parametrize("cls", [m.GQA_GPT, m.GQA_GLU_RoPE_GPT])
 def test_cached_decoding_equals_the_full_pass(cls):
     model = build(cls)

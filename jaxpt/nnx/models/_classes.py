@@ -17,6 +17,7 @@ from flax import nnx
 from jax import Array
 
 from jaxpt import models
+from jaxpt.errors import ConfigError
 from jaxpt.nnx.models import _config as c
 from jaxpt.nnx.models import _layout
 from jaxpt.nnx.models._module import ConfiguredModel, FunctionalModel, init_params
@@ -97,9 +98,26 @@ class _TopKMoE(_Decoder):
             return cfg, None
         return dataclasses.replace(cfg, router_noise=0.01), self.rngs.gate_noise()
 
+    def _check_flags_fit_the_cache(self) -> None:
+        """ConfigError where a training flag is on while ``use_cache`` is: the cache is the
+        core's decoding path, which draws no router noise and computes no losses."""
+        flags = {
+            "add_noise": self.add_noise,
+            "load_balance_loss": self.load_balance_loss,
+            "z_loss": self.z_loss,
+        }
+        on = [flag for flag, value in flags.items() if value]
+        if on and self._use_cache():
+            raise ConfigError(
+                f"use_cache=True with {', '.join(on)} on: the cache serves decoding, which "
+                "draws no router noise and computes no loss; turn the flags off "
+                f"(model.train({'=False, '.join(on)}=False)) or set use_cache=False."
+            )
+
     def __call__(self, idx: Array, mask: Array | None = None):
         """``(B, T)`` tokens -> logits, or ``(logits, load_balance_loss, z_loss)`` summed
         over layers when a loss flag is on (or always, ``always_returns_losses``)."""
+        self._check_flags_fit_the_cache()
         logits, aux = self._run(idx, mask)
         logits = logits.astype(self.config.logits_dtype)
         if not (self.always_returns_losses or self.load_balance_loss or self.z_loss):

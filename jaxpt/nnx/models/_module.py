@@ -144,7 +144,8 @@ class FunctionalModel(nnx.Module):
 
     def _run_cached(self, model, params, idx, cfg, mask):
         """Prefill or extend the cache with ``idx``: logits at every new position, as the
-        original returns them; aux losses are zero (a cacheable model drops no token)."""
+        original returns them; aux losses are zero (the MoE classes refuse their training
+        flags with the cache)."""
         if mask is not None:
             raise ConfigError(
                 "mask is not supported with use_cache=True: the cached keys and values are "
