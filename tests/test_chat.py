@@ -279,6 +279,27 @@ def test_tojson_takes_the_options_transformers_gives_it():
     assert tok.decode(ids) == rendered[0]
 
 
+# Llama 3.1's and 3.2's system header (today's date where the renderer gives strftime_now,
+# else a fixed one) and Mistral Small 3's (which calls it unconditionally)
+DATED_TEMPLATES = [
+    "{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+    "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{{ 'Today Date: ' + date_string + '\\n' }}" + data.CHATML,
+    "{%- set today = strftime_now('%Y-%m-%d') %}{{ 'Today: ' + today + '\\n' }}" + data.CHATML,
+]
+
+
+@pytest.mark.parametrize("template", DATED_TEMPLATES)
+def test_templates_dated_with_strftime_now_render_as_transformers_does(template):
+    # jaxpt's renderer lacked transformers' strftime_now: Llama 3's template wrote its fallback
+    # date, Mistral Small 3's was refused ("'strftime_now' is undefined")
+    templates = pytest.importorskip("transformers.utils.chat_template_utils")
+    rendered, _ = templates.render_jinja_template([CONVERSATION[:3]], chat_template=template)
+    tok = data.CharTokenizer.from_texts([string.printable + "<|>_"])
+    ids, _ = data.encode_chat(tok, CONVERSATION[:3], template)
+    assert tok.decode(ids) == rendered[0]
+
+
 def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     rewriting = "{% for m in messages %}{{ m['content'] if loop.last else '' }}{% endfor %}"
     tok = word_tokenizer(tmp_path)

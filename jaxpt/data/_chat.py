@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
+from datetime import datetime
 
 import jinja2
 import numpy as np
@@ -60,6 +61,11 @@ def plain_text(template: str, messages: Sequence[Message]) -> str:
     return render(template, messages, _special_tokens(None), generation_prompt=True)
 
 
+def _strftime_now(format: str) -> str:
+    """transformers' `strftime_now`: the local time now in `format` (Llama 3's "Today Date")."""
+    return datetime.now().strftime(format)
+
+
 def _raise(message: str) -> None:
     raise DataError(f"the chat template refused the conversation: {message}")
 
@@ -88,12 +94,14 @@ class _Generation(Extension):
 
 @functools.cache
 def _compiled(template: str):
-    """The template compiled as transformers compiles chat templates (sandboxed, trimmed)."""
+    """The template compiled as transformers compiles chat templates (sandboxed, trimmed, with
+    its filters and functions)."""
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(template)
     except jinja2.TemplateError as e:
