@@ -260,12 +260,13 @@ def converse(config, workdir: str | Path, options: SampleOptions) -> None:
     options.validate(model_cfg.vocab_size)
     params, tokenizer = params_and_tokenizer(config, workdir)
     # what would refuse every message, refused once now: a template with no end-of-turn
-    # marker, a marker or system prompt the tokenizer cannot encode
+    # marker, a marker or system prompt the tokenizer cannot encode or the block cannot hold
     tokenizer.encode(data.end_of_turn(tokenizer, data.chat_template(tokenizer)))
     tokenizer.encode(options.system_prompt)
     messages = []
     if options.system_prompt:
         messages.append({"role": "system", "content": options.system_prompt})
+        _check_system_prompt_leaves_room(tokenizer, messages, model_cfg)
     key = jax.random.key(options.seed)
     train.print_once("chat: type a message and press Enter; Ctrl-D ends the conversation")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C mid-reply
@@ -281,6 +282,20 @@ def converse(config, workdir: str | Path, options: SampleOptions) -> None:
             train.print_once(reply)
             messages = [*turn, {"role": "assistant", "content": reply}]
     train.print_once("")
+
+
+def _check_system_prompt_leaves_room(tokenizer, system: list[dict], model_cfg) -> None:
+    """ConfigError where the ``system`` messages, with an empty user message and the
+    assistant's prompt, leave no room for a reply in the block: every message would be
+    refused."""
+    empty = [*system, {"role": "user", "content": ""}]
+    taken = len(data.chat_prompt(tokenizer, empty, data.chat_template(tokenizer)))
+    if taken > model_cfg.block_size:
+        raise ConfigError(
+            f"--system_prompt takes {taken} tokens of the chat prompt, even with an empty "
+            f"message, which leaves no room for a reply in model.block_size = "
+            f"{model_cfg.block_size}: shorten it."
+        )
 
 
 def _read_message() -> str | None:

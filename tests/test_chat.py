@@ -636,6 +636,12 @@ def test_a_message_the_model_cannot_take_is_left_out_and_the_chat_goes_on(monkey
     # what would refuse every message is refused before the first is read
     with pytest.raises(DataError, match="character '2' is not in the char vocabulary"):
         launcher.converse(config, "unused", launcher.SampleOptions(system_prompt="be 2"))
+    long = "be brief " * 12  # with even an empty message, more ChatML than the block
+    empty = f"<|im_start|>system\n{long}<|im_end|>\n<|im_start|>user\n<|im_end|>\n"
+    n = len(empty + "<|im_start|>assistant\n")  # one character a token
+    refusal = f"--system_prompt takes {n} tokens .*model.block_size = 128"
+    with pytest.raises(ConfigError, match=refusal):
+        launcher.converse(config, "unused", launcher.SampleOptions(system_prompt=long))
 
 
 def test_readme_system_prompt_leaves_the_smoke_chat_room_to_reply(monkeypatch, capsys):
