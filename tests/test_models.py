@@ -295,6 +295,22 @@ def test_bf16_compute_keeps_float32_params_and_logits():
     assert logits.dtype == jnp.float32 and jnp.isfinite(logits).all()
 
 
+def test_float16_compute_runs_on_a_cpu():
+    """float16 compute on a CPU stopped in XLA's "The precision 'F16_F16_F32' is not supported
+    by dot_general on CPU" (attention's scores) in apply and in cached decoding; it now runs
+    there, its logits those of float32 compute to float16 rounding."""
+    cfg = tiny_config("gpt", dtype="float16")
+    model = models.get("gpt")
+    params = perturbed(model.init(jax.random.key(0), cfg))
+    tokens = random_tokens(0)
+    want, _ = forward("gpt", dataclasses.replace(cfg, dtype="float32"), params, tokens)
+    got, _ = forward("gpt", cfg, params, tokens)
+    decode = jax.jit(functools.partial(model.decode, cfg=cfg, at=None))
+    decoded, _ = decode(params, tokens, cache=model.init_cache(2, 16, cfg))
+    for logits in (got, decoded):
+        np.testing.assert_allclose(logits, want, atol=2e-2 * float(jnp.abs(want).max()))
+
+
 def test_dropout_and_router_noise_act_only_with_a_key():
     """A key (training) draws dropout and router noise, the same for the same key; without one
     (evaluation, generation) the model is the one without dropout or noise."""
@@ -340,6 +356,8 @@ def test_dropout_and_router_noise_act_only_with_a_key():
         (dict(dropout=1.0), "model.dropout=1.0"),
         (dict(router_noise=0.01), "model.router_noise=0.01 needs a top-k router"),
         (dict(lm_head_bias=True), "model.lm_head_bias=True needs an untied read-out"),
+        # jax's XLA attention stopped in "The precision 'F16_F16_F32' is not supported"
+        (dict(sdpa_implementation="xla", dtype="float16"), "with model.dtype='float16' needs"),
     ],
 )
 def test_bad_config_gets_one_clear_sentence(overrides, words):

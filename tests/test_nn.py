@@ -66,6 +66,24 @@ def test_attention_matches_float64_numpy(impl, heads, kv_heads, padded):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_float16_attention_compiles_off_a_gpu(padded):
+    """jax.nn.dot_product_attention computes float16 scores with an F16_F16_F32 matmul that
+    XLA:CPU does not compile; its fallback catches that eagerly only, so a jitted "auto" (a
+    model's apply, its decode with a mask) stopped in "The precision 'F16_F16_F32' is not
+    supported by dot_general on CPU"."""
+    q, k, v = (a.astype(jnp.float16) for a in random_qkv(4, 2))
+    valid = np.array([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]], bool) if padded else None
+    positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    mask = nn.causal_mask(positions, positions, jnp.asarray(valid)) if padded else None
+    got = jax.jit(functools.partial(nn.attend, implementation="auto"))(q, k, v, mask=mask)
+    want = numpy_attention(q, k, v, valid)
+    if padded:
+        got, want = np.asarray(got)[valid], want[valid]
+    assert got.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=5e-3, rtol=5e-3)
+
+
 def test_dropout_zeroes_at_the_rate_and_keeps_the_mean():
     x = jnp.ones((20_000,))
     dropped = nn.dropout(x, 0.1, jax.random.key(0))

@@ -217,6 +217,13 @@ class ModelConfig(_Fields):
                 f"rotary embeddings need an even head width; n_embed // n_head = {self.head_dim}.",
             )
         require_choice("remat_policy", self.remat_policy, nn.REMAT_POLICIES)
+        if self.sdpa_implementation == "xla" and self.dtype == "float16":  # asks the backend
+            backend = jax.default_backend()
+            require(
+                backend == "gpu",
+                f"model.sdpa_implementation='xla' with model.dtype='float16' needs a GPU (jax's "
+                f"float16 attention does not compile on {backend}); use 'auto' or 'einsum'.",
+            )
         if self.sdpa_implementation == "cudnn":  # asks for the backend: never at import
             backend = jax.default_backend()
             require(

@@ -208,7 +208,7 @@ def cached_attention(
     b, s = keys.shape[:2]
     kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
     mask = causal_mask(positions, kv_positions, jnp.ones((b, s), bool))  # (B, T, S)
-    implementation = "einsum" if spec.implementation == "einsum" else "xla"
+    implementation = "einsum" if spec.implementation == "einsum" else _best_implementation(q, mask)
     y = attend(q, keys, values, mask=mask, implementation=implementation)
     return _merge_heads(p, y), cache
 
@@ -267,7 +267,11 @@ def _resolved_implementation(
 
 
 def _best_implementation(q: Array, mask: Array | None) -> str:
-    """cuDNN flash attention where it applies (GPU, 16-bit, no explicit mask), else XLA."""
+    """cuDNN flash attention where it applies (GPU, 16-bit, no explicit mask); the einsums
+    for float16 off a GPU, where ``jax.nn.dot_product_attention``'s float16 scores (an
+    F16_F16_F32 matmul) do not compile under jit (XLA:CPU); else XLA."""
+    if q.dtype == jnp.float16 and jax.default_backend() != "gpu":
+        return "einsum"
     head_dim = q.shape[-1]
     cudnn_ok = (
         jax.default_backend() == "gpu"
