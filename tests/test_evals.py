@@ -128,6 +128,23 @@ def test_hellaswag_matches_a_float64_recomputation_padded_batched_or_sharded(nam
     }
 
 
+def test_hellaswag_scores_float32_logits_whatever_the_models_logits_dtype():
+    """The presets read out bfloat16 logits (``logits_dtype``, for training's memory); GPT-2's
+    reach about 100 in magnitude, where bfloat16 rounds by 0.5: the endings' losses moved by
+    tenths of a nat each. Scoring reads out float32 logits, as the float64 reference does."""
+    cfg, params = model("gpt")
+    cfg = dataclasses.replace(cfg, logits_dtype="bfloat16")
+    wte = jax.tree.map(lambda w: w * 70, params.wte)  # the tied read-out: logits up to ~100
+    params = dataclasses.replace(params, wte=wte)
+    exact = dataclasses.replace(cfg, logits_dtype="float32")
+    context = jnp.array([CHARS.encode(ITEMS[0].context)[:BLOCK]])
+    assert np.abs(forward(params, context, cfg=exact)).max() > 64  # bfloat16 steps of 0.5
+    result = hellaswag.evaluate(params, cfg, ITEMS, CHARS, batch_size=6)
+    for item, got in zip(ITEMS, result.items, strict=True):
+        sums, _ = reference_losses("gpt", exact, params, item)
+        np.testing.assert_allclose(got.sum_losses, sums, rtol=2e-5)
+
+
 def mesh_config(**sizes):
     mesh = preset_config("gpt", None).mesh
     mesh.update(sizes)

@@ -4,13 +4,15 @@ Each request is a pair of token lists, a context and a continuation; its score i
 cross-entropy of the continuation's tokens given everything before them. Requests are sorted
 by length and run in batches of ``batch_size`` rows, each row padded on the right to its
 batch's length bucket (a multiple of ``LENGTH_BUCKET``, so a whole evaluation compiles a few
-shapes) under an attention padding mask, so padding changes no score. Over a mesh, rows are
-split like a training batch (``sharding.batch_sharding``).
+shapes) under an attention padding mask, so padding changes no score. The logits are
+float32, whatever the model's ``logits_dtype``. Over a mesh, rows are split like a training
+batch (``sharding.batch_sharding``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -74,6 +76,7 @@ def score(
             device.
     """
     check_range("batch_size", batch_size, at_least=1, integer=True)
+    cfg = _float32_logits(cfg)
     windows = [window(c, t, cfg.max_length) for c, t in requests]
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     nll, n_tokens = np.zeros(len(windows)), np.zeros(len(windows), np.int64)
@@ -90,6 +93,15 @@ def score(
             sums, counts, hits = (multihost_utils.process_allgather(x, tiled=True) for x in out)
             nll[rows], n_tokens[rows], greedy[rows] = (x[: len(rows)] for x in (sums, counts, hits))
     return Scores(nll, n_tokens, greedy)
+
+
+def _float32_logits(cfg: models.ModelConfig | models.BigramConfig):
+    """``cfg`` reading out float32 logits: a bfloat16 ``logits_dtype`` (the presets', for
+    training's memory) rounds GPT-2's logits, about 100 in magnitude, by up to 0.25, and every
+    scored token's loss with them. A bigram's logits are float32 already."""
+    if isinstance(cfg, models.ModelConfig):
+        return dataclasses.replace(cfg, logits_dtype="float32")
+    return cfg
 
 
 def _placement(mesh: Mesh | None, rules, batch_size: int):
