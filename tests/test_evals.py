@@ -3,6 +3,7 @@ and the mesh; items from a file or the hub; ``--mode=eval``; the lm-evaluation-h
 
 import dataclasses
 import functools
+import gzip
 import json
 import re
 import shutil
@@ -185,6 +186,9 @@ def test_items_from_a_file_in_either_context_form(tmp_path):
     assert hellaswag.load_items(write_jsonl(tmp_path / "a.jsonl", rows)) == ITEMS
     split = [{k: v for k, v in row.items() if k != "ctx"} for row in rows]
     assert hellaswag.load_items(write_jsonl(tmp_path / "b.jsonl", split)) == ITEMS
+    marked = tmp_path / "bom.jsonl"  # Windows editors may start UTF-8 with a byte-order mark
+    marked.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.jsonl").read_bytes())
+    assert hellaswag.load_items(marked) == ITEMS
 
 
 @pytest.mark.parametrize(
@@ -198,6 +202,25 @@ def test_items_from_a_file_in_either_context_form(tmp_path):
 def test_a_bad_item_is_one_sentence_naming_its_line(tmp_path, row, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [original_rows()[0], row])
     with pytest.raises(DataError, match=f"line 2.*{message}"):
+        hellaswag.load_items(path)
+
+
+@pytest.mark.parametrize(
+    "encode, name, message",
+    [
+        (lambda text: text.encode("latin-1"), "items.jsonl", r"byte 0xe9 on line 2\)"),
+        (lambda text: gzip.compress(text.encode()), "items.jsonl.gz", r"is gzip-compressed"),
+    ],
+    ids=["latin-1", "gzip"],
+)
+def test_a_file_that_is_not_utf8_jsonl_is_one_sentence_naming_it(tmp_path, encode, name, message):
+    """A Latin-1 file, or a gzipped one, stopped --mode=eval and training with a
+    UnicodeDecodeError traceback; now one sentence naming the file and what to do."""
+    cafe = {"ctx": "The café was", "endings": ["open.", "shut."], "label": 0}
+    rows = [original_rows()[0], cafe]
+    path = tmp_path / name
+    path.write_bytes(encode("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} is not UTF-8 jsonl.*{message}"):
         hellaswag.load_items(path)
 
 

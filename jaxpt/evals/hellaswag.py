@@ -30,6 +30,7 @@ from jaxpt.errors import DataError, DataNotFoundError, first_line
 from jaxpt.evals import _scoring
 
 HUB_DATASET = "Rowan/hellaswag"  # its "validation" split: the 10,042 items everyone reports
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of a gzip file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _file_items(path: Path) -> list[Item]:
             "(fields ctx, endings, label), or set it to '' to read the hub's validation split."
         )
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -186,6 +187,24 @@ def _file_items(path: Path) -> list[Item]:
     if not items:
         raise DataError(f"{path} holds no HellaSwag item; one JSON object per line is expected.")
     return items
+
+
+def _text(path: Path) -> str:
+    """The text of the jsonl file ``path`` (a UTF-8 byte-order mark dropped); DataError naming
+    the file, and what to do, unless it is UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        if raw.startswith(GZIP_MAGIC):
+            why = "it is gzip-compressed"
+            fix = f"decompress it (gunzip -k {path}) and name the .jsonl it gives"
+        else:
+            line = raw.count(b"\n", 0, error.start) + 1
+            why = f"byte {raw[error.start]:#04x} on line {line}"
+            fix = "convert it to UTF-8 (iconv -f latin1 -t utf-8, say) and name the new file"
+        message = f"{path} is not UTF-8 jsonl ({why}); {fix} as eval.hellaswag_path."
+        raise DataError(message) from None
 
 
 def _hub_rows():
