@@ -224,6 +224,27 @@ def test_a_file_that_is_not_utf8_jsonl_is_one_sentence_naming_it(tmp_path, encod
         hellaswag.load_items(path)
 
 
+def test_items_keep_line_separators_that_json_allows_raw(tmp_path):
+    """U+2028, U+2029 and U+0085 are raw text inside a JSON string (json.dumps(...,
+    ensure_ascii=False) writes them so); the file was split at them too, so such an item was
+    "not a JSON object" and the lines after it misnumbered. Lines end at "\n" (or "\r\n")."""
+    odd = hellaswag.Item("A man\u0085 walks in", ("the rain.\u2028He smiles.", "the\u2029cat"), 0)
+    text = "".join(
+        json.dumps(row, ensure_ascii=False) + end
+        for row, end in zip(
+            [*original_rows()[:2], {"ctx": odd.context, "endings": list(odd.endings), "label": 0}],
+            ["\n", "\r\n", "\n"],
+            strict=True,
+        )
+    )
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(text.encode())
+    assert hellaswag.load_items(path) == [*ITEMS[:2], odd]
+    path.write_bytes((text + '{"ctx": "a", "endings": ["b", "c"], "label": 2}\n').encode())
+    with pytest.raises(DataError, match=r"line 4: label=2 must be the index"):
+        hellaswag.load_items(path)
+
+
 def test_an_ending_of_no_token_is_one_sentence_naming_its_item(tmp_path):
     """A word-level tokenizer encodes an empty ending (" ") to no token: its summed and mean
     losses were 0, the lowest any ending can have, so it was picked whatever the model. Now

@@ -175,7 +175,8 @@ def _file_items(path: Path) -> list[Item]:
             "(fields ctx, endings, label), or set it to '' to read the hub's validation split."
         )
     items = []
-    for number, line in enumerate(_text(path).splitlines(), 1):
+    # "\n" only: str.splitlines() also breaks at U+2028, U+0085, ..., raw text inside a JSON string
+    for number, line in enumerate(_text(path).split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
