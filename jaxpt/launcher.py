@@ -528,18 +528,53 @@ def results_table(results: dict[str, dict]) -> str:
 def write_new_json(directory: Path, stem: str, record: dict) -> Path:
     """Writes ``record`` to ``directory/<stem>.json``, or where that exists to the first free
     ``<stem>.<n>.json``, through a temporary file hard-linked into place: a link fails rather
-    than replace a file, so no file is ever overwritten or left half-written."""
+    than replace a file, so no file is ever overwritten or left half-written. On a filesystem
+    without hard links (``NO_HARD_LINKS``) the file is created exclusively and written instead,
+    and removed again if that is interrupted (only a killed process can leave it partial)."""
+    text = (json.dumps(record, indent=2) + "\n").encode()
     directory.mkdir(parents=True, exist_ok=True)
     temporary = directory / f".{stem}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(record, indent=2) + "\n")
+    temporary.write_bytes(text)
     try:
         for n in itertools.count():
             path = directory / (f"{stem}.json" if n == 0 else f"{stem}.{n}.json")
             try:
-                os.link(temporary, path)
+                _link_or_create(temporary, path, text)
             except FileExistsError:
                 continue
             print(f"wrote {path}", flush=True)
             return path
     finally:
         temporary.unlink()
+
+
+# What link(2) answers where a filesystem has no hard links: EPERM (Linux's vfat and exfat,
+# VMware's hgfs), ENOTSUP = EOPNOTSUPP (macOS, Docker's osxfs), ENOSYS (FUSE filesystems that
+# do not implement link: gcsfuse, LTFS) and EXDEV (union filesystems such as mergerfs, between
+# branches). Never EEXIST: a name taken stays FileExistsError.
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
+
+
+def _link_or_create(temporary: Path, path: Path, text: bytes) -> None:
+    """Hard-links ``temporary`` (holding ``text``) to ``path``, or where the filesystem has no
+    hard links, creates ``path`` and writes ``text`` to it; FileExistsError where it exists."""
+    try:
+        os.link(temporary, path)
+    except OSError as error:
+        if error.errno not in NO_HARD_LINKS:
+            raise
+        _create_new(path, text)
+
+
+def _create_new(path: Path, text: bytes) -> None:
+    """Creates ``path`` exclusively (FileExistsError where it exists) and writes ``text`` to
+    it, synced; on any error or interrupt after the create, removes the file it created."""
+    file = open(path, "xb")  # noqa: SIM115 (the with below closes it, inside the try)
+    try:
+        with file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())  # a full disk, or gcsfuse's upload, fails here, not later
+    except BaseException:
+        path.unlink()
+        raise

@@ -2,9 +2,11 @@
 and the mesh; items from a file or the hub; ``--mode=eval``; the lm-evaluation-harness adapter."""
 
 import dataclasses
+import errno
 import functools
 import gzip
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -1067,6 +1069,56 @@ def test_eval_mode_on_init_from_without_a_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("empty_checkpoints", [False, True])
+def refuse_hard_links(monkeypatch, code: int) -> None:
+    """``os.link`` fails with ``code``, as link(2) does where a filesystem has no hard links."""
+
+    def link(source, target, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(source), None, str(target))
+
+    monkeypatch.setattr(os, "link", link)
+
+
+@pytest.mark.parametrize(
+    "code", [errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV], ids=errno.errorcode.get
+)
+def test_eval_results_are_written_where_the_filesystem_has_no_hard_links(
+    tmp_path, monkeypatch, code
+):
+    """The results file was hard-linked into place: on gcsfuse, exFAT or FAT the evaluation
+    ran, then stopped in a PermissionError traceback, its results only printed. There the file
+    is now created exclusively and written, still never over a file that exists."""
+    refuse_hard_links(monkeypatch, code)
+    directory = tmp_path / "eval"
+    directory.mkdir()
+    (directory / "2.json").write_text("the user's own")
+    record = {"step": 2, "results": {"hellaswag": {"acc": 0.25}}}
+    assert launcher.write_new_json(directory, "2", record) == directory / "2.1.json"
+    assert launcher.write_new_json(directory, "2", {"step": 2}) == directory / "2.2.json"
+    assert (directory / "2.json").read_text() == "the user's own"
+    assert json.loads((directory / "2.1.json").read_text()) == record
+    assert sorted(p.name for p in directory.iterdir()) == ["2.1.json", "2.2.json", "2.json"]
+
+
+def test_eval_results_that_cannot_be_written_leave_no_file(tmp_path, monkeypatch):
+    """A link refused for another reason than missing hard links is the error it is; a write
+    interrupted after the exclusive create (Ctrl-C, a full disk) removes the file it made."""
+    directory = tmp_path / "eval"
+    refuse_hard_links(monkeypatch, errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        launcher.write_new_json(directory, "2", {"step": 2})
+    assert list(directory.iterdir()) == []
+
+    refuse_hard_links(monkeypatch, errno.EPERM)
+
+    def fsync(descriptor):
+        raise KeyboardInterrupt  # the file is written, but not known to be whole
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        launcher.write_new_json(directory, "2", {"step": 2})
+    assert list(directory.iterdir()) == []
+
+
 def test_eval_mode_without_params_says_so_before_reading_task_data(
     tmp_path, monkeypatch, empty_checkpoints
 ):
