@@ -1036,6 +1036,9 @@ def test_items_the_tokenizer_cannot_read_are_one_sentence_before_training_or_eva
         # the empty entry was dropped: the run went on without the task meant there
         ("tasks", "val_loss,,hellaswag", r"has an empty entry \(entry 2\); name a task between"),
         ("tasks", "val_loss, ", r"has an empty entry \(entry 2\)"),
+        # the repeat was run once, the config asking for what the results did not show
+        ("tasks", "hellaswag,val_loss,hellaswag", r"names 'hellaswag' twice \(entries 1 and 3\)"),
+        ("tasks", "harness:arc_easy, harness:arc_easy", r"names 'harness:arc_easy' twice"),
         ("hellaswag_every_steps", -1, "must be an integer >= 0"),
     ],
 )

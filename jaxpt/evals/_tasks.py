@@ -12,7 +12,8 @@ def parse_tasks(tasks: str) -> list[str]:
     """The comma-separated entries of ``eval.tasks``, e.g. ``"val_loss,harness:arc_easy"``.
 
     Raises ConfigError naming an entry that is neither a native task nor ``harness:NAME``, or
-    an empty one (``"val_loss,,hellaswag"``: a name left out, e.g. an unset shell variable).
+    an empty one (``"val_loss,,hellaswag"``: a name left out, e.g. an unset shell variable),
+    or one named twice.
     """
     entries = [entry.strip() for entry in str(tasks).split(",")]
     if not any(entries):
@@ -30,5 +31,12 @@ def parse_tasks(tasks: str) -> list[str]:
             raise ConfigError(
                 f"eval.tasks entry {entry!r} is not one of {', '.join(NATIVE_TASKS)} nor "
                 "harness:NAME (an lm-evaluation-harness task or task YAML file)."
+            )
+    for number, entry in enumerate(entries, 1):
+        first = entries.index(entry) + 1
+        if first < number:  # it would run once: the results would not show what was asked
+            raise ConfigError(
+                f"eval.tasks={tasks!r} names {entry!r} twice (entries {first} and {number}); "
+                "name each task once."
             )
     return entries
