@@ -392,6 +392,44 @@ def test_harness_unknown_task_and_unloadable_data_are_one_sentence(tmp_path, mon
         harness.load_tasks([str(task)])
 
 
+@pytest.mark.parametrize(
+    "old, new, cause",
+    [
+        ("task: local_hellaswag", "task: bad\n  x: [", "ScannerError: mapping values are not"),
+        ("output_type: multiple_choice", "output_type: multiple_choise", "ValueError: Got "),
+        ("{{{{endings}}}}", "{{{{choices}}}}", "UndefinedError: 'choices' is undefined"),
+        ("metric_list:", "no_such_field: 1\nmetric_list:", "TypeError: TaskConfig.__init__"),
+    ],
+)
+def test_harness_a_task_yaml_lm_eval_cannot_read_is_one_sentence_naming_it(
+    tmp_path, old, new, cause
+):
+    """A YAML syntax error, an unknown output_type or field, a Jinja field the data lacks: each
+    was 'could not load the data of ...; connect to the network once', advice about the
+    network for a task definition lm-eval refuses. Its data's file is there."""
+    harness = harness_or_skip()
+    jsonl = write_jsonl(tmp_path / "items.jsonl", original_rows())
+    task = tmp_path / "local.yaml"
+    task.write_text(TASK_YAML.replace(old, new).format(jsonl=jsonl))
+    message = rf"^task YAML {re.escape(str(task))} is not a valid lm-eval task \({cause}.*; fix it"
+    with pytest.raises(ConfigError, match=message) as error:
+        harness.load_tasks([str(task)])
+    assert "\n" not in str(error.value) and "network" not in str(error.value)
+
+
+def test_harness_a_group_yaml_is_one_sentence(tmp_path):
+    """A group YAML file over task YAMLs beside it stopped in lm-eval's own TypeError (its
+    members resolve only on an include path), reported as data that could not load."""
+    harness = harness_or_skip()
+    jsonl = write_jsonl(tmp_path / "items.jsonl", original_rows())
+    (tmp_path / "local.yaml").write_text(TASK_YAML.format(jsonl=jsonl))
+    group = tmp_path / "group.yaml"
+    group.write_text("group: mine\ntask:\n  - local_hellaswag\n")
+    message = rf"^task YAML {re.escape(str(group))} defines a group \(mine\), .*; name the YAML"
+    with pytest.raises(ConfigError, match=message):
+        harness.load_tasks([str(tmp_path / "local.yaml"), str(group)])
+
+
 def test_harness_data_from_an_unreachable_hub_is_one_sentence_at_once(
     tmp_path, monkeypatch, hub_session
 ):

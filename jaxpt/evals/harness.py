@@ -24,16 +24,19 @@ from __future__ import annotations
 import difflib
 import functools
 import reprlib
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import lm_eval
 import numpy as np
+import yaml
 from jax import Array
 from jax.sharding import Mesh
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
+from lm_eval.api.task import Task
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -328,29 +331,92 @@ def check_tasks(tasks: Sequence[str]) -> None:
 def load_tasks(tasks: Sequence[str], max_length: int | None = None) -> list:
     """The harness's tasks and groups named by ``tasks`` (registered names or task YAML files)
     with their data loaded, for ``evaluate`` on a model of ``max_length`` (None: unbounded).
-    Raises ConfigError naming an unknown task (``check_tasks``) and DataNotFoundError when a
-    task's data cannot be loaded (the hub unreachable and nothing cached, a local file
+    Raises ConfigError naming an unknown task (``check_tasks``), a group YAML file, or a task
+    lm-eval cannot build from its definition (``_loading_error``), and DataNotFoundError when
+    a task's data cannot be loaded (the hub unreachable and nothing cached, a local file
     missing); ConfigError for a generation option ``JaxptLM`` would ignore
     (``check_generation_options``) or a ``max_gen_toks`` the model's block cannot hold
     beside a context (``check_generation_length``)."""
     check_tasks(tasks)
+    manager, loaded, task = _task_manager(tasks), [], None
     try:
         with data.hub_or_cache():  # `datasets` is imported (lm_eval.tasks imports it)
-            loaded = _task_manager(tasks).load(list(tasks))
-    except Exception as error:  # `datasets`, the hub and a task's own code raise many kinds
-        raise DataNotFoundError(
-            f"lm-evaluation-harness could not load the data of {', '.join(tasks)} "
-            f"({first_line(error)}); connect to the network once (datasets caches it), or name "
-            "a task YAML file whose dataset is local."
-        ) from error
-    groups, leaves = loaded["groups"].values(), loaded["tasks"].values()
-    for task in leaves:
-        if task.OUTPUT_TYPE == "generate_until":
-            options = task.config.generation_kwargs or {}
-            check_generation_options(options, task.config.task)
-            check_generation_length(options, task.config.task, max_length)
+            for task in tasks:
+                check_not_a_group(task)
+                loaded.append(manager.load([task]))
+    except ConfigError:
+        raise
+    except Exception as error:  # YAML, lm-eval, Jinja, `datasets`, the hub, a task's own code
+        raise _loading_error(task, error) from error
+    groups = [group for one in loaded for group in one["groups"].values()]
+    leaves = [leaf for one in loaded for leaf in one["tasks"].values()]
+    for leaf in leaves:
+        if leaf.OUTPUT_TYPE == "generate_until":
+            options = leaf.config.generation_kwargs or {}
+            check_generation_options(options, leaf.config.task)
+            check_generation_length(options, leaf.config.task, max_length)
     inner = {id(t) for group in groups for t in (*group.get_all_tasks(), *group.get_all_groups())}
-    return [task for task in (*groups, *leaves) if id(task) not in inner]
+    outer = [task for task in (*groups, *leaves) if id(task) not in inner]
+    try:
+        manager.load(outer)  # lm-eval's check that no task is in two of them
+    except ValueError as error:
+        raise ConfigError(f"eval.tasks: {first_line(error)}; name each task once.") from None
+    return outer
+
+
+def check_not_a_group(task: str) -> None:
+    """ConfigError when ``task`` is a YAML file that defines a group (a ``group`` key, as
+    lm-eval's index reads it): lm-eval finds a group's tasks by name only among the YAML
+    files of its include paths, which jaxpt does not index (a directory may hold thousands)."""
+    if not Path(task).is_file():
+        return
+    definition = yaml.load(Path(task).read_text(encoding="utf-8"), _TolerantLoader)
+    if isinstance(definition, dict) and "group" in definition:
+        raise ConfigError(
+            f"task YAML {task} defines a group ({definition['group']}), which jaxpt does not "
+            "load from a file (lm-eval finds its tasks only by name); name the YAML files of "
+            "its tasks in eval.tasks instead (harness:a.yaml,harness:b.yaml)."
+        )
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """YAML as lm-eval writes it: ``!function module.name`` read as its text."""
+
+
+_TolerantLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def _loading_error(task: str, error: Exception) -> ConfigError | DataNotFoundError:
+    """The sentence for ``error``, raised while lm-eval loaded ``task``: DataNotFoundError
+    where it came from reading the task's dataset (``_raised_reading_data``), else a
+    ConfigError saying the task's definition is not one lm-eval reads (YAML syntax, an
+    unknown field or output_type, a Jinja template over its first document)."""
+    if _raised_reading_data(error):
+        return DataNotFoundError(
+            f"lm-evaluation-harness could not load the data of {task} ({first_line(error)}); "
+            "connect to the network once (datasets caches it), or name a task YAML file whose "
+            "dataset is local."
+        )
+    mark = error.problem_mark if isinstance(error, yaml.MarkedYAMLError) else None
+    where = f" at line {mark.line + 1}" if mark else ""  # a YAML syntax error's place
+    what = f"task YAML {task}" if Path(task).is_file() else f"lm-evaluation-harness's {task}"
+    remedy = "fix it" if Path(task).is_file() else f"leave harness:{task} out of eval.tasks"
+    return ConfigError(
+        f"{what} is not a valid lm-eval task ({type(error).__name__}: {first_line(error)}"
+        f"{where}); {remedy}."
+    )
+
+
+def _raised_reading_data(error: BaseException | None) -> bool:
+    """Whether ``error``, or one it was raised from, came from inside a task's ``download``,
+    where lm-eval reads the dataset (``datasets.load_dataset``, or the task's
+    ``custom_dataset``), not from reading the task's definition before or after it."""
+    while error is not None:
+        for frame, _ in traceback.walk_tb(error.__traceback__):
+            if frame.f_code.co_name == "download" and isinstance(frame.f_locals.get("self"), Task):
+                return True
+        error = error.__cause__
+    return False
 
 
 def evaluate(
