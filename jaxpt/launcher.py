@@ -498,6 +498,7 @@ def _harness_runner(config, tasks: list[str], mesh, tokenizer: data.Tokenizer) -
         ) from None
     model_cfg = models.config_from(config.model)
     loaded = harness.load_tasks(tasks, model_cfg.max_length)
+    harness.check_requests(loaded, tokenizer)
     rows = config.train.batch_size // config.train.grad_accum_steps
 
     def run(params) -> dict:

@@ -1044,6 +1044,44 @@ def test_eval_mode_loads_harness_task_data_before_the_params(trained_run, tmp_pa
         launcher.evaluate(config, workdir)
 
 
+def test_a_harness_task_the_tokenizer_cannot_encode_is_one_sentence_before_any_task_runs(
+    trained_run, tmp_path, monkeypatch
+):
+    """A harness task whose text holds a character the char vocabulary lacks: --mode=eval
+    stopped only after the checkpoint was read and val_loss had run, writing nothing, with
+    'character '€' is not in the char vocabulary', naming neither task nor text. It is now
+    one sentence naming both, before the checkpoint is read; JaxptLM says the same."""
+    harness = harness_or_skip()
+    workdir, config = trained_run
+    row = {"ctx": "It cost", "endings": ["ten €.", "a heap of soot"], "label": 0}
+    task = tmp_path / "local_hellaswag.yaml"
+    task.write_text(TASK_YAML.format(jsonl=write_jsonl(tmp_path / "items.jsonl", [row])))
+    config = config.copy_and_resolve_references()
+    config.eval.tasks = f"val_loss,harness:{task}"
+    message = (
+        r"^lm-evaluation-harness task local_hellaswag: the continuation ' ten €\.' of document "
+        r"0 cannot be tokenized \(character '€' is not in the char vocabulary .*\); evaluate"
+    )
+
+    def load_params(*args):
+        raise AssertionError("the checkpoint was read before the harness task's text")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(launcher, "load_params", load_params)
+        with pytest.raises(DataError, match=message):
+            launcher.evaluate(config, workdir)
+    assert not (workdir / "eval" / "2.2.json").exists()
+    cfg, params = model("bigram")
+    lm = harness.JaxptLM(params, cfg, CHARS, batch_size=4)
+    with pytest.raises(DataError, match=message):
+        harness.evaluate(params, cfg, CHARS, harness.load_tasks([str(task)]), batch_size=4)
+    from lm_eval.api.instance import Instance
+
+    rolling = Instance("loglikelihood_rolling", {}, ("A €",), 3, ("roll", 7, 1))
+    with pytest.raises(DataError, match=r"task roll: the text 'A €' of document 7 cannot be"):
+        lm.loglikelihood_rolling([rolling])
+
+
 def test_items_the_tokenizer_cannot_read_are_one_sentence_before_training_or_eval(
     trained_run, tmp_path, monkeypatch
 ):

@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 from jax import Array
 from jax.sharding import Mesh
+from lm_eval.api.group import Group
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.task import Task
@@ -42,11 +43,18 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from jaxpt import data, models
-from jaxpt.errors import ConfigError, DataNotFoundError, check_range, first_line
+from jaxpt.errors import ConfigError, DataError, DataNotFoundError, check_range, first_line
 from jaxpt.evals import _scoring
 from jaxpt.generation import generate
 
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for generate_until tasks
+FEWSHOT_SEED = 1234  # simple_evaluate's default fewshot_random_seed: which examples a prompt shows
+# what each string of a request's arguments is, by request type
+REQUEST_TEXTS = {
+    "loglikelihood": ("context", "continuation"),
+    "loglikelihood_rolling": ("text",),
+    "generate_until": ("context",),
+}
 # generate_until options JaxptLM reads: the stop strings, the sampling filters and
 # normalize_gen_kwargs's aliases of max_gen_toks
 READ_OPTIONS = (
@@ -104,6 +112,27 @@ def check_generation_length(options: dict, task: str | None, room: int | None) -
             "(lm-eval's HF backend refuses it too); evaluate a model of a larger block_size, or "
             f"give the task a max_gen_toks below {room} (its generation_kwargs)."
         )
+
+
+def check_encodable(requests: Sequence[Instance], tokenizer: data.Tokenizer) -> None:
+    """DataError naming the first of ``requests`` whose text (``REQUEST_TEXTS``) ``tokenizer``
+    cannot encode (a character-level model reads only its corpus's characters): its task,
+    document and text, shortened. Each distinct text is encoded once."""
+    seen = set()
+    for request in requests:
+        for role, text in zip(REQUEST_TEXTS[request.request_type], request.args, strict=False):
+            if text in seen:
+                continue
+            try:
+                tokenizer.encode(text)
+            except DataError as error:
+                raise DataError(
+                    f"lm-evaluation-harness task {request.task_name}: the {role} "
+                    f"{reprlib.repr(text)} of document {request.doc_id} cannot be tokenized "
+                    f"({error}); evaluate the task with a model whose tokenizer reads all of its "
+                    "text, or leave it out of eval.tasks."
+                ) from None
+            seen.add(text)
 
 
 def check_continuation(context: str, continuation: str, n_tokens: int, room: int | None) -> None:
@@ -185,6 +214,12 @@ class JaxptLM(TemplateLM):
         template = not (add_special_tokens is False or (add_special_tokens is None and holds_bos))
         return data.transformers_ids(self.tokenizer, string, template=template)
 
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list:
+        """``TemplateLM.loglikelihood``, once every request's text encodes
+        (``check_encodable``)."""
+        check_encodable(requests, self.tokenizer)
+        return super().loglikelihood(requests, disable_tqdm)
+
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **kwargs
     ) -> list[tuple[float, bool]]:
@@ -201,6 +236,7 @@ class JaxptLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         """Each text's log-likelihood after the prefix token, in windows of the model's
         length that predict every token once (the harness's rolling windows)."""
+        check_encodable(requests, self.tokenizer)
         owners, pairs = [], []
         for index, (text,) in enumerate(r.args for r in requests):
             tokens = self.tok_encode(text)
@@ -223,7 +259,9 @@ class JaxptLM(TemplateLM):
         reads them. Each batch samples with its own key, folded from a fixed one: repeats of
         a request differ, and the same requests give the same answers. An option it would
         ignore (``check_generation_options``), or a ``max_gen_toks`` that leaves the context no
-        room (``check_generation_length``), is refused before any request runs."""
+        room (``check_generation_length``), or a text the tokenizer cannot encode
+        (``check_encodable``), is refused before any request runs."""
+        check_encodable(requests, self.tokenizer)
         for request in requests:
             check_generation_options(request.args[1], request.task_name)
             check_generation_length(
@@ -364,6 +402,18 @@ def load_tasks(tasks: Sequence[str], max_length: int | None = None) -> list:
     return outer
 
 
+def check_requests(tasks: list, tokenizer: data.Tokenizer) -> None:
+    """DataError naming the first request of ``tasks`` (what ``load_tasks`` returns) whose
+    text ``tokenizer`` cannot encode (``check_encodable``), before any task runs: each task's
+    requests built as ``evaluate`` builds them (its few-shot examples drawn with
+    ``FEWSHOT_SEED``), which it builds again."""
+    for task in tasks:
+        for leaf in task.get_all_tasks() if isinstance(task, Group) else [task]:
+            leaf.set_fewshot_seed(FEWSHOT_SEED)
+            leaf.build_all_requests()
+            check_encodable(leaf.instances, tokenizer)
+
+
 def check_not_a_group(task: str) -> None:
     """ConfigError when ``task`` is a YAML file that defines a group (a ``group`` key, as
     lm-eval's index reads it): lm-eval finds a group's tasks by name only among the YAML
@@ -433,7 +483,11 @@ def evaluate(
     ``{"arc_easy": {"acc,none": 0.43, "acc_stderr,none": 0.01, ...}}``."""
     lm = JaxptLM(params, model_config, tokenizer, batch_size=batch_size, mesh=mesh, rules=rules)
     out = lm_eval.simple_evaluate(  # loaded tasks: an index without the built-ins will do
-        model=lm, tasks=tasks, task_manager=_manager(include_defaults=False), log_samples=False
+        model=lm,
+        tasks=tasks,
+        task_manager=_manager(include_defaults=False),
+        log_samples=False,
+        fewshot_random_seed=FEWSHOT_SEED,
     )
     return {
         task: {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
