@@ -500,6 +500,8 @@ def _harness_runner(config, tasks: list[str], mesh, tokenizer: data.Tokenizer) -
     loaded = harness.load_tasks(tasks, model_cfg.max_length)
     harness.check_requests(loaded, tokenizer)
     rows = config.train.batch_size // config.train.grad_accum_steps
+    init_from = config.checkpoint.init_from  # the model's, or the one it was fine-tuned from
+    stop_ids = hf.eos_ids(init_from) if init_from else ()
 
     def run(params) -> dict:
         metrics = harness.evaluate(
@@ -510,6 +512,7 @@ def _harness_runner(config, tasks: list[str], mesh, tokenizer: data.Tokenizer) -
             batch_size=rows,
             mesh=mesh,
             rules=config.mesh.rules,
+            stop_ids=stop_ids,
         )
         return {f"{evals.HARNESS}{name}": values for name, values in metrics.items()}
 

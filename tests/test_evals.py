@@ -921,6 +921,41 @@ def test_harness_refuses_a_generation_that_leaves_the_context_no_room(tmp_path):
         harness.load_tasks([str(task)], max_length=8)
 
 
+def test_harness_generation_stops_at_every_eos_id_of_the_checkpoint_as_transformers(tmp_path):
+    """A checkpoint whose config.json and generation_config.json list a second end-of-sequence
+    id (Llama 3 Instruct lists two): transformers' greedy ``generate`` (lm-eval's HF backend)
+    stops at it, JaxptLM went on past it (stopping at end-of-text only). With the checkpoint's
+    ``hf.eos_ids`` it stops there too and answers as transformers does."""
+    torch = pytest.importorskip("torch", reason="HF parity needs torch (see tests/test_hf.py)")
+    transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
+    harness = harness_or_skip()
+    from lm_eval.api.instance import Instance
+
+    cfg = dataclasses.replace(tiny_config("smollm"), vocab_size=99, block_size=16)
+    params = perturbed(models.get("smollm").init(jax.random.key(0), cfg), std=0.3)
+    (tmp_path / "tok").mkdir()
+    lm = harness.JaxptLM(params, cfg, word_tokenizer(tmp_path / "tok"), batch_size=4)
+    request = Instance("generate_until", {}, ("w1 w2 w3", {"until": [], "max_gen_toks": 8}), 0)
+    second = int(lm.generate_until([request])[0].split()[1][1:])  # made an eos id below
+    (tmp_path / "tok2").mkdir()
+    tokenizer = word_tokenizer(tmp_path / "tok2", specials=(f"w{second}",))
+    out = hf.save_pretrained(params, cfg, tmp_path / "hf", tokenizer=tokenizer)
+    config = json.loads((out / "config.json").read_text()) | {"eos_token_id": [98, second]}
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [98, second]}))
+    assert hf.eos_ids(out) == (98, second)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = hf_tokenizer.encode("w1 w2 w3")
+    generated = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8)
+    theirs = generated[0, len(ids) :]
+    assert theirs[-1] == second and len(theirs) < 8  # transformers stopped at it
+    back, stops = hf.from_pretrained(out), hf.eos_ids(out)
+    lm = harness.JaxptLM(back.params, back.config, back.tokenizer, batch_size=4, stop_ids=stops)
+    expected = hf_tokenizer.decode(theirs, skip_special_tokens=True)  # as HFLM decodes
+    assert lm.generate_until([request]) == [expected]
+
+
 def test_harness_encodes_a_text_starting_with_its_bos_as_lm_evals_hf_backend(tmp_path):
     """A text that starts with the BOS's text (a prompt rendered with a chat template):
     lm-eval's HF backend encodes it without the template's special tokens, so with one BOS;

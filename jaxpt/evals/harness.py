@@ -167,6 +167,8 @@ class JaxptLM(TemplateLM):
             a generation.
         batch_size: sequences per jitted call (over a mesh: a multiple of the batch devices).
         mesh, rules: the run's mesh and ``config.mesh.rules``, or None (default device).
+        stop_ids: the checkpoint's end-of-sequence ids (``hf.eos_ids``), each of which ends a
+            generation too, as transformers' ``generate`` stops at every one of them.
     """
 
     def __init__(
@@ -178,10 +180,12 @@ class JaxptLM(TemplateLM):
         batch_size: int,
         mesh: Mesh | None = None,
         rules=None,
+        stop_ids: Sequence[int] = (),
     ):
         super().__init__()
         self.params, self.model_config, self.tokenizer = params, model_config, tokenizer
         self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
+        self.stop_ids = tuple(stop_ids)
 
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> _scoring.Scores:
         return _scoring.score(
@@ -310,6 +314,7 @@ class JaxptLM(TemplateLM):
             **self._sampling(options),
             key=key,
             stop_token=self.tokenizer.eot_id,
+            stop_sequences=[[stop] for stop in self.stop_ids],
             n_tokens=self.tokenizer.vocab_size,
         )
         return [self._cut(completion, until) for completion in generated.completions()]
@@ -478,10 +483,19 @@ def evaluate(
     batch_size: int,
     mesh: Mesh | None = None,
     rules=None,
+    stop_ids: Sequence[int] = (),
 ) -> dict[str, dict[str, float]]:
     """The harness's metrics of each of ``tasks`` (what ``load_tasks`` returns), e.g.
-    ``{"arc_easy": {"acc,none": 0.43, "acc_stderr,none": 0.01, ...}}``."""
-    lm = JaxptLM(params, model_config, tokenizer, batch_size=batch_size, mesh=mesh, rules=rules)
+    ``{"arc_easy": {"acc,none": 0.43, "acc_stderr,none": 0.01, ...}}``, of ``JaxptLM``."""
+    lm = JaxptLM(
+        params,
+        model_config,
+        tokenizer,
+        batch_size=batch_size,
+        mesh=mesh,
+        rules=rules,
+        stop_ids=stop_ids,
+    )
     out = lm_eval.simple_evaluate(  # loaded tasks: an index without the built-ins will do
         model=lm,
         tasks=tasks,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from jaxpt.hf._convert import to_state_dict as to_state_dict
     from jaxpt.hf._files import Pretrained as Pretrained
     from jaxpt.hf._files import check_init_from as check_init_from
+    from jaxpt.hf._files import eos_ids as eos_ids
     from jaxpt.hf._files import from_pretrained as from_pretrained
     from jaxpt.hf._files import init_from_tokenizer as init_from_tokenizer
     from jaxpt.hf._files import load_init_from as load_init_from
@@ -49,6 +50,7 @@ _MODULES = {  # each name above -> its module
         [
             "Pretrained",
             "check_init_from",
+            "eos_ids",
             "from_pretrained",
             "init_from_tokenizer",
             "load_init_from",

@@ -310,6 +310,19 @@ def _from_origin(origin: str | os.PathLike) -> tuple[dict[str, Any], dict[str, b
     return ids, files
 
 
+def eos_ids(source: str | os.PathLike) -> tuple[int, ...]:
+    """The end-of-sequence ids of the checkpoint ``source`` (a directory or hub name), each of
+    which ends transformers' ``generate``: its generation_config.json's ``eos_token_id`` where
+    it sets one, else its config.json's; one id or a list (Llama 3 Instruct's two), () for
+    none. A jaxpt export keeps its origin's (``save_pretrained``)."""
+    directory = checkpoint_directory(source)
+    generation = directory / _GENERATION_CONFIG
+    ids = _read_json(generation).get("eos_token_id") if generation.is_file() else None
+    if ids is None:
+        ids = _read_hf_config(directory).get("eos_token_id")
+    return tuple(ids) if isinstance(ids, list) else () if ids is None else (ids,)
+
+
 def _temporary(path: Path) -> Path:
     """The name ``_write_atomic`` writes ``path`` under until it is complete."""
     return path.with_name(f".{path.name}.tmp")
