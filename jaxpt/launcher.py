@@ -210,7 +210,8 @@ def pretrained_params(config, workdir: str | Path) -> Callable[[], object] | Non
 def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
     """Prompt plus completion, as text, for each of ``options.num_samples`` samples drawn
     from the latest checkpoint in ``workdir`` (or ``checkpoint.init_from``, see
-    ``params_and_tokenizer``); each stops at end-of-text. The prompt is shown as typed,
+    ``params_and_tokenizer``); each stops at end-of-text or at an end-of-sequence id of
+    ``checkpoint.init_from`` (``init_from_eos_ids``). The prompt is shown as typed,
     without the special tokens its encoding added (Llama 3's BOS; an empty prompt's start),
     as transformers' ``decode(skip_special_tokens=True)`` shows a generation."""
     train.validate_config(config)
@@ -228,10 +229,19 @@ def sample(config, workdir: str | Path, options: SampleOptions) -> list[str]:
         top_p=None if options.top_p == 1 else options.top_p,
         key=jax.random.key(options.seed),
         stop_token=tokenizer.eot_id,
+        stop_sequences=[[stop] for stop in init_from_eos_ids(config)],
         n_tokens=tokenizer.vocab_size,
     )
     typed = data.transformers_ids(tokenizer, options.prompt, template=False)
     return [tokenizer.decode(typed + new) for new in generated.completions()]
+
+
+def init_from_eos_ids(config) -> tuple[int, ...]:
+    """The end-of-sequence ids of ``checkpoint.init_from`` (the model's, or the one it was
+    fine-tuned from; ``hf.eos_ids``), at each of which transformers' ``generate`` stops, as
+    sampling does; () without one."""
+    init_from = config.checkpoint.init_from
+    return hf.eos_ids(init_from) if init_from else ()
 
 
 def prompt_ids(tokenizer: data.Tokenizer, prompt: str) -> list[int]:
@@ -500,8 +510,7 @@ def _harness_runner(config, tasks: list[str], mesh, tokenizer: data.Tokenizer) -
     loaded = harness.load_tasks(tasks, model_cfg.max_length)
     harness.check_requests(loaded, tokenizer)
     rows = config.train.batch_size // config.train.grad_accum_steps
-    init_from = config.checkpoint.init_from  # the model's, or the one it was fine-tuned from
-    stop_ids = hf.eos_ids(init_from) if init_from else ()
+    stop_ids = init_from_eos_ids(config)
 
     def run(params) -> dict:
         metrics = harness.evaluate(

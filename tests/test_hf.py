@@ -992,7 +992,15 @@ def test_generate_mode_samples_from_init_from_without_a_checkpoint(tmp_path, cap
         stop_token=tokenizer.eot_id,
         n_tokens=tokenizer.vocab_size,
     )
-    assert text == tokenizer.decode(prompt + new.completions()[0])
+    completion = new.completions()[0]
+    assert text == tokenizer.decode(prompt + completion)
+    # a second end-of-sequence id (Llama 3 Instruct lists two), where transformers' generate
+    # stops too: sampling went on past it, to end-of-text only
+    second = completion[2]
+    eos = {"eos_token_id": [tokenizer.eot_id, second]}
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(eos))
+    (text,) = launcher.sample(config, tmp_path / "run", options)
+    assert text == tokenizer.decode(prompt + completion[: completion.index(second) + 1])
 
 
 def test_command_line_imports_a_checkpoint(tmp_path):
