@@ -1182,7 +1182,6 @@ def test_eval_mode_on_init_from_without_a_checkpoint(tmp_path, capsys):
     assert record["results"] == {"hellaswag": expected.summary()}
 
 
-@pytest.mark.parametrize("empty_checkpoints", [False, True])
 def refuse_hard_links(monkeypatch, code: int) -> None:
     """``os.link`` fails with ``code``, as link(2) does where a filesystem has no hard links."""
 
@@ -1233,6 +1232,7 @@ def test_eval_results_that_cannot_be_written_leave_no_file(tmp_path, monkeypatch
     assert list(directory.iterdir()) == []
 
 
+@pytest.mark.parametrize("empty_checkpoints", [False, True])
 def test_eval_mode_without_params_says_so_before_reading_task_data(
     tmp_path, monkeypatch, empty_checkpoints
 ):
