@@ -21,6 +21,7 @@ acc_norm 0.3114, its ``acc_norm`` per byte, not per token).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import reprlib
@@ -219,10 +220,21 @@ class JaxptLM(TemplateLM):
         return data.transformers_ids(self.tokenizer, string, template=template)
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list:
-        """``TemplateLM.loglikelihood``, once every request's text encodes
-        (``check_encodable``)."""
-        check_encodable(requests, self.tokenizer)
-        return super().loglikelihood(requests, disable_tqdm)
+        """``TemplateLM.loglikelihood``, which encodes every request before it scores one; a
+        text the tokenizer cannot encode is named (``_naming_unencodable``)."""
+        with self._naming_unencodable(requests):
+            return super().loglikelihood(requests, disable_tqdm)
+
+    @contextlib.contextmanager
+    def _naming_unencodable(self, requests: list[Instance]):
+        """Where the block's encoding of ``requests`` fails, ``check_encodable``'s sentence
+        naming the request's task, document and text instead: the texts are encoded again
+        only then."""
+        try:
+            yield
+        except DataError:
+            check_encodable(requests, self.tokenizer)
+            raise
 
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **kwargs
@@ -239,11 +251,12 @@ class JaxptLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         """Each text's log-likelihood after the prefix token, in windows of the model's
-        length that predict every token once (the harness's rolling windows)."""
-        check_encodable(requests, self.tokenizer)
+        length that predict every token once (the harness's rolling windows), every text
+        encoded before any is scored."""
         owners, pairs = [], []
         for index, (text,) in enumerate(r.args for r in requests):
-            tokens = self.tok_encode(text)
+            with self._naming_unencodable(requests):
+                tokens = self.tok_encode(text)
             length = self.model_config.max_length or max(len(tokens), 1)
             windows = get_rolling_token_windows(tokens, self.prefix_token_id, length, 1)
             for window in map(make_disjoint_window, windows):
