@@ -401,6 +401,40 @@ def test_a_damaged_checkpoint_is_one_warning_not_its_abandoned_reads(workdir):
     )
 
 
+ABANDONED_READ_ERRORS = """
+import sys
+from jaxpt.train import _checkpoint
+
+class AbandonedRead:  # its error reaches the unraisable hook, as orbax's abandoned reads' do
+    def __init__(self, when):
+        self.when = when
+
+    def __del__(self):
+        print(f"{self.when}:", end=" ", file=sys.stderr, flush=True)
+        raise RuntimeError("Event loop is closed")
+
+with _checkpoint._unreadable_on_error():
+    AbandonedRead("in flight")
+AbandonedRead("after a read that succeeded")
+try:
+    with _checkpoint._unreadable_on_error():
+        raise ValueError("NOT_FOUND")
+except _checkpoint._Unreadable:
+    AbandonedRead("after a read that failed")
+"""
+
+
+def test_abandoned_reads_errors_are_dropped_from_the_reads_start_not_only_after_it_failed():
+    """Orbax closes its event loop, and the reads it abandoned fail on its threads, before
+    the failed restore's error reaches jaxpt: their tracebacks came first, now and then (the
+    damaged-checkpoint test above failed about once in ten). Errors of that kind are still
+    printed after a read that succeeded."""
+    result = run_in_repo([sys.executable, "-c", ABANDONED_READ_ERRORS])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Event loop is closed") == 1, result.stderr
+    assert result.stderr.startswith("in flight: after a read that succeeded: Exception ignored")
+
+
 def test_no_readable_checkpoint_says_what_to_do(workdir):
     """It said "no checkpoint in ... could be read." and no more."""
     for step in (2, 4):

@@ -452,18 +452,24 @@ class _Unreadable(Exception):
 def _unreadable_on_error():
     """Turns whatever orbax and tensorstore raise on missing or damaged files into
     ``_Unreadable`` with the first line of the root cause. Orbax reads arrays (and their
-    metadata) concurrently and leaves the others running when one fails: their errors are
-    dropped (``_drop_abandoned_read_errors``)."""
+    metadata) concurrently, and when one fails it closes its event loop with the others
+    still running: they fail in turn, on its threads, from that moment to the process's exit.
+    Their errors are dropped while a read is in flight and, once one has failed, for good
+    (``_AbandonedReadErrors``)."""
+    abandoned_reads = _abandoned_read_errors()
+    abandoned_reads.reading += 1
     try:
         yield
     except Exception as error:  # orbax wraps tensorstore's errors in a bare Exception
-        _drop_abandoned_read_errors()
+        abandoned_reads.failed = True
         cause = error
         while cause.__cause__ is not None:
             cause = cause.__cause__
         first_line = (str(cause).splitlines() or [""])[0]
         first_line = _TENSORSTORE_PAYLOADS.sub("", first_line)[:300]
         raise _Unreadable(f"{type(cause).__name__}: {first_line}") from error
+    finally:
+        abandoned_reads.reading -= 1
 
 
 # What tensorstore appends to an error's message: " [tensorstore_spec='{...the whole spec as
@@ -471,21 +477,28 @@ def _unreadable_on_error():
 _TENSORSTORE_PAYLOADS = re.compile(r" \[[\w ]+='.*")
 
 
-@functools.cache  # once per process
-def _drop_abandoned_read_errors() -> None:
-    """The reads a failed restore abandoned fail too, later (often at exit, once orbax's event
-    loop is closed), and asyncio and the unraisable hook print each one's traceback: hundreds
-    of lines. The checkpoint was reported unreadable already, so those stay off the console."""
-    logging.getLogger("asyncio").addFilter(
-        lambda record: "exception was never retrieved" not in record.getMessage()
-    )
-    previous_hook = sys.unraisablehook
+class _AbandonedReadErrors:
+    """Keeps the errors of the reads a failed restore abandoned off the console: asyncio and
+    the unraisable hook would print each one's traceback, hundreds of lines after the
+    checkpoint was reported unreadable. Its hooks drop them only while a read is in flight
+    (``reading``) or after one ``failed``."""
 
-    def hook(unraisable) -> None:
-        if not _abandoned_read_error(unraisable.exc_value):
-            previous_hook(unraisable)
+    def __init__(self):
+        self.reading = 0
+        self.failed = False
+        logging.getLogger("asyncio").addFilter(self._keeps_log_record)
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable_hook
 
-    sys.unraisablehook = hook
+    def _dropping(self) -> bool:
+        return self.reading > 0 or self.failed
+
+    def _keeps_log_record(self, record: logging.LogRecord) -> bool:
+        return not (self._dropping() and "exception was never retrieved" in record.getMessage())
+
+    def _unraisable_hook(self, unraisable) -> None:
+        if not (self._dropping() and _abandoned_read_error(unraisable.exc_value)):
+            self._previous_hook(unraisable)
 
 
 def _abandoned_read_error(error: BaseException | None) -> bool:
@@ -493,6 +506,11 @@ def _abandoned_read_error(error: BaseException | None) -> bool:
         return True
     frames = traceback.extract_tb(error.__traceback__) if error is not None else []
     return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
+@functools.cache  # one per process, made at its first read
+def _abandoned_read_errors() -> _AbandonedReadErrors:
+    return _AbandonedReadErrors()
 
 
 @contextlib.contextmanager
