@@ -365,6 +365,8 @@ def test_harness_multiple_choice_task_asks_for_the_native_scores(tmp_path):
     assert out["results"]["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
     metrics = harness.evaluate(params, cfg, CHARS, harness.load_tasks([str(task)]), batch_size=6)
     assert metrics["local_hellaswag"]["acc,none"] == pytest.approx(native.acc)
+    count = metrics["local_hellaswag"]["sample_len"]  # printed 4.0000 in the results table
+    assert type(count) is int and count == len(native.items)
 
 
 def test_harness_unknown_task_and_unloadable_data_are_one_sentence(tmp_path, monkeypatch):

@@ -497,9 +497,10 @@ def evaluate(
     mesh: Mesh | None = None,
     rules=None,
     stop_ids: Sequence[int] = (),
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | int]]:
     """The harness's metrics of each of ``tasks`` (what ``load_tasks`` returns), e.g.
-    ``{"arc_easy": {"acc,none": 0.43, "acc_stderr,none": 0.01, ...}}``, of ``JaxptLM``."""
+    ``{"arc_easy": {"acc,none": 0.43, "acc_stderr,none": 0.01, "sample_len": 2376, ...}}``,
+    of ``JaxptLM``: metrics as floats, counts as ints."""
     lm = JaxptLM(
         params,
         model_config,
@@ -517,6 +518,11 @@ def evaluate(
         fewshot_random_seed=FEWSHOT_SEED,
     )
     return {
-        task: {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        task: {k: v if isinstance(v, int) else float(v) for k, v in metrics.items() if _number(v)}
         for task, metrics in out["results"].items()
     }
+
+
+def _number(value) -> bool:
+    """Whether a result's ``value`` is a metric or a count (``sample_len``), not a name."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
