@@ -843,6 +843,21 @@ def test_ctrl_c_before_the_training_loop_is_one_line_and_exits_130(tmp_path):
     assert err == "launch.py: interrupted (SIGINT); run the command again to go on.\n"
 
 
+def test_a_signal_the_process_ignores_does_not_stop_training():
+    """A shell's background job ignores SIGINT, so Ctrl-C at that terminal leaves it running;
+    the loop's handler replaced that, and such a run saved and exited 130 at the first Ctrl-C."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = _loop._StopRequest(mesh)
+        os.kill(os.getpid(), signal.SIGINT)
+        stop.restore()
+        assert not stop.after_step()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_while_launch_py_imports_is_one_line_and_exits_130(tmp_path):
     """Ctrl-C in the seconds jax and the rest import, before main runs, printed a
     KeyboardInterrupt traceback."""

@@ -186,13 +186,19 @@ class Interrupted(Exception):
 
 
 class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps. Over several
-    processes, which a signal may reach steps apart, they agree: a process that stopped alone
-    would save while the others still step, and their collectives would hang."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps; one the process
+    ignores (SIGINT in a shell's background job, which Ctrl-C at its terminal must not stop)
+    stays ignored. Over several processes, which a signal may reach steps apart, they agree: a
+    process that stopped alone would save while the others still step, and their collectives
+    would hang."""
 
     def __init__(self, mesh):
         self.signal: signal.Signals | None = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {
+            s: signal.signal(s, self._handle)
+            for s in (signal.SIGTERM, signal.SIGINT)
+            if signal.getsignal(s) is not signal.SIG_IGN
+        }
         self._any_process = _any_process(mesh) if jax.process_count() > 1 else None
         self._agreement: jax.Array | None = None  # dispatched after the last step
 
