@@ -166,6 +166,25 @@ def test_training_never_rewrites_a_users_metrics_or_plot(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_another_programs_checkpoints_directory_is_not_a_runs(tmp_path):
+    """Another trainer's run directory keeps its own checkpoints/: beside it, its
+    metrics.jsonl lost every record and its loss.png was drawn over, and a jaxpt step was
+    saved among its weights."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "model.pt").write_bytes(b"a user's weights")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (tmp_path / "loss.png").write_bytes(b"a user's plot")
+    before = snapshot(tmp_path)
+    where = re.escape(str(tmp_path / "checkpoints"))
+    with pytest.raises(
+        models.ConfigError,
+        match=rf"^{where} holds model\.pt, which no jaxpt run makes there, so .* is not a jaxpt "
+        r"run's: choose a new or empty --workdir \(nothing was changed\)\.$",
+    ):
+        train.train(trained_config(), tmp_path)
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("name", ["checkpoints", "tensorboard", "profile"])
 def test_a_file_where_a_run_keeps_a_directory_is_one_sentence(tmp_path, name):
     """Tracebacks: orbax's at the first save, after minutes of waiting (checkpoints), a

@@ -61,6 +61,26 @@ _CHECKPOINT_NAMES = frozenset({"config", "loader", "state", "commit_success.txt"
 _UNFINISHED = ocp.path.atomicity_types.TMP_DIR_SUFFIX
 
 
+# What a run makes in its checkpoints/: steps, those set aside (<step>.unreadable-<n>, before
+# <step>.unreadable) and orbax's unfinished ones; orbax's own names begin with "_" or are its
+# root "metadata", and those beginning with "." are the file system's (NFS's .nfs* of a file
+# deleted while open).
+_RUN_ENTRY = re.compile(rf"\d+(\.unreadable(-\d+)?|{re.escape(_UNFINISHED)}.*)?|metadata|[_.].*")
+
+
+def check_run_checkpoints(directory: Path) -> None:
+    """ConfigError naming the first name in ``directory`` (a workdir's ``checkpoints/``)
+    that no jaxpt run makes there: another program's directory, beside which training would
+    rewrite that program's ``metrics.jsonl`` and ``loss.png``."""
+    foreign = sorted(p.name for p in directory.iterdir() if not _RUN_ENTRY.fullmatch(p.name))
+    if foreign:
+        raise ConfigError(
+            f"{directory} holds {foreign[0]}, which no jaxpt run makes there, so "
+            f"{directory.parent} is not a jaxpt run's: choose a new or empty --workdir "
+            "(nothing was changed)."
+        )
+
+
 def _foreign_names(step_dir: Path) -> list[str]:
     """The names in ``step_dir`` that no checkpoint of ours holds (finished or not), sorted."""
     names = {p.name.split(_UNFINISHED)[0] for p in step_dir.iterdir()}

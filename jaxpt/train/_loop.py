@@ -17,7 +17,11 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpt import data, evals, models, nn, sharding
 from jaxpt.errors import ConfigError, check_range
-from jaxpt.train._checkpoint import Checkpoints, check_outside_checkpoints
+from jaxpt.train._checkpoint import (
+    Checkpoints,
+    check_outside_checkpoints,
+    check_run_checkpoints,
+)
 from jaxpt.train._memory import check_state_fits, memory_checked
 from jaxpt.train._metrics import MetricsLog, StepClock, print_once
 from jaxpt.train._optimizer import (
@@ -412,7 +416,8 @@ def _prepare(config) -> _Run:
 
 def _check_workdir(workdir: Path) -> None:
     """Raises ConfigError when ``workdir`` is inside another run's checkpoints
-    (``check_outside_checkpoints``), holds a file where training makes a directory, or a
+    (``check_outside_checkpoints``), holds a file where training makes a directory, a
+    ``checkpoints/`` holding names no run makes there (``check_run_checkpoints``), or a
     ``metrics.jsonl`` or ``loss.png`` (which training rewrites) but no ``checkpoints/``: a
     run makes that directory before it logs, so those files are not a run's but someone
     else's."""
@@ -425,6 +430,7 @@ def _check_workdir(workdir: Path) -> None:
                 "or empty --workdir (nothing was changed)."
             )
     if (workdir / "checkpoints").is_dir():
+        check_run_checkpoints(workdir / "checkpoints")
         return
     held = [name for name in ("metrics.jsonl", "loss.png") if (workdir / name).exists()]
     if held:
