@@ -679,6 +679,19 @@ def test_smoke_run_writes_metrics_plot_checkpoint_and_profile(tmp_path, capsys):
     assert len(list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))) == 1
 
 
+def test_a_profile_cut_short_names_the_steps_it_traced(tmp_path, capsys):
+    """A run that ended (its last step, SIGTERM) inside the traced steps said it had traced
+    every one of them: 'profile of steps 2-6' for a run of 3 steps."""
+    config = char_config()
+    config.log.profile_from_step, config.log.profile_steps = 2, 5
+    profiler = _loop._StepProfiler(tmp_path, config.log, start_step=0)
+    for step in (1, 2, 3):
+        profiler.before(step)
+        profiler.after(step, {})
+    profiler.stop()
+    assert capsys.readouterr().out == f"profile of steps 2-3 in {tmp_path / 'profile'}\n"
+
+
 def test_evaluation_time_is_not_counted_in_the_next_steps_throughput(tmp_path, monkeypatch):
     """``tokens_per_s`` (and MFU) is a training step's: the steps logged after a validation
     (or HellaSwag) counted its time as theirs, so a slow evaluation showed as a slow step."""

@@ -255,6 +255,7 @@ class _StepProfiler:
         self.first = log_cfg.profile_from_step
         self.last = self.first + log_cfg.profile_steps - 1
         self.tracing = False
+        self.traced_to = self.first  # the last step dispatched while tracing
         if self.first and start_step >= self.first:
             print_once(
                 f"log.profile_from_step={self.first} is not after step {start_step}, where this "
@@ -269,7 +270,10 @@ class _StepProfiler:
 
     def after(self, step: int, metrics: dict) -> None:
         """Stops the trace once the last traced step, just dispatched, has run."""
-        if self.tracing and step >= self.last:
+        if not self.tracing:
+            return
+        self.traced_to = step
+        if step >= self.last:
             jax.block_until_ready(metrics)
             self.stop()
 
@@ -277,7 +281,7 @@ class _StepProfiler:
         if self.tracing:
             jax.profiler.stop_trace()
             self.tracing = False
-            print(f"profile of steps {self.first}-{self.last} in {self.directory}", flush=True)
+            print(f"profile of steps {self.first}-{self.traced_to} in {self.directory}", flush=True)
 
 
 class _PendingSteps:
