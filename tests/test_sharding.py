@@ -400,6 +400,28 @@ def test_ragged_experts_split_over_the_mesh_are_one_sentence(tmp_path):
         jax.eval_shape(lambda p, t: model.apply(p, t, cfg), params, tokens)
 
 
+def test_ragged_experts_stored_split_over_fsdp_run_as_the_layer_does():
+    """An ``expert`` rule naming fsdp splits the stored experts, which the layer gathers whole
+    for its use (fsdp splits only the activations' batch): no expert parallelism, so ragged
+    experts run, as on one device. The check before the run refused them (naming mesh.expert
+    > 1, here 1): it read the params' rules, not the layer's."""
+    config = small_config("tiny_moe", data=4, fsdp=2)
+    config.mesh.rules.expert = ("expert", "fsdp")
+    config.model.moe_matmul = "ragged"
+    mesh = sharding.make_mesh(config.mesh)
+    train.check_experts_fit_mesh(config, mesh)
+    cfg = models.config_from(config.model)
+    model = models.get(cfg.name)
+    params = model.init(jax.random.key(0), cfg)
+    tokens = batches(config)[0, :8, :-1]
+    apply = jax.jit(lambda p, t: model.apply(p, t, cfg)[0])
+    split = jax.device_put(params, sharding.param_shardings(params, mesh, config.mesh.rules))
+    assert split.blocks[0].mixer.experts.up.weight.sharding.spec[1] == "fsdp"
+    with sharding.activation_sharding(mesh, config.mesh.rules):
+        sharded = apply(split, tokens)
+    np.testing.assert_allclose(sharded, apply(params, tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_a_mesh_that_does_not_fit_the_devices_is_one_sentence():
     config = small_config("gpt", data=3)
     with pytest.raises(ConfigError, match="devices"):

@@ -99,12 +99,13 @@ def check_batch_fits_mesh(config, mesh) -> None:
 def check_experts_fit_mesh(config, mesh) -> None:
     """Ragged top-k experts (``model.moe_matmul``) cannot be split over the devices that
     share the batch (expert parallelism moves the padded rows); said before anything runs,
-    not when the step is traced."""
+    not when the step is traced. The layer splits them by the activations' rules (a rule's
+    data and fsdp axes gather the stored experts whole), and so does this check."""
     cfg = models.config_from(config.model)
     if not (isinstance(cfg, models.ModelConfig) and "moe" in cfg.mixer_pattern):
         return
     rules = config.mesh.rules
-    spec = sharding.spec_for((cfg.n_experts,), ("expert",), mesh, rules)
+    spec = sharding.spec_for((cfg.n_experts,), ("expert",), mesh, sharding.activation_rules(rules))
     nn.check_grouped_matmul(
         cfg.moe_matmul, nn.expert_parallel_axes(spec[0], sharding.batch_axes(mesh, rules))
     )
