@@ -57,7 +57,8 @@ def add_bias(y: Array, bias: Array | None) -> Array:
     step in bfloat16."""
     if bias is None:
         return y
-    return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
+    bias = jax.lax.broadcast_to_rank(bias.astype(jnp.float32), y.ndim)
+    return (y.astype(jnp.float32) + bias).astype(y.dtype)
 
 
 def stacked_linear(layers: tuple[Linear, ...], x: Array) -> tuple[Array, ...]:

@@ -69,7 +69,7 @@ def _nll_fwd(logits: Array, targets: Array):
 @jax.named_scope("cross_entropy")
 def _nll_bwd(residuals, grad: Array):
     logits, peak, total, targets = residuals
-    one_hot = jnp.arange(logits.shape[-1]) == targets[..., None]  # (B, T, V) bool
+    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.bool_)  # (B, T, V)
     probs = _shifted_exp(logits, peak) / total[..., None]
     dlogits = (probs - one_hot) * grad[..., None]
     return dlogits.astype(logits.dtype), None

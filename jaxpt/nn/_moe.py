@@ -373,7 +373,7 @@ def expert_rows(r: Routing, n_experts: int, capacity: int, *, padded: bool) -> E
         group_sizes = per_sequence.sum(0)
         group_start = jnp.cumsum(group_sizes) - group_sizes  # (E,)
         sequence_start = jnp.cumsum(per_sequence, axis=0) - per_sequence  # (B, E)
-        start = group_start + sequence_start  # (B, E): row of slot 0
+        start = group_start[None, :] + sequence_start  # (B, E): row of slot 0
         row = jnp.take_along_axis(start[:, None, :], r.expert.reshape(b, 1, -1), axis=2)
         row = row.reshape(b, t, k) + r.slot
     return ExpertRows(jnp.where(kept, row, n_rows), group_sizes, n_rows)

@@ -56,7 +56,8 @@ def layer_norm(p: LayerNorm, x: Array, eps: float, *, kernels: str = "xla") -> A
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jnp.reciprocal(jnp.sqrt(var + eps))
-    return (y * p.scale + p.bias).astype(x.dtype)
+    scale, bias = (jax.lax.broadcast_to_rank(a, x.ndim) for a in (p.scale, p.bias))
+    return (y * scale + bias).astype(x.dtype)
 
 
 @jax.named_scope("rms_norm")
@@ -67,7 +68,7 @@ def rms_norm(p: RMSNorm, x: Array, eps: float, *, kernels: str = "xla") -> Array
         return _norm_pallas.norm(x, p.scale, None, eps)
     x32 = x.astype(jnp.float32)
     y = x32 * jnp.reciprocal(jnp.sqrt(jnp.square(x32).mean(-1, keepdims=True) + eps))
-    return (y * p.scale).astype(x.dtype)
+    return (y * jax.lax.broadcast_to_rank(p.scale, x.ndim)).astype(x.dtype)
 
 
 class Norm(NamedTuple):

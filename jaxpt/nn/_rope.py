@@ -19,7 +19,7 @@ def rope_angles(positions: Array, head_dim: int, base: float) -> tuple[Array, Ar
         ``(cos, sin)``, each ``(B, T, Dh // 2)`` float32.
     """
     inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # (Dh/2,)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
 
