@@ -283,8 +283,8 @@ def _ends_with_stop(tokens: Array, lengths: Array, token: Array, new: Array, sto
     rows = jnp.arange(len(tokens))[:, None]
     ended = jnp.zeros(lengths.shape, bool)
     for *earlier, last in stops:
-        at = lengths[:, None] - len(earlier) + jnp.arange(len(earlier))  # (B, S - 1)
-        match = (tokens[rows, at] == jnp.asarray(earlier, jnp.int32)).all(axis=-1)
+        at = lengths[:, None] - len(earlier) + jnp.arange(len(earlier))[None, :]  # (B, S - 1)
+        match = (tokens[rows, at] == jnp.asarray(earlier, jnp.int32)[None, :]).all(axis=-1)
         ended |= (token == last) & (new > len(earlier)) & match
     return ended
 
