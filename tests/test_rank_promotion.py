@@ -1,6 +1,7 @@
 """The library under strict rank promotion (``jax.numpy_rank_promotion("raise")``, which many
-JAX codebases set): every preset's forward and gradient, cached decoding and sampling, a train
-step of each optimizer, each equal to the same computation under the default ("allow")."""
+JAX codebases set): every preset's forward and gradient and a train step of each optimizer lower
+to the program they lower to under the default ("allow"); cached decoding and sampling give its
+tokens."""
 
 import functools
 
@@ -14,15 +15,23 @@ from tests.test_models import perturbed, random_tokens, tiny_config
 from tests.test_train import tiny_run
 
 
-def strict_equals_default(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` under rank promotion "raise", checked equal to it under "allow"
-    (jit traces again for each: the setting is part of its cache key)."""
+def strict_lowers_as_default(jitted, *args, **kwargs) -> None:
+    """``jitted`` lowered for ``args`` under rank promotion "raise" (where tracing it would
+    raise at an implicit rank promotion) is the program it lowers to under "allow"."""
+    with jax.numpy_rank_promotion("raise"):
+        strict = jitted.lower(*args, **kwargs).as_text()
+    with jax.numpy_rank_promotion("allow"):
+        default = jitted.lower(*args, **kwargs).as_text()
+    assert strict == default
+
+
+def strict_equals_default(fn, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)`` under rank promotion "raise" equals it under "allow"."""
     with jax.numpy_rank_promotion("raise"):
         strict = fn(*args, **kwargs)
     with jax.numpy_rank_promotion("allow"):
         default = fn(*args, **kwargs)
     jax.tree.map(np.testing.assert_array_equal, strict, default)
-    return strict
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -48,18 +57,20 @@ MODELS = [(name, {}) for name in models.names()] + [("tiny_moe_2", dict(moe_matm
 def test_every_preset_forward_and_gradient(name, overrides):
     cfg = tiny_config(name, **overrides)
     params = models.get(name).init(jax.random.key(0), cfg)
-    strict_equals_default(gradient_and_logits, params, random_tokens(1, (2, 17)), cfg)
+    strict_lowers_as_default(gradient_and_logits, params, random_tokens(1, (2, 17)), cfg)
 
 
-@pytest.mark.parametrize("name", ["gqa_glu_rope_gpt", "tiny_moe_2"])
 @pytest.mark.parametrize(
-    "sampling",
-    [dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9)],
-    ids=["greedy", "sampled"],
+    ("name", "sampling"),
+    [
+        ("gqa_glu_rope_gpt", dict(temperature=0.0)),
+        ("tiny_moe_2", dict(temperature=0.8, top_k=20, top_p=0.9)),
+    ],
+    ids=["dense-greedy", "moe-sampled"],
 )
 def test_cached_generation(name, sampling):
     """Prompts of two lengths, decoded with a KV cache (top-k MoE at a capacity that drops
-    nothing is cacheable), stopping at a sequence of two tokens."""
+    nothing is cacheable), stopping at a sequence of two tokens: the same tokens."""
     cfg = tiny_config(name, **({"load_factor": 4.0} if "moe" in name else {}))
     assert cfg.is_cacheable
     params = perturbed(models.get(name).init(jax.random.key(0), cfg), std=0.3)
@@ -88,4 +99,4 @@ def test_a_train_step_of_each_optimizer(optimizer):
     tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, config.model.vocab_size)
     step = jax.jit(train.make_train_step(config, tx))
     state = train.start_state(params, tx)
-    strict_equals_default(step, state, tokens[:, :-1], tokens[:, 1:])
+    strict_lowers_as_default(step, state, tokens[:, :-1], tokens[:, 1:])
