@@ -147,6 +147,29 @@ def test_a_longer_run_extends_the_cache_and_a_shorter_one_reads_its_part(hub, tm
     assert grown.next_batch(state)[1]["step"] == 1
 
 
+def test_a_finished_run_given_more_steps_reads_the_extended_cache_at_once(hub, tmp_path):
+    """A run's last checkpoint holds the state of an epoch not begun (one epoch is exactly its
+    steps): resumed with train.steps raised, that epoch read the finished run's tokens again
+    (the same windows in another order) and left the tokens the cache was extended by for
+    the epoch after; an epoch not begun now covers all the tokens of the loader that begins
+    it."""
+    short = ensure(tmp_path / "cache", 10)
+    loader = data.Loader(short, "train", B, T)
+    state = loader.init_state(seed=3)
+    for _ in range(loader.steps_per_epoch):  # the whole run; its last checkpoint's state
+        _, state = loader.next_batch(state)
+    assert (state["epoch"], state["step"], state["tokens"]) == (1, 0, short.tokens("train"))
+    long = ensure(tmp_path / "cache", 60)  # --config.train.steps=60 on resume
+    grown = data.Loader(long, "train", B, T)
+    assert grown.holds(state)
+    began_there = {**state, "tokens": grown.tokens, "data": grown.digest(grown.tokens)}
+    batch, after = grown.next_batch(state)
+    expected, expected_after = grown.next_batch(began_there)
+    np.testing.assert_array_equal(batch, expected)
+    assert after == expected_after and after["tokens"] == long.tokens("train")
+    assert grown.steps_per_epoch == 60  # the 50 steps still to run read no window twice
+
+
 def test_offline_is_one_sentence_naming_what_to_do(hub, tmp_path):
     hub.offline = True
     with pytest.raises(data.DataError, match="could not be streamed from the hub") as e:

@@ -7,7 +7,8 @@ step s of the epoch is windows s*B ... s*B + B - 1 of that order. The loader hol
 `next_batch(state)` returns the batch `state` points at and the state after it, so the state a
 checkpoint stores resumes exactly. The state records the N of its epoch: a run resumed on
 data that has grown since (a longer run extended its cache) finishes that epoch as it began,
-and the next epoch covers all N of this loader. The state also records a digest of the N
+and the next epoch covers all N of this loader, as does an epoch not begun (step 0: the state
+a finished run ends on, resumed with more steps). The state also records a digest of the N
 tokens it indexes (`data`: runs of tokens spread over them), so a state is refused by a loader
 of other data, however its path is spelled. The state is global (the same on every
 process); `rows` picks the rows of each global batch this process reads.
@@ -119,12 +120,14 @@ class Loader:
         """The batch at `state`: this process's rows, (len(rows), T + 1) int32 (a `MaskedBatch`
         of such arrays for chat data); the next state."""
         self._check(state)
-        windows = _epoch_windows(state["tokens"], self.seq_len, self.by_rows)
+        # an epoch not begun (a finished run's last state) covers all of this loader's tokens
+        tokens = state["tokens"] if state["step"] else self.tokens
+        windows = _epoch_windows(tokens, self.seq_len, self.by_rows)
         shift, order = self._epoch_order(state["seed"], state["epoch"], windows)
         batch = self._read_windows(
             shift + order[state["step"] * self.batch_size + self.rows] * self._stride
         )
-        step, epoch, tokens = state["step"] + 1, state["epoch"], state["tokens"]
+        step, epoch = state["step"] + 1, state["epoch"]
         if step == windows // self.batch_size:
             step, epoch, tokens = 0, epoch + 1, self.tokens
         return batch, {
