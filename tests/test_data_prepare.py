@@ -789,3 +789,17 @@ def test_out_named_by_a_dot_is_prepared_with_its_lock_beside_it(small, tmp_path,
     assert prepare(tmp_path / "story.txt", ".", shard_tokens=64).tokens() == small.tokens()
     assert_same_files(here, small.directory)
     assert not (tmp_path / "here.lock").exists()
+
+
+def test_out_under_the_home_directory_by_a_tilde_is_prepared_there(small, tmp_path, monkeypatch):
+    """`--dataset=~/book.txt` read the home directory's file, but `--out=~/data/book` (the
+    shell leaves a tilde after `--out=` as it is) made a directory named `~` in the current
+    one, where `data.dataset=~/data/book`, which is the home directory's, found nothing."""
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir(), here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    manifest = prepare(tmp_path / "story.txt", "~/data/book", shard_tokens=64)
+    assert manifest.directory == home / "data/book" and not list(here.iterdir())
+    assert_same_files(home / "data/book", small.directory)
+    assert data.ensure_prepared(run_data("~/data/book")) == data.load_manifest(home / "data/book")

@@ -122,7 +122,8 @@ def prepare_dataset(
         dataset: a Hugging Face hub name (the CLI's default is DEFAULT_DATASET, FineWeb-Edu
             sample-10BT), or a local file or directory of .txt/.md (one document
             per file), .json/.jsonl/.parquet/.csv (one per row) files, or a `save_to_disk` dir.
-        out: the data directory to write: new, empty, or written by an earlier run.
+        out: the data directory to write: new, empty, or written by an earlier run (a
+            leading `~` is the home directory, as in `dataset`).
         tokenizer: "gpt2", "char" (vocabulary built from the corpus), or a tokenizer.json path.
         config_name: the hub dataset's config; None picks "sample-10BT" for FineWeb-Edu.
         split: the split to read (local files have only "train").
@@ -280,7 +281,7 @@ def prepare_documents(
     process's alone (a temporary directory), so no lock is taken.
     """
     _check_sizes(shard_tokens, val_tokens, max_tokens, workers)
-    out = Path(out)
+    out = Path(out).expanduser()  # as `dataset` and data.dataset: a shell leaves --out=~/...
     settings = {"source": source, "shard_tokens": shard_tokens, "val_tokens": val_tokens}
     finished = _finished(out, settings, max_tokens)
     if finished is not None:  # read only: needs no lock, nor a writable directory
