@@ -248,3 +248,20 @@ def test_saved_with_the_data_an_hf_tokenizer_keeps_its_chat_template_file(tmp_pa
     (tmp_path / "data").mkdir()
     data.HFTokenizer(source).save(tmp_path / "data")
     assert data.HFTokenizer(tmp_path / "data").chat_template == template
+
+
+def test_a_tokenizer_under_the_home_directory_by_a_tilde_is_found(tmp_path, monkeypatch):
+    """`--tokenizer=~/tok` (the shell leaves a tilde after `--tokenizer=` as it is) and
+    data.tokenizer='~/tok' were refused as "neither 'gpt2', 'char' nor an existing
+    tokenizer.json", while --dataset and data.dataset read `~` as the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    built = data.get_tokenizer(build_hf_tokenizer(tmp_path / "tok"))
+    assert data.get_tokenizer("~/tok").encode("lion") == built.encode("lion")
+    source = tmp_path / "docs.jsonl"
+    source.write_text(json.dumps({"text": "The lion roared."}) + "\n")
+    manifest = data.prepare_dataset(
+        str(source), tmp_path / "out", tokenizer="~/tok", progress=False
+    )
+    assert manifest.source["tokenizer"] == str(tmp_path / "tok")
+    config = types.SimpleNamespace(dataset="embedded", tokenizer="~/tok", max_tokens=0)
+    assert data.ensure_prepared(config, tmp_path / "cache").tokenizer["kind"] == "hf"

@@ -415,7 +415,7 @@ def resolve_tokenizer_name(name: str) -> str:
     if name in ("gpt2", "char"):
         return name
     get_tokenizer(name)  # a clear error now if it does not exist
-    return str(Path(name).resolve())
+    return str(Path(name).expanduser().resolve())
 
 
 def _tokenizer(source: dict, documents: Documents, saved_in: Path | None) -> Tokenizer:

@@ -365,7 +365,7 @@ def get_tokenizer(name: str | os.PathLike) -> Tokenizer:
             "the char tokenizer is built from a corpus: load it from a prepared data directory "
             "with tokenizer_for(manifest), or build it with CharTokenizer.from_texts"
         )
-    path = Path(name)
+    path = Path(name).expanduser()  # as a dataset's path: a shell leaves --tokenizer=~/...
     # Path("") is the current directory
     if not str(name) or not (path.is_file() or (path / HFTokenizer.file).is_file()):
         raise DataNotFoundError(
