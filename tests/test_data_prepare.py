@@ -803,3 +803,29 @@ def test_out_under_the_home_directory_by_a_tilde_is_prepared_there(small, tmp_pa
     assert manifest.directory == home / "data/book" and not list(here.iterdir())
     assert_same_files(home / "data/book", small.directory)
     assert data.ensure_prepared(run_data("~/data/book")) == data.load_manifest(home / "data/book")
+
+
+def test_a_split_a_local_source_lacks_is_named_before_anything_is_read(tmp_path):
+    """`--split=validation` of local files (which `datasets` reads as one split, "train") or
+    of a saved DatasetDict without it ended, after "preparing ...", in "could not read dataset
+    ... (Bad split: validation)" or "('validation')", with the advice to check that its files
+    are whole and in their format."""
+    import datasets
+
+    (tmp_path / "story.txt").write_text("The lion and the bull were friends.")
+    with pytest.raises(errors.DataError) as e:
+        prepare(tmp_path / "story.txt", tmp_path / "out", split="validation")
+    assert one_sentence(e) == (
+        f"dataset {tmp_path / 'story.txt'} has one split, 'train' (local .txt/.md/.json/.jsonl/"
+        ".parquet/.csv files are read as one), not 'validation'; leave --split out"
+    )
+    rows = datasets.Dataset.from_dict({"text": ["The lion and the bull were friends."]})
+    datasets.DatasetDict({"train": rows, "test": rows}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(errors.DataError) as e:
+        prepare(tmp_path / "saved", tmp_path / "out", split="validation")
+    assert one_sentence(e) == (
+        f"dataset {tmp_path / 'saved'} has no split 'validation' (its splits: test, train); "
+        "pass one of them as --split"
+    )
+    assert not (tmp_path / "out").exists()
+    assert prepare(tmp_path / "saved", tmp_path / "out", split="test").tokens() == 9

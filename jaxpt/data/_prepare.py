@@ -187,7 +187,8 @@ def dataset_source(
         )
     path = Path(dataset).expanduser()
     if path.exists():
-        _local_source(path)  # fails early, before anything is written
+        builder, _ = _local_source(path)  # fails early, before anything is written
+        _check_local_split(path, builder, split)
         dataset, config_name = str(path.resolve()), None
     elif looks_like_path(dataset):
         raise DataNotFoundError(f"dataset {dataset!r} does not exist (no such file or directory)")
@@ -825,6 +826,28 @@ def _local_source(path: Path) -> tuple[str, list[str]]:
     if all(p.stat().st_size == 0 for p in files):
         raise DataError(f"dataset {path} is empty")
     return builders.pop(), [str(p) for p in files]
+
+
+def _check_local_split(path: Path, builder: str, split: str) -> None:
+    """Raises DataError unless the local source at `path` (read by `builder`) has `split`:
+    `datasets` reads local files as the one split "train"; a saved DatasetDict lists its own
+    (a saved Dataset is one split, read whatever `split` says)."""
+    if builder != "disk":
+        if split != "train":
+            raise DataError(
+                f"dataset {path} has one split, 'train' (local {'/'.join(_BUILDERS)} files are "
+                f"read as one), not {split!r}; leave --split out"
+            )
+        return
+    listing = path / "dataset_dict.json"
+    if not listing.is_file():
+        return
+    splits = parse_json(listing, "save the dataset again").get("splits")
+    if isinstance(splits, list) and split not in splits:
+        raise DataError(
+            f"dataset {path} has no split {split!r} (its splits: "
+            f"{', '.join(sorted(map(str, splits)))}); pass one of them as --split"
+        )
 
 
 def _is_source_file(path: Path, root: Path) -> bool:
