@@ -829,3 +829,15 @@ def test_a_split_a_local_source_lacks_is_named_before_anything_is_read(tmp_path)
     )
     assert not (tmp_path / "out").exists()
     assert prepare(tmp_path / "saved", tmp_path / "out", split="test").tokens() == 9
+
+
+def test_a_run_killed_before_its_first_progress_file_is_renamed_resumes(small, tmp_path):
+    """A kill (or Ctrl-C) between creating --out and renaming its first progress.json into
+    place left only the temporary progress.json.tmp, and every re-run was refused: "already
+    holds files (progress.json.tmp) and was not made by `jaxpt.data.prepare`"."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "progress.json.tmp").write_text('{"settings": {"sou')  # cut short by the kill
+    manifest = prepare(tmp_path / "story.txt", out, shard_tokens=64)
+    assert_same_files(out, small.directory)
+    assert manifest.tokens() == small.tokens()

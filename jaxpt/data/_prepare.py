@@ -435,7 +435,8 @@ def _tokenizer(source: dict, documents: Documents, saved_in: Path | None) -> Tok
 
 
 def _check_ours(out: Path) -> None:
-    """Raises unless `out` is absent, an empty directory, or holds a manifest or progress.json."""
+    """Raises unless `out` is absent, an empty directory (but for a temporary progress.json),
+    or holds a manifest or progress.json."""
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} is a file, not a directory")
     if out.is_symlink() and not out.exists():  # mkdir would fail only at the first shard
@@ -445,7 +446,8 @@ def _check_ours(out: Path) -> None:
         )
     if not out.is_dir() or is_prepared(out):
         return
-    names = sorted(p.name for p in out.iterdir())
+    # a run killed before its first progress.json was renamed into place left its temporary
+    names = sorted(p.name for p in out.iterdir() if p.name != f"{PROGRESS}.tmp")
     if names:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise DataError(
