@@ -841,3 +841,22 @@ def test_a_run_killed_before_its_first_progress_file_is_renamed_resumes(small, t
     manifest = prepare(tmp_path / "story.txt", out, shard_tokens=64)
     assert_same_files(out, small.directory)
     assert manifest.tokens() == small.tokens()
+
+
+def test_a_csv_text_column_is_read_as_written(tmp_path):
+    """CSV cells have no types, but pandas (under `datasets`' csv reader) guessed them: a text
+    column of numbers was refused as "field 'text' ... is not text" (a float column, 1.50,
+    would have read 1.5), and a cell "NA", "null" or "None" was read as missing, an empty
+    document, so its text was dropped without a word. The text column is now the cells' text."""
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("id,text\n1,3.14159\n2,1.50\n")
+    words = tmp_path / "words.csv"
+    words.write_text('id,text\n1,The lion\n2,\n3,NA\n4,None\n5,"a, b"\n')
+    for source, texts in [
+        (numbers, ["3.14159", "1.50"]),
+        (words, ["The lion", "NA", "None", "a, b"]),
+    ]:
+        manifest = prepare(source, tmp_path / source.stem, shard_tokens=4)
+        tok = data.tokenizer_for(manifest)
+        assert tok.decode(tokens_of(manifest)) == "".join(data.EOT + t for t in texts)
+        assert manifest.documents == len(source.read_text().splitlines()) - 1

@@ -892,6 +892,9 @@ def _load(source: dict, streaming: bool):
             ds = datasets.load_from_disk(name)
             return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         options = {"sample_by": "document"} if builder == "text" else {}
+        if builder == "csv" and not _is_chat(source):  # the text as written, not a guessed
+            # number (1.50 -> 1.5), and "NA", "null" or "None" not a missing (empty) document
+            options = {"converters": {source["text_field"]: str}, "keep_default_na": False}
         return datasets.load_dataset(
             builder, data_files=files, split=split, streaming=streaming, **options
         )
