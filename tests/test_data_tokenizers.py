@@ -265,3 +265,29 @@ def test_a_tokenizer_under_the_home_directory_by_a_tilde_is_found(tmp_path, monk
     assert manifest.source["tokenizer"] == str(tmp_path / "tok")
     config = types.SimpleNamespace(dataset="embedded", tokenizer="~/tok", max_tokens=0)
     assert data.ensure_prepared(config, tmp_path / "cache").tokenizer["kind"] == "hf"
+
+
+def test_data_is_not_extended_with_a_tokenizer_changed_since(tmp_path):
+    """A tokenizer.json replaced after a preparation (another checkpoint fetched into its
+    directory, say) extended or resumed the data with the new ids after the old ones, while
+    the data's copy of the tokenizer, which training decodes with, stayed the old one."""
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": "The lion roared."}) + "\n" for _ in range(9)))
+    tokenizer = build_hf_tokenizer(tmp_path / "tok")
+    kw = {"tokenizer": str(tokenizer), "shard_tokens": 8, "workers": 1, "progress": False}
+    first = data.prepare_dataset(str(source), tmp_path / "out", max_tokens=16, **kw)
+    before = {p.name: p.read_bytes() for p in first.directory.iterdir()}
+    spec = json.loads((tokenizer / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = (name for name, i in vocab.items() if i in (vocab["T"], vocab["h"]))
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # "T" and "h" swap ids
+    (tokenizer / "tokenizer.json").write_text(json.dumps(spec))
+    assert data.get_tokenizer(tokenizer).encode("T") != data.tokenizer_for(first).encode("T")
+    with pytest.raises(errors.DataError) as e:
+        data.prepare_dataset(str(source), tmp_path / "out", max_tokens=32, **kw)
+    assert str(e.value) == (
+        f"{tmp_path / 'out'} was prepared with another tokenizer than {tokenizer} holds now (its "
+        "copy of tokenizer.json there differs); restore the tokenizer it was made with to go "
+        "on, or prepare into a new directory"
+    )
+    assert {p.name: p.read_bytes() for p in first.directory.iterdir()} == before

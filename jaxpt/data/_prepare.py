@@ -66,7 +66,7 @@ from jaxpt.data._shards import (
     write_atomic,
     write_shard,
 )
-from jaxpt.data._tokenizers import CharTokenizer, Tokenizer, get_tokenizer
+from jaxpt.data._tokenizers import CharTokenizer, HFTokenizer, Tokenizer, get_tokenizer
 from jaxpt.errors import DataError, DataNotFoundError
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
@@ -306,8 +306,8 @@ def _write_documents(
     """`prepare_documents`' work, where `out` is not finished: its intact shards are kept and
     the stream is tokenized from where they end."""
     records = _resumable_records(out, settings)
-    (out / MANIFEST).unlink(missing_ok=True)  # ours (_finished checked): written again at the end
     tok = _tokenizer(source, documents, out if records else None)
+    (out / MANIFEST).unlink(missing_ok=True)  # ours (_finished checked): written again at the end
     writer = _ShardWriter(out, tok, settings, records, max_tokens)
     encode = _encoder(source, tok, writer.dtype)
     if progress:
@@ -420,15 +420,38 @@ def resolve_tokenizer_name(name: str) -> str:
 
 
 def _tokenizer(source: dict, documents: Documents, saved_in: Path | None) -> Tokenizer:
-    """The source's tokenizer; "char" loads the vocabulary saved in `saved_in` or builds it."""
+    """The source's tokenizer; "char" loads the vocabulary saved in `saved_in` or builds it.
+    Another tokenizer must be the one whose copy is saved in `saved_in` (the data there goes
+    on with its ids)."""
     if source["tokenizer"] != "char":
-        return get_tokenizer(source["tokenizer"])
+        tok = get_tokenizer(source["tokenizer"])
+        if saved_in is not None:
+            _check_same_tokenizer(tok, source["tokenizer"], saved_in)
+        return tok
     if saved_in is not None:
         return CharTokenizer.load(saved_in)
     texts = documents(0)
     if _is_chat(source):
         texts = (plain_text(source["chat_template"], messages) for messages in texts)
     return CharTokenizer.from_texts(texts, corpus=f"dataset {source['dataset']}")
+
+
+def _check_same_tokenizer(tok: Tokenizer, name: str, saved_in: Path) -> None:
+    """Raises DataError when the Hugging Face tokenizer `tok` (at `name`) is not the one whose
+    copy `saved_in` holds: its tokenizer.json or end-of-text token changed since (a copy that
+    is missing or does not read is not compared)."""
+    if not isinstance(tok, HFTokenizer) or not (saved_in / HFTokenizer.file).is_file():
+        return
+    try:
+        saved = HFTokenizer(saved_in).spec()
+    except DataError:
+        return
+    if tok.spec() != saved:
+        raise DataError(
+            f"{saved_in} was prepared with another tokenizer than {name} holds now (its copy of "
+            f"{HFTokenizer.file} there differs); restore the tokenizer it was made with to go "
+            "on, or prepare into a new directory"
+        )
 
 
 # ----------------------------------------------------------------------------- the output
