@@ -860,3 +860,21 @@ def test_a_csv_text_column_is_read_as_written(tmp_path):
         tok = data.tokenizer_for(manifest)
         assert tok.decode(tokens_of(manifest)) == "".join(data.EOT + t for t in texts)
         assert manifest.documents == len(source.read_text().splitlines()) - 1
+
+
+def test_file_types_are_told_by_their_suffix_in_any_case(tmp_path):
+    """BOOK.TXT alone was refused ("its type is not one of .txt/..."), and in a directory of
+    .txt files a Notes.MD or CHAPTER2.TXT was passed over without a word."""
+    files = {"a.txt": "The lion.", "CHAPTER2.TXT": "The bull.", "Notes.Md": "The jackal."}
+    for name, text in files.items():
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / name).write_text(text)
+    paths = sorted((tmp_path / "src").iterdir())
+    manifest = prepare(tmp_path / "src", tmp_path / "out", shard_tokens=8)
+    assert_llmc_shards(manifest, gpt2_stream([p.read_text() for p in paths]), val_shards=1)
+    assert manifest.documents == 3
+    alone = prepare(tmp_path / "src/CHAPTER2.TXT", tmp_path / "alone", shard_tokens=8)
+    assert alone.tokens() == len(gpt2_stream(["The bull."]))
+    rows = tmp_path / "ROWS.JSONL"
+    rows.write_text('{"text": "The lion."}\n')
+    assert prepare(rows, tmp_path / "rows", shard_tokens=8).documents == 1

@@ -825,7 +825,13 @@ def is_prepared(directory: Path) -> bool:
 
 def looks_like_path(name: str) -> bool:
     """Whether `name` is meant as a local path rather than a hub name like "owner/name"."""
-    return name.startswith(("/", ".", "~")) or Path(name).suffix in _BUILDERS or name.count("/") > 1
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    return local or _builder(Path(name)) is not None
+
+
+def _builder(path: Path) -> str | None:
+    """The `datasets` builder of a local file, by its suffix in any case (BOOK.TXT), or None."""
+    return _BUILDERS.get(path.suffix.lower())
 
 
 def _local_source(path: Path) -> tuple[str, list[str]]:
@@ -843,7 +849,7 @@ def _local_source(path: Path) -> tuple[str, list[str]]:
         files = sorted(p for p in path.rglob("*") if _is_source_file(p, path))
     if not files:
         raise DataError(f"dataset {path} holds no {'/'.join(_BUILDERS)} files")
-    builders = {_BUILDERS.get(p.suffix) for p in files}
+    builders = {_builder(p) for p in files}
     if None in builders:
         raise DataError(f"cannot read {path}: its type is not one of {'/'.join(_BUILDERS)}")
     if len(builders) > 1:
@@ -882,7 +888,7 @@ def _is_source_file(path: Path, root: Path) -> bool:
     below = path.relative_to(root)
     return (
         path.is_file()
-        and path.suffix in _BUILDERS
+        and _builder(path) is not None
         and not any(part.startswith(".") for part in below.parts)
         and not any(is_prepared(root / parent) for parent in below.parents)
     )
