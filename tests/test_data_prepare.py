@@ -361,6 +361,9 @@ def one_sentence(error: pytest.ExceptionInfo) -> str:
         ("missing.txt", None, {}, errors.DataNotFoundError, "does not exist"),
         ("", None, {}, errors.DataError, "the dataset name is empty"),  # read the current dir
         ("./nowhere/corpus", None, {}, errors.DataNotFoundError, "does not exist"),
+        # a directory's name as the README writes it (--dataset=corpus/), mistyped: streamed
+        # from the hub as a dataset named "corpsu/", then "check its name ... and the network"
+        ("corpsu/", None, {}, errors.DataNotFoundError, "does not exist"),
         ("empty.txt", "", {}, errors.DataError, "is empty"),
         ("empty.jsonl", "", {}, errors.DataError, "is empty"),
         ("blank.jsonl", '{"text": ""}\n{"text": null}\n', {}, errors.DataError, "is empty"),

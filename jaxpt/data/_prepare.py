@@ -825,7 +825,7 @@ def is_prepared(directory: Path) -> bool:
 
 def looks_like_path(name: str) -> bool:
     """Whether `name` is meant as a local path rather than a hub name like "owner/name"."""
-    local = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    local = name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1
     return local or _builder(Path(name)) is not None
 
 
