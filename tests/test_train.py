@@ -184,25 +184,29 @@ def test_each_optimizer_lowers_the_loss_and_resumes_exactly(preset, optimizer, t
     jax.tree.map(np.testing.assert_array_equal, resumed, state)
 
 
-def test_a_resumed_run_says_which_b1_b2_eps_changed(tmp_path, capsys):
+def test_a_resumed_run_says_which_update_settings_changed(tmp_path, capsys):
     """A Lion checkpoint of before Lion's own default (it took AdamW's b2 0.95, stored in its
-    config) resumed with b2 unset went on at 0.99 without a word."""
+    config) resumed with b2 unset went on at 0.99 without a word; so did one resumed with
+    another learning rate, or with a decay fraction it had left unset."""
     config = char_config(optimizer="lion", steps=2, warmup_steps=0, b2=0.95)
     config.eval.batches = 1
     train.train(config, tmp_path)
-    for b2, note in [(0.95, None), (None, "b2=0.99 (checkpoint 3: 0.95)")]:
-        config.train.update(steps=config.train.steps + 1, b2=b2)
+    for change, note in [
+        (dict(b2=0.95), None),
+        (dict(b2=None), "train.b2=0.99 (checkpoint 3: 0.95); pass --config.train.b2=0.95"),
+        (
+            dict(lr=1e-3, schedule="wsd", decay_fraction=0.5),
+            "train.lr=0.001 (checkpoint 4: 0.003), train.schedule=wsd (checkpoint 4: cosine), "
+            "train.decay_fraction=0.5 (checkpoint 4: unset); pass --config.train.lr=0.003 "
+            "--config.train.schedule=cosine and leave --config.train.decay_fraction out",
+        ),
+    ]:
+        config.train.update(steps=config.train.steps + 1, **change)
         capsys.readouterr()
         train.train(config, tmp_path)
         notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
-        assert notes == (
-            []
-            if note is None
-            else [
-                f"note: this run goes on with train.{note}; pass --config.train.b2=0.95 to train "
-                "on as before"
-            ]
-        )
+        expected = f"note: this run goes on with {note} to train on as before"
+        assert notes == ([] if note is None else [expected])
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "lion", "muon"])

@@ -106,20 +106,60 @@ def hyperparameters(train_cfg) -> dict:
     }
 
 
+# The train fields besides b1, b2 and eps that shape the updates from a given step on
+_UPDATE_FIELDS = (
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "schedule",
+    "decay_fraction",
+    "weight_decay",
+    "decay_embeddings",
+    "grad_clip",
+    "load_balance_loss_coeff",
+    "z_loss_coeff",
+)
+
+
 def resume_note(stored_train: dict, train_cfg, step: int) -> str | None:
     """A sentence for a run resuming checkpoint ``step`` (whose train config was
-    ``stored_train``, of the same optimizer) with other ``b1``, ``b2`` or ``eps`` than it
-    trained with: set otherwise, or a default that changed (Lion's ``b2`` was AdamW's 0.95
-    before 0.99); None where they agree, or ``stored_train`` names no optimizer."""
+    ``stored_train``, of the same optimizer) with other updates than it trained with: another
+    learning rate, schedule, decay, clip or loss coefficient (``_UPDATE_FIELDS``: ``steps``,
+    raised to train on, is not one), or other ``b1``, ``b2`` or ``eps``, set otherwise or a
+    default that changed (Lion's ``b2`` was AdamW's 0.95 before 0.99); None where they agree,
+    or ``stored_train`` names no optimizer."""
     if stored_train.get("optimizer") != train_cfg.optimizer:
         return None
-    before, now = hyperparameters(stored_train), hyperparameters(train_cfg)
+    stored = [f for f in _UPDATE_FIELDS if f in stored_train]  # older checkpoints lack some
+    before = {**{f: stored_train[f] for f in stored}, **hyperparameters(stored_train)}
+    now = {**{f: train_cfg[f] for f in stored}, **hyperparameters(train_cfg)}
     changed = [field for field in now if before[field] != now[field]]
     if not changed:
         return None
-    values = ", ".join(f"train.{f}={now[f]:g} (checkpoint {step}: {before[f]:g})" for f in changed)
-    keep = " ".join(f"--config.train.{f}={before[f]:g}" for f in changed)
-    return f"note: this run goes on with {values}; pass {keep} to train on as before"
+    values = ", ".join(
+        f"train.{f}={_shown(now[f])} (checkpoint {step}: {_shown(before[f])})" for f in changed
+    )
+    return (
+        f"note: this run goes on with {values}; {_flags_of(before, changed)} to train on as before"
+    )
+
+
+def _flags_of(before: dict, changed: list[str]) -> str:
+    """What to pass for the ``changed`` fields to take their ``before`` values again (a field
+    that was unset is left out: the command line cannot unset one)."""
+    keep = [f"--config.train.{f}={_shown(before[f])}" for f in changed if before[f] is not None]
+    unset = [f"--config.train.{f}" for f in changed if before[f] is None]
+    return " and ".join(
+        ([f"pass {' '.join(keep)}"] if keep else [])
+        + ([f"leave {' '.join(unset)} out"] if unset else [])
+    )
+
+
+def _shown(value) -> str:
+    """A train field's value as a flag takes it (``3e-4``, ``cosine``, ``True``), or unset."""
+    if value is None:
+        return "unset"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _adamw(train_cfg, lr: optax.Schedule, mask, params) -> optax.GradientTransformation:
