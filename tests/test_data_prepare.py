@@ -95,6 +95,77 @@ def test_rerun_skips_finished_work(book, tmp_path, monkeypatch):
         prepare(book, tmp_path / "out", shard_tokens=SHARD // 2)
 
 
+def test_a_changed_local_source_is_named_and_nothing_is_written(tmp_path):
+    """Only the source's path was recorded: after its files changed, a finished --out said
+    "nothing to do" and an unfinished one resumed by document number over the new file list
+    (documents read twice or never). Its files' names, sizes and modification times are
+    recorded now, and a change is refused, naming the first file; as they were, it goes on."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text(f"The {name} story, told again and again. " * 8)
+    prepare(corpus, out, shard_tokens=64)
+    before = contents(out)
+    b_times = (corpus / "b.txt").stat().st_atime_ns, (corpus / "b.txt").stat().st_mtime_ns
+
+    def refused(match: str) -> None:
+        with pytest.raises(errors.DataError, match=match) as e:
+            prepare(corpus, out, shard_tokens=64)
+        assert one_sentence(e).endswith(
+            "; prepare it into a new output directory, or restore its files as they were to "
+            f"go on with {out}"
+        )
+        assert contents(out) == before
+
+    (corpus / "c.txt").write_text("A jackal came along.")
+    refused(f"^dataset {corpus} changed since {out} was prepared from it [(]c.txt was added[)]")
+    (corpus / "c.txt").unlink()
+    os.utime(corpus / "b.txt", ns=(b_times[0], b_times[1] + 10**9))
+    refused(r"[(]b\.txt was changed[)]")
+    (corpus / "a.txt").write_text("Another story.")
+    refused(r"[(]a\.txt was changed, and 1 more file[)]")
+    (out / "manifest.json").unlink()  # an interrupted preparation: progress.json only
+    before = contents(out)
+    (corpus / "b.txt").unlink()
+    refused(r"[(]a\.txt was changed, and 1 more file[)]")
+
+
+def test_a_changed_saved_dataset_is_named(tmp_path):
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"text": ["The lion and the bull were friends."]})
+    rows.save_to_disk(tmp_path / "saved")
+    manifest = prepare(tmp_path / "saved", tmp_path / "out")
+    assert prepare(tmp_path / "saved", tmp_path / "out") == manifest
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes())  # rewritten: another modification time
+    with pytest.raises(errors.DataError, match=rf"[(]{arrow.name} was changed[)]"):
+        prepare(tmp_path / "saved", tmp_path / "out")
+
+
+def test_data_prepared_before_files_were_recorded_is_used_as_before(tmp_path):
+    """A directory an earlier jaxpt prepared records no files: it is neither refused nor
+    checked, and resuming it records them."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The lion and the bull were friends, until a jackal came along. " * 20)
+    manifest = prepare(corpus, tmp_path / "out", shard_tokens=64)
+    assert manifest.source["files"] == {
+        "corpus.txt": [corpus.stat().st_size, corpus.stat().st_mtime_ns]
+    }
+    for name in ("manifest.json", "progress.json"):
+        state = json.loads((tmp_path / "out" / name).read_text())
+        del (state["settings"] if name == "progress.json" else state)["source"]["files"]
+        (tmp_path / "out" / name).write_text(json.dumps(state))
+    corpus.touch()
+    before = contents(tmp_path / "out")
+    assert prepare(corpus, tmp_path / "out", shard_tokens=64).tokens() == manifest.tokens()
+    assert contents(tmp_path / "out") == before  # nothing to do
+    (tmp_path / "out/manifest.json").unlink()
+    assert prepare(corpus, tmp_path / "out", shard_tokens=64).source["files"] == {
+        "corpus.txt": [corpus.stat().st_size, corpus.stat().st_mtime_ns]
+    }
+
+
 def test_interrupted_run_resumes_and_ignores_stale_files(book, tmp_path, monkeypatch):
     reference = tokens_of(prepare(book, tmp_path / "ref"))
     out = tmp_path / "out"

@@ -81,6 +81,7 @@ _BUILDERS = {  # local file suffix -> `datasets` builder
     ".csv": "csv",
 }
 _TEXT_BUILDERS = ("text", "json", "csv")  # builders whose files must be UTF-8 text
+_DISK_SUFFIXES = (".arrow", ".json")  # a `save_to_disk` directory's files
 _BATCH_DOCS = 64  # documents per task sent to a worker process
 
 # skip -> the documents skip, skip + 1, ...: texts, or conversations (lists of messages)
@@ -186,10 +187,12 @@ def dataset_source(
             "the dataset name is empty; name a hub dataset or a local file or directory"
         )
     path = Path(dataset).expanduser()
+    fingerprint = {}
     if path.exists():
-        builder, _ = _local_source(path)  # fails early, before anything is written
+        builder, files = _local_source(path)  # fails early, before anything is written
         _check_local_split(path, builder, split)
         dataset, config_name = str(path.resolve()), None
+        fingerprint = {"files": _fingerprint(path, builder, files)}
     elif looks_like_path(dataset):
         raise DataNotFoundError(f"dataset {dataset!r} does not exist (no such file or directory)")
     return {
@@ -198,6 +201,7 @@ def dataset_source(
         "split": split,
         "text_field": text_field,
         "tokenizer": resolve_tokenizer_name(tokenizer),
+        **fingerprint,
     }
 
 
@@ -521,12 +525,43 @@ def _settings_of(manifest: Manifest) -> dict:
 
 
 def _check_settings(out: Path, wanted: dict, found: dict) -> None:
+    """Raises DataError unless `found`, the settings `out` was prepared with, are `wanted`.
+    A local source's files are compared last, where `found` records them (jaxpt did not
+    before), so that their change is named."""
+    recorded = found.get("source")
+    files = recorded.get("files") if isinstance(recorded, dict) else None
+    wanted_files = wanted["source"].get("files", {})
+    wanted, found = _without_files(wanted), _without_files(found)
     if wanted != found:
         diff = ", ".join(k for k in wanted if wanted[k] != found.get(k))
         raise DataError(
             f"{out} already holds data prepared with other settings ({diff} differ); "
             "choose another output directory"
         )
+    if files is not None and files != wanted_files:
+        raise DataError(
+            f"dataset {wanted['source']['dataset']} changed since {out} was prepared from it "
+            f"({_files_changed(files, wanted_files)}); prepare it into a new output directory, "
+            f"or restore its files as they were to go on with {out}"
+        )
+
+
+def _without_files(settings: dict) -> dict:
+    """`settings` less its source's fingerprint of files."""
+    source = settings.get("source")
+    if not isinstance(source, dict):
+        return settings
+    return {**settings, "source": {k: v for k, v in source.items() if k != "files"}}
+
+
+def _files_changed(old: dict, new: dict) -> str:
+    """How the fingerprint `new` differs from `old` (`_fingerprint`'s): the first file, in
+    name order, that was added, removed or changed, and how many more differ."""
+    names = [n for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)]
+    first = names[0]
+    how = "added" if first not in old else "removed" if first not in new else "changed"
+    more = f", and {_count(len(names) - 1, 'more file')}" if len(names) > 1 else ""
+    return f"{first} was {how}{more}"
 
 
 _RECORD_TYPES = {"file": str, "split": str, "tokens": int, "max_token_id": int, "end": list}
@@ -843,10 +878,7 @@ def _local_source(path: Path) -> tuple[str, list[str]]:
             f"dataset {path} is data `jaxpt.data.prepare` wrote (it holds {MANIFEST} or "
             f"{PROGRESS}), not a source; train on it with data.dataset={path}"
         )
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if _is_source_file(p, path))
+    files = [path] if path.is_file() else _files_under(path, _builder)
     if not files:
         raise DataError(f"dataset {path} holds no {'/'.join(_BUILDERS)} files")
     builders = {_builder(p) for p in files}
@@ -857,6 +889,18 @@ def _local_source(path: Path) -> tuple[str, list[str]]:
     if all(p.stat().st_size == 0 for p in files):
         raise DataError(f"dataset {path} is empty")
     return builders.pop(), [str(p) for p in files]
+
+
+def _fingerprint(path: Path, builder: str, files: list[str]) -> dict[str, list[int]]:
+    """A cheap fingerprint of the local source at `path` (`_local_source`'s `builder` and
+    `files`): each file's name (relative to the directory, or the file's own) -> [size,
+    modification time in ns], in name order. No file is read: a large corpus costs a `stat`
+    per file."""
+    if builder == "disk":
+        files = _files_under(path, lambda p: p.suffix in _DISK_SUFFIXES)
+    root = path.parent if path.is_file() else path
+    stats = {Path(f).relative_to(root).as_posix(): os.stat(f) for f in files}
+    return {name: [s.st_size, s.st_mtime_ns] for name, s in stats.items()}
 
 
 def _check_local_split(path: Path, builder: str, split: str) -> None:
@@ -881,16 +925,19 @@ def _check_local_split(path: Path, builder: str, split: str) -> None:
         )
 
 
-def _is_source_file(path: Path, root: Path) -> bool:
-    """Whether `path`, under the dataset directory `root`, is a document file: of a type
-    `_BUILDERS` reads, not hidden, and not in a directory a preparation wrote (an `--out`
-    under `root` held its manifest and progress.json, which a re-run read as documents)."""
+def _files_under(root: Path, kind: Callable[[Path], object]) -> list[Path]:
+    """The files under the dataset directory `root` that `kind` is true of (`_builder`: the
+    document files), in path order; not hidden ones, nor those in a directory a preparation
+    wrote (an `--out` under `root` held its manifest and progress.json, which a re-run read as
+    documents)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and kind(p) and _in_corpus(p, root))
+
+
+def _in_corpus(path: Path, root: Path) -> bool:
+    """Whether `path`, under `root`, is neither hidden nor in a directory a preparation wrote."""
     below = path.relative_to(root)
-    return (
-        path.is_file()
-        and _builder(path) is not None
-        and not any(part.startswith(".") for part in below.parts)
-        and not any(is_prepared(root / parent) for parent in below.parents)
+    return not any(part.startswith(".") for part in below.parts) and not any(
+        is_prepared(root / parent) for parent in below.parents
     )
 
 
