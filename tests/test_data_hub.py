@@ -182,6 +182,26 @@ def test_offline_is_one_sentence_naming_what_to_do(hub, tmp_path):
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
 
 
+def test_a_missing_relative_path_taken_for_a_hub_name_is_said_not_to_exist(
+    hub_session, tmp_path, monkeypatch
+):
+    """--dataset=data/book or data.dataset=data/book missing here (mistyped, or run from
+    another directory) is read as the hub dataset "data/book", and its error spoke of the hub
+    alone; it now also says there is no such local file or directory."""
+    monkeypatch.chdir(tmp_path)
+    hub_session.error = ConnectionError("[Errno -2] Name or service not known")
+    need = data.tokens_needed(20, B, T, 2)
+    for read in (
+        lambda: data.prepare_dataset("data/book", "out", workers=1, progress=False),
+        lambda: data.ensure_prepared(run_data("data/book"), "cache", need=need),
+        lambda: data.ensure_prepared(run_data("data/book", "char"), "cache", need=need),
+    ):
+        with pytest.raises(data.DataError) as e:
+            read()
+        assert f"and no local file or directory data/book exists in {tmp_path};" in one_sentence(e)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # its lock files, gone
+
+
 def test_an_unreachable_hub_is_asked_once_briefly_then_the_cache_only(hub, hub_session, tmp_path):
     """Offline, `datasets` asked the hub 6 times over about 25 s (minutes behind a firewall that
     drops packets), with a warning per attempt, before its error: now one request, waiting at
@@ -190,7 +210,9 @@ def test_an_unreachable_hub_is_asked_once_briefly_then_the_cache_only(hub, hub_s
     with pytest.raises(data.DataError, match="could not be streamed from the hub") as e:
         ensure(tmp_path / "cache", 20)
     reason = "https://huggingface.co did not answer ([Errno -2] Name or service not known)"
-    assert f"({reason}, and it is not cached); connect to the network" in one_sentence(e)
+    local = f"no local file or directory {HUB} exists in {Path.cwd()}"  # "owner/name" could be
+    expected = f"({reason}, and it is not cached), and {local}; connect to the network"
+    assert expected in one_sentence(e)
     timeout = {"timeout": constants.HF_HUB_ETAG_TIMEOUT}
     assert hub_session.requests == [(constants.ENDPOINT, timeout)]
     assert not constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE  # as they were

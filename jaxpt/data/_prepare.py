@@ -864,6 +864,15 @@ def looks_like_path(name: str) -> bool:
     return local or _builder(Path(name)) is not None
 
 
+def no_local_path(name: str) -> str:
+    """For an error about `name` taken for a hub name: that no local file or directory of that
+    name exists, where it could be a relative path meant as one (it holds a "/", as "data/book"
+    does, and as hub names "owner/name" do too); else "" (a bare name is the hub's)."""
+    if "/" not in name:
+        return ""
+    return f", and no local file or directory {name} exists in {Path.cwd()}"
+
+
 def _builder(path: Path) -> str | None:
     """The `datasets` builder of a local file, by its suffix in any case (BOOK.TXT), or None."""
     return _BUILDERS.get(path.suffix.lower())
@@ -1029,11 +1038,10 @@ def _dataset_documents(source: dict, streaming: bool, skip: int) -> Iterator:
     except Exception as e:  # `datasets`, the hub and file parsers raise many kinds
         text = str(e).strip()
         cause = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(e).__name__
+        name = source["dataset"]
         advice = (
-            "check that its files are whole and in their format"
-            if Path(source["dataset"]).exists()
-            else "check its name, config name and split, and the network"
+            "; check that its files are whole and in their format"
+            if Path(name).exists()
+            else f"{no_local_path(name)}; check its name, config name and split, and the network"
         )
-        raise SourceError(
-            f"could not read dataset {source['dataset']!r} ({cause}); {advice}", cause
-        ) from e
+        raise SourceError(f"could not read dataset {name!r} ({cause}){advice}", cause) from e

@@ -32,6 +32,7 @@ from jaxpt.data._prepare import (
     dataset_source,
     is_prepared,
     looks_like_path,
+    no_local_path,
     prepare_source,
 )
 from jaxpt.data._shards import MANIFEST, Manifest, load_manifest
@@ -146,8 +147,9 @@ def _hub_manifest(
     if tokenizer == "char":
         raise DataError(
             f"data.tokenizer='char' builds its vocabulary from a whole corpus, which preparing "
-            f"data.dataset={dataset!r} on first use does not read; prepare it with `python -m "
-            "jaxpt.data.prepare --tokenizer=char` and set data.dataset to that directory"
+            f"data.dataset={dataset!r} on first use does not read{no_local_path(dataset)}; "
+            "prepare it with `python -m jaxpt.data.prepare --tokenizer=char` and set "
+            "data.dataset to that directory"
         )
     if need is None:
         raise DataNotFoundError(
@@ -170,9 +172,9 @@ def _hub_manifest(
     except SourceError as e:
         raise DataError(
             f"data.dataset={dataset!r} is not prepared in {out} and could not be streamed from "
-            f"the hub ({e.cause}); connect to the network, or run `python -m jaxpt.data.prepare "
-            f"--dataset={dataset} --out=<dir>` where the hub is reachable and set "
-            "data.dataset=<dir>, or use data.dataset='embedded'"
+            f"the hub ({e.cause}){no_local_path(dataset)}; connect to the network, or run "
+            f"`python -m jaxpt.data.prepare --dataset={dataset} --out=<dir>` where the hub is "
+            "reachable and set data.dataset=<dir>, or use data.dataset='embedded'"
         ) from None
     except OSError as e:
         raise DataError(
