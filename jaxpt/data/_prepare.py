@@ -900,16 +900,15 @@ def _local_source(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
-def _fingerprint(path: Path, builder: str, files: list[str]) -> dict[str, list[int]]:
+def _fingerprint(path: Path, builder: str, files: list[str]) -> dict[str, int]:
     """A cheap fingerprint of the local source at `path` (`_local_source`'s `builder` and
-    `files`): each file's name (relative to the directory, or the file's own) -> [size,
-    modification time in ns], in name order. No file is read: a large corpus costs a `stat`
-    per file."""
+    `files`): each file's name (relative to the directory, or the file's own) -> its size in
+    bytes, in name order. No file is read (a large corpus costs a `stat` per file), and
+    modification times are not compared: a copy, a checkout or `touch` changes them alone."""
     if builder == "disk":
         files = _files_under(path, lambda p: p.suffix in _DISK_SUFFIXES)
     root = path.parent if path.is_file() else path
-    stats = {Path(f).relative_to(root).as_posix(): os.stat(f) for f in files}
-    return {name: [s.st_size, s.st_mtime_ns] for name, s in stats.items()}
+    return {Path(f).relative_to(root).as_posix(): os.path.getsize(f) for f in files}
 
 
 def _check_local_split(path: Path, builder: str, split: str) -> None:
