@@ -407,6 +407,37 @@ def test_a_misspelt_override_names_the_close_fields(path, words):
     assert str(caught.value).startswith(f"--config.{path}: ") and words in str(caught.value)
 
 
+MISSPELT_IN_FILE = """
+from jaxpt.config import preset_config
+
+def get_config(arg=None):
+    config = preset_config("gpt", "smoke")
+    config.{path} = {value!r}
+    return config
+"""
+
+
+@pytest.mark.parametrize(
+    "path, value, words",
+    [
+        ("train.lerning_rate", 1e-3, "train has no such field; the fields are"),
+        ("train.block_size", 128, "train has no such field; did you mean model.block_size or"),
+        ("mesh.rules.embd", ("tensor",), "mesh.rules has no such field; did you mean embed?"),
+        ("model.n_heads", 4, "model has no such field; did you mean n_head, n_kv_head or"),
+        ("steps", 5, "a run config has no such field; did you mean train.steps?"),
+    ],
+)
+def test_a_field_a_config_file_misspells_is_one_sentence(path, value, words, tmp_path):
+    """A config file is Python: a field it set that no run config has was never read (the
+    run trained at the default learning rate, with the default rules)."""
+    config_file = tmp_path / "mine.py"
+    config_file.write_text(MISSPELT_IN_FILE.format(path=path, value=value))
+    with pytest.raises(ConfigError) as caught:
+        check_config_flags(["launch.py", f"--config={config_file}"])
+    said = f"--config={config_file}: get_config sets {path}, but {words}"
+    assert str(caught.value).startswith(said), str(caught.value)
+
+
 @pytest.mark.parametrize(
     "path, words",
     [
