@@ -215,29 +215,25 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
             f"{', '.join(SECTIONS)}; build it with jaxpt.config.preset_config, as the files in "
             "configs/ do."
         )
-    if (unknown := _unknown_field(config)) is not None:
-        path, where, hint = unknown
-        raise ConfigError(
-            f"--config={spec}: get_config sets {path}, but {where} has no such field; {hint}"
-        )
+    check_fields(config, f"--config={spec}: get_config")
     return config
 
 
-def _unknown_field(config: ml_collections.ConfigDict) -> tuple[str, str, str] | None:
-    """The first field a config file's ``config`` sets that a run config of its model
-    (``base_config``) does not have, a misspelling no part of jaxpt would read:
-    ``(path, its section, did_you_mean's hint)``; None when there is none, or when
-    ``model.name`` names no preset (said later)."""
+def check_fields(config: ml_collections.ConfigDict, setter: str = "the run config") -> None:
+    """Raises ConfigError naming the first field ``config`` sets (``setter`` says who) that a
+    run config of its model (``base_config``) does not have, a misspelling no part of jaxpt
+    would read, and the closest fields; nothing when ``model.name`` names no preset (said
+    later)."""
     if config.model.get("name") not in models.names():
-        return None
+        return
     known = base_config(config.model.name)
     for path in _field_paths(config):
         section, _, key = path.rpartition(".")
         node = _field(known, section)
         if isinstance(node, ml_collections.ConfigDict) and key not in node:
             hint = did_you_mean(key, sorted(node), elsewhere=_fields_named(known, key))
-            return path, section or "a run config", hint
-    return None
+            where = section or "a run config"
+            raise ConfigError(f"{setter} sets {path}, but {where} has no such field; {hint}")
 
 
 def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

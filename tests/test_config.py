@@ -74,6 +74,21 @@ def test_every_bad_field_is_one_sentence_before_anything_runs(path, value, tmp_p
     assert not (tmp_path / "run").exists()  # nothing written, nothing compiled
 
 
+def test_a_field_no_run_config_has_is_one_sentence_before_anything_runs(tmp_path):
+    """A config built in Python for ``train.train`` that set a misspelt field trained at the
+    default, the field never read."""
+    config = small_config()
+    config.train.lerning_rate = 1e-3
+    with pytest.raises(ConfigError) as caught:
+        train.train(config, tmp_path / "run")
+    assert str(caught.value) == (
+        "the run config sets train.lerning_rate, but train has no such field; the fields are "
+        + ", ".join(sorted(small_config().train))
+        + "."
+    )
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "mesh, message",
     [

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpt import data, evals, models, nn, sharding
+from jaxpt.config import check_fields
 from jaxpt.errors import ConfigError, check_range
 from jaxpt.train._checkpoint import (
     Checkpoints,
@@ -48,8 +49,10 @@ log = logging.getLogger(__name__)
 def validate_config(config) -> None:
     """Raises ConfigError naming the first field of a run config that breaks a rule: the model
     (its registry entry's ``validate``), train, mesh, the checkpoint, eval and log counts,
-    ``eval.tasks``, and ``checkpoint.init_from``'s type. Reads no file; ``train`` runs it
-    first, the launcher before any mode."""
+    ``eval.tasks``, and ``checkpoint.init_from``'s type; a field no run config has (a
+    misspelling, ``config.check_fields``). Reads no file; ``train`` runs it first, the launcher
+    before any mode."""
+    check_fields(config)
     models.config_from(config.model)
     validate_train(config.train)
     sharding.validate_mesh(config.mesh)
