@@ -74,6 +74,15 @@ def test_every_bad_field_is_one_sentence_before_anything_runs(path, value, tmp_p
     assert not (tmp_path / "run").exists()  # nothing written, nothing compiled
 
 
+def test_an_empty_workdir_is_one_sentence_not_the_current_directory(tmp_path, monkeypatch):
+    """``train.train(config, "")`` trained in the current directory, beside whatever it held;
+    only the launcher refused an empty --workdir."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^the workdir is empty: name the run's directory"):
+        train.train(small_config(), "")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_field_no_run_config_has_is_one_sentence_before_anything_runs(tmp_path):
     """A config built in Python for ``train.train`` that set a misspelt field trained at the
     default, the field never read."""

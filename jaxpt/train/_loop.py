@@ -522,6 +522,8 @@ def train(
 
     Raises NonFiniteError when a step is not finite under ``train.on_nonfinite='stop'``, and
     Interrupted after saving when SIGTERM or SIGINT arrives."""
+    if not str(workdir):  # Path("") is the current directory, which holds someone's files
+        raise ConfigError("the workdir is empty: name the run's directory, e.g. runs/x.")
     workdir = Path(workdir)
     _check_workdir(workdir)
     run = _prepare(config)
