@@ -98,6 +98,18 @@ def test_a_field_no_run_config_has_is_one_sentence_before_anything_runs(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("coefficient", ["load_balance_loss_coeff", "z_loss_coeff"])
+@pytest.mark.parametrize("preset", ["gpt", "tiny_moe_3"])
+def test_a_router_loss_without_a_router_is_one_sentence(preset, coefficient, tmp_path):
+    """The MoE losses' coefficients on a model with no top-k router (a dense GPT, Soft MoE)
+    were accepted and weighed zeros: the run trained without the loss it asked for."""
+    config = load_config(ROOT / "configs" / f"{preset}.py", "smoke")
+    config.train[coefficient] = 1e-3
+    with pytest.raises(ConfigError, match=rf"^train\.{coefficient}=0\.001 weighs a top-k rout"):
+        train.train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "mesh, message",
     [

@@ -355,6 +355,8 @@ def test_dropout_and_router_noise_act_only_with_a_key():
         (dict(n_layers=4), "model.n_layers is not a ModelConfig field: did you mean n_layer"),
         (dict(dropout=1.0), "model.dropout=1.0"),
         (dict(router_noise=0.01), "model.router_noise=0.01 needs a top-k router"),
+        # accepted and never read: only a top-k 'moe' layer runs its experts ragged
+        (dict(moe_matmul="ragged"), "model.moe_matmul='ragged' needs a top-k router"),
         (dict(lm_head_bias=True), "model.lm_head_bias=True needs an untied read-out"),
         # jax's XLA attention stopped in "The precision 'F16_F16_F32' is not supported"
         (dict(sdpa_implementation="xla", dtype="float16"), "with model.dtype='float16' needs"),

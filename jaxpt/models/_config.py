@@ -263,11 +263,13 @@ class ModelConfig(_Fields):
                     "start from a MoE preset (tiny_moe, tiny_moe_2, tiny_moe_3).",
                 )
             MIXERS[kind].validate(self)
-        require(
-            self.router_noise == 0 or "moe" in self.mixer_pattern,
-            f"model.router_noise={self.router_noise} needs a top-k router (a 'moe' layer in "
-            f"model.mixer={self.mixer!r}); set it to 0.",
-        )
+        for field, default in (("router_noise", 0), ("moe_matmul", "padded")):
+            value = getattr(self, field)
+            require(
+                value == default or self.has_router,
+                f"model.{field}={value!r} needs a top-k router (a 'moe' layer in "
+                f"model.mixer={self.mixer!r}); set it to {default!r}.",
+            )
 
     @property
     def head_dim(self) -> int:
@@ -278,6 +280,12 @@ class ModelConfig(_Fields):
     def mixer_pattern(self) -> tuple[str, ...]:
         """The repeating block pattern, e.g. ``"moe,glu"`` -> ``("moe", "glu")``."""
         return tuple(kind.strip() for kind in self.mixer.split(","))
+
+    @property
+    def has_router(self) -> bool:
+        """Whether a layer routes tokens to its top-k experts (a ``moe`` layer): what
+        ``router_noise``, ``moe_matmul`` and the router losses act on."""
+        return "moe" in self.mixer_pattern
 
     @property
     def repeats(self) -> int:

@@ -53,8 +53,8 @@ def validate_config(config) -> None:
     misspelling, ``config.check_fields``). Reads no file; ``train`` runs it first, the launcher
     before any mode."""
     check_fields(config)
-    models.config_from(config.model)
     validate_train(config.train)
+    _check_router_losses(config)
     sharding.validate_mesh(config.mesh)
     for section, field in (
         ("checkpoint", "every_steps"),
@@ -99,14 +99,34 @@ def check_batch_fits_mesh(config, mesh) -> None:
         )
 
 
+def _has_router(config) -> bool:
+    """Whether the run's model routes tokens top-k (validates ``config.model``)."""
+    cfg = models.config_from(config.model)
+    return isinstance(cfg, models.ModelConfig) and cfg.has_router
+
+
+def _check_router_losses(config) -> None:
+    """ConfigError for a router loss weighed where no layer has a top-k router: the loss is
+    zero there (a dense model, Soft MoE), and the run would train without it."""
+    if _has_router(config):
+        return
+    for field in ("load_balance_loss_coeff", "z_loss_coeff"):
+        weight = config.train[field]
+        if weight != 0:
+            raise ConfigError(
+                f"train.{field}={weight!r} weighs a top-k router's loss, and no layer of "
+                "this model routes top-k (a 'moe' in model.mixer); set it to 0."
+            )
+
+
 def check_experts_fit_mesh(config, mesh) -> None:
     """Ragged top-k experts (``model.moe_matmul``) cannot be split over the devices that
     share the batch (expert parallelism moves the padded rows); said before anything runs,
     not when the step is traced. The layer splits them by the activations' rules (a rule's
     data and fsdp axes gather the stored experts whole), and so does this check."""
-    cfg = models.config_from(config.model)
-    if not (isinstance(cfg, models.ModelConfig) and "moe" in cfg.mixer_pattern):
+    if not _has_router(config):
         return
+    cfg = models.config_from(config.model)
     rules = config.mesh.rules
     spec = sharding.spec_for((cfg.n_experts,), ("expert",), mesh, sharding.activation_rules(rules))
     nn.check_grouped_matmul(
