@@ -199,6 +199,9 @@ def test_items_from_a_file_in_either_context_form(tmp_path):
         ({"ctx": "a", "endings": ["b", "c"], "label": 2}, "label=2 must be the index"),
         ({"ctx": "a", "endings": "bc", "label": 0}, "endings must be a list"),
         ({"endings": ["b", "c"], "label": 0}, "has no context"),
+        # not text: " ".join stopped --mode=eval and training in a TypeError traceback
+        ({"ctx_a": 5, "ctx_b": "a", "endings": ["b", "c"], "label": 0}, "has no context"),
+        ({"ctx_a": ["a"], "endings": ["b", "c"], "label": 0}, "has no context"),
     ],
 )
 def test_a_bad_item_is_one_sentence_naming_its_line(tmp_path, row, message):

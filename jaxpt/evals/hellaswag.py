@@ -230,9 +230,13 @@ def _item(row: Mapping, where: str) -> Item:
     if "ctx" in row:
         context = row["ctx"]
     else:  # the original's ctx is ctx_a and ctx_b joined by a space
-        context = " ".join(filter(None, (row.get("ctx_a"), row.get("ctx_b"))))
+        parts = [row[key] for key in ("ctx_a", "ctx_b") if row.get(key) is not None]
+        text = all(isinstance(part, str) for part in parts)
+        context = " ".join(filter(None, parts)) if text else None
     if not isinstance(context, str) or not context:
-        raise DataError(f"{where} has no context: give a non-empty ctx, or ctx_a and ctx_b.")
+        raise DataError(
+            f"{where} has no context: give a non-empty string ctx, or strings ctx_a and ctx_b."
+        )
     endings = row.get("endings")
     if not (
         isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) for e in endings)
