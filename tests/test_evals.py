@@ -265,6 +265,19 @@ def test_an_ending_of_no_token_is_one_sentence_naming_its_item(tmp_path):
         hellaswag.evaluate(params, cfg, items, tokenizer, batch_size=4)
 
 
+def test_a_context_of_no_token_is_one_sentence_naming_its_item(tmp_path):
+    """A context of spaces, which a word-level tokenizer encodes to no token, was accepted
+    when the items were read and tokenized, then stopped the scoring (in training, at the
+    first HellaSwag evaluation, after its steps) in 'a scored continuation needs at least
+    one context token', naming no item. Now one sentence naming it, when it is tokenized."""
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    tokenizer = word_tokenizer(directory)
+    items = [hellaswag.Item("w1 w2", ("w3", "w4"), 0), hellaswag.Item("  ", ("w3", "w4"), 0)]
+    with pytest.raises(DataError, match=r"^HellaSwag item 2 of 2 has a context the tokenizer e"):
+        hellaswag.requests(items, tokenizer)
+
+
 def test_items_from_the_hub_and_offline_one_sentence(tmp_path, monkeypatch):
     """The hub's copy (label as text) through `datasets.load_dataset`, here a local file."""
     hub_rows = [row | {"label": str(row["label"])} for row in original_rows()]

@@ -74,8 +74,9 @@ class Result:
 
 def requests(items: Sequence[Item], tokenizer: data.Tokenizer) -> list[tuple[list[int], list[int]]]:
     """The ``(context, ending)`` token pairs of every item's endings, in order. Raises
-    DataError naming the first item ``tokenizer`` cannot encode, or one with an ending of no
-    token (its loss would be 0, the lowest, whatever the model)."""
+    DataError naming the first item ``tokenizer`` cannot encode, or one with a context of no
+    token (no ending would have a token to follow), or with an ending of no token (its loss
+    would be 0, the lowest, whatever the model)."""
     pairs = []
     for number, item in enumerate(items, 1):
         try:
@@ -86,6 +87,12 @@ def requests(items: Sequence[Item], tokenizer: data.Tokenizer) -> list[tuple[lis
                 f"HellaSwag item {number} of {len(items)} cannot be tokenized ({error}); give "
                 "eval.hellaswag_path items the model's tokenizer reads, or leave hellaswag out."
             ) from None
+        if not context:
+            raise DataError(
+                f"HellaSwag item {number} of {len(items)} has a context the tokenizer encodes "
+                "to no token, which its endings cannot be scored after; give every context of "
+                "eval.hellaswag_path some text, or leave hellaswag out."
+            )
         if not all(endings):
             raise DataError(
                 f"HellaSwag item {number} of {len(items)} has an ending the tokenizer encodes "
