@@ -566,6 +566,17 @@ def test_harness_asked_for_no_tokens_answers_the_empty_string():
         harness_generations({"until": ["."], "max_gen_toks": -1})
 
 
+@pytest.mark.parametrize("batch_size", [0, "auto"])
+def test_harness_a_batch_size_that_is_not_a_count_is_one_sentence_when_made(batch_size):
+    """JaxptLM took any batch_size: 0 or lm-eval's "auto" stopped generate_until in range()'s
+    ValueError or TypeError, and loglikelihood only when it scored, after lm-eval had built
+    every request. Now one sentence when the model is made."""
+    harness = harness_or_skip()
+    cfg, params = model("bigram")
+    with pytest.raises(ConfigError, match=rf"^batch_size={batch_size!r} must be an integer >= 1"):
+        harness.JaxptLM(params, cfg, CHARS, batch_size=batch_size)
+
+
 @pytest.mark.parametrize(
     "option",
     [

@@ -166,7 +166,8 @@ class JaxptLM(TemplateLM):
             end-of-text token where it names none) precedes an empty context and a text's
             first rolling window, as lm-eval's HF backend puts it; its end-of-text token ends
             a generation.
-        batch_size: sequences per jitted call (over a mesh: a multiple of the batch devices).
+        batch_size: sequences per jitted call, an integer >= 1 (over a mesh: a multiple of
+            the batch devices).
         mesh, rules: the run's mesh and ``config.mesh.rules``, or None (default device).
         stop_ids: the checkpoint's end-of-sequence ids (``hf.eos_ids``), each of which ends a
             generation too, as transformers' ``generate`` stops at every one of them.
@@ -184,6 +185,7 @@ class JaxptLM(TemplateLM):
         stop_ids: Sequence[int] = (),
     ):
         super().__init__()
+        check_range("batch_size", batch_size, at_least=1, integer=True)
         self.params, self.model_config, self.tokenizer = params, model_config, tokenizer
         self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
         self.stop_ids = tuple(stop_ids)
