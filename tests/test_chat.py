@@ -486,6 +486,28 @@ def test_a_conversation_the_template_refuses_is_named_by_its_row(tmp_path, worke
     )
 
 
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [('{"messages": [', "column 15: Expecting value"), ('["hi", "hello"]', "it is an array")],
+)
+def test_a_jsonl_line_that_is_no_record_is_named_by_its_file_and_line(tmp_path, line, why):
+    # the sentence named the directory and pyarrow's parse error alone, without the file or
+    # the line: one line among a corpus's files was left to be found by hand
+    source = tmp_path / "conversations"
+    source.mkdir()
+    good = [json.dumps({"messages": messages}) for messages in TOY]
+    (source / "a.jsonl").write_text("\n".join(good * 4) + "\n")
+    (source / "b.jsonl").write_text("\n".join([*good, "", line, *good]) + "\n")
+    kw = dict(format="chat", tokenizer="char", block_size=127, workers=1, progress=False)
+    with pytest.raises(DataError) as error:
+        data.prepare_dataset(str(source), tmp_path / "out", shard_tokens=128 * 4, **kw)
+    assert str(error.value).startswith(
+        f"could not read dataset {str(source)!r}: {source / 'b.jsonl'}, line 5 is not a JSON "
+        f"object ({why}"
+    )
+    assert str(error.value).endswith("; fix that line or remove it")
+
+
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory):
     """A tiny model fine-tuned on TOY, repeated: (config file, workdir, manifest)."""

@@ -412,9 +412,11 @@ def test_cli_malformed_jsonl_is_one_line(tmp_path):
     assert run.returncode == 1
     lines = on_a_terminal(run.stderr.decode())
     assert len(lines) == 1, run.stderr
-    assert lines[0].startswith(f"error: could not read dataset {str(source)!r} (JSON parse error")
-    # a local file's advice (it said to check the hub name, split and the network)
-    assert lines[0].endswith("); check that its files are whole and in their format."), lines[0]
+    # the file and the line (it said pyarrow's "JSON parse error", and no line)
+    assert lines[0].startswith(
+        f"error: could not read dataset {str(source)!r}: {source}, line 2 is not a JSON object"
+    )
+    assert lines[0].endswith("); fix that line or remove it."), lines[0]
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1038,9 +1038,44 @@ def _dataset_documents(source: dict, streaming: bool, skip: int) -> Iterator:
         text = str(e).strip()
         cause = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(e).__name__
         name = source["dataset"]
+        bad_line = _first_bad_json_line(Path(name)) if Path(name).exists() else None
+        if bad_line:
+            message = f"could not read dataset {name!r}: {bad_line}; fix that line or remove it"
+            raise SourceError(message, cause) from e
         advice = (
             "; check that its files are whole and in their format"
             if Path(name).exists()
             else f"{no_local_path(name)}; check its name, config name and split, and the network"
         )
         raise SourceError(f"could not read dataset {name!r} ({cause}){advice}", cause) from e
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """``"<file>, line <n> is not a JSON object (<why>)"`` for the first line of the local
+    source `path`'s JSON files that `datasets` cannot read as a record (one object per line,
+    in a file that is not one JSON document); None where there is none, or no JSON files."""
+    builder, files = _local_source(path)
+    for name in files if builder == "json" else []:
+        text = Path(name).read_text(encoding="utf-8")
+        if _not_a_record(text, whole=True) is None:  # one document, e.g. a list of records
+            continue
+        for number, line in enumerate(text.split("\n"), start=1):
+            why = _not_a_record(line) if line.strip() else None
+            if why:
+                return f"{name}, line {number} is not a JSON object ({why})"
+    return None
+
+
+_JSON_KINDS = {list: "it is an array", str: "it is a string"}
+
+
+def _not_a_record(text: str, whole: bool = False) -> str | None:
+    """Why `text` is not a JSON object (`whole`, a file's text: not any JSON document), or
+    None."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"column {e.colno}: {e.msg}"
+    if whole or isinstance(value, dict):
+        return None
+    return _JSON_KINDS.get(type(value), "it is a number, true, false or null")
