@@ -59,6 +59,25 @@ def test_chatml_conversation_ids_and_mask():
     assert data.end_of_turn(tok, data.CHATML) == "<|im_end|>"
 
 
+def test_each_trained_reply_ends_with_the_ids_chat_stops_at():
+    # under GPT-2 BPE "Hello.<|im_end|>" was encoded whole, ".<" one token: a model trained on
+    # it ended its replies in ids that chat's stop sequence, "<" "|" "im" ..., never matched, and
+    # decoding ran on to max_new_tokens
+    tok = data.get_tokenizer("gpt2")
+    stop = tok.encode(data.end_of_turn(tok, data.CHATML))
+    ids, mask = data.encode_chat(tok, CONVERSATION, data.CHATML)
+    replies, reply = [], []
+    for token, trained in zip([*ids, 0], [*mask, 0], strict=True):
+        if trained:
+            reply.append(token)
+        elif reply:
+            replies, reply = [*replies, reply], []
+    assert [tok.decode(r) for r in replies] == ["Hello.<|im_end|>", "See you.<|im_end|>"]
+    assert all(r[-len(stop) :] == stop for r in replies)
+    chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CONVERSATION)
+    assert tok.decode(ids) == chatml
+
+
 def test_chat_keeps_the_turns_that_fit_the_block_plus_one():
     # generate takes prompt + max_new_tokens up to block_size + 1 (the last new token is never
     # fed back); chat left out a turn that fitted exactly

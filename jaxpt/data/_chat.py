@@ -171,14 +171,33 @@ def encode_chat(
     tok: Tokenizer, messages: Sequence[Message], template: str, generation_prompt: bool = False
 ) -> tuple[list[int], list[int]]:
     """Token ids (N,) of a conversation and their loss mask (N,): 1 on the assistant's
-    replies and their end-of-turn marker, 0 elsewhere (`chat_segments`)."""
+    replies and their end-of-turn marker, 0 elsewhere (`chat_segments`). A reply and its
+    marker are encoded apart, so that every reply ends in the marker's own ids, at which chat
+    stops (GPT-2's BPE wrote "Hello.<|im_end|>" with a token ".<")."""
     ids, mask = [], []
     special = _special_tokens(tok)
+    end = _end_marker(template, special)
     for text, trained in chat_segments(template, messages, special, generation_prompt):
-        piece = tok.encode(text)
-        ids += piece
-        mask += [int(trained)] * len(piece)
+        for part in _marker_apart(text, end) if trained else [text]:
+            piece = tok.encode(part)
+            ids += piece
+            mask += [int(trained)] * len(piece)
     return ids, mask
+
+
+def _end_marker(template: str, special: dict) -> str | None:
+    """The template's end-of-turn marker (`_turn_frame`), or None where it writes none."""
+    try:
+        return _turn_frame(template, special)[2]
+    except DataError:
+        return None
+
+
+def _marker_apart(reply: str, end: str | None) -> list[str]:
+    """`reply` as [text, `end`] where it ends with the marker `end`, else [reply]."""
+    if not end or not reply.endswith(end):
+        return [reply]
+    return [reply[: -len(end)], end]
 
 
 def chat_prompt(tok: Tokenizer, messages: Sequence[Message], template: str) -> list[int]:
@@ -191,7 +210,7 @@ def end_of_turn(tok: Tokenizer, template: str) -> str:
     """The text that ends an assistant's turn (``<|im_end|>`` in ChatML, ``</s>`` in Llama-2's
     and Mistral's), less the whitespace around it, found by rendering a probe conversation.
     The reply may start with whitespace (Llama-2 writes ``[/INST] reply </s>``)."""
-    return _turn_frame(tok, template)[2]
+    return _turn_frame(template, _special_tokens(tok))[2]
 
 
 def reply_in(tok: Tokenizer, template: str, written: str) -> str:
@@ -199,15 +218,15 @@ def reply_in(tok: Tokenizer, template: str, written: str) -> str:
     text before the end-of-turn marker, as written but for the whitespace the template
     itself puts before a reply and before its marker (the spaces of Llama-2's ``[/INST]
     reply </s>``), so that the reply, rendered as the assistant's turn, is what was written."""
-    before, between, end = _turn_frame(tok, template)
+    before, between, end = _turn_frame(template, _special_tokens(tok))
     return written.partition(end)[0].removeprefix(before).removesuffix(between)
 
 
-def _turn_frame(tok: Tokenizer, template: str) -> tuple[str, str, str]:
+def _turn_frame(template: str, special: dict) -> tuple[str, str, str]:
     """What the template writes around a reply after the assistant's prompt, from a probe
-    conversation: (whitespace before the reply, whitespace between it and the marker, the
-    end-of-turn marker); DataError when no marker follows the reply."""
-    special = _special_tokens(tok)
+    conversation rendered with the `special` token names: (whitespace before the reply,
+    whitespace between it and the marker, the end-of-turn marker); DataError when no marker
+    follows the reply."""
     prompt = render(template, _PROBE[:1], special, generation_prompt=True)
     turn = render(template, _PROBE, special, generation_prompt=False)
     before, found, after = _after(prompt, turn).partition(_PROBE[1]["content"])
