@@ -4,6 +4,7 @@ loss, preparation of chat data, a tiny model fine-tuned on it answering in jaxpt
 
 import json
 import os
+import re
 import string
 import subprocess
 import sys
@@ -525,6 +526,18 @@ def test_a_jsonl_line_that_is_no_record_is_named_by_its_file_and_line(tmp_path, 
         f"object ({why}"
     )
     assert str(error.value).endswith("; fix that line or remove it")
+
+
+def test_a_bad_first_line_is_named_and_a_json_document_is_not(tmp_path):
+    """A file whose first line is no record is read whole, to tell a JSON document over many
+    lines (a list of records, not named) from JSON lines cut off at their first line."""
+    source = tmp_path / "conversations"
+    source.mkdir()
+    (source / "a.json").write_text(json.dumps([{"messages": m} for m in TOY], indent=1))
+    (source / "b.jsonl").write_text('{"messages": [\n' + json.dumps({"messages": TOY[0]}))
+    kw = dict(format="chat", tokenizer="char", block_size=127, workers=1, progress=False)
+    with pytest.raises(DataError, match=re.escape(f"{source / 'b.jsonl'}, line 1 is not a JSON")):
+        data.prepare_dataset(str(source), tmp_path / "out", shard_tokens=128 * 4, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -1056,13 +1056,25 @@ def _first_bad_json_line(path: Path) -> str | None:
     in a file that is not one JSON document); None where there is none, or no JSON files."""
     builder, files = _local_source(path)
     for name in files if builder == "json" else []:
-        text = Path(name).read_text(encoding="utf-8")
-        if _not_a_record(text, whole=True) is None:  # one document, e.g. a list of records
-            continue
-        for number, line in enumerate(text.split("\n"), start=1):
-            why = _not_a_record(line) if line.strip() else None
-            if why:
-                return f"{name}, line {number} is not a JSON object ({why})"
+        if bad_line := _first_bad_line(name):
+            return bad_line
+    return None
+
+
+def _first_bad_line(name: str) -> str | None:
+    """The JSON file `name`'s first line that is not a record, as `_first_bad_json_line`
+    says it; read line by line, and whole only where no record precedes it."""
+    with open(name, encoding="utf-8") as lines:
+        records = 0
+        for number, line in enumerate(map(str.rstrip, lines), start=1):
+            why = _not_a_record(line) if line else None
+            if why is None:
+                records += bool(line)
+                continue
+            whole = Path(name).read_text(encoding="utf-8") if records == 0 else ""
+            if whole and _not_a_record(whole, whole=True) is None:
+                return None  # one document, e.g. a list of records over many lines
+            return f"{name}, line {number} is not a JSON object ({why})"
     return None
 
 
