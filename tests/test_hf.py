@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1086,4 +1087,70 @@ def test_a_damaged_checkpoint_is_one_sentence_naming_the_file(tmp_path):
         hf.from_pretrained(source)
     (source / "config.json").write_text("[1, 2]")  # JSON, no object: an AttributeError
     with pytest.raises(hf.CheckpointError, match=r"config\.json is not a JSON object"):
+        hf.from_pretrained(source)
+
+
+@pytest.mark.parametrize(
+    ("to", "ignored"),
+    [
+        ("jaxpt", ["--workdir=runs/mine"]),  # as if the import went into a run's workdir
+        ("jaxpt", ["--config=configs/gpt.py:smoke"]),  # as if it chose the preset
+        ("hf", ["--source=gpt2"]),  # as if it named the checkpoint to export
+    ],
+)
+def test_command_line_refuses_a_flag_its_direction_does_not_read(tmp_path, to, ignored):
+    """``--to=jaxpt`` read neither --workdir nor --config and ``--to=hf`` not --source, yet
+    each was accepted without a word: the import ran as if they were not there, the export
+    failed (or succeeded) for its own reasons. A flag the command does not read is one
+    sentence naming it, before anything is read or written."""
+    source = smoke_gpt2_dir(tmp_path / "hf")
+    args = (
+        [f"--source={source}"]
+        if to == "jaxpt"
+        else ["--config=configs/gpt.py:smoke", f"--workdir={tmp_path / 'run'}"]
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxpt.hf",
+            f"--to={to}",
+            *args,
+            *ignored,
+            f"--out={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    flag = ignored[0].split("=")[0]
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("jaxpt.hf: ") and flag in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_printed_launch_command_runs_as_printed_from_a_path_with_spaces(tmp_path, capsys):
+    """``--to=jaxpt`` prints the launch.py command to paste, but its paths were not quoted:
+    an --out with a space (``~/My Models/...``) split --config.checkpoint.init_from and
+    --workdir into two words each, and the pasted command failed."""
+    hf_model(HF_CONFIGS["llama_gqa_tied"]).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "my models" / "small llama"
+    import_checkpoint(tmp_path / "hf", out)
+    printed = capsys.readouterr().out
+    command = printed.split("Fine-tune or sample with", 1)[1].replace("\\\n", " ")
+    words = shlex.split(command)
+    assert words[:3] == ["uv", "run", "python"], words
+    assert f"--config.checkpoint.init_from={out.absolute()}" in words, words
+    assert "--workdir=runs/small llama" in words, words
+    assert "--config.model.n_embed=64" in words, words
+
+
+@pytest.mark.parametrize("source", [None, False, 3])
+def test_a_source_that_is_no_path_hub_name_or_model_is_one_sentence(source):
+    """Anything that is not a str or os.PathLike was taken for a transformers model: None, or
+    the original's positional ``sharded`` flag (``smol_lm.from_hf_pretrained(config, rngs,
+    False)``), was an AttributeError ('bool' object has no attribute 'config') from inside
+    jaxpt.hf."""
+    with pytest.raises((ConfigError, TypeError), match=r"directory|hub name"):
         hf.from_pretrained(source)

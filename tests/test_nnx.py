@@ -3,6 +3,7 @@ gradients equal to the functional model's, training in the original's style, the
 the KV cache, checkpoints in the original's on-disk layout."""
 
 import dataclasses
+import json
 import re
 import shutil
 
@@ -919,3 +920,55 @@ def test_the_original_charformers_tree_loads_and_computes_the_originals_logits()
     back = dict(jax.tree_util.tree_flatten_with_path(model.original_tree())[0])
     for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
         np.testing.assert_allclose(back[path], value, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_from_hf_pretrained_without_a_path_reads_the_checkpoint_its_config_names(
+    tmp_path, monkeypatch
+):
+    """The original loads ``config.name`` (NNX_API.md §3: SmolLM uses it as the HF model id;
+    §9: ``load_hf_pretrained(model_name=config.name)``), the one way it has to choose a
+    checkpoint. Here a call without ``path`` fetched SmolLM-135M whatever the config named, and
+    the model it returned carried the config's name over another checkpoint's weights (online,
+    SmolLM-360M's name over SmolLM-135M's)."""
+
+    def no_hub(*args, **kwargs):
+        raise OSError("no network in tests: the hub was asked for " + repr(args[:1]))
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_hub)
+    smol = build(m.SmolLM)
+    hf.save_pretrained(smol.functional_params(), smol.model_config(), tmp_path / "smol")
+    config = m.SmolLM_Config(name=str(tmp_path / "smol"))
+    loaded = smol_lm.from_hf_pretrained(config, nnx.Rngs(0))
+    assert loaded.config.name == str(tmp_path / "smol")
+    jax.tree.map(
+        np.testing.assert_array_equal, loaded.functional_params(), smol.functional_params()
+    )
+
+
+def test_a_rope_base_goes_through_from_hf_pretrained_and_convert_to_hf_unchanged(tmp_path):
+    """rope_theta is the reciprocal of HF's base, and 1 / (1 / 100000) is 99999.99999999999 in
+    floats: SmolLM2's rope_theta=100000 came back from ``convert_to_hf`` as 99999.99999999999 in
+    config.json, and a jaxpt run started from that export with
+    --config.model.rope_base=100000 was refused as a different model (``hf.check_fields``)."""
+    smol = build(m.SmolLM)
+    cfg = dataclasses.replace(smol.model_config(), rope_base=100000.0)
+    hf.save_pretrained(smol.functional_params(), cfg, tmp_path / "smollm2")
+    loaded = smol_lm.from_hf_pretrained(None, nnx.Rngs(0), tmp_path / "smollm2")
+    assert loaded.model_config().rope_base == 100000.0
+    smol_lm.convert_to_hf(loaded, tmp_path / "back")
+    hf_config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert hf_config["rope_theta"] == 100000.0
+    hf.check_init_from(cfg, str(tmp_path / "back"))  # a run at the source's base starts from it
+
+
+def test_from_checkpoint_refuses_a_config_whose_rope_theta_is_not_the_checkpoints(tmp_path):
+    """A checkpoint of a RoPE class holds its table ``h.0.attn.omega``, which the original
+    restores with the params, so it computes with the rope_theta the checkpoint was saved at.
+    Here the table was checked for its shape alone and the config's rope_theta used: a config
+    at another base loaded without a word and computed other logits than the original would."""
+    config = dataclasses.replace(TINY_CONFIGS[m.SmolLM], rope_theta=1e-4)
+    build(m.SmolLM, config=config).save_checkpoint(tmp_path / "ckpt")
+    other = dataclasses.replace(config, rope_theta=1e-2)
+    with pytest.raises(ConfigError, match=r"rope_theta"):
+        m.SmolLM.from_checkpoint(tmp_path / "ckpt", nnx.Rngs(0), other)
+    m.SmolLM.from_checkpoint(tmp_path / "ckpt", nnx.Rngs(0), config)  # its own base loads
