@@ -116,6 +116,7 @@ def _main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # as launch.py: no absl/orbax narration at INFO
     f = flags.FLAGS
     try:
+        _check_direction(f)
         if f.to == "jaxpt":
             if not f.source:
                 raise ConfigError("--to=jaxpt needs --source=<checkpoint directory or hub name>.")
@@ -128,6 +129,21 @@ def _main(argv) -> None:
         sys.exit(f"jaxpt.hf: {sentence(error)}")
     except KeyboardInterrupt:
         exit_interrupted(_interrupted(f.out))
+
+
+_READS = {"jaxpt": ["source"], "hf": ["config", "workdir"]}  # the flags each direction reads
+
+
+def _check_direction(f: flags.FlagValues) -> None:
+    """ConfigError naming a flag given that ``--to``'s direction does not read (it would be
+    ignored without a word), before anything is read or written."""
+    other = "hf" if f.to == "jaxpt" else "jaxpt"
+    for name in _READS[other]:
+        if f[name].present:
+            raise ConfigError(
+                f"--to={f.to} does not read --{name}, which only --to={other} reads; leave it "
+                f"out (--to={f.to} reads {', '.join(f'--{n}' for n in _READS[f.to])} and --out)."
+            )
 
 
 def _interrupted(out: str) -> str:
