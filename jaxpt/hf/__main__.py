@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -44,14 +45,20 @@ def _check_out(out: str | os.PathLike) -> None:
     check_new_directory(out, "--out")
 
 
+def _flag(name: str, value) -> str:
+    """``--name=value`` as a shell reads it back: the value quoted where it needs it (a path
+    with a space)."""
+    return f"--{name}={shlex.quote(str(value))}"
+
+
 def _launch_flags(config, out: Path) -> str:
     """launch.py overrides that make a preset's run start from the checkpoint in ``out``."""
     layout = layout_of(config)
-    lines = [f"--config.checkpoint.init_from={out}"]
+    lines = [_flag("config.checkpoint.init_from", out)]
     fields = config.to_dict()
-    lines += [f"--config.model.{field}={fields[field]}" for field in layout.keys]
+    lines += [_flag(f"config.model.{field}", fields[field]) for field in layout.keys]
     if (out / data.HFTokenizer.file).is_file():
-        lines.append(f"--config.data.tokenizer={out}")
+        lines.append(_flag("config.data.tokenizer", out))
     return " \\\n    ".join(lines)
 
 
@@ -62,7 +69,8 @@ def import_checkpoint(source, out: str | os.PathLike) -> Pretrained:
     config, params, tokenizer = pretrained = from_pretrained(source)
     out = save_pretrained(params, config, out, tokenizer=tokenizer, origin=source).absolute()
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    launch = f"launch.py --config=configs/{config.name}.py --workdir=runs/{out.name}"
+    preset = _flag("config", f"configs/{config.name}.py")
+    launch = f"launch.py {preset} {_flag('workdir', f'runs/{out.name}')}"
     print(
         f"{out}: {config.name} layout, {n_params:,} parameters. Fine-tune or sample with\n"
         f"  uv run python {launch} \\\n    {_launch_flags(config, out)}",
