@@ -239,6 +239,11 @@ def from_pretrained(source, **overrides) -> Pretrained:
         directory = checkpoint_directory(source)
         config = config_from_hf(_read_hf_config(directory), **overrides)
         state = _read_weights(directory)
+    elif not (hasattr(source, "config") and hasattr(source, "state_dict")):
+        raise ConfigError(
+            "from_pretrained reads a local checkpoint directory, a hub name or a transformers "
+            f"model, not {source!r:.60}: pass one of those."
+        )
     else:  # a transformers model
         directory = None  # architectures is set on save: the model's class says it
         hf_config = {**source.config.to_dict(), "architectures": [type(source).__name__]}
