@@ -943,6 +943,9 @@ def test_from_hf_pretrained_without_a_path_reads_the_checkpoint_its_config_names
     jax.tree.map(
         np.testing.assert_array_equal, loaded.functional_params(), smol.functional_params()
     )
+    for default in (None, m.SmolLM_Config()):  # "SmolLM" names no checkpoint: SmolLM-135M's
+        with pytest.raises(hf.CheckpointError, match="'HuggingFaceTB/SmolLM-135M'"):
+            smol_lm.from_hf_pretrained(default, nnx.Rngs(0))
 
 
 def test_a_rope_base_goes_through_from_hf_pretrained_and_convert_to_hf_unchanged(tmp_path):

@@ -22,18 +22,23 @@ def from_huggingface_pretrained(rngs: nnx.Rngs, path: str | os.PathLike = "gpt2"
     return GPT.from_params(pretrained.params, config, rngs)
 
 
+_SMOLLM = "HuggingFaceTB/SmolLM-135M"  # the original's default checkpoint
+
 # SmolLM_Config's fields that say how to run the model, not what a checkpoint holds
 _RUN_FIELDS = ("name", "dtype", "param_dtype", "sdpa_implementation", "use_cache", "pad_token")
 
 
 def from_hf_pretrained(
-    config: SmolLM_Config | None,
-    rngs: nnx.Rngs,
-    path: str | os.PathLike = "HuggingFaceTB/SmolLM-135M",
+    config: SmolLM_Config | None, rngs: nnx.Rngs, path: str | os.PathLike | None = None
 ) -> SmolLM:
     """A SmolLM holding the Llama checkpoint at ``path``, its params in ``param_dtype``; the
     shapes come from its config.json, and ``config`` gives the fields no checkpoint holds
-    (``_RUN_FIELDS``)."""
+    (``_RUN_FIELDS``). ``path`` None reads the checkpoint ``config.name`` names, as the
+    original does; SmolLM-135M for no config or the default name "SmolLM", which names none
+    [D15]."""
+    if path is None:
+        named = config is not None and config.name != SmolLM_Config.name
+        path = config.name if named else _SMOLLM
     pretrained = hf.from_pretrained(path)
     run = {} if config is None else {field: getattr(config, field) for field in _RUN_FIELDS}
     smol = dataclasses.replace(SmolLM_Config.from_model_config(pretrained.config), **run)
@@ -42,7 +47,7 @@ def from_hf_pretrained(
     return SmolLM.from_params(params, smol, rngs)
 
 
-def load_hf_pretrained(model_name: str = "HuggingFaceTB/SmolLM-135M"):
+def load_hf_pretrained(model_name: str = _SMOLLM):
     """``transformers.AutoModelForCausalLM.from_pretrained(model_name)`` (needs torch)."""
     import transformers  # the test group's; only this helper needs it
 
