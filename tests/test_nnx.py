@@ -962,6 +962,9 @@ def test_a_rope_base_goes_through_from_hf_pretrained_and_convert_to_hf_unchanged
     hf_config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert hf_config["rope_theta"] == 100000.0
     hf.check_init_from(cfg, str(tmp_path / "back"))  # a run at the source's base starts from it
+    for base in (5000.0, 10000.0, 500000.0, 1e6, 12345.678):  # other bases, in memory
+        back = m.SmolLM_Config.from_model_config(dataclasses.replace(cfg, rope_base=base))
+        assert back.model_config().rope_base == base, base
 
 
 def test_from_checkpoint_refuses_a_config_whose_rope_theta_is_not_the_checkpoints(tmp_path):

@@ -58,7 +58,13 @@ def _rope_base(rope_theta: float) -> float:
             f"rope_theta={rope_theta!r} must be a positive number: the inverse frequencies are "
             "rope_theta ** (2j / head width), and rope_theta=1e-4 is a base of 10000."
         )
-    return 1.0 / rope_theta
+    return _reciprocal(rope_theta)
+
+
+def _reciprocal(x: float) -> float:
+    """``1 / x`` to 15 significant digits, so that a base goes through ``rope_theta`` and back
+    unchanged: 1 / (1 / 100000) is 99999.99999999999 in floats, this 100000.0."""
+    return float(f"{1.0 / x:.15g}")
 
 
 # original field -> (core field, original value -> core value, core config -> original value)
@@ -97,7 +103,7 @@ _TO_CORE: dict[str, tuple[str, Any, Any]] = {
         lambda v: _SDPA.get(v, v),
         lambda c: {core: orig for orig, core in _SDPA.items()}.get(c.sdpa_implementation, "xla"),
     ),
-    "rope_theta": ("rope_base", _rope_base, lambda c: 1.0 / c.rope_base),
+    "rope_theta": ("rope_base", _rope_base, lambda c: _reciprocal(c.rope_base)),
     "glu_activation": (
         "activation",
         lambda v: _GLU_ACTIVATIONS.get(v, "sigmoid"),
