@@ -262,9 +262,14 @@ def dropped(layout: Layout | None, params, cfg) -> list[str]:
 
 def omega(cfg, dtype) -> jax.Array:
     """The original's RoPE table: ``omega[p] = p * concat(inv_freq, inv_freq)``, ``(S, hd)``."""
-    inv_freq = cfg.rope_base ** (-jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
-    angles = jnp.arange(cfg.block_size, dtype=jnp.float32)[:, None] * inv_freq
-    return jnp.concatenate([angles, angles], axis=-1).astype(dtype)
+    return jnp.asarray(_angles(cfg), dtype)
+
+
+def _angles(cfg) -> np.ndarray:
+    """``omega``'s angles in float64, ``(S, hd)``."""
+    inv_freq = cfg.rope_base ** (-np.arange(0, cfg.head_dim, 2) / cfg.head_dim)  # (hd / 2,)
+    angles = np.arange(cfg.block_size)[:, None] * inv_freq
+    return np.concatenate([angles, angles], axis=-1)
 
 
 def slow_masks(cfg, dtype) -> dict[str, jax.Array]:
@@ -344,14 +349,31 @@ def from_original(layout: Layout | None, tree: Mapping[str, np.ndarray], abstrac
 
 
 def _check_rope_table(tree: Mapping[str, np.ndarray], cfg, what: str) -> None:
-    """Raises ConfigError if the original's rotary table, where ``tree`` holds one, is not
-    ``(block_size, head_dim)`` (it is computed, not read)."""
-    want = (cfg.block_size, cfg.head_dim)
-    if OMEGA in tree and np.shape(tree[OMEGA]) != want:
+    """Raises ConfigError if the original's rotary table, where ``tree`` holds one, is not the
+    config's: another shape ``(block_size, head_dim)``, or the angles of another base (the
+    original restores the table it saved; here it is computed from the config)."""
+    if OMEGA not in tree:
+        return
+    stored, want = np.asarray(tree[OMEGA]), (cfg.block_size, cfg.head_dim)
+    if stored.shape != want:
         raise ConfigError(
-            f"the checkpoint's {OMEGA!r} has shape {np.shape(tree[OMEGA])}, but {what} "
+            f"the checkpoint's {OMEGA!r} has shape {stored.shape}, but {what} "
             f"needs {want} (block_size, head width): pass the config it was saved with."
         )
+    if not np.allclose(stored.astype(np.float64), _angles(cfg), **_rounding(cfg, stored.dtype)):
+        raise ConfigError(
+            f"the checkpoint's {OMEGA!r} holds the rotary angles of another rope_theta than "
+            f"{what} has ({1 / cfg.rope_base:.6g}): pass the rope_theta it was saved with."
+        )
+
+
+def _rounding(cfg, dtype) -> dict[str, float]:
+    """``np.allclose``'s tolerances for a RoPE table the original computed in ``dtype``
+    (bfloat16 too [D12]): half an eps for each of its four roundings and for the exponent's,
+    which ``ln(rope_base)`` scales; angles below the smallest subnormal, absolutely."""
+    finfo = jnp.finfo(dtype)
+    rtol = (abs(math.log(cfg.rope_base)) / 2 + 2) * float(finfo.eps)
+    return {"rtol": rtol, "atol": cfg.block_size * float(finfo.smallest_subnormal)}
 
 
 def _check_all_used(tree: Mapping[str, np.ndarray], used: set[str], what: str) -> None:
