@@ -111,8 +111,8 @@ def main(argv):
         sys.exit(f"launch.py: {sentence(error)}")
     except train.Interrupted as stop:  # saved; the shell's status for death by that signal
         sys.exit(128 + stop.signal)
-    except KeyboardInterrupt:
-        exit_interrupted(_INTERRUPTED)
+    except KeyboardInterrupt:  # XLA may still be compiling: no interpreter finalization
+        exit_interrupted(_INTERRUPTED, at_once=True)
 
 
 if __name__ == "__main__":

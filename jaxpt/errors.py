@@ -89,10 +89,16 @@ def did_you_mean(name: str, known: Sequence[str], elsewhere: Sequence[str] = ())
     return f"did you mean {', '.join(first) + ' or ' if first else ''}{last}?"
 
 
-def exit_interrupted(line: str) -> NoReturn:
+def exit_interrupted(line: str, *, at_once: bool = False) -> NoReturn:
     """Ends a command stopped by Ctrl-C (a KeyboardInterrupt it caught): ``line`` (``launch.py:
-    interrupted (SIGINT); ...``) on stderr, exit status ``INTERRUPTED``."""
+    interrupted (SIGINT); ...``) on stderr, exit status ``INTERRUPTED``. ``at_once`` ends the
+    process without the interpreter's finalization (its own cleanup ran as the exception
+    unwound): Ctrl-C may have left XLA compiling on its own threads, which crash when
+    finalization tears down the backend under them."""
     print(line, file=sys.stderr, flush=True)
+    if at_once:
+        sys.stdout.flush()
+        os._exit(INTERRUPTED)
     sys.exit(INTERRUPTED)
 
 

@@ -828,14 +828,28 @@ def test_sigterm_saves_then_exits_143(tmp_path):
     assert lines[saving - 1].startswith(f"step {last:>6}/100000 loss "), out
 
 
-def test_ctrl_c_before_the_training_loop_is_one_line_and_exits_130(tmp_path):
+# What launch.py's data preparation does instead, for the test below, once it has printed
+# "preparing": take long in short sleeps (a signal another thread takes interrupts no sleep,
+# and the main thread sees it after its own), or compile (on XLA's own threads, which Ctrl-C
+# leaves running; traced and lowered first, so that the signal finds the compile under way).
+_SLOW_PREPARATIONS = {
+    "sleeping": "[print('preparing', flush=True)] + [time.sleep(0.05) for _ in range(2000)]",
+    "compiling": "[lowered := jax.jit(lambda x: functools.reduce(lambda y, i: jnp.sin(y @ y) + "
+    "i, range(100), x)).lower(jnp.ones((64, 64))), print('preparing', flush=True), "
+    "lowered.compile()]",
+}
+
+
+@pytest.mark.parametrize("preparation", sorted(_SLOW_PREPARATIONS))
+def test_ctrl_c_before_the_training_loop_is_one_line_and_exits_130(preparation, tmp_path):
     """Ctrl-C while the data was prepared or a checkpoint restored, before the loop handles
-    SIGINT, printed a KeyboardInterrupt traceback."""
-    preparing = (  # launch.py, with data preparation that takes long (in short sleeps: a signal
-        # another thread takes interrupts no sleep, and the main thread sees it after its own)
-        "import runpy, sys, time; from jaxpt import data; "
-        "data.ensure_prepared = lambda *a, **k: [print('preparing', flush=True)] + "
-        "[time.sleep(0.05) for _ in range(2000)]; "
+    SIGINT, printed a KeyboardInterrupt traceback; while the train step compiled, the
+    interpreter's exit crashed in XLA's compiling threads (exit status 139), as it may
+    whenever it runs after the line (the handler registered here says when it does)."""
+    preparing = (  # launch.py, with data preparation that takes long
+        "import atexit, functools, runpy, sys, time, jax, jax.numpy as jnp; "
+        "from jaxpt import data; atexit.register(print, 'finalizing', file=sys.stderr); "
+        f"data.ensure_prepared = lambda *a, **k: {_SLOW_PREPARATIONS[preparation]}; "
         f"sys.argv[0] = 'launch.py'; runpy.run_path({str(ROOT / 'launch.py')!r}, "
         "run_name='__main__')"
     )
