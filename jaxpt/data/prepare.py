@@ -79,9 +79,7 @@ _FLAG_FORMAT = {"text_field": "text", "block_size": "chat", "messages_field": "c
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        sys.exit(
-            f"error: unexpected arguments {' '.join(argv[1:])!r}; pass everything as --flag=value"
-        )
+        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])!r}; pass each as --flag=value.")
     for name, format in _FLAG_FORMAT.items():
         if flags.FLAGS[name].present and _FORMAT.value != format:
             sys.exit(f"error: --{name} applies to --format={format}; leave it out.")

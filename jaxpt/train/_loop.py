@@ -464,8 +464,8 @@ def _check_workdir(workdir: Path) -> None:
     if held:
         raise ConfigError(
             f"{workdir} holds {' and '.join(held)} but no checkpoints/, so it is not a jaxpt "
-            "run's and training would overwrite them: choose a new or empty --workdir (nothing "
-            "was changed)."
+            f"run's and training would overwrite {'them' if len(held) > 1 else 'it'}: choose a "
+            "new or empty --workdir (nothing was changed)."
         )
 
 
