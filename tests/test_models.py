@@ -198,6 +198,24 @@ def test_more_tokens_than_learned_positions_is_one_sentence_not_nan_logits():
     assert jnp.isfinite(logits).all()
 
 
+@pytest.mark.parametrize(
+    "mask, positions, words",
+    [
+        # HF's attention_mask is int 0/1: jax stopped in "mask dtype should be bool"
+        (jnp.ones((2, 16), jnp.int32), None, "mask must be a (2, 16) bool array, not int32"),
+        (jnp.ones((2, 16)), None, "mask must be a (2, 16) bool array, not float32"),
+        (jnp.ones((2, 15), bool), None, "mask must be a (2, 16) bool array, not (2, 15)"),
+        (None, jnp.zeros((2, 15), jnp.int32), "positions must be a (2, 16) integer array, not"),
+        (None, jnp.zeros((2, 16)), "positions must be a (2, 16) integer array, not float32"),
+    ],
+)
+def test_a_mask_or_positions_unlike_the_tokens_is_one_sentence(mask, positions, words):
+    cfg = tiny_config("tiny_moe_2")
+    params = models.get("tiny_moe_2").init(jax.random.key(0), cfg)
+    with pytest.raises(DataError, match=re.escape(words)):
+        forward("tiny_moe_2", cfg, params, random_tokens(0), mask=mask, positions=positions)
+
+
 def count(name, **overrides):
     cfg = dataclasses.replace(models.get(name).default_config(), **overrides)
     shapes = jax.eval_shape(lambda k: models.get(name).init(k, cfg), jax.random.key(0))

@@ -177,6 +177,10 @@ def features(
     per layer (the pattern repeat's key folded with the position in the pattern).
     """
     b, t = tokens.shape
+    real = "one per token, True for real ones (e.g. an int 0/1 mask's .astype(bool))"
+    _check_like_tokens("mask", mask, tokens.shape, jnp.bool_, "bool", real)
+    where = "each token's position in its sequence"
+    _check_like_tokens("positions", positions, tokens.shape, jnp.integer, "integer", where)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     x = _embed(params, tokens, positions, cfg)  # (B, T, D)
@@ -194,6 +198,15 @@ def features(
     )
     x = nn.NORMS[cfg.norm].apply(params.ln_f, x, cfg.ln_epsilon, kernels=cfg.kernels)
     return x, jax.tree.map(lambda a: a.sum(0), aux), None if cache is None else caches
+
+
+def _check_like_tokens(name: str, a: Array | None, shape: tuple, kind, what: str, meaning: str):
+    """A DataError when traced unless ``a`` is None or an array of the tokens' ``shape`` and
+    of ``kind`` (a jnp dtype or abstract type such as ``jnp.integer``, named ``what``)."""
+    if a is None or (a.shape == shape and jnp.issubdtype(a.dtype, kind)):
+        return
+    got = a.dtype if a.shape == shape else a.shape
+    raise DataError(f"{name} must be a {shape} {what} array, not {got}: {meaning}.")
 
 
 def _embed(params: Decoder, tokens: Array, positions: Array, cfg: ModelConfig) -> Array:
@@ -264,6 +277,7 @@ def apply(
         positions: optional ``(B, T)`` int positions; default ``0..T-1`` in every row.
         key: training randomness (``cfg.dropout``, ``cfg.router_noise``); None (evaluation,
             generation) is deterministic.
+    A ``mask`` or ``positions`` of another shape or dtype is a DataError when traced.
     Returns:
         ``(logits, aux)``: ``(B, T, V)`` in ``logits_dtype`` (float32 unless configured)
         and the auxiliary losses summed over layers
