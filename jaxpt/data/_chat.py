@@ -176,7 +176,7 @@ def encode_chat(
     stops (GPT-2's BPE wrote "Hello.<|im_end|>" with a token ".<")."""
     ids, mask = [], []
     special = _special_tokens(tok)
-    end = _end_marker(template, special)
+    end = _end_marker(template, tuple(special.items()))
     for text, trained in chat_segments(template, messages, special, generation_prompt):
         for part in _marker_apart(text, end) if trained else [text]:
             piece = tok.encode(part)
@@ -185,10 +185,12 @@ def encode_chat(
     return ids, mask
 
 
-def _end_marker(template: str, special: dict) -> str | None:
-    """The template's end-of-turn marker (`_turn_frame`), or None where it writes none."""
+@functools.cache  # a constant of the preparation, which encodes every conversation with it
+def _end_marker(template: str, special: tuple[tuple[str, str], ...]) -> str | None:
+    """The template's end-of-turn marker (`_turn_frame`) rendered with the `special` token
+    names' items, or None where it writes none."""
     try:
-        return _turn_frame(template, special)[2]
+        return _turn_frame(template, dict(special))[2]
     except DataError:
         return None
 
