@@ -99,16 +99,16 @@ def check_batch_fits_mesh(config, mesh) -> None:
         )
 
 
-def _has_router(config) -> bool:
-    """Whether the run's model routes tokens top-k (validates ``config.model``)."""
-    cfg = models.config_from(config.model)
+def _has_router(cfg) -> bool:
+    """Whether the model config ``cfg`` (any registry entry's) routes tokens top-k."""
     return isinstance(cfg, models.ModelConfig) and cfg.has_router
 
 
 def _check_router_losses(config) -> None:
     """ConfigError for a router loss weighed where no layer has a top-k router: the loss is
-    zero there (a dense model, Soft MoE), and the run would train without it."""
-    if _has_router(config):
+    zero there (a dense model, Soft MoE), and the run would train without it. Builds, and so
+    validates, ``config.model``."""
+    if _has_router(models.config_from(config.model)):
         return
     for field in ("load_balance_loss_coeff", "z_loss_coeff"):
         weight = config.train[field]
@@ -124,9 +124,9 @@ def check_experts_fit_mesh(config, mesh) -> None:
     share the batch (expert parallelism moves the padded rows); said before anything runs,
     not when the step is traced. The layer splits them by the activations' rules (a rule's
     data and fsdp axes gather the stored experts whole), and so does this check."""
-    if not _has_router(config):
-        return
     cfg = models.config_from(config.model)
+    if not _has_router(cfg):
+        return
     rules = config.mesh.rules
     spec = sharding.spec_for((cfg.n_experts,), ("expert",), mesh, sharding.activation_rules(rules))
     nn.check_grouped_matmul(
